@@ -1,0 +1,55 @@
+"""perspicio - see through your model.
+
+The public surface is small: :func:`explain`, :class:`Explanation`, the method
+registry (:mod:`perspicio.methods`) and the bundled models (:mod:`perspicio.zoo`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .core.explanation import Explanation
+from .core.targets import EmbeddingSimilarity, RegionTarget
+from .errors import PerspicioError
+
+
+def explain(
+    model: Any,
+    inputs: Any,
+    method: str = "gradcam",
+    target: Any = None,
+    layer: Any = None,
+    **options: Any,
+) -> Explanation:
+    """Explain ``model``'s output on ``inputs`` with a registered ``method``.
+
+    Args:
+        model: an ``nn.Module`` (or a bundled model from :func:`perspicio.zoo.load`).
+        inputs: a batch tensor (N, C, H, W).
+        method: registry name, see :func:`perspicio.methods.names`.
+        target: None (predicted class), an int, a list of ints, a class name, or a callable
+            mapping the output to one score per sample.
+        layer: for layer methods (CAMs): None/"auto", a dotted module name, a module, or a list.
+        **options: method options (e.g. ``relu``, ``upsample``, ``batch_size``).
+    """
+    from . import methods as _methods  # noqa: F401  (registers the methods)
+    from .core.registry import METHODS
+    from .methods.base import build
+
+    cls = METHODS.get(method).cls
+    if layer is not None:
+        options["layer"] = layer
+    return build(cls, model, **options)(inputs, target=target)
+
+
+def __getattr__(name: str) -> Any:  # lazy submodules keep `import perspicio` light
+    import importlib
+
+    if name in ("methods", "zoo", "viz", "core", "metrics", "featurevis"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'perspicio' has no attribute {name!r}")
+
+
+__all__ = ["EmbeddingSimilarity", "Explanation", "PerspicioError", "RegionTarget", "__version__", "explain"]

@@ -1,0 +1,1 @@
+"""Mechanisms shared by every method: targets, capture, guard, batching, results, registries."""

@@ -1,0 +1,152 @@
+"""The one engine that pushes many inputs through a model in chunks.
+
+Score-CAM masks, Ablation-CAM copies, occlusion windows, IG steps, SmoothGrad
+noise, Shapley coalitions and metric curves are all "many inputs through the
+model". :class:`Engine` chunks them under ``batch_size`` (or a memory budget from
+which the batch size is derived), counts forward/backward passes for the
+provenance, and shows a progress bar on request.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import OptionError
+
+#: default memory budget for one chunk (bytes); override per call or with PERSPICIO_MEMORY_BUDGET
+DEFAULT_MEMORY_BUDGET = int(float(os.environ.get("PERSPICIO_MEMORY_BUDGET", 1.5 * 2**30)))
+#: largest chunk used when the budget would allow more (throughput is flat beyond this on CPU)
+MAX_AUTO_BATCH = 64
+
+_ACT_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+
+
+def activation_bytes(model: nn.Module, sample: Tensor) -> int:
+    """Bytes of all leaf-module outputs for ONE sample (measured once, cached per model/shape)."""
+    key = (tuple(sample.shape[1:]), sample.dtype, str(sample.device))
+    cache = _ACT_BYTES.setdefault(model, {})
+    if key in cache:
+        return cache[key]
+    total = [0]
+
+    def hook(mod: nn.Module, args: object, out: object) -> None:
+        if isinstance(out, Tensor):
+            total[0] += out.numel() * out.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(sample[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    cache[key] = max(total[0], sample[:1].numel() * sample.element_size())
+    return cache[key]
+
+
+def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+@dataclass
+class Engine:
+    """Chunked evaluation with pass counting.
+
+    ``batch_size`` wins if given; otherwise the chunk is the memory budget divided
+    by the measured per-sample activation memory (x3 when gradients are kept),
+    capped at :data:`MAX_AUTO_BATCH`.
+    """
+
+    model: nn.Module
+    batch_size: int | None = None
+    memory_budget: int | None = None
+    progress: bool = False
+    forwards: int = 0
+    backwards: int = 0
+    chunk_sizes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise OptionError(f"batch_size must be a positive integer; got {self.batch_size!r}.")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise OptionError(f"memory_budget must be a positive number of bytes; got {self.memory_budget!r}.")
+
+    def chunk_size(self, sample: Tensor, *, grad: bool = False) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        per = activation_bytes(self.model, sample) * (3 if grad else 1)
+        budget = self.memory_budget or DEFAULT_MEMORY_BUDGET
+        return int(max(1, min(MAX_AUTO_BATCH, budget // max(per, 1))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.forwards += x.shape[0]
+        return self.model(x)
+
+    def grad(self, output: Tensor, inputs: Tensor | list[Tensor], n: int) -> tuple[Tensor, ...]:
+        self.backwards += n
+        return torch.autograd.grad(output, inputs)
+
+    def map(
+        self,
+        fn: Callable[[int, int], Tensor],
+        n: int,
+        *,
+        sample: Tensor,
+        grad: bool = False,
+        description: str = "evaluating",
+    ) -> Tensor:
+        """Call ``fn(start, stop)`` over ``range(n)`` in chunks and concatenate the results."""
+        size = self.chunk_size(sample, grad=grad)
+        self.chunk_sizes.append(size)
+        parts = []
+        with progress_bar(self.progress, n, description) as advance:
+            for start, stop in chunks(n, size):
+                if grad:
+                    parts.append(fn(start, stop))
+                else:
+                    with torch.no_grad():
+                        parts.append(fn(start, stop))
+                advance(stop - start)
+        return torch.cat(parts, dim=0)
+
+    def stats(self) -> dict[str, int | list[int]]:
+        return {"forward_samples": self.forwards, "backward_samples": self.backwards, "chunk_sizes": self.chunk_sizes}
+
+
+class _NoBar:
+    def __enter__(self) -> Callable[[int], None]:
+        return lambda k: None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _RichBar:
+    def __init__(self, total: int, description: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+        )
+        self.total = total
+        self.description = description
+
+    def __enter__(self) -> Callable[[int], None]:
+        self.progress.start()
+        task = self.progress.add_task(self.description, total=self.total)
+        return lambda k: self.progress.advance(task, k)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def progress_bar(enabled: bool, total: int, description: str) -> _NoBar | _RichBar:
+    """A rich progress bar context yielding ``advance(k)``, or a no-op one."""
+    return _RichBar(total, description) if enabled else _NoBar()

@@ -1,0 +1,204 @@
+"""The immutable result of an explanation method.
+
+An :class:`Explanation` carries the raw (unnormalised) attributions, the
+resolved targets, the model's score for each target, the base value where the
+method has one (so additivity can be checked), the options used and the
+provenance (versions, timings, passes). Normalisation happens only for display.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+
+def _freeze(d: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(d or {}))
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """Attributions for a batch of inputs, plus everything needed to trust and reproduce them.
+
+    Attributes:
+        attributions: raw attributions; (N, 1, H, W) for CAMs (upsampled to the input),
+            the input's shape for input attributions.
+        method: registry name of the method.
+        targets: resolved class index per sample (None for callable targets).
+        scores: model score of the explained target per sample, (N,).
+        inputs: the (detached) inputs that were explained.
+        raw: the map before upsampling (CAMs: (N, 1, h, w) at the layer's resolution).
+        layer: layer name(s) used, if any.
+        base_value: reference output where additivity holds (Shapley, DeepLIFT, IG).
+        target_names: class names of the targets when known.
+        options: method options as given.
+        provenance: versions, timings, pass counts, device, and checks such as completeness error.
+        extras: method-specific side results (e.g. per-layer maps, channel weights).
+    """
+
+    attributions: Tensor
+    method: str
+    scores: Tensor
+    targets: Tensor | None = None
+    inputs: Tensor | None = None
+    raw: Tensor | None = None
+    layer: str | tuple[str, ...] | None = None
+    base_value: Tensor | None = None
+    target_names: tuple[str, ...] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("options", "provenance", "extras"):
+            object.__setattr__(self, name, _freeze(getattr(self, name)))
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return self.attributions.shape[0]
+
+    def __getitem__(self, i: int | slice) -> Explanation:
+        """The explanation of sample(s) ``i`` (same metadata)."""
+        sl = slice(i, i + 1) if isinstance(i, int) else i
+
+        def cut(t: Tensor | None) -> Tensor | None:
+            return t[sl] if isinstance(t, Tensor) and t.ndim > 0 and t.shape[0] == len(self) else t
+
+        names = self.target_names[sl] if self.target_names is not None else None
+        return dataclasses.replace(
+            self,
+            attributions=self.attributions[sl],
+            scores=self.scores[sl],
+            targets=cut(self.targets),
+            inputs=cut(self.inputs),
+            raw=cut(self.raw),
+            base_value=cut(self.base_value),
+            target_names=names,
+        )
+
+    def replace(self, **changes: Any) -> Explanation:
+        """A copy with some fields changed (the object itself is immutable)."""
+        return dataclasses.replace(self, **changes)
+
+    def normalized(self, *, positive: bool = True) -> Tensor:
+        """Attributions summed over channels and scaled to [0, 1] per sample, for display."""
+        from ..viz.overlay import normalize_map
+
+        return normalize_map(self.attributions, positive=positive)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly description (no tensors)."""
+        return {
+            "method": self.method,
+            "layer": self.layer,
+            "targets": self.targets.tolist() if self.targets is not None else None,
+            "target_names": list(self.target_names) if self.target_names else None,
+            "scores": self.scores.tolist(),
+            "base_value": self.base_value.tolist() if isinstance(self.base_value, Tensor) else self.base_value,
+            "shape": list(self.attributions.shape),
+            "options": {k: _jsonable(v) for k, v in self.options.items()},
+            "provenance": {k: _jsonable(v) for k, v in self.provenance.items()},
+        }
+
+    # ------------------------------------------------------------------ display and I/O
+    def overlay(self, image: Any = None, index: int = 0, *, cmap: str = "jet", alpha: float = 0.5) -> Image.Image:
+        """Heatmap of sample ``index`` blended over ``image`` (PIL, array, or tensor in [0, 1]).
+
+        Without ``image`` the explained input, min-max scaled, is used as background.
+        """
+        from ..viz.overlay import overlay
+
+        background = image if image is not None else self.inputs[index] if self.inputs is not None else None
+        return overlay(self.attributions[index], background, cmap=cmap, alpha=alpha)
+
+    def figure(self, image: Any = None, index: int = 0, **kw: Any) -> Figure:
+        """A matplotlib figure: input, heatmap and overlay side by side."""
+        from ..viz.plots import explanation_figure
+
+        return explanation_figure(self, image=image, index=index, **kw)
+
+    def _repr_png_(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        self.overlay().save(buf, format="PNG")
+        return buf.getvalue()
+
+    def save(self, path: str | Path, image: Any = None, *, format: str = "npy") -> list[Path]:
+        """Write ``<path>.png`` (overlay of sample 0, or ``<path>_<i>.png`` per sample),
+        ``<path>.npy`` or ``<path>.safetensors`` (raw attributions) and ``<path>.json``.
+
+        Files are first written to temporary names and renamed, so a failure never
+        leaves half-written output.
+        """
+        path = Path(path)
+        if path.suffix in (".png", ".npy", ".json", ".safetensors"):
+            path = path.with_suffix("")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written: list[tuple[Path, Path]] = []
+        try:
+            n = len(self)
+            images: Sequence[Any] = image if isinstance(image, (list, tuple)) else [image] * n
+            for i in range(n):
+                out = path.with_name(path.name + (f"_{i}" if n > 1 else "") + ".png")
+                tmp = out.with_name(out.name + ".tmp")
+                self.overlay(images[i], index=i).save(tmp, format="PNG")
+                written.append((tmp, out))
+            if format == "safetensors":
+                from safetensors.torch import save_file
+
+                out = path.with_suffix(".safetensors")
+                tmp = out.with_name(out.name + ".tmp")
+                tensors = {"attributions": self.attributions.detach().cpu().contiguous()}
+                if self.raw is not None:
+                    tensors["raw"] = self.raw.detach().cpu().contiguous()
+                save_file(tensors, str(tmp))
+            elif format == "npy":
+                import numpy as np
+
+                out = path.with_suffix(".npy")
+                tmp = out.with_name(out.name + ".tmp")
+                with open(tmp, "wb") as fh:
+                    np.save(fh, self.attributions.detach().cpu().numpy())
+            else:
+                from ..errors import OptionError
+
+                raise OptionError(f"format must be 'npy' or 'safetensors'; got {format!r}.")
+            written.append((tmp, out))
+            out = path.with_suffix(".json")
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(self.summary(), indent=2))
+            written.append((tmp, out))
+        except BaseException:
+            for tmp, _ in written:
+                tmp.unlink(missing_ok=True)
+            raise
+        for tmp, out in written:
+            tmp.replace(out)
+        return [out for _, out in written]
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return v.tolist() if v.numel() <= 64 else f"Tensor{tuple(v.shape)}"
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, torch.dtype | torch.device):
+        return str(v)
+    return getattr(v, "__name__", None) or type(v).__name__

@@ -1,0 +1,54 @@
+"""Scoped model state: everything a method changes on the user's model is undone.
+
+``model_guard`` puts the model in eval mode, stops parameters from requiring
+gradients (we only ever need gradients w.r.t. inputs or activations) and, on exit,
+restores every module's ``training`` flag, every parameter's ``requires_grad`` and
+``.grad`` exactly as found - also when the body raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True) -> Iterator[nn.Module]:
+    """Run the body with ``model`` in eval mode and frozen parameters; restore on exit."""
+    training = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    requires = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    try:
+        if eval_mode:
+            model.eval()
+        if freeze:
+            for p in params:
+                p.requires_grad_(False)
+        with torch.enable_grad():
+            yield model
+    finally:
+        for m, flag in training:
+            m.training = flag
+        for p, req, g in zip(params, requires, grads):
+            p.requires_grad_(req)
+            p.grad = g
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU if it has none)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()

@@ -1,0 +1,77 @@
+"""Registries of methods and metrics.
+
+A decorator records each class with its metadata; the CLI choices, the README
+table and ``perspicio.methods.names()`` are all generated from here, so there is
+never a second hand-kept list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UnknownNameError, suggest
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Metadata of one registered method or metric."""
+
+    name: str
+    cls: type
+    family: str
+    summary: str
+    needs_gradients: bool = False
+    needs_layer: bool = False
+    model_agnostic: bool = False
+    paper: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Registry:
+    """A name -> :class:`Entry` mapping with helpful lookup errors."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, *, family: str, summary: str = "", **meta: Any) -> Callable[[type], type]:
+        known = {f for f in Entry.__dataclass_fields__ if f not in ("name", "cls", "family", "summary", "extra")}
+        extra = {k: meta.pop(k) for k in list(meta) if k not in known}
+
+        def decorator(cls: type) -> type:
+            if name in self._entries:
+                raise RuntimeError(f"{self.kind} {name!r} registered twice")
+            doc = (cls.__doc__ or "").strip().splitlines()
+            entry = Entry(name=name, cls=cls, family=family, summary=summary or (doc[0] if doc else ""), extra=extra, **meta)
+            self._entries[name] = entry
+            cls.name = name  # type: ignore[attr-defined]
+            return cls
+
+        return decorator
+
+    def get(self, name: str) -> Entry:
+        if isinstance(name, str):
+            key = name.strip().lower().replace("-", "_")
+            if key in self._entries:
+                return self._entries[key]
+        raise UnknownNameError(
+            f"unknown {self.kind} {name!r}; expected one of: {', '.join(sorted(self._entries))}."
+            + suggest(str(name), self._entries)
+        )
+
+    def names(self, family: str | None = None) -> list[str]:
+        return [n for n, e in self._entries.items() if family is None or e.family == family]
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+
+METHODS = Registry("method")
+METRICS = Registry("metric")
+register_method = METHODS.register
+register_metric = METRICS.register

@@ -1,0 +1,130 @@
+"""Base class of all attribution methods.
+
+A method is constructed with the model and its options, and called on a batch
+of inputs and a target. The base class owns what every method shares: input
+validation, the model guard, the batching engine, target resolution and the
+provenance recorded in the :class:`~perspicio.Explanation`. Subclasses override
+one function, :meth:`Method._explain`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import platform
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..core.batching import Engine
+from ..core.explanation import Explanation
+from ..core.guard import model_guard
+from ..core.inputs import as_batch
+from ..errors import ModelError, OptionError
+
+
+def unwrap_model(model: Any) -> tuple[Any, Sequence[str] | None]:
+    """Accept a bundled ``ZooModel`` (``.model`` + ``.labels``) or a plain model."""
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and not isinstance(model, nn.Module):
+        return inner, getattr(model, "labels", None)
+    return model, None
+
+
+class Method:
+    """Base of attribution methods; subclasses implement :meth:`_explain`."""
+
+    name: ClassVar[str] = "method"
+    input_ndim: ClassVar[int | None] = 4
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def wrapped(self: Method, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            if type(self).__init__ is wrapped:  # outermost constructor records the options
+                bound = inspect.signature(init).bind(self, *args, **kwargs)
+                opts = {k: v for k, v in bound.arguments.items() if k not in ("self", "model")}
+                opts.update(opts.pop("common", {}) or {})
+                self.options = opts
+
+        cls.__init__ = wrapped  # type: ignore[method-assign]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        batch_size: int | None = None,
+        memory_budget: int | None = None,
+        progress: bool = False,
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        model, zoo_labels = unwrap_model(model)
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"{self.name} needs a torch nn.Module; got {type(model).__name__}.")
+        self.model = model
+        self.labels = labels if labels is not None else zoo_labels
+        self.batch_size = batch_size
+        self.memory_budget = memory_budget
+        self.progress = progress
+        self.options: dict[str, Any] = {}
+        Engine(model, batch_size=batch_size, memory_budget=memory_budget)  # validates the two options
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        names: list[str] = []
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for p in inspect.signature(inspect.unwrap(init)).parameters.values():
+                if p.name not in ("self", "model", "common") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                    if p.name not in names:
+                        names.append(p.name)
+        return names
+
+    def __call__(self, inputs: Tensor, target: Any = None) -> Explanation:
+        """Explain ``inputs`` (N, C, H, W) for ``target`` (see :func:`perspicio.core.targets.resolve_target`)."""
+        x = as_batch(inputs, self.model, ndim=self.input_ndim)
+        engine = Engine(self.model, batch_size=self.batch_size, memory_budget=self.memory_budget, progress=self.progress)
+        t0 = time.perf_counter()
+        with model_guard(self.model):
+            result = self._explain(x, target, engine)
+        elapsed = time.perf_counter() - t0
+        from .. import __version__
+
+        provenance = {
+            "perspicio": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": str(x.device),
+            "dtype": str(x.dtype),
+            "seconds": round(elapsed, 6),
+            **engine.stats(),
+            **dict(result.provenance),
+        }
+        return result.replace(method=self.name, options=self.options, provenance=provenance, inputs=x)
+
+    def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
+        raise NotImplementedError  # abstract: every registered subclass overrides it
+
+
+def build(cls: type[Method], model: Any, **options: Any) -> Method:
+    """Construct ``cls`` with ``options``, turning unknown option names into a clear error."""
+    allowed = cls.option_names()
+    unknown = [k for k in options if k not in allowed]
+    if unknown:
+        from ..errors import suggest
+
+        raise OptionError(
+            f"method {cls.name!r} has no option {unknown[0]!r}; its options are: {', '.join(allowed)}."
+            + suggest(unknown[0], allowed)
+        )
+    return cls(model, **options)

@@ -1,0 +1,374 @@
+"""Class activation maps.
+
+All CAMs share one pipeline, owned by :class:`CAMBase`: capture the layer's
+activations ``A`` (N, K, h, w) (and their gradients ``G`` when needed) in one
+forward (+ one backward) pass, combine them into a map (N, h, w), optionally
+apply ReLU, upsample to the input size. A variant overrides one function:
+:meth:`CAMBase.channel_weights` (map = sum_k w_k A_k) or :meth:`CAMBase.combine`.
+
+Differences from pytorch-grad-cam, on purpose: maps are returned raw
+(unnormalised) and upsampled with torch's bilinear interpolation; Score-CAM
+weights follow the paper (softmax over classes of the masked input's output);
+Eigen-CAM's sign is fixed so the map correlates positively with the mean
+activation (SVD's sign is arbitrary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.batching import Engine
+from ..core.capture import Capture, auto_layer, resolve_layer, to_spatial
+from ..core.explanation import Explanation
+from ..core.registry import register_method
+from ..core.targets import ResolvedTarget, resolve_target
+from ..errors import LayerError, ModelError, OptionError
+from .base import Method
+
+UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest", "area")
+EPS = 1e-7
+
+
+class CAMBase(Method):
+    """Shared CAM pipeline; subclasses set ``uses_gradients`` and override one hook."""
+
+    uses_gradients = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | nn.Module | Sequence[str | nn.Module] | None = None,
+        *,
+        relu: bool = True,
+        upsample: str = "bilinear",
+        reshape: Any = "auto",
+        **common: Any,
+    ) -> None:
+        super().__init__(model, **common)
+        if upsample not in UPSAMPLE_MODES:
+            raise OptionError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}; got {upsample!r}.")
+        self.layer_spec = layer
+        self.relu = bool(relu)
+        self.upsample = upsample
+        self.reshape = reshape
+        if layer is not None and layer != "auto":
+            specs = layer if isinstance(layer, (list, tuple)) else [layer]
+            self._layers = [resolve_layer(self.model, spec) for spec in specs]
+        else:
+            self._layers = None
+
+    # ----------------------------------------------------------------- override points
+    def channel_weights(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
+        """Weights (N, K) of the channels; the map is relu(sum_k w_k A_k)."""
+        raise NotImplementedError  # abstract: subclasses override this or combine()
+
+    def combine(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
+        """Map (N, h, w) from activations (N, K, h, w) and gradients."""
+        w = self.channel_weights(acts, grads, ctx)
+        return torch.einsum("nk,nkhw->nhw", w, acts)
+
+    # ----------------------------------------------------------------- pipeline
+    def layers(self, x: Tensor) -> list[tuple[str, nn.Module]]:
+        if self._layers is None:
+            name = auto_layer(self.model, x)
+            return [resolve_layer(self.model, name)]
+        return self._layers
+
+    def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
+        layers = self.layers(x)
+        modules = [m for _, m in layers]
+        grad = self.uses_gradients
+        with Capture(modules, grad=grad) as cap:
+            if grad:
+                out = engine.forward(x)
+            else:
+                with torch.no_grad():
+                    out = engine.forward(x)
+            tgt = resolve_target(target, out, self.labels)
+            scores = tgt(out)
+            acts_raw = [cap.last(i) for i in range(len(modules))]
+            if grad:
+                if not scores.requires_grad:
+                    raise ModelError("the target score does not depend on the layer: no gradient path.")
+                grads_raw = engine.grad(scores.sum(), acts_raw, len(x))
+            else:
+                grads_raw = [None] * len(modules)
+        maps, raws = [], []
+        for (name, _), a, g in zip(layers, acts_raw, grads_raw):
+            try:
+                A = to_spatial(a.detach(), self.reshape)
+            except LayerError as exc:
+                raise LayerError(f"layer {name!r}: {exc}") from None
+            G = to_spatial(g.detach(), self.reshape) if g is not None else None
+            ctx = _Context(x=x, target=tgt, output=out.detach(), engine=engine, layer=name, method=self)
+            cam = self.combine(A, G, ctx)
+            if self.relu:
+                cam = cam.clamp_min(0)
+            raws.append(cam[:, None])
+            maps.append(self._upsample(cam[:, None], x.shape[-2:]))
+        if len(maps) == 1:
+            attributions, raw = maps[0], raws[0]
+        else:  # multi-layer fusion: mean of per-sample [0, 1]-scaled maps
+            attributions = torch.stack([_minmax(m) for m in maps]).mean(0)
+            raw = None
+        names = tuple(n for n, _ in layers)
+        return Explanation(
+            attributions=attributions.detach(),
+            method=self.name,
+            scores=scores.detach(),
+            targets=tgt.indices,
+            raw=raw.detach() if raw is not None else None,
+            layer=names[0] if len(names) == 1 else names,
+            target_names=tuple(self.labels[i] for i in tgt.indices.tolist()) if self.labels is not None and tgt.indices is not None else None,
+            extras={"layer_maps": tuple(r.detach() for r in raws)} if len(raws) > 1 else {},
+        )
+
+    def _upsample(self, cam: Tensor, size: torch.Size) -> Tensor:
+        if tuple(cam.shape[-2:]) == tuple(size):
+            return cam
+        kw = {} if self.upsample in ("nearest", "area") else {"align_corners": False}
+        return F.interpolate(cam, size=tuple(size), mode=self.upsample, **kw)
+
+
+class _Context:
+    """What a CAM variant may need besides A and G (input, target, output, engine)."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+    x: Tensor
+    target: ResolvedTarget
+    output: Tensor
+    engine: Engine
+    layer: str
+    method: CAMBase
+
+
+def _minmax(m: Tensor) -> Tensor:
+    flat = m.flatten(1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    return (m - lo.view(-1, 1, 1, 1)) / (hi - lo).clamp_min(EPS).view(-1, 1, 1, 1)
+
+
+# ============================================================================ gradient CAMs
+
+
+@register_method("gradcam", family="cam", needs_gradients=True, needs_layer=True,
+                 summary="Grad-CAM: channels weighted by their spatially averaged gradient",
+                 paper="Selvaraju et al., ICCV 2017")
+class GradCAM(CAMBase):
+    """Grad-CAM: w_k = mean_ij dS/dA_kij; map = ReLU(sum_k w_k A_k)."""
+
+    def channel_weights(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
+        return grads.mean(dim=(2, 3))
+
+
+@register_method("gradcampp", family="cam", needs_gradients=True, needs_layer=True,
+                 summary="Grad-CAM++: positive gradients weighted by higher-order alpha coefficients",
+                 paper="Chattopadhyay et al., WACV 2018")
+class GradCAMPlusPlus(CAMBase):
+    """Grad-CAM++ with the exponential-score closed form of the paper (Eq. 19):
+    alpha = g^2 / (2 g^2 + sum_ab A_ab g^3), w_k = sum_ij alpha_kij ReLU(g_kij)."""
+
+    def channel_weights(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
+        g2 = grads.pow(2)
+        g3 = g2 * grads
+        denom = 2 * g2 + acts.sum(dim=(2, 3), keepdim=True) * g3
+        alpha = torch.where(grads != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(g2))
+        return (alpha * grads.clamp_min(0)).sum(dim=(2, 3))
+
+
+@register_method("xgradcam", family="cam", needs_gradients=True, needs_layer=True,
+                 summary="XGrad-CAM: gradients weighted by normalised activations (axiom-based)",
+                 paper="Fu et al., BMVC 2020")
+class XGradCAM(CAMBase):
+    """XGrad-CAM: w_k = sum_ij (A_kij / sum_ij A_kij) * g_kij."""
+
+    def channel_weights(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
+        total = acts.sum(dim=(2, 3), keepdim=True)
+        return (grads * acts / (total + EPS)).sum(dim=(2, 3))
+
+
+@register_method("layercam", family="cam", needs_gradients=True, needs_layer=True,
+                 summary="LayerCAM: element-wise positive gradients times activations",
+                 paper="Jiang et al., IEEE TIP 2021")
+class LayerCAM(CAMBase):
+    """LayerCAM: map = ReLU(sum_k ReLU(g_k) * A_k), element-wise (no spatial averaging)."""
+
+    def combine(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
+        return (grads.clamp_min(0) * acts).sum(dim=1)
+
+
+@register_method("hirescam", family="cam", needs_gradients=True, needs_layer=True,
+                 summary="HiResCAM: element-wise gradients times activations (faithful to the model)",
+                 paper="Draelos & Carin, 2020")
+class HiResCAM(CAMBase):
+    """HiResCAM: map = ReLU(sum_k g_k * A_k), element-wise."""
+
+    def combine(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
+        return (grads * acts).sum(dim=1)
+
+
+# ============================================================================ CAM (GAP + linear)
+
+
+@register_method("cam", family="cam", needs_gradients=False, needs_layer=True,
+                 summary="CAM: classifier weights of the target class over the last feature maps",
+                 paper="Zhou et al., CVPR 2016")
+class CAM(CAMBase):
+    """Original CAM: map = sum_k W[c, k] A_k, for models where the layer is followed by
+    global average pooling and a linear classifier that produces the output.
+
+    The linear layer is found, then verified numerically in the same forward pass
+    (its input must equal the spatial mean of the layer, its output the model's).
+    """
+
+    uses_gradients = False
+
+    def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
+        self._linears = [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        if not self._linears:
+            raise ModelError("CAM needs a linear classifier after global average pooling; the model has no nn.Linear.")
+        return super()._explain(x, target, engine)
+
+    def combine(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
+        fc = self._find_fc(acts, ctx)
+        if ctx.target.indices is None:
+            raise ModelError("CAM explains a class of a linear classifier; callable targets are not supported.")
+        w = fc.weight.detach()[ctx.target.indices]  # (N, K)
+        return torch.einsum("nk,nkhw->nhw", w, acts)
+
+    def _find_fc(self, acts: Tensor, ctx: _Context) -> nn.Linear:
+        k = acts.shape[1]
+        pooled = acts.mean(dim=(2, 3))
+        candidates = [m for m in self._linears if m.in_features == k]
+        for fc in candidates:
+            with torch.no_grad():
+                logits = F.linear(pooled, fc.weight, fc.bias)
+            if logits.shape == ctx.output.shape and torch.allclose(logits, ctx.output, rtol=1e-3, atol=1e-4 * (1 + ctx.output.abs().max().item())):
+                return fc
+        why = (
+            f"no nn.Linear takes {k} input features" if not candidates else
+            "applying the linear layer to the spatial mean of the layer does not reproduce the model output"
+        )
+        raise ModelError(
+            f"CAM needs layer {ctx.layer!r} to be followed by global average pooling and a linear classifier "
+            f"producing the output; {why}. Use gradcam (equivalent up to a constant in that case) instead."
+        )
+
+
+# ============================================================================ gradient-free CAMs
+
+
+@register_method("eigencam", family="cam", needs_gradients=False, needs_layer=True,
+                 summary="Eigen-CAM: projection on the first principal component of the activations",
+                 paper="Muhammad & Yeasin, IJCNN 2020")
+class EigenCAM(CAMBase):
+    """Eigen-CAM: project the centred (h*w, K) activation matrix on its first right
+    singular vector. Class-agnostic. The sign is chosen so the map correlates
+    positively with the channel-mean activation."""
+
+    uses_gradients = False
+
+    def combine(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
+        n, k, h, w = acts.shape
+        mat = acts.permute(0, 2, 3, 1).reshape(n, h * w, k).double()
+        mat = mat - mat.mean(dim=1, keepdim=True)
+        _, _, vh = torch.linalg.svd(mat, full_matrices=False)
+        proj = torch.einsum("npk,nk->np", mat, vh[:, 0, :])
+        ref = acts.mean(dim=1).reshape(n, h * w).double()
+        ref = ref - ref.mean(dim=1, keepdim=True)
+        sign = torch.sign((proj * ref).sum(dim=1))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        return (proj * sign[:, None]).reshape(n, h, w).to(acts.dtype)
+
+
+@register_method("scorecam", family="cam", needs_gradients=False, needs_layer=True,
+                 summary="Score-CAM: each channel weighted by the target score of the input masked by it",
+                 paper="Wang et al., CVPRW 2020")
+class ScoreCAM(CAMBase):
+    """Score-CAM: each channel, upsampled and min-max scaled to [0, 1], masks the input;
+    w_k is the target's softmax probability on the masked input (``weights="probability"``,
+    the paper's Algorithm 1). ``weights="channel_softmax"`` uses a softmax over
+    channels of the target logits instead (pytorch-grad-cam's variant). Callable
+    targets use their raw score."""
+
+    uses_gradients = False
+
+    def __init__(self, model: nn.Module, layer: Any = None, *, weights: str = "probability", **common: Any) -> None:
+        super().__init__(model, layer, **common)
+        if weights not in ("probability", "channel_softmax"):
+            raise OptionError(f"weights must be 'probability' or 'channel_softmax'; got {weights!r}.")
+        self.weights = weights
+
+    def channel_weights(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
+        n, k = acts.shape[:2]
+        x = ctx.x
+        size = x.shape[-2:]
+        masks = F.interpolate(acts, size=tuple(size), mode="bilinear", align_corners=False)  # (N, K, H, W)
+        flat = masks.flatten(2)
+        lo, hi = flat.min(2).values[..., None, None], flat.max(2).values[..., None, None]
+        rng = hi - lo
+        masks = torch.where(rng > 0, (masks - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(masks))
+        use_prob = self.weights == "probability" and ctx.target.indices is not None
+        idx = ctx.target.indices
+
+        def run(start: int, stop: int) -> Tensor:
+            js = torch.arange(start, stop, device=x.device)
+            ni, ki = js // k, js % k
+            batch = x[ni] * masks[ni, ki][:, None]
+            out = ctx.engine.forward(batch)
+            if use_prob:
+                return out.softmax(dim=1).gather(1, idx[ni][:, None]).squeeze(1)
+            if ctx.target.indices is not None:
+                return out.gather(1, idx[ni][:, None]).squeeze(1)
+            return ctx.target(out)
+
+        scores = ctx.engine.map(run, n * k, sample=x[:1], description=f"Score-CAM {ctx.layer}").view(n, k)
+        if self.weights == "channel_softmax":
+            scores = scores.softmax(dim=1)
+        return scores
+
+
+@register_method("ablationcam", family="cam", needs_gradients=False, needs_layer=True,
+                 summary="Ablation-CAM: each channel weighted by the score drop when it is zeroed",
+                 paper="Desai & Ramaswamy, WACV 2020")
+class AblationCAM(CAMBase):
+    """Ablation-CAM: w_k = (y - y_k) / y, where y_k is the target score with channel k of
+    the layer set to zero (one batched forward per chunk of channels)."""
+
+    uses_gradients = False
+
+    def channel_weights(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
+        n, k = acts.shape[:2]
+        x = ctx.x
+        module = dict(self.model.named_modules())[ctx.layer]
+        base = ctx.target(ctx.output)  # (N,)
+
+        def run(start: int, stop: int) -> Tensor:
+            js = torch.arange(start, stop, device=x.device)
+            ni, ki = js // k, js % k
+
+            def ablate(i: int, t: Tensor) -> Tensor:
+                t = t.clone()
+                rows = torch.arange(len(js), device=t.device)
+                if t.ndim == 3:  # (N, tokens, C): zero channel k on every token
+                    t[rows, :, ki] = 0
+                else:
+                    t[rows, ki] = 0
+                return t
+
+            with Capture([module], transform=ablate, store=False):
+                out = ctx.engine.forward(x[ni])
+            if ctx.target.indices is not None:
+                return out.gather(1, ctx.target.indices[ni][:, None]).squeeze(1)
+            return ctx.target(out)
+
+        ablated = ctx.engine.map(run, n * k, sample=x[:1], description=f"Ablation-CAM {ctx.layer}").view(n, k)
+        denom = torch.where(base.abs() > EPS, base, torch.full_like(base, EPS))
+        return (base[:, None] - ablated) / denom[:, None]

@@ -1,0 +1,94 @@
+"""Heatmap overlays: attribution maps scaled for display and blended over images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+
+def normalize_map(attr: Tensor, *, positive: bool = True) -> Tensor:
+    """Sum over channels and scale each sample to [0, 1].
+
+    With ``positive=True`` negative evidence is clipped (CAM convention); otherwise
+    the map is scaled by its maximum absolute value into [-1, 1].
+    Accepts (C, H, W) or (N, C, H, W); returns (N, H, W) or (H, W) accordingly.
+    """
+    single = attr.ndim == 3
+    a = attr[None] if single else attr
+    a = a.detach().float().sum(dim=1)
+    flat = a.flatten(1)
+    if positive:
+        flat = flat.clamp_min(0)
+        lo = flat.min(1, keepdim=True).values
+        hi = flat.max(1, keepdim=True).values
+        flat = (flat - lo) / (hi - lo).clamp_min(1e-12)
+    else:
+        flat = flat / flat.abs().max(1, keepdim=True).values.clamp_min(1e-12)
+    out = flat.view_as(a)
+    return out[0] if single else out
+
+
+def to_image_array(image: Any, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Any image-like (PIL, HxWx3 array, 3xHxW tensor) to a float HxWx3 array in [0, 1].
+
+    Tensors that are not in [0, 1] (e.g. normalised network inputs) are min-max scaled.
+    """
+    if isinstance(image, Image.Image):
+        arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    elif isinstance(image, Tensor):
+        t = image.detach().float().cpu()
+        if t.ndim == 4:
+            t = t[0]
+        if t.ndim == 3 and t.shape[0] in (1, 3):
+            t = t.permute(1, 2, 0)
+        arr = t.numpy()
+        if arr.min() < 0 or arr.max() > 1:
+            arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-12)
+    else:
+        arr = np.asarray(image, dtype=np.float32)
+        if arr.max() > 1.0:
+            arr = arr / 255.0
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    arr = arr[..., :3]
+    if size is not None and arr.shape[:2] != size:
+        pil = Image.fromarray((np.clip(arr, 0, 1) * 255).astype(np.uint8)).resize((size[1], size[0]), Image.BILINEAR)
+        arr = np.asarray(pil, dtype=np.float32) / 255.0
+    return np.clip(arr, 0.0, 1.0)
+
+
+def colorize(heat: np.ndarray, cmap: str = "jet") -> np.ndarray:
+    """Map an (H, W) array in [0, 1] to RGB floats with a matplotlib colormap."""
+    from matplotlib import colormaps
+
+    return colormaps[cmap](np.clip(heat, 0, 1))[..., :3]
+
+
+def overlay(attr: Tensor, image: Any = None, *, cmap: str = "jet", alpha: float = 0.5, positive: bool = True) -> Image.Image:
+    """Blend the display-normalised map ``attr`` ((C, H, W) or (H, W)) over ``image``.
+
+    The map is resized to the image (bilinear) when their sizes differ; with no
+    image the coloured heatmap alone is returned.
+    """
+    a = attr if attr.ndim == 3 else attr[None]
+    heat_t = normalize_map(a, positive=positive)
+    if image is not None:
+        bg = to_image_array(image)
+        if tuple(heat_t.shape) != bg.shape[:2]:
+            heat_t = F.interpolate(heat_t[None, None], size=bg.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    heat = heat_t.cpu().numpy()
+    if not positive:
+        heat = (heat + 1) / 2
+    colored = colorize(heat, cmap)
+    if image is None:
+        blended = colored
+    else:
+        blended = (1 - alpha) * bg + alpha * colored
+    return Image.fromarray((np.clip(blended, 0, 1) * 255).round().astype(np.uint8))
