@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from ..core.registry import METHODS
 from .base import Method
-from .cam import CAM, AblationCAM, CAMBase, EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
+from .cam import (
+    CAM,
+    AblationCAM,
+    CAMBase,
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
 
 
 def names(family: str | None = None) -> list[str]:
@@ -19,5 +30,17 @@ def get(name: str) -> type[Method]:
 
 __all__ = [
     "CAM", "AblationCAM", "CAMBase", "EigenCAM", "GradCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM",
-    "Method", "ScoreCAM", "XGradCAM", "get", "names",
+    "Method", "ScoreCAM", "XGradCAM", "get", "methods_table", "names",
 ]
+
+
+def methods_table(family: str | None = None, *, markdown: bool = False) -> str:
+    """A table of registered methods (generated from the registry: the README table comes from here)."""
+    rows = [e for e in METHODS.entries() if family is None or e.family == family]
+    if markdown:
+        lines = ["| method | family | needs | what it computes | paper |", "|---|---|---|---|---|"]
+        for e in rows:
+            needs = ", ".join(n for n, f in (("gradients", e.needs_gradients), ("layer", e.needs_layer)) if f) or "outputs only"
+            lines.append(f"| `{e.name}` | {e.family} | {needs} | {e.summary} | {e.paper} |")
+        return "\n".join(lines)
+    return "\n".join(f"{e.name:<22} {e.family:<12} {e.summary}" for e in rows)

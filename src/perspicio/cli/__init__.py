@@ -1,0 +1,66 @@
+"""Command-line interface: a thin layer over the registry, the zoo and the viz package.
+
+Errors the user can fix print one line (``error: ...``) and exit with status 2;
+unexpected failures print one line and exit 1. ``--debug`` shows the traceback.
+Each command group lives in its own module listed in :data:`COMMAND_MODULES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from ..errors import PerspicioError
+
+#: modules that add commands to :data:`cli` (each defines ``register(group)``)
+COMMAND_MODULES = ["explain"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.version_option(package_name="perspicio")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """perspicio: explain why a model made a prediction, and score the explanation."""
+    ctx.obj = {"debug": debug}
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f".{_name}", __name__).register(cli)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``perspicio`` command; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="perspicio", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except PerspicioError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user, traceback with --debug
+        if debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"error: {type(exc).__name__}: {msg} (run with --debug for the traceback)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""`perspicio explain`, `methods`, `models`, `layers`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .common import load_model, model_options, parse_extra, parse_target, split_list
+
+DEFAULT_IMAGES = ("chelsea",)
+
+#: CLI options forwarded to methods that accept them (same names as the Python keywords)
+FORWARDED = ("layer", "relu", "batch_size", "steps", "baseline", "samples", "noise", "seed")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(explain_cmd)
+    group.add_command(methods_cmd)
+    group.add_command(models_cmd)
+    group.add_command(layers_cmd)
+
+
+def _stem(source: str) -> str:
+    p = Path(source)
+    return p.stem if p.suffix else source.replace("/", "_")
+
+
+@click.command("explain")
+@click.argument("images", nargs=-1)
+@model_options
+@click.option("--method", "methods", multiple=True, help="Method name(s); repeat or comma-separate; 'all' or a family (e.g. cam). Default: the CAM family.")
+@click.option("--target", "-t", default=None, help="Class index or name to explain (default: the predicted class).")
+@click.option("--layer", "-l", default=None, help="Layer for layer methods (dotted name; default: auto).")
+@click.option("--out", "-o", "out_dir", default="perspicio-out", show_default=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--batch-size", type=int, default=None, help="Chunk size for many-pass methods (default: from the memory budget).")
+@click.option("--relu/--no-relu", default=None, help="Clip negative CAM values (default: on).")
+@click.option("--steps", type=int, default=None, help="Path methods: number of steps.")
+@click.option("--baseline", default=None, help="Path methods: baseline (zero, black, blur, uniform).")
+@click.option("--samples", type=int, default=None, help="Sampling methods: number of samples.")
+@click.option("--noise", type=float, default=None, help="Noise methods: noise level relative to the input range.")
+@click.option("--seed", type=int, default=None, help="Seed for randomised methods.")
+@click.option("--option", "extra", multiple=True, help="Any other method option as key=value (repeatable).")
+@click.option("--format", "fmt", type=click.Choice(["npy", "safetensors"]), default="npy", show_default=True)
+@click.option("--progress/--no-progress", default=True, help="Progress bar for slow methods.")
+def explain_cmd(
+    images: tuple[str, ...], model_spec: str, device: str, random_init: bool, methods: tuple[str, ...],
+    target: str | None, layer: str | None, out_dir: str, batch_size: int | None, relu: bool | None,
+    steps: int | None, baseline: str | None, samples: int | None, noise: float | None, seed: int | None,
+    extra: tuple[str, ...], fmt: str, progress: bool,
+) -> None:
+    """Explain the model's prediction on IMAGES (files or sample names; default: chelsea).
+
+    Prints the top-5 classes and writes, per image and method, OUT/<image>_<method>.png
+    (overlay), .npy (raw attributions) and .json, plus OUT/<image>_comparison.png.
+    """
+    import torch
+
+    from .. import explain as run_explain
+    from ..core.registry import METHODS
+    from ..errors import OptionError
+    from ..methods import names as method_names
+    from ..viz import comparison_figure
+    from ..zoo import load_image
+
+    chosen = _resolve_methods(methods, METHODS, method_names)
+    sources = list(images) or list(DEFAULT_IMAGES)
+    pil_images = [load_image(s) for s in sources]  # validate every file before any work
+    zm = load_model(model_spec, device, random_init)
+    given = {"layer": layer, "relu": relu, "batch_size": batch_size, "steps": steps, "baseline": baseline,
+             "samples": samples, "noise": noise, "seed": seed}
+    given = {k: v for k, v in given.items() if v is not None}
+    given.update(parse_extra(extra))
+    for key in given:
+        if not any(key in METHODS.get(m).cls.option_names() for m in chosen):
+            raise OptionError(f"none of the chosen methods ({', '.join(chosen)}) takes --{key.replace('_', '-')}.")
+    tgt = parse_target(target)
+    results: list[tuple[str, Any, list[Any]]] = []
+    for source, pil in zip(sources, pil_images):
+        x = zm.preprocess(pil).to(device)
+        with torch.no_grad():
+            probs = zm.model(x).softmax(dim=1)[0]
+        top = probs.topk(5)
+        click.echo(f"{source}: top-5 of {zm.name}")
+        for p, i in zip(top.values.tolist(), top.indices.tolist()):
+            click.echo(f"  {i:>5}  {zm.labels[i]:<32} {p:.4f}")
+        exps = []
+        for m in chosen:
+            cls = METHODS.get(m).cls
+            opts = {k: v for k, v in given.items() if k in cls.option_names()}
+            if "progress" in cls.option_names():
+                opts["progress"] = progress
+            t0 = time.perf_counter()
+            e = run_explain(zm, x, method=m, target=tgt, **opts)
+            click.echo(f"  {m:<22} target {e.target_names[0] if e.target_names else e.targets}  "
+                       f"{time.perf_counter() - t0:6.2f} s" + (f"  layer {e.layer}" if e.layer else ""))
+            exps.append(e)
+        results.append((source, pil, exps))
+    # write everything only after every explanation succeeded
+    out = Path(out_dir)
+    written: list[Path] = []
+    for source, pil, exps in results:
+        display = pil.resize(tuple(exps[0].attributions.shape[-1:-3:-1]))
+        for e in exps:
+            written += e.save(out / f"{_stem(source)}_{e.method}", image=display, format=fmt)
+        fig = comparison_figure(exps, image=display, title=source)
+        path = out / f"{_stem(source)}_comparison.png"
+        fig.savefig(path, dpi=100)
+        written.append(path)
+    (out / "summary.json").write_text(json.dumps(
+        {src: [e.summary() for e in exps] for src, _, exps in results}, indent=2))
+    click.echo(f"wrote {len(written) + 1} files to {out}/ (comparison: {written[-1].name})")
+
+
+def _resolve_methods(methods: tuple[str, ...], registry: Any, method_names: Any) -> list[str]:
+    requested = split_list(methods) or ["cam"]
+    families = {e.family for e in registry.entries()}
+    chosen: list[str] = []
+    for r in requested:
+        key = r.strip().lower()
+        if key == "all":
+            chosen += method_names()
+        elif key in families and key not in registry:
+            chosen += method_names(key)
+        else:
+            chosen.append(registry.get(key).name)
+    return list(dict.fromkeys(chosen))
+
+
+@click.command("methods")
+@click.option("--family", default=None, help="Only this family (e.g. cam).")
+@click.option("--markdown", is_flag=True, help="Print a Markdown table (as in the README).")
+def methods_cmd(family: str | None, markdown: bool) -> None:
+    """List the registered explanation methods."""
+    from ..methods import methods_table
+
+    click.echo(methods_table(family=family, markdown=markdown))
+
+
+@click.command("models")
+def models_cmd() -> None:
+    """List bundled models and the other model sources."""
+    from ..zoo import models
+
+    for name, desc in models().items():
+        click.echo(f"{name:<22} {desc}")
+    click.echo("\nAlso: torchvision:NAME, timm:NAME (cached weights, or --random-init), "
+               "a TorchScript file, package.module:factory.")
+
+
+@click.command("layers")
+@click.argument("model_spec", default="efficientnet_lite0")
+@click.option("--size", default=224, show_default=True, help="Input side used to trace shapes.")
+@click.option("--all", "show_all", is_flag=True, help="Also list layers without a spatial output.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--random-init", is_flag=True)
+def layers_cmd(model_spec: str, size: int, show_all: bool, device: str, random_init: bool) -> None:
+    """List MODEL's layers with output shapes; '*' marks CAM candidates (spatial outputs)."""
+    import torch
+
+    from ..core.capture import auto_layer, is_spatial, trace_layers
+
+    zm = load_model(model_spec, device, random_init)
+    x = torch.zeros(1, 3, size, size, device=device)
+    infos = trace_layers(zm.model, x)
+    default = auto_layer(zm.model, x)
+    for info in infos:
+        spatial = is_spatial(info.shape)
+        if not (spatial or show_all):
+            continue
+        mark = ">" if info.name == default else ("*" if spatial else " ")
+        calls = f"  (called {info.calls}x)" if info.calls > 1 else ""
+        click.echo(f"{mark} {info.name:<40} {info.kind:<20} {str(info.shape):<22}{calls}")
+    click.echo(f"\n'>' marks the default CAM layer: {default}")
