@@ -1,0 +1,21 @@
+"""The README's methods table is generated from the registry and must not drift."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_methods_table_matches_registry():
+    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "scripts" / "update_readme.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = (ROOT / "README.md").read_text()
+    assert mod.render(text) == text, "README methods table is stale: run python scripts/update_readme.py"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- test-command -->")[1].split("<!-- /test-command -->")[0]
+    assert "pytest" in block and "'.[test]'" in block
+    assert "<!-- test-command -->" in (ROOT / ".ci" / "run").read_text()
