@@ -44,6 +44,25 @@ def explain(
     return build(cls, model, **options)(inputs, target=target)
 
 
+def evaluate(
+    model: Any,
+    inputs: Any,
+    methods: Any = "cam",
+    metrics: Any = "default",
+    target: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """Score explanation ``methods`` on ``inputs`` with ``metrics``; return the methods x metrics table.
+
+    A pandas DataFrame if pandas is installed, else a list of records. See
+    :func:`perspicio.metrics.evaluate` (options) and :func:`perspicio.metrics.compare`
+    (the full result with per-sample scores and curves).
+    """
+    from .metrics.evaluate import evaluate as _evaluate
+
+    return _evaluate(model, inputs, methods=methods, metrics=metrics, target=target, **kwargs)
+
+
 def __getattr__(name: str) -> Any:  # lazy submodules keep `import perspicio` light
     import importlib
 
@@ -52,4 +71,4 @@ def __getattr__(name: str) -> Any:  # lazy submodules keep `import perspicio` li
     raise AttributeError(f"module 'perspicio' has no attribute {name!r}")
 
 
-__all__ = ["EmbeddingSimilarity", "Explanation", "PerspicioError", "RegionTarget", "__version__", "explain"]
+__all__ = ["EmbeddingSimilarity", "Explanation", "PerspicioError", "RegionTarget", "__version__", "evaluate", "explain"]

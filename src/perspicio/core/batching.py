@@ -23,12 +23,17 @@ from ..errors import OptionError
 DEFAULT_MEMORY_BUDGET = int(float(os.environ.get("PERSPICIO_MEMORY_BUDGET", 1.5 * 2**30)))
 #: largest chunk used when the budget would allow more (throughput is flat beyond this on CPU)
 MAX_AUTO_BATCH = 64
+#: cap for low-dimensional samples (tabular rows (1, F), token sequences): cheap per row
+MAX_AUTO_ROWS = 4096
 
 _ACT_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
 def activation_bytes(model: nn.Module, sample: Tensor) -> int:
     """Bytes of all leaf-module outputs for ONE sample (measured once, cached per model/shape)."""
+    declared = getattr(model, "bytes_per_sample", None)
+    if callable(declared):  # black boxes declare an estimate instead of being probed
+        return int(declared(sample))
     key = (tuple(sample.shape[1:]), sample.dtype, str(sample.device))
     cache = _ACT_BYTES.setdefault(model, {})
     if key in cache:
@@ -83,10 +88,11 @@ class Engine:
             return self.batch_size
         per = activation_bytes(self.model, sample) * (3 if grad else 1)
         budget = self.memory_budget or DEFAULT_MEMORY_BUDGET
-        return int(max(1, min(MAX_AUTO_BATCH, budget // max(per, 1))))
+        cap = MAX_AUTO_BATCH if sample.ndim > 2 else MAX_AUTO_ROWS
+        return int(max(1, min(cap, budget // max(per, 1))))
 
     def forward(self, x: Tensor) -> Tensor:
-        self.forwards += x.shape[0]
+        self.forwards += len(x)  # tensors, or lists of strings for text black boxes
         return self.model(x)
 
     def grad(self, output: Tensor, inputs: Tensor | list[Tensor], n: int) -> tuple[Tensor, ...]:
@@ -115,6 +121,28 @@ class Engine:
                         parts.append(fn(start, stop))
                 advance(stop - start)
         return torch.cat(parts, dim=0)
+
+    def run(
+        self,
+        fn: Callable[[int, int], None],
+        n: int,
+        *,
+        sample: Tensor,
+        grad: bool = False,
+        description: str = "evaluating",
+    ) -> None:
+        """Like :meth:`map`, but ``fn`` accumulates its results itself (e.g. ``index_add_``),
+        so memory stays at one chunk however large ``n`` is (IG with many steps)."""
+        size = self.chunk_size(sample, grad=grad)
+        self.chunk_sizes.append(size)
+        with progress_bar(self.progress, n, description) as advance:
+            for start, stop in chunks(n, size):
+                if grad:
+                    fn(start, stop)
+                else:
+                    with torch.no_grad():
+                        fn(start, stop)
+                advance(stop - start)
 
     def stats(self) -> dict[str, int | list[int]]:
         return {"forward_samples": self.forwards, "backward_samples": self.backwards, "chunk_sizes": self.chunk_sizes}

@@ -51,4 +51,7 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     for t in model.parameters():
         if t.is_floating_point():
             return t.dtype
+    for t in model.buffers():  # parameter-free models (e.g. a BlackBox) declare theirs with a buffer
+        if t.is_floating_point():
+            return t.dtype
     return torch.get_default_dtype()

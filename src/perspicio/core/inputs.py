@@ -21,10 +21,13 @@ def expected_channels(model: nn.Module) -> int | None:
     return None
 
 
-def as_batch(inputs: Any, model: nn.Module | None = None, *, ndim: int | None = 4) -> Tensor:
+def as_batch(
+    inputs: Any, model: nn.Module | None = None, *, ndim: int | None = 4, keep_integer: bool = False
+) -> Tensor:
     """Turn ``inputs`` into a float tensor on the model's device, checked for shape and finiteness.
 
     Never modifies ``inputs``; returns a new tensor only when dtype/device differ.
+    With ``keep_integer`` integer inputs (token ids for an embedding layer) keep their dtype.
     """
     if isinstance(inputs, Tensor):
         x = inputs.detach()
@@ -55,6 +58,8 @@ def as_batch(inputs: Any, model: nn.Module | None = None, *, ndim: int | None = 
                 raise InputError(
                     f"the model expects {ch} input channels; got {x.shape[1]} (input shape {tuple(x.shape)})."
                 )
+        if keep_integer and not x.is_floating_point() and x.dtype != torch.bool:
+            return x.to(device=model_device(model))
         x = x.to(device=model_device(model), dtype=model_dtype(model))
     elif not x.is_floating_point():
         x = x.float()

@@ -96,6 +96,36 @@ def _name_to_index(name: str, labels: Sequence[str] | None) -> int:
     raise TargetError(f"unknown class name {name!r}." + suggest(key, lowered))
 
 
+def split_multi_target(target: object, n: int) -> tuple[list[object] | Tensor, int] | None:
+    """Several targets per input: ``[[3, 5], [1, 2]]`` (N lists of T) or an (N, T) tensor.
+
+    Returns ``(flat, T)`` where ``flat`` holds N*T targets in input-major order (row
+    ``i * T + t`` explains input ``i`` for its ``t``-th target), or None when
+    ``target`` is not a multi-target spec. One list of T targets (or a (1, T) tensor)
+    applies to every input.
+    """
+    if isinstance(target, Tensor):
+        if target.ndim != 2:
+            return None
+        rows: list[list[object]] = target.tolist()
+    elif isinstance(target, (list, tuple)) and target and all(
+        isinstance(t, (list, tuple)) or (isinstance(t, Tensor) and t.ndim == 1) for t in target
+    ):
+        rows = [t.tolist() if isinstance(t, Tensor) else list(t) for t in target]
+    else:
+        return None
+    lengths = {len(r) for r in rows}
+    if len(lengths) != 1 or 0 in lengths:
+        raise TargetError(f"multi-target lists must all have the same, non-zero length; got lengths {sorted(lengths)}.")
+    if len(rows) == 1:
+        rows = rows * n
+    if len(rows) != n:
+        raise TargetError(f"got target lists for {len(rows)} inputs but {n} inputs; give one list per input or one for all.")
+    per = lengths.pop()
+    flat = [t for r in rows for t in r]
+    return (torch.as_tensor(flat, dtype=torch.long) if isinstance(target, Tensor) else flat), per
+
+
 def resolve_target(
     target: object, output: Tensor, labels: Sequence[str] | None = None
 ) -> ResolvedTarget:

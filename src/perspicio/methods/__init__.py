@@ -16,6 +16,26 @@ from .cam import (
     ScoreCAM,
     XGradCAM,
 )
+from .gradient import (
+    Deconvnet,
+    GuidedBackprop,
+    GuidedGradCAM,
+    InputXGradient,
+    NeuronGradient,
+    Saliency,
+)
+from .noise import SmoothGrad, SmoothGradSquared, VarGrad
+from .path import (
+    GradientSHAP,
+    IntegratedGradients,
+    LayerIntegratedGradients,
+    NeuronIntegratedGradients,
+    completeness_error,
+)
+
+from .lime import LIME
+from .perturbation import RISE, FeatureAblation, FeatureMethod, Occlusion
+from .shapley import KernelSHAP, ShapleyExact, ShapleySampling, efficiency_error
 
 
 def names(family: str | None = None) -> list[str]:
@@ -31,6 +51,11 @@ def get(name: str) -> type[Method]:
 __all__ = [
     "CAM", "AblationCAM", "CAMBase", "EigenCAM", "GradCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM",
     "Method", "ScoreCAM", "XGradCAM", "get", "methods_table", "names",
+    "Deconvnet", "GradientSHAP", "GuidedBackprop", "GuidedGradCAM", "InputXGradient", "IntegratedGradients",
+    "LayerIntegratedGradients", "NeuronGradient", "NeuronIntegratedGradients", "Saliency", "SmoothGrad",
+    "SmoothGradSquared", "VarGrad", "completeness_error",
+    "LIME", "RISE", "FeatureAblation", "FeatureMethod", "KernelSHAP", "Occlusion", "ShapleyExact",
+    "ShapleySampling", "efficiency_error",
 ]
 
 

@@ -23,14 +23,24 @@ from ..core.batching import Engine
 from ..core.explanation import Explanation
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
+from ..core.targets import split_multi_target
 from ..errors import ModelError, OptionError
 
 
 def unwrap_model(model: Any) -> tuple[Any, Sequence[str] | None]:
-    """Accept a bundled ``ZooModel`` (``.model`` + ``.labels``) or a plain model."""
+    """Accept a bundled ``ZooModel`` (``.model`` + ``.labels``), a plain model, or a
+    black-box callable (``predict_proba``, an ONNX session, ...), which is wrapped in a
+    :class:`~perspicio.core.blackbox.BlackBox`."""
     inner = getattr(model, "model", None)
     if isinstance(inner, nn.Module) and not isinstance(model, nn.Module):
         return inner, getattr(model, "labels", None)
+    if not isinstance(model, nn.Module) and (
+        callable(model) or hasattr(model, "predict_proba") or hasattr(model, "predict")
+        or (hasattr(model, "run") and hasattr(model, "get_inputs"))
+    ):
+        from ..core.blackbox import BlackBox
+
+        return BlackBox(model), None
     return model, None
 
 
@@ -69,6 +79,14 @@ class Method:
         model, zoo_labels = unwrap_model(model)
         if not isinstance(model, nn.Module):
             raise ModelError(f"{self.name} needs a torch nn.Module; got {type(model).__name__}.")
+        if getattr(model, "is_black_box", False) and not self.accepts_black_box():
+            from ..core.registry import METHODS
+
+            agnostic = sorted(e.name for e in METHODS.entries() if e.model_agnostic and not e.needs_gradients)
+            raise ModelError(
+                f"{self.name} needs a torch nn.Module (gradients or layers); got the black-box callable "
+                f"{model.description}. Model-agnostic methods accept it: {', '.join(agnostic)}."
+            )
         self.model = model
         self.labels = labels if labels is not None else zoo_labels
         self.batch_size = batch_size
@@ -76,6 +94,18 @@ class Method:
         self.progress = progress
         self.options: dict[str, Any] = {}
         Engine(model, batch_size=batch_size, memory_budget=memory_budget)  # validates the two options
+
+    @classmethod
+    def accepts_black_box(cls) -> bool:
+        """True for registered model-agnostic methods (they only need model outputs)."""
+        from ..core.registry import METHODS
+
+        entry = METHODS._entries.get(getattr(cls, "name", ""))
+        return bool(entry is not None and entry.cls is cls and entry.model_agnostic and not entry.needs_gradients)
+
+    def _prepare_inputs(self, inputs: Any) -> Any:
+        """Validate ``inputs`` at the boundary (override for non-tensor inputs such as text)."""
+        return as_batch(inputs, self.model, ndim=self.input_ndim)
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -92,7 +122,12 @@ class Method:
 
     def __call__(self, inputs: Tensor, target: Any = None) -> Explanation:
         """Explain ``inputs`` (N, C, H, W) for ``target`` (see :func:`perspicio.core.targets.resolve_target`)."""
-        x = as_batch(inputs, self.model, ndim=self.input_ndim)
+        x = self._prepare_inputs(inputs)
+        # several targets per input ([[3, 5]] or an (N, T) tensor): N*T rows, input-major
+        multi = split_multi_target(target, len(x)) if isinstance(x, Tensor) else None
+        if multi is not None:
+            target, per_input = multi
+            x = x.repeat_interleave(per_input, dim=0)
         engine = Engine(self.model, batch_size=self.batch_size, memory_budget=self.memory_budget, progress=self.progress)
         t0 = time.perf_counter()
         with model_guard(self.model):
@@ -104,13 +139,16 @@ class Method:
             "perspicio": __version__,
             "torch": torch.__version__,
             "python": platform.python_version(),
-            "device": str(x.device),
-            "dtype": str(x.dtype),
+            "device": str(getattr(x, "device", "cpu")),
+            "dtype": str(getattr(x, "dtype", "str")),
             "seconds": round(elapsed, 6),
             **engine.stats(),
             **dict(result.provenance),
         }
-        return result.replace(method=self.name, options=self.options, provenance=provenance, inputs=x)
+        if multi is not None:
+            provenance["targets_per_input"] = per_input
+        return result.replace(method=self.name, options=self.options, provenance=provenance,
+                              inputs=x if isinstance(x, Tensor) else result.inputs)
 
     def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
         raise NotImplementedError  # abstract: every registered subclass overrides it

@@ -289,7 +289,9 @@ def efficientnet_lite0(
         try:
             state = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as exc:  # corrupt file, incompatible pickle, ...
-            raise ModelError(f"could not read the EfficientNet-Lite0 weights at {path}: {exc}") from exc
+            raise ModelError(
+                f"could not read the EfficientNet-Lite0 weights at {path}: {exc}"
+            ) from exc
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:

@@ -1,0 +1,169 @@
+"""The one adapter that lets any prediction callable stand in for a torch model.
+
+Model-agnostic methods (occlusion, RISE, Shapley values, LIME) only need outputs.
+:class:`BlackBox` wraps a scikit-learn ``predict_proba``, an XGBoost model, an
+ONNX Runtime session, a plain function on numpy arrays or tensors - or a function
+on lists of strings for text - into an ``nn.Module`` the core (guard, batching
+engine, targets) can call like any network. Every call is validated: the output
+must have one row per input, a stable trailing shape, and finite values.
+
+Methods that need gradients refuse black boxes with a :class:`ModelError`
+(see :func:`perspicio.methods.base.unwrap_model`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import ModelError, OptionError
+
+_INPUT_KINDS = ("numpy", "torch")
+_ONNX_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+def _describe(fn: Any) -> str:
+    owner = getattr(fn, "__self__", None)
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return f"{type(owner).__name__}.{name}" if owner is not None else name
+
+
+def _as_callable(obj: Any) -> tuple[Callable[[Any], Any], str, Any]:
+    """(function, description, preferred numpy dtype) for a supported black-box object."""
+    mod = type(obj).__module__ or ""
+    if hasattr(obj, "get_inputs") and hasattr(obj, "run") and not callable(obj):  # onnxruntime session
+        inputs = obj.get_inputs()
+        if len(inputs) != 1:
+            raise ModelError(f"an ONNX session must have exactly one input to be used as a model; it has {len(inputs)}.")
+        name = inputs[0].name
+        dtype = _ONNX_TYPES.get(getattr(inputs[0], "type", ""), np.float32)
+        return (lambda a: obj.run(None, {name: np.asarray(a, dtype=dtype)})[0]), f"ONNX session input {name!r}", dtype
+    if mod.startswith("xgboost") and type(obj).__name__ == "Booster":
+        def xgb_predict(a: np.ndarray) -> Any:
+            import xgboost
+
+            return obj.predict(xgboost.DMatrix(a))
+
+        return xgb_predict, "xgboost.Booster.predict", None
+    if not callable(obj):
+        for attr in ("predict_proba", "predict"):
+            if callable(getattr(obj, attr, None)):
+                return getattr(obj, attr), _describe(getattr(obj, attr)), None
+        raise ModelError(
+            f"expected a torch nn.Module or a callable (e.g. clf.predict_proba, an ONNX session); got {type(obj).__name__}."
+        )
+    if hasattr(obj, "predict_proba") and callable(obj.predict_proba) and mod.startswith(("sklearn", "xgboost", "lightgbm")):
+        return obj.predict_proba, _describe(obj.predict_proba), None
+    return obj, _describe(obj), None
+
+
+class BlackBox(nn.Module):
+    """An ``nn.Module`` view of a prediction callable.
+
+    Args:
+        fn: a callable on a batch (numpy array, tensor, or list of strings), or an
+            object with ``predict_proba``/``predict``, an ONNX Runtime session, or an
+            XGBoost ``Booster``.
+        inputs: ``"numpy"`` (default for callables) passes numpy arrays, ``"torch"`` passes tensors.
+            Lists of strings (text) are always passed as lists.
+        dtype: floating dtype inputs are converted to before the call (default float64 for numpy
+            callables, float32 for torch ones); it is also the dtype explained inputs are cast to.
+
+    The output is returned as a float tensor of shape (N, K); a 1-D output (N,) (regression,
+    decision function) becomes (N, 1).
+    """
+
+    is_black_box = True
+
+    def __init__(self, fn: Any, *, inputs: str = "numpy", dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if isinstance(fn, BlackBox):
+            fn = fn.fn
+        if isinstance(fn, nn.Module):
+            raise ModelError("BlackBox wraps callables; an nn.Module can be used directly.")
+        if inputs not in _INPUT_KINDS:
+            raise OptionError(f"inputs must be one of {', '.join(_INPUT_KINDS)}; got {inputs!r}.")
+        self.fn, self.description, np_dtype = _as_callable(fn)
+        self.input_kind = inputs
+        if dtype is None:
+            dtype = torch.float32 if (inputs == "torch" or np_dtype == np.float32) else torch.float64
+        if not dtype.is_floating_point:
+            raise OptionError(f"dtype must be a floating torch dtype; got {dtype}.")
+        # an empty buffer tells the core which dtype (and device) inputs should have
+        self.register_buffer("_anchor", torch.zeros(0, dtype=dtype), persistent=False)
+        self.output_shape: tuple[int, ...] | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    def bytes_per_sample(self, sample: Tensor) -> int:
+        """Memory estimate per input for the batching engine (no probe call on a black box)."""
+        return max(1, int(sample[:1].numel() * 8 * 4))
+
+    def forward(self, x: Tensor | Sequence[str]) -> Tensor:
+        if isinstance(x, Tensor):
+            n = x.shape[0]
+            device = x.device
+            arg: Any = x.detach().cpu().numpy() if self.input_kind == "numpy" else x.detach()
+        elif isinstance(x, (list, tuple)) and all(isinstance(s, str) for s in x):
+            n, device, arg = len(x), self._anchor.device, list(x)
+        else:
+            raise ModelError(f"a black-box model is called on tensors or lists of strings; got {type(x).__name__}.")
+        try:
+            raw = self.fn(arg)
+        except Exception as exc:  # the user's callable failed: say which and on what
+            shape = f"shape {tuple(arg.shape)}" if hasattr(arg, "shape") else f"{len(arg)} strings"
+            raise ModelError(f"the black-box model {self.description} failed on a batch of {shape}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        return self._check(raw, n, device)
+
+    def _check(self, raw: Any, n: int, device: torch.device) -> Tensor:
+        if isinstance(raw, (list, tuple)) and len(raw) == 1 and not np.isscalar(raw[0]) and n != 1:
+            raw = raw[0]  # e.g. session.run outputs
+        try:
+            out = raw.detach() if isinstance(raw, Tensor) else torch.as_tensor(np.asarray(raw))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"the black-box model {self.description} returned {type(raw).__name__}, "
+                             f"not an array of shape ({n}, outputs).") from exc
+        if out.ndim == 0 or out.shape[0] != n:
+            raise ModelError(f"the black-box model {self.description} returned shape {tuple(out.shape)} for {n} "
+                             f"inputs; expected ({n},) or ({n}, outputs): one row per input.")
+        if out.ndim == 1:
+            out = out[:, None]
+        if self.output_shape is None:
+            self.output_shape = tuple(out.shape[1:])
+        elif tuple(out.shape[1:]) != self.output_shape:
+            raise ModelError(f"the black-box model {self.description} returned rows of shape {tuple(out.shape[1:])}; "
+                             f"earlier calls returned {self.output_shape}.")
+        if not out.is_floating_point():
+            out = out.to(torch.float64)
+        if not torch.isfinite(out).all():
+            bad = int((~torch.isfinite(out)).sum())
+            raise ModelError(f"the black-box model {self.description} returned {bad} NaN/Inf value(s); "
+                             "expected finite scores.")
+        return out.to(device=device, dtype=self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.description}, inputs={self.input_kind}, dtype={self.dtype}"
+
+
+def as_model(model: Any) -> nn.Module:
+    """``model`` itself if it is an ``nn.Module``, else a :class:`BlackBox` around it."""
+    if isinstance(model, nn.Module):
+        return model
+    return BlackBox(model)
+
+
+def is_black_box(model: Any) -> bool:
+    return isinstance(model, BlackBox)

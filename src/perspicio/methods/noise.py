@@ -1,0 +1,147 @@
+"""Noise tunnelling: SmoothGrad, SmoothGrad-squared and VarGrad around ANY attribution method.
+
+For each input, ``samples`` noisy copies ``x + N(0, sigma^2)`` with
+``sigma = noise * (max(x) - min(x))`` (Smilkov et al. 2017: noise relative to the
+input range) are explained by the ``base`` method, and the per-feature statistics of
+the attributions are returned:
+
+* ``smoothgrad``:    mean_s A(x + e_s)
+* ``smoothgrad_sq``: mean_s A(x + e_s)^2
+* ``vargrad``:       var_s A(x + e_s)  (population variance, Adebayo et al. 2018)
+
+All ``N * samples`` noisy copies are handed to the base method in ONE call, so they
+are chunked by its batching engine like any other batch. The target is resolved
+once on the clean input (e.g. the predicted class of ``x``, not of each noisy copy).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.batching import Engine
+from ..core.explanation import Explanation
+from ..core.registry import METHODS, register_method
+from ..errors import InputError, OptionError
+from .base import Method, build
+from .gradient import check_target_count, resolve_on_output, target_names
+
+VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
+
+
+@register_method("smoothgrad", family="noise", needs_gradients=True,
+                 summary="SmoothGrad: any attribution method averaged over noisy copies of the input",
+                 paper="Smilkov et al., 2017")
+class SmoothGrad(Method):
+    """Noise tunnel around the registered method ``base`` (default: signed saliency).
+
+    Options: ``samples`` noisy copies per input, ``noise`` (std relative to the input's
+    value range, >= 0), ``seed``, ``variant`` (smoothgrad / smoothgrad_sq / vargrad),
+    ``base_options`` (dict of options for the base method, e.g. ``{"steps": 16}``).
+    """
+
+    default_variant = "smoothgrad"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        base: str = "saliency",
+        samples: int = 25,
+        noise: float = 0.15,
+        seed: int = 0,
+        variant: str | None = None,
+        base_options: dict[str, Any] | None = None,
+        **common: Any,
+    ) -> None:
+        super().__init__(model, **common)
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise OptionError(f"samples must be an integer >= 1; got {samples!r}.")
+        if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not noise >= 0:
+            raise OptionError(f"noise must be a number >= 0 (relative to the input range); got {noise!r}.")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise OptionError(f"seed must be an integer; got {seed!r}.")
+        variant = self.default_variant if variant is None else variant
+        if variant not in VARIANTS:
+            raise OptionError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}.")
+        if base_options is not None and not isinstance(base_options, dict):
+            raise OptionError(f"base_options must be a dict of options for {base!r}; got {type(base_options).__name__}.")
+        entry = METHODS.get(base)
+        if issubclass(entry.cls, SmoothGrad):
+            raise OptionError(f"base must be an attribution method, not another noise wrapper ({entry.name!r}).")
+        opts = {"absolute": False} if entry.name == "saliency" else {}
+        opts.update(base_options or {})
+        for key in ("batch_size", "memory_budget", "progress"):
+            if key in entry.cls.option_names():
+                opts.setdefault(key, getattr(self, key))
+        self.base_method = build(entry.cls, self.model, labels=self.labels, **opts)
+        self.base = entry.name
+        self.samples = samples
+        self.noise = float(noise)
+        self.seed = seed
+        self.variant = variant
+
+    def _noise(self, x: Tensor, sigma: Tensor, generator: torch.Generator) -> Tensor:
+        """Noise for the ``N * samples`` copies (row ``i * samples + s`` belongs to input ``i``)."""
+        shape = (len(x) * self.samples, *x.shape[1:])
+        eps = torch.randn(shape, generator=generator, dtype=x.dtype)
+        return eps.to(x.device) * sigma.repeat_interleave(self.samples).view(-1, *[1] * (x.ndim - 1))
+
+    def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
+        if not x.is_floating_point():
+            raise InputError("noise tunnelling needs float inputs; for token ids use a layer method on the embedding.")
+        n, S = len(x), self.samples
+        flat = x.reshape(n, -1)
+        sigma = self.noise * (flat.max(1).values - flat.min(1).values)
+        noisy = x.repeat_interleave(S, dim=0) + self._noise(x, sigma, torch.Generator().manual_seed(self.seed))
+        takes_target = "neuron" not in type(self.base_method).option_names()
+        tgt = None
+        scores = torch.full((n,), float("nan"), device=x.device)
+        rows_target = target
+        if takes_target:
+            check_target_count(target, n)
+            tgt, scores = resolve_on_output(self, x, target, engine)
+            rows_target = tgt.indices.repeat_interleave(S) if tgt.indices is not None else tgt.fn
+        res = self.base_method(noisy, target=rows_target)
+        a = res.attributions.reshape(n, S, *res.attributions.shape[1:])
+        if self.variant == "smoothgrad":
+            attr = a.mean(1)
+        elif self.variant == "smoothgrad_sq":
+            attr = (a * a).mean(1)
+        else:
+            attr = a.var(1, unbiased=False)
+        if not takes_target:
+            scores = res.scores.reshape(n, S).mean(1)
+        prov = {
+            "base": self.base, "variant": self.variant, "samples": S, "noise": self.noise, "seed": self.seed,
+            "noise_sigma": sigma.tolist(),
+            "forward_samples": engine.forwards + res.provenance.get("forward_samples", 0),
+            "backward_samples": engine.backwards + res.provenance.get("backward_samples", 0),
+            "chunk_sizes": list(engine.chunk_sizes) + list(res.provenance.get("chunk_sizes", [])),
+        }
+        indices = tgt.indices if tgt is not None else None
+        return Explanation(
+            attributions=attr.detach(), method=self.name, scores=scores, targets=indices,
+            target_names=target_names(self.labels, indices), layer=res.layer, provenance=prov,
+            extras={"base_provenance": dict(res.provenance)},
+        )
+
+
+@register_method("smoothgrad_sq", family="noise", needs_gradients=True,
+                 summary="SmoothGrad-squared: mean of squared attributions over noisy copies",
+                 paper="Hooker et al., NeurIPS 2019")
+class SmoothGradSquared(SmoothGrad):
+    """SmoothGrad with ``variant="smoothgrad_sq"``: mean_s A(x + e_s)^2."""
+
+    default_variant = "smoothgrad_sq"
+
+
+@register_method("vargrad", family="noise", needs_gradients=True,
+                 summary="VarGrad: variance of attributions over noisy copies",
+                 paper="Adebayo et al., 2018")
+class VarGrad(SmoothGrad):
+    """SmoothGrad with ``variant="vargrad"``: var_s A(x + e_s)."""
+
+    default_variant = "vargrad"

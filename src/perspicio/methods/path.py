@@ -1,0 +1,587 @@
+"""Path attributions: Integrated Gradients (input, layer, neuron) and Expected Gradients / GradientSHAP.
+
+Integrated Gradients (Sundararajan et al., ICML 2017) attributes
+``f(x) - f(x')`` to the features along the straight path from a baseline ``x'``:
+
+    IG_i(x) = (x_i - x'_i) * integral_0^1 df/dx_i (x' + a (x - x')) da
+
+The integral is a quadrature ``sum_k w_k g(a_k)`` over ``steps`` nodes (left, right
+or middle Riemann sums, the trapezoid rule, or Gauss-Legendre, the default: exact
+for polynomials of degree 2*steps - 1). All ``N * steps`` path points go through
+the shared :class:`~perspicio.core.batching.Engine`; gradients are accumulated
+in place, so memory is one chunk however many steps are used.
+
+Completeness (sum_i IG_i = f(x) - f(x')) is checked in every call: the
+Explanation's ``base_value`` is f(x'), its provenance holds the absolute and
+relative completeness errors, and :func:`completeness_error` recomputes them
+(optionally re-running the model) as its own call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.batching import Engine
+from ..core.capture import Capture, auto_layer, resolve_layer
+from ..core.explanation import Explanation
+from ..core.inputs import as_batch
+from ..core.registry import register_method
+from ..core.targets import ResolvedTarget, resolve_target
+from ..errors import LayerError, OptionError
+from .base import Method
+from .gradient import (
+    NeuronObjective,
+    check_target_count,
+    input_grad,
+    no_target,
+    row_scores,
+    target_names,
+)
+
+#: quadrature rule names (Captum's spellings are accepted as aliases)
+QUADRATURES = ("gauss_legendre", "left", "right", "middle", "trapezoid")
+_ALIASES = {
+    "gausslegendre": "gauss_legendre", "gauss-legendre": "gauss_legendre", "gl": "gauss_legendre",
+    "riemann_left": "left", "riemann_right": "right", "riemann_middle": "middle",
+    "riemann_trapezoid": "trapezoid", "trapezoidal": "trapezoid",
+}
+BASELINES = ("zero", "black", "blur", "uniform")
+
+
+# ============================================================================ quadrature
+
+
+def quadrature_nodes(rule: str, steps: int) -> tuple[Tensor, Tensor]:
+    """Nodes ``alphas`` in [0, 1] and weights (summing to 1) of ``rule`` with ``steps`` nodes (float64)."""
+    rule = normalize_rule(rule)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise OptionError(f"steps must be an integer >= 1; got {steps!r}.")
+    k = np.arange(steps, dtype=np.float64)
+    if rule == "gauss_legendre":
+        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        alphas, weights = (nodes + 1) / 2, weights / 2
+    elif rule == "left":
+        alphas, weights = k / steps, np.full(steps, 1 / steps)
+    elif rule == "right":
+        alphas, weights = (k + 1) / steps, np.full(steps, 1 / steps)
+    elif rule == "middle":
+        alphas, weights = (k + 0.5) / steps, np.full(steps, 1 / steps)
+    else:  # trapezoid
+        if steps < 2:
+            raise OptionError(f"the trapezoid rule needs steps >= 2; got {steps}.")
+        alphas = k / (steps - 1)
+        weights = np.full(steps, 1 / (steps - 1))
+        weights[0] = weights[-1] = 0.5 / (steps - 1)
+    return torch.from_numpy(np.ascontiguousarray(alphas)), torch.from_numpy(np.ascontiguousarray(weights))
+
+
+def normalize_rule(rule: str) -> str:
+    key = str(rule).strip().lower().replace(" ", "_")
+    key = _ALIASES.get(key, key)
+    if key not in QUADRATURES:
+        raise OptionError(f"quadrature must be one of {', '.join(QUADRATURES)}; got {rule!r}.")
+    return key
+
+
+# ============================================================================ baselines
+
+
+def _parse_baseline(spec: Any) -> None:
+    """Validate a baseline spec at construction (tensors are checked against the input later)."""
+    if isinstance(spec, str):
+        name, _, arg = spec.partition(":")
+        if name.strip().lower() not in BASELINES:
+            raise OptionError(
+                f"baseline must be one of {', '.join(BASELINES)} (blur may be 'blur:SIGMA'), a tensor that "
+                f"broadcasts to the input, or a callable; got {spec!r}."
+            )
+        if arg:
+            try:
+                value = float(arg)
+            except ValueError:
+                value = -1.0
+            if name.strip().lower() != "blur" or not value > 0:
+                raise OptionError(f"baseline {spec!r}: only 'blur:SIGMA' takes a parameter, a positive number.")
+        return
+    if isinstance(spec, (Tensor, np.ndarray, int, float)) and not isinstance(spec, bool):
+        return
+    if callable(spec):
+        return
+    raise OptionError(f"baseline must be a name ({', '.join(BASELINES)}), a tensor or a callable; got {type(spec).__name__}.")
+
+
+def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).to(x.dtype).to(x.device)
+    c = x.shape[1]
+    pad = [radius, radius, 0, 0]
+    y = F.conv2d(F.pad(x, pad, mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    pad = [0, 0, radius, radius]
+    return F.conv2d(F.pad(y, pad, mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def make_baseline(
+    spec: Any, x: Tensor, *, black: Tensor | None = None, generator: torch.Generator | None = None,
+    name: str = "baseline",
+) -> Tensor:
+    """The baseline for inputs ``x`` as a tensor of x's shape.
+
+    * ``"zero"``: all zeros;
+    * ``"black"``: a black image in the model's input space - exact for bundled models
+      (from their preprocessing mean/std), otherwise the per-channel minimum of the inputs;
+    * ``"blur"`` / ``"blur:SIGMA"``: the input Gaussian-blurred (default sigma: longest side / 16);
+    * ``"uniform"``: uniform noise over each sample's value range (seeded);
+    * a tensor broadcastable to ``x``, or a callable ``f(x) -> tensor``.
+    """
+    if isinstance(spec, str):
+        key, _, arg = spec.strip().lower().partition(":")
+        if key == "zero":
+            return torch.zeros_like(x)
+        if not x.is_floating_point():
+            raise OptionError(f"{name} {spec!r} needs float inputs; for token ids pass a tensor (e.g. pad ids) or 'zero'.")
+        if key == "black":
+            if black is not None and x.ndim == 4 and black.numel() == x.shape[1]:
+                value = black.to(x).view(1, -1, 1, 1)
+            elif x.ndim >= 2:
+                dims = [d for d in range(x.ndim) if d != 1]
+                value = x.amin(dim=dims, keepdim=True)
+            else:
+                value = x.min()
+            return value.expand_as(x).clone()
+        if key == "blur":
+            if x.ndim != 4:
+                raise OptionError(f"{name} 'blur' needs image inputs (N, C, H, W); got shape {tuple(x.shape)}.")
+            sigma = float(arg) if arg else max(x.shape[-2:]) / 16
+            return _gaussian_blur(x, sigma)
+        if key == "uniform":
+            flat = x.reshape(len(x), -1)
+            lo = flat.min(1).values.view(-1, *[1] * (x.ndim - 1))
+            hi = flat.max(1).values.view(-1, *[1] * (x.ndim - 1))
+            u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+            return lo + u * (hi - lo)
+        _parse_baseline(spec)  # raises with the list of names
+    if callable(spec) and not isinstance(spec, Tensor):
+        value = spec(x)
+        if not isinstance(value, Tensor):
+            raise OptionError(f"a callable {name} must return a tensor; got {type(value).__name__}.")
+        spec = value
+    b = torch.as_tensor(spec).to(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
+    try:
+        shape = torch.broadcast_shapes(b.shape, x.shape)
+    except RuntimeError:
+        shape = None
+    if shape != x.shape:
+        raise OptionError(f"{name} of shape {tuple(b.shape)} does not broadcast to the input shape {tuple(x.shape)}.")
+    if b.is_floating_point() and not torch.isfinite(b).all():
+        raise OptionError(f"{name} contains NaN/Inf values.")
+    return b.expand_as(x).clone()
+
+
+def black_value(model: Any) -> Tensor | None:
+    """(0 - mean) / std per channel when ``model`` is a bundled model with ImageNet-style preprocessing."""
+    pre = getattr(model, "preprocess", None)
+    mean, std = getattr(pre, "mean", None), getattr(pre, "std", None)
+    if mean is None or std is None:
+        return None
+    return -torch.as_tensor(mean, dtype=torch.float64) / torch.as_tensor(std, dtype=torch.float64)
+
+
+def _generator(seed: Any) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _check_seed(seed: Any) -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise OptionError(f"seed must be an integer; got {seed!r}.")
+    return seed
+
+
+# ============================================================================ completeness
+
+
+def completeness_error(explanation: Explanation, model: Any = None, *, relative: bool = False) -> Tensor:
+    """Per-sample |sum(attributions) - (f(x) - f(baseline))|, the IG completeness gap.
+
+    Without ``model`` the scores recorded in the explanation are used; with it, f(x)
+    and f(baseline) are recomputed from ``explanation.inputs`` and the stored baseline
+    (an independent check of the recorded values). ``relative`` divides by |f(x) - f(baseline)|.
+    """
+    base = explanation.base_value
+    if base is None:
+        raise OptionError(f"explanation of method {explanation.method!r} has no base value (not a path method).")
+    fx, fb = explanation.scores, base
+    if model is not None:
+        fx, fb = _recompute_scores(explanation, model)
+    total = explanation.attributions.detach().reshape(len(explanation), -1).sum(1).double()
+    gap = (fx.double() - fb.double())
+    err = (total - gap).abs()
+    if relative:
+        err = err / gap.abs().clamp_min(1e-12)
+    return err
+
+
+def _recompute_scores(explanation: Explanation, model: Any) -> tuple[Tensor, Tensor]:
+    from .base import unwrap_model
+
+    net, labels = unwrap_model(model)
+    baseline = explanation.extras.get("baseline")
+    if baseline is None or explanation.inputs is None:
+        raise OptionError("the explanation does not carry its inputs and baseline; call without model=.")
+    if explanation.extras.get("background") is not None:
+        raise OptionError("GradientSHAP's base value is an average over a background set; call without model=.")
+    x = explanation.inputs
+    neuron = explanation.extras.get("neuron_objective")
+    with torch.no_grad():
+        if neuron is not None:
+            eng = Engine(net)
+            rows = torch.arange(len(x))
+            return neuron.scores(x, rows, eng).detach(), neuron.scores(baseline, rows, eng).detach()
+        was = net.training
+        net.eval()
+        try:
+            out_x, out_b = net(x), net(baseline)
+        finally:
+            net.train(was)
+    if explanation.targets is not None:
+        tgt = ResolvedTarget(fn=lambda o: o, indices=explanation.targets, description="")
+    else:
+        fn = explanation.extras.get("target_fn")
+        if fn is None:
+            raise OptionError("the explanation's callable target was not recorded; call without model=.")
+        tgt = ResolvedTarget(fn=fn, indices=None, description="")
+    rows = torch.arange(len(x))
+    return row_scores(tgt, out_x, rows), row_scores(tgt, out_b, rows)
+
+
+def _completeness_provenance(attr: Tensor, fx: Tensor, fb: Tensor) -> dict[str, Any]:
+    total = attr.reshape(len(attr), -1).sum(1).double()
+    gap = fx.double() - fb.double()
+    err = (total - gap).abs()
+    return {
+        "completeness_error": err.tolist(),
+        "relative_completeness_error": (err / gap.abs().clamp_min(1e-12)).tolist(),
+    }
+
+
+# ============================================================================ Integrated Gradients
+
+
+class _PathBase(Method):
+    """Options and baseline handling shared by the IG variants."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        steps: int = 50,
+        baseline: Any = "zero",
+        quadrature: str = "gauss_legendre",
+        seed: int = 0,
+        **common: Any,
+    ) -> None:
+        black = black_value(model)
+        super().__init__(model, **common)
+        quadrature_nodes(quadrature, steps)  # validates steps and the rule
+        _parse_baseline(baseline)
+        self.steps = steps
+        self.baseline = baseline
+        self.quadrature = normalize_rule(quadrature)
+        self.seed = _check_seed(seed)
+        self._black = black
+
+    def _baseline(self, x: Tensor) -> Tensor:
+        return make_baseline(self.baseline, x, black=self._black, generator=_generator(self.seed))
+
+    def _nodes(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        alphas, weights = quadrature_nodes(self.quadrature, self.steps)
+        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        return alphas.to(x.device, dtype), weights.to(x.device, dtype)
+
+    def _provenance(self) -> dict[str, Any]:
+        return {"steps": self.steps, "quadrature": self.quadrature}
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    return v.view(-1, *[1] * (like.ndim - 1))
+
+
+@register_method("integrated_gradients", family="path", needs_gradients=True,
+                 summary="Integrated Gradients: path integral of gradients from a baseline (completeness checked)",
+                 paper="Sundararajan et al., ICML 2017")
+class IntegratedGradients(_PathBase):
+    """IG with baselines zero/black/blur/uniform/tensor/callable and quadrature rules
+    left/right/middle Riemann, trapezoid or Gauss-Legendre (default, as in Captum).
+
+    ``base_value`` is f(baseline); provenance records the completeness error.
+    """
+
+    def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
+        n, steps = len(x), self.steps
+        b = self._baseline(x)
+        tgt, fx, fb = self._endpoints(x, b, target, engine)
+        alphas, weights = self._nodes(x)
+        diff = x - b
+        total = torch.zeros_like(x)
+
+        def chunk(start: int, stop: int) -> None:
+            js = torch.arange(start, stop, device=x.device)
+            ni, ki = js // steps, js % steps
+            pts = (b[ni] + _bcast(alphas[ki], x) * diff[ni]).requires_grad_(True)
+            s = self._scores(pts, ni, tgt, engine)
+            g = input_grad(engine, s, pts)
+            total.index_add_(0, ni, g * _bcast(weights[ki], x))
+
+        engine.run(chunk, n * steps, sample=x[:1], grad=True, description=self.name)
+        attr = (diff * total).detach()
+        indices = tgt.indices if isinstance(tgt, ResolvedTarget) else tgt.channels
+        extras: dict[str, Any] = {"baseline": b}
+        if isinstance(tgt, ResolvedTarget) and tgt.indices is None:
+            extras["target_fn"] = tgt.fn
+        if not isinstance(tgt, ResolvedTarget):
+            extras["neuron_objective"] = tgt
+        prov = {**self._provenance(), **_completeness_provenance(attr, fx, fb)}
+        if not isinstance(tgt, ResolvedTarget):
+            prov["neuron"] = tgt.describe()
+        return Explanation(
+            attributions=attr, method=self.name, scores=fx, base_value=fb, targets=indices,
+            target_names=target_names(self.labels, indices) if isinstance(tgt, ResolvedTarget) else None,
+            layer=tgt.layer_name if not isinstance(tgt, ResolvedTarget) else None,
+            provenance=prov, extras=extras,
+        )
+
+    def _endpoints(self, x: Tensor, b: Tensor, target: Any, engine: Engine) -> tuple[Any, Tensor, Tensor]:
+        """Resolve the target and compute f(x), f(baseline) in one chunked no-grad pass."""
+        n = len(x)
+        check_target_count(target, n)
+        both = torch.cat([x, b])
+        out = engine.map(lambda s, e: engine.forward(both[s:e]), 2 * n, sample=x[:1], description="endpoints")
+        tgt = resolve_target(target, out[:n], self.labels)
+        rows = torch.arange(n, device=out.device)
+        return tgt, row_scores(tgt, out[:n], rows).detach(), row_scores(tgt, out[n:], rows).detach()
+
+    def _scores(self, pts: Tensor, rows: Tensor, tgt: Any, engine: Engine) -> Tensor:
+        return row_scores(tgt, engine.forward(pts), rows)
+
+
+@register_method("neuron_integrated_gradients", family="path", needs_gradients=True, needs_layer=True,
+                 summary="Neuron Integrated Gradients: IG of one unit/channel of a layer w.r.t. the input",
+                 paper="Sundararajan et al., ICML 2017; Dhamdhere et al., ICLR 2019")
+class NeuronIntegratedGradients(IntegratedGradients):
+    """IG where the explained scalar is a unit or channel of ``layer`` (see
+    :class:`~perspicio.methods.gradient.NeuronObjective`); the model runs only up to
+    the layer. Completeness holds for the neuron's value. ``target`` must be None."""
+
+    def __init__(self, model: nn.Module, layer: Any = None, *, neuron: Any = None, **options: Any) -> None:
+        super().__init__(model, **options)
+        self._neuron = NeuronObjective(self.model, layer, neuron)
+
+    def _endpoints(self, x: Tensor, b: Tensor, target: Any, engine: Engine) -> tuple[Any, Tensor, Tensor]:
+        no_target(self, target)
+        obj = self._neuron
+        obj.prepare(x, engine)
+        rows = torch.arange(len(x), device=x.device)
+        fx = engine.map(lambda s, e: obj.scores(x[s:e], rows[s:e], engine), len(x), sample=x[:1])
+        fb = engine.map(lambda s, e: obj.scores(b[s:e], rows[s:e], engine), len(x), sample=x[:1])
+        return obj, fx.detach(), fb.detach()
+
+    def _scores(self, pts: Tensor, rows: Tensor, tgt: Any, engine: Engine) -> Tensor:
+        return tgt.scores(pts, rows, engine)
+
+
+@register_method("layer_integrated_gradients", family="path", needs_gradients=True, needs_layer=True,
+                 summary="Layer Integrated Gradients: IG over a layer's output (e.g. an embedding layer)",
+                 paper="Sundararajan et al., ICML 2017; Dhamdhere et al., ICLR 2019")
+class LayerIntegratedGradients(_PathBase):
+    """IG along the straight path between the layer's outputs at the baseline and at the
+    input: the layer output is replaced by ``a(x') + alpha (a(x) - a(x'))`` while the model
+    runs on ``x``. Attributions have the layer output's shape. Integer inputs (token ids)
+    are accepted, with an id-tensor baseline (default: zeros, e.g. the pad id)."""
+
+    def __init__(self, model: nn.Module, layer: Any = None, **options: Any) -> None:
+        super().__init__(model, **options)
+        self.layer_spec = layer
+        self._layer = resolve_layer(self.model, layer) if layer not in (None, "auto") else None
+
+    def _prepare_inputs(self, inputs: Any) -> Any:
+        return as_batch(inputs, self.model, ndim=None, keep_integer=True)
+
+    def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
+        n, steps = len(x), self.steps
+        if self._layer is None:
+            if not x.is_floating_point() or x.ndim != 4:
+                raise LayerError("layer_integrated_gradients needs layer=... for non-image inputs.")
+            self._layer = resolve_layer(self.model, auto_layer(self.model, x))
+        name, module = self._layer
+        check_target_count(target, n)
+        b = self._baseline(x)
+        both = torch.cat([x, b])
+        acts: list[Tensor] = []
+        calls: list[int] = []
+
+        def endpoints(s: int, e: int) -> Tensor:
+            with Capture([module]) as cap:
+                out = engine.forward(both[s:e])
+            calls.append(len(cap.outputs[0]))
+            acts.append(cap.last(0))
+            return out
+
+        out = engine.map(endpoints, 2 * n, sample=x[:1], description="endpoints")
+        if max(calls) != 1:
+            raise LayerError(f"layer {name!r} runs {max(calls)} times per forward pass; pick a layer called once.")
+        act = torch.cat(acts)
+        ax, ab = act[:n], act[n:]
+        tgt = resolve_target(target, out[:n], self.labels)
+        rows = torch.arange(n, device=out.device)
+        fx, fb = row_scores(tgt, out[:n], rows).detach(), row_scores(tgt, out[n:], rows).detach()
+        alphas, weights = self._nodes(ax)
+        diff = ax - ab
+        total = torch.zeros_like(ax)
+
+        def chunk(start: int, stop: int) -> None:
+            js = torch.arange(start, stop, device=x.device)
+            ni, ki = js // steps, js % steps
+            pts = (ab[ni] + _bcast(alphas[ki], ax) * diff[ni]).requires_grad_(True)
+            with Capture([module], transform=lambda i, t: pts, store=False):
+                s = row_scores(tgt, engine.forward(x[ni]), ni)
+            g = input_grad(engine, s, pts)
+            total.index_add_(0, ni, g * _bcast(weights[ki], ax))
+
+        engine.run(chunk, n * steps, sample=x[:1], grad=True, description=self.name)
+        attr = (diff * total).detach()
+        extras: dict[str, Any] = {"baseline": b, "layer_baseline": ab, "layer_input": ax}
+        if tgt.indices is None:
+            extras["target_fn"] = tgt.fn
+        return Explanation(
+            attributions=attr, method=self.name, scores=fx, base_value=fb, targets=tgt.indices,
+            target_names=target_names(self.labels, tgt.indices), layer=name,
+            provenance={**self._provenance(), **_completeness_provenance(attr, fx, fb)}, extras=extras,
+        )
+
+
+# ============================================================================ GradientSHAP
+
+
+@register_method("gradient_shap", family="path", needs_gradients=True,
+                 summary="GradientSHAP / Expected Gradients: IG averaged over random baselines and path points",
+                 paper="Lundberg & Lee, NeurIPS 2017; Erion et al., Nature MI 2021")
+class GradientSHAP(Method):
+    """Expected Gradients: ``E_{x'~background, a~U(0,1)} [(x - x') * df/dx(x' + a (x - x'))]``,
+    estimated with ``samples`` draws per input; with ``noise > 0`` Gaussian noise of that
+    relative level (times the sample's value range) is added to the input of each
+    draw (GradientSHAP as in SHAP/Captum, which use an absolute standard deviation).
+
+    ``baseline`` is the background: a tensor (B, ...) of reference inputs shared by all
+    inputs, a single reference (C, H, W), or a named baseline as for IG. ``extras``
+    holds the per-feature ``standard_error`` of the estimate; ``base_value`` is the mean
+    model score over the background.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        baseline: Any = "zero",
+        samples: int = 32,
+        noise: float = 0.0,
+        seed: int = 0,
+        **common: Any,
+    ) -> None:
+        black = black_value(model)
+        super().__init__(model, **common)
+        _parse_baseline(baseline)
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise OptionError(f"samples must be an integer >= 1; got {samples!r}.")
+        if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not noise >= 0:
+            raise OptionError(f"noise must be a number >= 0 (relative to the input range); got {noise!r}.")
+        self.baseline = baseline
+        self.samples = samples
+        self.noise = float(noise)
+        self.seed = _check_seed(seed)
+        self._black = black
+
+    def _background(self, x: Tensor, gen: torch.Generator) -> tuple[Tensor, bool]:
+        """(background, shared): (B, ...) shared by all inputs, or (N, ...) one per input."""
+        spec = self.baseline
+        if isinstance(spec, (Tensor, np.ndarray)) and not isinstance(spec, str):
+            t = torch.as_tensor(spec)
+            if t.ndim == x.ndim:
+                if tuple(t.shape[1:]) != tuple(x.shape[1:]):
+                    raise OptionError(
+                        f"baseline background of shape {tuple(t.shape)} does not match the input sample shape "
+                        f"{tuple(x.shape[1:])}; expected (B, {', '.join(map(str, x.shape[1:]))})."
+                    )
+                t = t.to(x)
+                if not torch.isfinite(t).all():
+                    raise OptionError("baseline contains NaN/Inf values.")
+                return t, True
+        return make_baseline(spec, x, black=self._black, generator=gen), False
+
+    def _draw(self, n: int, samples: int, n_background: int, x: Tensor, sigma: Tensor,
+              gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Random draws per row ``r = i * samples + s``: background index, path point, input noise."""
+        idx = torch.randint(n_background, (n * samples,), generator=gen)
+        alpha = torch.rand(n * samples, generator=gen, dtype=torch.float64)
+        eps = None
+        if self.noise > 0:
+            eps = torch.randn((n * samples, *x.shape[1:]), generator=gen, dtype=x.dtype)
+            eps = eps * sigma.repeat_interleave(samples).view(-1, *[1] * (x.ndim - 1)).cpu()
+        return idx, alpha, eps
+
+    def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
+        n, S = len(x), self.samples
+        check_target_count(target, n)
+        gen = _generator(self.seed)
+        bg, shared = self._background(x, gen)
+        # f(x) and f(background): one chunked no-grad pass
+        both = torch.cat([x, bg])
+        out = engine.map(lambda s, e: engine.forward(both[s:e]), len(both), sample=x[:1], description="endpoints")
+        tgt = resolve_target(target, out[:n], self.labels)
+        rows = torch.arange(n, device=x.device)
+        fx = row_scores(tgt, out[:n], rows).detach()
+        out_bg = out[n:]
+        if shared:
+            fb = torch.stack([row_scores(tgt, out_bg, torch.full((len(bg),), i, device=x.device)).mean() for i in range(n)])
+        else:
+            fb = row_scores(tgt, out_bg, rows)
+        fb = fb.detach()
+        flat = x.reshape(n, -1)
+        sigma = self.noise * (flat.max(1).values - flat.min(1).values)
+        idx, alpha, eps = self._draw(n, S, len(bg) if shared else 1, x, sigma, gen)
+        idx, alpha = idx.to(x.device), alpha.to(x.device, x.dtype)
+        eps = eps.to(x.device, x.dtype) if eps is not None else None
+        total = torch.zeros_like(x)
+        total_sq = torch.zeros_like(x)
+
+        def chunk(start: int, stop: int) -> None:
+            js = torch.arange(start, stop, device=x.device)
+            ni = js // S
+            xr = x[ni] if eps is None else x[ni] + eps[js]
+            br = bg[idx[js]] if shared else bg[ni]
+            d = xr - br
+            pts = (br + _bcast(alpha[js], x) * d).requires_grad_(True)
+            s = row_scores(tgt, engine.forward(pts), ni)
+            a = d * input_grad(engine, s, pts)
+            total.index_add_(0, ni, a)
+            total_sq.index_add_(0, ni, a * a)
+
+        engine.run(chunk, n * S, sample=x[:1], grad=True, description=self.name)
+        mean = total / S
+        var = (total_sq / S - mean * mean).clamp_min(0) * (S / max(S - 1, 1))
+        stderr = (var / S).sqrt()
+        extras: dict[str, Any] = {"standard_error": stderr.detach(), "background": bg if shared else None,
+                                  "baseline": None if shared else bg}
+        prov = {"samples": S, "noise": self.noise, "seed": self.seed,
+                "mean_standard_error": stderr.reshape(n, -1).mean(1).tolist(),
+                **_completeness_provenance(mean, fx, fb)}
+        return Explanation(
+            attributions=mean.detach(), method=self.name, scores=fx, base_value=fb, targets=tgt.indices,
+            target_names=target_names(self.labels, tgt.indices), provenance=prov, extras=extras,
+        )

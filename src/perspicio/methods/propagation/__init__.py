@@ -1,0 +1,13 @@
+"""Propagation methods at the operation level: LRP, DeepLIFT, DeepSHAP."""
+
+from .canonizers import MergeBatchNorm, find_batchnorm_pairs
+from .composites import PRESETS, Composite, make_composite, single_rule
+from .deeplift import DeepLift, DeepLiftPropagator, DeepShap, RevealCancelPropagator, make_baseline
+from .lrp import LRP, LRPPropagator
+from .rules import LRP0, AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus, make_rule
+
+__all__ = [
+    "DeepLift", "DeepLiftPropagator", "DeepShap", "LRP", "LRP0", "RevealCancelPropagator", "make_baseline", "PRESETS", "AlphaBeta", "Composite", "Epsilon", "Flat", "Gamma", "LRPPropagator",
+    "MergeBatchNorm", "Rule", "WSquare", "ZBox", "ZPlus", "find_batchnorm_pairs", "make_composite", "make_rule",
+    "single_rule",
+]

@@ -1,0 +1,694 @@
+"""Operation-level propagation: every torch operation of the forward pass is seen.
+
+Module hooks miss functional calls (``F.relu``, ``x + y``, ``torch.cat``, ``q @ k``)
+and mix up reused modules. Here a :class:`torch.overrides.TorchFunctionMode` is
+active for exactly one forward pass; it receives every torch function call, sorts
+it into an *operation kind* and hands it to a :class:`Propagator` (LRP,
+DeepLIFT-Rescale, DeepLIFT-RevealCancel). A propagator computes the normal
+result but wraps it in a custom autograd function whose backward implements its
+rule, so the ordinary ``torch.autograd.grad`` walks the graph with relevances or
+multipliers instead of gradients. Operations whose gradient already *is* the
+right propagation (views, indexing, concatenation, padding: they only move
+values) are left to autograd.
+
+An operation that is on the input's path but has no rule raises
+:class:`~perspicio.errors.ModelError` naming the operation, the module it was
+called in and the source line - unless the user opted into a gradient
+fallback, which is then recorded.
+
+Everything is scoped: the mode, the module hooks used to name call sites, and
+the handler state live for one ``with`` block and are removed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ...errors import ModelError
+
+# ============================================================================ operation table
+
+STRUCT = "structural"  # moves values only: the gradient is the right propagation
+SCALE = "scale"  # linear, one input, elementwise constant factor (x * c, x / c, -x)
+SUM = "sum"  # a + b, a - b (with constants allowed)
+REDUCE = "reduce"  # parameter-free linear maps with non-negative weights: sum, mean, avg-pool, interpolate
+AFFINE = "affine"  # conv, linear, matmul/einsum with a constant operand
+PRODUCT = "product"  # bilinear in two input-dependent operands: a * b, a @ b, einsum
+DIV = "div"  # a / b with b input-dependent
+ACT = "activation"  # element-wise activations
+ELEMWISE = "elementwise"  # other element-wise nonlinearities (exp, log, sqrt, pow, ...)
+NORM = "norm"  # batch_norm (eval), layer_norm, group_norm, rms_norm
+SOFTMAX = "softmax"
+MAXPOOL = "maxpool"
+SDPA = "sdpa"  # scaled_dot_product_attention, decomposed into products and softmax
+
+ARITH = "arith"  # parsed further into SCALE / SUM / PRODUCT / DIV
+
+
+def _t(name: str) -> Any:
+    return getattr(torch.Tensor, name, None)
+
+
+def _f(name: str) -> Any:
+    return getattr(F, name, None)
+
+
+def _torch(name: str) -> Any:
+    return getattr(torch, name, None)
+
+
+def _build_table() -> dict[Any, str]:
+    table: dict[Any, str] = {}
+
+    def add(kind: str, *funcs: Any) -> None:
+        for f in funcs:
+            if f is not None:
+                table[_key(f)] = kind
+
+    struct_names = (
+        "reshape view view_as reshape_as flatten unflatten squeeze unsqueeze permute transpose swapaxes swapdims "
+        "movedim moveaxis t contiguous clone expand expand_as broadcast_to repeat repeat_interleave tile narrow "
+        "select split chunk unbind tensor_split index_select gather take_along_dim flip roll masked_fill where "
+        "float double half bfloat16 to type type_as diagonal tril triu unfold"
+    ).split()
+    for n in struct_names:
+        add(STRUCT, _t(n), _torch(n))
+    add(STRUCT, _t("__getitem__"), _t("__setitem__"), torch.cat, _torch("concat"), _torch("concatenate"),
+        torch.stack, _torch("hstack"), _torch("vstack"), _torch("broadcast_tensors"), F.pad, F.dropout,
+        _f("dropout1d"), F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout, F.unfold, F.fold,
+        F.pixel_shuffle, F.pixel_unshuffle, F.embedding, _torch("atleast_1d"), _torch("atleast_2d"))
+    add(STRUCT, ("get", "T"), ("get", "mT"), ("get", "H"), ("get", "mH"))
+
+    arith = (
+        "add add_ __add__ __radd__ __iadd__ sub sub_ __sub__ __rsub__ __isub__ subtract mul mul_ __mul__ __rmul__ "
+        "__imul__ multiply div div_ divide true_divide __truediv__ __rtruediv__ __rdiv__ __div__ __itruediv__ neg "
+        "neg_ negative __neg__ rsub"
+    ).split()
+    for n in arith:
+        add(ARITH, _t(n), _torch(n))
+
+    for n in ("sum", "mean", "cumsum", "nansum"):
+        add(REDUCE, _t(n), _torch(n))
+    add(REDUCE, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+        F.adaptive_avg_pool3d, F.interpolate, _f("upsample"), _f("upsample_bilinear"), _f("upsample_nearest"))
+
+    add(AFFINE, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.linear)
+    for n in ("matmul", "mm", "bmm", "__matmul__", "__rmatmul__", "einsum", "inner", "outer", "dot", "mv"):
+        add(AFFINE, _t(n), _torch(n))  # AFFINE with one input-dependent operand, PRODUCT with two
+
+    act_f = ("relu relu6 hardtanh elu selu celu leaky_relu gelu silu mish hardswish hardsigmoid softplus "
+             "logsigmoid softsign tanhshrink threshold prelu rrelu sigmoid tanh relu_ hardtanh_ elu_ leaky_relu_ "
+             "threshold_ rrelu_ celu_ selu_").split()
+    for n in act_f:
+        add(ACT, _f(n))
+    for n in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "clip_",
+              "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "hardtanh", "selu", "celu", "prelu", "rrelu"):
+        add(ACT, _t(n), _torch(n))
+
+    for n in ("exp exp_ log log_ log2 log10 sqrt sqrt_ rsqrt rsqrt_ abs abs_ square square_ sin cos erf erfc "
+              "reciprocal reciprocal_ log1p expm1 pow pow_ __pow__ __rpow__ __ipow__ exp2 sinh cosh atan asin "
+              "acos").split():
+        add(ELEMWISE, _t(n), _torch(n))
+
+    add(NORM, F.batch_norm, F.layer_norm, F.group_norm, _f("rms_norm"), torch.batch_norm, torch.layer_norm,
+        torch.group_norm)
+    add(SOFTMAX, F.softmax, torch.softmax, _t("softmax"))
+    add(MAXPOOL, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+        F.adaptive_max_pool3d)
+    add(SDPA, F.scaled_dot_product_attention)
+    return table
+
+
+def _key(func: Any) -> Any:
+    if isinstance(func, tuple):
+        return func
+    if type(func).__name__ == "method-wrapper" and getattr(func, "__name__", "") == "__get__":
+        return ("get", getattr(func.__self__, "__name__", "?"))
+    return func
+
+
+OPS: dict[Any, str] = {}
+
+
+def op_kind(func: Any) -> str | None:
+    """The operation kind of a torch function (None if perspicio has no rule for it)."""
+    if not OPS:
+        OPS.update(_build_table())
+    try:
+        return OPS.get(_key(func))
+    except TypeError:  # unhashable callable
+        return None
+
+
+def op_name(func: Any) -> str:
+    """A readable name such as ``torch.nn.functional.conv2d`` or ``Tensor.__add__``."""
+    key = _key(func)
+    if isinstance(key, tuple):
+        return f"Tensor.{key[1]}"
+    name = getattr(func, "__name__", None) or repr(func)
+    if name == "fn" and func is F.max_pool2d:
+        name = "max_pool2d"
+    for owner, prefix in ((torch.Tensor, "Tensor"), (F, "torch.nn.functional"), (torch, "torch")):
+        if getattr(owner, name, None) is func:
+            return f"{prefix}.{name}"
+    mod = getattr(func, "__module__", None)
+    return f"{mod}.{name}" if mod else name
+
+
+# in-place spellings run out of place (their results are what models use)
+_INPLACE = {
+    "add_": torch.add, "__iadd__": torch.add, "sub_": torch.sub, "__isub__": torch.sub, "mul_": torch.mul,
+    "__imul__": torch.mul, "div_": torch.div, "__itruediv__": torch.div, "neg_": torch.neg,
+    "relu_": torch.relu, "sigmoid_": torch.sigmoid, "tanh_": torch.tanh, "clamp_": torch.clamp,
+    "clip_": torch.clamp, "clamp_min_": torch.clamp_min, "clamp_max_": torch.clamp_max, "exp_": torch.exp,
+    "log_": torch.log, "sqrt_": torch.sqrt, "rsqrt_": torch.rsqrt, "abs_": torch.abs, "square_": torch.square,
+    "reciprocal_": torch.reciprocal, "pow_": torch.pow, "__ipow__": torch.pow,
+    "hardtanh_": F.hardtanh, "elu_": F.elu, "leaky_relu_": F.leaky_relu, "threshold_": F.threshold,
+    "rrelu_": F.rrelu, "celu_": F.celu, "selu_": F.selu,
+}
+
+
+def _signature(func: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+
+
+def out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+    """Map an in-place call (``x.add_(y)``, ``F.relu(x, inplace=True)``) to its out-of-place form."""
+    name = getattr(func, "__name__", "")
+    if name in _INPLACE and not isinstance(_key(func), tuple):
+        return _INPLACE[name], args, kwargs
+    if "inplace" in kwargs:
+        kwargs = {**kwargs, "inplace": False}
+    else:
+        sig = _signature(func)
+        if sig is not None and "inplace" in sig.parameters:
+            names = list(sig.parameters)
+            pos = names.index("inplace")
+            if len(args) > pos:
+                args = (*args[:pos], False, *args[pos + 1:])
+    return func, args, kwargs
+
+
+# ============================================================================ tensor helpers
+
+
+def iter_tensors(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from iter_tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from iter_tensors(o)
+
+
+def sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """Sum ``t`` over broadcast dimensions so it has ``shape`` (the adjoint of broadcasting)."""
+    shape = tuple(shape)
+    if tuple(t.shape) == shape:
+        return t
+    lead = t.ndim - len(shape)
+    if lead > 0:
+        t = t.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, s in enumerate(shape) if s == 1 and t.shape[i] != 1)
+    if dims:
+        t = t.sum(dim=dims, keepdim=True)
+    return t.reshape(shape)
+
+
+def safe_div(num: Tensor, den: Tensor, eps: float) -> Tensor:
+    """``num / (den + eps * sign(den))`` with sign(0) = +1; for ``eps == 0`` zero where ``den == 0``."""
+    if eps == 0:
+        nz = den != 0
+        return torch.where(nz, num / torch.where(nz, den, torch.ones_like(den)), torch.zeros_like(num))
+    return num / (den + eps * (2.0 * (den >= 0).to(den.dtype) - 1.0))
+
+
+# ============================================================================ autograd node
+
+
+class Node(torch.autograd.Function):
+    """Custom autograd function: ``rule.forward(*tensors)`` forward, ``rule.backward`` backward.
+
+    ``rule`` is a small per-call object; its backward receives the saved inputs,
+    the output and the incoming relevance/multiplier, and returns one tensor (or
+    None) per input.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rule: Any, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        out = rule.forward(*tensors)
+        if any(out is t for t in tensors):
+            out = out.clone()
+        ctx.rule = rule
+        ctx.save_for_backward(*tensors, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        *ins, out = ctx.saved_tensors
+        grads = ctx.rule.backward(ins, out, grad)
+        ctx.rule = None
+        return (None, *grads)
+
+
+def apply_node(rule: Any, *tensors: Tensor) -> Tensor:
+    return Node.apply(rule, *tensors)
+
+
+# ============================================================================ call sites
+
+
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def source_line() -> str:
+    """``file:line`` of the innermost frame outside torch and perspicio (the model's code)."""
+    for frame in reversed(traceback.extract_stack()):
+        path = os.path.abspath(frame.filename)
+        if path.startswith(_PKG_DIR) or path.startswith(_TORCH_DIR) or "contextlib" in path:
+            continue
+        return f"{os.path.basename(path)}:{frame.lineno}"
+    return "?"
+
+
+@dataclass
+class Site:
+    """Where an operation was called: innermost module (name, type) and source line."""
+
+    module: str
+    kind: str
+    line: str = ""
+
+    def __str__(self) -> str:
+        where = f"module {self.module!r} ({self.kind})" if self.module else f"the top-level forward ({self.kind})"
+        return where + (f" at {self.line}" if self.line else "")
+
+
+# ============================================================================ the propagator base
+
+
+@dataclass
+class Call:
+    """One intercepted operation, normalised."""
+
+    func: Any
+    args: tuple
+    kwargs: dict
+    name: str
+    kind: str
+
+    def run(self) -> Any:
+        return self.func(*self.args, **self.kwargs)
+
+
+@dataclass
+class Arith:
+    """``a (op) b`` with op in add/sub/mul/div; ``alpha`` scales ``b`` for add/sub."""
+
+    op: str
+    a: Any
+    b: Any
+    alpha: float = 1.0
+
+
+def parse_arith(func: Any, args: tuple, kwargs: dict) -> Arith | None:
+    name = getattr(func, "__name__", "")
+    if kwargs.get("rounding_mode") is not None or kwargs.get("out") is not None:
+        return None
+    if name in ("neg", "neg_", "negative", "__neg__"):
+        return Arith("mul", args[0], -1.0)
+    if len(args) < 2 and "other" not in kwargs:
+        return None
+    a = args[0]
+    b = args[1] if len(args) > 1 else kwargs["other"]
+    alpha = kwargs.get("alpha", args[2] if len(args) > 2 and name in ("add", "sub", "subtract", "rsub") else 1.0)
+    if name.startswith("__r") and name not in ("__rshift__",):
+        a, b = b, a
+    base = name.strip("_").rstrip("_")
+    if base.startswith("i") and base[1:] in ("add", "sub", "mul", "truediv"):
+        base = base[1:]
+    if base.startswith("r") and base[1:] in ("add", "sub", "mul", "truediv", "div"):
+        base = base[1:]
+    if name == "rsub":
+        a, b = b, a
+        base = "sub"
+    op = {"add": "add", "sub": "sub", "subtract": "sub", "mul": "mul", "multiply": "mul", "div": "div",
+          "divide": "div", "true_divide": "div", "truediv": "div"}.get(base)
+    if op is None:
+        return None
+    return Arith(op, a, b, float(alpha))
+
+
+class Propagator:
+    """Receives every operation of one forward pass; subclasses implement the rules.
+
+    One override point per operation kind (``on_affine``, ``on_sum``, ...). The
+    base class classifies calls, strips in-place variants, decomposes
+    scaled-dot-product attention and handles operations without a rule.
+    """
+
+    method = "propagation"
+    #: operation kinds this propagator has a rule for (others: error or fallback)
+    supported: frozenset[str] = frozenset()
+
+    def __init__(self, model: nn.Module, *, gradient_fallback: bool = False) -> None:
+        self.model = model
+        self.gradient_fallback = bool(gradient_fallback)
+        self.fallbacks: list[str] = []
+        self.module_stack: list[tuple[str, nn.Module]] = []
+        self.param_names: dict[int, str] = {}
+        for name, mod in model.named_modules():
+            for p in mod.parameters(recurse=False):
+                self.param_names.setdefault(id(p), name)
+        self.count: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def is_var(self, t: Any) -> bool:
+        """True if ``t`` depends on the explained input (default: requires grad)."""
+        return isinstance(t, Tensor) and t.requires_grad
+
+    def site(self, with_line: bool = True) -> Site:
+        if self.module_stack:
+            name, mod = self.module_stack[-1]
+            return Site(name, type(mod).__name__, source_line() if with_line else "")
+        return Site("", type(self.model).__name__, source_line() if with_line else "")
+
+    def label(self, name: str, weight: Tensor | None = None) -> str:
+        if weight is not None and id(weight) in self.param_names:
+            where = self.param_names[id(weight)]
+        else:
+            where = self.module_stack[-1][0] if self.module_stack else ""
+        short = name.rsplit(".", 1)[-1]
+        return f"{short} @ {where or '<model>'}"
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        kind = op_kind(func)
+        if not any(self.is_var(t) for t in iter_tensors((args, kwargs))):
+            return self.on_constant(func, args, kwargs)
+        if kind is None:
+            return self._unknown(func, args, kwargs)
+        func, args, kwargs = out_of_place(func, args, kwargs)
+        call = Call(func, args, kwargs, op_name(func), kind)
+        if kind == ARITH:
+            return self._arith(call)
+        if kind == AFFINE:
+            variables = [t for t in iter_tensors(args) if self.is_var(t)]
+            if len(variables) >= 2:
+                call.kind = PRODUCT
+                return self._checked(call, self.on_product)
+            return self._checked(call, self.on_affine)
+        if kind == SDPA:
+            return self._sdpa(call)
+        if kind == STRUCT:
+            return self.on_struct(call)
+        handler = {
+            REDUCE: self.on_reduce, ACT: self.on_activation, ELEMWISE: self.on_elementwise, NORM: self.on_norm,
+            SOFTMAX: self.on_softmax, MAXPOOL: self.on_maxpool,
+        }[kind]
+        return self._checked(call, handler)
+
+    def _checked(self, call: Call, handler: Callable[[Call], Any]) -> Any:
+        if call.kind not in self.supported:
+            return self._unknown(call.func, call.args, call.kwargs, reason=f"{self.method} has no rule for {call.kind} operations")
+        return handler(call)
+
+    def _arith(self, call: Call) -> Any:
+        ar = parse_arith(call.func, call.args, call.kwargs)
+        if ar is None:
+            return self._unknown(call.func, call.args, call.kwargs)
+        va, vb = self.is_var(ar.a), self.is_var(ar.b)
+        if ar.op in ("add", "sub"):
+            call.kind = SUM
+            return self._checked(call, lambda c: self.on_sum(c, ar))
+        if ar.op == "mul":
+            if va and vb:
+                call.kind = PRODUCT
+                return self._checked(call, self.on_product)
+            call.kind = SCALE
+            return self._checked(call, lambda c: self.on_scale(c, ar.a if va else ar.b))
+        # division
+        if vb:
+            call.kind = DIV
+            return self._checked(call, lambda c: self.on_div(c, ar))
+        call.kind = SCALE
+        return self._checked(call, lambda c: self.on_scale(c, ar.a))
+
+    def _sdpa(self, call: Call) -> Any:
+        """softmax(q k^T * scale + mask) v, dispatched op by op so each gets its rule."""
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        bound = dict(zip(names, call.args))
+        bound.update(call.kwargs)
+        q, k, v = bound["query"], bound["key"], bound["value"]
+        mask, causal, scale = bound.get("attn_mask"), bound.get("is_causal", False), bound.get("scale")
+        if bound.get("dropout_p", 0.0):
+            return self._unknown(call.func, call.args, call.kwargs, reason="attention dropout must be 0 (eval mode)")
+        if bound.get("enable_gqa", False) and q.shape[-3] != k.shape[-3]:
+            return self._unknown(call.func, call.args, call.kwargs, reason="grouped-query attention is not decomposed")
+        d = q.shape[-1]
+        scale = float(scale) if scale is not None else 1.0 / float(d) ** 0.5
+        kt = self.dispatch(torch.transpose, (k, -2, -1), {})
+        scores = self.dispatch(torch.matmul, (q, kt), {})
+        scores = self.dispatch(torch.mul, (scores, scale), {})
+        L, S = q.shape[-2], k.shape[-2]
+        if causal:
+            keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+            scores = self.dispatch(torch.Tensor.masked_fill, (scores, ~keep, float("-inf")), {})
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                scores = self.dispatch(torch.Tensor.masked_fill, (scores, ~mask, float("-inf")), {})
+            else:
+                scores = self.dispatch(torch.add, (scores, mask), {})
+        attn = self.dispatch(torch.softmax, (scores, -1), {})
+        return self.dispatch(torch.matmul, (attn, v), {})
+
+    def _unknown(self, func: Any, args: tuple, kwargs: dict, reason: str = "") -> Any:
+        out = func(*args, **kwargs)
+        if not any(t.requires_grad or self.is_var(t) for t in iter_tensors(out)):
+            return out  # not on the explained path (shape queries, comparisons, argmax, ...)
+        name = op_name(func)
+        site = self.site()
+        if self.gradient_fallback:
+            self.fallbacks.append(f"{name} in {site}")
+            return self.fallback(func, args, kwargs, out)
+        why = f" ({reason})" if reason else ""
+        raise ModelError(
+            f"{self.method}: operation {name} called in {site} has no propagation rule{why}. "
+            "Rewrite it with supported operations, or pass gradient_fallback=True to propagate its plain "
+            "gradient there (recorded in the explanation's provenance)."
+        )
+
+    # ------------------------------------------------------------------ override points
+    def on_constant(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """An operation whose inputs do not depend on the explained input."""
+        return func(*args, **kwargs)
+
+    def fallback(self, func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
+        """Gradient fallback for an operation without a rule: autograd's own backward."""
+        return out
+
+    def on_struct(self, call: Call) -> Any:
+        return call.run()
+
+    def on_affine(self, call: Call) -> Any:
+        return call.run()
+
+    def on_sum(self, call: Call, ar: Arith) -> Any:
+        return call.run()
+
+    def on_scale(self, call: Call, x: Tensor) -> Any:
+        return call.run()
+
+    def on_reduce(self, call: Call) -> Any:
+        return call.run()
+
+    def on_product(self, call: Call) -> Any:
+        raise NotImplementedError  # every concrete propagator overrides or leaves PRODUCT unsupported
+
+    def on_div(self, call: Call, ar: Arith) -> Any:
+        raise NotImplementedError
+
+    def on_activation(self, call: Call) -> Any:
+        raise NotImplementedError
+
+    def on_elementwise(self, call: Call) -> Any:
+        raise NotImplementedError
+
+    def on_norm(self, call: Call) -> Any:
+        raise NotImplementedError
+
+    def on_softmax(self, call: Call) -> Any:
+        raise NotImplementedError
+
+    def on_maxpool(self, call: Call) -> Any:
+        raise NotImplementedError
+
+
+class PropagationMode(TorchFunctionMode):
+    """Routes every torch function call to a :class:`Propagator` while active."""
+
+    def __init__(self, propagator: Propagator) -> None:
+        super().__init__()
+        self.propagator = propagator
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        return self.propagator.dispatch(func, tuple(args), dict(kwargs or {}))
+
+
+@contextmanager
+def propagating(model: nn.Module, propagator: Propagator) -> Iterator[Propagator]:
+    """Scope in which ``model``'s forward passes go through ``propagator``.
+
+    Module hooks (to name call sites) and the torch function mode are removed on
+    exit, also when the body raises; torch's mode stack is left as found.
+    """
+    depth = torch._C._len_torch_function_stack()
+    handles: list[Any] = []
+    stack = propagator.module_stack
+
+    def pre(name: str) -> Callable:
+        def hook(mod: nn.Module, args: Any) -> None:
+            stack.append((name, mod))
+
+        return hook
+
+    def post(mod: nn.Module, args: Any, out: Any) -> None:
+        if stack:
+            stack.pop()
+
+    mode = PropagationMode(propagator)
+    try:
+        for name, mod in model.named_modules():
+            if name:
+                handles.append(mod.register_forward_pre_hook(pre(name)))
+                handles.append(mod.register_forward_hook(post, always_call=True))
+        with mode:
+            yield propagator
+    finally:
+        for h in handles:
+            h.remove()
+        stack.clear()
+        while torch._C._len_torch_function_stack() > depth:  # pragma: no cover - defensive
+            torch._C._pop_torch_function_stack()
+
+
+# ============================================================================ affine operations
+
+
+@dataclass
+class AffineOp:
+    """A linear map with parameters: ``fn(x, weight, bias)`` and its input-adjoint ``vjp``.
+
+    Rules evaluate the same map with modified inputs and weights (positive parts,
+    ones, squares, ...), so the op is kept as a function of (x, w, b).
+    """
+
+    name: str
+    fn: Callable[[Tensor, Tensor, Tensor | None], Tensor]
+    weight: Tensor
+    bias: Tensor | None
+    conv: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, x: Tensor, w: Tensor | None = None, b: Tensor | None = None) -> Tensor:
+        return self.fn(x, self.weight if w is None else w, b)
+
+    def vjp(self, x: Tensor, w: Tensor, s: Tensor) -> Tensor:
+        """``J^T s`` of ``x -> fn(x, w)`` (the map is linear in x, so no forward is needed for conv/linear)."""
+        if self.name == "linear":
+            return s.matmul(w)
+        if self.conv is not None:
+            c = self.conv
+            return torch.ops.aten.convolution_backward(
+                s, x, w, None, c["stride"], c["padding"], c["dilation"], False, [0] * len(c["stride"]),
+                c["groups"], [True, False, False],
+            )[0]
+        with torch.enable_grad():
+            xi = x.detach().requires_grad_(True)
+            out = self.fn(xi, w.detach(), None)
+            return torch.autograd.grad(out, xi, s)[0]
+
+
+def _tuple(v: Any, n: int) -> list[int]:
+    if isinstance(v, int):
+        return [v] * n
+    return [int(i) for i in v]
+
+
+def affine_op(call: Call, is_var: Callable[[Any], bool]) -> AffineOp:
+    """Describe an AFFINE call (conv/linear/matmul with one constant operand) as an :class:`AffineOp`."""
+    func, args, kwargs = call.func, call.args, call.kwargs
+    name = op_name(func).rsplit(".", 1)[-1]
+    if func is F.linear:
+        w = args[1] if len(args) > 1 else kwargs["weight"]
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        return AffineOp("linear", lambda x_, w_, b_: F.linear(x_, w_, b_), w, b)
+    if func in (F.conv1d, F.conv2d, F.conv3d):
+        n = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}[func]
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        w, b = bound["weight"], bound.get("bias")
+        stride, padding = bound.get("stride", 1), bound.get("padding", 0)
+        dilation, groups = bound.get("dilation", 1), bound.get("groups", 1)
+
+        def conv(x_: Tensor, w_: Tensor, b_: Tensor | None) -> Tensor:
+            return func(x_, w_, b_, stride, padding, dilation, groups)
+
+        spec = None
+        if not isinstance(padding, str):
+            spec = {"stride": _tuple(stride, n), "padding": _tuple(padding, n), "dilation": _tuple(dilation, n),
+                    "groups": int(groups)}
+        return AffineOp(name, conv, w, b, conv=spec)
+    if func in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
+        w = args[1] if len(args) > 1 else kwargs["weight"]
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        rest, kw = args[3:], {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
+        return AffineOp(name, lambda x_, w_, b_: func(x_, w_, b_, *rest, **kw), w, b)
+    # matmul-like with exactly one input-dependent operand: the constant one is the "weight"
+    tensors = list(args)
+    if func is torch.einsum or (name == "einsum"):
+        eq, ops = args[0], list(args[1:])
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = list(ops[0])
+        pos = next(i for i, t in enumerate(ops) if is_var(t))
+        wpos = [i for i, t in enumerate(ops) if i != pos]
+        if len(wpos) != 1:
+            raise ModelError(f"einsum {eq!r} with {len(ops)} operands has no affine rule (expected two operands).")
+        wi = wpos[0]
+
+        def ein(x_: Tensor, w_: Tensor, b_: Tensor | None) -> Tensor:
+            o = list(ops)
+            o[pos], o[wi] = x_, w_
+            return torch.einsum(eq, *o)
+
+        return AffineOp("einsum", ein, ops[wi], None)
+    pos = next(i for i, t in enumerate(tensors) if is_var(t))
+    wi = 1 - pos
+    other = tensors[wi]
+    base = {"__matmul__": torch.matmul, "__rmatmul__": torch.matmul, "matmul": torch.matmul, "mm": torch.mm,
+            "bmm": torch.bmm, "inner": torch.inner, "outer": torch.outer, "dot": torch.dot, "mv": torch.mv}[name]
+    if name == "__rmatmul__":  # other @ self
+        pos, wi = (1, 0) if pos == 0 else (0, 1)
+
+    def mm(x_: Tensor, w_: Tensor, b_: Tensor | None) -> Tensor:
+        return base(x_, w_) if pos == 0 else base(w_, x_)
+
+    return AffineOp("matmul", mm, other, None)

@@ -1,0 +1,510 @@
+"""Layer-wise Relevance Propagation at the operation level.
+
+The output relevance ``R = out * dT/dout`` (the target logit at its class, zero
+elsewhere) is propagated back through every operation of the forward pass with
+the rule the :class:`~perspicio.methods.propagation.composites.Composite` assigns
+to it; the relevance arriving at the input is the explanation. See
+``docs/propagation.md`` for the rule of each operation.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...core.batching import Engine
+from ...core.explanation import Explanation
+from ...core.registry import register_method
+from ...core.targets import resolve_target
+from ...errors import ModelError, OptionError
+from ..base import Method
+from .canonizers import MergeBatchNorm
+from .composites import Composite, make_composite
+from .engine import (
+    ACT,
+    AFFINE,
+    MAXPOOL,
+    NORM,
+    PRODUCT,
+    REDUCE,
+    SCALE,
+    SOFTMAX,
+    STRUCT,
+    SUM,
+    Arith,
+    Call,
+    Propagator,
+    affine_op,
+    apply_node,
+    iter_tensors,
+    propagating,
+    safe_div,
+    sum_to,
+)
+from .rules import RuleContext, ZBox
+
+
+def substitute(obj: Any, mapping: dict[int, Tensor]) -> Any:
+    """Rebuild ``obj`` (args/kwargs, nested lists) with tensors replaced by id."""
+    if isinstance(obj, Tensor):
+        return mapping.get(id(obj), obj)
+    if isinstance(obj, list):
+        return [substitute(o, mapping) for o in obj]
+    if isinstance(obj, tuple):
+        return tuple(substitute(o, mapping) for o in obj)
+    if isinstance(obj, dict):
+        return {k: substitute(v, mapping) for k, v in obj.items()}
+    return obj
+
+
+def _dim_arg(call: Call, pos: int = 1, name: str = "dim") -> int:
+    if name in call.kwargs and call.kwargs[name] is not None:
+        return int(call.kwargs[name])
+    if len(call.args) > pos and call.args[pos] is not None:
+        return int(call.args[pos])
+    raise ModelError(f"{call.name}: softmax without an explicit dim is not supported.")
+
+
+def norm_linear_part(call: Call, x: Tensor) -> Any:
+    """For a normalisation call, the linear map it is when its statistics are frozen (bias excluded)."""
+    from .engine import op_name
+
+    name = op_name(call.func).rsplit(".", 1)[-1]
+    a = dict(zip(("input", "p1", "p2", "p3", "p4", "p5", "p6", "p7"), call.args))
+    kw = call.kwargs
+    if name == "batch_norm":
+        rm, rv = a.get("p1", kw.get("running_mean")), a.get("p2", kw.get("running_var"))
+        w = a.get("p3", kw.get("weight"))
+        training = a.get("p5", kw.get("training", False))
+        eps = a.get("p7", kw.get("eps", 1e-5))
+        if training or rm is None:
+            raise ModelError("batch_norm with batch statistics (training mode) is not an affine map; use eval mode.")
+        scale = torch.rsqrt(rv + eps)
+        if w is not None:
+            scale = scale * w
+        scale = scale.view(1, -1, *([1] * (x.ndim - 2)))
+        return lambda t: t * scale
+    if name == "layer_norm":
+        shape = a.get("p1", kw.get("normalized_shape"))
+        w = a.get("p2", kw.get("weight"))
+        eps = a.get("p4", kw.get("eps", 1e-5))
+        dims = tuple(range(x.ndim - len(tuple(shape) if not isinstance(shape, int) else (shape,)), x.ndim))
+        inv = torch.rsqrt(x.var(dim=dims, unbiased=False, keepdim=True) + eps)
+
+        def ln(t: Tensor) -> Tensor:
+            out = (t - t.mean(dim=dims, keepdim=True)) * inv
+            return out * w if w is not None else out
+
+        return ln
+    if name == "group_norm":
+        groups = a.get("p1", kw.get("num_groups"))
+        w = a.get("p2", kw.get("weight"))
+        eps = a.get("p4", kw.get("eps", 1e-5))
+        n = x.shape[0]
+        xg = x.reshape(n, groups, -1)
+        inv = torch.rsqrt(xg.var(dim=-1, unbiased=False, keepdim=True) + eps)
+        wshape = (1, -1, *([1] * (x.ndim - 2)))
+
+        def gn(t: Tensor) -> Tensor:
+            tg = t.reshape(n, groups, -1)
+            out = ((tg - tg.mean(dim=-1, keepdim=True)) * inv).reshape(t.shape)
+            return out * w.view(wshape) if w is not None else out
+
+        return gn
+    if name == "rms_norm":
+        shape = a.get("p1", kw.get("normalized_shape"))
+        w = a.get("p2", kw.get("weight"))
+        eps = a.get("p3", kw.get("eps"))
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        dims = tuple(range(x.ndim - len(tuple(shape) if not isinstance(shape, int) else (shape,)), x.ndim))
+        inv = torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+        return lambda t: t * inv * w if w is not None else t * inv
+    raise ModelError(f"no linear form known for {call.name}.")
+
+
+def linear_vjp(fn: Any, x: Tensor, s: Tensor) -> Tensor:
+    """``J^T s`` of a linear map ``fn`` at ``x`` (by autograd on a detached copy)."""
+    with torch.enable_grad():
+        xi = x.detach().requires_grad_(True)
+        return torch.autograd.grad(fn(xi), xi, s)[0]
+
+
+class _Pass:
+    def __init__(self, prop: LRPPropagator, call: Call, label: str) -> None:
+        self.prop, self.call, self.label = prop, call, label
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.call.run()
+
+    def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor]:
+        Rx = sum_to(R, ins[0].shape)
+        self.prop.record(self.label, R, (Rx,))
+        return (Rx,)
+
+
+class _Linear:
+    """Relevance proportional to contributions of a parameter-free linear map: ``x * J^T (R / z)``."""
+
+    def __init__(self, prop: LRPPropagator, call: Call, fn: Any, label: str) -> None:
+        self.prop, self.call, self.fn, self.label = prop, call, fn, label
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.call.run()
+
+    def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor]:
+        x = ins[0]
+        Rx = x * linear_vjp(self.fn, x, safe_div(R, out, self.prop.composite.stabilizer))
+        self.prop.record(self.label, R, (Rx,))
+        return (Rx,)
+
+
+class _Affine:
+    def __init__(self, prop: LRPPropagator, call: Call, op: Any, rule: Any, ctx: RuleContext, label: str) -> None:
+        self.prop, self.call, self.op, self.rule, self.ctx, self.label = prop, call, op, rule, ctx, label
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.call.run()
+
+    def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor]:
+        Rx = self.rule.relevance(self.op, ins[0], out, R, self.ctx)
+        self.prop.record(self.label, R, (Rx,))
+        return (Rx,)
+
+
+class _Sum:
+    """``z = sum_t c_t t (+ constants)``: each variable term gets ``c_t t / z`` of the relevance."""
+
+    def __init__(self, prop: LRPPropagator, call: Call, coefs: list[float], label: str) -> None:
+        self.prop, self.call, self.coefs, self.label = prop, call, coefs, label
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        return self.call.run()
+
+    def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor, ...]:
+        s = safe_div(R, out, self.prop.composite.stabilizer)
+        rel = tuple(sum_to(c * t * s, t.shape) for c, t in zip(self.coefs, ins))
+        self.prop.record(self.label, R, rel)
+        return rel
+
+
+class _Product:
+    """Bilinear ``z = f(a, b)``: epsilon on the sum inside f, then 50/50 (or all to the non-gate)."""
+
+    def __init__(self, prop: LRPPropagator, call: Call, ids: tuple[int, int], gates: tuple[bool, bool],
+                 label: str) -> None:
+        self.prop, self.call, self.ids, self.gates, self.label = prop, call, ids, gates, label
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.call.run()
+
+    def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = ins
+        s = safe_div(R, out, self.prop.composite.stabilizer)
+        va, vb = self.ids
+        with torch.enable_grad():
+            ai, bi = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+            zi = self.call.func(*substitute(self.call.args, {va: ai, vb: bi}),
+                                **substitute(self.call.kwargs, {va: ai, vb: bi}))
+            ga, gb = torch.autograd.grad(zi, (ai, bi), s)
+        if self.prop.composite.attention == "constant" and self.gates[0] != self.gates[1]:
+            Ra = torch.zeros_like(a) if self.gates[0] else a * ga
+            Rb = torch.zeros_like(b) if self.gates[1] else b * gb
+        else:
+            Ra, Rb = 0.5 * a * ga, 0.5 * b * gb
+        self.prop.record(self.label, R, (Ra, Rb))
+        return Ra, Rb
+
+
+class _Softmax:
+    """AttnLRP softmax rule: ``R_x = x (R - s sum(R))`` (zero where x is -inf)."""
+
+    def __init__(self, prop: LRPPropagator, call: Call, dim: int, label: str) -> None:
+        self.prop, self.call, self.dim, self.label = prop, call, dim, label
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.call.run()
+
+    def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor]:
+        x = ins[0]
+        Rx = x * (R - out * R.sum(dim=self.dim, keepdim=True))
+        Rx = torch.where(torch.isfinite(x), Rx, torch.zeros_like(Rx))
+        self.prop.record(self.label, R, (Rx,))
+        return (Rx,)
+
+
+class LRPPropagator(Propagator):
+    """Relevance propagation with the rules of a :class:`Composite`."""
+
+    method = "lrp"
+    supported = frozenset({STRUCT, SCALE, SUM, REDUCE, AFFINE, PRODUCT, ACT, NORM, SOFTMAX, MAXPOOL})
+
+    def __init__(
+        self,
+        model: nn.Module,
+        composite: Composite,
+        x_in: Tensor,
+        *,
+        low: Tensor | None = None,
+        high: Tensor | None = None,
+        gradient_fallback: bool = False,
+    ) -> None:
+        super().__init__(model, gradient_fallback=gradient_fallback)
+        self.composite = composite
+        self.x_in = x_in
+        self.low, self.high = low, high
+        self.n = x_in.shape[0]
+        self.derived: dict[int, tuple[Tensor, Any]] = {id(x_in): (x_in, lambda t: t)}
+        self.gates: dict[int, Tensor] = {}
+        self.records: list[tuple[str, Tensor, Tensor]] = []
+        self.rules_used: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def record(self, label: str, R: Tensor, rel: tuple[Tensor, ...]) -> None:
+        if R.ndim == 0 or R.shape[0] != self.n or any(r.ndim == 0 or r.shape[0] != self.n for r in rel):
+            return
+        with torch.no_grad():
+            out_sum = R.reshape(self.n, -1).sum(1)
+            in_sum = sum(r.reshape(self.n, -1).sum(1) for r in rel)
+        self.records.append((label, out_sum, in_sum))
+
+    def _track(self, call: Call, out: Any) -> None:
+        if not isinstance(out, Tensor):
+            return
+        tensors = [a for a in call.args if isinstance(a, Tensor)]
+        derived = [a for a in tensors if id(a) in self.derived]
+        if len(derived) == 1 and len(tensors) == 1:
+            src = derived[0]
+            prev = self.derived[id(src)][1]
+            func, args, kwargs = call.func, call.args, call.kwargs
+
+            def replay(base: Tensor, prev: Any = prev, src: Tensor = src) -> Tensor:
+                return func(*substitute(args, {id(src): prev(base)}), **kwargs)
+
+            self.derived[id(out)] = (out, replay)
+        if any(id(a) in self.gates for a in tensors):
+            self.gates[id(out)] = out
+
+    def _context(self, x: Tensor, rule: Any) -> RuleContext:
+        if id(x) not in self.derived:
+            return RuleContext(first=False)
+        replay = self.derived[id(x)][1]
+        with torch.no_grad():
+            ones = replay(torch.ones_like(self.x_in))
+            low = replay(self.low) if isinstance(rule, ZBox) and self.low is not None else None
+            high = replay(self.high) if isinstance(rule, ZBox) and self.high is not None else None
+        return RuleContext(ones=ones, low=low, high=high, first=True)
+
+    # ------------------------------------------------------------------ rules per kind
+    def on_struct(self, call: Call) -> Any:
+        out = call.run()
+        self._track(call, out)
+        return out
+
+    def on_maxpool(self, call: Call) -> Any:
+        return call.run()  # winner takes all: the gradient routes relevance to the maximum
+
+    def on_affine(self, call: Call) -> Any:
+        op = affine_op(call, self.is_var)
+        x = next(t for t in iter_tensors(call.args) if self.is_var(t))
+        first = id(x) in self.derived
+        module = self.param_names.get(id(op.weight), self.module_stack[-1][0] if self.module_stack else "")
+        rule = self.composite.rule_for(op.name, module, first)
+        label = self.label(op.name, op.weight)
+        self.rules_used[label] = repr(rule)
+        return apply_node(_Affine(self, call, op, rule, self._context(x, rule), label), x)
+
+    def on_sum(self, call: Call, ar: Arith) -> Any:
+        sign = 1.0 if ar.op == "add" else -1.0
+        terms = [(1.0, ar.a), (sign * ar.alpha, ar.b)]
+        variables = [(c, t) for c, t in terms if self.is_var(t)]
+        if len(variables) == 2 and variables[0][1] is variables[1][1]:  # x + x
+            variables = [(variables[0][0] + variables[1][0], variables[0][1])]
+        node = _Sum(self, call, [c for c, _ in variables], self.label("add"))
+        return apply_node(node, *[t for _, t in variables])
+
+    def on_scale(self, call: Call, x: Tensor) -> Any:
+        return apply_node(_Pass(self, call, self.label("scale")), x)
+
+    def on_activation(self, call: Call) -> Any:
+        x = call.args[0]
+        return apply_node(_Pass(self, call, self.label(call.name)), x)
+
+    def on_reduce(self, call: Call) -> Any:
+        x = call.args[0]
+        rest, kw = call.args[1:], call.kwargs
+        func = call.func
+        return apply_node(_Linear(self, call, lambda t: func(t, *rest, **kw), self.label(call.name)), x)
+
+    def on_norm(self, call: Call) -> Any:
+        x = call.args[0] if call.args else call.kwargs["input"]
+        if self.composite.norm == "identity":
+            return apply_node(_Pass(self, call, self.label(call.name)), x)
+        fn = norm_linear_part(call, x.detach())
+        return apply_node(_Linear(self, call, fn, self.label(call.name)), x)
+
+    def on_softmax(self, call: Call) -> Any:
+        x = call.args[0] if call.args else call.kwargs["input"]
+        out = apply_node(_Softmax(self, call, _dim_arg(call), self.label(call.name)), x)
+        self.gates[id(out)] = out
+        return out
+
+    def on_product(self, call: Call) -> Any:
+        variables = []
+        for t in iter_tensors((call.args, call.kwargs)):
+            if self.is_var(t) and all(t is not v for v in variables):
+                variables.append(t)
+        if len(variables) != 2:
+            return self._unknown(call.func, call.args, call.kwargs,
+                                 reason="a product needs exactly two distinct input-dependent operands")
+        a, b = variables
+        node = _Product(self, call, (id(a), id(b)), (id(a) in self.gates, id(b) in self.gates),
+                        self.label(call.name))
+        return apply_node(node, a, b)
+
+
+# ============================================================================ method
+
+
+def default_bounds(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel (dim 1) min and max of the batch, broadcast to its shape."""
+    if x.ndim < 2:
+        return x.min().expand_as(x), x.max().expand_as(x)
+    dims = [d for d in range(x.ndim) if d != 1]
+    return x.amin(dim=dims, keepdim=True).expand_as(x), x.amax(dim=dims, keepdim=True).expand_as(x)
+
+
+def _bound(value: Any, x: Tensor, name: str) -> Tensor:
+    try:
+        t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise OptionError(f"{name} must be a number or a tensor; got {type(value).__name__}.") from exc
+    if t.ndim == 1 and x.ndim >= 2 and t.shape[0] == x.shape[1]:
+        t = t.view(1, -1, *([1] * (x.ndim - 2)))
+    try:
+        return t.expand_as(x)
+    except RuntimeError as exc:
+        raise OptionError(f"{name} of shape {tuple(t.shape)} does not broadcast to the input {tuple(x.shape)}.") from exc
+
+
+def chunk_target(target: Any, start: int, stop: int, n: int) -> Any:
+    """The part of a per-sample target spec that belongs to samples [start, stop)."""
+    if isinstance(target, Tensor) and target.ndim == 1 and len(target) == n and n > 1:
+        return target[start:stop]
+    if isinstance(target, (list, tuple)) and len(target) == n and n > 1:
+        return list(target[start:stop])
+    return target
+
+
+@register_method("lrp", family="propagation", needs_gradients=True,
+                 summary="LRP: relevance propagated back with per-operation rules (composites, canonizers)",
+                 paper="Bach et al., PLOS ONE 2015; Montavon et al., 2019")
+class LRP(Method):
+    """Layer-wise Relevance Propagation, operation by operation.
+
+    ``composite``: preset name (``epsilon_plus_flat``, ``epsilon_plus``,
+    ``epsilon_gamma_box``, ``epsilon_alpha2_beta1``, ``epsilon_alpha2_beta1_flat``) or a
+    :class:`Composite`; ``rule``: one rule everywhere instead (``lrp0``, ``epsilon``,
+    ``gamma``, ``alpha2_beta1``, ``zplus``, ``zbox``, ``flat``, ``wsquare`` or a Rule).
+    ``epsilon``/``gamma`` parameterise the named rules; ``low``/``high`` bound the
+    input for z^B (default: per-channel min/max of the batch); ``norm`` and
+    ``attention`` override the composite's treatment of normalisation and
+    attention; ``gradient_fallback`` lets operations without a rule pass their
+    gradient (recorded in the provenance) instead of raising.
+    """
+
+    input_ndim = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        composite: Any = None,
+        rule: Any = None,
+        epsilon: float = 1e-6,
+        gamma: float = 0.25,
+        low: Any = None,
+        high: Any = None,
+        norm: str | None = None,
+        attention: str | None = None,
+        gradient_fallback: bool = False,
+        **common: Any,
+    ) -> None:
+        super().__init__(model, **common)
+        self.composite = make_composite(composite, rule, epsilon=epsilon, gamma=gamma, low=low, high=high,
+                                        norm=norm, attention=attention)
+        self.low, self.high = low, high
+        self.gradient_fallback = bool(gradient_fallback)
+
+    def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
+        n = x.shape[0]
+        dlow, dhigh = default_bounds(x)
+        low = _bound(self.low, x, "low") if self.low is not None else dlow
+        high = _bound(self.high, x, "high") if self.high is not None else dhigh
+        scores, indices, out_rel, records, fallbacks = [], [], [], [], []
+        rules_used: dict[str, str] = {}
+        with ExitStack() as stack:
+            merged = stack.enter_context(MergeBatchNorm()(self.model, x)) if self.composite.merge_batchnorm else []
+
+            def run(start: int, stop: int) -> Tensor:
+                xc = x[start:stop].detach().clone().requires_grad_(True)
+                prop = LRPPropagator(self.model, self.composite, xc, low=low[start:stop], high=high[start:stop],
+                                     gradient_fallback=self.gradient_fallback)
+                with propagating(self.model, prop):
+                    out = engine.forward(xc)
+                tgt = resolve_target(chunk_target(target, start, stop, n), out.detach(), self.labels)
+                s = tgt(out)
+                if not out.requires_grad:
+                    raise ModelError("the model output does not depend on the input: nothing to propagate.")
+                g = torch.autograd.grad(s.sum(), out, retain_graph=True)[0]
+                R = (out * g).detach()
+                try:
+                    rel = engine.grad((out * R).sum(), [xc], stop - start)[0]
+                except RuntimeError as exc:
+                    raise ModelError(f"relevance could not be propagated to the input: {exc}") from exc
+                scores.append(s.detach())
+                indices.append(tgt.indices)
+                out_rel.append(R.reshape(R.shape[0], -1).sum(1))
+                records.append(prop.records)
+                fallbacks.extend(f for f in prop.fallbacks if f not in fallbacks)
+                rules_used.update(prop.rules_used)
+                return rel.detach()
+
+            attributions = engine.map(run, n, sample=x[:1], grad=True, description="LRP")
+        targets = torch.cat(indices) if all(i is not None for i in indices) else None
+        names = (tuple(self.labels[i] for i in targets.tolist())
+                 if self.labels is not None and targets is not None else None)
+        return Explanation(
+            attributions=attributions,
+            method=self.name,
+            scores=torch.cat(scores),
+            targets=targets,
+            target_names=names,
+            provenance={
+                "composite": self.composite.describe(),
+                "batchnorm_merged": len(merged),
+                "gradient_fallback": tuple(fallbacks),
+            },
+            extras={
+                "output_relevance": torch.cat(out_rel),
+                "layer_relevance": merge_records(records),
+                "rules": dict(rules_used),
+            },
+        )
+
+
+def merge_records(chunks: list[list[tuple[str, Tensor, Tensor]]]) -> tuple[dict[str, Any], ...]:
+    """Per-operation relevance sums of all chunks, in backward order: ({op, output, input}, ...)."""
+    if not chunks:
+        return ()
+    length = len(chunks[0])
+    if any(len(c) != length for c in chunks):
+        return ()
+    out = []
+    for i in range(length):
+        label = chunks[0][i][0]
+        out.append({"op": label, "output": torch.cat([c[i][1] for c in chunks]),
+                    "input": torch.cat([c[i][2] for c in chunks])})
+    return tuple(out)

@@ -1,0 +1,68 @@
+"""Axiomatic checks: completeness (conservation) of attributions.
+
+Methods such as Integrated Gradients, DeepLIFT, LRP (epsilon/z rules) and Shapley
+estimators promise sum_i phi_i = f(x) - f(baseline). Their :class:`~perspicio.Explanation`
+carries ``base_value`` = f(baseline) per sample. Methods without that promise (CAMs,
+plain gradients) make the metric :class:`~perspicio.metrics.base.NotApplicable`
+unless a ``baseline`` is given explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core.registry import register_metric
+from ..errors import OptionError
+from .base import Context, Metric, MetricResult, NotApplicable
+
+
+@register_metric("completeness", family="axiomatic", higher_is_better=False, needs=("model", "base_value"),
+                 paper="Sundararajan et al., ICML 2017; Bach et al., PLoS ONE 2015",
+                 summary="Completeness error |sum(attributions) - (f(x) - f(baseline))| for methods that conserve")
+class Completeness(Metric):
+    """Completeness error |sum phi - (f(x) - f(x0))| of the target's score (the quantity the
+    method explains: logit for class targets, or the callable's value).
+
+    f(x0) is the explanation's ``base_value``; with ``baseline`` ("zero" or a tensor) it is
+    computed instead. ``relative=True`` divides by |f(x) - f(x0)|.
+    """
+
+    family = "axiomatic"
+    higher_is_better = False
+    needs = ("model", "base_value")
+
+    def __init__(self, *, baseline: Any = None, relative: bool = False, **common: Any) -> None:
+        super().__init__(**common)
+        if baseline is not None and not (isinstance(baseline, Tensor) or baseline == "zero"):
+            raise OptionError(f"baseline must be None, 'zero' or a tensor; got {baseline!r}.")
+        self.baseline, self.relative = baseline, bool(relative)
+
+    def _compute(self, ctx: Context) -> MetricResult:
+        x = ctx.x
+        n = x.shape[0]
+        idx = torch.arange(n, device=x.device)
+        fx = ctx.scores(ctx.output, idx, "logit").double()
+        base = None
+        if self.baseline is not None:
+            x0 = torch.zeros_like(x) if isinstance(self.baseline, str) else self.baseline.to(x.device, x.dtype).expand_as(x)
+            base = ctx.forward_scores(lambda a, b: (x0[a:b], idx[a:b]), n, "logit", description="baseline").double()
+        elif ctx.explanation is not None and ctx.explanation.base_value is not None:
+            bv = torch.as_tensor(ctx.explanation.base_value).to(x.device).double().flatten()
+            base = bv.expand(n) if bv.numel() == 1 else bv
+        if base is None:
+            method = ctx.explanation.method if ctx.explanation is not None else "these attributions"
+            raise NotApplicable(
+                f"completeness is not defined for {method}: the explanation has no base_value "
+                "(only conserving methods such as IG, DeepLIFT, LRP, Shapley set it); pass baseline='zero' to force it."
+            )
+        if base.shape != (n,):
+            raise OptionError(f"base_value must hold one value per sample ({n}); got shape {tuple(base.shape)}.")
+        total = ctx.attributions.double().flatten(1).sum(1)
+        err = (total - (fx - base)).abs()
+        if self.relative:
+            err = err / (fx - base).abs().clamp_min(1e-12)
+        return MetricResult(self.name, err, self.higher_is_better,
+                            {"sum_attributions": total.cpu(), "delta_output": (fx - base).cpu()})

@@ -1,0 +1,531 @@
+"""Base class of all evaluation metrics and the helpers they share.
+
+A metric is constructed with its options and called on a model, the inputs and an
+explanation (an :class:`~perspicio.Explanation` or a raw attribution tensor). It
+returns a :class:`MetricResult`: one score per sample, whether higher is better,
+and the side results (curves, per-layer similarities) a report needs.
+
+What a metric needs is declared on the class (``needs``) and recorded in the
+registry:
+
+* ``"model"``: it calls the model (through :class:`~perspicio.core.batching.Engine`,
+  chunked and counted, vectorised over samples);
+* ``"method"``: it re-runs the explanation method (robustness, randomization);
+* ``"parameters"``: it needs the model's weights (randomization works on a deep copy);
+* ``"masks"``: it needs ground-truth masks or boxes (localization);
+* ``"base_value"``: it needs the method's reference output (completeness).
+
+A model may be an ``nn.Module``, a bundled ``ZooModel`` or any callable mapping a
+batch tensor to outputs (a black box). Metrics that need gradients of a black box
+(e.g. re-running a gradient method) or its parameters raise :class:`ModelError`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.batching import Engine
+from ..core.explanation import Explanation
+from ..core.guard import model_guard
+from ..core.inputs import as_batch
+from ..core.targets import ResolvedTarget, resolve_target
+from ..errors import InputError, ModelError, OptionError, PerspicioError
+
+FAMILIES = ("faithfulness", "robustness", "randomization", "localization", "complexity", "axiomatic")
+SCORES = ("probability", "logit")
+
+
+class NotApplicable(OptionError):
+    """The metric is not defined for this explanation (e.g. completeness of a CAM)."""
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, eq=False)
+class MetricResult:
+    """Per-sample scores of one metric on one explanation.
+
+    Attributes:
+        metric: registry name.
+        scores: (N,) float tensor, one score per sample (NaN where undefined).
+        higher_is_better: direction of the score.
+        details: side results (curves, per-layer similarities, maps), read-only.
+        options: the metric options used.
+    """
+
+    metric: str
+    scores: Tensor
+    higher_is_better: bool
+    details: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    @property
+    def value(self) -> float:
+        """Mean over samples, ignoring NaN (NaN if every sample is undefined)."""
+        s = self.scores.double()
+        ok = ~torch.isnan(s)
+        return float(s[ok].mean()) if ok.any() else math.nan
+
+    def summary(self, *, arrays: bool = True) -> dict[str, Any]:
+        """JSON-friendly: value, per-sample scores and (with ``arrays``) every detail as lists."""
+        out: dict[str, Any] = {
+            "metric": self.metric,
+            "value": _num(self.value),
+            "higher_is_better": self.higher_is_better,
+            "scores": [_num(v) for v in self.scores.tolist()],
+            "options": {k: _plain(v) for k, v in self.options.items()},
+        }
+        if arrays:
+            out["details"] = {k: _plain(v) for k, v in self.details.items() if not k.startswith("_")}
+        return out
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return _plain(v.detach().cpu().tolist())
+    if isinstance(v, float):
+        return _num(v)
+    if isinstance(v, (str, int, bool)) or v is None:
+        return v
+    if isinstance(v, Mapping):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return str(v)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class BlackBox(nn.Module):
+    """Wraps a callable ``f(x) -> outputs`` so the engine can chunk and count its calls."""
+
+    def __init__(self, fn: Callable[[Tensor], Any]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.fn(x)
+        if not isinstance(out, Tensor):
+            out = torch.as_tensor(out)
+        return out.to(x.device) if out.is_floating_point() else out.to(x.device, torch.float32)
+
+
+def prepare_model(model: Any) -> tuple[nn.Module, Sequence[str] | None, bool]:
+    """``(module, labels, is_black_box)`` for an nn.Module, a ZooModel or a plain callable."""
+    from ..methods.base import unwrap_model
+
+    inner, labels = unwrap_model(model)
+    if isinstance(inner, BlackBox):
+        return inner, labels, True
+    if isinstance(inner, nn.Module):
+        return inner, labels, False
+    if callable(inner):
+        return BlackBox(inner), labels, True
+    raise ModelError(f"model must be an nn.Module, a bundled model or a callable; got {type(model).__name__}.")
+
+
+# ----------------------------------------------------------------------------- explainers
+
+
+class Explainer:
+    """Re-runs an explanation method on other inputs or on another model (a randomized copy).
+
+    Built from a registered method name (+ options), a :class:`~perspicio.methods.Method`
+    instance, the method recorded in an :class:`Explanation`, or a plain callable
+    ``fn(model, x, target) -> attributions``.
+    """
+
+    def __init__(self, spec: Any, options: Mapping[str, Any] | None = None) -> None:
+        from ..core.registry import METHODS
+        from ..methods.base import Method
+
+        self.options = dict(options or {})
+        self.fn: Callable[[Any, Tensor, Any], Tensor] | None = None
+        self.cls: type | None = None
+        if isinstance(spec, Method):
+            self.cls = type(spec)
+            self.options = {**dict(spec.options), **self.options}
+            self.name = spec.name
+        elif isinstance(spec, str):
+            self.cls = METHODS.get(spec).cls
+            self.name = self.cls.name  # type: ignore[attr-defined]
+        elif isinstance(spec, type) and issubclass(spec, Method):
+            self.cls = spec
+            self.name = spec.name
+        elif callable(spec):
+            self.fn = spec
+            self.name = getattr(spec, "__name__", type(spec).__name__)
+        else:
+            raise OptionError(
+                "method must be a registered method name, a Method instance or a callable "
+                f"fn(model, x, target) -> attributions; got {type(spec).__name__}."
+            )
+        self.needs_gradients = False
+        if self.cls is not None:
+            entry = METHODS.get(self.name) if self.name in METHODS else None
+            self.needs_gradients = bool(entry.needs_gradients) if entry is not None else True
+
+    @classmethod
+    def from_explanation(cls, exp: Explanation) -> Explainer:
+        from ..core.registry import METHODS
+
+        if exp.method not in METHODS:
+            raise OptionError(
+                f"the explanation's method {exp.method!r} is not registered; pass method=... "
+                "(a method name, a Method or a callable) to re-run it."
+            )
+        return cls(exp.method, exp.options)
+
+    def check_model(self, black_box: bool, metric: str) -> None:
+        if black_box and (self.cls is not None or self.needs_gradients):
+            raise ModelError(
+                f"metric {metric!r} re-runs method {self.name!r}, which needs a torch nn.Module"
+                + (" and its gradients" if self.needs_gradients else "")
+                + "; the model is a black-box callable. Use a model-agnostic method passed as a callable, "
+                "or give the nn.Module."
+            )
+
+    def __call__(self, model: nn.Module, x: Tensor, target: Any, labels: Sequence[str] | None = None,
+                 source: nn.Module | None = None) -> tuple[Tensor, dict[str, int]]:
+        """Attributions of ``x`` for ``target`` on ``model``, and the passes it cost.
+
+        ``source`` is the model the options refer to: module-valued options (a layer
+        given as a module) are translated to the module of the same name in ``model``.
+        """
+        if self.fn is not None:
+            out = self.fn(model, x, target)
+            attr = out.attributions if isinstance(out, Explanation) else torch.as_tensor(out)
+            return attr.detach().to(x.device), {}
+        from ..methods.base import build
+
+        opts = {k: _translate_modules(v, source, model) for k, v in self.options.items()}
+        opts.pop("progress", None)
+        if "labels" in (self.cls.option_names() if self.cls else []) and opts.get("labels") is None and labels is not None:
+            opts["labels"] = labels
+        exp = build(self.cls, model, **opts)(x, target=target)  # type: ignore[arg-type]
+        prov = exp.provenance
+        return exp.attributions.detach(), {"forward_samples": int(prov.get("forward_samples", 0)),
+                                           "backward_samples": int(prov.get("backward_samples", 0))}
+
+
+def _translate_modules(v: Any, source: nn.Module | None, model: nn.Module) -> Any:
+    if isinstance(v, (list, tuple)):
+        return type(v)(_translate_modules(x, source, model) for x in v)
+    if isinstance(v, nn.Module) and source is not None and source is not model:
+        for name, m in source.named_modules():
+            if m is v:
+                return model.get_submodule(name) if name else model
+    return v
+
+
+# ----------------------------------------------------------------------------- context
+
+
+@dataclass
+class Context:
+    """Everything a metric computes with, validated once at the boundary."""
+
+    model: nn.Module
+    x: Tensor
+    attributions: Tensor
+    target: ResolvedTarget
+    output: Tensor
+    engine: Engine
+    generator: torch.Generator
+    labels: Sequence[str] | None
+    black_box: bool
+    explanation: Explanation | None
+    explainer: Explainer | None
+    masks: Tensor | None
+
+    @property
+    def relevance(self) -> Tensor:
+        """Per-pixel relevance (N, H, W): channels summed, resized to the input if needed."""
+        return relevance_map(self.attributions, self.x)
+
+    def scores(self, out: Tensor, rows: Tensor, kind: str) -> Tensor:
+        """Score of the explained target for outputs ``out`` whose row r belongs to sample ``rows[r]``."""
+        idx = self.target.indices
+        if idx is not None and out.ndim == 2:
+            idx = idx.to(out.device)[rows.to(out.device)]
+            if kind == "probability":
+                out = out.float().softmax(dim=1)
+            return out.gather(1, idx[:, None]).squeeze(1)
+        if kind == "probability" and self.target.indices is not None:
+            raise OptionError("score='probability' needs a (N, classes) output; use score='logit'.")
+        return self.target.fn(out)
+
+    def forward_scores(self, make: Callable[[int, int], tuple[Tensor, Tensor]], n: int, kind: str,
+                       description: str = "scoring") -> Tensor:
+        """Scores of ``n`` perturbed rows built chunk-wise by ``make(start, stop) -> (batch, rows)``."""
+
+        def fn(start: int, stop: int) -> Tensor:
+            batch, rows = make(start, stop)
+            return self.scores(self.engine.forward(batch), rows, kind).detach().float()
+
+        return self.engine.map(fn, n, sample=self.x[:1], description=description)
+
+
+def relevance_map(attributions: Tensor, x: Tensor) -> Tensor:
+    """Reduce attributions to (N, H, W) at the input's spatial size (channels summed)."""
+    a = attributions.detach().to(x.device).float()
+    if a.ndim == 3:
+        a = a[:, None]
+    if a.ndim != 4 or a.shape[0] != x.shape[0]:
+        raise InputError(
+            f"attributions must be (N, C, H, W) or (N, H, W) with N={x.shape[0]} samples; got shape {tuple(a.shape)}."
+        )
+    a = a.sum(dim=1, keepdim=True)
+    if tuple(a.shape[-2:]) != tuple(x.shape[-2:]):
+        a = F.interpolate(a, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+    return a[:, 0]
+
+
+def attributions_like_input(attributions: Tensor, x: Tensor) -> Tensor:
+    """Attributions as (N, C', H, W) at the input's size, C' = 1 or the input's channels."""
+    a = attributions.detach().to(x.device).float()
+    if a.ndim == 3:
+        a = a[:, None]
+    if a.ndim != 4 or a.shape[0] != x.shape[0]:
+        raise InputError(f"attributions must be (N, C, H, W) with N={x.shape[0]}; got shape {tuple(a.shape)}.")
+    if a.shape[1] not in (1, x.shape[1]):
+        a = a.sum(dim=1, keepdim=True)
+    if tuple(a.shape[-2:]) != tuple(x.shape[-2:]):
+        a = F.interpolate(a, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+    return a
+
+
+def as_masks(masks: Any, x: Tensor) -> Tensor:
+    """Validate ground truth: (N, H, W)/(H, W) boolean masks or (N, 4) boxes (x0, y0, x1, y1) -> (N, H, W) bool."""
+    n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    if isinstance(masks, (list, tuple)) and masks and all(isinstance(b, (list, tuple)) and len(b) == 4 for b in masks):
+        masks = torch.as_tensor(masks, dtype=torch.float64)
+        if masks.shape[0] != n:
+            raise InputError(f"got {masks.shape[0]} boxes for {n} inputs; give one (x0, y0, x1, y1) box per input.")
+    m = torch.as_tensor(masks.copy() if hasattr(masks, "copy") and not isinstance(masks, Tensor) else masks)
+    if m.ndim == 2 and m.shape[-1] == 4 and m.shape[0] == n and (m.shape[0], m.shape[1]) != (h, w):
+        boxes = m.double()
+        out = torch.zeros(n, h, w, dtype=torch.bool)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+                raise InputError(f"box {i} = {(x0, y0, x1, y1)} must satisfy 0 <= x0 < x1 <= {w}, 0 <= y0 < y1 <= {h}.")
+            out[i, int(math.floor(y0)):int(math.ceil(y1)), int(math.floor(x0)):int(math.ceil(x1))] = True
+        m = out
+    if m.ndim == 2:
+        m = m.expand(n, *m.shape)
+    if m.ndim == 4 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.ndim != 3 or tuple(m.shape[-2:]) != (h, w) or m.shape[0] != n:
+        raise InputError(
+            f"masks must be (N, H, W) = ({n}, {h}, {w}) (the input's size), (H, W), or (N, 4) boxes; "
+            f"got shape {tuple(m.shape)}."
+        )
+    m = m.to(x.device).bool() if m.dtype == torch.bool else (m.to(x.device) > 0.5)
+    empty = (~m.flatten(1).any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise InputError(f"mask of sample(s) {empty} is empty; a localization score needs at least one pixel inside.")
+    return m
+
+
+# ----------------------------------------------------------------------------- base class
+
+
+class Metric:
+    """Base of evaluation metrics; subclasses set the class metadata and implement :meth:`_compute`."""
+
+    name: ClassVar[str] = "metric"
+    family: ClassVar[str] = ""
+    higher_is_better: bool = True
+    needs: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        import functools
+
+        @functools.wraps(init)
+        def wrapped(self: Metric, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            if type(self).__init__ is wrapped:
+                bound = inspect.signature(init).bind(self, *args, **kwargs)
+                bound.apply_defaults()
+                opts = {k: v for k, v in bound.arguments.items() if k != "self"}
+                opts.update(opts.pop("common", {}) or {})
+                self.options = opts
+
+        cls.__init__ = wrapped  # type: ignore[method-assign]
+
+    def __init__(
+        self,
+        *,
+        batch_size: int | None = None,
+        memory_budget: int | None = None,
+        progress: bool = False,
+        seed: int = 0,
+    ) -> None:
+        Engine(nn.Identity(), batch_size=batch_size, memory_budget=memory_budget)  # validates both
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise OptionError(f"seed must be an integer; got {seed!r}.")
+        self.batch_size = batch_size
+        self.memory_budget = memory_budget
+        self.progress = progress
+        self.seed = seed
+        self.options: dict[str, Any] = {}
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        names: list[str] = []
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            for p in inspect.signature(inspect.unwrap(init)).parameters.values():
+                if p.name not in ("self", "common") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                    if p.name not in names:
+                        names.append(p.name)
+        return names
+
+    def __call__(
+        self,
+        model: Any,
+        inputs: Any = None,
+        explanation: Explanation | Tensor | None = None,
+        *,
+        target: Any = None,
+        method: Any = None,
+        masks: Any = None,
+    ) -> MetricResult:
+        """Score ``explanation`` of ``model`` on ``inputs``.
+
+        Args:
+            model: nn.Module, bundled ZooModel or a black-box callable.
+            inputs: (N, C, H, W); defaults to the explanation's inputs.
+            explanation: an :class:`Explanation` or an attribution tensor (N, C, H, W) / (N, H, W).
+            target: what was explained; defaults to the explanation's targets, else the predicted class.
+            method: for metrics that re-run the method (robustness, randomization): a method name,
+                a Method instance or ``fn(model, x, target) -> attributions``; defaults to the
+                method recorded in the explanation.
+            masks: ground truth for localization metrics: (N, H, W) masks or (N, 4) boxes.
+        """
+        ctx = self._context(model, inputs, explanation, target, method, masks)
+        guard = model_guard(ctx.model) if not ctx.black_box else _nullcontext()
+        with guard:
+            with torch.no_grad():
+                result = self._compute(ctx)
+        details = dict(result.details)
+        details.setdefault("passes", ctx.engine.stats())
+        return MetricResult(self.name, result.scores.detach().double().cpu(), self.higher_is_better, details, self.options)
+
+    # ------------------------------------------------------------------ boundary
+    def _context(self, model: Any, inputs: Any, explanation: Any, target: Any, method: Any, masks: Any) -> Context:
+        module, labels, black_box = prepare_model(model)
+        exp = explanation if isinstance(explanation, Explanation) else None
+        if inputs is None:
+            if exp is None or exp.inputs is None:
+                raise InputError("inputs are required (the explanation does not carry its inputs).")
+            inputs = exp.inputs
+        x = as_batch(inputs, module if not black_box else None)
+        if black_box:
+            x = x.float()
+        if explanation is None:
+            raise InputError("an explanation (Explanation or attribution tensor) is required.")
+        attr = exp.attributions if exp is not None else explanation
+        if not isinstance(attr, Tensor):
+            try:
+                attr = torch.as_tensor(attr)
+            except (TypeError, ValueError, RuntimeError):
+                raise InputError(f"attributions must be a tensor or array; got {type(attr).__name__}.") from None
+        if attr.shape[0] != x.shape[0]:
+            raise InputError(f"got attributions for {attr.shape[0]} samples and {x.shape[0]} inputs.")
+        if not torch.isfinite(attr).all():
+            raise InputError("attributions contain NaN/Inf values.")
+        attr = attr.detach().to(x.device).float()
+        if target is None and exp is not None and exp.targets is not None:
+            target = exp.targets
+        engine = Engine(module, batch_size=self.batch_size, memory_budget=self.memory_budget, progress=self.progress)
+        guard = model_guard(module) if not black_box else _nullcontext()
+        with guard, torch.no_grad():
+            out = engine.forward(x).detach()
+        tgt = resolve_target(target, out, labels)
+        explainer = None
+        if "method" in self.needs:
+            if method is not None:
+                explainer = method if isinstance(method, Explainer) else Explainer(method)
+            elif exp is not None:
+                explainer = Explainer.from_explanation(exp)
+            else:
+                raise OptionError(f"metric {self.name!r} re-runs the explanation method: pass method=... "
+                                  "(a method name, a Method, or fn(model, x, target) -> attributions).")
+            explainer.check_model(black_box, self.name)
+        if "parameters" in self.needs and black_box:
+            raise ModelError(f"metric {self.name!r} randomizes the model's parameters; a black-box callable has none. "
+                             "Pass the nn.Module.")
+        mask_t = None
+        if "masks" in self.needs:
+            if masks is None:
+                raise InputError(f"metric {self.name!r} needs ground-truth masks=... ((N, H, W) masks or (N, 4) boxes).")
+            mask_t = as_masks(masks, x)
+        gen = torch.Generator().manual_seed(self.seed)
+        return Context(module, x, attr, tgt, out, engine, gen, labels, black_box, exp, explainer, mask_t)
+
+    def _compute(self, ctx: Context) -> MetricResult:
+        raise NotImplementedError  # abstract: every registered metric overrides it
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise OptionError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}.")
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise OptionError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+    return value
+
+
+def check_fraction(name: str, value: Any, *, low: float = 0.0, high: float = 1.0, open_low: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        raise OptionError(f"{name} must be a number in {'(' if open_low else '['}{low}, {high}]; got {value!r}.")
+    return float(value)
+
+
+def randn(gen: torch.Generator, shape: Sequence[int], device: torch.device) -> Tensor:
+    """Standard normal noise from the metric's own generator (CPU), moved to ``device``."""
+    return torch.randn(tuple(shape), generator=gen).to(device)
+
+
+def rand(gen: torch.Generator, shape: Sequence[int], device: torch.device) -> Tensor:
+    return torch.rand(tuple(shape), generator=gen).to(device)
+
+
+__all__ = ["Context", "Explainer", "Metric", "MetricResult", "NotApplicable", "PerspicioError", "relevance_map"]

@@ -1,0 +1,241 @@
+"""Bundled tabular demos: scikit-learn's breast-cancer (classification) and diabetes (regression)
+data with a small torch MLP or a scikit-learn gradient boosting model.
+
+Models are trained on first use in a few seconds (deterministically from ``seed``, without
+touching any global random state) and cached under ``$PERSPICIO_CACHE`` (default
+``$XDG_CACHE_HOME/perspicio`` or ``~/.cache/perspicio``) in ``tabular/``. Nothing downloads:
+both data sets ship with scikit-learn.
+
+    from perspicio.zoo.tabular import load_tabular
+    demo = load_tabular("breast_cancer", "gbm")
+    e = perspicio.explain(demo, demo.X_test[:5], method="kernel_shap", background=demo.background())
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import UnknownNameError, suggest
+
+DATASETS = {"breast_cancer": "classification", "diabetes": "regression"}
+MODEL_KINDS = ("mlp", "gbm")
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Root of perspicio's cache: $PERSPICIO_CACHE, else $XDG_CACHE_HOME/perspicio, else ~/.cache/perspicio."""
+    env = os.environ.get("PERSPICIO_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "perspicio"
+
+
+@dataclass(frozen=True, eq=False)
+class TabularModel:
+    """A trained demo model with its data; usable directly as ``perspicio.explain(demo, rows, ...)``.
+
+    ``model`` is an ``nn.Module`` taking raw feature rows (N, F) (the MLP standardises
+    internally; the gradient boosting model is wrapped in a :class:`~perspicio.core.blackbox.BlackBox`
+    returning class probabilities or the regression prediction). ``estimator`` is the
+    scikit-learn model (None for the MLP).
+    """
+
+    model: nn.Module
+    estimator: Any
+    X_train: np.ndarray
+    X_test: np.ndarray
+    y_train: np.ndarray
+    y_test: np.ndarray
+    feature_names: tuple[str, ...]
+    labels: tuple[str, ...]
+    task: str
+    name: str
+
+    def background(self, size: int = 100, seed: int = 0) -> np.ndarray:
+        """``size`` training rows chosen with ``seed`` (the whole training set if smaller)."""
+        if size >= len(self.X_train):
+            return self.X_train.copy()
+        rng = np.random.default_rng(seed)
+        return self.X_train[np.sort(rng.choice(len(self.X_train), size=size, replace=False))]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Model outputs (N, K) as numpy (probabilities or logits for the MLP, see ``output``)."""
+        with torch.no_grad():
+            return self.model(torch.as_tensor(np.asarray(x))).double().cpu().numpy()
+
+    def score(self) -> float:
+        """Test accuracy (classification) or R^2 (regression)."""
+        out = self.predict(self.X_test)
+        if self.task == "classification":
+            return float((out.argmax(1) == self.y_test).mean())
+        y = self.y_test
+        return float(1 - ((out[:, 0] - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+    def __repr__(self) -> str:
+        return f"TabularModel(name={self.name!r}, task={self.task}, features={len(self.feature_names)})"
+
+
+class TabularMLP(nn.Module):
+    """Standardise -> Linear(F, 64) -> ReLU -> Linear(64, 32) -> ReLU -> Linear(32, K) -> unscale.
+
+    Classification outputs logits; regression outputs the prediction in the target's units.
+    """
+
+    def __init__(self, n_in: int, n_out: int, mean: Tensor, std: Tensor,
+                 y_mean: float = 0.0, y_std: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float())
+        self.register_buffer("y_mean", torch.tensor(float(y_mean)))
+        self.register_buffer("y_std", torch.tensor(float(y_std)))
+        self.net = nn.Sequential(nn.Linear(n_in, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, n_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.mean.dtype)
+        return self.net((x - self.mean) / self.std) * self.y_std + self.y_mean
+
+
+def _load_data(dataset: str, seed: int) -> tuple[np.ndarray, ...]:
+    from sklearn import datasets
+    from sklearn.model_selection import train_test_split
+
+    if dataset == "breast_cancer":
+        d = datasets.load_breast_cancer()
+        labels = tuple(str(n) for n in d.target_names)
+        strat = d.target
+    else:
+        d = datasets.load_diabetes()
+        labels = ("target",)
+        strat = None
+    x_tr, x_te, y_tr, y_te = train_test_split(d.data.astype(np.float64), d.target, test_size=0.2,
+                                              random_state=seed, stratify=strat)
+    return x_tr, x_te, y_tr, y_te, tuple(str(n) for n in d.feature_names), labels
+
+
+def _train_mlp(x: np.ndarray, y: np.ndarray, task: str, seed: int, epochs: int | None = None) -> TabularMLP:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny full-batch steps: one thread is fastest and immune to contention
+    try:
+        return _fit_mlp(x, y, task, seed, epochs or (200 if task == "classification" else 60))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_mlp(x: np.ndarray, y: np.ndarray, task: str, seed: int, epochs: int) -> TabularMLP:
+    g = torch.Generator().manual_seed(seed)
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    mean, std = xt.mean(0), xt.std(0).clamp_min(1e-6)
+    if task == "classification":
+        n_out, y_mean, y_std = int(y.max()) + 1, 0.0, 1.0
+    else:
+        n_out, y_mean, y_std = 1, float(y.mean()), float(y.std())
+    model = TabularMLP(x.shape[1], n_out, mean, std, y_mean, y_std)
+    with torch.no_grad():  # local-generator init (no global seeding)
+        for mod in model.net:
+            if isinstance(mod, nn.Linear):
+                bound = 1.0 / mod.in_features**0.5
+                mod.weight.copy_((torch.rand(mod.weight.shape, generator=g) * 2 - 1) * bound * 3**0.5)
+                mod.bias.zero_()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
+    target = torch.as_tensor(y, dtype=torch.long if task == "classification" else torch.float32)
+    model.train()
+    for _ in range(epochs):
+        opt.zero_grad()
+        out = model(xt)
+        if task == "classification":
+            loss = nn.functional.cross_entropy(out, target)
+        else:
+            loss = nn.functional.mse_loss((out[:, 0] - y_mean) / y_std, (target - y_mean) / y_std)
+        loss.backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _train_gbm(x: np.ndarray, y: np.ndarray, task: str, seed: int) -> Any:
+    from sklearn.ensemble import GradientBoostingClassifier, GradientBoostingRegressor
+
+    cls = GradientBoostingClassifier if task == "classification" else GradientBoostingRegressor
+    return cls(n_estimators=100, max_depth=3, learning_rate=0.1, random_state=seed).fit(x, y)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def load_tabular(dataset: str = "breast_cancer", model: str = "mlp", *, seed: int = 0,
+                 cache: bool = True) -> TabularModel:
+    """The demo ``model`` (``"mlp"`` or ``"gbm"``) trained on ``dataset`` (``"breast_cancer"`` or ``"diabetes"``).
+
+    The first call trains (seconds) and caches; later calls load the cache. ``cache=False``
+    trains in memory only.
+    """
+    from ..core.blackbox import BlackBox
+
+    key = str(dataset).strip().lower().replace("-", "_")
+    if key not in DATASETS:
+        raise UnknownNameError(f"unknown tabular dataset {dataset!r}; expected one of: {', '.join(DATASETS)}."
+                               + suggest(key, DATASETS))
+    kind = str(model).strip().lower()
+    if kind not in MODEL_KINDS:
+        raise UnknownNameError(f"unknown tabular model {model!r}; expected one of: {', '.join(MODEL_KINDS)}."
+                               + suggest(kind, MODEL_KINDS))
+    task = DATASETS[key]
+    x_tr, x_te, y_tr, y_te, names, labels = _load_data(key, seed)
+    import sklearn
+
+    stem = f"{key}_{kind}_seed{seed}_v{CACHE_VERSION}_sklearn{sklearn.__version__}"
+    path = cache_dir() / "tabular" / (stem + (".pt" if kind == "mlp" else ".pkl"))
+    estimator = None
+    if kind == "mlp":
+        net: nn.Module | None = None
+        if cache and path.is_file():
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                n_out = state["net.4.weight"].shape[0]
+                net = TabularMLP(x_tr.shape[1], n_out, state["mean"], state["std"])
+                net.load_state_dict(state)
+                net.eval().requires_grad_(False)
+            except Exception:  # noqa: BLE001 - a stale or corrupt cache is retrained
+                net = None
+        if net is None:
+            net = _train_mlp(x_tr, y_tr, task, seed)
+            if cache:
+                import io
+
+                buf = io.BytesIO()
+                torch.save(net.state_dict(), buf)
+                _atomic_write(path, buf.getvalue())
+        wrapped: nn.Module = net
+    else:
+        if cache and path.is_file():
+            try:
+                estimator = pickle.loads(path.read_bytes())
+            except Exception:  # noqa: BLE001
+                estimator = None
+        if estimator is None:
+            estimator = _train_gbm(x_tr, y_tr, task, seed)
+            if cache:
+                _atomic_write(path, pickle.dumps(estimator))
+        wrapped = BlackBox(estimator.predict_proba if task == "classification" else estimator.predict)
+    return TabularModel(model=wrapped, estimator=estimator, X_train=x_tr, X_test=x_te, y_train=y_tr, y_test=y_te,
+                        feature_names=names, labels=labels, task=task, name=f"{key}/{kind}")
+
+
+def datasets() -> Sequence[str]:
+    return list(DATASETS)
