@@ -123,29 +123,25 @@ def test_axioms_exact():
 
 
 @pytest.mark.parametrize("method", ESTIMATORS)
-def test_efficiency_and_base_value(method, tabular_gbm):
-    demo, bg = tabular_gbm
+def test_efficiency_and_base_value(method, diabetes_gbm):
+    demo, bg = diabetes_gbm
     x = demo.X_test[:2]
-    e = perspicio.explain(demo, x, method=method, background=bg[:20], budget=200, seed=0,
-                          feature_mask={"size": [0, 1, 2, 3], "texture": [4, 5, 6, 7]})
+    # named groups by column name; the other columns stay their own features
+    groups = {"demographics": ["age", "sex"], "lipids": ["s1", "s2", "s3"]}
+    e = perspicio.explain(demo, x, method=method, background=bg[:20], budget=None if method == "shapley_exact" else 60,
+                          seed=0, feature_mask=groups, feature_names=demo.feature_names)
+    assert e.extras["feature_names"][0] == ("demographics", "lipids", "bmi", "bp", "s4", "s5", "s6")
     pred = demo.predict(bg[:20])
     base = [pred[:, t].mean() for t in e.targets.tolist()]
     np.testing.assert_allclose(e.base_value.numpy(), base, atol=1e-12)
     assert float(efficiency_error(e).max()) < 1e-9
     # grouped columns share their group's value
     a = e.attributions[0].numpy()
-    assert np.all(a[0:4] == a[0]) and np.all(a[4:8] == a[4])
+    assert a[0] == a[1] and a[4] == a[5] == a[6]
+    assert len(e.extras["values"][0]) == 7
 
 
 # ----------------------------------------------------------------------------- shap oracle and convergence
-
-
-@pytest.fixture(scope="module")
-def tabular_gbm():
-    from perspicio.zoo.tabular import load_tabular
-
-    demo = load_tabular("breast_cancer", "gbm", cache=False)
-    return demo, demo.background(50, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -183,14 +179,20 @@ def test_estimators_converge_to_exact(diabetes_gbm, method, budget, bound):
 
 @pytest.mark.parametrize("method", ["kernel_shap", "shapley_sampling"])
 def test_standard_errors_are_calibrated(method):
-    m = 8
-    v = random_game(m, 5)
-    exact = reference_shapley(v, m)
-    f = game_model(v)
+    # a random game on 10 players (every coalition value i.i.d. normal): far from additive
+    from perspicio.methods.shapley import exact_shapley
+
+    m = 10
+    table = np.random.default_rng(5).normal(size=1 << m)
+    exact = exact_shapley(torch.from_numpy(table), m).numpy()
+
+    def f(x: np.ndarray) -> np.ndarray:
+        return table[(x != 0).astype(int) @ (1 << np.arange(m))]
+
     x = np.ones((1, m))
     errs, ses = [], []
     for seed in range(12):
-        e = perspicio.explain(f, x, method=method, baseline=0.0, budget=80, seed=seed)
+        e = perspicio.explain(f, x, method=method, baseline=0.0, budget=200, seed=seed)
         errs.append(e.attributions[0].numpy() - exact)
         ses.append(e.extras["stderr"][0].numpy())
     rmse = np.sqrt(np.mean(np.square(errs), axis=0)).mean()
@@ -208,7 +210,7 @@ def test_sampling_tolerance_stops_early():
 @pytest.mark.parametrize("method", ESTIMATORS)
 def test_seeded_runs_are_bit_reproducible(method, diabetes_gbm):
     demo, bg = diabetes_gbm
-    kw = dict(background=bg[:10], budget=300, seed=11)
+    kw = dict(background=bg[:10], budget=None if method == "shapley_exact" else 300, seed=11)
     a = perspicio.explain(demo, demo.X_test[:2], method=method, **kw)
     b = perspicio.explain(demo, demo.X_test[:2], method=method, batch_size=37, **kw)
     assert torch.equal(a.attributions, b.attributions)
@@ -252,12 +254,18 @@ def test_bad_options_raise_clear_errors():
         perspicio.explain(f, x, method="shapley_sampling", tolerance=-1)
 
 
-def test_exact_shapley_math_is_fast_for_20_features():
+def test_exact_shapley_math_on_additive_plus_interaction():
     from perspicio.methods.shapley import exact_shapley
 
-    m = 20
+    m = 16
     ints = torch.arange(1 << m)
     w = torch.randn(m, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     values = ((ints[:, None] >> torch.arange(m)) & 1).double() @ w  # additive
     np.testing.assert_allclose(exact_shapley(values, m).numpy(), w.numpy(), atol=1e-9)
-    assert math.comb(m, 2) > 0
+    # pure interaction of features 3 and 17 on top: they split it
+    both = ((ints >> 3) & 1) * ((ints >> 13) & 1)
+    phi = exact_shapley(values + both.double(), m).numpy()
+    expected = w.numpy().copy()
+    expected[[3, 13]] += 0.5
+    np.testing.assert_allclose(phi, expected, atol=1e-9)
+    assert math.isclose(phi.sum(), float(values[-1] + 1 - values[0]), abs_tol=1e-9)

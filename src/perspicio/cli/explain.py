@@ -32,7 +32,7 @@ def _stem(source: str) -> str:
 @click.command("explain")
 @click.argument("images", nargs=-1)
 @model_options
-@click.option("--method", "methods", multiple=True, help="Method name(s); repeat or comma-separate; 'all' or a family (e.g. cam). Default: the CAM family.")
+@click.option("--method", "methods", multiple=True, help="Method name(s); repeat or comma-separate; 'all', or a family as family:NAME (e.g. family:cam). Default: the CAM family.")
 @click.option("--target", "-t", default=None, help="Class index or name to explain (default: the predicted class).")
 @click.option("--layer", "-l", default=None, help="Layer for layer methods (dotted name; default: auto).")
 @click.option("--out", "-o", "out_dir", default="perspicio-out", show_default=True, type=click.Path(file_okay=False), help="Output directory.")
@@ -116,15 +116,16 @@ def explain_cmd(
 
 
 def _resolve_methods(methods: tuple[str, ...], registry: Any, method_names: Any) -> list[str]:
-    requested = split_list(methods) or ["cam"]
+    requested = split_list(methods) or ["family:cam"]
     families = {e.family for e in registry.entries()}
     chosen: list[str] = []
     for r in requested:
         key = r.strip().lower()
+        fam = key.removeprefix("family:")
         if key == "all":
             chosen += method_names()
-        elif key in families and key not in registry:
-            chosen += method_names(key)
+        elif fam in families and (key.startswith("family:") or key not in registry):
+            chosen += method_names(fam)
         else:
             chosen.append(registry.get(key).name)
     return list(dict.fromkeys(chosen))

@@ -28,7 +28,8 @@ def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True
         if freeze:
             for p in params:
                 p.requires_grad_(False)
-        with torch.enable_grad():
+        # gradients must work even when the caller is inside no_grad() or inference_mode()
+        with torch.inference_mode(False), torch.enable_grad():
             yield model
     finally:
         for m, flag in training:

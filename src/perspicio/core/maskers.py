@@ -98,11 +98,12 @@ def _image_for_segmentation(img: Tensor) -> np.ndarray:
     return arr[..., :3]
 
 
-def _parse_spec(spec: str, names: Sequence[str]) -> tuple[str, float | None]:
+def _parse_spec(spec: str, names: Sequence[str], what: str) -> tuple[str, float | None]:
     m = re.fullmatch(r"\s*([a-z_]+)\s*(?:[:=]\s*([0-9.]+))?\s*", spec.lower())
     if not m or m.group(1) not in names:
-        raise OptionError(f"unknown spec {spec!r}; expected one of {', '.join(names)}, optionally with ':N' "
-                          "(e.g. 'slic:50', 'patch:16', 'grid:4').")
+        example = "'slic:50', 'patch:16', 'grid:4'" if what == "feature_mask" else "'zero', 'mean', 'blur:5'"
+        raise OptionError(f"unknown {what} {spec!r}; expected one of {', '.join(names)}, optionally with ':N' "
+                          f"(e.g. {example}).")
     return m.group(1), (float(m.group(2)) if m.group(2) else None)
 
 
@@ -113,7 +114,7 @@ def image_feature_mask(image: Tensor, spec: str = "slic") -> Tensor:
     ``"slic:N"`` (about N SLIC superpixels, default 50); ``"quickshift"`` (kernel_size 4,
     max_dist 200, ratio 0.2, as LIME); ``"felzenszwalb:SCALE"`` (default 100).
     """
-    kind, arg = _parse_spec(spec, IMAGE_FEATURES)
+    kind, arg = _parse_spec(spec, IMAGE_FEATURES, "feature_mask")
     _, h, w = image.shape
     if kind == "pixel":
         return torch.arange(h * w).view(h, w)
@@ -161,7 +162,7 @@ def image_baseline(image: Tensor, baseline: Any) -> Tensor:
     if baseline is None:
         baseline = "zero"
     if isinstance(baseline, str):
-        kind, arg = _parse_spec(baseline, IMAGE_BASELINES)
+        kind, arg = _parse_spec(baseline, IMAGE_BASELINES, "baseline")
         if kind == "zero":
             return torch.zeros_like(image)
         if kind == "mean":
@@ -270,9 +271,9 @@ class ImageMasker:
 
     def __init__(self, features: Any = "slic", baseline: Any = "zero") -> None:
         if isinstance(features, str):
-            _parse_spec(features, IMAGE_FEATURES)
+            _parse_spec(features, IMAGE_FEATURES, "feature_mask")
         if isinstance(baseline, str):
-            _parse_spec(baseline, IMAGE_BASELINES)
+            _parse_spec(baseline, IMAGE_BASELINES, "baseline")
         self.features = features
         self.baseline = baseline
 

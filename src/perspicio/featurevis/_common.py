@@ -8,7 +8,7 @@ so that images are synthesised, attacked and displayed in pixel space [0, 1].
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,8 +133,9 @@ class LayerGrab:
     def __exit__(self, *exc: object) -> None:
         self._cap.__exit__(*exc)
 
-    def run(self, model: nn.Module, x: Tensor) -> Tensor | None:
-        """Forward ``x``; returns the model output, or None when stopped early."""
+    def run(self, model: Callable[[Tensor], Tensor], x: Tensor) -> Tensor | None:
+        """Forward ``x`` through ``model`` (a module or e.g. ``Engine.forward``); returns the
+        output, or None when stopped early. The hooks must be active (inside ``with``)."""
         self.values = [None] * len(self.modules)
         try:
             return model(x)

@@ -170,3 +170,25 @@ def scan(
     else:
         raise InputError(f"data must be a folder path, a tensor (N, C, H, W) or an iterable of batches; got {type(data).__name__}.")
     return report
+
+
+def photo_crops(preprocess: Callable[[Any], Tensor], *, grid: int = 3, fraction: float = 0.5) -> tuple[Tensor, list[str]]:
+    """A small demo data set from scikit-image's bundled photos: each whole photo plus a
+    ``grid`` x ``grid`` set of square crops (side ``fraction`` of the shorter side), passed
+    through ``preprocess``. Returns the batch and a name per item ("chelsea@r,c")."""
+    from ..zoo.images import SAMPLES, sample
+
+    items, names = [], []
+    for name in SAMPLES:
+        img = sample(name)
+        w, h = img.size
+        items.append(preprocess(img))
+        names.append(name)
+        side = int(min(w, h) * fraction)
+        for r in range(grid):
+            for c in range(grid):
+                top = round(r * (h - side) / max(grid - 1, 1))
+                left = round(c * (w - side) / max(grid - 1, 1))
+                items.append(preprocess(img.crop((left, top, left + side, top + side))))
+                names.append(f"{name}@{r},{c}")
+    return torch.cat(items), names

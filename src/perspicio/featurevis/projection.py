@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.batching import Engine
-from ..core.capture import StopForward
 from ..core.guard import model_guard
 from ..errors import LayerError, ModelError, OptionError
 from ._common import LayerGrab, check_int, resolve, unwrap
@@ -104,13 +103,12 @@ def project(
     preds: list[Tensor] = []
     ys: list[Tensor] = []
     thumbs: list[Tensor] = []
-    with model_guard(net), torch.no_grad(), LayerGrab([module], stop_after=None if predict else module) as grab:
+    grab = LayerGrab([module], stop_after=None if predict else module)
+    with model_guard(net), torch.no_grad():
 
         def collect(x: Tensor, y: Tensor | None, offset: int) -> None:
-            try:
-                out = engine.forward(x)
-            except StopForward:
-                out = None
+            with grab:  # hooks only around our forward (the engine's memory probe runs unhooked)
+                out = grab.run(engine.forward, x)
             feats.append(_reduce(grab.get(0, [name]), pool).float().cpu())
             if out is not None and out.ndim == 2:
                 preds.append(out.argmax(dim=1).cpu())

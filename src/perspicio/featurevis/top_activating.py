@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 from ..core.batching import Engine
-from ..core.capture import StopForward
 from ..core.guard import model_guard
 from ..errors import InputError, LayerError, OptionError
 from ._common import LayerGrab, Unit, check_int, check_unit, parse_unit, resolve, unwrap
@@ -125,13 +124,12 @@ def top_activating(
     running = _Running(k)
     checked = [False]
 
-    with model_guard(net), torch.no_grad(), LayerGrab([module], stop_after=module) as grab:
+    grab = LayerGrab([module], stop_after=module)
+    with model_guard(net), torch.no_grad():
 
         def score(x: Tensor, y: Tensor | None, offset: int) -> None:
-            try:
-                engine.forward(x)
-            except StopForward:
-                pass
+            with grab:  # hooks only around our forward (the engine's memory probe runs unhooked)
+                grab.run(engine.forward, x)
             act = grab.get(0, [name])
             if not checked[0]:
                 check_unit(u, act, name)

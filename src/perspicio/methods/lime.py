@@ -13,7 +13,10 @@ Deliberate difference from the ``lime`` package for tabular data: ``lime``'s
 LimeTabularExplainer samples each feature from training statistics and explains the
 discretised "same quartile as x" indicators; here a removed column takes the background
 rows' values (interventional, as for Shapley values), so tabular, image and text LIME are the
-same estimator over different maskers. Images and text follow the package's sampling scheme.
+same estimator over different maskers. The default sampling is the paper's (and
+``lime``'s text explainer's): remove a uniformly random number of features; ``lime``'s image
+explainer instead drops each superpixel independently with probability 1/2, available as
+``sampling="bernoulli"``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ..errors import OptionError
 from .perturbation import FeatureMethod, FeatureResult, check_int
 
 SELECTIONS = ("auto", "none", "forward_selection", "highest_weights")
+SAMPLINGS = ("count", "bernoulli")
 
 
 def weighted_ridge(x: Tensor, y: Tensor, w: Tensor, alpha: float = 1.0) -> tuple[Tensor, float]:
@@ -61,12 +65,15 @@ class LIME(FeatureMethod):
     Options: ``budget`` samples (default 1000), ``kernel_width`` (default 0.25, in cosine-distance
     units, as LIME for images; LIME's text default 25 on distances x 100 is the same), ``alpha``
     (ridge penalty, 1), ``num_features`` (keep only K features; default all) and
-    ``feature_selection`` (``"auto"``: forward selection for K <= 6, else highest weights).
+    ``feature_selection`` (``"auto"``: forward selection for K <= 6, else highest weights) and
+    ``sampling`` (``"count"``: a uniform number 1..M of features removed, the paper's scheme;
+    ``"bernoulli"``: each feature removed with probability 1/2).
     Extras per sample: ``intercept``, ``r2`` (weighted R^2 on the samples) and ``selected``.
     """
 
     def __init__(self, model: nn.Module, *, kernel_width: float = 0.25, alpha: float = 1.0,
-                 num_features: int | None = None, feature_selection: str = "auto", **common: Any) -> None:
+                 num_features: int | None = None, feature_selection: str = "auto", sampling: str = "count",
+                 **common: Any) -> None:
         super().__init__(model, **common)
         if not isinstance(kernel_width, (int, float)) or kernel_width <= 0:
             raise OptionError(f"kernel_width must be a positive number; got {kernel_width!r}.")
@@ -74,13 +81,19 @@ class LIME(FeatureMethod):
             raise OptionError(f"alpha (ridge penalty) must be a number >= 0; got {alpha!r}.")
         if feature_selection not in SELECTIONS:
             raise OptionError(f"feature_selection must be one of {', '.join(SELECTIONS)}; got {feature_selection!r}.")
+        if sampling not in SAMPLINGS:
+            raise OptionError(f"sampling must be one of {', '.join(SAMPLINGS)}; got {sampling!r}.")
+        self.sampling = sampling
         self.kernel_width = float(kernel_width)
         self.alpha = float(alpha)
         self.num_features = check_int("num_features", num_features, 1)
         self.feature_selection = feature_selection
 
     def sample(self, m: int, n: int, generator: torch.Generator) -> Tensor:
-        """n coalitions (n, m): the input itself, then random removals of 1..m features."""
+        """n coalitions (n, m): the input itself, then random removals of features."""
+        if self.sampling == "bernoulli":
+            z = torch.rand(n - 1, m, generator=generator, device=generator.device).cpu() < 0.5
+            return torch.cat([torch.ones(1, m, dtype=torch.bool), z])
         removed = torch.randint(1, m + 1, (n - 1,), generator=generator, device=generator.device).cpu()
         order = torch.rand(n - 1, m, generator=generator, device=generator.device).argsort(dim=1).cpu()
         z = order.argsort(dim=1) >= removed[:, None]

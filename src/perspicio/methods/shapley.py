@@ -42,13 +42,18 @@ def coalitions_from_ints(ints: Tensor, m: int) -> Tensor:
 
 def exact_shapley(values: Tensor, m: int) -> Tensor:
     """Shapley values from the values (2^m,) of all coalitions indexed by bitmask."""
-    ints = torch.arange(1 << m)
-    size = coalitions_from_ints(ints, m).sum(1)
+    # index bits are little-endian, so in the (2,)*m C-order view bit i is axis m - 1 - i
+    size = torch.zeros(1, dtype=torch.long)
+    for _ in range(m):
+        size = torch.cat([size, size + 1])  # popcount of 0..2^m - 1
     w = shapley_weights(m)
+    cube = values.reshape((2,) * m)
+    sizes = size.reshape((2,) * m)
     phi = torch.empty(m, dtype=torch.float64)
     for i in range(m):
-        without = ints[((ints >> i) & 1) == 0]
-        phi[i] = (w[size[without]] * (values[without | (1 << i)] - values[without])).sum()
+        axis = m - 1 - i
+        without = sizes.select(axis, 0)
+        phi[i] = (w[without] * (cube.select(axis, 1) - cube.select(axis, 0))).sum()
     return phi
 
 

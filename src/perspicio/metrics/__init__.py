@@ -13,7 +13,14 @@ from .axiomatic import Completeness
 from .base import Explainer, Metric, MetricResult, NotApplicable
 from .complexity import Entropy, Sparseness
 from .evaluate import DEFAULT_METRICS, Comparison, compare, evaluate, format_table
-from .faithfulness import ROAD, AverageDrop, Deletion, FaithfulnessCorrelation, Infidelity, Insertion
+from .faithfulness import (
+    ROAD,
+    AverageDrop,
+    Deletion,
+    FaithfulnessCorrelation,
+    Infidelity,
+    Insertion,
+)
 from .localization import EnergyPointingGame, PointingGame, RelevanceMass, RelevanceRank
 from .randomization import Randomization
 from .robustness import AvgSensitivity, MaxSensitivity

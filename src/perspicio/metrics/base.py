@@ -115,32 +115,18 @@ def _plain(v: Any) -> Any:
 # ----------------------------------------------------------------------------- models
 
 
-class BlackBox(nn.Module):
-    """Wraps a callable ``f(x) -> outputs`` so the engine can chunk and count its calls."""
-
-    def __init__(self, fn: Callable[[Tensor], Any]) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.fn(x)
-        if not isinstance(out, Tensor):
-            out = torch.as_tensor(out)
-        return out.to(x.device) if out.is_floating_point() else out.to(x.device, torch.float32)
-
-
 def prepare_model(model: Any) -> tuple[nn.Module, Sequence[str] | None, bool]:
-    """``(module, labels, is_black_box)`` for an nn.Module, a ZooModel or a plain callable."""
+    """``(module, labels, is_black_box)`` for an nn.Module, a ZooModel or a prediction callable.
+
+    Callables are wrapped by the core's :class:`~perspicio.core.blackbox.BlackBox` (numpy in,
+    array out by default; wrap with ``BlackBox(fn, inputs="torch")`` for tensor functions).
+    """
     from ..methods.base import unwrap_model
 
     inner, labels = unwrap_model(model)
-    if isinstance(inner, BlackBox):
-        return inner, labels, True
-    if isinstance(inner, nn.Module):
-        return inner, labels, False
-    if callable(inner):
-        return BlackBox(inner), labels, True
-    raise ModelError(f"model must be an nn.Module, a bundled model or a callable; got {type(model).__name__}.")
+    if not isinstance(inner, nn.Module):
+        raise ModelError(f"model must be an nn.Module, a bundled model or a callable; got {type(model).__name__}.")
+    return inner, labels, bool(getattr(inner, "is_black_box", False))
 
 
 # ----------------------------------------------------------------------------- explainers
@@ -244,7 +230,7 @@ def _translate_modules(v: Any, source: nn.Module | None, model: nn.Module) -> An
 class Context:
     """Everything a metric computes with, validated once at the boundary."""
 
-    model: nn.Module
+    model: nn.Module | None
     x: Tensor
     attributions: Tensor
     target: ResolvedTarget
@@ -419,7 +405,8 @@ class Metric:
         """Score ``explanation`` of ``model`` on ``inputs``.
 
         Args:
-            model: nn.Module, bundled ZooModel or a black-box callable.
+            model: nn.Module, bundled ZooModel or a black-box callable (None for metrics that
+                need no model: localization, complexity).
             inputs: (N, C, H, W); defaults to the explanation's inputs.
             explanation: an :class:`Explanation` or an attribution tensor (N, C, H, W) / (N, H, W).
             target: what was explained; defaults to the explanation's targets, else the predicted class.
@@ -429,7 +416,7 @@ class Metric:
             masks: ground truth for localization metrics: (N, H, W) masks or (N, 4) boxes.
         """
         ctx = self._context(model, inputs, explanation, target, method, masks)
-        guard = model_guard(ctx.model) if not ctx.black_box else _nullcontext()
+        guard = model_guard(ctx.model) if ctx.model is not None else _nullcontext()
         with guard:
             with torch.no_grad():
                 result = self._compute(ctx)
@@ -439,15 +426,17 @@ class Metric:
 
     # ------------------------------------------------------------------ boundary
     def _context(self, model: Any, inputs: Any, explanation: Any, target: Any, method: Any, masks: Any) -> Context:
-        module, labels, black_box = prepare_model(model)
+        uses_model = bool(set(self.needs) & {"model", "method", "parameters"})
+        if model is None and not uses_model:
+            module, labels, black_box = None, None, False
+        else:
+            module, labels, black_box = prepare_model(model)
         exp = explanation if isinstance(explanation, Explanation) else None
         if inputs is None:
             if exp is None or exp.inputs is None:
                 raise InputError("inputs are required (the explanation does not carry its inputs).")
             inputs = exp.inputs
-        x = as_batch(inputs, module if not black_box else None)
-        if black_box:
-            x = x.float()
+        x = as_batch(inputs, module)
         if explanation is None:
             raise InputError("an explanation (Explanation or attribution tensor) is required.")
         attr = exp.attributions if exp is not None else explanation
@@ -463,11 +452,15 @@ class Metric:
         attr = attr.detach().to(x.device).float()
         if target is None and exp is not None and exp.targets is not None:
             target = exp.targets
-        engine = Engine(module, batch_size=self.batch_size, memory_budget=self.memory_budget, progress=self.progress)
-        guard = model_guard(module) if not black_box else _nullcontext()
-        with guard, torch.no_grad():
-            out = engine.forward(x).detach()
-        tgt = resolve_target(target, out, labels)
+        engine = Engine(module if module is not None else nn.Identity(), batch_size=self.batch_size,
+                        memory_budget=self.memory_budget, progress=self.progress)
+        if module is not None:
+            with model_guard(module), torch.no_grad():
+                out = engine.forward(x).detach()
+            tgt = resolve_target(target, out, labels)
+        else:  # attribution-only metrics (localization, complexity) need no model
+            out = torch.zeros(x.shape[0], 0, device=x.device)
+            tgt = ResolvedTarget(fn=lambda o: o.sum(1), indices=None, description="none")
         explainer = None
         if "method" in self.needs:
             if method is not None:

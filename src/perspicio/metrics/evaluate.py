@@ -233,7 +233,7 @@ def format_table(comp: Comparison, *, digits: int = 4) -> str:
             row.append(cell + ("*" if rec["method"] in best.get(m, []) else ""))
         row.append(str(rec["rank"]))
         rows.append(row)
-    for m, msg in comp.errors.items():
+    for m in comp.errors:
         rows.append([m] + ["error"] * len(comp.metrics) + ["-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]

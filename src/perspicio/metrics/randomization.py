@@ -34,7 +34,15 @@ from torch import Tensor, nn
 
 from ..core.registry import register_metric
 from ..errors import ModelError, OptionError
-from .base import Context, Metric, MetricResult, check_choice, check_fraction, check_positive_int, relevance_map
+from .base import (
+    Context,
+    Metric,
+    MetricResult,
+    check_choice,
+    check_fraction,
+    check_positive_int,
+    relevance_map,
+)
 
 MODES = ("cascading", "independent", "both")
 SIMILARITIES = ("spearman", "ssim", "topk")

@@ -134,7 +134,7 @@ def digits_data(split: str = "test", seed: int = 0, *, pixels: bool = False) -> 
     return (x if pixels else DigitsPreprocess().normalize(x)), y
 
 
-def train_digits_cnn(seed: int = 0, epochs: int = 25) -> DigitsCNN:
+def train_digits_cnn(seed: int = 0, epochs: int = 10) -> DigitsCNN:
     """Train :class:`DigitsCNN` on the train split (Adam, batch 64), deterministically."""
     g = torch.Generator().manual_seed(seed)
     model = DigitsCNN()

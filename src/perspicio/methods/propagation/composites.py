@@ -125,7 +125,13 @@ PRESETS: dict[str, Callable[[float, float, Any, Any], Composite]] = {
 
 
 def single_rule(rule: Rule, name: str | None = None, **kw: Any) -> Composite:
-    """A composite applying one rule to every affine operation."""
+    """A composite applying one rule to every affine operation.
+
+    For the epsilon rule (and LRP-0) the proportional rule of sums and pooling uses
+    the same epsilon, so that LRP-0 conserves relevance exactly.
+    """
+    if isinstance(rule, Epsilon):
+        kw.setdefault("stabilizer", rule.epsilon)
     return Composite(conv=rule, linear=rule, name=name or f"rule:{rule.name}", **kw)
 
 

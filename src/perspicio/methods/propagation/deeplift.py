@@ -307,6 +307,24 @@ class DeepLiftPropagator(Propagator):
         self.mode = mode
         self.refs: list[dict[str, Any]] = [] if refs is None else refs
         self.k = 0
+        # the reference pass runs without autograd: input dependence is tracked by tensor identity
+        self.tracked: dict[int, Tensor] = {}
+
+    def track(self, t: Tensor) -> None:
+        self.tracked[id(t)] = t
+
+    def is_var(self, t: Any) -> bool:
+        if self.mode == "record":
+            return isinstance(t, Tensor) and id(t) in self.tracked
+        return isinstance(t, Tensor) and t.requires_grad
+
+    def dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        out = super().dispatch(func, args, kwargs)
+        if self.mode == "record" and any(self.is_var(t) for t in iter_tensors((args, kwargs))):
+            for t in iter_tensors(out):
+                if t.is_floating_point():
+                    self.track(t)
+        return out
 
     # ------------------------------------------------------------------ pairing
     def pair(self, call: Call, variables: list[Tensor], out: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -441,7 +459,9 @@ class RevealCancelPropagator(DeepLiftPropagator):
     """
 
     method = "deeplift (reveal_cancel)"
-    supported = frozenset({STRUCT, SCALE, SUM, REDUCE, AFFINE, ACT, ELEMWISE, NORM, MAXPOOL})
+    # products, divisions, softmax and layer norms are accepted only to keep the pairing aligned:
+    # their handlers raise (or fall back to the Jacobian) after consuming the reference record
+    supported = frozenset({STRUCT, SCALE, SUM, REDUCE, AFFINE, ACT, ELEMWISE, NORM, MAXPOOL, PRODUCT, DIV, SOFTMAX})
 
     def __init__(self, model: nn.Module, *, refs: list[dict[str, Any]], gradient_fallback: bool = False) -> None:
         super().__init__(model, mode="replay", refs=refs, gradient_fallback=gradient_fallback)
@@ -726,9 +746,11 @@ def deeplift_pairs(
     "input" or "reference").
     """
     rec = DeepLiftPropagator(model, mode="record", gradient_fallback=gradient_fallback)
-    x0r = x0s.detach().clone().requires_grad_(True)
-    with propagating(model, rec):
+    x0r = x0s.detach().clone()
+    rec.track(x0r)
+    with propagating(model, rec), torch.no_grad():
         out0 = engine.forward(x0r).detach()
+    rec.tracked.clear()
     n = xs.shape[0]
     if rule == "rescale":
         prop: DeepLiftPropagator = DeepLiftPropagator(model, mode="replay", refs=rec.refs,

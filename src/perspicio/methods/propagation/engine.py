@@ -179,11 +179,22 @@ _INPLACE = {
 }
 
 
+_SIGNATURES: dict[Any, inspect.Signature | None] = {}
+
+
 def _signature(func: Any) -> inspect.Signature | None:
     try:
-        return inspect.signature(func)
-    except (TypeError, ValueError):
+        return _SIGNATURES[func]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable
         return None
+    try:
+        sig: inspect.Signature | None = inspect.signature(func)
+    except (TypeError, ValueError):
+        sig = None
+    _SIGNATURES[func] = sig
+    return sig
 
 
 def out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:

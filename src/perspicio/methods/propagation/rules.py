@@ -121,11 +121,15 @@ class Gamma(Rule):
         bp = None if b is None else b + g * b.clamp(min=0)
         bn = None if b is None else b + g * b.clamp(max=0)
         xp, xn = x.clamp(min=0), x.clamp(max=0)
-        z_up = op(xp, wp, bp) + op(xn, wn, None)  # positive contributions boosted
-        z_dn = op(xp, wn, bn) + op(xn, wp, None)  # negative contributions boosted
+        signed = bool((x < 0).any())  # after ReLUs the input is non-negative: skip the x- terms
+        z_up = op(xp, wp, bp) + (op(xn, wn, None) if signed else 0)  # positive contributions boosted
+        z_dn = op(xp, wn, bn) + (op(xn, wp, None) if signed else 0)  # negative contributions boosted
         s_up = safe_div(R * (z > 0), z_up, self.stabilizer)
         s_dn = safe_div(R * (z < 0), z_dn, self.stabilizer)
-        return xp * (op.vjp(xp, wp, s_up) + op.vjp(xp, wn, s_dn)) + xn * (op.vjp(xn, wn, s_up) + op.vjp(xn, wp, s_dn))
+        out = xp * (op.vjp(xp, wp, s_up) + op.vjp(xp, wn, s_dn))
+        if signed:
+            out = out + xn * (op.vjp(xn, wn, s_up) + op.vjp(xn, wp, s_dn))
+        return out
 
 
 class AlphaBeta(Rule):
@@ -142,13 +146,20 @@ class AlphaBeta(Rule):
         w, b = op.weight, op.bias
         wp, wn = w.clamp(min=0), w.clamp(max=0)
         xp, xn = x.clamp(min=0), x.clamp(max=0)
-        z_pos = op(xp, wp, _pos(b)) + op(xn, wn, None)
+        signed = bool((x < 0).any())  # after ReLUs the input is non-negative: skip the x- terms
+        z_pos = op(xp, wp, _pos(b)) + (op(xn, wn, None) if signed else 0)
         s_pos = safe_div(R, z_pos, self.stabilizer)
-        out = self.alpha * (xp * op.vjp(xp, wp, s_pos) + xn * op.vjp(xn, wn, s_pos))
+        pos = xp * op.vjp(xp, wp, s_pos)
+        if signed:
+            pos = pos + xn * op.vjp(xn, wn, s_pos)
+        out = self.alpha * pos if self.alpha != 1.0 else pos
         if self.beta:
-            z_neg = op(xp, wn, _neg(b)) + op(xn, wp, None)
+            z_neg = op(xp, wn, _neg(b)) + (op(xn, wp, None) if signed else 0)
             s_neg = safe_div(R, z_neg, self.stabilizer)
-            out = out - self.beta * (xp * op.vjp(xp, wn, s_neg) + xn * op.vjp(xn, wp, s_neg))
+            neg = xp * op.vjp(xp, wn, s_neg)
+            if signed:
+                neg = neg + xn * op.vjp(xn, wp, s_neg)
+            out = out - self.beta * neg
         return out
 
 
