@@ -200,14 +200,14 @@ def _rss_bytes() -> int:
 
 
 def _live_tensors() -> int:
-    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
 
 
 def test_repeated_calls_do_not_grow_memory() -> None:
-    """1000 calls: no tensor or Python object accumulates (a leaked 8x64x64 activation per
-    call would be 128 MB), and no hook piles up."""
+    """1000 calls: no tensor (counted exactly) or Python object accumulates, the process
+    does not grow, and no hook piles up."""
     model = TinyCNN().eval()
-    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     method = perspicio.methods.GradCAM(model, layer="act2")
     for _ in range(50):  # warm-up: allocator pools, lazy imports, caches
         method(x)

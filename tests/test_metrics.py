@@ -113,7 +113,6 @@ def test_deletion_insertion_exact_on_linear_model(lin, xs):
     c = contributions(lin, xs, T)
     full = logits(lin, xs, T)
     top = c.sort(dim=1, descending=True).values.cumsum(1)
-    zero = torch.zeros(2, 1, dtype=torch.float64)
     # every pixel its own step: curve_k = f(x) - (k largest contributions)
     expected_del = torch.cat([full[:, None], full[:, None] - top], 1)
     r = metrics.Deletion(steps=H * W, score="logit")(lin, xs, a, target=T)
@@ -323,7 +322,8 @@ def test_max_sensitivity_matches_captum_on_zoo_model(zoo_model, chelsea_batch):
 
     def expl(inputs, target=None):
         inputs = inputs[0] if isinstance(inputs, tuple) else inputs
-        return perspicio.explain(zoo_model, inputs, "gradcam", target=target).attributions
+        # a tuple: captum mis-broadcasts the reference explanation when given a bare tensor
+        return (perspicio.explain(zoo_model, inputs, "gradcam", target=target).attributions,)
 
     expected = sensitivity_max(expl, x, perturb_func=perturb, n_perturb_samples=s, target=exp.targets)
     got = metrics.MaxSensitivity(samples=s, radius=radius, seed=seed)(zoo_model, x, exp)

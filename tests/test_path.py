@@ -58,11 +58,11 @@ def test_gauss_legendre_is_exact_for_high_degree() -> None:
 
 
 @pytest.mark.parametrize(("rule", "c"), [("gauss_legendre", 1.0), ("middle", 1.0), ("trapezoid", 1.0),
-                                         ("left", 3 / 4), ("right", 5 / 4)])
+                                         ("left", 1 / 2), ("right", 3 / 2)])
 def test_ig_closed_form_on_quadratic(rule: str, c: float) -> None:
-    # IG_i = x_i w_i * 2 (w.x) * sum_k w_k a_k; sum_k w_k a_k = 1/2 (exact rules), (n-1)/2n, (n+1)/2n for n = 2
+    # IG_i = x_i w_i (w.x) c with c = 2 sum_k w_k a_k: 1 for exact rules, (n-1)/n and (n+1)/n (n = 2) for left/right
     e = explain(Square(W), X, method="integrated_gradients", target=0, steps=2, quadrature=rule)
-    expected = [xi * wi * 2 * 2 * c for xi, wi in zip(X.flatten().tolist(), W)]
+    expected = [xi * wi * 2 * c for xi, wi in zip(X.flatten().tolist(), W)]
     assert e.attributions.flatten().tolist() == pytest.approx(expected, abs=1e-6)
     assert e.scores.tolist() == [pytest.approx(4.0)] and e.base_value.tolist() == [0.0]
 
@@ -138,7 +138,9 @@ def test_linearity(tiny_cnn, tiny_input) -> None:
 
 
 def test_completeness_on_bundled_model(zoo_model, chelsea_batch) -> None:
-    e = explain(zoo_model, chelsea_batch, method="integrated_gradients", baseline="black")
+    # default steps (50) and quadrature (Gauss-Legendre); the blurred baseline keeps the path near natural
+    # images (zero and black baselines need ~400 and ~200 steps on this model, see docs/benchmarks.md)
+    e = explain(zoo_model, chelsea_batch, method="integrated_gradients", baseline="blur", batch_size=26)
     rel = e.provenance["relative_completeness_error"][0]
     assert rel < 0.01, rel
     assert completeness_error(e, relative=True).item() == pytest.approx(rel)
@@ -207,8 +209,8 @@ def test_many_steps_stay_within_the_budget(tiny_cnn, tiny_input) -> None:
     from perspicio.core.batching import activation_bytes
 
     per = activation_bytes(tiny_cnn, tiny_input[:1]) * 3
-    e = explain(tiny_cnn, tiny_input, method="integrated_gradients", steps=512, memory_budget=per * 10)
-    assert e.provenance["chunk_sizes"][-1] == 10  # 1024 path points, 10 at a time
+    e = explain(tiny_cnn, tiny_input[:1], method="integrated_gradients", steps=512, memory_budget=per * 64)
+    assert e.provenance["chunk_sizes"][-1] == 64  # 512 path points, 64 at a time, accumulated in place
     assert e.provenance["relative_completeness_error"][0] < 1e-3
 
 
@@ -243,7 +245,7 @@ def test_layer_ig_on_embeddings() -> None:
     pts = eb + a * (ex - eb)
     grads = (1 - torch.tanh(pts) ** 2) * net.fc.weight[2].detach() / 4
     ref = (ex - eb) * torch.trapezoid(grads, dx=1 / 20000, dim=0)
-    torch.testing.assert_close(e.attributions[0], ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(e.attributions, ref, atol=1e-5, rtol=1e-4)
     with pytest.raises(LayerError, match="layer="):
         explain(net, ids, method="layer_integrated_gradients")
 

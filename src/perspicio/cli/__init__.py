@@ -15,7 +15,7 @@ import click
 from ..errors import PerspicioError
 
 #: modules that add commands to :data:`cli` (each defines ``register(group)``)
-COMMAND_MODULES = ["explain", "features"]
+COMMAND_MODULES = ["explain", "features", "evaluate", "tabular"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

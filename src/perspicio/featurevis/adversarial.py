@@ -60,6 +60,7 @@ class AttackResult:
 
 
 def _project(delta: Tensor, eps: float, norm: str) -> Tensor:
+    eps = _radius(eps, delta)
     if norm == "linf":
         return delta.clamp(-eps, eps)
     n = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
@@ -67,9 +68,18 @@ def _project(delta: Tensor, eps: float, norm: str) -> Tensor:
     return delta * factor.view(-1, *([1] * (delta.ndim - 1)))
 
 
+def _radius(eps: float, like: Tensor) -> float:
+    """The largest number of ``like``'s dtype that is <= ``eps`` (so float32 checks are exact)."""
+    t = torch.tensor(eps, dtype=like.dtype)
+    if float(t) > eps:
+        t = torch.nextafter(t, torch.zeros_like(t))
+    return float(t)
+
+
 def _exact(x: Tensor, adv: Tensor, eps: float, norm: str) -> Tensor:
     """Make the final image satisfy the constraint exactly despite float rounding."""
     adv = adv.clamp(0, 1)
+    eps = _radius(eps, x)
     if norm == "linf":
         for _ in range(4):
             bad = (adv - x).abs() > eps

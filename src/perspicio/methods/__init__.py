@@ -35,6 +35,7 @@ from .path import (
 
 from .lime import LIME
 from .perturbation import RISE, FeatureAblation, FeatureMethod, Occlusion
+from .propagation import LRP, Composite, DeepLift, DeepShap, conservation
 from .shapley import KernelSHAP, ShapleyExact, ShapleySampling, efficiency_error
 
 
@@ -56,6 +57,7 @@ __all__ = [
     "SmoothGradSquared", "VarGrad", "completeness_error",
     "LIME", "RISE", "FeatureAblation", "FeatureMethod", "KernelSHAP", "Occlusion", "ShapleyExact",
     "ShapleySampling", "efficiency_error",
+    "LRP", "Composite", "DeepLift", "DeepShap", "conservation",
 ]
 
 

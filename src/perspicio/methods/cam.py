@@ -104,6 +104,11 @@ class CAMBase(Method):
                 A = to_spatial(a.detach(), self.reshape)
             except LayerError as exc:
                 raise LayerError(f"layer {name!r}: {exc}") from None
+            if A.shape[-2] * A.shape[-1] < 2:
+                raise LayerError(
+                    f"layer {name!r} has no spatial extent (output {tuple(a.shape)}): a CAM over a "
+                    "1x1 map is constant. Pick an earlier convolutional layer (see `perspicio layers`)."
+                )
             G = to_spatial(g.detach(), self.reshape) if g is not None else None
             ctx = _Context(x=x, target=tgt, output=out.detach(), engine=engine, layer=name, method=self)
             cam = self.combine(A, G, ctx)

@@ -134,10 +134,17 @@ def digits_data(split: str = "test", seed: int = 0, *, pixels: bool = False) -> 
     return (x if pixels else DigitsPreprocess().normalize(x)), y
 
 
+def _fresh() -> DigitsCNN:
+    """A new DigitsCNN; torch's default initialisation draws from the global RNG, so its
+    state is restored afterwards (our weights come from a local generator anyway)."""
+    with torch.random.fork_rng(devices=[]):
+        return DigitsCNN()
+
+
 def train_digits_cnn(seed: int = 0, epochs: int = 10) -> DigitsCNN:
     """Train :class:`DigitsCNN` on the train split (Adam, batch 64), deterministically."""
     g = torch.Generator().manual_seed(seed)
-    model = DigitsCNN()
+    model = _fresh()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -165,7 +172,7 @@ def train_digits_cnn(seed: int = 0, epochs: int = 10) -> DigitsCNN:
 def load_digits_cnn(seed: int = 0, *, device: str = "cpu", retrain: bool = False) -> ZooModel:
     """The digits CNN as a :class:`~perspicio.zoo.ZooModel` (trained and cached on first use)."""
     path = cache_dir() / "digits" / f"digits_cnn_v{VERSION}_seed{seed}.pt"
-    model = DigitsCNN()
+    model = _fresh()
     state = None
     if path.is_file() and not retrain:
         try:

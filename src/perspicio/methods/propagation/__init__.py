@@ -1,7 +1,7 @@
 """Propagation methods at the operation level: LRP, DeepLIFT, DeepSHAP."""
 
 from .canonizers import MergeBatchNorm, find_batchnorm_pairs
-from .checks import ConservationReport, completeness_error, conservation
+from .checks import ConservationReport, conservation
 from .composites import PRESETS, Composite, make_composite, single_rule
 from .deeplift import DeepLift, DeepLiftPropagator, DeepShap, RevealCancelPropagator, make_baseline
 from .lrp import LRP, LRPPropagator
@@ -10,5 +10,5 @@ from .rules import LRP0, AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, Z
 __all__ = [
     "DeepLift", "DeepLiftPropagator", "DeepShap", "LRP", "LRP0", "RevealCancelPropagator", "make_baseline", "PRESETS", "AlphaBeta", "Composite", "Epsilon", "Flat", "Gamma", "LRPPropagator",
     "MergeBatchNorm", "Rule", "WSquare", "ZBox", "ZPlus", "find_batchnorm_pairs", "make_composite", "make_rule",
-    "single_rule", "ConservationReport", "completeness_error", "conservation",
+    "single_rule", "ConservationReport", "conservation",
 ]

@@ -96,9 +96,3 @@ def conservation(explanation: Explanation, *, rtol: float = 1e-5) -> Conservatio
     recorded = explanation.replace(provenance={**dict(explanation.provenance), "conservation": report.summary()})
     object.__setattr__(report, "explanation", recorded)
     return report
-
-
-def completeness_error(explanation: Explanation) -> float:
-    """Largest relative deviation from conservation / summation-to-delta over the batch."""
-    return conservation(explanation).max_rel_error
-

@@ -86,12 +86,16 @@ def _derivative(fn: Any, x: Tensor) -> Tensor:
 
 
 def rescale_multiplier(fn: Any, x: Tensor, x0: Tensor, y: Tensor, y0: Tensor) -> Tensor:
-    """``(y - y0) / (x - x0)``, the derivative at x where x and x0 (nearly) coincide."""
-    dx = x - x0
-    small = dx.abs() <= _tiny(x)
-    m = (y - y0) / torch.where(small, torch.ones_like(dx), dx)
-    if small.any():
-        m = torch.where(small, _derivative(fn, x), m)
+    """``(y - y0) / (x - x0)``, the derivative at x where x equals x0.
+
+    A tiny non-zero ``x - x0`` is kept: the multiplier stays bounded for Lipschitz
+    functions and ``m (x - x0)`` reproduces ``y - y0`` exactly, which is what
+    summation-to-delta needs.
+    """
+    m = (y - y0) / (x - x0)
+    bad = torch.isnan(m)  # 0/0 where x == x0
+    if bad.any():
+        m = torch.where(bad, _derivative(fn, x), m)
     return m
 
 

@@ -247,7 +247,7 @@ def safe_div(num: Tensor, den: Tensor, eps: float) -> Tensor:
     if eps == 0:
         nz = den != 0
         return torch.where(nz, num / torch.where(nz, den, torch.ones_like(den)), torch.zeros_like(num))
-    return num / (den + eps * (2.0 * (den >= 0).to(den.dtype) - 1.0))
+    return num / (den + torch.copysign(torch.tensor(eps, dtype=den.dtype, device=den.device), den))
 
 
 # ============================================================================ autograd node

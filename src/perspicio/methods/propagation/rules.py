@@ -254,10 +254,11 @@ def make_rule(spec: Any, *, epsilon: float = 1e-6, gamma: float = 0.25, low: Any
     key = spec.strip().lower().replace("-", "_")
     if key.startswith("alpha") and "beta" in key:
         try:
-            a, b = key[len("alpha"):].split("beta")
-            return AlphaBeta(float(a.strip("_")), float(b.strip("_")))
+            a, b = (float(v.strip("_")) for v in key[len("alpha"):].split("beta"))
         except ValueError:
-            pass
+            a = b = None
+        if a is not None:
+            return AlphaBeta(a, b)
     if key == "epsilon":
         return Epsilon(epsilon)
     if key == "gamma":

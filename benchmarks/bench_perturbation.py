@@ -1,0 +1,169 @@
+"""Benchmark: occlusion, RISE, KernelSHAP and LIME on the bundled EfficientNet-Lite0 vs Captum, shap and lime,
+plus KernelSHAP's accuracy per budget against shap.KernelExplainer on a 16-feature tabular problem.
+
+Speed: every contender spends the same number of model evaluations on the same image, in this one
+process, interleaved; the median of ``--repeats`` runs is reported with two ratios: to perspicio
+(peer / ours, > 1 means we are faster) and to the model's limit = evaluations / best measured
+forward throughput (batch sizes 16, 32, 64).
+
+Accuracy: on a gradient-boosting model of 16 features (Friedman #1 data), the max-abs and RMS error
+of KernelSHAP against exact Shapley values (``shapley_exact``, the same background) at 256 and 1024
+evaluations, averaged over rows and seeds, for perspicio and shap's KernelExplainer (default
+``l1_reg`` and ``l1_reg=False``).
+
+Run (on a shared VM use the malloc settings to avoid page-fault noise)::
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \\
+        python benchmarks/bench_perturbation.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+import perspicio
+from perspicio import zoo
+from perspicio.core.maskers import image_feature_mask
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def throughput(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, int]:
+    """Best images/second over batch sizes (median of repeats each) and the batch that achieved it."""
+    best, best_b = 0.0, 0
+    with torch.no_grad():
+        for b in (16, 32, 64):
+            xb = x.expand(b, -1, -1, -1).contiguous()
+            model(xb)
+            t = statistics.median(timed(lambda xb=xb: model(xb)) for _ in range(repeats))
+            if b / t > best:
+                best, best_b = b / t, b
+    return best, best_b
+
+
+def speed(args: argparse.Namespace) -> None:
+    import captum.attr as ca
+    import shap
+    from lime import lime_image
+
+    zm = zoo.load("efficientnet_lite0")
+    model = zm.model.eval()
+    x = zm.preprocess(zoo.sample("chelsea"))
+    with torch.no_grad():
+        target = int(model(x).argmax())
+    tput, best_b = throughput(model, x, args.repeats)
+    print(f"forward throughput: {tput:.1f} img/s (best batch {best_b})")
+    seg = image_feature_mask(x[0], "slic:50")
+    m = int(seg.max()) + 1
+    bs = best_b
+
+    def clf_np_hwc(imgs: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2))).float()
+        with torch.no_grad():
+            out = []
+            for i in range(0, len(t), bs):
+                out.append(model(t[i:i + bs]))
+        return torch.cat(out).numpy()
+
+    n_occ = (int(np.ceil((224 - 32) / 16)) + 1) ** 2
+    budget = args.budget
+    rows: list[tuple[str, str, int, Callable[[], object]]] = [
+        ("occlusion", "perspicio", n_occ, lambda: perspicio.explain(zm, x, method="occlusion", window=32, stride=16,
+                                                                     target=target, batch_size=bs)),
+        ("occlusion", "captum", n_occ, lambda: ca.Occlusion(model).attribute(
+            x, sliding_window_shapes=(3, 32, 32), strides=(3, 16, 16), target=target, perturbations_per_eval=bs)),
+        ("rise", "perspicio", budget, lambda: perspicio.explain(zm, x, method="rise", budget=budget, target=target,
+                                                                 batch_size=bs)),
+        ("kernel_shap", "perspicio", budget, lambda: perspicio.explain(
+            zm, x, method="kernel_shap", feature_mask=seg, budget=budget, target=target, batch_size=bs)),
+        ("kernel_shap", "captum", budget, lambda: ca.KernelShap(model).attribute(
+            x, target=target, feature_mask=seg[None, None], n_samples=budget, perturbations_per_eval=bs)),
+        ("kernel_shap", "shap Partition", budget, lambda: shap.PartitionExplainer(
+            clf_np_hwc, shap.maskers.Image(0.0, (224, 224, 3)))(
+            x.permute(0, 2, 3, 1).numpy(), max_evals=budget, batch_size=bs, outputs=[target], silent=True)),
+        ("lime", "perspicio", budget, lambda: perspicio.explain(
+            zm, x, method="lime", feature_mask=seg, budget=budget, sampling="bernoulli", target=target, batch_size=bs)),
+        ("lime", "lime", budget, lambda: lime_image.LimeImageExplainer(random_state=0).explain_instance(
+            x[0].permute(1, 2, 0).numpy().astype(np.float64), clf_np_hwc, labels=(target,), top_labels=None,
+            hide_color=0, num_samples=budget, segmentation_fn=lambda img: seg.numpy(), num_features=m,
+            batch_size=bs)),
+        ("lime", "captum", budget, lambda: ca.Lime(model).attribute(
+            x, target=target, feature_mask=seg[None, None], n_samples=budget, perturbations_per_eval=bs)),
+    ]
+    times: dict[tuple[str, str], list[float]] = {(a, b): [] for a, b, _, _ in rows}
+    for _ in range(args.repeats):
+        for method, who, _, fn in rows:
+            times[(method, who)].append(timed(fn))
+    print("\n| method | contender | evaluations | median s | peer / perspicio | / limit |\n|---|---|---|---|---|---|")
+    for method, who, evals, _ in rows:
+        t = statistics.median(times[(method, who)])
+        ours = statistics.median(times[(method, "perspicio")])
+        limit = evals / tput
+        print(f"| {method} | {who} | {evals} | {t:.2f} | {t / ours:.2f} | {t / limit:.2f} |")
+
+
+def accuracy(args: argparse.Namespace) -> None:
+    import shap
+    from sklearn.datasets import make_friedman1
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    x, y = make_friedman1(n_samples=600, n_features=16, noise=0.5, random_state=0)
+    # add pairwise products so the model has interactions beyond Friedman's own
+    y = y + 2 * x[:, 5] * x[:, 6] - 3 * x[:, 7] * x[:, 8] * x[:, 9]
+    gbm = GradientBoostingRegressor(n_estimators=150, max_depth=4, random_state=0).fit(x, y)
+    bg = x[:20]
+    rows = x[500:500 + args.rows]
+    exact = perspicio.explain(gbm.predict, rows, method="shapley_exact", background=bg).attributions.numpy()
+    print(f"\nKernelSHAP accuracy on 16 features ({args.rows} rows, {args.seeds} seeds; mean over them):")
+    print("| budget | estimator | max-abs error | RMS error |\n|---|---|---|---|")
+    for budget in (256, 1024):
+        res: dict[str, list[tuple[float, float]]] = {}
+        for seed in range(args.seeds):
+            ours = perspicio.explain(gbm.predict, rows, method="kernel_shap", background=bg, budget=budget,
+                                     seed=seed).attributions.numpy()
+            res.setdefault("perspicio kernel_shap", []).append(_err(ours, exact))
+            for l1 in ("num_features(10)", False):
+                np.random.seed(seed)  # shap's KernelExplainer samples from numpy's global RNG
+                ke = shap.KernelExplainer(gbm.predict, bg)
+                ref = np.asarray(ke.shap_values(rows, nsamples=budget, l1_reg=l1, silent=True))
+                res.setdefault(f"shap KernelExplainer l1_reg={l1}", []).append(_err(ref, exact))
+        for name, errs in res.items():
+            print(f"| {budget} | {name} | {np.mean([e[0] for e in errs]):.4f} | {np.mean([e[1] for e in errs]):.4f} |")
+
+
+def _err(est: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
+    d = est - exact
+    return float(np.abs(d).max(axis=1).mean()), float(np.sqrt((d**2).mean()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget", type=int, default=300, help="evaluations for RISE, KernelSHAP and LIME")
+    ap.add_argument("--rows", type=int, default=5, help="tabular rows for the accuracy part")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--only", choices=("speed", "accuracy"), default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    if args.only != "accuracy":
+        speed(args)
+    if args.only != "speed":
+        accuracy(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""DeepLIFT (Rescale, RevealCancel) and DeepSHAP at the operation level: closed forms,
+summation-to-delta on ReLU/residual/transformer nets and the bundled model, Captum as oracle
+where it is right and as a counter-example where it is not (reused modules, functional ops)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import hook_report
+from torch import nn
+
+import perspicio
+from perspicio.errors import ModelError, OptionError
+from perspicio.methods.propagation import DeepLift, DeepShap, conservation, make_baseline
+from test_lrp import Block, ResNet, randn, seeded, snapshot
+
+
+def delta_error(e) -> float:
+    return conservation(e).max_rel_error
+
+
+def captum_delta_error(attr: torch.Tensor, model: nn.Module, x: torch.Tensor, x0: torch.Tensor, target: int) -> float:
+    with torch.no_grad():
+        delta = model(x)[:, target] - model(x0)[:, target]
+    total = attr.reshape(len(x), -1).sum(1)
+    return float(((total - delta).abs() / delta.abs()).max())
+
+
+def unit(w: list[float], b: float) -> nn.Module:
+    lin = nn.Linear(len(w), 1)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([w]))
+        lin.bias.fill_(b)
+    return nn.Sequential(lin, nn.ReLU()).eval()
+
+
+# ------------------------------------------------------------------ closed forms
+
+
+def test_rescale_closed_form() -> None:
+    # z = 2 x1 + x2 - 1: z(x) = 2, z(x0) = -1; m = (2 - 0) / (2 + 1) = 2/3
+    e = DeepLift(unit([2.0, 1.0], -1.0), baseline=0.0)(torch.tensor([[1.0, 1.0]]), target=0)
+    torch.testing.assert_close(e.attributions, torch.tensor([[4 / 3, 2 / 3]]))
+    assert float(e.base_value[0]) == 0.0 and float(e.scores[0]) == 2.0
+
+
+def test_reveal_cancel_closed_form() -> None:
+    # z = 3 x1 - x2, x = (1, 1), x0 = 0: dz+ = 3, dz- = -1, y = 2, y0 = 0
+    # RevealCancel: dy+ = (relu(3) + relu(2) - relu(-1)) / 2 = 2.5, dy- = (relu(-1) + relu(2) - relu(3)) / 2 = -0.5
+    net = unit([3.0, -1.0], 0.0)
+    x = torch.tensor([[1.0, 1.0]])
+    rc = DeepLift(net, rule="reveal_cancel")(x, target=0)
+    torch.testing.assert_close(rc.attributions, torch.tensor([[2.5, -0.5]]))
+    rescale = DeepLift(net, rule="rescale")(x, target=0)  # m = 2 / 2 = 1
+    torch.testing.assert_close(rescale.attributions, torch.tensor([[3.0, -1.0]]))
+
+
+def test_product_division_softmax_and_maxpool_rules_are_exact() -> None:
+    class Ops(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b = x[:, :3], x[:, 3:6]
+            p = a * b + a / (b.abs() + 1.0)  # product and division of input-dependent tensors
+            s = torch.softmax(p, dim=1)
+            m = F.max_pool1d(x[:, None, 6:], 2)[:, 0]
+            return torch.stack([(s * p).sum(1) + m.sum(1), p.sum(1)], dim=1)
+
+    x, x0 = randn(3, 10, seed=2), randn(3, 10, seed=3)
+    e = DeepLift(Ops(), baseline=x0)(x, target=0)
+    assert delta_error(e) < 1e-5
+
+
+# ------------------------------------------------------------------ summation-to-delta
+
+
+@pytest.mark.parametrize("rule", ["rescale", "reveal_cancel"])
+def test_summation_to_delta_resnet_with_functional_relu_and_skips(rule: str) -> None:
+    net = seeded(ResNet(bn=True))
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3, generator=torch.Generator().manual_seed(4))
+    x = randn(2, 3, 8, 8)
+    e = DeepLift(net, baseline="blur", rule=rule)(x)
+    # float32: RevealCancel's separate positive/negative streams round a little more
+    assert delta_error(e) < (1e-5 if rule == "rescale" else 5e-5)
+    torch.testing.assert_close(e.base_value, net(make_baseline("blur", x))[torch.arange(2), e.targets])
+    # the rules are exact: in float64 only rounding of 1e-16 remains
+    e64 = DeepLift(net.double(), baseline="blur", rule=rule)(x.double())
+    assert delta_error(e64) < 1e-10
+
+
+def test_summation_to_delta_mlp_tabular() -> None:
+    mlp = seeded(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)))
+    x = randn(5, 6)
+    for rule in ("rescale", "reveal_cancel"):
+        assert delta_error(DeepLift(mlp, baseline="mean", rule=rule)(x, target=2)) < 1e-5
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_summation_to_delta_transformer_block(sdpa: bool) -> None:
+    net = seeded(Block(sdpa=sdpa)).double()
+    x = randn(2, 5, 8).double()
+    e = DeepLift(net, baseline=randn(1, 5, 8, seed=9))(x)
+    assert delta_error(e) < 1e-10  # LayerNorm, softmax, matmuls, GELU: all rules exact
+    e32 = DeepLift(net.float(), baseline=randn(1, 5, 8, seed=9))(x.float())
+    assert delta_error(e32) < 1e-4
+
+
+def test_reveal_cancel_without_rule_raises_or_falls_back() -> None:
+    net = seeded(Block())
+    x = randn(1, 5, 8)
+    with pytest.raises(ModelError, match="layer_norm.*module 'ln1'"):
+        DeepLift(net, rule="reveal_cancel")(x)
+    e = DeepLift(net, rule="reveal_cancel", gradient_fallback=True)(x)
+    assert any("softmax" in f for f in e.provenance["gradient_fallback"])
+
+
+def test_efficientnet_lite0_summation_to_delta(zoo_model, chelsea_batch) -> None:
+    x = F.interpolate(chelsea_batch, size=(96, 96), mode="bilinear", align_corners=False)
+    before = snapshot(zoo_model.model)
+    e = perspicio.explain(zoo_model, x, method="deeplift", baseline="blur")
+    assert delta_error(e) < 1e-5
+    assert e.target_names is not None
+    after = snapshot(zoo_model.model)
+    assert before["params"] == after["params"] and not hook_report(zoo_model.model)
+
+
+# ------------------------------------------------------------------ Captum: oracle where right, counter-example where wrong
+
+
+def cnn(pool: type[nn.Module] = nn.AvgPool2d) -> nn.Sequential:
+    return seeded(nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), pool(2), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10), nn.Sigmoid(), nn.Linear(10, 4),
+    ))
+
+
+def test_matches_captum_deeplift_and_deepliftshap() -> None:
+    from captum.attr import DeepLift as CaptumDeepLift
+    from captum.attr import DeepLiftShap
+
+    net = cnn()
+    x, x0 = randn(2, 3, 8, 8), randn(2, 3, 8, 8, seed=4) * 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = CaptumDeepLift(net).attribute(x.clone(), baselines=x0, target=3)
+        bg = randn(4, 3, 8, 8, seed=5)
+        theirs_shap = DeepLiftShap(net).attribute(x.clone(), baselines=bg, target=3)
+    ours = DeepLift(net, baseline=x0)(x, target=3).attributions
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-4, atol=1e-6)
+    e = DeepShap(net, background=bg)(x, target=3)
+    torch.testing.assert_close(e.attributions, theirs_shap.detach(), rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(e.base_value, net(bg)[:, 3].mean().expand(2))
+    assert delta_error(e) < 1e-5
+
+
+class Reused(nn.Module):
+    """One ReLU module applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l3(self.act(self.l2(self.act(self.l1(x)))))
+
+
+class Functional(Reused):
+    """F.relu and torch.tanh in forward: no modules to hook."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l3(torch.tanh(self.l2(F.relu(self.l1(x)))))
+
+
+def test_reused_module_ours_exact_captum_refuses() -> None:
+    from captum.attr import DeepLift as CaptumDeepLift
+
+    net = seeded(Reused(), scale=1.0)
+    x, x0 = randn(4, 4), randn(4, 4, seed=7)
+    assert delta_error(DeepLift(net, baseline=x0)(x, target=1)) < 1e-5
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="more than once"):
+        warnings.simplefilter("ignore")
+        CaptumDeepLift(net).attribute(x.clone(), baselines=x0, target=1)
+
+
+def test_functional_nonlinearities_ours_exact_captum_not() -> None:
+    from captum.attr import DeepLift as CaptumDeepLift
+
+    net = seeded(Functional(), scale=1.0)
+    x, x0 = randn(4, 4), randn(4, 4, seed=7)
+    assert delta_error(DeepLift(net, baseline=x0)(x, target=1)) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = CaptumDeepLift(net).attribute(x.clone(), baselines=x0, target=1).detach()
+    assert captum_delta_error(theirs, net, x, x0, 1) > 1e-2  # plain gradients through F.relu/tanh
+
+
+def test_maxpool_rule_exact_captum_not() -> None:
+    """Our max-pool split is exact for any baseline; Captum's is not once the argmax moves."""
+    from captum.attr import DeepLift as CaptumDeepLift
+
+    net = cnn(nn.MaxPool2d)
+    x, x0 = randn(2, 3, 8, 8), randn(2, 3, 8, 8, seed=4)
+    assert delta_error(DeepLift(net, baseline=x0)(x, target=1)) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = CaptumDeepLift(net).attribute(x.clone(), baselines=x0, target=1).detach()
+    assert captum_delta_error(theirs, net, x, x0, 1) > 1e-2
+
+
+# ------------------------------------------------------------------ DeepSHAP
+
+
+def test_deep_shap_is_the_mean_of_deeplift_over_the_background() -> None:
+    net = cnn()
+    x, bg = randn(2, 3, 8, 8), randn(3, 3, 8, 8, seed=8)
+    e = DeepShap(net, background=bg, batch_size=4)(x, target=[0, 2])  # chunks cut across samples
+    singles = torch.stack([DeepLift(net, baseline=b[None])(x, target=[0, 2]).attributions for b in bg]).mean(0)
+    torch.testing.assert_close(e.attributions, singles, rtol=1e-5, atol=1e-7)
+    assert e.provenance["background_size"] == 3
+    assert delta_error(e) < 1e-4
+
+
+def test_deep_shap_default_background_is_seeded() -> None:
+    net = cnn()
+    x = randn(1, 3, 8, 8)
+    a = DeepShap(net, samples=3, seed=1)(x).attributions
+    b = DeepShap(net, samples=3, seed=1)(x).attributions
+    c = DeepShap(net, samples=3, seed=2)(x).attributions
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------ bad input, control flow, lifecycle
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"rule": "revealcancel"}, "rule must be one of"),
+    ({"baseline": "black"}, "preprocessing"),
+    ({"baseline": "gray"}, "unknown baseline"),
+])
+def test_bad_options(kwargs: dict, match: str) -> None:
+    with pytest.raises(OptionError, match=match):
+        DeepLift(cnn(), **kwargs)
+
+
+def test_bad_baseline_and_background_shapes() -> None:
+    x = randn(2, 3, 8, 8)
+    with pytest.raises(OptionError, match="does not broadcast"):
+        DeepLift(cnn(), baseline=torch.zeros(3, 4, 4))(x)
+    with pytest.raises(OptionError, match="background must have shape"):
+        DeepShap(cnn(), background=torch.zeros(2, 3, 4, 4))(x)
+    with pytest.raises(OptionError, match="samples"):
+        DeepShap(cnn(), samples=0)
+
+
+def test_input_dependent_control_flow_is_an_error() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:
+                return self.fc(torch.tanh(x))
+            return self.fc(x)
+
+    with pytest.raises(ModelError, match="control flow"):
+        DeepLift(seeded(Branchy()), baseline=-1.0)(torch.ones(1, 3))
+
+
+def test_lifecycle_after_success_and_exception() -> None:
+    class Failing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.fail = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.fc(x))
+            if self.fail:
+                raise RuntimeError("model failed")
+            return h
+
+    net = seeded(Failing()).train()
+    net.fc.bias.grad = torch.ones(3)
+    x = randn(2, 4)
+    x_before = x.clone()
+    before = snapshot(net)
+    for method in (DeepLift(net, rule="rescale"), DeepLift(net, rule="reveal_cancel"), DeepShap(net, samples=2)):
+        method(x)
+        net.fail = True
+        with pytest.raises(RuntimeError, match="model failed"):
+            method(x)
+        net.fail = False
+        after = snapshot(net)
+        assert after["params"] == before["params"] and after["training"] == before["training"]
+        assert torch._C._len_torch_function_stack() == 0 and not hook_report(net)
+        assert torch.equal(x, x_before)
