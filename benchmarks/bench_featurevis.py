@@ -50,7 +50,7 @@ def timed(fn, reps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=64, help="images in the data set")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--blocks", default="3,8", help="comma-separated block indices to scan")
     args = ap.parse_args()
     zm = zoo.load("efficientnet_lite0")
@@ -70,8 +70,14 @@ def main() -> None:
                 t = timed(lambda bs=bs, run=run: [run(x[i:i + bs]) for i in range(0, len(x), bs)], args.reps)
                 if t < best_t:
                     best_bs, best_t = bs, t
-        t_scan = timed(lambda lay=layer, bs=best_bs: top_activating(zm, x, lay, 0, k=9, batch_size=bs), args.reps)
-        t_auto = timed(lambda lay=layer: top_activating(zm, x, lay, 0, k=9), args.reps)
+        # interleave the three measurements so load drift on a shared machine hits all alike
+        lim, scan, auto = [], [], []
+        for _ in range(args.reps):
+            with torch.no_grad():
+                lim.append(timed(lambda bs=best_bs, run=run: [run(x[i:i + bs]) for i in range(0, len(x), bs)], 1))
+            scan.append(timed(lambda lay=layer, bs=best_bs: top_activating(zm, x, lay, 0, k=9, batch_size=bs), 1))
+            auto.append(timed(lambda lay=layer: top_activating(zm, x, lay, 0, k=9), 1))
+        best_t, t_scan, t_auto = statistics.median(lim), statistics.median(scan), statistics.median(auto)
         rows.append((layer, best_bs, args.n / best_t, args.n / t_scan, t_scan / best_t, args.n / t_auto, t_auto / best_t))
     with tempfile.TemporaryDirectory() as tmp:
         from PIL import Image

@@ -642,3 +642,41 @@ def test_many_pass_cams_do_not_depend_on_batch_size(tiny_cnn, tiny_input) -> Non
         torch.testing.assert_close(a.attributions, c.attributions, rtol=1e-5, atol=1e-6)
         assert a.provenance["forward_samples"] == 2 + 2 * 6
         assert a.provenance["chunk_sizes"] == [5]
+
+
+# ---------------------------------------------------------------------------- channels-last engine
+
+
+class ViewNet(nn.Module):
+    """LeNet-style: flattens its conv features with .view(), which channels-last inputs break."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+        g = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv(x)).view(len(x), -1))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "scorecam", "ablationcam"])
+def test_channels_last_engine_matches_contiguous(monkeypatch, method: str, tiny_cnn, tiny_input) -> None:
+    """The engine feeds conv models channels-last inputs (faster on CPU); results are the
+    same as in the contiguous layout, and models that .view() their feature maps fall back."""
+    from perspicio.core import batching
+
+    x6 = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(9))
+    view_net = ViewNet()
+    fast = [perspicio.explain(tiny_cnn, tiny_input, method=method, target=[0, 3]),
+            perspicio.explain(view_net, x6, method=method, target=[0, 2])]
+    assert batching._CL_OK.get(tiny_cnn) is True and batching._CL_OK.get(view_net) is False
+    monkeypatch.setattr(batching, "CHANNELS_LAST", False)
+    slow = [perspicio.explain(tiny_cnn, tiny_input, method=method, target=[0, 3]),
+            perspicio.explain(ViewNet(), x6, method=method, target=[0, 2])]
+    for f, s in zip(fast, slow):
+        torch.testing.assert_close(f.attributions, s.attributions, rtol=1e-5, atol=1e-6)

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import hook_report
+from test_lrp import Block, ResNet, randn, seeded, snapshot
 from torch import nn
 
 import perspicio
 from perspicio.errors import ModelError, OptionError
 from perspicio.methods.propagation import DeepLift, DeepShap, conservation, make_baseline
-from test_lrp import Block, ResNet, randn, seeded, snapshot
 
 
 def delta_error(e) -> float:

@@ -503,7 +503,7 @@ def test_lifecycle_after_success_and_after_exception() -> None:
 def test_efficientnet_lite0_composites(zoo_model, chelsea_batch) -> None:
     model = zoo_model.model
     before = snapshot(model)
-    x = F.interpolate(chelsea_batch, size=(128, 128), mode="bilinear", align_corners=False)
+    x = F.interpolate(chelsea_batch, size=(96, 96), mode="bilinear", align_corners=False)
     e = perspicio.explain(zoo_model, x, method="lrp", composite="epsilon_plus_flat")
     assert e.provenance["batchnorm_merged"] == 49  # every BatchNorm, including the depthwise ones
     assert e.target_names is not None and torch.isfinite(e.attributions).all()

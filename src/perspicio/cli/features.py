@@ -76,7 +76,8 @@ def _image(zm: Any, source: str | None) -> tuple[Any, str]:
 
 
 def _dataset(zm: Any, data: str | None) -> tuple[Any, Any, str]:
-    """(data, labels, description): a folder, the digits test set, or crops of the sample photos."""
+    """(data, labels or item names, description): a folder, the digits test set (with labels),
+    or crops of the sample photos (with names)."""
     if data:
         return data, None, data
     if _is_digits(zm):
@@ -87,7 +88,7 @@ def _dataset(zm: Any, data: str | None) -> tuple[Any, Any, str]:
     from ..featurevis._data import photo_crops
 
     x, names = photo_crops(zm.preprocess)
-    return x, None, f"{len(names)} crops of the sample photos"
+    return x, names, f"{len(names)} crops of the sample photos"
 
 
 def _write(out: Path, name: str, fig: Any, numbers: dict[str, Any]) -> list[Path]:
@@ -193,10 +194,14 @@ def top_cmd(data: str | None, model_spec: str, device: str, random_init: bool, s
     from ..viz.featurevis_plots import top_activating_figure
 
     zm = _model(model_spec, device, random_init)
-    dataset, _, desc = _dataset(zm, data)
+    dataset, extra, desc = _dataset(zm, data)
     probe, _ = _image(zm, None)
     layer = layer or _default_layer(zm, probe)
     r = top_activating(zm, dataset, layer, _unit(target), k=k, reduce=reduce, batch_size=batch_size, progress=progress)
+    if isinstance(extra, list):  # photo crops: show their names instead of indices
+        import dataclasses
+
+        r = dataclasses.replace(r, sources=[extra[int(i)] for i in r.indices])
     for path, why in r.skipped:
         click.echo(f"skipped {path}: {why}", err=True)
     _write(Path(out_dir), "top", top_activating_figure(r), {
@@ -314,6 +319,7 @@ def project_cmd(data: str | None, model_spec: str, device: str, random_init: boo
 
     zm = _model(model_spec, device, random_init)
     dataset, labels, desc = _dataset(zm, data)
+    labels = labels if not isinstance(labels, list) else None
     probe, _ = _image(zm, None)
     layer = layer or ("act3" if _is_digits(zm) else _default_layer(zm, probe, "last"))
     p = project(zm, dataset, layer, method=method, labels=labels, thumbnails=16 if _is_digits(zm) else 32 if thumbnails else 0,

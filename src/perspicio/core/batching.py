@@ -25,8 +25,13 @@ DEFAULT_MEMORY_BUDGET = int(float(os.environ.get("PERSPICIO_MEMORY_BUDGET", 1.5 
 MAX_AUTO_BATCH = 64
 #: cap for low-dimensional samples (tabular rows (1, F), token sequences): cheap per row
 MAX_AUTO_ROWS = 4096
+#: feed 4-D inputs to convolutional models in channels-last memory format (same values, faster
+#: CPU convolutions, see docs/benchmarks.md "CAM family"); PERSPICIO_CHANNELS_LAST=0 turns it off
+CHANNELS_LAST = os.environ.get("PERSPICIO_CHANNELS_LAST", "1") not in ("0", "false", "no")
 
 _ACT_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+#: per model: may inputs be passed channels-last (has Conv2d layers, does not .view() them)?
+_CL_OK: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def activation_bytes(model: nn.Module, sample: Tensor) -> int:
@@ -93,7 +98,22 @@ class Engine:
 
     def forward(self, x: Tensor) -> Tensor:
         self.forwards += len(x)  # tensors, or lists of strings for text black boxes
+        if self._channels_last(x):
+            try:
+                return self.model(x.contiguous(memory_format=torch.channels_last))
+            except RuntimeError as exc:  # a model that calls .view() on its feature maps
+                if "view size is not compatible" not in str(exc):
+                    raise
+                _CL_OK[self.model] = False
         return self.model(x)
+
+    def _channels_last(self, x: object) -> bool:
+        if not CHANNELS_LAST or not isinstance(x, Tensor) or x.ndim != 4 or x.is_contiguous(memory_format=torch.channels_last):
+            return False
+        ok = _CL_OK.get(self.model)
+        if ok is None:
+            ok = _CL_OK[self.model] = any(isinstance(m, nn.Conv2d) for m in self.model.modules())
+        return ok
 
     def grad(self, output: Tensor, inputs: Tensor | list[Tensor], n: int) -> tuple[Tensor, ...]:
         self.backwards += n

@@ -11,6 +11,7 @@ the module's output is handed on as a copy, so in-place operations downstream
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -212,8 +213,23 @@ def is_spatial(shape: tuple[int, ...] | None) -> bool:
     return False
 
 
+_AUTO_LAYER: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]] = weakref.WeakKeyDictionary()
+
+
 def auto_layer(model: nn.Module, x: Tensor) -> str:
-    """The last module (in forward order) whose output has a spatial grid, for CAMs."""
+    """The last module (in forward order) whose output has a spatial grid, for CAMs.
+
+    The answer is cached per model, input shape and module tree, so repeated calls do
+    not pay an extra tracing forward pass.
+    """
+    key = (tuple(x.shape[1:]), x.dtype, str(x.device), hash(tuple(id(m) for m in model.modules())))
+    cache = _AUTO_LAYER.setdefault(model, {})
+    if key not in cache:
+        cache[key] = _trace_auto_layer(model, x)
+    return cache[key]
+
+
+def _trace_auto_layer(model: nn.Module, x: Tensor) -> str:
     infos = trace_layers(model, x[:1])
     four_d = [i for i in infos if i.shape is not None and len(i.shape) == 4 and is_spatial(i.shape)]
     pick = four_d or [i for i in infos if is_spatial(i.shape)]

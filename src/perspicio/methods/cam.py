@@ -314,19 +314,20 @@ class ScoreCAM(CAMBase):
     def channel_weights(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
         n, k = acts.shape[:2]
         x = ctx.x
-        size = x.shape[-2:]
-        masks = F.interpolate(acts, size=tuple(size), mode="bilinear", align_corners=False)  # (N, K, H, W)
-        flat = masks.flatten(2)
-        lo, hi = flat.min(2).values[..., None, None], flat.max(2).values[..., None, None]
-        rng = hi - lo
-        masks = torch.where(rng > 0, (masks - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(masks))
+        size = tuple(x.shape[-2:])
         use_prob = self.weights == "probability" and ctx.target.indices is not None
         idx = ctx.target.indices
 
         def run(start: int, stop: int) -> Tensor:
             js = torch.arange(start, stop, device=x.device)
             ni, ki = js // k, js % k
-            batch = x[ni] * masks[ni, ki][:, None]
+            # masks of this chunk only (all N*K masks at input size could take GBs)
+            masks = F.interpolate(acts[ni, ki][:, None], size=size, mode="bilinear", align_corners=False)
+            flat = masks.flatten(1)
+            lo = flat.min(1).values.view(-1, 1, 1, 1)
+            rng = flat.max(1).values.view(-1, 1, 1, 1) - lo
+            masks = torch.where(rng > 0, (masks - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(masks))
+            batch = x[ni] * masks
             out = ctx.engine.forward(batch)
             if use_prob:
                 return out.softmax(dim=1).gather(1, idx[ni][:, None]).squeeze(1)

@@ -11,6 +11,11 @@ for polynomials of degree 2*steps - 1). All ``N * steps`` path points go through
 the shared :class:`~perspicio.core.batching.Engine`; gradients are accumulated
 in place, so memory is one chunk however many steps are used.
 
+Deliberate difference from Captum: our trapezoid rule uses the textbook weights
+(1/(n-1), halved at both ends; they sum to 1), Captum's use 1/n (summing to
+(n-1)/n), so its trapezoid attributions are smaller by (n-1)/n. The other rules
+match Captum's exactly.
+
 Completeness (sum_i IG_i = f(x) - f(x')) is checked in every call: the
 Explanation's ``base_value`` is f(x'), its provenance holds the absolute and
 relative completeness errors, and :func:`completeness_error` recomputes them
@@ -566,11 +571,12 @@ class GradientSHAP(Method):
             xr = x[ni] if eps is None else x[ni] + eps[js]
             br = bg[idx[js]] if shared else bg[ni]
             d = xr - br
-            pts = (br + _bcast(alpha[js], x) * d).requires_grad_(True)
+            a = _bcast(alpha[js], x)
+            pts = (a * xr + (1 - a) * br).requires_grad_(True)  # same rounding as SHAP/Captum
             s = row_scores(tgt, engine.forward(pts), ni)
-            a = d * input_grad(engine, s, pts)
-            total.index_add_(0, ni, a)
-            total_sq.index_add_(0, ni, a * a)
+            contrib = d * input_grad(engine, s, pts)
+            total.index_add_(0, ni, contrib)
+            total_sq.index_add_(0, ni, contrib * contrib)
 
         engine.run(chunk, n * S, sample=x[:1], grad=True, description=self.name)
         mean = total / S

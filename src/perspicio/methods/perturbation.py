@@ -259,7 +259,7 @@ class FeatureMethod(Method):
 
 @register_method("feature_ablation", family="perturbation", model_agnostic=True,
                  summary="Feature ablation: score drop when each feature (group) is replaced by the baseline/background",
-                 paper="Zeiler & Fergus, ECCV 2014 (occlusion); Captum FeatureAblation")
+                 paper="Zeiler & Fergus, ECCV 2014 (occlusion by feature groups)")
 class FeatureAblation(FeatureMethod):
     """phi_i = v(all) - v(all without i): the target's drop when feature i alone is removed.
 

@@ -90,12 +90,16 @@ class PointingGameResult:
 
 
 def qualifying_photos(zm: Any, threshold: float = DEFAULT_THRESHOLD, candidates: Sequence[str] = CANDIDATES,
-                      ) -> list[dict[str, Any]]:
-    """Photos whose top-1 probability is at least ``threshold`` (distinct classes), with their class."""
+                      limit: int | None = None) -> list[dict[str, Any]]:
+    """Photos whose top-1 probability is at least ``threshold`` (distinct classes), with their
+    class; stops after ``limit`` photos."""
     from ..zoo import sample
 
-    out, seen = [], set()
+    out: list[dict[str, Any]] = []
+    seen: set[int] = set()
     for name in candidates:
+        if limit is not None and len(out) >= limit:
+            break
         x = zm.preprocess(sample(name))
         p = _eval_probs(zm.model, x)
         prob, cls = float(p.max()), int(p.argmax())
@@ -175,7 +179,7 @@ def pointing_game_benchmark(
         if len(chosen) != 4:
             raise InputError("the 4 photos must be classified as 4 different classes.")
     else:
-        chosen = qualifying_photos(zm, threshold)[:4]
+        chosen = qualifying_photos(zm, threshold, limit=4)
         if len(chosen) < 4:
             raise InputError(f"only {len(chosen)} bundled photos reach probability {threshold}; lower threshold.")
     cells = torch.cat([zm.preprocess(zoo.sample(p["name"])) for p in chosen])

@@ -92,7 +92,7 @@ def feature_maps_figure(fm: FeatureMaps, *, overlay: bool = True, cmap: str = "v
             p = placed.float()
             lo, hi = float(p.min()), float(p.max())
             heat = colorize(((p - lo) / max(hi - lo, 1e-12)).cpu().numpy(), cmap)
-            ax.imshow(0.45 * bg + 0.55 * heat)
+            ax.imshow(0.3 * bg + 0.7 * heat)
         else:
             ax.imshow(m.cpu().numpy(), cmap=cmap)
         ax.set_title(f"ch {c} (mean {mean:.2g})", fontsize=8)
