@@ -113,14 +113,14 @@ def main() -> None:
             from captum.attr import LayerGradCam
 
             lgc = LayerGradCam(model, layer)
-            fns["captum"] = lambda: lgc.attribute(x, target=TARGET)
+            fns["captum"] = lambda lgc=lgc: lgc.attribute(x, target=TARGET)
         t = interleaved(fns, repeats=args.repeats)
         limit = fb
         rows.append([name, t["ours"], limit, ratio(t["ours"], limit), t.get("pgc"), ratio(t.get("pgc"), t["ours"]), t.get("captum")])
         print(rows[-1], flush=True)
     # ---- many-pass methods
     if not args.skip_many:
-        channels = layer(torch.zeros(1, 1280, 1, 1)).shape[1]
+        channels = model._conv_head.out_channels
         for name in MANY_PASS:
             limit = (1 + channels) / tp.best_forward
             t_ours = median_time(ours(name), repeats=args.many_repeats, warmup=0)

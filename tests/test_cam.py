@@ -332,9 +332,26 @@ def test_ablationcam_exact(batch_size: int | None) -> None:
         y_k = y - (M[c] * a).sum(axis=(1, 2))  # score with channel k zeroed
         w = (y - y_k) / y
         close(e.attributions[n, 0], np.einsum("k,kij->ij", w, a), rtol=1e-5, atol=1e-5)
-    assert e.provenance["forward_samples"] == 2 + 2 * 3
+    # main forward + the 2-copy check of the fast path + one copy per channel and sample
+    assert e.provenance["forward_samples"] == 2 + 2 + 2 * 3
     if batch_size:
-        assert e.provenance["chunk_sizes"] == [2]
+        assert e.provenance["chunk_sizes"] == [2, 2]  # fast path: one map per sample
+
+
+class PrefixViewNet(FlatNet):
+    """Reshapes the layer output with the *input's* batch size: the expanded fast path of
+    Ablation-CAM fails here and the method must fall back to whole-model copies."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.feat(x).reshape(x.shape[0], -1))
+
+
+def test_ablationcam_falls_back_when_layer_output_cannot_be_expanded() -> None:
+    x = batch(A0, A1)
+    e = AblationCAM(PrefixViewNet(), layer="feat", relu=False, batch_size=4)(x, target=[1, 3])
+    f = AblationCAM(FlatNet(), layer="feat", relu=False, batch_size=4)(x, target=[1, 3])
+    torch.testing.assert_close(e.attributions, f.attributions)
+    assert e.provenance["chunk_sizes"] == [4] and f.provenance["chunk_sizes"] == [4, 4]
 
 
 # ---------------------------------------------------------------------------- Score-CAM
@@ -640,8 +657,10 @@ def test_many_pass_cams_do_not_depend_on_batch_size(tiny_cnn, tiny_input) -> Non
         c = cls(tiny_cnn, layer="act1")(tiny_input, target=[1, 4])
         torch.testing.assert_close(a.attributions, b.attributions, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.attributions, c.attributions, rtol=1e-5, atol=1e-6)
-        assert a.provenance["forward_samples"] == 2 + 2 * 6
-        assert a.provenance["chunk_sizes"] == [5]
+        if cls is ScoreCAM:
+            assert a.provenance["forward_samples"] == 2 + 2 * 6 and a.provenance["chunk_sizes"] == [5]
+        else:  # + the 2-copy check; one map per sample
+            assert a.provenance["forward_samples"] == 2 + 2 + 2 * 6 and a.provenance["chunk_sizes"] == [5, 5]
 
 
 # ---------------------------------------------------------------------------- channels-last engine

@@ -132,3 +132,41 @@ def test_tabular_lime_reproducible_and_options(tmp_path):
         perspicio.explain(f, x, method="lime", feature_selection="lasso")
     with pytest.raises(OptionError, match="budget=1 is below"):
         perspicio.explain(f, x, method="lime", budget=1)
+
+
+def test_plots_of_feature_attributions(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    pd = pytest.importorskip("pandas")
+    from perspicio.viz import shap_plots
+
+    w = np.array([1.0, -2.0, 0.5, 3.0])
+    rng = np.random.default_rng(0)
+    rows = pd.DataFrame(rng.normal(size=(6, 4)), columns=["a", "b", "c", "d"])
+    e = perspicio.explain(lambda a: a @ w, rows, method="kernel_shap", background=rng.normal(size=(10, 4)), budget=16)
+    assert e.extras["feature_names"][0] == ("a", "b", "c", "d")
+    fig = shap_plots.waterfall(e, 2, max_display=3)
+    ax = fig.axes[0]
+    ends = [p.get_x() + p.get_width() for p in ax.patches]
+    assert max(ax.lines[1].get_xdata()) == pytest.approx(float(e.scores[2]))  # bars end at f(x)
+    assert len(ax.patches) == 3 and "other features" in ax.get_yticklabels()[0].get_text()
+    assert ends  # drawn
+    for plot in (shap_plots.beeswarm, shap_plots.bar):
+        assert plot(e).axes[0].get_yticklabels()[-1].get_text() == "d"  # |3 x| is the largest on average
+    html = shap_plots.text_html(perspicio.explain(lambda t: np.array([[s.count("good")] for s in t]), "good <b>",
+                                                  method="feature_ablation", target=0))
+    assert "&lt;b&gt;" in html and "rgba(214,39,40,1.000)" in html
+
+
+def test_superpixel_overlay(tiny_cnn, tiny_input):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from perspicio.viz.shap_plots import superpixel_overlay
+
+    e = perspicio.explain(tiny_cnn, tiny_input, method="kernel_shap", feature_mask="grid:2", budget=16)
+    fig = superpixel_overlay(e, index=1)
+    assert len(fig.axes) == 4  # input, map (+ colorbar), overlay
+    shown = fig.axes[1].images[0].get_array()
+    np.testing.assert_allclose(np.asarray(shown), e.attributions[1].double().mean(0).numpy(), atol=1e-6)

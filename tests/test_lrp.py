@@ -144,7 +144,7 @@ class ResNet(nn.Module):
 def test_lrp0_conserves_through_residual_adds() -> None:
     net = seeded(ResNet())
     x = randn(2, 3, 8, 8)
-    e = LRP(net, rule="lrp0")(x)
+    e = LRP(net, rule="lrp0", record_layers=True)(x)
     report = conservation(e)
     assert report.ok, report.table()
     assert report.max_rel_error < 1e-5
@@ -516,6 +516,6 @@ def test_efficientnet_lite0_composites(zoo_model, chelsea_batch) -> None:
                 m.bias.zero_()
                 m.running_mean.zero_()
         nobias._fc.bias.zero_()
-    r = conservation(LRP(nobias, rule="lrp0")(x[:, :, :64, :64], target=285))
+    r = conservation(LRP(nobias, rule="lrp0", record_layers=True)(x[:, :, :64, :64], target=285))
     assert r.max_rel_error < 1e-4, r.table()
     assert_restored(model, before)

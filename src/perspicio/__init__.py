@@ -26,8 +26,11 @@ def explain(
     """Explain ``model``'s output on ``inputs`` with a registered ``method``.
 
     Args:
-        model: an ``nn.Module`` (or a bundled model from :func:`perspicio.zoo.load`).
-        inputs: a batch tensor (N, C, H, W).
+        model: an ``nn.Module`` (or a bundled model from :func:`perspicio.zoo.load`); model-agnostic
+            methods (occlusion, rise, lime, Shapley values) also take any black-box callable on numpy
+            arrays or tensors, e.g. ``clf.predict_proba`` or an ONNX Runtime session.
+        inputs: a batch tensor (N, C, H, W); for model-agnostic methods also tabular rows (N, F)
+            (tensor, numpy array or DataFrame) or text (a string or a list of strings).
         method: registry name, see :func:`perspicio.methods.names`.
         target: None (predicted class), an int, a list of ints, a class name, or a callable
             mapping the output to one score per sample.

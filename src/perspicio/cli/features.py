@@ -224,13 +224,16 @@ def top_cmd(data: str | None, model_spec: str, device: str, random_init: bool, s
 @click.option("--tv", default=0.0, show_default=True, help="Total-variation weight.")
 @click.option("--l2", default=0.0, show_default=True, help="L2 weight.")
 @click.option("--jitter", default=None, type=int, help="Jitter in pixels (default: size/28).")
+@click.option("--objective", type=click.Choice(["logit", "logprob"]), default=None,
+              help="Class objective: the logit, or the log-probability (raises the class against the others). "
+                   "Default: logit; logprob for the digits model.")
 @click.option("--progress/--no-progress", default=True)
 def maximize_cmd(model_spec: str, device: str, random_init: bool, seed: int, out_dir: str, target: str | None,
                  layer: str | None, channel: int | None, steps: int, size: int | None, param: str, lr: float,
-                 tv: float, l2: float, jitter: int | None, progress: bool) -> None:
+                 tv: float, l2: float, jitter: int | None, objective: str | None, progress: bool) -> None:
     """Synthesise an input maximising a class (or --layer/--channel); writes the image and its probability."""
     from ..errors import OptionError
-    from ..featurevis import Channel, ClassLogit, maximize
+    from ..featurevis import Channel, ClassLogit, ClassLogProb, maximize
     from ..featurevis._common import unwrap
     from ..viz.featurevis_plots import maximize_figure
 
@@ -243,7 +246,7 @@ def maximize_cmd(model_spec: str, device: str, random_init: bool, seed: int, out
     if layer is not None:
         if channel is None:
             raise OptionError("--layer needs --channel (the channel to maximise).")
-        objective: Any = Channel(layer, channel)
+        goal: Any = Channel(layer, channel)
     else:
         if channel is not None:
             raise OptionError("--channel needs --layer.")
@@ -255,15 +258,16 @@ def maximize_cmd(model_spec: str, device: str, random_init: bool, seed: int, out
 
             t = _name_to_index(t, bundle.labels)
         batch = len(t) if isinstance(t, list) else 1
-        objective = ClassLogit(t)
+        kind = objective or ("logprob" if digits else "logit")
+        goal = ClassLogProb(t) if kind == "logprob" else ClassLogit(t)
     jit = jitter if jitter is not None else (1 if digits else max(1, side // 28))
-    res = maximize(zm, objective, shape=shape, batch=batch, param=param if not digits or param != "fourier" else "pixel",
+    res = maximize(zm, goal, shape=shape, batch=batch, param=param if not digits or param != "fourier" else "pixel",
                    steps=steps, lr=lr, tv=tv, l2=l2, jitter=jit, seed=seed, progress=progress,
                    scales=() if digits else (0.9, 0.95, 1.0, 1.05, 1.1), angles=() if digits else (-10, -5, 0, 5, 10))
     numbers: dict[str, Any] = {"objective": res.description, "final_objective": res.objective, "options": res.options,
                                "history": res.history}
     if res.probabilities is not None and layer is None:
-        cls = objective.cls if isinstance(objective.cls, list) else [objective.cls]
+        cls = goal.cls if isinstance(goal.cls, list) else [goal.cls]
         cls = cls * len(res.pixels) if len(cls) == 1 else cls
         numbers["target"] = cls
         numbers["target_probability"] = [float(res.probabilities[i, c]) for i, c in enumerate(cls)]

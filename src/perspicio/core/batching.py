@@ -96,8 +96,10 @@ class Engine:
         cap = MAX_AUTO_BATCH if sample.ndim > 2 else MAX_AUTO_ROWS
         return int(max(1, min(cap, budget // max(per, 1))))
 
-    def forward(self, x: Tensor) -> Tensor:
-        self.forwards += len(x)  # tensors, or lists of strings for text black boxes
+    def forward(self, x: Tensor, *, count: int | None = None) -> Tensor:
+        """``model(x)``, counted as ``count`` samples (default ``len(x)``; more when a hook
+        expands the batch inside the model, as Ablation-CAM does)."""
+        self.forwards += len(x) if count is None else count  # tensors, or lists of strings for text black boxes
         if self._channels_last(x):
             try:
                 return self.model(x.contiguous(memory_format=torch.channels_last))

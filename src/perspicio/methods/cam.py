@@ -346,7 +346,14 @@ class ScoreCAM(CAMBase):
                  paper="Desai & Ramaswamy, WACV 2020")
 class AblationCAM(CAMBase):
     """Ablation-CAM: w_k = (y - y_k) / y, where y_k is the target score with channel k of
-    the layer set to zero (one batched forward per chunk of channels)."""
+    the layer set to zero.
+
+    Fast path: the network up to the layer runs once per chunk on the single input, and
+    the layer's output is expanded there into the chunk's ablated copies, so only the
+    part after the layer runs at the chunk's batch size. It is used after checking, with
+    one forward pass, that the rest of the model treats the expanded batch row by row
+    (same output for unablated copies); otherwise every copy runs the whole model.
+    """
 
     uses_gradients = False
 
@@ -355,26 +362,64 @@ class AblationCAM(CAMBase):
         x = ctx.x
         module = dict(self.model.named_modules())[ctx.layer]
         base = ctx.target(ctx.output)  # (N,)
+        idx = ctx.target.indices
 
-        def run(start: int, stop: int) -> Tensor:
-            js = torch.arange(start, stop, device=x.device)
-            ni, ki = js // k, js % k
-
-            def ablate(i: int, t: Tensor) -> Tensor:
-                t = t.clone()
-                rows = torch.arange(len(js), device=t.device)
+        def ablate(t: Tensor, ki: Tensor | None, copies: int | None) -> Tensor:
+            if copies is not None and t.shape[0] == 1:
+                t = t.expand(copies, *t.shape[1:])
+            t = t.clone()
+            if ki is not None:
+                rows = torch.arange(len(ki), device=t.device)
                 if t.ndim == 3:  # (N, tokens, C): zero channel k on every token
                     t[rows, :, ki] = 0
                 else:
                     t[rows, ki] = 0
-                return t
+            return t
 
-            with Capture([module], transform=ablate, store=False):
-                out = ctx.engine.forward(x[ni])
-            if ctx.target.indices is not None:
-                return out.gather(1, ctx.target.indices[ni][:, None]).squeeze(1)
+        def expanded(i: int, ki: Tensor | None, copies: int) -> Tensor:
+            """Sample i through the model, its layer output expanded into ``copies`` rows."""
+            with Capture([module], transform=lambda _, t: ablate(t, ki, copies), store=False):
+                return ctx.engine.forward(x[i : i + 1], count=copies)
+
+        def score(out: Tensor, ni: Tensor) -> Tensor:
+            if idx is not None:
+                return out.gather(1, idx[ni][:, None]).squeeze(1)
             return ctx.target(out)
 
-        ablated = ctx.engine.map(run, n * k, sample=x[:1], description=f"Ablation-CAM {ctx.layer}").view(n, k)
+        if self._expandable(expanded, ctx.output[:1]):
+            parts = []
+            for i in range(n):
+                ni = torch.full((k,), i, dtype=torch.long, device=x.device)
+
+                def run(start: int, stop: int, i: int = i, ni: Tensor = ni) -> Tensor:
+                    ki = torch.arange(start, stop, device=x.device)
+                    return score(expanded(i, ki, stop - start), ni[start:stop])
+
+                parts.append(ctx.engine.map(run, k, sample=x[:1], description=f"Ablation-CAM {ctx.layer}"))
+            ablated = torch.stack(parts)
+        else:
+
+            def run(start: int, stop: int) -> Tensor:
+                js = torch.arange(start, stop, device=x.device)
+                ni, ki = js // k, js % k
+                with Capture([module], transform=lambda _, t: ablate(t, ki, None), store=False):
+                    out = ctx.engine.forward(x[ni])
+                return score(out, ni)
+
+            ablated = ctx.engine.map(run, n * k, sample=x[:1], description=f"Ablation-CAM {ctx.layer}").view(n, k)
         denom = torch.where(base.abs() > EPS, base, torch.full_like(base, EPS))
         return (base[:, None] - ablated) / denom[:, None]
+
+    @staticmethod
+    def _expandable(expanded: Any, reference: Tensor) -> bool:
+        """Does the model give ``reference`` (sample 0's output) on each row when the
+        layer's output is expanded into two unablated copies?"""
+        try:
+            with torch.no_grad():
+                out = expanded(0, None, 2)
+        except RuntimeError:
+            return False
+        if not isinstance(out, Tensor) or out.shape != (2, *reference.shape[1:]):
+            return False
+        scale = reference.abs().max().item() + 1e-12
+        return bool(torch.allclose(out, reference.expand_as(out), rtol=1e-4, atol=1e-5 * scale))

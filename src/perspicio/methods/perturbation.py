@@ -156,9 +156,9 @@ class FeatureMethod(Method):
             return [inputs]
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(s, str) for s in inputs):
             return list(inputs)
-        if hasattr(inputs, "columns") and hasattr(inputs, "to_numpy"):  # pandas DataFrame
-            if self.feature_names is None:
-                self.feature_names = [str(c) for c in inputs.columns]
+        self._columns = None
+        if hasattr(inputs, "columns") and hasattr(inputs, "to_numpy"):  # pandas DataFrame: names for this call
+            self._columns = [str(c) for c in inputs.columns]
             inputs = inputs.to_numpy()
         x = as_batch(inputs, self.model, ndim=None)
         if x.ndim == 1:
@@ -171,14 +171,14 @@ class FeatureMethod(Method):
         if isinstance(x, list):
             return TextMasker(self.tokenizer, self.mask_token)
         sample_shape = tuple(x.shape[1:])
+        names = self.feature_names if self.feature_names is not None else getattr(self, "_columns", None)
         background = None
         if self.background is not None:
             from ..core.maskers import as_background
 
             if x.ndim == 2:
                 return TabularMasker(self.background, self.feature_mask, n_columns=x.shape[1],
-                                     feature_names=self.feature_names, background_size=self.background_size,
-                                     seed=self.seed)
+                                     feature_names=names, background_size=self.background_size, seed=self.seed)
             bg = self.background
             bg = torch.as_tensor(np.asarray(bg)) if not isinstance(bg, Tensor) else bg
             if tuple(bg.shape[1:]) != sample_shape:
@@ -188,7 +188,7 @@ class FeatureMethod(Method):
                                        background_size=self.background_size, seed=self.seed)
             background = background.reshape(-1, *sample_shape)
         if x.ndim == 2:
-            return TabularMasker(None, self.feature_mask, n_columns=x.shape[1], feature_names=self.feature_names,
+            return TabularMasker(None, self.feature_mask, n_columns=x.shape[1], feature_names=names,
                                  baseline=self.baseline)
         if x.ndim == 4 and background is None:
             features = self.feature_mask if self.feature_mask is not None else self.default_image_features
@@ -196,7 +196,7 @@ class FeatureMethod(Method):
         if isinstance(self.feature_mask, str):
             raise OptionError(f"feature_mask={self.feature_mask!r} is an image spec; inputs of shape {tuple(x.shape)} "
                               "need an integer feature_mask.")
-        return TensorMasker(self.feature_mask, self.baseline, background, feature_names=self.feature_names)
+        return TensorMasker(self.feature_mask, self.baseline, background, feature_names=names)
 
     def _explain(self, x: Any, target: Any, engine: Engine) -> Explanation:
         _, tgt, scores = first_forward(x, target, engine, self.labels)

@@ -56,7 +56,7 @@ def _img(t: Tensor) -> np.ndarray:
 def _label(labels: Sequence[str] | None, i: int) -> str:
     if labels is not None:
         try:
-            return f"{i} {labels[i]}"
+            return str(i) if str(labels[i]) == str(i) else f"{i} {labels[i]}"
         except (IndexError, TypeError):
             pass
     return str(i)
@@ -202,9 +202,11 @@ def sensitivity_figure(s: Sensitivity) -> Figure:
     if s.occlusion is not None:
         ax = axes[0]
         ax.imshow(_img(s.pixels))
-        im = ax.imshow(s.occlusion.placed.numpy(), cmap="RdBu_r", alpha=0.6)
+        drop = (s.base_score - s.occlusion.placed).numpy()  # > 0 where occluding hurts the score
+        m = float(abs(drop).max()) or 1.0
+        im = ax.imshow(drop, cmap="RdBu_r", alpha=0.6, vmin=-m, vmax=m)
         fig.colorbar(im, ax=ax, shrink=0.8)
-        ax.set_title(f"score vs occluder position\n(window {s.occlusion.window}, base {s.base_score:.3g})", fontsize=8)
+        ax.set_title(f"score drop when occluded\n(window {s.occlusion.window}, base {s.base_score:.3g})", fontsize=8)
         ax.set_axis_off()
         a = 1
     units = {"scale": "zoom factor", "translation": "horizontal shift (fraction of width)", "rotation": "angle (degrees)"}

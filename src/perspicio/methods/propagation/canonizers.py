@@ -110,7 +110,8 @@ class MergeBatchNorm:
     ``pairs``: explicit ``[(affine_module, batchnorm_module), ...]`` (modules or
     names); by default they are discovered by tracing ``sample`` through the model.
     Use as ``with MergeBatchNorm()(model, sample) as merged: ...``; ``merged`` is
-    the list of merged ``(affine, batchnorm)`` names.
+    the list of merged ``(affine, batchnorm)`` names. :func:`identity_batchnorms`
+    tells propagators which BatchNorm calls are now exact identities (skipped).
     """
 
     name = "merge_batchnorm"
@@ -138,70 +139,94 @@ class MergeBatchNorm:
                         continue  # batch statistics: not an affine map
                     undo.append(_merge(lin, bn))
                     merged.append((names.get(id(lin), "?"), names.get(id(bn), "?")))
+                    _IDENTITY.add(id(bn.running_mean))
             yield merged
         finally:
             with torch.no_grad():
+                for _, bn in pairs:
+                    _IDENTITY.discard(id(bn.running_mean))
                 for restore in reversed(undo):
                     restore()
 
 
-def _merge(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> Any:
-    """Merge ``bn`` into ``lin`` in place; return the function that undoes it exactly."""
+#: ids of the running-mean buffers of BatchNorms currently merged (exact identities)
+_IDENTITY: set[int] = set()
+
+
+def is_identity_batchnorm(running_mean: Any) -> bool:
+    """True if a ``batch_norm`` call with this running mean is a merged (identity) BatchNorm."""
+    return running_mean is not None and id(running_mean) in _IDENTITY
+
+
+_MERGED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Tensor, Tensor]] = weakref.WeakKeyDictionary()
+
+
+def _state_key(lin: nn.Module, bn: nn.Module) -> tuple:
+    ts = [lin.weight, lin.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    return tuple((t.data_ptr(), t._version) if t is not None else None for t in ts) + (bn.eps,)
+
+
+def _merged_values(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """``(W * s, (b - mean) * s + beta)``, cached while none of the tensors changes."""
+    key = _state_key(lin, bn)
+    hit = _MERGED.get(lin)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
     w = lin.weight
-    had_bias = lin.bias is not None
-    saved = {
-        "w": w.detach().clone(),
-        "b": lin.bias.detach().clone() if had_bias else None,
-        "rm": bn.running_mean.detach().clone(),
-        "rv": bn.running_var.detach().clone(),
-        "g": bn.weight.detach().clone() if bn.weight is not None else None,
-        "beta": bn.bias.detach().clone() if bn.bias is not None else None,
-        "eps": bn.eps,
-    }
-    var = bn.running_var.double()
-    scale = torch.rsqrt(var + bn.eps)
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.double()
     shift = -bn.running_mean.double() * scale
     if bn.bias is not None:
         shift = shift + bn.bias.double()
-    b_old = lin.bias.double() if had_bias else torch.zeros_like(shift)
-    shape = (-1,) + (1,) * (w.ndim - 1)
-    new_w = (w.double() * scale.view(shape)).to(w.dtype)
+    b_old = lin.bias.double() if lin.bias is not None else torch.zeros_like(shift)
+    new_w = (w.double() * scale.view((-1,) + (1,) * (w.ndim - 1))).to(w.dtype)
     new_b = (b_old * scale + shift).to(w.dtype)
+    _MERGED[lin] = (key, new_w, new_b)
+    return new_w, new_b
+
+
+def _merge(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> Any:
+    """Merge ``bn`` into ``lin``; return the function that undoes it exactly.
+
+    The parameters and buffers keep their identity; only the tensors they point to
+    (``.data``) are swapped, so restoring puts back the very same memory.
+    """
+    new_w, new_b = _merged_values(lin, bn)
+    swaps: list[tuple[Tensor, Tensor]] = []  # (parameter/buffer, original data)
+
+    def swap(t: Tensor, value: Tensor) -> None:
+        swaps.append((t, t.data))
+        t.data = value
+
+    had_bias = lin.bias is not None
+    eps = bn.eps
     try:
-        w.copy_(new_w)
+        swap(lin.weight, new_w)
         if had_bias:
-            lin.bias.copy_(new_b)
+            swap(lin.bias, new_b)
         else:
             lin.bias = nn.Parameter(new_b, requires_grad=False)
-        bn.running_mean.zero_()
-        bn.running_var.fill_(1.0)
+        swap(bn.running_mean, torch.zeros_like(bn.running_mean))
+        swap(bn.running_var, torch.ones_like(bn.running_var))
         if bn.weight is not None:
-            bn.weight.fill_(1.0)
+            swap(bn.weight, torch.ones_like(bn.weight))
         if bn.bias is not None:
-            bn.bias.zero_()
+            swap(bn.bias, torch.zeros_like(bn.bias))
         bn.eps = 0.0
     except BaseException:
-        _restore(lin, bn, saved, had_bias)
+        _restore(lin, bn, swaps, had_bias, eps)
         raise
 
     def restore() -> None:
-        _restore(lin, bn, saved, had_bias)
+        _restore(lin, bn, swaps, had_bias, eps)
 
     return restore
 
 
-def _restore(lin: nn.Module, bn: nn.Module, saved: dict[str, Any], had_bias: bool) -> None:
-    lin.weight.copy_(saved["w"])
-    if had_bias:
-        lin.bias.copy_(saved["b"])
-    else:
+def _restore(lin: nn.Module, bn: nn.Module, swaps: list[tuple[Tensor, Tensor]], had_bias: bool, eps: float) -> None:
+    for t, data in reversed(swaps):
+        t.data = data
+    if not had_bias:
         lin.bias = None
-    bn.running_mean.copy_(saved["rm"])
-    bn.running_var.copy_(saved["rv"])
-    if saved["g"] is not None:
-        bn.weight.copy_(saved["g"])
-    if saved["beta"] is not None:
-        bn.bias.copy_(saved["beta"])
-    bn.eps = saved["eps"]
+    bn.eps = eps

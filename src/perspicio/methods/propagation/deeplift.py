@@ -44,6 +44,7 @@ from ...core.registry import register_method
 from ...core.targets import ResolvedTarget, resolve_target
 from ...errors import ModelError, OptionError
 from ..base import Method
+from .canonizers import MergeBatchNorm
 from .engine import (
     ACT,
     AFFINE,
@@ -68,7 +69,7 @@ from .engine import (
     propagating,
     sum_to,
 )
-from .lrp import _dim_arg, chunk_target, substitute
+from .lrp import _dim_arg, chunk_target, merged_batchnorm, substitute
 
 RULES = ("rescale", "reveal_cancel")
 
@@ -411,6 +412,8 @@ class DeepLiftPropagator(Propagator):
 
     def on_norm(self, call: Call) -> Any:
         x = call.args[0] if call.args else call.kwargs["input"]
+        if merged_batchnorm(call):
+            return x  # merged into the preceding layer: an exact identity
         if op_name(call.func).endswith("batch_norm"):
             training = call.args[5] if len(call.args) > 5 else call.kwargs.get("training", False)
             if training:
@@ -568,6 +571,8 @@ class RevealCancelPropagator(DeepLiftPropagator):
             return self.set(out, op(P, wp, None) + op(N, wn, None), op(N, wp, None) + op(P, wn, None))
 
     def on_norm(self, call: Call) -> Any:
+        if merged_batchnorm(call):
+            return call.args[0]
         if not op_name(call.func).endswith("batch_norm"):
             self.pair(call, [call.args[0]], None)
             return self._unknown(call.func, call.args, call.kwargs, reason="no RevealCancel rule for layer norms")
@@ -865,7 +870,8 @@ class DeepLift(Method):
             fallbacks.extend(f for f in fb if f not in fallbacks)
             return attr
 
-        attributions = engine.map(run, n, sample=x[:1], grad=True, description="DeepLIFT")
+        with MergeBatchNorm()(self.model, x):  # eval BatchNorm is affine: merging changes nothing but speed
+            attributions = engine.map(run, n, sample=x[:1], grad=True, description="DeepLIFT")
         targets = torch.cat(indices) if all(i is not None for i in indices) else None
         names = (tuple(self.labels[i] for i in targets.tolist())
                  if self.labels is not None and targets is not None else None)
@@ -955,7 +961,8 @@ class DeepShap(Method):
             fallbacks.extend(f for f in fb if f not in fallbacks)
             return attr
 
-        attr = engine.map(run, n * B, sample=x[:1], grad=True, description="DeepSHAP")
+        with MergeBatchNorm()(self.model, x):  # eval BatchNorm is affine: merging changes nothing but speed
+            attr = engine.map(run, n * B, sample=x[:1], grad=True, description="DeepSHAP")
         attributions = attr.reshape(n, B, *x.shape[1:]).mean(1)
         base_value = torch.cat(bases).reshape(n, B).mean(1)
         names = (tuple(self.labels[i] for i in idx.tolist()) if self.labels is not None and idx is not None else None)

@@ -247,7 +247,8 @@ def safe_div(num: Tensor, den: Tensor, eps: float) -> Tensor:
     if eps == 0:
         nz = den != 0
         return torch.where(nz, num / torch.where(nz, den, torch.ones_like(den)), torch.zeros_like(num))
-    return num / (den + torch.copysign(torch.tensor(eps, dtype=den.dtype, device=den.device), den))
+    stab = den.abs().add_(eps).copysign_(den)  # den + eps * sign(den), sign(+0) = +1; three passes, one buffer
+    return torch.div(num, stab, out=stab) if stab.shape == num.shape and not num.requires_grad else num / stab
 
 
 # ============================================================================ autograd node

@@ -125,6 +125,17 @@ def norm_linear_part(call: Call, x: Tensor) -> Any:
     raise ModelError(f"no linear form known for {call.name}.")
 
 
+def merged_batchnorm(call: Call) -> bool:
+    """True for a ``batch_norm`` call of a BatchNorm currently merged by the canonizer."""
+    from .canonizers import is_identity_batchnorm
+    from .engine import op_name
+
+    if not op_name(call.func).endswith("batch_norm"):
+        return False
+    rm = call.args[1] if len(call.args) > 1 else call.kwargs.get("running_mean")
+    return is_identity_batchnorm(rm)
+
+
 def linear_vjp(fn: Any, x: Tensor, s: Tensor) -> Tensor:
     """``J^T s`` of a linear map ``fn`` at ``x`` (by autograd on a detached copy)."""
     with torch.enable_grad():
@@ -248,8 +259,10 @@ class LRPPropagator(Propagator):
         low: Tensor | None = None,
         high: Tensor | None = None,
         gradient_fallback: bool = False,
+        record_layers: bool = False,
     ) -> None:
         super().__init__(model, gradient_fallback=gradient_fallback)
+        self.record_layers = record_layers
         self.composite = composite
         self.x_in = x_in
         self.low, self.high = low, high
@@ -261,11 +274,13 @@ class LRPPropagator(Propagator):
 
     # ------------------------------------------------------------------ bookkeeping
     def record(self, label: str, R: Tensor, rel: tuple[Tensor, ...]) -> None:
+        if not self.record_layers:
+            return
         if R.ndim == 0 or R.shape[0] != self.n or any(r.ndim == 0 or r.shape[0] != self.n for r in rel):
             return
         with torch.no_grad():
-            out_sum = R.reshape(self.n, -1).sum(1)
-            in_sum = sum(r.reshape(self.n, -1).sum(1) for r in rel)
+            out_sum = R.sum(dim=tuple(range(1, R.ndim))) if R.ndim > 1 else R
+            in_sum = sum(r.sum(dim=tuple(range(1, r.ndim))) if r.ndim > 1 else r for r in rel)
         self.records.append((label, out_sum, in_sum))
 
     def _track(self, call: Call, out: Any) -> None:
@@ -338,6 +353,8 @@ class LRPPropagator(Propagator):
 
     def on_norm(self, call: Call) -> Any:
         x = call.args[0] if call.args else call.kwargs["input"]
+        if merged_batchnorm(call):
+            return x  # merged into the preceding layer: an exact identity
         if self.composite.norm == "identity":
             return apply_node(_Pass(self, call, self.label(call.name)), x)
         fn = norm_linear_part(call, x.detach())
@@ -410,7 +427,10 @@ class LRP(Method):
     input for z^B (default: per-channel min/max of the batch); ``norm`` and
     ``attention`` override the composite's treatment of normalisation and
     attention; ``gradient_fallback`` lets operations without a rule pass their
-    gradient (recorded in the provenance) instead of raising.
+    gradient (recorded in the provenance) instead of raising; ``record_layers``
+    keeps the relevance entering and leaving every operation (per sample) in
+    ``extras["layer_relevance"]`` for :func:`~perspicio.methods.propagation.conservation`
+    (two reductions per operation, off by default for speed).
     """
 
     input_ndim = None
@@ -428,9 +448,11 @@ class LRP(Method):
         norm: str | None = None,
         attention: str | None = None,
         gradient_fallback: bool = False,
+        record_layers: bool = False,
         **common: Any,
     ) -> None:
         super().__init__(model, **common)
+        self.record_layers = bool(record_layers)
         self.composite = make_composite(composite, rule, epsilon=epsilon, gamma=gamma, low=low, high=high,
                                         norm=norm, attention=attention)
         self.low, self.high = low, high
@@ -449,7 +471,7 @@ class LRP(Method):
             def run(start: int, stop: int) -> Tensor:
                 xc = x[start:stop].detach().clone().requires_grad_(True)
                 prop = LRPPropagator(self.model, self.composite, xc, low=low[start:stop], high=high[start:stop],
-                                     gradient_fallback=self.gradient_fallback)
+                                     gradient_fallback=self.gradient_fallback, record_layers=self.record_layers)
                 with propagating(self.model, prop):
                     out = engine.forward(xc)
                 tgt = resolve_target(chunk_target(target, start, stop, n), out.detach(), self.labels)
