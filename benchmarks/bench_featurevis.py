@@ -14,6 +14,7 @@ Run (one process; ratios are what count on a shared machine):
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import tempfile
 import time
@@ -24,6 +25,8 @@ import torch
 from perspicio import zoo
 from perspicio.featurevis import top_activating
 from perspicio.featurevis._data import photo_crops
+
+RF = importlib.import_module("perspicio.featurevis.receptive_field")
 
 
 def truncated(model: torch.nn.Module, block: int):
@@ -75,7 +78,9 @@ def main() -> None:
         for _ in range(args.reps):
             with torch.no_grad():
                 lim.append(timed(lambda bs=best_bs, run=run: [run(x[i:i + bs]) for i in range(0, len(x), bs)], 1))
+            RF._CACHE.clear()  # pay the receptive-field trace in every run
             scan.append(timed(lambda lay=layer, bs=best_bs: top_activating(zm, x, lay, 0, k=9, batch_size=bs), 1))
+            RF._CACHE.clear()
             auto.append(timed(lambda lay=layer: top_activating(zm, x, lay, 0, k=9), 1))
         best_t, t_scan, t_auto = statistics.median(lim), statistics.median(scan), statistics.median(auto)
         rows.append((layer, best_bs, args.n / best_t, args.n / t_scan, t_scan / best_t, args.n / t_auto, t_auto / best_t))

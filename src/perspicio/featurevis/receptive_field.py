@@ -21,6 +21,7 @@ undefined, and asking for it raises :class:`~perspicio.errors.LayerError` naming
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ..core.capture import StopForward
 from ..core.guard import model_device, model_dtype, model_guard
 from ..errors import InputError, LayerError
 from ._common import resolve, unwrap
@@ -221,6 +223,10 @@ class _Tracer(TorchFunctionMode):
         return tuple(dims)
 
 
+#: per model: (layer name, input shape) -> field (the geometry depends on nothing else)
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, ReceptiveField]] = weakref.WeakKeyDictionary()
+
+
 @dataclass(frozen=True)
 class ReceptiveField:
     """Receptive field of every position of a layer's output grid.
@@ -282,16 +288,25 @@ def receptive_field(model: Any, layer: Any, input_shape: Sequence[int] = (3, 224
     tracer = _Tracer()
     found: list[Any] = []
 
+    key = (name, shape)
+    cached = _CACHE.get(net, {}).get(key)
+    if cached is not None:
+        return cached
+
     def hook(mod: nn.Module, args: object, out: object) -> None:
         t = out if isinstance(out, Tensor) else next((o for o in out if isinstance(o, Tensor)), None) if isinstance(out, (tuple, list)) else None
         if t is not None and not found:
             found.append((tracer.field(t), tuple(t.shape)))
+            raise StopForward  # the rest of the network cannot change this layer's field
 
     handle = module.register_forward_hook(hook)
     try:
         with model_guard(net), torch.no_grad(), tracer:
             tracer.track(x, tuple(_Dim(0.0, 1.0, 1.0, n) for n in shape[1:]))
-            net(x)
+            try:
+                net(x)
+            except StopForward:
+                pass
     finally:
         handle.remove()
         tracer.fields.clear()
@@ -305,7 +320,7 @@ def receptive_field(model: Any, layer: Any, input_shape: Sequence[int] = (3, 224
     grid = tuple(out_shape[-nd:]) if len(out_shape) >= nd + 2 else (1,) * nd
     if len(out_shape) < nd + 2:
         field = tuple(d.collapse() for d in field)
-    return ReceptiveField(
+    result = ReceptiveField(
         layer=name,
         start=tuple(d.start for d in field),
         jump=tuple(d.jump for d in field),
@@ -313,3 +328,5 @@ def receptive_field(model: Any, layer: Any, input_shape: Sequence[int] = (3, 224
         grid=grid,
         input_size=tuple(shape[1:]),
     )
+    _CACHE.setdefault(net, {})[key] = result
+    return result

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..core.batching import Engine
 from ..core.capture import Capture, auto_layer, resolve_layer
 from ..core.explanation import Explanation
+from ..core.guard import model_guard
 from ..core.inputs import as_batch
 from ..core.registry import register_method
 from ..core.targets import ResolvedTarget, resolve_target
@@ -244,17 +245,12 @@ def _recompute_scores(explanation: Explanation, model: Any) -> tuple[Tensor, Ten
         raise OptionError("GradientSHAP's base value is an average over a background set; call without model=.")
     x = explanation.inputs
     neuron = explanation.extras.get("neuron_objective")
-    with torch.no_grad():
+    with model_guard(net), torch.no_grad():
         if neuron is not None:
             eng = Engine(net)
             rows = torch.arange(len(x))
             return neuron.scores(x, rows, eng).detach(), neuron.scores(baseline, rows, eng).detach()
-        was = net.training
-        net.eval()
-        try:
-            out_x, out_b = net(x), net(baseline)
-        finally:
-            net.train(was)
+        out_x, out_b = net(x), net(baseline)
     if explanation.targets is not None:
         tgt = ResolvedTarget(fn=lambda o: o, indices=explanation.targets, description="")
     else:

@@ -594,9 +594,11 @@ class RevealCancelPropagator(DeepLiftPropagator):
         x0, y0 = rec["ins"][0], rec["out"]
         P, N = self.parts(x)
         Pd, Nd = P.detach(), N.detach()
-        fP, fN = fn(x0 + Pd), fn(x0 + Nd)
-        yP = 0.5 * ((fP - y0) + (out - fN))
-        yN = (out - y0) - yP
+        # evaluate at the input the shadows imply (x0 + P + N, equal to x up to rounding), so that a
+        # vanishing part gets a vanishing share instead of the rounding difference between the two
+        fP, fN, fPN = fn(x0 + Pd), fn(x0 + Nd), fn(x0 + Pd + Nd)
+        yP = 0.5 * ((fP - y0) + (fPN - fN))
+        yN = (fPN - y0) - yP
         dP, dN = Pd.abs() <= _tiny(x), Nd.abs() <= _tiny(x)
         mP = yP / torch.where(dP, torch.ones_like(Pd), Pd)
         mN = yN / torch.where(dN, torch.ones_like(Nd), Nd)
