@@ -50,6 +50,26 @@ SINGLE_PASS = ["cam", "eigencam"]
 MANY_PASS = ["scorecam", "ablationcam"]
 
 
+NOTES = """Notes:
+
+* The engine feeds 4-D inputs to convolutional models in channels-last memory format
+  (`core/batching.py`, `CHANNELS_LAST`; values unchanged, the model's weights untouched; models that
+  `.view()` their feature maps fall back automatically). On this VM that made the bundled model's
+  forward about 2x faster at every batch size (table above); that is most of the gap to pytorch-grad-cam.
+* Gradient CAMs need one forward and a backward only down to the layer (parameters frozen), so they
+  come in under the fwd+bwd-to-the-input limit.
+* Ablation-CAM runs the network up to the layer once per chunk and expands the layer output into the
+  chunk's ablated copies (checked once per call against the unablated output; otherwise whole-model
+  copies), so for `_act_head` it costs about one forward per chunk instead of one per channel: far below
+  the "1280 forwards" limit. Score-CAM's masks act on the input, so it needs the 1280 full forwards; its
+  time is the forward time of its chunks (auto chunk 20 from the 1.5 GB budget, within ~10% of the best
+  batch throughput here).
+* Absolute times on this shared 2-core VM swing with other jobs (load average 10-16 during these runs;
+  with 2 OpenMP threads under that load the forward slowed 10x, hence `--threads 1`). Score-CAM and the
+  pytorch-grad-cam many-pass runs are single sequential runs, so their ratio is the least reliable number.
+"""
+
+
 def references(model: torch.nn.Module) -> dict[str, type]:
     import pytorch_grad_cam as pgc
 
@@ -145,6 +165,8 @@ for Score/Ablation-CAM. Machine: {machine_note()}. Environment: `{env}`.
 Forward throughput of the bundled model (images/s, no grad) by memory format and batch size:
 
 {table(["format", *[f"batch {b}" for b in (1, 8, 16, 32, 64)]], fmt_rows)}
+
+{NOTES}
 """
     if args.write:
         print("wrote", write_section("CAM family", body))

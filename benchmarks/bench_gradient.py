@@ -59,11 +59,13 @@ def throughput(model: torch.nn.Module, x: torch.Tensor, sizes: list[int], repeat
     return fb, fo
 
 
-def memory_child(mode: str, chunk: int) -> None:
+def memory_child(mode: str, chunk: int, size: int) -> None:
     import resource
 
     zm = zoo.load("efficientnet_lite0")
     x = zm.preprocess(zoo.sample("chelsea"))
+    if size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if mode == "chunk":
         xi = x.repeat(chunk, 1, 1, 1).requires_grad_(True)
@@ -79,11 +81,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sizes", default="1,4,8,13,17,26,32,51")
     ap.add_argument("--memory", action="store_true", help="also run the IG-512 memory check (child processes)")
-    ap.add_argument("--memory-child", nargs=2, metavar=("MODE", "CHUNK"), help=argparse.SUPPRESS)
+    ap.add_argument("--memory-size", type=int, default=224, help="input side for the memory check")
+    ap.add_argument("--memory-child", nargs=3, metavar=("MODE", "CHUNK", "SIZE"), help=argparse.SUPPRESS)
     ap.add_argument("--only", default="", help="comma-separated subset of contenders")
     args = ap.parse_args()
     if args.memory_child:
-        memory_child(args.memory_child[0], int(args.memory_child[1]))
+        memory_child(args.memory_child[0], int(args.memory_child[1]), int(args.memory_child[2]))
         return
     warnings.filterwarnings("ignore")
     from captum.attr import (
@@ -178,15 +181,17 @@ def main() -> None:
     if args.memory:
         from perspicio.core.batching import Engine
 
-        chunk = Engine(model).chunk_size(x, grad=True)
+        xs = torch.nn.functional.interpolate(x, size=(args.memory_size,) * 2, mode="bilinear", antialias=True)
+        chunk = Engine(model).chunk_size(xs, grad=True)
         env = dict(os.environ)
         res = {}
         for mode in ("chunk", "ig512"):
-            out = subprocess.run([sys.executable, __file__, "--memory-child", mode, str(chunk)], capture_output=True,
+            out = subprocess.run([sys.executable, __file__, "--memory-child", mode, str(chunk), str(args.memory_size)],
+                                 capture_output=True,
                                  text=True, env=env, check=True)
             res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         grow = {k: v["peak_mb"] - v["base_mb"] for k, v in res.items()}
-        print(f"\nmemory (chunk {chunk}, the default budget's): one fwd+bwd chunk +{grow['chunk']:.0f} MB; "
+        print(f"\nmemory ({args.memory_size}px, chunk {chunk} from the default budget): one fwd+bwd chunk +{grow['chunk']:.0f} MB; "
               f"IG 512 steps +{grow['ig512']:.0f} MB (ratio {grow['ig512'] / grow['chunk']:.2f})")
 
 

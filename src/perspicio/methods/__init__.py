@@ -24,6 +24,7 @@ from .gradient import (
     NeuronGradient,
     Saliency,
 )
+from .lime import LIME
 from .noise import SmoothGrad, SmoothGradSquared, VarGrad
 from .path import (
     GradientSHAP,
@@ -32,8 +33,6 @@ from .path import (
     NeuronIntegratedGradients,
     completeness_error,
 )
-
-from .lime import LIME
 from .perturbation import RISE, FeatureAblation, FeatureMethod, Occlusion
 from .propagation import LRP, Composite, DeepLift, DeepShap, conservation
 from .shapley import KernelSHAP, ShapleyExact, ShapleySampling, efficiency_error

@@ -456,8 +456,8 @@ class RevealCancelPropagator(DeepLiftPropagator):
     """DeepLIFT-RevealCancel: the positive and negative parts of ``x - x0`` travel separately.
 
     Every tensor that depends on the input gets two *shadow* tensors ``(P, N)`` with
-    ``P + N = x - x0``. Linear operations map them with the positive and negative
-    parts of their weights (``P' = W+ P + W- N``); element-wise nonlinearities use
+    ``P + N = x - x0``. Linear operations sort each term ``w_i dx_i`` into ``P'`` or
+    ``N'`` by its sign (the paper's linear rule); element-wise nonlinearities use
     the RevealCancel rule (Shrikumar et al. 2017, eq. 4-5) with multipliers held
     constant, so autograd through the shadows yields the multipliers of the
     positive and negative parts. Operations without a RevealCancel rule
@@ -484,6 +484,19 @@ class RevealCancelPropagator(DeepLiftPropagator):
     def parts(self, t: Tensor) -> tuple[Tensor, Tensor]:
         _, P, N = self.shadow[id(t)]
         return P, N
+
+    def split(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Positive and negative part of the total difference ``P + N`` (the sign held constant).
+
+        DeepLIFT's linear rule sorts each term ``w_i dx_i`` by the sign of the term with
+        the *total* ``dx_i``; the two parts of ``dx_i`` then share that term's multiplier.
+        (Mapping P and N separately through ``W+``/``W-`` would make both streams grow
+        layer by layer and cancel catastrophically in float32.)
+        """
+        P, N = self.parts(t)
+        d = P + N
+        pos = d * (d.detach() > 0).to(d.dtype)
+        return pos, d - pos
 
     def _stream(self, obj: Any, which: int, zero_scalars: bool = False) -> Any:
         """``obj`` with input-dependent tensors replaced by their P (0) or N (1) shadow, constants by zeros."""
@@ -531,8 +544,8 @@ class RevealCancelPropagator(DeepLiftPropagator):
             cp, cn = c.clamp(min=0), c.clamp(max=0)
         else:
             cp, cn = max(float(c), 0.0), min(float(c), 0.0)
-        P, N = self.parts(x)
         with torch.enable_grad():
+            P, N = self.split(x)
             return self.set(out, torch.broadcast_to(cp * P + cn * N, out.shape),
                             torch.broadcast_to(cp * N + cn * P, out.shape))
 
@@ -544,25 +557,25 @@ class RevealCancelPropagator(DeepLiftPropagator):
         with torch.enable_grad():
             for c, t in ((1.0, ar.a), (sign * ar.alpha, ar.b)):
                 if self.is_var(t):
-                    tp, tn = self.parts(t)
+                    tp, tn = self.split(t)
                     P, N = (P + c * tp, N + c * tn) if c >= 0 else (P + c * tn, N + c * tp)
             return self.set(out, torch.broadcast_to(P, out.shape), torch.broadcast_to(N, out.shape))
 
     def on_reduce(self, call: Call) -> Any:
         out = call.run()
         x = call.args[0]
-        P, N = self.parts(x)
         rest = call.args[1:]
         with torch.enable_grad():
+            P, N = self.split(x)  # non-negative weights: the parts keep their sign
             return self.set(out, call.func(P, *rest, **call.kwargs), call.func(N, *rest, **call.kwargs))
 
     def on_affine(self, call: Call) -> Any:
         out = call.run()
         op = affine_op(call, self.is_var)
         x = next(t for t in iter_tensors(call.args) if self.is_var(t))
-        P, N = self.parts(x)
         wp, wn = op.weight.clamp(min=0), op.weight.clamp(max=0)
         with torch.enable_grad():
+            P, N = self.split(x)
             both = torch.cat([P, N]) if op.name in ("linear",) or op.conv is not None else None
             if both is not None:
                 zp, zn = op(both, wp, None), op(both, wn, None)
@@ -582,8 +595,8 @@ class RevealCancelPropagator(DeepLiftPropagator):
         out = call.run()
         scale = norm_linear_part(call, x)(torch.ones_like(x[:1]))
         sp, sn = scale.clamp(min=0), scale.clamp(max=0)
-        P, N = self.parts(x)
         with torch.enable_grad():
+            P, N = self.split(x)
             return self.set(out, sp * P + sn * N, sp * N + sn * P)
 
     def _elementwise(self, call: Call) -> Any:
@@ -616,8 +629,9 @@ class RevealCancelPropagator(DeepLiftPropagator):
             _, idx = _pool_with_indices(call, x)
         i, j, t = maxpool_split(x, rec["ins"][0], out, rec["out"], idx, rec["idx"])
         n, c = x.shape[:2]
-        P, N = self.parts(x)
         with torch.enable_grad():
+            P, N = self.split(x)
+
             def pool(s: Tensor) -> Tensor:
                 sf = s.reshape(n, c, -1)
                 return (t * sf.gather(2, i) + (1 - t) * sf.gather(2, j)).reshape(out.shape)
