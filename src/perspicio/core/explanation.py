@@ -113,12 +113,25 @@ class Explanation:
         }
 
     # ------------------------------------------------------------------ display and I/O
+    @property
+    def is_image(self) -> bool:
+        """True when attributions are image-shaped (N, C, H, W) and can be drawn as overlays."""
+        return self.attributions.ndim == 4
+
     def overlay(self, image: Any = None, index: int = 0, *, cmap: str = "jet", alpha: float = 0.5) -> Image.Image:
         """Heatmap of sample ``index`` blended over ``image`` (PIL, array, or tensor in [0, 1]).
 
         Without ``image`` the explained input, min-max scaled, is used as background.
         """
         from ..viz.overlay import overlay
+
+        if not self.is_image:
+            from ..errors import OptionError
+
+            raise OptionError(
+                f"overlay needs image attributions (N, C, H, W); these have shape {tuple(self.attributions.shape)}. "
+                "Use perspicio.viz.shap_plots for tabular and text attributions."
+            )
 
         background = image if image is not None else self.inputs[index] if self.inputs is not None else None
         return overlay(self.attributions[index], background, cmap=cmap, alpha=alpha)
@@ -129,7 +142,9 @@ class Explanation:
 
         return explanation_figure(self, image=image, index=index, **kw)
 
-    def _repr_png_(self) -> bytes:
+    def _repr_png_(self) -> bytes | None:
+        if not self.is_image:
+            return None  # notebooks fall back to the text repr
         import io
 
         buf = io.BytesIO()
@@ -137,7 +152,7 @@ class Explanation:
         return buf.getvalue()
 
     def save(self, path: str | Path, image: Any = None, *, format: str = "npy") -> list[Path]:
-        """Write ``<path>.png`` (overlay of sample 0, or ``<path>_<i>.png`` per sample),
+        """Write ``<path>.png`` (overlay of sample 0, or ``<path>_<i>.png`` per sample; images only),
         ``<path>.npy`` or ``<path>.safetensors`` (raw attributions) and ``<path>.json``.
 
         Files are first written to temporary names and renamed, so a failure never
@@ -151,7 +166,7 @@ class Explanation:
         try:
             n = len(self)
             images: Sequence[Any] = image if isinstance(image, (list, tuple)) else [image] * n
-            for i in range(n):
+            for i in range(n if self.is_image else 0):  # tabular/text: arrays + JSON only
                 out = path.with_name(path.name + (f"_{i}" if n > 1 else "") + ".png")
                 tmp = out.with_name(out.name + ".tmp")
                 self.overlay(images[i], index=i).save(tmp, format="PNG")
