@@ -27,7 +27,9 @@ class Completeness(Metric):
     method explains: logit for class targets, or the callable's value).
 
     f(x0) is the explanation's ``base_value``; with ``baseline`` ("zero" or a tensor) it is
-    computed instead. ``relative=True`` divides by |f(x) - f(x0)|.
+    computed instead. ``relative=True`` divides by |f(x) - f(x0)|. For methods over feature
+    groups (superpixels: Shapley, LIME), whose pixel maps repeat each group's value, the sum is
+    taken over the per-feature values in ``extras["values"]``.
     """
 
     family = "axiomatic"
@@ -60,7 +62,11 @@ class Completeness(Metric):
             )
         if base.shape != (n,):
             raise OptionError(f"base_value must hold one value per sample ({n}); got shape {tuple(base.shape)}.")
-        total = ctx.attributions.double().flatten(1).sum(1)
+        values = ctx.explanation.extras.get("values") if ctx.explanation is not None else None
+        if values is not None and len(values) == n:  # feature-group methods: one value per feature
+            total = torch.stack([torch.as_tensor(v).double().sum() for v in values]).to(x.device)
+        else:
+            total = ctx.attributions.double().flatten(1).sum(1)
         err = (total - (fx - base)).abs()
         if self.relative:
             err = err / (fx - base).abs().clamp_min(1e-12)
