@@ -111,16 +111,19 @@ def test_agrees_with_captum_noise_tunnel(zoo_model, chelsea_batch, monkeypatch) 
 
     x = chelsea_batch[..., 48:176, 48:176].clone()
     S, stdev = 3, 0.3
+    refs, noises = {}, []
     with torch.random.fork_rng():
-        torch.manual_seed(0)
-        refs = {v: NoiseTunnel(Saliency(zoo_model.model)).attribute(
-            x.clone().requires_grad_(), nt_type=v, nt_samples=S, stdevs=stdev, target=285, abs=False)
-            for v in ("smoothgrad", "smoothgrad_sq", "vargrad")}
-        torch.manual_seed(0)
-        noises = [torch.normal(0, torch.tensor(stdev).repeat((S, *x.shape[1:]))) for _ in range(3)]
+        for v in ("smoothgrad", "smoothgrad_sq", "vargrad"):
+            torch.manual_seed(0)
+            refs[v] = NoiseTunnel(Saliency(zoo_model.model)).attribute(
+                x.clone().requires_grad_(), nt_type=v, nt_samples=S, stdevs=stdev, target=285, abs=False)
+            torch.manual_seed(0)
+            noises.append(torch.normal(0, torch.tensor(stdev).repeat((S, *x.shape[1:]))))
     rng = float(x.max() - x.min())
     for v, eps in zip(("smoothgrad", "smoothgrad_sq", "vargrad"), noises):
         monkeypatch.setattr(SmoothGrad, "_noise", lambda self, *a, eps=eps: eps)
         e = explain(zoo_model, x, method="smoothgrad", variant=v, samples=S, noise=stdev / rng, target=285)
         ref = refs[v].detach()
-        assert float((e.attributions - ref).abs().max() / ref.abs().max()) < 1e-5, v
+        # Captum's VarGrad is E[a^2] - E[a]^2 in float32: its rounding error scales with E[a^2]
+        scale = (refs["smoothgrad_sq"] if v == "vargrad" else refs[v]).detach().abs().max()
+        assert float((e.attributions - ref).abs().max() / scale) < 1e-5, v

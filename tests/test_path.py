@@ -279,8 +279,8 @@ def crop(chelsea_batch) -> torch.Tensor:
 def test_ig_agrees_with_captum(zoo_model, crop, tiny_cnn, tiny_input) -> None:
     from captum.attr import IntegratedGradients as CIG
 
-    e = explain(zoo_model, crop, method="integrated_gradients", target=285, steps=8)
-    ref = CIG(zoo_model.model).attribute(crop, target=285, n_steps=8)
+    e = explain(zoo_model, crop, method="integrated_gradients", target=285, steps=16)
+    ref = CIG(zoo_model.model).attribute(crop, target=285, n_steps=16, internal_batch_size=8)
     assert float((e.attributions - ref).abs().max() / ref.abs().max()) < 1e-5
     b = torch.randn(tiny_input.shape, generator=torch.Generator().manual_seed(5))
     for rule in ("left", "right", "middle", "trapezoid"):
