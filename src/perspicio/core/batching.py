@@ -34,20 +34,29 @@ _ACT_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.Wea
 _CL_OK: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
-def activation_bytes(model: nn.Module, sample: Tensor) -> int:
-    """Bytes of all leaf-module outputs for ONE sample (measured once, cached per model/shape)."""
+def activation_profile(model: nn.Module, sample: Tensor) -> tuple[int, int]:
+    """(sum, largest) bytes of the leaf-module outputs for ONE sample, measured once and
+    cached per model and input shape.
+
+    The sum bounds what autograd keeps alive for a backward pass; without gradients
+    intermediates are freed as the forward proceeds, so the live set is a few of the
+    largest outputs, not their sum.
+    """
     declared = getattr(model, "bytes_per_sample", None)
     if callable(declared):  # black boxes declare an estimate instead of being probed
-        return int(declared(sample))
+        b = int(declared(sample))
+        return b, b
     key = (tuple(sample.shape[1:]), sample.dtype, str(sample.device))
     cache = _ACT_BYTES.setdefault(model, {})
     if key in cache:
         return cache[key]
-    total = [0]
+    total, largest = [0], [0]
 
     def hook(mod: nn.Module, args: object, out: object) -> None:
         if isinstance(out, Tensor):
-            total[0] += out.numel() * out.element_size()
+            b = out.numel() * out.element_size()
+            total[0] += b
+            largest[0] = max(largest[0], b)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
@@ -56,8 +65,19 @@ def activation_bytes(model: nn.Module, sample: Tensor) -> int:
     finally:
         for h in handles:
             h.remove()
-    cache[key] = max(total[0], sample[:1].numel() * sample.element_size())
+    floor = sample[:1].numel() * sample.element_size()
+    cache[key] = (max(total[0], floor), max(largest[0], floor))
     return cache[key]
+
+
+def activation_bytes(model: nn.Module, sample: Tensor) -> int:
+    """Bytes of all leaf-module outputs for ONE sample (what a backward pass keeps alive)."""
+    return activation_profile(model, sample)[0]
+
+
+#: live no-grad activations per sample, in units of the largest layer output (input, output,
+#: a residual branch and allocator slack)
+NO_GRAD_LIVE_FACTOR = 4
 
 
 def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
@@ -70,8 +90,8 @@ class Engine:
     """Chunked evaluation with pass counting.
 
     ``batch_size`` wins if given; otherwise the chunk is the memory budget divided
-    by the measured per-sample activation memory (x3 when gradients are kept),
-    capped at :data:`MAX_AUTO_BATCH`.
+    by the measured per-sample memory (with gradients: 3x the sum of all layer
+    outputs; without: 4x the largest one), capped at :data:`MAX_AUTO_BATCH`.
     """
 
     model: nn.Module
@@ -91,7 +111,8 @@ class Engine:
     def chunk_size(self, sample: Tensor, *, grad: bool = False) -> int:
         if self.batch_size is not None:
             return self.batch_size
-        per = activation_bytes(self.model, sample) * (3 if grad else 1)
+        total, largest = activation_profile(self.model, sample)
+        per = total * 3 if grad else largest * NO_GRAD_LIVE_FACTOR
         budget = self.memory_budget or DEFAULT_MEMORY_BUDGET
         cap = MAX_AUTO_BATCH if sample.ndim > 2 else MAX_AUTO_ROWS
         return int(max(1, min(cap, budget // max(per, 1))))
