@@ -1,5 +1,6 @@
 """The Explanation object: immutable, indexable, honest about what it holds, saved atomically."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -25,7 +26,7 @@ def _exp(shape):
 
 def test_immutable_and_indexing():
     e = _exp((3, 1, 4, 4))
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         e.method = "x"
     with pytest.raises(TypeError):
         e.options["a"] = 2
