@@ -104,8 +104,10 @@ class Conv2dSame(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom = self._same_pad(x.shape[-2], 0)
         left, right = self._same_pad(x.shape[-1], 1)
-        if top or bottom or left or right:
-            x = F.pad(x, (left, right, top, bottom))
+        if top == bottom and left == right:
+            # symmetric (all stride-1 layers): let the convolution pad, no padded copy of x
+            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
+        x = F.pad(x, (left, right, top, bottom))
         return super().forward(x)
 
 
