@@ -5,29 +5,41 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 
-def normalize_map(attr: Tensor, *, positive: bool = True) -> Tensor:
+def normalize_map(attr: Tensor, *, positive: bool = True, clip: float | str | None = "auto") -> Tensor:
     """Sum over channels and scale each sample to [0, 1].
 
     With ``positive=True`` negative evidence is clipped (CAM convention); otherwise
     the map is scaled by its maximum absolute value into [-1, 1].
+    ``clip`` is a percentile (e.g. 99.5) used as the top of the scale so that a few
+    outlier pixels do not darken the rest; "auto" clips multi-channel (pixel-level,
+    gradient-style) attributions at 99.5 and leaves single-channel maps (CAMs) at their max.
     Accepts (C, H, W) or (N, C, H, W); returns (N, H, W) or (H, W) accordingly.
     """
     single = attr.ndim == 3
     a = attr[None] if single else attr
+    if clip == "auto":
+        clip = 99.5 if a.shape[1] > 1 else None
     a = a.detach().float().sum(dim=1)
     flat = a.flatten(1)
+
+    def top(values: Tensor) -> Tensor:
+        if clip is None:
+            return values.max(1, keepdim=True).values
+        return torch.quantile(values, float(clip) / 100.0, dim=1, keepdim=True)
+
     if positive:
         flat = flat.clamp_min(0)
         lo = flat.min(1, keepdim=True).values
-        hi = flat.max(1, keepdim=True).values
-        flat = (flat - lo) / (hi - lo).clamp_min(1e-12)
+        hi = top(flat)
+        flat = ((flat - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
     else:
-        flat = flat / flat.abs().max(1, keepdim=True).values.clamp_min(1e-12)
+        flat = (flat / top(flat.abs()).clamp_min(1e-12)).clamp(-1, 1)
     out = flat.view_as(a)
     return out[0] if single else out
 
