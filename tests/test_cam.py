@@ -699,3 +699,32 @@ def test_channels_last_engine_matches_contiguous(monkeypatch, method: str, tiny_
             perspicio.explain(ViewNet(), x6, method=method, target=[0, 2])]
     for f, s in zip(fast, slow):
         torch.testing.assert_close(f.attributions, s.attributions, rtol=1e-5, atol=1e-6)
+
+
+def test_scorecam_constant_channels_share_one_pass():
+    """All-zero (constant) channels give all-zero masks: one shared forward, same weights."""
+    import torch.nn as nn
+
+    import perspicio
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight[1].zero_()
+        conv.bias[1] = -1.0  # channel 1 is constant zero after ReLU
+        conv.weight[3].zero_()
+        conv.bias[3] = 0.5  # channel 3 is constant non-zero
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    e = perspicio.explain(model, x, method="scorecam", layer="1", target=[0, 2], relu=False)
+    assert e.provenance["forward_samples"] == 2 + 1 + 2 * 2  # 2 inputs, shared zero input, 2 channels x 2
+    acts = torch.relu(conv(x)).detach()
+    expected = torch.zeros(2, 6, 6)
+    for n, c in enumerate([0, 2]):
+        for k in range(4):
+            a = acts[n, k]
+            rng = a.max() - a.min()
+            mask = (a - a.min()) / rng if rng > 0 else torch.zeros_like(a)
+            w = model(x[n : n + 1] * mask).softmax(1)[0, c]
+            expected[n] += w * a
+    torch.testing.assert_close(e.raw[:, 0], expected, rtol=1e-5, atol=1e-6)

@@ -301,7 +301,8 @@ class ScoreCAM(CAMBase):
     w_k is the target's softmax probability on the masked input (``weights="probability"``,
     the paper's Algorithm 1). ``weights="channel_softmax"`` uses a softmax over
     channels of the target logits instead (pytorch-grad-cam's variant). Callable
-    targets use their raw score."""
+    targets use their raw score. Constant channels share one forward pass of the
+    all-zero input their (zero) masks produce."""
 
     uses_gradients = False
 
@@ -318,8 +319,29 @@ class ScoreCAM(CAMBase):
         use_prob = self.weights == "probability" and ctx.target.indices is not None
         idx = ctx.target.indices
 
+        def score(out: Tensor, ni: Tensor) -> Tensor:
+            if use_prob:
+                return out.softmax(dim=1).gather(1, idx[ni][:, None]).squeeze(1)
+            if idx is not None:
+                return out.gather(1, idx[ni][:, None]).squeeze(1)
+            return ctx.target(out)
+
+        # A constant channel (after ReLU most are all zero) gives an all-zero mask, i.e. the
+        # same all-zero input for every such channel and sample: one shared forward pass
+        # instead of one per channel. Identical result, far fewer passes.
+        flat = acts.flatten(2)
+        const = (flat.amax(2) - flat.amin(2) == 0).flatten()  # (N*K,)
+        todo = (~const).nonzero().squeeze(1)
+        scores = torch.empty(n * k, dtype=x.dtype, device=x.device)
+        if bool(const.any()):
+            with torch.no_grad():
+                zero_out = ctx.engine.forward(torch.zeros_like(x[:1]))
+                zero_out = zero_out.expand(n, *zero_out.shape[1:])
+                s0 = score(zero_out, torch.arange(n, device=x.device))
+            scores[const] = s0[const.nonzero().squeeze(1) // k]
+
         def run(start: int, stop: int) -> Tensor:
-            js = torch.arange(start, stop, device=x.device)
+            js = todo[start:stop]
             ni, ki = js // k, js % k
             # masks of this chunk only (all N*K masks at input size could take GBs)
             masks = F.interpolate(acts[ni, ki][:, None], size=size, mode="bilinear", align_corners=False)
@@ -327,15 +349,11 @@ class ScoreCAM(CAMBase):
             lo = flat.min(1).values.view(-1, 1, 1, 1)
             rng = flat.max(1).values.view(-1, 1, 1, 1) - lo
             masks = torch.where(rng > 0, (masks - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(masks))
-            batch = x[ni] * masks
-            out = ctx.engine.forward(batch)
-            if use_prob:
-                return out.softmax(dim=1).gather(1, idx[ni][:, None]).squeeze(1)
-            if ctx.target.indices is not None:
-                return out.gather(1, idx[ni][:, None]).squeeze(1)
-            return ctx.target(out)
+            return score(ctx.engine.forward(x[ni] * masks), ni)
 
-        scores = ctx.engine.map(run, n * k, sample=x[:1], description=f"Score-CAM {ctx.layer}").view(n, k)
+        if len(todo):
+            scores[todo] = ctx.engine.map(run, len(todo), sample=x[:1], description=f"Score-CAM {ctx.layer}").to(x.dtype)
+        scores = scores.view(n, k)
         if self.weights == "channel_softmax":
             scores = scores.softmax(dim=1)
         return scores
