@@ -57,20 +57,22 @@ NOTES = """Notes:
   `.view()` their feature maps fall back automatically). On this VM it made the bundled model's batched
   forward 1.1x-2.4x faster, depending on the run (first run: 9.1 vs 3.8 img/s at batch 32; the ~4x of
   the issue was not reproduced under this load), and batch 1 between 0.8x and 1.8x.
-* Score-CAM costs exactly its forwards: interleaved with 5 plain channels-last forwards of the same
-  20-image chunks it took 8.41 s vs 8.38 s (96-channel layer). The ratio to the limit above also holds
-  the chunk size (20, from the 1.5 GB memory budget, vs the best measured batch) and load drift between
-  the sequential runs. Our Score-CAM beats pytorch-grad-cam's only by the channels-last gain, so the ">= 2x vs pytorch-grad-cam" target is met for Ablation-CAM but not for Score-CAM here.
+* Score-CAM: a constant channel (after ReLU6 most of `_act_head`'s channels are all zero on a given
+  image: 736 of 1280 on chelsea, 564 on coffee, 496 on camera) yields an all-zero mask, so all such
+  channels share ONE forward pass of the all-zero input; the weights are identical to evaluating each
+  (tested against a brute-force loop and pytorch-grad-cam). On chelsea this is 1 + 1 + 544 passes instead
+  of 1 + 1280: 0.5x the 1281-pass limit, 1.18x the limit of the passes it actually makes (547 / 60.5
+  img/s = 9.0 s), and 3.5x faster than pytorch-grad-cam. Before this change (and with chunk 20 under
+  load) it was 1.28-1.43x the 1281-pass limit and 1.05-1.29x faster than pytorch-grad-cam.
 * Gradient CAMs need one forward and a backward only down to the layer (parameters frozen), so they
   come in under the fwd+bwd-to-the-input limit.
 * Ablation-CAM runs the network up to the layer once per chunk and expands the layer output into the
   chunk's ablated copies (checked once per call against the unablated output; otherwise whole-model
   copies), so for `_act_head` it costs about one forward per chunk instead of one per channel: far below
-  the "1280 forwards" limit. Score-CAM's masks act on the input, so it needs the 1280 full forwards; its
-  time is the forward time of its chunks (auto chunk 20 from the 1.5 GB budget, within ~10% of the best
-  batch throughput here).
-* Absolute times on this shared 2-core VM swing with other jobs (load average 10-16 during these runs;
-  with 2 OpenMP threads under that load the forward slowed 10x, hence `--threads 1`). Score-CAM and the
+  the "1280 forwards" limit. Score-CAM's masks act on the input, so it needs a full forward per
+  non-constant channel; its time is the forward time of its chunks (auto chunk 64 for the bundled model).
+* Absolute times on this shared 2-core VM swing with other jobs (the table above was measured on a quiet
+  machine, 2 threads; earlier runs at load average 10-16 needed `--threads 1`). Score-CAM and the
   pytorch-grad-cam many-pass runs are single sequential runs, so their ratio is the least reliable number.
 """
 
