@@ -19,3 +19,11 @@ def test_readme_test_command_is_what_ci_runs():
     block = text.split("<!-- test-command -->")[1].split("<!-- /test-command -->")[0]
     assert "pytest" in block and "'.[test]'" in block
     assert "<!-- test-command -->" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "cat_gradcam.png").stat().st_size > 1000
