@@ -9,8 +9,6 @@ one function, :meth:`Method._explain`.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import platform
 import time
 from collections.abc import Sequence
@@ -23,6 +21,7 @@ from ..core.batching import Engine
 from ..core.explanation import Explanation
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
+from ..core.options import RecordsOptions
 from ..core.targets import split_multi_target
 from ..errors import ModelError, OptionError
 
@@ -44,28 +43,13 @@ def unwrap_model(model: Any) -> tuple[Any, Sequence[str] | None]:
     return model, None
 
 
-class Method:
+class Method(RecordsOptions):
     """Base of attribution methods; subclasses implement :meth:`_explain`."""
 
+    _options_exclude: ClassVar[tuple[str, ...]] = ("self", "model")
     name: ClassVar[str] = "method"
     input_ndim: ClassVar[int | None] = 4
 
-    def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            return
-
-        @functools.wraps(init)
-        def wrapped(self: Method, *args: Any, **kwargs: Any) -> None:
-            init(self, *args, **kwargs)
-            if type(self).__init__ is wrapped:  # outermost constructor records the options
-                bound = inspect.signature(init).bind(self, *args, **kwargs)
-                opts = {k: v for k, v in bound.arguments.items() if k not in ("self", "model")}
-                opts.update(opts.pop("common", {}) or {})
-                self.options = opts
-
-        cls.__init__ = wrapped  # type: ignore[method-assign]
 
     def __init__(
         self,
@@ -106,19 +90,6 @@ class Method:
     def _prepare_inputs(self, inputs: Any) -> Any:
         """Validate ``inputs`` at the boundary (override for non-tensor inputs such as text)."""
         return as_batch(inputs, self.model, ndim=self.input_ndim)
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        names: list[str] = []
-        for klass in cls.__mro__:
-            init = klass.__dict__.get("__init__")
-            if init is None or klass is object:
-                continue
-            for p in inspect.signature(inspect.unwrap(init)).parameters.values():
-                if p.name not in ("self", "model", "common") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                    if p.name not in names:
-                        names.append(p.name)
-        return names
 
     def __call__(self, inputs: Tensor, target: Any = None) -> Explanation:
         """Explain ``inputs`` (N, C, H, W) for ``target`` (see :func:`perspicio.core.targets.resolve_target`)."""

@@ -22,7 +22,6 @@ batch tensor to outputs (a black box). Metrics that need gradients of a black bo
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from ..core.batching import Engine
 from ..core.explanation import Explanation
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
+from ..core.options import RecordsOptions
 from ..core.targets import ResolvedTarget, resolve_target
 from ..errors import InputError, ModelError, OptionError, PerspicioError
 
@@ -335,32 +335,15 @@ def as_masks(masks: Any, x: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- base class
 
 
-class Metric:
+class Metric(RecordsOptions):
     """Base of evaluation metrics; subclasses set the class metadata and implement :meth:`_compute`."""
 
     name: ClassVar[str] = "metric"
     family: ClassVar[str] = ""
     higher_is_better: bool = True
     needs: ClassVar[tuple[str, ...]] = ()
+    _options_with_defaults: ClassVar[bool] = True
 
-    def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            return
-        import functools
-
-        @functools.wraps(init)
-        def wrapped(self: Metric, *args: Any, **kwargs: Any) -> None:
-            init(self, *args, **kwargs)
-            if type(self).__init__ is wrapped:
-                bound = inspect.signature(init).bind(self, *args, **kwargs)
-                bound.apply_defaults()
-                opts = {k: v for k, v in bound.arguments.items() if k != "self"}
-                opts.update(opts.pop("common", {}) or {})
-                self.options = opts
-
-        cls.__init__ = wrapped  # type: ignore[method-assign]
 
     def __init__(
         self,
@@ -378,19 +361,6 @@ class Metric:
         self.progress = progress
         self.seed = seed
         self.options: dict[str, Any] = {}
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        names: list[str] = []
-        for klass in cls.__mro__:
-            init = klass.__dict__.get("__init__")
-            if init is None or klass is object:
-                continue
-            for p in inspect.signature(inspect.unwrap(init)).parameters.values():
-                if p.name not in ("self", "common") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                    if p.name not in names:
-                        names.append(p.name)
-        return names
 
     def __call__(
         self,
