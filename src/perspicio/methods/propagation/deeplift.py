@@ -667,23 +667,13 @@ class RevealCancelPropagator(DeepLiftPropagator):
             self.set(o, p, n)
         return out
 
-    def _unknown(self, func: Any, args: tuple, kwargs: dict, reason: str = "") -> Any:
-        out = func(*args, **kwargs)
-        if not any(self.is_var(t) for t in iter_tensors((args, kwargs))):
-            return out
-        if not any(t.is_floating_point() for t in iter_tensors(out)):
-            return out  # comparisons, argmax, shapes: not on the explained path
-        name = op_name(func)
-        site = self.site()
-        if self.gradient_fallback:
-            self.fallbacks.append(f"{name} in {site}")
-            return self.fallback(func, args, kwargs, out)
-        why = f" ({reason})" if reason else ""
-        raise ModelError(
-            f"{self.method}: operation {name} called in {site} has no propagation rule{why}. "
-            "Use rule='rescale', rewrite it with supported operations, or pass gradient_fallback=True "
-            "(recorded in the explanation's provenance)."
-        )
+    unknown_hint = ("Use rule='rescale', rewrite it with supported operations, or pass gradient_fallback=True "
+                    "(recorded in the explanation's provenance).")
+
+    def _on_path(self, args: tuple, kwargs: dict, out: Any) -> bool:
+        # RevealCancel tracks its variables itself (outputs do not require grad here)
+        return any(self.is_var(t) for t in iter_tensors((args, kwargs))) and any(
+            t.is_floating_point() for t in iter_tensors(out))
 
 
 # ============================================================================ shared driver

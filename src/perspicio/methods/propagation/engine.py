@@ -491,10 +491,18 @@ class Propagator:
         attn = self.dispatch(torch.softmax, (scores, -1), {})
         return self.dispatch(torch.matmul, (attn, v), {})
 
+    #: what the error for an operation without a rule suggests
+    unknown_hint = ("Rewrite it with supported operations, or pass gradient_fallback=True to propagate its plain "
+                    "gradient there (recorded in the explanation's provenance).")
+
+    def _on_path(self, args: tuple, kwargs: dict, out: Any) -> bool:
+        """Is this call's result on the explained path (not a shape query, comparison, argmax, ...)?"""
+        return any(t.requires_grad or self.is_var(t) for t in iter_tensors(out))
+
     def _unknown(self, func: Any, args: tuple, kwargs: dict, reason: str = "") -> Any:
         out = func(*args, **kwargs)
-        if not any(t.requires_grad or self.is_var(t) for t in iter_tensors(out)):
-            return out  # not on the explained path (shape queries, comparisons, argmax, ...)
+        if not self._on_path(args, kwargs, out):
+            return out
         name = op_name(func)
         site = self.site()
         if self.gradient_fallback:
@@ -502,9 +510,7 @@ class Propagator:
             return self.fallback(func, args, kwargs, out)
         why = f" ({reason})" if reason else ""
         raise ModelError(
-            f"{self.method}: operation {name} called in {site} has no propagation rule{why}. "
-            "Rewrite it with supported operations, or pass gradient_fallback=True to propagate its plain "
-            "gradient there (recorded in the explanation's provenance)."
+            f"{self.method}: operation {name} called in {site} has no propagation rule{why}. {self.unknown_hint}"
         )
 
     # ------------------------------------------------------------------ override points
