@@ -27,3 +27,17 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "cat_gradcam.png").stat().st_size > 1000
+
+
+def test_method_selection_is_shared_and_family_default_is_the_whole_family():
+    """`cam` is both a method and a family: the default selects the family, `cam` the method."""
+    from perspicio.core.registry import METHODS
+    from perspicio.metrics.evaluate import resolve_methods
+
+    cams = METHODS.names("cam")
+    assert len(cams) == 9
+    assert resolve_methods(None) == cams
+    assert resolve_methods("cam") == ["cam"]
+    assert resolve_methods("family:cam,saliency") == [*cams, "saliency"]
+    assert METHODS.select("gradient") == METHODS.names("gradient")
+    assert METHODS.select([], default=["family:cam"]) == cams

@@ -50,7 +50,7 @@ def explain(
 def evaluate(
     model: Any,
     inputs: Any,
-    methods: Any = "cam",
+    methods: Any = "family:cam",
     metrics: Any = "default",
     target: Any = None,
     **kwargs: Any,

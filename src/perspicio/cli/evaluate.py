@@ -41,7 +41,7 @@ def _scoped_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict[str, An
 @click.command("compare")
 @click.argument("images", nargs=-1)
 @model_options
-@click.option("--methods", "methods", multiple=True, help="Methods: names (repeat or comma-separate), a family, or 'all'. Default: the CAM family.")
+@click.option("--methods", "methods", multiple=True, help="Methods: names (repeat or comma-separate), a family as family:NAME, or 'all'. Default: the CAM family.")
 @click.option("--metrics", "metrics", multiple=True, help="Metrics: names, a family, 'default' or 'all'. Default: default.")
 @click.option("--target", "-t", default=None, help="Class index or name to explain (default: the predicted class).")
 @click.option("--out", "-o", "out", default="perspicio-compare.html", show_default=True, type=click.Path(dir_okay=False), help="HTML report; the JSON goes next to it.")
@@ -63,7 +63,7 @@ def compare_cmd(
     from ..viz.report import write_report
     from ..zoo import load_image
 
-    method_names = resolve_methods(split_list(methods) or ["cam"])
+    method_names = resolve_methods(split_list(methods))
     metric_names = resolve_metrics(split_list(metrics) or ["default"])
     sources = list(images) or list(DEFAULT_IMAGES)
     pil_images = [load_image(s) for s in sources]  # validate files before any work

@@ -62,11 +62,10 @@ def explain_cmd(
     from .. import explain as run_explain
     from ..core.registry import METHODS
     from ..errors import OptionError
-    from ..methods import names as method_names
     from ..viz import comparison_figure
     from ..zoo import load_image
 
-    chosen = _resolve_methods(methods, METHODS, method_names)
+    chosen = METHODS.select(split_list(methods), default=["family:cam"])
     sources = list(images) or list(DEFAULT_IMAGES)
     pil_images = [load_image(s) for s in sources]  # validate every file before any work
     zm = load_model(model_spec, device, random_init)
@@ -113,22 +112,6 @@ def explain_cmd(
     (out / "summary.json").write_text(json.dumps(
         {src: [e.summary() for e in exps] for src, _, exps in results}, indent=2))
     click.echo(f"wrote {len(written) + 1} files to {out}/ (comparison: {written[-1].name})")
-
-
-def _resolve_methods(methods: tuple[str, ...], registry: Any, method_names: Any) -> list[str]:
-    requested = split_list(methods) or ["family:cam"]
-    families = {e.family for e in registry.entries()}
-    chosen: list[str] = []
-    for r in requested:
-        key = r.strip().lower()
-        fam = key.removeprefix("family:")
-        if key == "all":
-            chosen += method_names()
-        elif fam in families and (key.startswith("family:") or key not in registry):
-            chosen += method_names(fam)
-        else:
-            chosen.append(registry.get(key).name)
-    return list(dict.fromkeys(chosen))
 
 
 @click.command("methods")

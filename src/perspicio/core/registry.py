@@ -7,11 +7,11 @@ never a second hand-kept list.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import UnknownNameError, suggest
+from ..errors import OptionError, UnknownNameError, suggest
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,28 @@ class Registry:
 
     def names(self, family: str | None = None) -> list[str]:
         return [n for n, e in self._entries.items() if family is None or e.family == family]
+
+    def select(self, spec: str | Sequence[str] | None, default: Sequence[str] = ()) -> list[str]:
+        """Names from a user selection: names, comma-separated strings, "all", or a family
+        ("family:cam", or a bare family name that is not also an entry's name). Empty -> ``default``.
+        Unknown names raise :class:`UnknownNameError` with suggestions."""
+        items: list[str] = []
+        for s in [spec] if isinstance(spec, str) else list(spec or []):
+            if not isinstance(s, str):
+                raise OptionError(f"{self.kind} names must be strings; got {type(s).__name__}.")
+            items += [p.strip() for p in s.split(",") if p.strip()]
+        families = {e.family for e in self._entries.values()}
+        chosen: list[str] = []
+        for item in items or list(default):
+            key = item.strip().lower().replace("-", "_")
+            fam = key.removeprefix("family:")
+            if key == "all":
+                chosen += self.names()
+            elif fam in families and (key.startswith("family:") or key not in self._entries):
+                chosen += self.names(fam)
+            else:
+                chosen.append(self.get(key).name)
+        return list(dict.fromkeys(chosen))
 
     def entries(self) -> list[Entry]:
         return list(self._entries.values())

@@ -36,21 +36,11 @@ DEFAULT_METRICS = (
 
 
 def resolve_methods(spec: str | Sequence[str] | None) -> list[str]:
-    """'all', a family name, a comma-separated string or a list -> registered method names."""
-    from .. import methods as _methods
+    """'all', a family ("family:cam" or "gradient"), a comma-separated string or a list ->
+    registered method names; empty -> the CAM family."""
+    from .. import methods as _methods  # noqa: F401  (registers the methods)
 
-    items = _split(spec) or ["cam"]
-    families = {e.family for e in METHODS.entries()}
-    out: list[str] = []
-    for item in items:
-        key = item.strip().lower().replace("-", "_")
-        if key == "all":
-            out += _methods.names()
-        elif key in families and key not in METHODS:
-            out += _methods.names(key)
-        else:
-            out.append(METHODS.get(key).name)
-    return list(dict.fromkeys(out))
+    return METHODS.select(spec, default=["family:cam"])
 
 
 def resolve_metrics(spec: str | Sequence[str] | None, *, have_masks: bool = False) -> list[str]:
@@ -246,7 +236,7 @@ def format_table(comp: Comparison, *, digits: int = 4) -> str:
 def compare(
     model: Any,
     inputs: Any,
-    methods: str | Sequence[str] | None = "cam",
+    methods: str | Sequence[str] | None = "family:cam",
     metrics: str | Sequence[str] | None = "default",
     target: Any = None,
     *,
@@ -360,7 +350,7 @@ def _make_metric(name: str, opts: dict[str, Any], seed: int, batch_size: int | N
 def evaluate(
     model: Any,
     inputs: Any,
-    methods: str | Sequence[str] | None = "cam",
+    methods: str | Sequence[str] | None = "family:cam",
     metrics: str | Sequence[str] | None = "default",
     target: Any = None,
     **kwargs: Any,

@@ -144,7 +144,7 @@ def cell_masks(size: int) -> Tensor:
 
 def pointing_game_benchmark(
     model: Any = "efficientnet_lite0",
-    methods: str | Sequence[str] | None = "cam",
+    methods: str | Sequence[str] | None = "family:cam",
     *,
     size: int = 448,
     threshold: float = DEFAULT_THRESHOLD,
