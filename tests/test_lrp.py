@@ -519,3 +519,24 @@ def test_efficientnet_lite0_composites(zoo_model, chelsea_batch) -> None:
     r = conservation(LRP(nobias, rule="lrp0", record_layers=True)(x[:, :, :64, :64], target=285))
     assert r.max_rel_error < 1e-4, r.table()
     assert_restored(model, before)
+
+
+def test_ops_without_lrp_rule_give_clear_error_or_recorded_fallback():
+    """Division and element-wise ops have no LRP rule: a ModelError naming the op, never a bare traceback."""
+    import perspicio
+    from perspicio.errors import ModelError
+
+    class DivNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x / (1 + x.abs()))
+
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ModelError, match="Tensor.abs.*no propagation rule"):
+        perspicio.explain(DivNet(), x, "lrp", rule="epsilon")
+    e = perspicio.explain(DivNet(), x, "lrp", rule="epsilon", gradient_fallback=True)
+    recorded = " ".join(e.provenance["gradient_fallback"])
+    assert "Tensor.abs" in recorded and "div" in recorded

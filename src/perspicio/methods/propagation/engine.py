@@ -537,26 +537,28 @@ class Propagator:
     def on_reduce(self, call: Call) -> Any:
         return call.run()
 
+    # Operation kinds a propagator has no rule for: the clear "no propagation rule" error
+    # naming the operation and its call site (or the recorded gradient fallback).
     def on_product(self, call: Call) -> Any:
-        raise NotImplementedError  # every concrete propagator overrides or leaves PRODUCT unsupported
+        return self._unknown(call.func, call.args, call.kwargs)
 
     def on_div(self, call: Call, ar: Arith) -> Any:
-        raise NotImplementedError
+        return self._unknown(call.func, call.args, call.kwargs)
 
     def on_activation(self, call: Call) -> Any:
-        raise NotImplementedError
+        return self._unknown(call.func, call.args, call.kwargs)
 
     def on_elementwise(self, call: Call) -> Any:
-        raise NotImplementedError
+        return self._unknown(call.func, call.args, call.kwargs)
 
     def on_norm(self, call: Call) -> Any:
-        raise NotImplementedError
+        return self._unknown(call.func, call.args, call.kwargs)
 
     def on_softmax(self, call: Call) -> Any:
-        raise NotImplementedError
+        return self._unknown(call.func, call.args, call.kwargs)
 
     def on_maxpool(self, call: Call) -> Any:
-        raise NotImplementedError
+        return self._unknown(call.func, call.args, call.kwargs)
 
 
 class PropagationMode(TorchFunctionMode):
