@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import OptionError
+from .fold import inference_twin
 
 #: default memory budget for one chunk (bytes); override per call or with PERSPICIO_MEMORY_BUDGET
 DEFAULT_MEMORY_BUDGET = int(float(os.environ.get("PERSPICIO_MEMORY_BUDGET", 1.5 * 2**30)))
@@ -101,6 +102,7 @@ class Engine:
     forwards: int = 0
     backwards: int = 0
     chunk_sizes: list[int] = field(default_factory=list)
+    folded: int | None = None  # BatchNorm layers folded in the inference twin (None: not used)
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
@@ -121,14 +123,28 @@ class Engine:
         """``model(x)``, counted as ``count`` samples (default ``len(x)``; more when a hook
         expands the batch inside the model, as Ablation-CAM does)."""
         self.forwards += len(x) if count is None else count  # tensors, or lists of strings for text black boxes
+        return self._run(self.model, x)
+
+    def evaluate(self, x: Tensor, *, count: int | None = None) -> Tensor:
+        """Pure model outputs for ``x``: like :meth:`forward`, but for passes that need no
+        hooks and no gradients (perturbations, masked copies, metric curves), which run the
+        model's BatchNorm-folded inference twin (:mod:`perspicio.core.fold`) - the same
+        function, one fewer pass over every feature map."""
+        if torch.is_grad_enabled() or not isinstance(x, Tensor):
+            return self.forward(x, count=count)
+        module, self.folded = inference_twin(self.model, x[:1])
+        self.forwards += len(x) if count is None else count
+        return self._run(module, x)
+
+    def _run(self, module: nn.Module, x: Tensor) -> Tensor:
         if self._channels_last(x):
             try:
-                return self.model(x.contiguous(memory_format=torch.channels_last))
+                return module(x.contiguous(memory_format=torch.channels_last))
             except RuntimeError as exc:  # a model that calls .view() on its feature maps
                 if "view size is not compatible" not in str(exc):
                     raise
                 _CL_OK[self.model] = False
-        return self.model(x)
+        return module(x)
 
     def _channels_last(self, x: object) -> bool:
         if not CHANNELS_LAST or not isinstance(x, Tensor) or x.ndim != 4 or x.is_contiguous(memory_format=torch.channels_last):
@@ -188,7 +204,11 @@ class Engine:
                 advance(stop - start)
 
     def stats(self) -> dict[str, int | list[int]]:
-        return {"forward_samples": self.forwards, "backward_samples": self.backwards, "chunk_sizes": self.chunk_sizes}
+        stats: dict[str, int | list[int]] = {"forward_samples": self.forwards, "backward_samples": self.backwards,
+                                             "chunk_sizes": self.chunk_sizes}
+        if self.folded:
+            stats["batchnorm_folded"] = self.folded
+        return stats
 
 
 class _NoBar:

@@ -487,7 +487,7 @@ class MaskedGame:
         def run(start: int, stop: int) -> Tensor:
             r = torch.arange(start, stop, device=dev)
             batch = self.bound.build(z[r // k], r % k)
-            out = self.engine.forward(batch)
+            out = self.engine.evaluate(batch)
             s = self.score(out)
             return s.detach().to(torch.float64).reshape(-1)
 

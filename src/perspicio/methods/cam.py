@@ -335,7 +335,7 @@ class ScoreCAM(CAMBase):
         scores = torch.empty(n * k, dtype=x.dtype, device=x.device)
         if bool(const.any()):
             with torch.no_grad():
-                zero_out = ctx.engine.forward(torch.zeros_like(x[:1]))
+                zero_out = ctx.engine.evaluate(torch.zeros_like(x[:1]))
                 zero_out = zero_out.expand(n, *zero_out.shape[1:])
                 s0 = score(zero_out, torch.arange(n, device=x.device))
             scores[const] = s0[const.nonzero().squeeze(1) // k]
@@ -349,7 +349,7 @@ class ScoreCAM(CAMBase):
             lo = flat.min(1).values.view(-1, 1, 1, 1)
             rng = flat.max(1).values.view(-1, 1, 1, 1) - lo
             masks = torch.where(rng > 0, (masks - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(masks))
-            return score(ctx.engine.forward(x[ni] * masks), ni)
+            return score(ctx.engine.evaluate(x[ni] * masks), ni)
 
         if len(todo):
             scores[todo] = ctx.engine.map(run, len(todo), sample=x[:1], description=f"Score-CAM {ctx.layer}").to(x.dtype)

@@ -68,7 +68,7 @@ def sample_score(tgt: ResolvedTarget, n: int) -> Callable[[Tensor], Tensor]:
 def first_forward(x: Any, target: Any, engine: Engine, labels: Sequence[str] | None) -> tuple[Tensor, ResolvedTarget, Tensor]:
     """The model output on the inputs, the resolved target and its scores (no gradients)."""
     with torch.no_grad():
-        out = engine.forward(x)
+        out = engine.evaluate(x)
     tgt = resolve_target(target, out, labels)
     return out, tgt, tgt(out).detach()
 
@@ -373,7 +373,7 @@ class Occlusion(Method):
                 batch = xi.expand(stop - start, *xi.shape).clone()
                 for j, sl in enumerate(slices[start:stop]):
                     batch[(j, *sl)] = base[sl]
-                return score(engine.forward(batch))
+                return score(engine.evaluate(batch))
 
             occluded = engine.map(run, len(slices), sample=x[:1], description=f"occlusion [{i + 1}/{len(x)}]")
             diff = (scores[i] - occluded).to(x.dtype)
@@ -450,7 +450,7 @@ class RISE(Method):
             def run(start: int, stop: int, xi: Tensor = xi, base: Tensor = base, score: Any = score,
                     acc: Tensor = acc, grids: Tensor = grids, shifts: Tensor = shifts) -> Tensor:
                 m = self.masks(start, stop, grids, shifts, (h, w))
-                s = score(engine.forward(base + (xi - base) * m))
+                s = score(engine.evaluate(base + (xi - base) * m))
                 acc += torch.einsum("b,bchw->chw", s.double(), m.double())
                 return s
 

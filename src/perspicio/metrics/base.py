@@ -266,7 +266,7 @@ class Context:
 
         def fn(start: int, stop: int) -> Tensor:
             batch, rows = make(start, stop)
-            return self.scores(self.engine.forward(batch), rows, kind).detach().float()
+            return self.scores(self.engine.evaluate(batch), rows, kind).detach().float()
 
         return self.engine.map(fn, n, sample=self.x[:1], description=description)
 
@@ -426,7 +426,7 @@ class Metric(RecordsOptions):
                         memory_budget=self.memory_budget, progress=self.progress)
         if module is not None:
             with model_guard(module), torch.no_grad():
-                out = engine.forward(x).detach()
+                out = engine.evaluate(x).detach()
             tgt = resolve_target(target, out, labels)
         else:  # attribution-only metrics (localization, complexity) need no model
             out = torch.zeros(x.shape[0], 0, device=x.device)

@@ -1,0 +1,148 @@
+"""The inference twin (BatchNorm folded into the preceding layer) used for output-only passes."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import perspicio
+from perspicio.core import fold
+from perspicio.core.batching import Engine
+
+
+def _bn(c: int, seed: int) -> nn.BatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=g))
+        bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+        bn.weight.copy_(torch.randn(c, generator=g))
+        bn.bias.copy_(torch.randn(c, generator=g))
+    return bn
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = _bn(4, 1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, groups=4)  # depthwise, with bias
+        self.bn2 = _bn(4, 2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h))) + h
+        return self.head(h.mean((2, 3)))
+
+
+class SharedConvOutput(ConvBN):
+    """conv1's output feeds bn1 AND a skip: folding bn1 into conv1 would change the skip."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv1(x)
+        h = F.relu(self.bn1(z)) + z
+        h = F.relu(self.bn2(self.conv2(h)))  # this pair can be folded
+        return self.head(h.mean((2, 3)))
+
+
+class FunctionalBN(ConvBN):
+    """Calls F.batch_norm with bn1's buffers itself: swapping the module cannot fold it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bn1
+        h = F.batch_norm(self.conv1(x), b.running_mean, b.running_var, b.weight, b.bias, False, 0.0, b.eps)
+        return self.head(F.relu(h).mean((2, 3)))
+
+
+def _x(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+
+
+def test_twin_folds_every_pair_and_matches_outputs():
+    model = ConvBN().eval()
+    twin, folded = fold.inference_twin(model, _x())
+    assert folded == 2 and twin is not model
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in twin.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(twin(_x()), model(_x()), rtol=1e-5, atol=1e-5)
+
+
+def test_user_model_untouched_and_cache_is_weak():
+    model = ConvBN().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fold.inference_twin(model, _x())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model.bn1, nn.BatchNorm2d) and model.conv1.bias is None
+    assert model in fold._TWINS
+    del model
+    gc.collect()
+    assert len([m for m in fold._TWINS.keys() if isinstance(m, ConvBN)]) == 0
+
+
+def test_twin_rebuilt_after_weights_change():
+    model = ConvBN().eval()
+    fold.inference_twin(model, _x())
+    with torch.no_grad():
+        model.bn2.running_mean.add_(1.0)  # in place: version counter moves
+    twin, _ = fold.inference_twin(model, _x())
+    with torch.no_grad():
+        torch.testing.assert_close(twin(_x()), model(_x()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls,expected", [(SharedConvOutput, 1), (FunctionalBN, 0)])
+def test_unfoldable_pairs_are_left_alone(cls, expected):
+    model = cls().eval()
+    twin, folded = fold.inference_twin(model, _x())
+    assert folded == expected
+    with torch.no_grad():
+        torch.testing.assert_close(twin(_x()), model(_x()), rtol=1e-5, atol=1e-5)
+
+
+def test_training_mode_batchnorm_is_not_folded():
+    model = ConvBN().train()
+    twin, folded = fold.inference_twin(model, _x())
+    assert twin is model and folded == 0
+
+
+def test_engine_evaluate_uses_twin_only_without_grad():
+    model = ConvBN().eval()
+    eng = Engine(model)
+    with torch.no_grad():
+        out = eng.evaluate(_x())
+    assert eng.folded == 2 and eng.forwards == 2 and eng.stats()["batchnorm_folded"] == 2
+    eng2 = Engine(model)
+    x = _x().requires_grad_()
+    out2 = eng2.evaluate(x)  # gradients wanted: the user's model itself
+    assert out2.requires_grad and eng2.folded is None
+    torch.testing.assert_close(out, out2.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_stay_on_the_original():
+    model = ConvBN().eval()
+    seen = []
+    handle = model.conv2.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    try:
+        twin, _ = fold.inference_twin(model, _x())
+        seen.clear()
+        with torch.no_grad():
+            twin(_x())
+        assert seen == []
+    finally:
+        handle.remove()
+
+
+def test_methods_agree_with_and_without_folding(monkeypatch):
+    model = ConvBN().eval()
+    x = _x(1)
+    on = perspicio.explain(model, x, method="occlusion", target=1, window=4, stride=2)
+    assert on.provenance["batchnorm_folded"] == 2
+    monkeypatch.setattr(fold, "FOLD_BATCHNORM", False)
+    off = perspicio.explain(model, x, method="occlusion", target=1, window=4, stride=2)
+    assert "batchnorm_folded" not in off.provenance
+    torch.testing.assert_close(on.attributions, off.attributions, rtol=1e-4, atol=1e-5)
