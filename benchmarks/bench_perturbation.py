@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,24 +33,8 @@ import perspicio
 from perspicio import zoo
 from perspicio.core.maskers import image_feature_mask
 
-
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def throughput(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, int]:
-    """Best images/second over batch sizes (median of repeats each) and the batch that achieved it."""
-    best, best_b = 0.0, 0
-    with torch.no_grad():
-        for b in (16, 32, 64):
-            xb = x.expand(b, -1, -1, -1).contiguous()
-            model(xb)
-            t = statistics.median(timed(lambda xb=xb: model(xb)) for _ in range(repeats))
-            if b / t > best:
-                best, best_b = b / t, b
-    return best, best_b
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import forward_throughput, machine_note, malloc_note, timed  # noqa: E402
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -62,11 +47,14 @@ def speed(args: argparse.Namespace) -> None:
     x = zm.preprocess(zoo.sample("chelsea"))
     with torch.no_grad():
         target = int(model(x).argmax())
-    tput, best_b = throughput(model, x, args.repeats)
-    print(f"forward throughput: {tput:.1f} img/s (best batch {best_b})")
+    tp = forward_throughput(model, x, batch_sizes=(1, 4, 8, 16, 32, 64), repeats=args.repeats)
+    tput, (fmt, bs) = tp.best_forward, tp.best_forward_at
+    print(f"{machine_note()}; {malloc_note()}")
+    print("forward img/s: " + ", ".join(f"{f[:2]}{b}={v:.1f}" for (f, b), v in sorted(tp.forward.items())))
+    print(f"limit throughput: {tput:.1f} img/s ({fmt}, batch {bs}); peers get batch {bs}, "
+          "perspicio chooses its own chunks")
     seg = image_feature_mask(x[0], "slic:50")
     m = int(seg.max()) + 1
-    bs = best_b
 
     def clf_np_hwc(imgs: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2))).float()
@@ -80,20 +68,21 @@ def speed(args: argparse.Namespace) -> None:
     budget = args.budget
     rows: list[tuple[str, str, int, Callable[[], object]]] = [
         ("occlusion", "perspicio", n_occ, lambda: perspicio.explain(zm, x, method="occlusion", window=32, stride=16,
-                                                                     target=target, batch_size=bs)),
+                                                                     target=target)),
         ("occlusion", "captum", n_occ, lambda: ca.Occlusion(model).attribute(
             x, sliding_window_shapes=(3, 32, 32), strides=(3, 16, 16), target=target, perturbations_per_eval=bs)),
-        ("rise", "perspicio", budget, lambda: perspicio.explain(zm, x, method="rise", budget=budget, target=target,
-                                                                 batch_size=bs)),
+        ("occlusion", "captum (default perturbations_per_eval=1)", n_occ, lambda: ca.Occlusion(model).attribute(
+            x, sliding_window_shapes=(3, 32, 32), strides=(3, 16, 16), target=target)),
+        ("rise", "perspicio", budget, lambda: perspicio.explain(zm, x, method="rise", budget=budget, target=target)),
         ("kernel_shap", "perspicio", budget, lambda: perspicio.explain(
-            zm, x, method="kernel_shap", feature_mask=seg, budget=budget, target=target, batch_size=bs)),
+            zm, x, method="kernel_shap", feature_mask=seg, budget=budget, target=target)),
         ("kernel_shap", "captum", budget, lambda: ca.KernelShap(model).attribute(
             x, target=target, feature_mask=seg[None, None], n_samples=budget, perturbations_per_eval=bs)),
         ("kernel_shap", "shap Partition", budget, lambda: shap.PartitionExplainer(
             clf_np_hwc, shap.maskers.Image(0.0, (224, 224, 3)))(
             x.permute(0, 2, 3, 1).numpy(), max_evals=budget, batch_size=bs, outputs=[target], silent=True)),
         ("lime", "perspicio", budget, lambda: perspicio.explain(
-            zm, x, method="lime", feature_mask=seg, budget=budget, sampling="bernoulli", target=target, batch_size=bs)),
+            zm, x, method="lime", feature_mask=seg, budget=budget, sampling="bernoulli", target=target)),
         ("lime", "lime", budget, lambda: lime_image.LimeImageExplainer(random_state=0).explain_instance(
             x[0].permute(1, 2, 0).numpy().astype(np.float64), clf_np_hwc, labels=(target,), top_labels=None,
             hide_color=0, num_samples=budget, segmentation_fn=lambda img: seg.numpy(), num_features=m,

@@ -10,6 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from .core.allocator import tune_allocator
 from .core.explanation import Explanation
 from .core.targets import EmbeddingSimilarity, RegionTarget
 from .errors import PerspicioError
@@ -74,4 +75,7 @@ def __getattr__(name: str) -> Any:  # lazy submodules keep `import perspicio` li
     raise AttributeError(f"module 'perspicio' has no attribute {name!r}")
 
 
-__all__ = ["EmbeddingSimilarity", "Explanation", "PerspicioError", "RegionTarget", "__version__", "evaluate", "explain"]
+__all__ = [
+    "EmbeddingSimilarity", "Explanation", "PerspicioError", "RegionTarget", "__version__", "evaluate", "explain",
+    "tune_allocator",
+]

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from ..core.allocator import tune_allocator
 from ..errors import PerspicioError
 
 #: modules that add commands to :data:`cli` (each defines ``register(group)``)
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``perspicio`` command; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    if argv is None:  # our own process: let it reuse freed tensor buffers (core/allocator.py)
+        tune_allocator()
     try:
         cli.main(args=args, prog_name="perspicio", standalone_mode=False)
     except click.exceptions.Exit as exc:

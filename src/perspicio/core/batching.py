@@ -18,12 +18,16 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import OptionError
+from .allocator import allocator_tuned
 from .fold import inference_twin
 
 #: default memory budget for one chunk (bytes); override per call or with PERSPICIO_MEMORY_BUDGET
 DEFAULT_MEMORY_BUDGET = int(float(os.environ.get("PERSPICIO_MEMORY_BUDGET", 1.5 * 2**30)))
 #: largest chunk used when the budget would allow more (throughput is flat beyond this on CPU)
 MAX_AUTO_BATCH = 64
+#: without allocator tuning, output-only chunks keep their largest feature map below this
+#: (glibc then reuses heap buffers instead of mapping fresh pages; see core/allocator.py)
+UNTUNED_CHUNK_BYTES = 16 * 2**20
 #: cap for low-dimensional samples (tabular rows (1, F), token sequences): cheap per row
 MAX_AUTO_ROWS = 4096
 #: feed 4-D inputs to convolutional models in channels-last memory format (same values, faster
@@ -117,6 +121,9 @@ class Engine:
         per = total * 3 if grad else largest * NO_GRAD_LIVE_FACTOR
         budget = self.memory_budget or DEFAULT_MEMORY_BUDGET
         cap = MAX_AUTO_BATCH if sample.ndim > 2 else MAX_AUTO_ROWS
+        if not grad and sample.ndim > 2 and not allocator_tuned():
+            # glibc would mmap/unmap every large feature map: small chunks reuse heap buffers
+            cap = max(1, min(cap, UNTUNED_CHUNK_BYTES // max(largest, 1)))
         return int(max(1, min(cap, budget // max(per, 1))))
 
     def forward(self, x: Tensor, *, count: int | None = None) -> Tensor:
