@@ -274,3 +274,24 @@ def test_agrees_with_captum_on_bundled_model(zoo_model, chelsea_batch) -> None:
     # the override really changed something: guided != plain gradient
     assert _rel(ours["guided_backprop"].attributions, theirs["input_x_gradient"].detach() / x) > 0.1
     assert ours["guided_backprop"].provenance["rectifier_overrides"] > 10
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "guided_backprop", "deconvnet"])
+@pytest.mark.parametrize("batch_size", [None, 1])
+def test_multi_target_shares_one_forward_and_is_bit_identical(tiny_cnn, tiny_input, method, batch_size) -> None:
+    targets = [[0, 3, 4], [1, 4, 2]]
+    shared = explain(tiny_cnn, tiny_input, method=method, target=targets, batch_size=batch_size)
+    flat = [t for row in targets for t in row]
+    repeated = explain(tiny_cnn, tiny_input.repeat_interleave(3, 0), method=method, target=flat, batch_size=batch_size)
+    assert torch.equal(shared.attributions, repeated.attributions)
+    assert torch.equal(shared.scores, repeated.scores) and shared.targets.tolist() == flat
+    assert shared.provenance["forward_samples"] == 2 and repeated.provenance["forward_samples"] == 6
+    assert shared.provenance["backward_samples"] == 6
+
+
+def test_multi_target_on_bundled_model_matches_repeated_rows(zoo_model, chelsea_batch) -> None:
+    x = chelsea_batch[:, :, :96, :96]
+    shared = explain(zoo_model, x, method="saliency", target=[[285, 281, 1]], batch_size=1)
+    repeated = explain(zoo_model, x.repeat(3, 1, 1, 1), method="saliency", target=[285, 281, 1], batch_size=1)
+    assert torch.equal(shared.attributions, repeated.attributions)
+    assert shared.provenance["forward_samples"] == 1

@@ -127,3 +127,26 @@ def test_agrees_with_captum_noise_tunnel(zoo_model, chelsea_batch, monkeypatch) 
         # Captum's VarGrad is E[a^2] - E[a]^2 in float32: its rounding error scales with E[a^2]
         scale = (refs["smoothgrad_sq"] if v == "vargrad" else refs[v]).detach().abs().max()
         assert float((e.attributions - ref).abs().max() / scale) < 1e-5, v
+
+
+@pytest.mark.parametrize(("method", "opts"), [
+    ("smoothgrad", {}),
+    ("vargrad", {"base": "integrated_gradients", "base_options": {"steps": 4}}),
+    ("smoothgrad_sq", {"base": "occlusion", "base_options": {"window": 4, "stride": 4}}),
+])
+def test_multi_target_rows_equal_single_target_calls(tiny_cnn, tiny_input, method, opts) -> None:
+    # one set of noisy copies per input serves all its targets (one forward per copy for gradient bases)
+    shared = explain(tiny_cnn, tiny_input[:1], method=method, target=[[0, 3, 4]], samples=4, **opts)
+    assert shared.attributions.shape[0] == 3 and shared.targets.tolist() == [0, 3, 4]
+    for row, t in enumerate([0, 3, 4]):
+        single = explain(tiny_cnn, tiny_input[:1], method=method, target=t, samples=4, **opts)
+        assert torch.equal(shared.attributions[row], single.attributions[0])
+        assert torch.equal(shared.scores[row], single.scores[0])
+    if method == "smoothgrad":
+        assert shared.provenance["forward_samples"] == 1 + 4  # clean scores + 4 noisy copies, not 3x
+
+
+def test_multi_target_two_inputs(tiny_cnn, tiny_input) -> None:
+    e = explain(tiny_cnn, tiny_input, method="smoothgrad", target=[[0, 3], [1, 4]], samples=3)
+    assert e.attributions.shape == (4, 3, 8, 8) and e.targets.tolist() == [0, 3, 1, 4]
+    assert e.provenance["backward_samples"] == 2 * 3 * 2 and e.provenance["forward_samples"] == 2 + 2 * 3

@@ -49,7 +49,10 @@ class Method(RecordsOptions):
     _options_exclude: ClassVar[tuple[str, ...]] = ("self", "model")
     name: ClassVar[str] = "method"
     input_ndim: ClassVar[int | None] = 4
-
+    #: True for methods that explain several targets per input ([[3, 5]] or an (N, T) target)
+    #: with ONE forward pass per input and T backward passes: their ``_explain`` is then called
+    #: with ``targets_per_input=T`` (the input still repeated T times, rows input-major)
+    shares_forward_across_targets: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -96,13 +99,16 @@ class Method(RecordsOptions):
         x = self._prepare_inputs(inputs)
         # several targets per input ([[3, 5]] or an (N, T) tensor): N*T rows, input-major
         multi = split_multi_target(target, len(x)) if isinstance(x, Tensor) else None
+        shared: dict[str, int] = {}
         if multi is not None:
             target, per_input = multi
             x = x.repeat_interleave(per_input, dim=0)
+            if self.shares_forward_across_targets:
+                shared["targets_per_input"] = per_input
         engine = Engine(self.model, batch_size=self.batch_size, memory_budget=self.memory_budget, progress=self.progress)
         t0 = time.perf_counter()
         with model_guard(self.model):
-            result = self._explain(x, target, engine)
+            result = self._explain(x, target, engine, **shared)
         elapsed = time.perf_counter() - t0
         from .. import __version__
 

@@ -85,6 +85,30 @@ def input_grad(engine: Engine, scores: Tensor, inputs: Tensor) -> Tensor:
     return engine.grad(scores.sum(), inputs, inputs.shape[0])[0]
 
 
+def target_grads(engine: Engine, scores: Tensor, inputs: Tensor, per_input: int) -> list[Tensor]:
+    """Input gradients for ``per_input`` targets sharing ONE forward pass.
+
+    ``scores`` holds ``len(inputs) * per_input`` scores, row ``i * per_input + t`` being
+    target ``t`` of input ``i``; one backward pass per target (graph retained between
+    them) gives the ``per_input`` gradients w.r.t. ``inputs``. With one target this is
+    :func:`input_grad`.
+    """
+    if per_input == 1:
+        return [input_grad(engine, scores, inputs)]
+    if not scores.requires_grad:
+        return [input_grad(engine, scores, inputs)]  # raises the clear no-gradient-path error
+    grads = []
+    for t in range(per_input):
+        engine.backwards += inputs.shape[0]
+        grads.append(torch.autograd.grad(scores[t::per_input].sum(), inputs, retain_graph=t < per_input - 1)[0])
+    return grads
+
+
+def interleave(parts: list[Tensor]) -> Tensor:
+    """Stack per-target results ``parts[t]`` (n, ...) into input-major rows (n * T, ...)."""
+    return torch.stack(parts, 1).reshape(-1, *parts[0].shape[1:])
+
+
 def resolve_on_output(method: Method, x: Tensor, target: Any, engine: Engine) -> tuple[ResolvedTarget, Tensor]:
     """One chunked no-grad forward pass on ``x``: the resolved target and the scores at ``x``."""
     check_target_count(target, len(x))
@@ -186,28 +210,37 @@ class GradientBase(Method):
         """Turn the input gradient into the attribution (identity here)."""
         return grads
 
-    def gradients(self, x: Tensor, target: Any, engine: Engine) -> tuple[Tensor, Tensor, Tensor | None, dict]:
-        """Input gradients of the target score, in chunks: (grads, scores, class indices, provenance)."""
-        n = len(x)
+    def gradients(self, x: Tensor, target: Any, engine: Engine,
+                  targets_per_input: int = 1) -> tuple[Tensor, Tensor, Tensor | None, dict]:
+        """Input gradients of the target score, in chunks: (grads, scores, class indices, provenance).
+
+        With ``targets_per_input=T`` the rows of ``x`` come in groups of T copies of one
+        input (several targets per input): each input is run forward once and
+        backpropagated T times.
+        """
+        n, per = len(x), targets_per_input
         check_target_count(target, n)
         scores: list[Tensor] = []
         indices: list[Tensor] = []
         calls = [0]
+        xu = x[::per] if per > 1 else x
 
         def chunk(start: int, stop: int) -> Tensor:
-            xc = x[start:stop].detach().requires_grad_(True)
+            xc = xu[start:stop].detach().requires_grad_(True)
             with self._scope() as mode:
                 out = engine.forward(xc)
-                tgt = resolve_target(slice_target(target, start, stop, n), out, self.labels)
-                s = row_scores(tgt, out, torch.arange(stop - start, device=out.device))
-                g = input_grad(engine, s, xc)
+                if per > 1:
+                    out = out.repeat_interleave(per, dim=0)
+                tgt = resolve_target(slice_target(target, start * per, stop * per, n), out, self.labels)
+                s = row_scores(tgt, out, torch.arange(len(out), device=out.device))
+                g = interleave(target_grads(engine, s, xc, per))
             calls[0] += getattr(mode, "calls", 0)
             scores.append(s.detach())
             if tgt.indices is not None:
                 indices.append(tgt.indices)
             return g
 
-        grads = engine.map(chunk, n, sample=x[:1], grad=True, description=self.name)
+        grads = engine.map(chunk, len(xu), sample=x[:1], grad=True, description=self.name)
         idx = torch.cat(indices) if len(indices) and sum(len(i) for i in indices) == n else None
         prov = {"rectifier_overrides": calls[0]} if self.rule else {}
         return grads, torch.cat(scores), idx, prov
@@ -217,8 +250,10 @@ class GradientBase(Method):
 
         return rectifier_override(self.rule) if self.rule else nullcontext()
 
-    def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
-        grads, scores, idx, prov = self.gradients(x, target, engine)
+    shares_forward_across_targets = True
+
+    def _explain(self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1) -> Explanation:
+        grads, scores, idx, prov = self.gradients(x, target, engine, targets_per_input)
         return Explanation(
             attributions=self.finish(x, grads).detach(), method=self.name, scores=scores, targets=idx,
             target_names=target_names(self.labels, idx), provenance=prov,
@@ -301,6 +336,7 @@ class GuidedGradCAM(GradientBase):
     """
 
     rule = "guided"
+    shares_forward_across_targets = False  # Grad-CAM part runs per row
 
     def __init__(self, model: nn.Module, layer: Any = None, *, upsample: str = "bilinear", **common: Any) -> None:
         super().__init__(model, **common)
@@ -333,6 +369,8 @@ class GuidedGradCAM(GradientBase):
 class NeuronGradient(GradientBase):
     """d(neuron)/dx for a unit or channel of ``layer`` (see :class:`NeuronObjective`);
     the model is run only up to that layer. ``target`` must be None."""
+
+    shares_forward_across_targets = False
 
     def __init__(self, model: nn.Module, layer: Any = None, *, neuron: Any = None, absolute: bool = False,
                  **common: Any) -> None:

@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from ..core.batching import Engine
 from ..core.explanation import Explanation
 from ..core.registry import METHODS, register_method
+from ..core.targets import resolve_target
 from ..errors import InputError, OptionError
 from .base import Method, build
-from .gradient import check_target_count, resolve_on_output, target_names
+from .gradient import check_target_count, resolve_on_output, row_scores, target_names
 
 VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -89,29 +90,43 @@ class SmoothGrad(Method):
         eps = torch.randn(shape, generator=generator, dtype=x.dtype)
         return eps.to(x.device) * sigma.repeat_interleave(self.samples).view(-1, *[1] * (x.ndim - 1))
 
-    def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
+    shares_forward_across_targets = True
+
+    def _explain(self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1) -> Explanation:
         if not x.is_floating_point():
             raise InputError("noise tunnelling needs float inputs; for token ids use a layer method on the embedding.")
+        takes_target = "neuron" not in type(self.base_method).option_names()
+        per = targets_per_input if takes_target else 1
+        # several targets per input: the same noisy copies serve all of them (row (i, t) equals a
+        # single-target call on input i alone), handed to the base method as an (N*S, T) target
+        xr, x = x, x[::per]
         n, S = len(x), self.samples
         flat = x.reshape(n, -1)
         sigma = self.noise * (flat.max(1).values - flat.min(1).values)
         noisy = x.repeat_interleave(S, dim=0) + self._noise(x, sigma, torch.Generator().manual_seed(self.seed))
-        takes_target = "neuron" not in type(self.base_method).option_names()
         tgt = None
-        scores = torch.full((n,), float("nan"), device=x.device)
+        scores = torch.full((len(xr),), float("nan"), device=x.device)
         rows_target = target
-        if takes_target:
+        if takes_target and per > 1:
+            check_target_count(target, n * per)
+            out = engine.map(lambda s, e: engine.forward(x[s:e]), n, sample=x[:1], description="scores")
+            out = out.repeat_interleave(per, dim=0)
+            tgt = resolve_target(target, out, self.labels)
+            scores = row_scores(tgt, out, torch.arange(len(out), device=out.device)).detach()
+            rows_target = tgt.indices.view(n, 1, per).expand(n, S, per).reshape(n * S, per)
+        elif takes_target:
             check_target_count(target, n)
             tgt, scores = resolve_on_output(self, x, target, engine)
             rows_target = tgt.indices.repeat_interleave(S) if tgt.indices is not None else tgt.fn
         res = self.base_method(noisy, target=rows_target)
-        a = res.attributions.reshape(n, S, *res.attributions.shape[1:])
+        a = res.attributions.reshape(n, S, per, *res.attributions.shape[1:])
         if self.variant == "smoothgrad":
             attr = a.mean(1)
         elif self.variant == "smoothgrad_sq":
             attr = (a * a).mean(1)
         else:
             attr = a.var(1, unbiased=False)
+        attr = attr.reshape(n * per, *attr.shape[2:])
         if not takes_target:
             scores = res.scores.reshape(n, S).mean(1)
         prov = {

@@ -6,10 +6,22 @@ Integrated Gradients (Sundararajan et al., ICML 2017) attributes
     IG_i(x) = (x_i - x'_i) * integral_0^1 df/dx_i (x' + a (x - x')) da
 
 The integral is a quadrature ``sum_k w_k g(a_k)`` over ``steps`` nodes (left, right
-or middle Riemann sums, the trapezoid rule, or Gauss-Legendre, the default: exact
-for polynomials of degree 2*steps - 1). All ``N * steps`` path points go through
-the shared :class:`~perspicio.core.batching.Engine`; gradients are accumulated
-in place, so memory is one chunk however many steps are used.
+or middle Riemann sums, the trapezoid rule, Gauss-Legendre, the default: exact
+for polynomials of degree 2*steps - 1, or ``"adaptive"``). All ``N * steps`` path
+points go through the shared :class:`~perspicio.core.batching.Engine`; with the
+fixed rules gradients are accumulated in place, so memory is one chunk however
+many steps are used.
+
+On ReLU/ReLU6 networks the integrand ``g(a) = grad f(b + a (x - b)) . (x - b)`` is
+piecewise constant with many jumps, and on the bundled EfficientNet-Lite0 with the
+zero baseline they crowd into the first ~5% of the path (|g| up to several hundred
+there, ~3 elsewhere; docs/benchmarks.md). No fixed rule handles that well. The
+``"adaptive"`` rule places the nodes where the integrand is rough: every node's
+forward pass also gives ``f`` at the node, so the exact integral of each panel
+between two nodes is known for free and measures the panel's quadrature error; the
+worst panels are bisected round by round (composite trapezoid on the final mesh,
+same weights for every feature: a true quadrature, no rescaling; it keeps the node
+gradients until the mesh is final, ``steps`` input-sized tensors per input).
 
 Deliberate difference from Captum: our trapezoid rule uses the textbook weights
 (1/(n-1), halved at both ends; they sum to 1), Captum's use 1/n (summing to
@@ -32,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.batching import Engine
+from ..core.batching import DEFAULT_MEMORY_BUDGET, Engine
 from ..core.capture import Capture, auto_layer, resolve_layer
 from ..core.explanation import Explanation
 from ..core.guard import model_guard
@@ -44,14 +56,17 @@ from .base import Method
 from .gradient import (
     NeuronObjective,
     check_target_count,
-    input_grad,
     no_target,
     row_scores,
+    target_grads,
     target_names,
 )
 
 #: quadrature rule names (Captum's spellings are accepted as aliases)
-QUADRATURES = ("gauss_legendre", "left", "right", "middle", "trapezoid")
+QUADRATURES = ("gauss_legendre", "left", "right", "middle", "trapezoid", "adaptive")
+#: adaptive rule: initial uniform panels, and panels bisected per input and round
+ADAPTIVE_START_PANELS = 4
+ADAPTIVE_PER_ROUND = (4, 8)  # (min, max); a round fills one engine chunk when there are few inputs
 _ALIASES = {
     "gausslegendre": "gauss_legendre", "gauss-legendre": "gauss_legendre", "gl": "gauss_legendre",
     "riemann_left": "left", "riemann_right": "right", "riemann_middle": "middle",
@@ -69,6 +84,10 @@ def quadrature_nodes(rule: str, steps: int) -> tuple[Tensor, Tensor]:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise OptionError(f"steps must be an integer >= 1; got {steps!r}.")
     k = np.arange(steps, dtype=np.float64)
+    if rule == "adaptive":  # the starting nodes; the rule places the others (see _adaptive_path)
+        if steps < 2:
+            raise OptionError(f"the adaptive rule needs steps >= 2; got {steps}.")
+        return quadrature_nodes("trapezoid", min(steps, ADAPTIVE_START_PANELS + 1))
     if rule == "gauss_legendre":
         nodes, weights = np.polynomial.legendre.leggauss(steps)
         alphas, weights = (nodes + 1) / 2, weights / 2
@@ -319,28 +338,42 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
                  paper="Sundararajan et al., ICML 2017")
 class IntegratedGradients(_PathBase):
     """IG with baselines zero/black/blur/uniform/tensor/callable and quadrature rules
-    left/right/middle Riemann, trapezoid or Gauss-Legendre (default, as in Captum).
+    left/right/middle Riemann, trapezoid, Gauss-Legendre (default, as in Captum) or
+    ``"adaptive"`` (nodes refined where the integrand is rough, see the module notes;
+    its final mesh is in ``provenance["nodes"]``).
 
     ``base_value`` is f(baseline); provenance records the completeness error.
+    Several targets per input share the path: one forward pass per path point and
+    one backward pass per target.
     """
 
-    def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
-        n, steps = len(x), self.steps
-        b = self._baseline(x)
-        tgt, fx, fb = self._endpoints(x, b, target, engine)
+    shares_forward_across_targets = True
+
+    def _explain(self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1) -> Explanation:
+        per = targets_per_input
+        # rows come in groups of `per` copies of one input: one path per input, `per` backward passes
+        xu = x[::per] if per > 1 else x
+        bu = self._baseline(xu)
+        tgt, fx, fb = self._endpoints(xu, bu, target, engine, per)
+        b = bu.repeat_interleave(per, dim=0) if per > 1 else bu
+        n, steps = len(xu), self.steps
         alphas, weights = self._nodes(x)
-        diff = x - b
+        diff, du = x - b, xu - bu
         total = torch.zeros_like(x)
 
         def chunk(start: int, stop: int) -> None:
             js = torch.arange(start, stop, device=x.device)
             ni, ki = js // steps, js % steps
-            pts = (b[ni] + _bcast(alphas[ki], x) * diff[ni]).requires_grad_(True)
-            s = self._scores(pts, ni, tgt, engine)
-            g = input_grad(engine, s, pts)
-            total.index_add_(0, ni, g * _bcast(weights[ki], x))
+            pts = (bu[ni] + _bcast(alphas[ki], x) * du[ni]).requires_grad_(True)
+            s = self._scores(pts, ni, tgt, engine, per)
+            w = _bcast(weights[ki], x)
+            for t, g in enumerate(target_grads(engine, s, pts, per)):
+                total.index_add_(0, ni * per + t, g * w)
 
-        engine.run(chunk, n * steps, sample=x[:1], grad=True, description=self.name)
+        if self.quadrature == "adaptive":
+            total, mesh = self._adaptive_path(x, bu, du, tgt, fx, fb, engine, per)
+        else:
+            engine.run(chunk, n * steps, sample=x[:1], grad=True, description=self.name)
         attr = (diff * total).detach()
         indices = tgt.indices if isinstance(tgt, ResolvedTarget) else tgt.channels
         extras: dict[str, Any] = {"baseline": b}
@@ -349,6 +382,8 @@ class IntegratedGradients(_PathBase):
         if not isinstance(tgt, ResolvedTarget):
             extras["neuron_objective"] = tgt
         prov = {**self._provenance(), **_completeness_provenance(attr, fx, fb)}
+        if self.quadrature == "adaptive":
+            prov["nodes"] = mesh
         if not isinstance(tgt, ResolvedTarget):
             prov["neuron"] = tgt.describe()
         return Explanation(
@@ -358,18 +393,122 @@ class IntegratedGradients(_PathBase):
             provenance=prov, extras=extras,
         )
 
-    def _endpoints(self, x: Tensor, b: Tensor, target: Any, engine: Engine) -> tuple[Any, Tensor, Tensor]:
-        """Resolve the target and compute f(x), f(baseline) in one chunked no-grad pass."""
+    def _adaptive_path(self, x: Tensor, bu: Tensor, du: Tensor, tgt: Any, fx: Tensor, fb: Tensor,
+                       engine: Engine, per: int) -> tuple[Tensor, list[list[float]]]:
+        """The adaptive rule: composite trapezoid on a mesh refined where the integrand is rough.
+
+        Every node is a gradient evaluation whose forward pass also gives ``f`` at the node,
+        so the exact integral of each panel, ``f(b + a_r d) - f(b + a_l d)``, is known for free.
+        Starting from 4 equal panels, each round bisects the 4-8 panels (per input) whose
+        trapezoid value is furthest from their exact integral (the scalar error of the panel;
+        summed over the targets, relative to each target's |f(x) - f(x')|) until ``steps``
+        nodes are used. The weights are the trapezoid weights of the final mesh, the same
+        for every feature: a plain quadrature (no rescaling), converging to the IG integral
+        as the mesh refines. Node gradients are kept until the mesh is final, at most a
+        quarter of the memory budget: beyond that many nodes, the remaining ones are spread
+        over the panels in proportion to their errors in one last round (equally spaced
+        inside each panel, accumulated in place).
+        Returns the weighted gradient sums (rows of ``x``) and each input's final mesh.
+        """
+        n, steps = len(bu), self.steps
+        start, _ = quadrature_nodes("adaptive", steps)
+        node_bytes = per * du[0].numel() * du.element_size()
+        budget = (self.memory_budget or DEFAULT_MEMORY_BUDGET) // 4
+        cap = min(steps, max(len(start), budget // max(1, n * node_bytes)))
+        nodes: list[list[float]] = [start.tolist() for _ in range(n)]
+        grads: list[dict[float, Tensor]] = [{} for _ in range(n)]
+        fvals: list[dict[float, Tensor]] = [{} for _ in range(n)]
+        svals: list[dict[float, Tensor]] = [{} for _ in range(n)]
+        gap = (fx.double() - fb.double()).abs().clamp_min(1e-12).view(n, per)
+        lo, hi = ADAPTIVE_PER_ROUND
+        per_round = min(hi, max(lo, engine.chunk_size(x[:1], grad=True) // n))
+        total = torch.zeros((n * per, *du.shape[1:]), dtype=du.dtype, device=du.device)
+
+        def evaluate(todo: list[tuple[int, float, float | None]]) -> None:
+            """Gradients at (input, alpha, weight): stored when weight is None, else accumulated."""
+            ai = torch.tensor([i for i, _, _ in todo], device=x.device)
+            aa = torch.tensor([a for _, a, _ in todo], dtype=du.dtype, device=x.device)
+
+            def chunk(start: int, stop: int) -> None:
+                ni, al = ai[start:stop], aa[start:stop]
+                pts = (bu[ni] + _bcast(al, du) * du[ni]).requires_grad_(True)
+                s = self._scores(pts, ni, tgt, engine, per)
+                g = torch.stack(target_grads(engine, s, pts, per), 1).detach()  # (points, per, ...)
+                sv = (g * du[ni].unsqueeze(1)).reshape(len(ni), per, -1).sum(2).double()
+                fv = s.detach().double().view(len(ni), per)
+                for j in range(len(ni)):
+                    i, a, w = todo[start + j]
+                    if w is None:
+                        grads[i][a], fvals[i][a], svals[i][a] = g[j], fv[j], sv[j]
+                    else:
+                        total[i * per:(i + 1) * per] += w * g[j]
+
+            engine.run(chunk, len(todo), sample=x[:1], grad=True, description=self.name)
+
+        def panel_errors(i: int) -> tuple[list[float], np.ndarray, Tensor]:
+            a = sorted(nodes[i])
+            sv = torch.stack([svals[i][v] for v in a])
+            fv = torch.stack([fvals[i][v] for v in a])
+            h = np.diff(a)
+            err = ((sv[1:] + sv[:-1]) / 2 * torch.from_numpy(h)[:, None] - (fv[1:] - fv[:-1])).abs() / gap[i]
+            return a, h, err.sum(1)
+
+        new = [list(a) for a in nodes]
+        while any(new):
+            evaluate([(i, a, None) for i in range(n) for a in new[i]])
+            new = [[] for _ in range(n)]
+            for i in range(n):
+                room = cap - len(nodes[i])
+                if room > 0:
+                    a, _, err = panel_errors(i)
+                    worst = torch.argsort(err, descending=True, stable=True)[:min(per_round, room)].tolist()
+                    new[i] = [(a[k] + a[k + 1]) / 2 for k in worst]
+                    nodes[i].extend(new[i])
+        last: list[tuple[int, float, float | None]] = []
+        for i in range(n):
+            a, h, err = panel_errors(i)
+            extra = np.zeros(len(h), dtype=np.int64)
+            if steps > len(a):  # the last round: the remaining nodes in proportion to the panel errors
+                share = (err / err.sum()).numpy() * (steps - len(a)) if float(err.sum()) > 0 else np.full(len(h), (steps - len(a)) / len(h))
+                extra = np.floor(share).astype(np.int64)
+                extra[np.argsort(-(share - extra), kind="stable")[: steps - len(a) - int(extra.sum())]] += 1
+            sub = h / (extra + 1)
+            w = np.zeros(len(a))
+            w[:-1] += sub / 2
+            w[1:] += sub / 2
+            for k, v in enumerate(a):
+                total[i * per:(i + 1) * per] += float(w[k]) * grads[i][v]
+            for k in range(len(h)):
+                last += [(i, a[k] + j * sub[k], float(sub[k])) for j in range(1, int(extra[k]) + 1)]
+                nodes[i] += [a[k] + j * sub[k] for j in range(1, int(extra[k]) + 1)]
+            grads[i].clear()
+        if last:
+            evaluate(last)
+        return total, [sorted(m) for m in nodes]
+
+    def _endpoints(self, x: Tensor, b: Tensor, target: Any, engine: Engine,
+                   per: int = 1) -> tuple[Any, Tensor, Tensor]:
+        """Resolve the target and compute f(x), f(baseline) in one chunked no-grad pass
+        (``per`` targets per input: the target and the scores have ``len(x) * per`` rows)."""
         n = len(x)
-        check_target_count(target, n)
+        check_target_count(target, n * per)
         both = torch.cat([x, b])
         out = engine.map(lambda s, e: engine.forward(both[s:e]), 2 * n, sample=x[:1], description="endpoints")
-        tgt = resolve_target(target, out[:n], self.labels)
-        rows = torch.arange(n, device=out.device)
-        return tgt, row_scores(tgt, out[:n], rows).detach(), row_scores(tgt, out[n:], rows).detach()
+        if per > 1:
+            out = torch.cat([out[:n].repeat_interleave(per, dim=0), out[n:].repeat_interleave(per, dim=0)])
+        m = n * per
+        tgt = resolve_target(target, out[:m], self.labels)
+        rows = torch.arange(m, device=out.device)
+        return tgt, row_scores(tgt, out[:m], rows).detach(), row_scores(tgt, out[m:], rows).detach()
 
-    def _scores(self, pts: Tensor, rows: Tensor, tgt: Any, engine: Engine) -> Tensor:
-        return row_scores(tgt, engine.forward(pts), rows)
+    def _scores(self, pts: Tensor, rows: Tensor, tgt: Any, engine: Engine, per: int = 1) -> Tensor:
+        """Scores at the path points ``pts`` (of inputs ``rows``): ``len(pts) * per`` values,
+        row ``j * per + t`` for target ``t`` of point ``j``."""
+        out = engine.forward(pts)
+        if per > 1:
+            rows = (rows[:, None] * per + torch.arange(per, device=rows.device)).reshape(-1)
+            out = out.repeat_interleave(per, dim=0)
+        return row_scores(tgt, out, rows)
 
 
 @register_method("neuron_integrated_gradients", family="path", needs_gradients=True, needs_layer=True,
@@ -384,7 +523,8 @@ class NeuronIntegratedGradients(IntegratedGradients):
         super().__init__(model, **options)
         self._neuron = NeuronObjective(self.model, layer, neuron)
 
-    def _endpoints(self, x: Tensor, b: Tensor, target: Any, engine: Engine) -> tuple[Any, Tensor, Tensor]:
+    def _endpoints(self, x: Tensor, b: Tensor, target: Any, engine: Engine,
+                   per: int = 1) -> tuple[Any, Tensor, Tensor]:
         no_target(self, target)
         obj = self._neuron
         obj.prepare(x, engine)
@@ -393,7 +533,7 @@ class NeuronIntegratedGradients(IntegratedGradients):
         fb = engine.map(lambda s, e: obj.scores(b[s:e], rows[s:e], engine), len(x), sample=x[:1])
         return obj, fx.detach(), fb.detach()
 
-    def _scores(self, pts: Tensor, rows: Tensor, tgt: Any, engine: Engine) -> Tensor:
+    def _scores(self, pts: Tensor, rows: Tensor, tgt: Any, engine: Engine, per: int = 1) -> Tensor:
         return tgt.scores(pts, rows, engine)
 
 
@@ -408,20 +548,27 @@ class LayerIntegratedGradients(_PathBase):
 
     def __init__(self, model: nn.Module, layer: Any = None, **options: Any) -> None:
         super().__init__(model, **options)
+        if self.quadrature == "adaptive":
+            raise OptionError("quadrature 'adaptive' is available for integrated_gradients; "
+                              "layer_integrated_gradients takes a fixed rule (e.g. 'gauss_legendre').")
         self.layer_spec = layer
         self._layer = resolve_layer(self.model, layer) if layer not in (None, "auto") else None
 
     def _prepare_inputs(self, inputs: Any) -> Any:
         return as_batch(inputs, self.model, ndim=None, keep_integer=True)
 
-    def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
+    shares_forward_across_targets = True
+
+    def _explain(self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1) -> Explanation:
+        per = targets_per_input
+        x = x[::per]  # the rows came as `per` copies of each input (several targets per input)
         n, steps = len(x), self.steps
         if self._layer is None:
             if not x.is_floating_point() or x.ndim != 4:
                 raise LayerError("layer_integrated_gradients needs layer=... for non-image inputs.")
             self._layer = resolve_layer(self.model, auto_layer(self.model, x))
         name, module = self._layer
-        check_target_count(target, n)
+        check_target_count(target, n * per)
         b = self._baseline(x)
         both = torch.cat([x, b])
         acts: list[Tensor] = []
@@ -439,21 +586,31 @@ class LayerIntegratedGradients(_PathBase):
             raise LayerError(f"layer {name!r} runs {max(calls)} times per forward pass; pick a layer called once.")
         act = torch.cat(acts)
         ax, ab = act[:n], act[n:]
-        tgt = resolve_target(target, out[:n], self.labels)
-        rows = torch.arange(n, device=out.device)
-        fx, fb = row_scores(tgt, out[:n], rows).detach(), row_scores(tgt, out[n:], rows).detach()
+        du, bu = ax - ab, ab  # the path, per input (keeps the layer's memory format, hence its rounding)
+        if per > 1:
+            out = out.repeat_interleave(per, dim=0)
+            ax, ab, b = (t.repeat_interleave(per, dim=0) for t in (ax, ab, b))
+        m = n * per
+        tgt = resolve_target(target, out[:m], self.labels)
+        rows = torch.arange(m, device=out.device)
+        fx, fb = row_scores(tgt, out[:m], rows).detach(), row_scores(tgt, out[m:], rows).detach()
         alphas, weights = self._nodes(ax)
         diff = ax - ab
         total = torch.zeros_like(ax)
+        offsets = torch.arange(per, device=x.device)
 
         def chunk(start: int, stop: int) -> None:
             js = torch.arange(start, stop, device=x.device)
             ni, ki = js // steps, js % steps
-            pts = (ab[ni] + _bcast(alphas[ki], ax) * diff[ni]).requires_grad_(True)
+            pts = (bu[ni] + _bcast(alphas[ki], ax) * du[ni]).requires_grad_(True)
             with Capture([module], transform=lambda i, t: pts, store=False):
-                s = row_scores(tgt, engine.forward(x[ni]), ni)
-            g = input_grad(engine, s, pts)
-            total.index_add_(0, ni, g * _bcast(weights[ki], ax))
+                out = engine.forward(x[ni])
+            if per > 1:
+                out = out.repeat_interleave(per, dim=0)
+            s = row_scores(tgt, out, (ni[:, None] * per + offsets).reshape(-1))
+            w = _bcast(weights[ki], ax)
+            for t, g in enumerate(target_grads(engine, s, pts, per)):
+                total.index_add_(0, ni * per + t, g * w)
 
         engine.run(chunk, n * steps, sample=x[:1], grad=True, description=self.name)
         attr = (diff * total).detach()
@@ -536,30 +693,36 @@ class GradientSHAP(Method):
             eps = eps * sigma.repeat_interleave(samples).view(-1, *[1] * (x.ndim - 1)).cpu()
         return idx, alpha, eps
 
-    def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
-        n, S = len(x), self.samples
-        check_target_count(target, n)
+    shares_forward_across_targets = True
+
+    def _explain(self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1) -> Explanation:
+        per = targets_per_input
+        x = x[::per]  # the rows came as `per` copies of each input: draws and forwards are shared
+        n, S, m = len(x), self.samples, len(x) * per
+        check_target_count(target, m)
         gen = _generator(self.seed)
         bg, shared = self._background(x, gen)
         # f(x) and f(background): one chunked no-grad pass
         both = torch.cat([x, bg])
         out = engine.map(lambda s, e: engine.forward(both[s:e]), len(both), sample=x[:1], description="endpoints")
-        tgt = resolve_target(target, out[:n], self.labels)
-        rows = torch.arange(n, device=x.device)
-        fx = row_scores(tgt, out[:n], rows).detach()
-        out_bg = out[n:]
+        out_x, out_bg = out[:n].repeat_interleave(per, dim=0), out[n:]
+        tgt = resolve_target(target, out_x, self.labels)
+        rows = torch.arange(m, device=x.device)
+        fx = row_scores(tgt, out_x, rows).detach()
         if shared:
-            fb = torch.stack([row_scores(tgt, out_bg, torch.full((len(bg),), i, device=x.device)).mean() for i in range(n)])
+            fb = torch.stack([row_scores(tgt, out_bg, torch.full((len(bg),), i, device=x.device)).mean() for i in range(m)])
         else:
-            fb = row_scores(tgt, out_bg, rows)
+            fb = row_scores(tgt, out_bg.repeat_interleave(per, dim=0), rows)
         fb = fb.detach()
         flat = x.reshape(n, -1)
         sigma = self.noise * (flat.max(1).values - flat.min(1).values)
         idx, alpha, eps = self._draw(n, S, len(bg) if shared else 1, x, sigma, gen)
         idx, alpha = idx.to(x.device), alpha.to(x.device, x.dtype)
         eps = eps.to(x.device, x.dtype) if eps is not None else None
-        total = torch.zeros_like(x)
-        total_sq = torch.zeros_like(x)
+        shape = (m, *x.shape[1:])
+        total = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        total_sq = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        offsets = torch.arange(per, device=x.device)
 
         def chunk(start: int, stop: int) -> None:
             js = torch.arange(start, stop, device=x.device)
@@ -569,19 +732,23 @@ class GradientSHAP(Method):
             d = xr - br
             a = _bcast(alpha[js], x)
             pts = (a * xr + (1 - a) * br).requires_grad_(True)  # same rounding as SHAP/Captum
-            s = row_scores(tgt, engine.forward(pts), ni)
-            contrib = d * input_grad(engine, s, pts)
-            total.index_add_(0, ni, contrib)
-            total_sq.index_add_(0, ni, contrib * contrib)
+            out = engine.forward(pts)
+            if per > 1:
+                out = out.repeat_interleave(per, dim=0)
+            s = row_scores(tgt, out, (ni[:, None] * per + offsets).reshape(-1))
+            for t, g in enumerate(target_grads(engine, s, pts, per)):
+                contrib = d * g
+                total.index_add_(0, ni * per + t, contrib)
+                total_sq.index_add_(0, ni * per + t, contrib * contrib)
 
         engine.run(chunk, n * S, sample=x[:1], grad=True, description=self.name)
         mean = total / S
         var = (total_sq / S - mean * mean).clamp_min(0) * (S / max(S - 1, 1))
         stderr = (var / S).sqrt()
         extras: dict[str, Any] = {"standard_error": stderr.detach(), "background": bg if shared else None,
-                                  "baseline": None if shared else bg}
+                                  "baseline": None if shared else bg.repeat_interleave(per, dim=0)}
         prov = {"samples": S, "noise": self.noise, "seed": self.seed,
-                "mean_standard_error": stderr.reshape(n, -1).mean(1).tolist(),
+                "mean_standard_error": stderr.reshape(m, -1).mean(1).tolist(),
                 **_completeness_provenance(mean, fx, fb)}
         return Explanation(
             attributions=mean.detach(), method=self.name, scores=fx, base_value=fb, targets=tgt.indices,
