@@ -147,8 +147,59 @@ def test_grid_pointing_game_cli(tmp_path, capsys):
     assert [p["class"] for p in data["photos"]] == [285, 967, 872, 665]
     row = data["table"][0]
     assert row["method"] == "gradcam" and 0.25 < row["energy"] <= 1.0  # better than chance
-    assert len(data["per_grid"]["gradcam"]["energy"]) == 2
+    energy = torch.tensor(data["per_grid"]["gradcam"]["energy"])
+    assert energy.shape == (2, 4) and data["orders"] == [[0, 1, 2, 3], [0, 1, 3, 2]]
+    assert row["energy_min"] == pytest.approx(float(energy.mean(1).min()))
+    assert row["chelsea_min"] == pytest.approx(float(energy[:, 0].min()))
     assert "gradcam" in captured.out
+    # every candidate photo is reported with its confidence, qualifying or not
+    cands = {c["name"]: c for c in data["candidates"]}
+    assert cands["rocket"]["qualifies"] is False and cands["rocket"]["probability"] < 0.4
+    assert all(cands[p]["qualifies"] for p in ("chelsea", "coffee", "camera", "motorcycle_left"))
+    assert re.search(r"rocket .* p=0\.\d+ +does not qualify", captured.out)
+    assert re.search(r"chelsea .* p=0\.\d+ +used", captured.out)
+
+
+def test_grid_pointing_game_cli_defaults_to_all_orders_and_cam_family(monkeypatch, capsys):
+    import perspicio.metrics.pointing_benchmark as pb
+
+    seen = {}
+
+    def fake(zm, methods, **kw):
+        seen.update(kw, methods=methods)
+        raise OptionError("stop here")
+
+    monkeypatch.setattr(pb, "pointing_game_benchmark", fake)
+    assert main(["benchmark", "pointing-game", "--no-progress"]) != 0
+    assert seen["orders"] == "all" and seen["max_grids"] is None
+    from perspicio.metrics.evaluate import resolve_methods
+
+    assert len(resolve_methods(seen["methods"])) == len(resolve_methods("family:cam")) > 1
+    main(["benchmark", "pointing-game", "--orders", "latin", "--no-progress"])
+    assert seen["orders"] == "latin"
+    main(["benchmark", "pointing-game", "--orders", "0,23", "--no-progress"])
+    assert seen["orders"] == [0, 23]
+    assert main(["benchmark", "pointing-game", "--orders", "first", "--no-progress"]) != 0
+    assert "--orders" in capsys.readouterr().err
+
+
+def test_pointing_game_orders_option():
+    from perspicio.metrics.pointing_benchmark import (
+        LATIN_ORDERS,
+        ORDERS,
+        make_grids,
+        pointing_game_benchmark,
+    )
+
+    # the Latin subset puts every photo once in every cell
+    latin = torch.tensor([ORDERS[i] for i in LATIN_ORDERS])
+    assert all(sorted(col) == [0, 1, 2, 3] for col in latin.T.tolist())
+    cells = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 8, 8).contiguous()
+    _, perms = make_grids(cells, 16, orders=LATIN_ORDERS)
+    assert torch.equal(perms, latin)
+    for bad in ([], [24], [1, 1], [True], "some"):
+        with pytest.raises(OptionError, match="orders"):
+            pointing_game_benchmark(None, "gradcam", orders=bad)
 
 
 def test_grids_cover_every_order_and_cells():

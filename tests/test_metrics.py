@@ -167,6 +167,33 @@ def test_patches_probability_and_chunking_do_not_change_results(lin, xs):
     assert small.details["passes"]["forward_samples"] == 2 + 2 * 8  # original + 8 steps per sample
 
 
+@pytest.mark.parametrize("kind", ["deletion", "insertion"])
+@pytest.mark.parametrize("replacement", ["zero", "blur", "mean"])
+def test_curve_matches_naive_perturbed_copies_on_a_cnn(kind, replacement, xs):
+    """Every curve point is the model on the copy with the first round(k n / steps) features of the
+    (independently computed) stable ranking replaced; chunks of 5 rows span samples."""
+    from perspicio.metrics.faithfulness import replacement_image
+
+    model = SmallCNN().eval()
+    t = torch.tensor([1, 3])
+    rel = torch.rand(2, H, W, generator=torch.Generator().manual_seed(5))
+    steps = 8
+    cls = metrics.Deletion if kind == "deletion" else metrics.Insertion
+    r = cls(steps=steps, replacement=replacement, score="logit", batch_size=5)(model, xs, rel[:, None], target=t)
+    repl = replacement_image(xs, replacement, 5.0)
+    expected = torch.empty(2, steps + 1, dtype=torch.float64)
+    for i in range(2):
+        order = sorted(range(H * W), key=lambda j: (-float(rel[i].flatten()[j]), j))  # MoRF, ties in raster order
+        for k in range(steps + 1):
+            moved = torch.zeros(H * W, dtype=torch.bool)
+            moved[order[: round(k * H * W / steps)]] = True
+            moved = moved.view(1, H, W)
+            img = torch.where(moved, repl[i], xs[i]) if kind == "deletion" else torch.where(moved, xs[i], repl[i])
+            expected[i, k] = logits(model, img[None], t[i:i + 1])[0]
+    torch.testing.assert_close(r.details["curve"].double(), expected, atol=1e-4, rtol=1e-5)
+    assert r.details["passes"]["forward_samples"] == 2 * (steps + 1)
+
+
 def test_blur_replacement_is_normalised_and_mean_replacement():
     from perspicio.metrics.faithfulness import gaussian_blur, replacement_image
 

@@ -97,6 +97,12 @@ def feature_ranks(rel: Tensor, *, order: str = "morf", unit: str = "pixel", patc
     return ranks, flat.shape[1]
 
 
+def _engine_prefers_channels_last(ctx: Context, x: Tensor) -> bool:
+    """Whether the engine converts image batches to channels-last before the model."""
+    probe = getattr(ctx.engine, "_channels_last", None)
+    return bool(probe(x)) if callable(probe) and x.ndim == 4 else False
+
+
 def step_counts(n_features: int, steps: int, device: torch.device) -> Tensor:
     """Features removed after each of ``steps + 1`` steps: round(k * n / steps), k = 0..steps."""
     k = torch.arange(steps + 1, device=device, dtype=torch.float64)
@@ -159,18 +165,35 @@ class _Curve(Metric):
         if self.steps > n_feat:
             raise OptionError(f"steps={self.steps} exceeds the {n_feat} features ({self.unit}s) of the input.")
         counts = step_counts(n_feat, self.steps, x.device)
-        repl = replacement_image(x, self.replacement, self.sigma)
+        # int32 ranks: the per-step comparison reads half the bytes
+        ranks = ranks.to(torch.int32) if n_feat < 2**31 else ranks
+        counts = counts.to(ranks.dtype)
+        # removed (deletion) or not yet inserted features take these values (a broadcast 0 for zero)
+        if self.replacement == "zero":
+            fill = torch.zeros((), dtype=x.dtype, device=x.device)
+        else:
+            fill = replacement_image(x, self.replacement, self.sigma)
         s = self.steps
         # rows: sample-major, s perturbed copies per sample (the full image is ctx.output)
         offset = 0 if self.insertion else 1
+        # build the batch in the memory format the engine runs the model in (no conversion copy)
+        fmt = torch.channels_last if _engine_prefers_channels_last(ctx, x) else torch.contiguous_format
 
         def make(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            r = torch.arange(start, stop, device=x.device)
-            img, k = r // s, r % s + offset
-            m = (ranks[img] < counts[k][:, None, None])[:, None]
-            if self.insertion:
-                return torch.where(m, x[img], repl[img]), img
-            return torch.where(m, repl[img], x[img]), img
+            batch = torch.empty((stop - start, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=fmt)
+            r = start
+            while r < stop:  # the chunk's rows of one sample at a time: broadcast, no gathered copies
+                i = r // s
+                end = min(stop, (i + 1) * s)
+                k = torch.arange(r - i * s + offset, end - i * s + offset, device=x.device)
+                m = (ranks[i] < counts[k][:, None, None])[:, None]  # (rows, 1, H, W): feature already moved
+                other = fill if fill.ndim == 0 else fill[i]
+                if self.insertion:
+                    torch.where(m, x[i], other, out=batch[r - start:end - start])
+                else:
+                    torch.where(m, other, x[i], out=batch[r - start:end - start])
+                r = end
+            return batch, torch.arange(start, stop, device=x.device) // s
 
         vals = ctx.forward_scores(make, n * s, self.score, description=self.name).view(n, s)
         full = ctx.scores(ctx.output, torch.arange(n, device=x.device), self.score).float()[:, None]
