@@ -728,3 +728,19 @@ def test_scorecam_constant_channels_share_one_pass():
             w = model(x[n : n + 1] * mask).softmax(1)[0, c]
             expected[n] += w * a
     torch.testing.assert_close(e.raw[:, 0], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_several_targets_share_the_masked_passes(tiny_cnn, tiny_input, method):
+    """Masked/ablated copies do not depend on the target: T targets per input cost the passes
+    of one, and each row equals the single-target call."""
+    targets = [[0, 2, 1], [1, 0, 2]]
+    multi = perspicio.explain(tiny_cnn, tiny_input, method=method, target=targets)
+    one = perspicio.explain(tiny_cnn, tiny_input, method=method, target=[0, 1])
+    assert multi.attributions.shape[0] == 6
+    for i in range(2):
+        for t in range(3):
+            single = perspicio.explain(tiny_cnn, tiny_input[i : i + 1], method=method, target=targets[i][t])
+            torch.testing.assert_close(multi.attributions[3 * i + t], single.attributions[0], rtol=1e-4, atol=1e-5)
+    # one capture pass over the 6 rows, then the same masked passes as the 2-row single-target call
+    assert multi.provenance["forward_samples"] - 6 == one.provenance["forward_samples"] - 2

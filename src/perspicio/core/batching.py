@@ -144,7 +144,7 @@ class Engine:
         return self._run(module, x)
 
     def _run(self, module: nn.Module, x: Tensor) -> Tensor:
-        if self._channels_last(x):
+        if self.prefers_channels_last(x):
             try:
                 return module(x.contiguous(memory_format=torch.channels_last))
             except RuntimeError as exc:  # a model that calls .view() on its feature maps
@@ -153,7 +153,9 @@ class Engine:
                 _CL_OK[self.model] = False
         return module(x)
 
-    def _channels_last(self, x: object) -> bool:
+    def prefers_channels_last(self, x: object) -> bool:
+        """Whether this engine feeds ``x`` to the model in channels-last memory format (callers
+        that build large batches can build them in that format directly and save a copy)."""
         if not CHANNELS_LAST or not isinstance(x, Tensor) or x.ndim != 4 or x.is_contiguous(memory_format=torch.channels_last):
             return False
         ok = _CL_OK.get(self.model)

@@ -79,7 +79,7 @@ class CAMBase(Method):
             return [resolve_layer(self.model, name)]
         return self._layers
 
-    def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
+    def _explain(self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1) -> Explanation:
         layers = self.layers(x)
         modules = [m for _, m in layers]
         grad = self.uses_gradients
@@ -110,7 +110,8 @@ class CAMBase(Method):
                     "1x1 map is constant. Pick an earlier convolutional layer (see `perspicio layers`)."
                 )
             G = to_spatial(g.detach(), self.reshape) if g is not None else None
-            ctx = _Context(x=x, target=tgt, output=out.detach(), engine=engine, layer=name, method=self)
+            ctx = _Context(x=x, target=tgt, output=out.detach(), engine=engine, layer=name, method=self,
+                           group=targets_per_input)
             cam = self.combine(A, G, ctx)
             if self.relu:
                 cam = cam.clamp_min(0)
@@ -152,6 +153,7 @@ class _Context:
     engine: Engine
     layer: str
     method: CAMBase
+    group: int  # rows come in groups of this many copies of one input (several targets per input)
 
 
 def _minmax(m: Tensor) -> Tensor:
@@ -305,6 +307,7 @@ class ScoreCAM(CAMBase):
     all-zero input their (zero) masks produce."""
 
     uses_gradients = False
+    shares_forward_across_targets = True
 
     def __init__(self, model: nn.Module, layer: Any = None, *, weights: str = "probability", **common: Any) -> None:
         super().__init__(model, layer, **common)
@@ -318,42 +321,49 @@ class ScoreCAM(CAMBase):
         size = tuple(x.shape[-2:])
         use_prob = self.weights == "probability" and ctx.target.indices is not None
         idx = ctx.target.indices
+        # the masked inputs do not depend on the target: with several targets per input, each
+        # masked copy runs once and is scored for all of them (rows u*T + t)
+        per = ctx.group if idx is not None and ctx.group > 1 and n % ctx.group == 0 else 1
+        u = n // per
+        first = torch.arange(u, device=x.device) * per
+        offs = torch.arange(per, device=x.device)
 
-        def score(out: Tensor, ni: Tensor) -> Tensor:
-            if use_prob:
-                return out.softmax(dim=1).gather(1, idx[ni][:, None]).squeeze(1)
-            if idx is not None:
-                return out.gather(1, idx[ni][:, None]).squeeze(1)
-            return ctx.target(out)
+        def score(out: Tensor, ui: Tensor) -> Tensor:
+            """(b, T) scores of the outputs of masked copies of unique inputs ``ui``."""
+            if idx is None:
+                return ctx.target(out)[:, None]
+            vals = out.softmax(dim=1) if use_prob else out
+            return vals.gather(1, idx[first[ui][:, None] + offs])
 
         # A constant channel (after ReLU most are all zero) gives an all-zero mask, i.e. the
         # same all-zero input for every such channel and sample: one shared forward pass
         # instead of one per channel. Identical result, far fewer passes.
-        flat = acts.flatten(2)
-        const = (flat.amax(2) - flat.amin(2) == 0).flatten()  # (N*K,)
+        acts_u = acts[first]
+        flat = acts_u.flatten(2)
+        const = (flat.amax(2) - flat.amin(2) == 0).flatten()  # (U*K,)
         todo = (~const).nonzero().squeeze(1)
-        scores = torch.empty(n * k, dtype=x.dtype, device=x.device)
+        scores = torch.empty(u * k, per, dtype=x.dtype, device=x.device)
         if bool(const.any()):
             with torch.no_grad():
                 zero_out = ctx.engine.evaluate(torch.zeros_like(x[:1]))
-                zero_out = zero_out.expand(n, *zero_out.shape[1:])
-                s0 = score(zero_out, torch.arange(n, device=x.device))
-            scores[const] = s0[const.nonzero().squeeze(1) // k]
+                zero_out = zero_out.expand(u, *zero_out.shape[1:])
+                s0 = score(zero_out, torch.arange(u, device=x.device))
+            scores[const] = s0[const.nonzero().squeeze(1) // k].to(x.dtype)
 
         def run(start: int, stop: int) -> Tensor:
             js = todo[start:stop]
-            ni, ki = js // k, js % k
+            ui, ki = js // k, js % k
             # masks of this chunk only (all N*K masks at input size could take GBs)
-            masks = F.interpolate(acts[ni, ki][:, None], size=size, mode="bilinear", align_corners=False)
+            masks = F.interpolate(acts_u[ui, ki][:, None], size=size, mode="bilinear", align_corners=False)
             flat = masks.flatten(1)
             lo = flat.min(1).values.view(-1, 1, 1, 1)
             rng = flat.max(1).values.view(-1, 1, 1, 1) - lo
             masks = torch.where(rng > 0, (masks - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(masks))
-            return score(ctx.engine.evaluate(x[ni] * masks), ni)
+            return score(ctx.engine.evaluate(x[first[ui]] * masks), ui)
 
         if len(todo):
             scores[todo] = ctx.engine.map(run, len(todo), sample=x[:1], description=f"Score-CAM {ctx.layer}").to(x.dtype)
-        scores = scores.view(n, k)
+        scores = scores.view(u, k, per).permute(0, 2, 1).reshape(n, k)
         if self.weights == "channel_softmax":
             scores = scores.softmax(dim=1)
         return scores
@@ -374,6 +384,7 @@ class AblationCAM(CAMBase):
     """
 
     uses_gradients = False
+    shares_forward_across_targets = True
 
     def channel_weights(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
         n, k = acts.shape[:2]
@@ -399,32 +410,41 @@ class AblationCAM(CAMBase):
             with Capture([module], transform=lambda _, t: ablate(t, ki, copies), store=False):
                 return ctx.engine.forward(x[i : i + 1], count=copies)
 
-        def score(out: Tensor, ni: Tensor) -> Tensor:
+        # the ablated copies do not depend on the target: with several targets per input each
+        # copy runs once and is scored for all of them (rows u*T + t)
+        per = ctx.group if idx is not None and ctx.group > 1 and n % ctx.group == 0 else 1
+        u = n // per
+        first = torch.arange(u, device=x.device) * per
+        offs = torch.arange(per, device=x.device)
+
+        def score(out: Tensor, ui: Tensor) -> Tensor:
+            """(b, T) scores of the ablated copies of unique inputs ``ui``."""
             if idx is not None:
-                return out.gather(1, idx[ni][:, None]).squeeze(1)
-            return ctx.target(out)
+                return out.gather(1, idx[first[ui][:, None] + offs])
+            return ctx.target(out)[:, None]
 
         if self._expandable(expanded, ctx.output[:1]):
             parts = []
-            for i in range(n):
-                ni = torch.full((k,), i, dtype=torch.long, device=x.device)
+            for i in range(u):
+                ui = torch.full((k,), i, dtype=torch.long, device=x.device)
 
-                def run(start: int, stop: int, i: int = i, ni: Tensor = ni) -> Tensor:
+                def run(start: int, stop: int, i: int = i, ui: Tensor = ui) -> Tensor:
                     ki = torch.arange(start, stop, device=x.device)
-                    return score(expanded(i, ki, stop - start), ni[start:stop])
+                    return score(expanded(int(first[i]), ki, stop - start), ui[start:stop])
 
                 parts.append(ctx.engine.map(run, k, sample=x[:1], description=f"Ablation-CAM {ctx.layer}"))
-            ablated = torch.stack(parts)
+            ablated = torch.stack(parts)  # (U, K, T)
         else:
 
             def run(start: int, stop: int) -> Tensor:
                 js = torch.arange(start, stop, device=x.device)
-                ni, ki = js // k, js % k
+                ui, ki = js // k, js % k
                 with Capture([module], transform=lambda _, t: ablate(t, ki, None), store=False):
-                    out = ctx.engine.forward(x[ni])
-                return score(out, ni)
+                    out = ctx.engine.forward(x[first[ui]])
+                return score(out, ui)
 
-            ablated = ctx.engine.map(run, n * k, sample=x[:1], description=f"Ablation-CAM {ctx.layer}").view(n, k)
+            ablated = ctx.engine.map(run, u * k, sample=x[:1], description=f"Ablation-CAM {ctx.layer}").view(u, k, per)
+        ablated = ablated.permute(0, 2, 1).reshape(n, k)
         denom = torch.where(base.abs() > EPS, base, torch.full_like(base, EPS))
         return (base[:, None] - ablated) / denom[:, None]
 

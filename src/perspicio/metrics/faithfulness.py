@@ -97,12 +97,6 @@ def feature_ranks(rel: Tensor, *, order: str = "morf", unit: str = "pixel", patc
     return ranks, flat.shape[1]
 
 
-def _engine_prefers_channels_last(ctx: Context, x: Tensor) -> bool:
-    """Whether the engine converts image batches to channels-last before the model."""
-    probe = getattr(ctx.engine, "_channels_last", None)
-    return bool(probe(x)) if callable(probe) and x.ndim == 4 else False
-
-
 def step_counts(n_features: int, steps: int, device: torch.device) -> Tensor:
     """Features removed after each of ``steps + 1`` steps: round(k * n / steps), k = 0..steps."""
     k = torch.arange(steps + 1, device=device, dtype=torch.float64)
@@ -177,7 +171,7 @@ class _Curve(Metric):
         # rows: sample-major, s perturbed copies per sample (the full image is ctx.output)
         offset = 0 if self.insertion else 1
         # build the batch in the memory format the engine runs the model in (no conversion copy)
-        fmt = torch.channels_last if _engine_prefers_channels_last(ctx, x) else torch.contiguous_format
+        fmt = torch.channels_last if (x.ndim == 4 and ctx.engine.prefers_channels_last(x)) else torch.contiguous_format
 
         def make(start: int, stop: int) -> tuple[Tensor, Tensor]:
             batch = torch.empty((stop - start, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=fmt)
