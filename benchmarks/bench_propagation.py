@@ -1,9 +1,12 @@
 """Benchmark: LRP and DeepLIFT on the bundled EfficientNet-Lite0 vs Zennit, Captum and a plain gradient.
 
-The limit is one forward + one backward pass (a plain input gradient): LRP needs
-exactly that many passes, DeepLIFT one more forward (the reference). Every
-contender runs in this one process, interleaved, and the median of the repeats
-is reported with its ratio to the gradient.
+The limit is one forward + one backward pass (a plain input gradient), timed
+with the input both contiguous and channels-last; the faster of the two is the
+limit (perspicio's engine feeds convolutional models channels-last). LRP needs
+exactly those passes, DeepLIFT one more forward (the reference); DeepSHAP with B
+background samples needs B DeepLIFT passes, so its ratio is to B x the limit.
+Every contender runs in this one process, interleaved, and the median of the
+repeats is reported with its ratio to the limit.
 
 Run (on a shared VM use the malloc settings to avoid page-fault noise)::
 
@@ -22,13 +25,15 @@ from collections.abc import Callable
 import torch
 
 from perspicio import zoo
-from perspicio.methods.propagation import LRP, DeepLift, find_batchnorm_pairs
+from perspicio.methods.propagation import LRP, DeepLift, DeepShap, find_batchnorm_pairs
+
+CLOCK = time.perf_counter
 
 
 def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def main() -> None:
@@ -36,7 +41,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--background", type=int, default=2, help="DeepSHAP background samples B")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU time (robust to other jobs on a loaded machine; use with --threads 1)")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -48,8 +58,8 @@ def main() -> None:
         target = model(x).argmax(1)
     n = x.shape[0]
 
-    def gradient() -> None:
-        xi = x.clone().requires_grad_(True)
+    def gradient(memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        xi = x.contiguous(memory_format=memory_format).clone(memory_format=memory_format).requires_grad_(True)
         out = model(xi)
         torch.autograd.grad(out[torch.arange(n), target].sum(), xi)
 
@@ -57,18 +67,21 @@ def main() -> None:
         with torch.no_grad():
             model(x)
 
-    lrp_eps = LRP(model, rule="epsilon")
-    lrp_epf = LRP(model, composite="epsilon_plus_flat")
+    background = args.background
     dl = DeepLift(model, baseline="zero")
     dl_rc = DeepLift(model, baseline="zero", rule="reveal_cancel")
+    dshap = DeepShap(model, background="uniform", samples=background)
     contenders: dict[str, Callable[[], object]] = {
         "forward only": forward_only,
-        "gradient (limit: 1 fwd + 1 bwd)": gradient,
-        "perspicio lrp epsilon": lambda: lrp_eps(x, target),
-        "perspicio lrp epsilon_plus_flat": lambda: lrp_epf(x, target),
-        "perspicio deeplift rescale": lambda: dl(x, target),
-        "perspicio deeplift reveal_cancel": lambda: dl_rc(x, target),
+        "gradient, contiguous": gradient,
+        "gradient, channels-last": lambda: gradient(torch.channels_last),
     }
+    for name in ("epsilon", "epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1"):
+        lrp = LRP(model, rule="epsilon") if name == "epsilon" else LRP(model, composite=name)
+        contenders[f"perspicio lrp {name}"] = lambda lrp=lrp: lrp(x, target)
+    contenders["perspicio deeplift rescale"] = lambda: dl(x, target)
+    contenders["perspicio deeplift reveal_cancel"] = lambda: dl_rc(x, target)
+    contenders[f"perspicio deep_shap (B={background})"] = lambda: dshap(x, target)
 
     try:  # Zennit, with its BatchNorm merge on the same pairs
         from zennit.attribution import Gradient as ZGradient
@@ -103,12 +116,13 @@ def main() -> None:
         for name, fn in contenders.items():
             times[name].append(timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
-    limit = med["gradient (limit: 1 fwd + 1 bwd)"]
+    limit = min(med["gradient, contiguous"], med["gradient, channels-last"])
     print(f"EfficientNet-Lite0, batch {n} x 3 x 224 x 224, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
-    print(f"{'contender':<36} {'median s':>10} {'x gradient':>11}")
+          f"{args.clock} clock, median of {args.repeats}; limit = faster gradient = {limit:.4f} s")
+    print(f"{'contender':<40} {'median s':>10} {'x limit':>8}")
     for k, v in med.items():
-        print(f"{k:<36} {v:10.4f} {v / limit:11.2f}")
+        passes = background if k.startswith("perspicio deep_shap") else 1
+        print(f"{k:<40} {v:10.4f} {v / (passes * limit):8.2f}")
 
 
 if __name__ == "__main__":

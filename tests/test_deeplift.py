@@ -318,3 +318,20 @@ def test_lifecycle_after_success_and_exception() -> None:
         assert after["params"] == before["params"] and after["training"] == before["training"]
         assert torch._C._len_torch_function_stack() == 0 and not hook_report(net)
         assert torch.equal(x, x_before)
+
+
+@pytest.mark.parametrize("func, args, kwargs", [
+    (torch.relu, (), {}), (F.relu6, (), {}), (F.hardtanh, (), {}), (F.hardtanh, (0.0, 6.0), {}),
+    (torch.clamp, (0.0, 6.0), {}), (torch.clamp, (), {"min": -1.0}), (torch.clamp_max, (1.0,), {}),
+])
+def test_analytic_clamp_derivative_matches_autograd(func, args, kwargs) -> None:
+    # DeepLIFT-Rescale takes the derivative where x == x0; for clamps it is computed without autograd
+    from perspicio.methods.propagation.deeplift import _derivative, clamp_bounds, clamp_derivative
+    from perspicio.methods.propagation.engine import Call, op_name
+
+    x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0, 6.0, 7.0])
+    call = Call(func, (x, *args), kwargs, op_name(func), "activation")
+    bounds = clamp_bounds(call)
+    assert bounds is not None
+    expected = _derivative(lambda t: func(t, *args, **kwargs), x)
+    assert torch.equal(clamp_derivative(bounds, x), expected)

@@ -540,3 +540,24 @@ def test_ops_without_lrp_rule_give_clear_error_or_recorded_fallback():
     e = perspicio.explain(DivNet(), x, "lrp", rule="epsilon", gradient_fallback=True)
     recorded = " ".join(e.provenance["gradient_fallback"])
     assert "Tensor.abs" in recorded and "div" in recorded
+
+
+@pytest.mark.parametrize("rule", [ZPlus(), AlphaBeta(2.0, 1.0), Gamma(0.25)])
+def test_nonnegative_fast_paths_equal_the_general_rule(rule) -> None:
+    # inputs proved non-negative in the forward pass skip the sign check and x- terms; gamma derives
+    # z_dn from the forward output: the same relevance as the general rule evaluated with both signs
+    from perspicio.methods.propagation.engine import AffineOp
+    from perspicio.methods.propagation.rules import RuleContext
+
+    conv = seeded(nn.Conv2d(4, 5, 3, padding=1), seed=3)
+    x = randn(2, 4, 6, 6, seed=4).clamp(min=0)
+    op = AffineOp("conv2d", lambda x_, w_, b_: F.conv2d(x_, w_, b_, 1, 1), conv.weight.detach(), conv.bias.detach(),
+                  conv={"stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1})
+    z = op(x, None, op.bias)  # the forward output W x + b
+    R = z * (1.0 + 0.5 * torch.rand(z.shape, generator=torch.Generator().manual_seed(5)))  # relevance ~ z, as in LRP
+    fast = rule.relevance(op, x, z, R, RuleContext(nonneg=True))
+    xs = x.clone()
+    xs[0, 0, 0, 0] = -1e-30  # forces the general (signed) path; the contribution changes by ~1e-30
+    general = rule.relevance(op, xs, op(xs, None, op.bias), R, RuleContext())
+    assert torch.allclose(fast, general, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(fast, torch.zeros_like(fast))

@@ -86,17 +86,59 @@ def _derivative(fn: Any, x: Tensor) -> Tensor:
         return torch.autograd.grad(y, xi, torch.ones_like(y))[0]
 
 
-def rescale_multiplier(fn: Any, x: Tensor, x0: Tensor, y: Tensor, y0: Tensor) -> Tensor:
+def clamp_bounds(call: Call) -> tuple[float | None, float | None] | None:
+    """(low, high) of a ReLU / ReLU6 / hardtanh / scalar clamp call (None for other operations).
+
+    Their derivative is 1 strictly inside the bounds and 0 elsewhere (autograd's
+    convention at the kinks), so it is computed without an autograd call.
+    """
+    short = call.name.rsplit(".", 1)[-1].rstrip("_")
+    a, kw = call.args, call.kwargs
+    if short == "relu":
+        return 0.0, None
+    if short == "relu6":
+        return 0.0, 6.0
+    if short == "hardtanh":
+        lo = a[1] if len(a) > 1 else kw.get("min_val", -1.0)
+        hi = a[2] if len(a) > 2 else kw.get("max_val", 1.0)
+    elif short in ("clamp", "clip"):
+        lo = a[1] if len(a) > 1 else kw.get("min")
+        hi = a[2] if len(a) > 2 else kw.get("max")
+    elif short == "clamp_min":
+        lo, hi = (a[1] if len(a) > 1 else kw.get("min")), None
+    elif short == "clamp_max":
+        lo, hi = None, (a[1] if len(a) > 1 else kw.get("max"))
+    else:
+        return None
+    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in (lo, hi)):
+        return None
+    return (None if lo is None else float(lo)), (None if hi is None else float(hi))
+
+
+def clamp_derivative(bounds: tuple[float | None, float | None], x: Tensor) -> Tensor:
+    """Derivative of a clamp to ``bounds`` at ``x``: 1 strictly inside, 0 elsewhere."""
+    lo, hi = bounds
+    inside = x > lo if lo is not None else None
+    if hi is not None:
+        inside = x < hi if inside is None else inside.logical_and_(x < hi)
+    return torch.ones_like(x) if inside is None else inside.to(x.dtype)
+
+
+def rescale_multiplier(fn: Any, x: Tensor, x0: Tensor, y: Tensor, y0: Tensor,
+                       bounds: tuple[float | None, float | None] | None = None) -> Tensor:
     """``(y - y0) / (x - x0)``, the derivative at x where x equals x0.
 
     A tiny non-zero ``x - x0`` is kept: the multiplier stays bounded for Lipschitz
     functions and ``m (x - x0)`` reproduces ``y - y0`` exactly, which is what
     summation-to-delta needs.
     """
-    m = (y - y0) / (x - x0)
+    m = torch.sub(y, y0).div_(x - x0)
     bad = torch.isnan(m)  # 0/0 where x == x0
     if bad.any():
-        m = torch.where(bad, _derivative(fn, x), m)
+        if bounds is not None:  # usually few such entries: evaluate the derivative only there
+            m[bad] = clamp_derivative(bounds, x[bad])
+        else:
+            m = torch.where(bad, _derivative(fn, x), m)
     return m
 
 
@@ -147,13 +189,16 @@ def _norm_spec(call: Call, x: Tensor) -> dict[str, Any]:
 class _Rescale:
     def __init__(self, fn: Any, call: Call, x0: Tensor, y0: Tensor) -> None:
         self.fn, self.call, self.x0, self.y0 = fn, call, x0, y0
+        self.bounds = clamp_bounds(call)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.call.run()
 
     def backward(self, ins: list[Tensor], y: Tensor, m: Tensor) -> tuple[Tensor]:
         x = ins[0]
-        r = rescale_multiplier(self.fn, x, self.x0, y, self.y0)
+        r = rescale_multiplier(self.fn, x, self.x0, y, self.y0, self.bounds)
+        if r.shape == x.shape and m.shape == x.shape and not m.requires_grad:
+            return (r.mul_(m),)
         return (sum_to(m * r, x.shape),)
 
 
@@ -616,7 +661,8 @@ class RevealCancelPropagator(DeepLiftPropagator):
         mP = yP / torch.where(dP, torch.ones_like(Pd), Pd)
         mN = yN / torch.where(dN, torch.ones_like(Nd), Nd)
         if dP.any() or dN.any():
-            d = _derivative(fn, x)
+            bounds = clamp_bounds(call)
+            d = clamp_derivative(bounds, x) if bounds is not None else _derivative(fn, x)
             mP, mN = torch.where(dP, d, mP), torch.where(dN, d, mN)
         with torch.enable_grad():
             return self.set(out, mP * P, mN * N)

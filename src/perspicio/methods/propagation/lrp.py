@@ -136,6 +136,22 @@ def merged_batchnorm(call: Call) -> bool:
     return is_identity_batchnorm(rm)
 
 
+_NONNEG_ACTS = frozenset({"relu", "relu6", "sigmoid", "hardsigmoid"})
+_MOVING = frozenset({"masked_fill", "where", "__setitem__", "index_put", "scatter"})  # may write new values
+
+
+def nonneg_activation(call: Call) -> bool:
+    """Is the output of this activation non-negative whatever its input (ReLU, ReLU6, sigmoid, ...)?"""
+    short = call.name.rsplit(".", 1)[-1].rstrip("_")
+    if short in _NONNEG_ACTS:
+        return True
+    if short in ("hardtanh", "clamp", "clip", "clamp_min"):
+        key = "min_val" if short == "hardtanh" else "min"
+        low = call.args[1] if len(call.args) > 1 else call.kwargs.get(key, -1.0 if short == "hardtanh" else None)
+        return isinstance(low, (int, float)) and not isinstance(low, bool) and low >= 0
+    return False
+
+
 def linear_vjp(fn: Any, x: Tensor, s: Tensor) -> Tensor:
     """``J^T s`` of a linear map ``fn`` at ``x`` (by autograd on a detached copy)."""
     with torch.enable_grad():
@@ -269,6 +285,8 @@ class LRPPropagator(Propagator):
         self.n = x_in.shape[0]
         self.derived: dict[int, tuple[Tensor, Any]] = {id(x_in): (x_in, lambda t: t)}
         self.gates: dict[int, Tensor] = {}
+        #: tensors the forward pass proved non-negative (kept alive so their ids stay unique)
+        self.nonneg: dict[int, Tensor] = {}
         self.records: list[tuple[str, Tensor, Tensor]] = []
         self.rules_used: dict[str, str] = {}
 
@@ -299,16 +317,27 @@ class LRPPropagator(Propagator):
             self.derived[id(out)] = (out, replay)
         if any(id(a) in self.gates for a in tensors):
             self.gates[id(out)] = out
+        if self.nonneg and tensors and all(id(a) in self.nonneg for a in tensors):
+            short = call.name.rsplit(".", 1)[-1]
+            value = call.kwargs.get("value", call.args[3] if len(call.args) > 3 else 0.0) if short == "pad" else 0.0
+            value = 0.0 if value is None else value
+            if short not in _MOVING and isinstance(value, (int, float)) and value >= 0:
+                self.nonneg[id(out)] = out
+
+    def _nonneg_if(self, src: Tensor, out: Tensor) -> Tensor:
+        if id(src) in self.nonneg:
+            self.nonneg[id(out)] = out
+        return out
 
     def _context(self, x: Tensor, rule: Any) -> RuleContext:
         if id(x) not in self.derived:
-            return RuleContext(first=False)
+            return RuleContext(first=False, nonneg=id(x) in self.nonneg)
         replay = self.derived[id(x)][1]
         with torch.no_grad():
             ones = replay(torch.ones_like(self.x_in))
             low = replay(self.low) if isinstance(rule, ZBox) and self.low is not None else None
             high = replay(self.high) if isinstance(rule, ZBox) and self.high is not None else None
-        return RuleContext(ones=ones, low=low, high=high, first=True)
+        return RuleContext(ones=ones, low=low, high=high, first=True, nonneg=id(x) in self.nonneg)
 
     # ------------------------------------------------------------------ rules per kind
     def on_struct(self, call: Call) -> Any:
@@ -317,7 +346,8 @@ class LRPPropagator(Propagator):
         return out
 
     def on_maxpool(self, call: Call) -> Any:
-        return call.run()  # winner takes all: the gradient routes relevance to the maximum
+        out = call.run()  # winner takes all: the gradient routes relevance to the maximum
+        return self._nonneg_if(call.args[0], out) if isinstance(out, Tensor) and call.args else out
 
     def on_affine(self, call: Call) -> Any:
         op = affine_op(call, self.is_var)
@@ -343,13 +373,20 @@ class LRPPropagator(Propagator):
 
     def on_activation(self, call: Call) -> Any:
         x = call.args[0]
-        return apply_node(_Pass(self, call, self.label(call.name)), x)
+        out = apply_node(_Pass(self, call, self.label(call.name)), x)
+        if nonneg_activation(call):
+            self.nonneg[id(out)] = out
+        return out
 
     def on_reduce(self, call: Call) -> Any:
         x = call.args[0]
         rest, kw = call.args[1:], call.kwargs
         func = call.func
-        return apply_node(_Linear(self, call, lambda t: func(t, *rest, **kw), self.label(call.name)), x)
+        out = apply_node(_Linear(self, call, lambda t: func(t, *rest, **kw), self.label(call.name)), x)
+        short = call.name.rsplit(".", 1)[-1]
+        return self._nonneg_if(x, out) if short in ("sum", "mean", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+                                                    "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                                                    "adaptive_avg_pool3d") else out
 
     def on_norm(self, call: Call) -> Any:
         x = call.args[0] if call.args else call.kwargs["input"]

@@ -52,6 +52,42 @@ class RuleContext:
     low: Tensor | None = None
     high: Tensor | None = None
     first: bool = False
+    #: the input is known to be non-negative (output of a ReLU/ReLU6, ...): no sign check needed
+    nonneg: bool = False
+
+
+def _signed(x: Tensor, ctx: RuleContext) -> bool:
+    """Does ``x`` have negative entries? (Skipped when the forward pass proved it cannot.)"""
+    return not ctx.nonneg and bool((x < 0).any())
+
+
+def _folds_bias(op: AffineOp) -> bool:
+    """Does ``op`` apply its bias argument (conv/linear), so that a constant can be folded into it?"""
+    return op.conv is not None or op.name == "linear"
+
+
+def _shifted(op: AffineOp, x: Tensor, w: Tensor, b: Tensor | None, shift: float) -> Tensor:
+    """``op(x, w, b) + shift`` in a fresh buffer; the shift rides on the bias where the op applies one."""
+    if shift == 0.0:
+        return op(x, w, b)
+    if _folds_bias(op):  # conv/linear weights are (out, in, ...): one bias entry per output channel
+        bias = torch.full((w.shape[0],), shift, dtype=w.dtype, device=w.device) if b is None else b + shift
+        return op(x, w, bias)
+    return op(x, w, b).add_(shift)
+
+
+def _div_known_sign(R: Tensor, z: Tensor) -> Tensor:
+    """``R / z`` written into ``z`` (a fresh buffer of the same shape) when possible."""
+    if z.shape == R.shape and z.dtype == R.dtype and not R.requires_grad:
+        return torch.div(R, z, out=z)
+    return R / z
+
+
+def _times(g: Tensor, x: Tensor) -> Tensor:
+    """``x * g`` reusing the fresh buffer ``g`` when the shapes agree."""
+    if g.shape == x.shape and g.dtype == x.dtype and not g.requires_grad and not x.requires_grad:
+        return g.mul_(x)
+    return x * g
 
 
 def _pos(t: Tensor | None) -> Tensor | None:
@@ -120,16 +156,40 @@ class Gamma(Rule):
         wp, wn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
         bp = None if b is None else b + g * b.clamp(min=0)
         bn = None if b is None else b + g * b.clamp(max=0)
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
-        signed = bool((x < 0).any())  # after ReLUs the input is non-negative: skip the x- terms
-        z_up = op(xp, wp, bp) + (op(xn, wn, None) if signed else 0)  # positive contributions boosted
-        z_dn = op(xp, wn, bn) + (op(xn, wp, None) if signed else 0)  # negative contributions boosted
+        signed = _signed(x, ctx)  # after ReLUs the input is non-negative: skip the x- terms
+        if not signed and z.shape == R.shape:
+            return self._nonneg(op, x, z, R)
+        xp = x.clamp(min=0) if signed else x
+        z_up = op(xp, wp, bp)  # positive contributions boosted
+        z_dn = op(xp, wn, bn)  # negative contributions boosted
+        if signed:
+            xn = x.clamp(max=0)
+            z_up, z_dn = z_up.add_(op(xn, wn, None)), z_dn.add_(op(xn, wp, None))
         s_up = safe_div(R * (z > 0), z_up, self.stabilizer)
         s_dn = safe_div(R * (z < 0), z_dn, self.stabilizer)
-        out = xp * (op.vjp(xp, wp, s_up) + op.vjp(xp, wn, s_dn))
+        out = _times(op.vjp(xp, wp, s_up).add_(op.vjp(xp, wn, s_dn)), xp)
         if signed:
-            out = out + xn * (op.vjp(xn, wn, s_up) + op.vjp(xn, wp, s_dn))
+            out = out.add_(_times(op.vjp(xn, wn, s_up).add_(op.vjp(xn, wp, s_dn)), xn))
         return out
+
+
+    def _nonneg(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor) -> Tensor:
+        """The same rule for x >= 0 with one extra evaluation instead of two.
+
+        With ``P = W+ x + b+`` and the forward output ``z = W x + b``: ``z - P = W- x + b-``, so
+        ``z_up = z + gamma P`` and ``z_dn = z + gamma (z - P)``; and
+        ``(W + gW+)^T s_up + (W + gW-)^T s_dn = W^T (s_up + (1 + g) s_dn) + g W+^T (s_up - s_dn)``.
+        """
+        g, w, b = self.gamma, op.weight, op.bias
+        wp = w.clamp(min=0)
+        P = op(x, wp, _pos(b))
+        z_up = torch.add(z, P, alpha=g)
+        z_dn = torch.sub(z, P).mul_(g).add_(z)
+        s_up = safe_div(R * (z > 0), z_up, self.stabilizer)
+        s_dn = safe_div(R * (z < 0), z_dn, self.stabilizer)
+        a = torch.add(s_up, s_dn, alpha=1.0 + g)
+        d = s_up.sub_(s_dn).mul_(g) if not s_up.requires_grad else (s_up - s_dn) * g
+        return _times(op.vjp(x, w, a).add_(op.vjp(x, wp, d)), x)
 
 
 class AlphaBeta(Rule):
@@ -144,22 +204,33 @@ class AlphaBeta(Rule):
 
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         w, b = op.weight, op.bias
-        wp, wn = w.clamp(min=0), w.clamp(max=0)
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
-        signed = bool((x < 0).any())  # after ReLUs the input is non-negative: skip the x- terms
-        z_pos = op(xp, wp, _pos(b)) + (op(xn, wn, None) if signed else 0)
-        s_pos = safe_div(R, z_pos, self.stabilizer)
-        pos = xp * op.vjp(xp, wp, s_pos)
+        wp = w.clamp(min=0)
+        signed = _signed(x, ctx)  # after ReLUs the input is non-negative: skip the x- terms
+        xp = x.clamp(min=0) if signed else x
+        xn = x.clamp(max=0) if signed else None
+        eps = self.stabilizer
+        # z+ >= 0 and z- <= 0 by construction, so the stabiliser's sign is known: z+ + eps and
+        # z- - eps (at z- = 0 every negative contribution is zero, so its sign does not matter)
+        known = eps > 0
+        z_pos = _shifted(op, xp, wp, _pos(b), eps if known else 0.0)
         if signed:
-            pos = pos + xn * op.vjp(xn, wn, s_pos)
-        out = self.alpha * pos if self.alpha != 1.0 else pos
+            z_pos = z_pos.add_(op(xn, w.clamp(max=0), None))
+        s_pos = _div_known_sign(R, z_pos) if known else safe_div(R, z_pos, eps)
+        if self.alpha != 1.0:
+            s_pos = s_pos.mul_(self.alpha) if s_pos is z_pos else s_pos * self.alpha
+        out = _times(op.vjp(xp, wp, s_pos), xp)
+        if signed:
+            out = out.add_(_times(op.vjp(xn, w.clamp(max=0), s_pos), xn))
         if self.beta:
-            z_neg = op(xp, wn, _neg(b)) + (op(xn, wp, None) if signed else 0)
-            s_neg = safe_div(R, z_neg, self.stabilizer)
-            neg = xp * op.vjp(xp, wn, s_neg)
+            wn = w.clamp(max=0)
+            z_neg = _shifted(op, xp, wn, _neg(b), -eps if known else 0.0)
             if signed:
-                neg = neg + xn * op.vjp(xn, wp, s_neg)
-            out = out - self.beta * neg
+                z_neg = z_neg.add_(op(xn, wp, None))
+            s_neg = _div_known_sign(R, z_neg) if known else safe_div(R, z_neg, eps)
+            s_neg = s_neg.mul_(-self.beta) if s_neg is z_neg else s_neg * -self.beta
+            out = out.add_(_times(op.vjp(xp, wn, s_neg), xp))
+            if signed:
+                out = out.add_(_times(op.vjp(xn, wp, s_neg), xn))
         return out
 
 
@@ -219,9 +290,11 @@ class Flat(Rule):
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         ones = ctx.ones if ctx.ones is not None else torch.ones_like(x)
         w = self._weights(op.weight)
-        zf = op(ones, w, None)
-        s = safe_div(R, zf, self.stabilizer)
-        return ones * op.vjp(ones, w, s)
+        if self.stabilizer > 0 and bool((w >= 0).all()):  # ones and non-negative weights: zf >= 0
+            s = _div_known_sign(R, _shifted(op, ones, w, None, self.stabilizer))
+        else:
+            s = safe_div(R, op(ones, w, None), self.stabilizer)
+        return _times(op.vjp(ones, w, s), ones)
 
 
 class WSquare(Flat):
