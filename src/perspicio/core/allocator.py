@@ -4,7 +4,8 @@ Every forward pass allocates and frees its feature maps. glibc serves blocks
 above its mmap threshold (dynamic, at most 32 MiB by default) with fresh
 ``mmap`` calls and returns freed heap tops to the OS beyond its trim threshold,
 so a large batch pays page faults and zeroing on every layer of every pass: on
-the 2-core VMs of docs/benchmarks.md, 1.7-2.4x slower batched forwards. Raising
+the 2-core VMs of docs/benchmarks.md, batch 64 of the bundled model runs at half
+the speed of batch 4 untuned, and at the same speed once tuned. Raising
 both thresholds makes the heap reuse the same buffers - the same effect as
 ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` set before start.
 

@@ -27,7 +27,7 @@ DEFAULT_MEMORY_BUDGET = int(float(os.environ.get("PERSPICIO_MEMORY_BUDGET", 1.5 
 MAX_AUTO_BATCH = 64
 #: without allocator tuning, output-only chunks keep their largest feature map below this
 #: (glibc then reuses heap buffers instead of mapping fresh pages; see core/allocator.py)
-UNTUNED_CHUNK_BYTES = 16 * 2**20
+UNTUNED_CHUNK_BYTES = 8 * 2**20
 #: cap for low-dimensional samples (tabular rows (1, F), token sequences): cheap per row
 MAX_AUTO_ROWS = 4096
 #: feed 4-D inputs to convolutional models in channels-last memory format (same values, faster

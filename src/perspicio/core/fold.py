@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .bnpairs import find_batchnorm_pairs
+
 #: fold BatchNorm into the preceding layer for output-only passes (PERSPICIO_FOLD_BATCHNORM=0: off)
 FOLD_BATCHNORM = os.environ.get("PERSPICIO_FOLD_BATCHNORM", "1") not in ("0", "false", "no")
 #: models with more parameter bytes than this are not copied (the twin doubles their memory)
@@ -80,8 +82,6 @@ def _build(model: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:
         return model, 0  # batch statistics: nothing to fold
     if sum(t.numel() * t.element_size() for t in model.parameters()) > MAX_TWIN_BYTES:
         return model, 0
-    from ..methods.propagation.canonizers import find_batchnorm_pairs
-
     try:
         pairs = find_batchnorm_pairs(model, sample)
         if not pairs:
