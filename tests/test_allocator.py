@@ -47,3 +47,12 @@ def test_untuned_output_only_chunks_stay_small(monkeypatch):
     monkeypatch.setattr(allocator, "_tuned", True)
     assert eng.chunk_size(x) == MAX_AUTO_BATCH
     assert Engine(model, batch_size=3).chunk_size(x) == 3  # an explicit batch size always wins
+
+
+def test_registries_populate_themselves_in_a_fresh_process():
+    """The CLI looks names up before anything imported perspicio.methods (regression: `perspicio
+    explain` once failed with "unknown method 'family:cam'" on a fresh interpreter)."""
+    code = ("from perspicio.core.registry import METHODS, METRICS; "
+            "print(len(METHODS.select(None, default=['family:cam'])), 'deletion' in METRICS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["9", "True"]

@@ -7,6 +7,7 @@ never a second hand-kept list.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,9 +33,18 @@ class Entry:
 class Registry:
     """A name -> :class:`Entry` mapping with helpful lookup errors."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, populate: str | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        self._populate = populate  # module whose import registers the built-in entries
+
+    def _loaded(self) -> dict[str, Entry]:
+        """The entries, after importing the module that registers the built-in ones (once):
+        lookups work whatever the caller imported first (the CLI looks names up early)."""
+        if self._populate is not None:
+            module, self._populate = self._populate, None
+            importlib.import_module(module)
+        return self._entries
 
     def register(self, name: str, *, family: str, summary: str = "", **meta: Any) -> Callable[[type], type]:
         known = {f for f in Entry.__dataclass_fields__ if f not in ("name", "cls", "family", "summary", "extra")}
@@ -54,7 +64,7 @@ class Registry:
     def get(self, name: str) -> Entry:
         if isinstance(name, str):
             key = name.strip().lower().replace("-", "_")
-            if key in self._entries:
+            if key in self._loaded():
                 return self._entries[key]
         raise UnknownNameError(
             f"unknown {self.kind} {name!r}; expected one of: {', '.join(sorted(self._entries))}."
@@ -62,7 +72,7 @@ class Registry:
         )
 
     def names(self, family: str | None = None) -> list[str]:
-        return [n for n, e in self._entries.items() if family is None or e.family == family]
+        return [n for n, e in self._loaded().items() if family is None or e.family == family]
 
     def select(self, spec: str | Sequence[str] | None, default: Sequence[str] = ()) -> list[str]:
         """Names from a user selection: names, comma-separated strings, "all", or a family
@@ -73,7 +83,7 @@ class Registry:
             if not isinstance(s, str):
                 raise OptionError(f"{self.kind} names must be strings; got {type(s).__name__}.")
             items += [p.strip() for p in s.split(",") if p.strip()]
-        families = {e.family for e in self._entries.values()}
+        families = {e.family for e in self._loaded().values()}
         chosen: list[str] = []
         for item in items or list(default):
             key = item.strip().lower().replace("-", "_")
@@ -87,13 +97,13 @@ class Registry:
         return list(dict.fromkeys(chosen))
 
     def entries(self) -> list[Entry]:
-        return list(self._entries.values())
+        return list(self._loaded().values())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._loaded()
 
 
-METHODS = Registry("method")
-METRICS = Registry("metric")
+METHODS = Registry("method", populate="perspicio.methods")
+METRICS = Registry("metric", populate="perspicio.metrics")
 register_method = METHODS.register
 register_metric = METRICS.register
