@@ -107,6 +107,7 @@ class Engine:
     backwards: int = 0
     chunk_sizes: list[int] = field(default_factory=list)
     folded: int | None = None  # BatchNorm layers folded in the inference twin (None: not used)
+    _twin: tuple[nn.Module, int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
@@ -139,7 +140,9 @@ class Engine:
         function, one fewer pass over every feature map."""
         if torch.is_grad_enabled() or not isinstance(x, Tensor):
             return self.forward(x, count=count)
-        module, self.folded = inference_twin(self.model, x[:1])
+        if self._twin is None:  # once per engine (one call): the weights cannot change mid-call
+            self._twin = inference_twin(self.model, x[:1])
+        module, self.folded = self._twin
         self.forwards += len(x) if count is None else count
         return self._run(module, x)
 

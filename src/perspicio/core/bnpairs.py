@@ -92,3 +92,20 @@ def find_batchnorm_pairs(model: nn.Module, sample: Tensor) -> list[tuple[str, st
         pairs.append((owner[id(w)], bn_owner[id(rm)]))
     cache[key] = pairs
     return pairs
+
+
+def folded_affine(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """``(W * s, (b - mean) * s + beta)`` with ``s = gamma / sqrt(var + eps)``: the weight and bias
+    of ``lin`` with the eval-mode ``bn`` after it folded in (computed in float64)."""
+    w = lin.weight
+    var = bn.running_var if bn.running_var is not None else torch.ones_like(bn.running_mean)
+    scale = torch.rsqrt(var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    b_old = lin.bias.double() if lin.bias is not None else torch.zeros_like(shift)
+    new_w = (w.double() * scale.view((-1,) + (1,) * (w.ndim - 1))).to(w.dtype)
+    return new_w.detach(), (b_old * scale + shift).to(w.dtype).detach()
+

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .bnpairs import find_batchnorm_pairs
+from .bnpairs import find_batchnorm_pairs, folded_affine
 
 #: fold BatchNorm into the preceding layer for output-only passes (PERSPICIO_FOLD_BATCHNORM=0: off)
 FOLD_BATCHNORM = os.environ.get("PERSPICIO_FOLD_BATCHNORM", "1") not in ("0", "false", "no")
@@ -61,18 +61,9 @@ def _state(model: nn.Module) -> tuple:
 
 def _fold_pair(affine: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """Fold ``bn`` into ``affine`` in place (both already belong to the private copy)."""
-    with torch.no_grad():
-        var = bn.running_var if bn.running_var is not None else torch.ones_like(bn.running_mean)
-        scale = torch.rsqrt(var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
-        w = affine.weight
-        affine.weight = nn.Parameter((w * scale.reshape(-1, *([1] * (w.ndim - 1)))).to(w.dtype), requires_grad=False)
-        old_bias = affine.bias if affine.bias is not None else torch.zeros_like(shift)
-        affine.bias = nn.Parameter((old_bias * scale + shift).to(w.dtype), requires_grad=False)
+    w, b = folded_affine(affine, bn)
+    affine.weight = nn.Parameter(w, requires_grad=False)
+    affine.bias = nn.Parameter(b, requires_grad=False)
 
 
 def _build(model: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...core.bnpairs import find_batchnorm_pairs
+from ...core.bnpairs import find_batchnorm_pairs, folded_affine
 
 
 class MergeBatchNorm:
@@ -96,16 +96,7 @@ def _merged_values(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple
     hit = _MERGED.get(lin)
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
-    w = lin.weight
-    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -bn.running_mean.double() * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    b_old = lin.bias.double() if lin.bias is not None else torch.zeros_like(shift)
-    new_w = (w.double() * scale.view((-1,) + (1,) * (w.ndim - 1))).to(w.dtype)
-    new_b = (b_old * scale + shift).to(w.dtype)
+    new_w, new_b = folded_affine(lin, bn)
     _MERGED[lin] = (key, new_w, new_b)
     return new_w, new_b
 
