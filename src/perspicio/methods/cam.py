@@ -295,6 +295,15 @@ class EigenCAM(CAMBase):
         return (proj * sign[:, None]).reshape(n, h, w).to(acts.dtype)
 
 
+def _target_groups(ctx: _Context, n: int) -> tuple[int, int, Tensor, Tensor]:
+    """``(T, U, first, offsets)`` for output-only CAMs: the N rows are U inputs repeated T times
+    (several class targets per input), ``first`` their first rows and ``offsets`` ``arange(T)``,
+    so a pass over the U inputs can be scored for all T targets at once (T = 1 otherwise)."""
+    per = ctx.group if ctx.target.indices is not None and ctx.group > 1 and n % ctx.group == 0 else 1
+    device = ctx.x.device
+    return per, n // per, torch.arange(n // per, device=device) * per, torch.arange(per, device=device)
+
+
 @register_method("scorecam", family="cam", needs_gradients=False, needs_layer=True,
                  summary="Score-CAM: each channel weighted by the target score of the input masked by it",
                  paper="Wang et al., CVPRW 2020")
@@ -323,10 +332,7 @@ class ScoreCAM(CAMBase):
         idx = ctx.target.indices
         # the masked inputs do not depend on the target: with several targets per input, each
         # masked copy runs once and is scored for all of them (rows u*T + t)
-        per = ctx.group if idx is not None and ctx.group > 1 and n % ctx.group == 0 else 1
-        u = n // per
-        first = torch.arange(u, device=x.device) * per
-        offs = torch.arange(per, device=x.device)
+        per, u, first, offs = _target_groups(ctx, n)
 
         def score(out: Tensor, ui: Tensor) -> Tensor:
             """(b, T) scores of the outputs of masked copies of unique inputs ``ui``."""
@@ -412,10 +418,7 @@ class AblationCAM(CAMBase):
 
         # the ablated copies do not depend on the target: with several targets per input each
         # copy runs once and is scored for all of them (rows u*T + t)
-        per = ctx.group if idx is not None and ctx.group > 1 and n % ctx.group == 0 else 1
-        u = n // per
-        first = torch.arange(u, device=x.device) * per
-        offs = torch.arange(per, device=x.device)
+        per, u, first, offs = _target_groups(ctx, n)
 
         def score(out: Tensor, ui: Tensor) -> Tensor:
             """(b, T) scores of the ablated copies of unique inputs ``ui``."""
