@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import OptionError
+from . import incremental
 from .allocator import allocator_tuned
 from .fold import inference_twin
+from .incremental import IncrementalEvaluator, difference_boxes
 
 #: default memory budget for one chunk (bytes); override per call or with PERSPICIO_MEMORY_BUDGET
 DEFAULT_MEMORY_BUDGET = int(float(os.environ.get("PERSPICIO_MEMORY_BUDGET", 1.5 * 2**30)))
@@ -108,6 +110,7 @@ class Engine:
     chunk_sizes: list[int] = field(default_factory=list)
     folded: int | None = None  # BatchNorm layers folded in the inference twin (None: not used)
     _twin: tuple[nn.Module, int] | None = field(default=None, repr=False)
+    _boxes: IncrementalEvaluator | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
@@ -133,18 +136,52 @@ class Engine:
         self.forwards += len(x) if count is None else count  # tensors, or lists of strings for text black boxes
         return self._run(self.model, x)
 
-    def evaluate(self, x: Tensor, *, count: int | None = None) -> Tensor:
+    def evaluate(self, x: Tensor, *, count: int | None = None, around: Sequence[Tensor] = ()) -> Tensor:
         """Pure model outputs for ``x``: like :meth:`forward`, but for passes that need no
         hooks and no gradients (perturbations, masked copies, metric curves), which run the
         model's BatchNorm-folded inference twin (:mod:`perspicio.core.fold`) - the same
-        function, one fewer pass over every feature map."""
+        function, one fewer pass over every feature map.
+
+        ``around``: samples (C, H, W) the images in ``x`` are copies of. When every copy differs
+        from one of them only inside a small box (one occluded patch or superpixel, a coalition
+        of few features), the batch is evaluated incrementally (:meth:`evaluate_boxes`)."""
         if torch.is_grad_enabled() or not isinstance(x, Tensor):
             return self.forward(x, count=count)
+        if around and x.ndim == 4 and count is None and incremental.INCREMENTAL:
+            best = None
+            for ref in around:
+                if tuple(ref.shape) == tuple(x.shape[1:]):
+                    rows, cols, h, w = difference_boxes(x, ref)
+                    if best is None or h * w < best[3] * best[4]:
+                        best = (ref, rows, cols, h, w)
+            if best is not None and best[3] * best[4] <= incremental.DENSE_FRACTION * x.shape[-2] * x.shape[-1]:
+                ref, rows, cols, h, w = best
+                data = torch.stack([x[i, :, r:r + h, c:c + w] for i, (r, c) in enumerate(zip(rows, cols))])
+                return self.evaluate_boxes(ref, data, rows, cols)
         if self._twin is None:  # once per engine (one call): the weights cannot change mid-call
             self._twin = inference_twin(self.model, x[:1])
         module, self.folded = self._twin
         self.forwards += len(x) if count is None else count
         return self._run(module, x)
+
+    def evaluate_boxes(self, sample: Tensor, data: Tensor, rows: list[int], cols: list[int]) -> Tensor:
+        """Pure outputs for ``len(rows)`` copies of ``sample`` (C, H, W), copy ``i`` equal to
+        ``data[i]`` inside the box at ``(rows[i], cols[i])`` and to ``sample`` elsewhere (occlusion
+        windows). Convolutional models are evaluated incrementally: only the boxes and their
+        growing halo are recomputed in the early layers (:mod:`perspicio.core.incremental`); the
+        result equals :meth:`evaluate` on the dense copies up to float rounding."""
+        if self._twin is None:
+            self._twin = inference_twin(self.model, sample[None])
+        module, self.folded = self._twin
+        if self._boxes is None:
+            self._boxes = IncrementalEvaluator(module, self.model, lambda x: self._run(module, x))
+        base = sample[None]
+        if self.prefers_channels_last(base):
+            base = base.contiguous(memory_format=torch.channels_last)
+            data = data.contiguous(memory_format=torch.channels_last)
+        self.forwards += len(rows)
+        with torch.no_grad():
+            return self._boxes(base, data, rows, cols, owner=sample)
 
     def _run(self, module: nn.Module, x: Tensor) -> Tensor:
         if self.prefers_channels_last(x):
@@ -220,6 +257,8 @@ class Engine:
                                              "chunk_sizes": self.chunk_sizes}
         if self.folded:
             stats["batchnorm_folded"] = self.folded
+        if self._boxes is not None and self._boxes.served:
+            stats["incremental_samples"] = self._boxes.served
         return stats
 
 

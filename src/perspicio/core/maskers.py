@@ -483,11 +483,15 @@ class MaskedGame:
         k = self.bound.rows
         dev = self.bound.x.device if isinstance(self.bound, TensorBound) else torch.device("cpu")
         z = z.to(dev)
+        # image coalitions that remove (or keep) a few features differ from the sample (or the
+        # baseline) only inside a small box: the engine then evaluates them incrementally
+        around = (self.bound.x, self.bound.replacement[0]) \
+            if isinstance(self.bound, TensorBound) and self.bound.x.ndim == 3 and k == 1 else ()
 
         def run(start: int, stop: int) -> Tensor:
             r = torch.arange(start, stop, device=dev)
             batch = self.bound.build(z[r // k], r % k)
-            out = self.engine.evaluate(batch)
+            out = self.engine.evaluate(batch, around=around)
             s = self.score(out)
             return s.detach().to(torch.float64).reshape(-1)
 

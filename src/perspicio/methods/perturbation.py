@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..core.batching import Engine
 from ..core.explanation import Explanation
+from ..core.incremental import box_batch
 from ..core.inputs import as_batch
 from ..core.maskers import (
     ImageMasker,
@@ -370,6 +371,17 @@ class Occlusion(Method):
             score = sample_score(tgt, i)
 
             def run(start: int, stop: int, xi: Tensor = xi, base: Tensor = base, score: Any = score) -> Tensor:
+                if xi.ndim == 3:  # an image: only the window and its halo change in the early layers
+                    def fill(j: int, crop: Tensor, top: int, left: int, start: int = start, base: Tensor = base) -> None:
+                        sl = slices[start + j]
+                        local = (sl[0], slice(sl[1].start - top, sl[1].stop - top),
+                                 slice(sl[2].start - left, sl[2].stop - left))
+                        crop[local] = base[sl]
+
+                    boxes = [(sl[1].start, sl[2].start, sl[1].stop - sl[1].start, sl[2].stop - sl[2].start)
+                             for sl in slices[start:stop]]
+                    rows, cols, data = box_batch(xi, boxes, fill)
+                    return score(engine.evaluate_boxes(xi, data, rows, cols))
                 batch = xi.expand(stop - start, *xi.shape).clone()
                 for j, sl in enumerate(slices[start:stop]):
                     batch[(j, *sl)] = base[sl]
