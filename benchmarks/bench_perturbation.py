@@ -65,14 +65,24 @@ def speed(args: argparse.Namespace) -> None:
         return torch.cat(out).numpy()
 
     n_occ = (int(np.ceil((224 - 32) / 16)) + 1) ** 2
+    patches = image_feature_mask(x[0], "patch:16")  # 196 square features of 16 x 16 pixels
+    n_abl = int(patches.max()) + 2
     budget = args.budget
     rows: list[tuple[str, str, int, Callable[[], object]]] = [
         ("occlusion", "perspicio", n_occ, lambda: perspicio.explain(zm, x, method="occlusion", window=32, stride=16,
                                                                      target=target)),
+        ("occlusion", "perspicio, dense batches (PERSPICIO_INCREMENTAL=0)", n_occ, _dense(lambda: perspicio.explain(
+            zm, x, method="occlusion", window=32, stride=16, target=target))),
         ("occlusion", "captum", n_occ, lambda: ca.Occlusion(model).attribute(
             x, sliding_window_shapes=(3, 32, 32), strides=(3, 16, 16), target=target, perturbations_per_eval=bs)),
         ("occlusion", "captum (default perturbations_per_eval=1)", n_occ, lambda: ca.Occlusion(model).attribute(
             x, sliding_window_shapes=(3, 32, 32), strides=(3, 16, 16), target=target)),
+        ("feature_ablation", "perspicio", n_abl, lambda: perspicio.explain(
+            zm, x, method="feature_ablation", feature_mask=patches, target=target)),
+        ("feature_ablation", "perspicio, dense batches (PERSPICIO_INCREMENTAL=0)", n_abl, _dense(
+            lambda: perspicio.explain(zm, x, method="feature_ablation", feature_mask=patches, target=target))),
+        ("feature_ablation", "captum", n_abl, lambda: ca.FeatureAblation(model).attribute(
+            x, target=target, feature_mask=patches[None, None], perturbations_per_eval=bs)),
         ("rise", "perspicio", budget, lambda: perspicio.explain(zm, x, method="rise", budget=budget, target=target)),
         ("kernel_shap", "perspicio", budget, lambda: perspicio.explain(
             zm, x, method="kernel_shap", feature_mask=seg, budget=budget, target=target)),
@@ -90,6 +100,8 @@ def speed(args: argparse.Namespace) -> None:
         ("lime", "captum", budget, lambda: ca.Lime(model).attribute(
             x, target=target, feature_mask=seg[None, None], n_samples=budget, perturbations_per_eval=bs)),
     ]
+    if args.methods:
+        rows = [r for r in rows if r[0] in args.methods.split(",")]
     # one-time per model and weights: the BatchNorm-folded inference twin (cached afterwards)
     from perspicio.core import fold
 
@@ -109,6 +121,19 @@ def speed(args: argparse.Namespace) -> None:
         ours = statistics.median(times[(method, "perspicio")])
         limit = evals / tput
         print(f"| {method} | {who} | {evals} | {t:.2f} | {t / ours:.2f} | {t / limit:.2f} |")
+
+
+def _dense(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with incremental inference switched off (every copy evaluated as a full batch)."""
+    from perspicio.core import incremental
+
+    def run() -> object:
+        incremental.INCREMENTAL = False
+        try:
+            return fn()
+        finally:
+            incremental.INCREMENTAL = True
+    return run
 
 
 def accuracy(args: argparse.Namespace) -> None:
@@ -154,6 +179,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--only", choices=("speed", "accuracy"), default=None)
+    ap.add_argument("--methods", default="", help="comma-separated subset of the speed rows' methods")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
