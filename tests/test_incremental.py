@@ -147,8 +147,30 @@ def test_occlusion_and_ablation_on_bundled_model(zoo_model, chelsea_batch, monke
     for flag in (True, False):
         monkeypatch.setattr(inc, "INCREMENTAL", flag)
         runs[flag] = (explain(zoo_model, x, method="occlusion", window=16, stride=16, target=285),
-                      explain(zoo_model, x, method="feature_ablation", feature_mask="patch:32", target=285))
+                      explain(zoo_model, x, method="feature_ablation", feature_mask="patch:16", target=285))
     for fast, dense in zip(runs[True], runs[False]):
         assert fast.provenance["incremental_samples"] > 0 and "incremental_samples" not in dense.provenance
         scale = dense.attributions.abs().max()
         torch.testing.assert_close(fast.attributions / scale, dense.attributions / scale, atol=1e-5, rtol=0)
+
+
+def test_engine_splits_mixed_batches(monkeypatch) -> None:
+    # copies close to the sample, copies close to the baseline and global changes in one batch
+    net = Net().eval()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 64, 64, generator=gen)
+    baseline = torch.zeros_like(x)
+    batch = torch.stack([x.clone(), baseline.clone(), x.clone(), x * 0.5, baseline.clone(), x.clone()])
+    batch[0, :, 3:10, 50:60] = 0.0  # one patch removed
+    batch[1, :, 40:50, 2:9] = x[:, 40:50, 2:9]  # one patch kept
+    batch[4, :, 60:64, 60:64] = x[:, 60:64, 60:64]  # a corner kept
+    # batch[3] differs everywhere; batch[2] and batch[5] equal the sample
+    with torch.no_grad():
+        ref = net(batch)
+        eng = Engine(net, batch_size=8)  # groups of 3 and 2 local copies: too small, one dense batch
+        torch.testing.assert_close(eng.evaluate(batch, around=(x, baseline)), ref, atol=1e-5, rtol=1e-5)
+        assert "incremental_samples" not in eng.stats() and eng.forwards == 6
+        monkeypatch.setattr(inc, "MIN_GROUP", 1)
+        eng = Engine(net, batch_size=8)
+        torch.testing.assert_close(eng.evaluate(batch, around=(x, baseline)), ref, atol=1e-5, rtol=1e-5)
+    assert eng.stats()["incremental_samples"] == 5 and eng.forwards == 6

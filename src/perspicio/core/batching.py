@@ -21,7 +21,7 @@ from ..errors import OptionError
 from . import incremental
 from .allocator import allocator_tuned
 from .fold import inference_twin
-from .incremental import IncrementalEvaluator, difference_boxes
+from .incremental import IncrementalEvaluator
 
 #: default memory budget for one chunk (bytes); override per call or with PERSPICIO_MEMORY_BUDGET
 DEFAULT_MEMORY_BUDGET = int(float(os.environ.get("PERSPICIO_MEMORY_BUDGET", 1.5 * 2**30)))
@@ -148,21 +148,51 @@ class Engine:
         if torch.is_grad_enabled() or not isinstance(x, Tensor):
             return self.forward(x, count=count)
         if around and x.ndim == 4 and count is None and incremental.INCREMENTAL:
-            best = None
-            for ref in around:
-                if tuple(ref.shape) == tuple(x.shape[1:]):
-                    rows, cols, h, w = difference_boxes(x, ref)
-                    if best is None or h * w < best[3] * best[4]:
-                        best = (ref, rows, cols, h, w)
-            if best is not None and best[3] * best[4] <= incremental.DENSE_FRACTION * x.shape[-2] * x.shape[-1]:
-                ref, rows, cols, h, w = best
-                data = torch.stack([x[i, :, r:r + h, c:c + w] for i, (r, c) in enumerate(zip(rows, cols))])
-                return self.evaluate_boxes(ref, data, rows, cols)
+            return self._evaluate_local(x, around)
         if self._twin is None:  # once per engine (one call): the weights cannot change mid-call
             self._twin = inference_twin(self.model, x[:1])
         module, self.folded = self._twin
         self.forwards += len(x) if count is None else count
         return self._run(module, x)
+
+    def _evaluate_local(self, x: Tensor, around: Sequence[Tensor]) -> Tensor:
+        """:meth:`evaluate` for copies of the samples in ``around``: the copies that differ from
+        one of them only inside a small box go through :meth:`evaluate_boxes` (one group per
+        reference), the others as an ordinary batch."""
+        height, width = x.shape[-2:]
+        area = torch.full((len(x),), height * width + 1)
+        which = torch.full((len(x),), -1)
+        spans = []
+        for j, ref in enumerate(around):
+            if tuple(ref.shape) != tuple(x.shape[1:]):
+                spans.append(None)
+                continue
+            fr, lr, fc, lc = incremental.difference_spans(x, ref)
+            spans.append((fr, lr, fc, lc))
+            a = (lr - fr + 1) * (lc - fc + 1)
+            better = a < area
+            area, which = torch.where(better, a, area), torch.where(better, j, which)
+        local = area <= incremental.LOCAL_FRACTION * height * width
+        for j in range(len(around)):
+            if int((local & (which == j)).sum()) < incremental.MIN_GROUP:
+                local &= which != j
+        if not bool(local.any()):
+            return self.evaluate(x)
+        pieces = []
+        for j, ref in enumerate(around):
+            idx = torch.nonzero(local & (which == j)).flatten()
+            if len(idx):
+                rows, cols, h, w = incremental.common_boxes(*(s[idx] for s in spans[j]), height, width)
+                sub = x[idx]
+                data = torch.stack([sub[i, :, r:r + h, c:c + w] for i, (r, c) in enumerate(zip(rows, cols))])
+                pieces.append((idx, self.evaluate_boxes(ref, data, rows, cols)))
+        rest = torch.nonzero(~local).flatten()
+        if len(rest):
+            pieces.append((rest, self.evaluate(x[rest])))
+        out = pieces[0][1].new_empty((len(x), *pieces[0][1].shape[1:]))
+        for idx, values in pieces:
+            out[idx] = values
+        return out
 
     def evaluate_boxes(self, sample: Tensor, data: Tensor, rows: list[int], cols: list[int]) -> Tensor:
         """Pure outputs for ``len(rows)`` copies of ``sample`` (C, H, W), copy ``i`` equal to

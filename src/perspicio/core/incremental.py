@@ -40,6 +40,11 @@ from torch import Tensor, nn
 INCREMENTAL = os.environ.get("PERSPICIO_INCREMENTAL", "1") not in ("0", "false", "no")
 #: boxes larger than this fraction of their feature map are materialised (dense is cheaper then)
 DENSE_FRACTION = 0.5
+#: a copy is evaluated incrementally only if its box covers at most this fraction of the input
+#: (larger boxes reach DENSE_FRACTION within a layer or two, and splitting the batch costs more)
+LOCAL_FRACTION = 0.03
+#: and only in groups of at least this many copies (a group runs as its own, smaller batch)
+MIN_GROUP = 4
 #: largest accepted difference to the dense pass, relative to the output's magnitude
 TOLERANCE = 1e-4
 
@@ -85,10 +90,13 @@ class Boxes:
         of ``source`` - the base itself or the base padded by ``shift`` (top, left)."""
         if (h, w) == self.size and shift == (0, 0) and list(rows) == self.rows and list(cols) == self.cols:
             return self.data  # the same boxes (1x1 convolutions): nothing to gather
-        r_idx = torch.tensor(rows, device=source.device)[:, None] + torch.arange(h, device=source.device)
-        c_idx = torch.tensor(cols, device=source.device)[:, None] + torch.arange(w, device=source.device)
-        hwc = source[0].permute(1, 2, 0)  # gather in channels-last order: the result is channels-last
-        region = hwc[r_idx[:, :, None], c_idx[:, None, :]].permute(0, 3, 1, 2)
+        # every (h, w) window of the source as a strided view (H-h+1, W-w+1, h, w, C), indexed by the
+        # box corners: one gather, in channels-last order (so the result is channels-last)
+        hwc = source[0].permute(1, 2, 0)
+        sr, sc, sch = hwc.stride()
+        windows = hwc.as_strided((hwc.shape[0] - h + 1, hwc.shape[1] - w + 1, h, w, hwc.shape[2]), (sr, sc, sr, sc, sch))
+        region = windows[torch.tensor(rows, device=source.device), torch.tensor(cols, device=source.device)]
+        region = region.permute(0, 3, 1, 2)
         bh, bw = self.size
         for i in range(len(rows)):
             top = self.rows[i] + shift[0] - rows[i]
@@ -357,24 +365,28 @@ def evaluate_boxes(module: nn.Module, base: Tensor, data: Tensor, rows: Sequence
     return out
 
 
-def difference_boxes(batch: Tensor, reference: Tensor) -> tuple[list[int], list[int], int, int]:
-    """For copies ``batch`` (B, C, H, W) of ``reference`` (C, H, W): one common box size (h, w) and
-    per-copy positions covering every element where the copy differs from the reference."""
+def difference_spans(batch: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For copies ``batch`` (B, C, H, W) of ``reference`` (C, H, W): per copy the first row, last
+    row, first column and last column where it differs from the reference (a copy equal to the
+    reference gets the 1 x 1 span at the origin)."""
     diff = (batch != reference).any(dim=1)  # (B, H, W)
-    height, width = diff.shape[-2:]
     spans = []
-    for axis, n in ((2, height), (1, width)):
+    for axis, n in ((2, diff.shape[-2]), (1, diff.shape[-1])):
         hit = diff.any(dim=axis)  # (B, n)
         idx = torch.arange(n, device=hit.device)
         first = torch.where(hit, idx, n).min(dim=1).values
         last = torch.where(hit, idx, -1).max(dim=1).values
         empty = last < 0
-        first = torch.where(empty, 0, first)
-        last = torch.where(empty, 0, last)
-        size = int((last - first + 1).max())
-        spans.append(([min(int(f), n - size) for f in first], size))
-    (rows, h), (cols, w) = spans
-    return rows, cols, h, w
+        spans += [torch.where(empty, 0, first), torch.where(empty, 0, last)]
+    return spans[0], spans[1], spans[2], spans[3]
+
+
+def common_boxes(first_r: Tensor, last_r: Tensor, first_c: Tensor, last_c: Tensor, height: int, width: int
+                 ) -> tuple[list[int], list[int], int, int]:
+    """One box size (h, w) covering every span, and per-copy positions inside the image."""
+    h = int((last_r - first_r + 1).max())
+    w = int((last_c - first_c + 1).max())
+    return first_r.clamp(max=height - h).tolist(), first_c.clamp(max=width - w).tolist(), h, w
 
 
 def box_batch(x: Tensor, boxes: Sequence[tuple[int, int, int, int]], fill: Callable[[int, Tensor, int, int], None]
