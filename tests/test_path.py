@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from perspicio import explain
-from perspicio.errors import LayerError, ModelError, OptionError
+from perspicio.errors import ConvergenceWarning, LayerError, ModelError, OptionError
 from perspicio.methods import completeness_error
 from perspicio.methods.path import GradientSHAP, make_baseline, quadrature_nodes
 
@@ -135,6 +135,19 @@ def test_linearity(tiny_cnn, tiny_input) -> None:
     opts = {"target": 1, "steps": 16, "baseline": "zero"}
     ef, eg, em = (explain(m, tiny_input, method="integrated_gradients", **opts) for m in (tiny_cnn, g, mix))
     torch.testing.assert_close(em.attributions, 2.0 * ef.attributions - 0.5 * eg.attributions, atol=1e-5, rtol=1e-4)
+
+
+def test_unresolved_path_warns(tiny_cnn, tiny_input) -> None:
+    # 2 nodes cannot resolve a ReLU network's path: the user is told, with the number and the remedy
+    with pytest.warns(ConvergenceWarning, match=r"relative completeness error .*raise steps"):
+        e = explain(tiny_cnn, tiny_input, method="integrated_gradients", target=1, steps=2, quadrature="left")
+    assert max(e.provenance["relative_completeness_error"]) > 0.01
+    import warnings
+
+    with warnings.catch_warnings():  # a linear model is integrated exactly: no warning
+        warnings.simplefilter("error", ConvergenceWarning)
+        lin = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        explain(lin, tiny_input, method="integrated_gradients", target=0, steps=2)
 
 
 def test_completeness_on_bundled_model(zoo_model, chelsea_batch) -> None:
@@ -340,7 +353,7 @@ def test_gradient_shap_exact_on_linear_model() -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_cli_integrated_gradients(tmp_path) -> None:
+def test_cli_integrated_gradients(tmp_path, capsys) -> None:
     from perspicio.cli import main
 
     out = tmp_path / "out"
@@ -349,6 +362,9 @@ def test_cli_integrated_gradients(tmp_path) -> None:
     assert code == 0
     assert (out / "chelsea_integrated_gradients.npy").exists() and (out / "chelsea_comparison.png").exists()
     assert np.load(out / "chelsea_integrated_gradients.npy").shape == (1, 3, 224, 224)
+    # 2 steps cannot resolve the path: one warning line with the error and the remedy, no Python source line
+    err = capsys.readouterr().err
+    assert "warning: integrated_gradients: relative completeness error" in err and "warnings.warn" not in err
 
 
 @pytest.mark.parametrize(("method", "opts"), [

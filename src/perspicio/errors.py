@@ -46,3 +46,9 @@ def suggest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """Return ' Did you mean: a, b?' for the closest candidates, or ''."""
     close = difflib.get_close_matches(str(name), list(candidates), n=n, cutoff=0.5)
     return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+class ConvergenceWarning(UserWarning):
+    """An estimate did not converge to the accuracy its method promises (e.g. Integrated
+    Gradients' completeness error above 1%: raise ``steps`` or use ``quadrature="adaptive"``).
+    Silence with ``warnings.filterwarnings("ignore", category=perspicio.errors.ConvergenceWarning)``."""

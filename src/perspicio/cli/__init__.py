@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import click
 
@@ -32,6 +33,10 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f".{_name}", __name__).register(cli)
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``perspicio`` command; returns the exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -39,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # our own process: let it reuse freed tensor buffers (core/allocator.py)
         tune_allocator()
     try:
-        cli.main(args=args, prog_name="perspicio", standalone_mode=False)
+        with warnings.catch_warnings():
+            if not debug:  # one line per warning, like the errors (--debug: Python's format with the source line)
+                warnings.showwarning = _one_line_warning
+            cli.main(args=args, prog_name="perspicio", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.Abort:
