@@ -84,8 +84,12 @@ def speed(args: argparse.Namespace) -> None:
         ("feature_ablation", "captum", n_abl, lambda: ca.FeatureAblation(model).attribute(
             x, target=target, feature_mask=patches[None, None], perturbations_per_eval=bs)),
         ("rise", "perspicio", budget, lambda: perspicio.explain(zm, x, method="rise", budget=budget, target=target)),
+        ("rise", "perspicio compile=True", budget, lambda: perspicio.explain(
+            zm, x, method="rise", budget=budget, target=target, compile=True)),
         ("kernel_shap", "perspicio", budget, lambda: perspicio.explain(
             zm, x, method="kernel_shap", feature_mask=seg, budget=budget, target=target)),
+        ("kernel_shap", "perspicio compile=True", budget, lambda: perspicio.explain(
+            zm, x, method="kernel_shap", feature_mask=seg, budget=budget, target=target, compile=True)),
         ("kernel_shap", "captum", budget, lambda: ca.KernelShap(model).attribute(
             x, target=target, feature_mask=seg[None, None], n_samples=budget, perturbations_per_eval=bs)),
         ("kernel_shap", "shap Partition", budget, lambda: shap.PartitionExplainer(
@@ -93,6 +97,8 @@ def speed(args: argparse.Namespace) -> None:
             x.permute(0, 2, 3, 1).numpy(), max_evals=budget, batch_size=bs, outputs=[target], silent=True)),
         ("lime", "perspicio", budget, lambda: perspicio.explain(
             zm, x, method="lime", feature_mask=seg, budget=budget, sampling="bernoulli", target=target)),
+        ("lime", "perspicio compile=True", budget, lambda: perspicio.explain(
+            zm, x, method="lime", feature_mask=seg, budget=budget, sampling="bernoulli", target=target, compile=True)),
         ("lime", "lime", budget, lambda: lime_image.LimeImageExplainer(random_state=0).explain_instance(
             x[0].permute(1, 2, 0).numpy().astype(np.float64), clf_np_hwc, labels=(target,), top_labels=None,
             hide_color=0, num_samples=budget, segmentation_fn=lambda img: seg.numpy(), num_features=m,
@@ -108,6 +114,10 @@ def speed(args: argparse.Namespace) -> None:
     fold._TWINS.pop(model, None)
     t_twin = timed(lambda: fold.inference_twin(model, x))
     print(f"inference twin built once in {t_twin:.2f} s ({fold.inference_twin(model, x)[1]} BatchNorms folded)")
+    if any("compile" in who for _, who, _, _ in rows):  # once per model and input shape (and process)
+        t_compile = timed(lambda: perspicio.explain(zm, x, method="rise", budget=budget, target=target, compile=True))
+        print(f"compile=True: first call (torch.compile of the twin + one RISE run) {t_compile:.1f} s, "
+              "excluded from the rows below")
     for _method, _who, _, fn in rows:  # warm-up: one untimed run of each contender
         if args.warmup:
             fn()

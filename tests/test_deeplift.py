@@ -335,3 +335,68 @@ def test_analytic_clamp_derivative_matches_autograd(func, args, kwargs) -> None:
     assert bounds is not None
     expected = _derivative(lambda t: func(t, *args, **kwargs), x)
     assert torch.equal(clamp_derivative(bounds, x), expected)
+
+
+@pytest.mark.parametrize("func, args", [
+    (torch.relu, ()), (F.relu6, ()), (F.hardtanh, (-0.5, 0.5)), (torch.clamp_min, (0.2,)), (torch.clamp_max, (0.3,)),
+])
+def test_clamp_rescale_fast_path_equals_general_multiplier(func, args) -> None:
+    # the fused backward of clamp-type activations (one quotient buffer, gradient at x == x0)
+    # equals m * the general Rescale multiplier with the autograd derivative at x == x0
+    from perspicio.methods.propagation.deeplift import (
+        clamp_bounds,
+        clamp_rescale_backward,
+        rescale_multiplier,
+    )
+    from perspicio.methods.propagation.engine import Call, op_name
+
+    gen = torch.Generator().manual_seed(11)
+    x0 = torch.randn(4, 3, 5, 5, generator=gen) * 4
+    x = torch.randn(4, 3, 5, 5, generator=gen) * 4
+    same = torch.rand(x.shape, generator=gen) < 0.3
+    x = torch.where(same, x0, x)  # many x == x0 entries, inside and outside the bounds
+    x[0, 0, 0, :3] = x0[0, 0, 0, :3] = torch.tensor([0.0, 6.0, 0.5])  # kinks
+    m = torch.randn(x.shape, generator=gen)
+    call = Call(func, (x, *args), {}, op_name(func), "activation")
+    bounds = clamp_bounds(call)
+    fn = lambda t: func(t, *args)  # noqa: E731
+    y, y0 = fn(x), fn(x0)
+    fast = clamp_rescale_backward(bounds, x, x0, y, y0, m)
+    general = m * rescale_multiplier(fn, x, x0, y, y0)  # no bounds: autograd derivative
+    assert same.any() and torch.equal(fast, general)
+
+
+@pytest.mark.parametrize("net, x", [
+    (lambda: seeded(ResNet()), lambda: randn(2, 3, 8, 8)),
+    (lambda: seeded(Block(sdpa=True)), lambda: randn(2, 5, 8)),
+])
+def test_linear_fast_path_equals_general_dispatch(monkeypatch, net, x) -> None:
+    # DeepLIFT runs linear operations (views, conv/linear, pooling averages) without the general
+    # dispatch; the attributions, scores and base values equal those of the general dispatch
+    from perspicio.methods.propagation.deeplift import DeepLiftPropagator
+
+    model, inputs = net(), x()
+    fast = DeepLift(model, baseline="mean")(inputs, target=1)
+    fast_shap = DeepShap(model, samples=2)(inputs, target=1)
+    monkeypatch.setattr(DeepLiftPropagator, "linear_fast_path", False)
+    general = DeepLift(model, baseline="mean")(inputs, target=1)
+    general_shap = DeepShap(model, samples=2)(inputs, target=1)
+    assert torch.equal(fast.attributions, general.attributions) and torch.equal(fast.base_value, general.base_value)
+    assert torch.equal(fast_shap.attributions, general_shap.attributions)
+    assert delta_error(fast) < 1e-4
+
+
+def test_reveal_cancel_stacked_linear_rule_equals_separate_maps() -> None:
+    # W+ P + W- N and W- P + W+ N as one map of [P, N] stacked along the input channels
+    from perspicio.methods.propagation.rules import _neg, _pos
+
+    conv = seeded(nn.Conv2d(4, 6, 3, padding=1), seed=2)
+    w = conv.weight.detach()
+    d = randn(2, 4, 5, 5, seed=3)
+    P, N = d.clamp(min=0), d.clamp(max=0)
+    both = torch.cat([P, N], dim=1)
+    stacked_p = F.conv2d(both, torch.cat([_pos(w), _neg(w)], dim=1), padding=1)
+    stacked_n = F.conv2d(both, torch.cat([_neg(w), _pos(w)], dim=1), padding=1)
+    torch.testing.assert_close(stacked_p, F.conv2d(P, _pos(w), padding=1) + F.conv2d(N, _neg(w), padding=1))
+    torch.testing.assert_close(stacked_n, F.conv2d(P, _neg(w), padding=1) + F.conv2d(N, _pos(w), padding=1))
+    assert not torch.allclose(stacked_p, stacked_n)

@@ -12,6 +12,7 @@ from torch import nn
 import perspicio
 from perspicio.core import fold
 from perspicio.core.batching import Engine
+from perspicio.errors import OptionError
 
 
 def _bn(c: int, seed: int) -> nn.BatchNorm2d:
@@ -146,3 +147,61 @@ def test_methods_agree_with_and_without_folding(monkeypatch):
     off = perspicio.explain(model, x, method="occlusion", target=1, window=4, stride=2)
     assert "batchnorm_folded" not in off.provenance
     torch.testing.assert_close(on.attributions, off.attributions, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- compile=True (opt-in)
+
+
+def _bn_net() -> nn.Module:
+    gen = torch.Generator().manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(8, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(8, generator=gen) + 0.5)
+    return net
+
+
+def test_compile_equals_uncompiled_and_pads_short_chunks() -> None:
+    from perspicio import explain
+
+    net = _bn_net()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opts = {"method": "rise", "budget": 40, "seed": 0, "target": 1, "batch_size": 16}  # chunks 16, 16, 8 (padded)
+    fast = explain(net, x, compile=True, **opts)
+    plain = explain(net, x, **opts)
+    assert fast.provenance["compiled_samples"] == 40 and "compiled_samples" not in plain.provenance
+    torch.testing.assert_close(fast.attributions, plain.attributions, atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert not hasattr(net, "_perspicio_compiled") and type(net) is nn.Sequential  # the user's model is never compiled
+
+
+def test_compile_failure_warns_and_runs_uncompiled(monkeypatch) -> None:
+    from perspicio import explain
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    net = _bn_net()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(RuntimeWarning, match="torch.compile could not be used .*no C.. compiler"):
+        e = explain(net, x, method="rise", budget=16, seed=0, target=0, batch_size=16, compile=True)
+    assert "compiled_samples" not in e.provenance
+    with pytest.raises(OptionError, match="compile must be True or False"):
+        explain(net, x, method="rise", compile="yes")
+
+
+def test_twin_sees_writes_through_data():
+    # `.data` writes (EMA updates, weight surgery) do not move the version counter: the norm in the
+    # fingerprint catches them
+    model = ConvBN().eval()
+    fold.inference_twin(model, _x())
+    version = model.conv1.weight._version
+    model.conv1.weight.data.mul_(2.0)
+    assert model.conv1.weight._version == version
+    twin, _ = fold.inference_twin(model, _x())
+    with torch.no_grad():
+        torch.testing.assert_close(twin(_x()), model(_x()), rtol=1e-5, atol=1e-5)

@@ -561,3 +561,138 @@ def test_nonnegative_fast_paths_equal_the_general_rule(rule) -> None:
     general = rule.relevance(op, xs, op(xs, None, op.bias), R, RuleContext())
     assert torch.allclose(fast, general, rtol=1e-4, atol=1e-5)
     assert not torch.equal(fast, torch.zeros_like(fast))
+
+
+def test_parameter_memo_sees_in_place_weight_updates() -> None:
+    # W+ / b+ are memoised across calls only for the canonizer's merged tensors (keyed by them and
+    # their version); other parameters are recomputed every call, so in-place updates - also through
+    # .data, which bypasses the version counter - and .data swaps are always seen
+    from perspicio.methods.propagation.rules import _pos
+
+    a, b = cnn().eval(), cnn().eval()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(-0.5).add_(0.1)
+    x = randn(2, 3, 8, 8, seed=7)
+    lrp = perspicio.methods.propagation.LRP
+    w = a[4].weight.detach()  # a conv without a BatchNorm after it: never merged
+    assert _pos(w) is not _pos(w)
+    with MergeBatchNorm()(a, x):
+        merged = a[0].weight.detach()
+        assert _pos(merged) is _pos(merged)  # memoised while it holds the merged tensor
+    first = lrp(a, composite="epsilon_plus")(x, target=1).attributions
+    expected = lrp(b, composite="epsilon_plus")(x, target=1).attributions
+    with torch.no_grad():
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pa.copy_(pb)  # in place: version counters move
+    after_copy = lrp(a, composite="epsilon_plus")(x, target=1).attributions
+    assert not torch.allclose(first, expected)
+    torch.testing.assert_close(after_copy, expected, rtol=0, atol=0)
+    c = cnn().eval()
+    torch.testing.assert_close(lrp(c, composite="epsilon_plus")(x, target=1).attributions, first, rtol=0, atol=0)
+    for pc, pb in zip(c.parameters(), b.parameters()):
+        pc.data = pb.detach().clone()  # a storage swap: the data pointer moves, the version does not
+    torch.testing.assert_close(lrp(c, composite="epsilon_plus")(x, target=1).attributions, expected, rtol=0, atol=0)
+    d, e = cnn().eval(), cnn().eval()
+    with torch.no_grad():
+        e[4].weight.copy_(b[4].weight)
+    lrp(d, composite="epsilon_plus")(x, target=1)
+    d[4].weight.data.copy_(b[4].weight)  # through .data: neither pointer nor version moves (unmerged layer)
+    torch.testing.assert_close(lrp(d, composite="epsilon_plus")(x, target=1).attributions,
+                               lrp(e, composite="epsilon_plus")(x, target=1).attributions, rtol=0, atol=0)
+    # a merged layer (conv + BatchNorm) written through .data: the canonizer's cache sees the new norm
+    f, g = cnn().eval(), cnn().eval()
+    with torch.no_grad():
+        g[0].weight.mul_(3.0)
+    lrp(f, composite="epsilon_plus")(x, target=1)
+    f[0].weight.data.mul_(3.0)
+    torch.testing.assert_close(lrp(f, composite="epsilon_plus")(x, target=1).attributions,
+                               lrp(g, composite="epsilon_plus")(x, target=1).attributions, rtol=0, atol=0)
+
+
+def test_memoised_operation_table_equals_the_uncached_lookup() -> None:
+    # op_kind / op_name / out_of_place memoise per function; the answers equal the uncached ones
+    from perspicio.methods.propagation import engine as E
+
+    funcs = [F.conv2d, F.relu, F.relu6, torch.add, torch.Tensor.__add__, torch.Tensor.add_, torch.cat,
+             torch.Tensor.__getitem__, F.hardtanh, torch.Tensor.T.__get__, torch.log1p, F.max_pool2d]
+    for _ in range(2):
+        for f in funcs:
+            assert E.op_kind(f) == E.OPS.get(E._key(f))
+            assert E.op_name(f) == E._op_name(f)
+    t = torch.ones(2)
+    assert E.out_of_place(F.relu, (t,), {"inplace": True})[2] == {"inplace": False}
+    assert E.out_of_place(F.hardtanh, (t, -1.0, 1.0, True), {})[1] == (t, -1.0, 1.0, False)
+    assert E.out_of_place(torch.Tensor.add_, (t, t), {})[0] is torch.add
+    assert E.op_kind(torch.log1p) is None or E.op_kind(torch.log1p) == E.ELEMWISE
+
+
+def test_float_mask_helpers_equal_boolean_masks() -> None:
+    # gamma selects R where z > 0 / z < 0 with threshold_backward instead of boolean masks
+    from perspicio.methods.propagation.rules import RuleContext, _signed, _where_neg, _where_pos
+
+    z = randn(3, 4, 5, seed=8)
+    z[0, 0, :2] = 0.0
+    R = randn(3, 4, 5, seed=9)
+    assert torch.equal(_where_pos(R, z), R * (z > 0)) and torch.equal(_where_neg(R, z), R * (z < 0))
+    assert not torch.equal(_where_pos(R, z), _where_neg(R, z))
+    assert _signed(z, RuleContext()) and not _signed(z.abs(), RuleContext()) and not _signed(z, RuleContext(nonneg=True))
+
+
+def test_call_sites_found_on_the_stack_equal_the_module_hooks() -> None:
+    # without record_layers the module of an operation is looked up on the Python stack instead of
+    # with hooks on every module: the recorded call sites are the same
+    net = seeded(Cumulative())
+    x = randn(2, 4)
+    lazy = LRP(net, rule="epsilon", gradient_fallback=True)(x).provenance["gradient_fallback"]
+    hooked = LRP(net, rule="epsilon", gradient_fallback=True, record_layers=True)(x).provenance["gradient_fallback"]
+    assert lazy == hooked and "module" not in lazy[0]  # log1p is called in the top-level forward
+
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Cumulative()
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.inner(t)
+
+    nested = seeded(Nested())
+    lazy = LRP(nested, rule="epsilon", gradient_fallback=True)(x).provenance["gradient_fallback"]
+    hooked = LRP(nested, rule="epsilon", gradient_fallback=True, record_layers=True)(x).provenance["gradient_fallback"]
+    assert lazy == hooked and "module 'inner' (Cumulative)" in lazy[0]
+
+
+def test_merge_batchnorm_reuses_the_added_bias_parameter_not_the_identity_statistics() -> None:
+    # the Parameter holding a merged bias is reused across merges (the same function, exact restore);
+    # the identity statistics are fresh each time, so a write into them cannot leak into the next call
+    net = cnn().eval()
+    net[4] = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+    net.insert(5, nn.BatchNorm2d(16))
+    seeded(net)
+    net.eval()
+    x = randn(2, 3, 8, 8)
+    before = snapshot(net)
+    ref = net(x)
+    with MergeBatchNorm()(net, x):
+        first_bias, first_mean = net[4].bias, net[5].running_mean.clone()
+        out1 = net(x)
+        net[5].running_var.data.fill_(2.0)  # a write into the identity tensor (through its storage)
+    assert_restored(net, before)
+    with MergeBatchNorm()(net, x):
+        assert net[4].bias is first_bias  # the same Parameter object for the merged bias
+        assert torch.equal(net[5].running_mean, first_mean) and torch.equal(net[5].running_var, torch.ones(16))
+        torch.testing.assert_close(net(x), out1, rtol=0, atol=0)
+    assert_restored(net, before)
+    torch.testing.assert_close(out1, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_memo_is_not_fooled_by_a_transposed_view() -> None:
+    # a square merged weight and its transpose share storage pointer, shape and dtype
+    from perspicio.methods.propagation.rules import _pos
+
+    lin, bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+    net = seeded(nn.Sequential(lin, bn)).eval()
+    with MergeBatchNorm()(net, randn(2, 4)):
+        w = lin.weight.detach()
+        assert torch.equal(_pos(w), w.clamp(min=0)) and _pos(w) is _pos(w)
+        assert torch.equal(_pos(w.t()), w.t().clamp(min=0))

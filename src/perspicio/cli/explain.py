@@ -43,6 +43,7 @@ def _stem(source: str) -> str:
 @click.option("--samples", type=int, default=None, help="Sampling methods: number of samples.")
 @click.option("--noise", type=float, default=None, help="Noise methods: noise level relative to the input range.")
 @click.option("--seed", type=int, default=None, help="Seed for randomised methods.")
+@click.option("--compile", "compile_", is_flag=True, default=False, help="Run output-only passes (perturbations, Shapley, LIME, Score-CAM masks) through torch.compile: ~1.3x faster, 10-60 s compile per model and shape; for many images.")
 @click.option("--option", "extra", multiple=True, help="Any other method option as key=value (repeatable).")
 @click.option("--format", "fmt", type=click.Choice(["npy", "safetensors"]), default="npy", show_default=True)
 @click.option("--progress/--no-progress", default=True, help="Progress bar for slow methods.")
@@ -50,7 +51,7 @@ def explain_cmd(
     images: tuple[str, ...], model_spec: str, device: str, random_init: bool, methods: tuple[str, ...],
     target: str | None, layer: str | None, out_dir: str, batch_size: int | None, relu: bool | None,
     steps: int | None, baseline: str | None, samples: int | None, noise: float | None, seed: int | None,
-    extra: tuple[str, ...], fmt: str, progress: bool,
+    extra: tuple[str, ...], fmt: str, progress: bool, compile_: bool,
 ) -> None:
     """Explain the model's prediction on IMAGES (files or sample names; default: chelsea).
 
@@ -70,7 +71,7 @@ def explain_cmd(
     pil_images = [load_image(s) for s in sources]  # validate every file before any work
     zm = load_model(model_spec, device, random_init)
     given = {"layer": layer, "relu": relu, "batch_size": batch_size, "steps": steps, "baseline": baseline,
-             "samples": samples, "noise": noise, "seed": seed}
+             "samples": samples, "noise": noise, "seed": seed, "compile": compile_ or None}
     given = {k: v for k, v in given.items() if v is not None}
     given.update(parse_extra(extra))
     for key in given:

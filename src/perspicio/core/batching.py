@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..errors import OptionError
 from . import incremental
 from .allocator import allocator_tuned
-from .fold import inference_twin
+from .fold import compiled_outputs, inference_twin
 from .incremental import IncrementalEvaluator
 
 #: default memory budget for one chunk (bytes); override per call or with PERSPICIO_MEMORY_BUDGET
@@ -109,6 +109,8 @@ class Engine:
     backwards: int = 0
     chunk_sizes: list[int] = field(default_factory=list)
     folded: int | None = None  # BatchNorm layers folded in the inference twin (None: not used)
+    compile: bool = False  # run output-only passes through torch.compile'd inference twins
+    compiled: int = 0  # samples evaluated by a compiled twin
     _twin: tuple[nn.Module, int] | None = field(default=None, repr=False)
     _boxes: IncrementalEvaluator | None = field(default=None, repr=False)
 
@@ -153,6 +155,12 @@ class Engine:
             self._twin = inference_twin(self.model, x[:1])
         module, self.folded = self._twin
         self.forwards += len(x) if count is None else count
+        if self.compile and module is not self.model:
+            xc = x.contiguous(memory_format=torch.channels_last) if self.prefers_channels_last(x) else x
+            out = compiled_outputs(module, xc)
+            if out is not None:
+                self.compiled += len(x)
+                return out
         return self._run(module, x)
 
     def _evaluate_local(self, x: Tensor, around: Sequence[Tensor]) -> Tensor:
@@ -287,6 +295,8 @@ class Engine:
                                              "chunk_sizes": self.chunk_sizes}
         if self.folded:
             stats["batchnorm_folded"] = self.folded
+        if self.compiled:
+            stats["compiled_samples"] = self.compiled
         if self._boxes is not None and self._boxes.served:
             stats["incremental_samples"] = self._boxes.served
         return stats

@@ -109,3 +109,14 @@ def folded_affine(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[
     new_w = (w.double() * scale.view((-1,) + (1,) * (w.ndim - 1))).to(w.dtype)
     return new_w.detach(), (b_old * scale + shift).to(w.dtype).detach()
 
+
+
+def fingerprint(tensors: list[Tensor | None]) -> tuple:
+    """Identity of tensors' current values for caches of derived weights: storage, in-place
+    version counter, and each tensor's L2 norm - the norm because writes through ``.data``
+    (``p.data.mul_(2)``, EMA updates) change the values without bumping the version counter."""
+    floats = [t.detach() for t in tensors if t is not None and t.is_floating_point()]
+    it = iter(torch.stack(torch._foreach_norm(floats)).tolist() if floats else [])
+    return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, str(t.device),
+                                         next(it) if t.is_floating_point() else None)
+                 for t in tensors)

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .bnpairs import find_batchnorm_pairs, folded_affine
+from .bnpairs import find_batchnorm_pairs, fingerprint, folded_affine
 
 #: fold BatchNorm into the preceding layer for output-only passes (PERSPICIO_FOLD_BATCHNORM=0: off)
 FOLD_BATCHNORM = os.environ.get("PERSPICIO_FOLD_BATCHNORM", "1") not in ("0", "false", "no")
@@ -51,12 +53,8 @@ _TWINS: weakref.WeakKeyDictionary[nn.Module, Twin] = weakref.WeakKeyDictionary()
 
 
 def _state(model: nn.Module) -> tuple:
-    """Identity of the weights: storage pointer and in-place version of every tensor, and modes."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return (
-        tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors),
-        tuple(m.training for m in model.modules()),
-    )
+    """Identity of the weights (storage, in-place version and norm of every tensor) and modes."""
+    return fingerprint([*model.parameters(), *model.buffers()]), tuple(m.training for m in model.modules())
 
 
 def _fold_pair(affine: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
@@ -115,3 +113,61 @@ def inference_twin(model: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:
         # the cache must not hold a strong reference to its own key: None stands for the model
         twin = _TWINS[model] = Twin(None if module is model else module, folded, state)
     return (model if twin.module is None else twin.module), twin.folded
+
+
+# ============================================================================ compiled twin (opt-in)
+
+#: batches smaller than this run uncompiled (compiling costs 10-50 s per shape)
+MIN_COMPILED_BATCH = 8
+
+
+def compiled_outputs(module: nn.Module, x: Tensor) -> Tensor | None:
+    """``module(x)`` through ``torch.compile`` (inductor), or None when that is not worth it or not
+    possible (the caller then runs ``module`` itself).
+
+    One compiled graph per module, sample shape, dtype and memory format, for the first batch
+    size of at least :data:`MIN_COMPILED_BATCH` seen; shorter batches of at least half that size
+    are padded to it, longer ones split, so nothing recompiles. The first compiled batch is
+    checked against ``module`` (relative tolerance :data:`TOLERANCE`); a failure to compile (no
+    C++ compiler, an unsupported operation) or a mismatch warns once and disables compilation for
+    that module and shape. Only for private inference twins, never the user's model.
+    """
+    if len(x) < MIN_COMPILED_BATCH // 2:
+        return None
+    key = (tuple(x.shape[1:]), x.dtype, str(x.device), x.is_contiguous())
+    # kept on the (private) module itself: a cache keyed on it would keep it alive through the
+    # compiled wrapper, which references it
+    entries: dict[tuple, Any] = module.__dict__.setdefault("_perspicio_compiled", {})
+    entry = entries.get(key)
+    if entry is None:
+        if len(x) < MIN_COMPILED_BATCH:
+            return None
+        try:
+            fn = torch.compile(module, dynamic=False)
+            got = fn(x)
+            ref = module(x)
+            scale = ref.abs().max().clamp_min(1e-12)
+            if not torch.isfinite(got).all() or ((got - ref).abs().max() / scale).item() > TOLERANCE:
+                raise RuntimeError("compiled outputs differ from the model's")
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run uncompiled
+            msg = (str(exc).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"compile=True: torch.compile could not be used ({type(exc).__name__}: {msg}); "
+                          "running the model uncompiled.", RuntimeWarning, stacklevel=3)
+            entries[key] = (None, 0)
+            return None
+        entries[key] = (fn, len(x))
+        return got
+    fn, size = entry
+    if fn is None or len(x) < size // 2:
+        return None
+    parts = []
+    for start in range(0, len(x), size):
+        piece = x[start:start + size]
+        n = len(piece)
+        if n < size // 2:
+            parts.append(module(piece))
+            continue
+        if n < size:
+            piece = torch.cat([piece, piece[-1:].expand(size - n, *piece.shape[1:])])
+        parts.append(fn(piece)[:n])
+    return torch.cat(parts)

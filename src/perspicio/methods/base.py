@@ -62,6 +62,7 @@ class Method(RecordsOptions):
         memory_budget: int | None = None,
         progress: bool = False,
         labels: Sequence[str] | None = None,
+        compile: bool = False,
     ) -> None:
         model, zoo_labels = unwrap_model(model)
         if not isinstance(model, nn.Module):
@@ -79,6 +80,9 @@ class Method(RecordsOptions):
         self.batch_size = batch_size
         self.memory_budget = memory_budget
         self.progress = progress
+        if not isinstance(compile, bool):
+            raise OptionError(f"compile must be True or False; got {compile!r}.")
+        self.compile = compile
         self.options: dict[str, Any] = {}
         Engine(model, batch_size=batch_size, memory_budget=memory_budget)  # validates the two options
 
@@ -105,7 +109,8 @@ class Method(RecordsOptions):
             x = x.repeat_interleave(per_input, dim=0)
             if self.shares_forward_across_targets:
                 shared["targets_per_input"] = per_input
-        engine = Engine(self.model, batch_size=self.batch_size, memory_budget=self.memory_budget, progress=self.progress)
+        engine = Engine(self.model, batch_size=self.batch_size, memory_budget=self.memory_budget, progress=self.progress,
+                        compile=self.compile)
         t0 = time.perf_counter()
         with model_guard(self.model):
             result = self._explain(x, target, engine, **shared)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...core.bnpairs import find_batchnorm_pairs, folded_affine
+from ...core.bnpairs import find_batchnorm_pairs, fingerprint, folded_affine
 
 
 class MergeBatchNorm:
@@ -86,8 +86,7 @@ _MERGED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Tensor, Tensor]] = weak
 
 
 def _state_key(lin: nn.Module, bn: nn.Module) -> tuple:
-    ts = [lin.weight, lin.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    return tuple((t.data_ptr(), t._version) if t is not None else None for t in ts) + (bn.eps,)
+    return fingerprint([lin.weight, lin.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]) + (bn.eps,)
 
 
 def _merged_values(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
@@ -98,7 +97,40 @@ def _merged_values(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple
         return hit[1], hit[2]
     new_w, new_b = folded_affine(lin, bn)
     _MERGED[lin] = (key, new_w, new_b)
+    for t in (new_w, new_b):
+        _OWNED[t.data_ptr()] = weakref.ref(t)
     return new_w, new_b
+
+
+#: storage pointer -> the merged weight/bias tensor perspicio computed and holds (weakly)
+_OWNED: dict[int, weakref.ref] = {}
+
+
+def merged_tensor(t: Tensor) -> Tensor | None:
+    """The canonizer's own merged tensor whose storage ``t`` (a parameter) currently holds, or None.
+
+    Such tensors are computed once per set of layer/BatchNorm states and never written to, so
+    values derived from them may be kept across calls (see ``rules.derived``).
+    """
+    ref = _OWNED.get(t.data_ptr())
+    owned = ref() if ref is not None else None
+    if (owned is None or owned.shape != t.shape or owned.stride() != t.stride() or owned.dtype != t.dtype
+            or owned.device != t.device):  # e.g. a transposed view of a square weight: not the same tensor
+        return None
+    return owned
+
+
+#: per affine layer without a bias: the Parameter that holds its merged bias (it wraps the cached
+#: merged bias), reused across calls instead of a new Parameter per layer and call
+_BIAS_PARAMS: weakref.WeakKeyDictionary[nn.Module, nn.Parameter] = weakref.WeakKeyDictionary()
+
+
+def _bias_parameter(lin: nn.Module, value: Tensor) -> nn.Parameter:
+    p = _BIAS_PARAMS.get(lin)
+    if p is None or p.data_ptr() != value.data_ptr() or p.shape != value.shape or p.dtype != value.dtype:
+        p = nn.Parameter(value, requires_grad=False)
+        _BIAS_PARAMS[lin] = p
+    return p
 
 
 def _merge(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> Any:
@@ -121,7 +153,7 @@ def _merge(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> Any:
         if had_bias:
             swap(lin.bias, new_b)
         else:
-            lin.bias = nn.Parameter(new_b, requires_grad=False)
+            lin.bias = _bias_parameter(lin, new_b)
         swap(bn.running_mean, torch.zeros_like(bn.running_mean))
         swap(bn.running_var, torch.ones_like(bn.running_var))
         if bn.weight is not None:

@@ -64,12 +64,15 @@ from .engine import (
     affine_op,
     apply_node,
     iter_tensors,
+    op_kind,
     op_name,
+    out_of_place,
     parse_arith,
     propagating,
     sum_to,
 )
 from .lrp import _dim_arg, chunk_target, merged_batchnorm, substitute
+from .rules import _neg, _pos, derived
 
 RULES = ("rescale", "reveal_cancel")
 
@@ -124,6 +127,31 @@ def clamp_derivative(bounds: tuple[float | None, float | None], x: Tensor) -> Te
     return torch.ones_like(x) if inside is None else inside.to(x.dtype)
 
 
+def clamp_rescale_backward(bounds: tuple[float | None, float | None], x: Tensor, x0: Tensor, y: Tensor,
+                           y0: Tensor, m: Tensor) -> Tensor:
+    """``m * (y - y0) / (x - x0)`` for a clamp ``y = clamp(x, lo, hi)``, ``m * clamp'(x)`` where x == x0.
+
+    The same values as ``m * rescale_multiplier(...)`` with float arithmetic only: on CPU,
+    kernels that read or write boolean masks (``isnan``, comparisons, ``where``) cost 2-8x
+    a float kernel of the same size, and these passes over every feature map dominate
+    DeepLIFT's cost on a CNN. The 0/0 entries (x == x0: up to ~20% of a feature map) are
+    zeroed in the quotient (``nan_to_num_``, in place), and the gradient ``hardtanh_backward``
+    (1 strictly inside the bounds, 0 elsewhere) is kept only there (minus its copy passed by
+    ``threshold_backward`` where ``|x - x0| > 0``); each entry is either exactly the quotient
+    or exactly the gradient (the other term is an exact 0).
+    """
+    lo, hi = bounds
+    lo_ = -float("inf") if lo is None else lo
+    hi_ = float("inf") if hi is None else hi
+    dx = x - x0
+    r = torch.sub(y, y0).div_(dx)  # NaN where x == x0
+    r = r.mul_(m) if not m.requires_grad and r.shape == m.shape else r * m
+    r = r.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=-float("inf"))  # 0 where x == x0
+    grad = torch.ops.aten.hardtanh_backward(m, x, lo_, hi_)
+    grad = grad.sub_(torch.ops.aten.threshold_backward(grad, dx.abs_(), 0.0))  # the gradient where x == x0, else 0
+    return r.add_(grad)
+
+
 def rescale_multiplier(fn: Any, x: Tensor, x0: Tensor, y: Tensor, y0: Tensor,
                        bounds: tuple[float | None, float | None] | None = None) -> Tensor:
     """``(y - y0) / (x - x0)``, the derivative at x where x equals x0.
@@ -135,10 +163,10 @@ def rescale_multiplier(fn: Any, x: Tensor, x0: Tensor, y: Tensor, y0: Tensor,
     m = torch.sub(y, y0).div_(x - x0)
     bad = torch.isnan(m)  # 0/0 where x == x0
     if bad.any():
-        if bounds is not None:  # usually few such entries: evaluate the derivative only there
-            m[bad] = clamp_derivative(bounds, x[bad])
-        else:
-            m = torch.where(bad, _derivative(fn, x), m)
+        # element-wise selects, no boolean indexing: x == x0 at up to ~20% of the entries here, and
+        # nonzero()/index_put over a feature map cost more than the whole multiplier
+        d = clamp_derivative(bounds, x) if bounds is not None else _derivative(fn, x)
+        m = torch.where(bad, d, m)
     return m
 
 
@@ -196,6 +224,8 @@ class _Rescale:
 
     def backward(self, ins: list[Tensor], y: Tensor, m: Tensor) -> tuple[Tensor]:
         x = ins[0]
+        if self.bounds is not None and m.shape == x.shape == y.shape == self.y0.shape == self.x0.shape:
+            return (clamp_rescale_backward(self.bounds, x, self.x0, y, self.y0, m),)
         r = rescale_multiplier(self.fn, x, self.x0, y, self.y0, self.bounds)
         if r.shape == x.shape and m.shape == x.shape and not m.requires_grad:
             return (r.mul_(m),)
@@ -360,6 +390,16 @@ class DeepLiftPropagator(Propagator):
         # the reference pass runs without autograd: input dependence is tracked by tensor identity
         self.tracked: dict[int, Tensor] = {}
 
+    #: linear operations skip the general dispatch (subclasses with their own linear rules turn it off)
+    linear_fast_path = True
+
+    def _one_var(self, args: tuple) -> bool:
+        count = 0
+        for t in iter_tensors(args):
+            if self.is_var(t):
+                count += 1
+        return count == 1
+
     def track(self, t: Tensor) -> None:
         self.tracked[id(t)] = t
 
@@ -369,11 +409,24 @@ class DeepLiftPropagator(Propagator):
         return isinstance(t, Tensor) and t.requires_grad
 
     def dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        out = super().dispatch(func, args, kwargs)
-        if self.mode == "record" and any(self.is_var(t) for t in iter_tensors((args, kwargs))):
-            for t in iter_tensors(out):
-                if t.is_floating_point():
-                    self.track(t)
+        if not self.any_var(args, kwargs):
+            return self.on_constant(func, args, kwargs)
+        kind = op_kind(func) if self.linear_fast_path else None
+        if kind is STRUCT or kind is REDUCE or (kind is AFFINE and self._one_var(args)):
+            # linear operations keep their gradient (the linear rule) and pair nothing: run them
+            # directly, without the general dispatch (about 2/3 of the calls of a CNN's pass)
+            func, args, kwargs = out_of_place(func, args, kwargs)
+            out = func(*args, **kwargs)
+        else:
+            out = super().dispatch(func, args, kwargs)
+        if self.mode == "record":
+            if isinstance(out, Tensor):
+                if out.is_floating_point():
+                    self.tracked[id(out)] = out
+            else:
+                for t in iter_tensors(out):
+                    if t.is_floating_point():
+                        self.tracked[id(t)] = t
         return out
 
     # ------------------------------------------------------------------ pairing
@@ -511,6 +564,7 @@ class RevealCancelPropagator(DeepLiftPropagator):
     """
 
     method = "deeplift (reveal_cancel)"
+    linear_fast_path = False  # its linear operations map the shadow streams
     # products, divisions, softmax and layer norms are accepted only to keep the pairing aligned:
     # their handlers raise (or fall back to the Jacobian) after consuming the reference record
     supported = frozenset({STRUCT, SCALE, SUM, REDUCE, AFFINE, ACT, ELEMWISE, NORM, MAXPOOL, PRODUCT, DIV, SOFTMAX})
@@ -540,7 +594,7 @@ class RevealCancelPropagator(DeepLiftPropagator):
         """
         P, N = self.parts(t)
         d = P + N
-        pos = d * (d.detach() > 0).to(d.dtype)
+        pos = torch.relu(d)  # d * (d > 0) with that mask held constant by autograd; one float kernel
         return pos, d - pos
 
     def _stream(self, obj: Any, which: int, zero_scalars: bool = False) -> Any:
@@ -618,14 +672,17 @@ class RevealCancelPropagator(DeepLiftPropagator):
         out = call.run()
         op = affine_op(call, self.is_var)
         x = next(t for t in iter_tensors(call.args) if self.is_var(t))
-        wp, wn = op.weight.clamp(min=0), op.weight.clamp(max=0)
+        wp, wn = _pos(op.weight), _neg(op.weight)
         with torch.enable_grad():
             P, N = self.split(x)
-            both = torch.cat([P, N]) if op.name in ("linear",) or op.conv is not None else None
-            if both is not None:
-                zp, zn = op(both, wp, None), op(both, wn, None)
-                k = P.shape[0]
-                return self.set(out, zp[:k] + zn[k:], zp[k:] + zn[:k])
+            if op.name == "linear" or (op.conv is not None and op.conv["groups"] == 1):
+                # W+ P + W- N and W- P + W+ N as two maps of [P, N] stacked along the input features,
+                # with [W+, W-] / [W- , W+] stacked likewise: no batch slicing (whose backward
+                # zero-fills and copies a full buffer per slice), one concatenation
+                both = torch.cat([P, N], dim=1 if op.conv is not None else -1)
+                w_pn = derived(op.weight, "reveal_cancel_pn", lambda w: torch.cat([_pos(w), _neg(w)], dim=1))
+                w_np = derived(op.weight, "reveal_cancel_np", lambda w: torch.cat([_neg(w), _pos(w)], dim=1))
+                return self.set(out, op(both, w_pn, None), op(both, w_np, None))
             return self.set(out, op(P, wp, None) + op(N, wn, None), op(N, wp, None) + op(P, wn, None))
 
     def on_norm(self, call: Call) -> Any:

@@ -16,14 +16,17 @@ An operation that is on the input's path but has no rule raises
 called in and the source line - unless the user opted into a gradient
 fallback, which is then recorded.
 
-Everything is scoped: the mode, the module hooks used to name call sites, and
-the handler state live for one ``with`` block and are removed in ``finally``.
+Everything is scoped: the mode, the module hooks used to name call sites (only when
+every operation is labelled, e.g. LRP's ``record_layers``; otherwise the module is
+looked up on the Python stack when an error or a fallback needs it), and the handler
+state live for one ``with`` block and are removed in ``finally``.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -139,20 +142,43 @@ def _key(func: Any) -> Any:
 
 
 OPS: dict[Any, str] = {}
+#: per-function memo of :func:`op_kind` / :func:`op_name` / :func:`out_of_place` (about 300 calls per
+#: forward pass reach the mode, from a few dozen distinct functions)
+_KINDS: dict[Any, str | None] = {}
+_NAMES: dict[Any, str] = {}
+_INPLACE_FORMS: dict[Any, tuple[Any, int | None]] = {}
 
 
 def op_kind(func: Any) -> str | None:
     """The operation kind of a torch function (None if perspicio has no rule for it)."""
-    if not OPS:
-        OPS.update(_build_table())
     try:
-        return OPS.get(_key(func))
+        return _KINDS[func]
+    except KeyError:
+        pass
     except TypeError:  # unhashable callable
         return None
+    if not OPS:
+        OPS.update(_build_table())
+    kind = OPS.get(_key(func))
+    _KINDS[func] = kind
+    return kind
 
 
 def op_name(func: Any) -> str:
     """A readable name such as ``torch.nn.functional.conv2d`` or ``Tensor.__add__``."""
+    try:
+        return _NAMES[func]
+    except (KeyError, TypeError):
+        pass
+    name = _op_name(func)
+    try:
+        _NAMES[func] = name
+    except TypeError:  # unhashable
+        pass
+    return name
+
+
+def _op_name(func: Any) -> str:
     key = _key(func)
     if isinstance(key, tuple):
         return f"Tensor.{key[1]}"
@@ -197,20 +223,36 @@ def _signature(func: Any) -> inspect.Signature | None:
     return sig
 
 
-def out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
-    """Map an in-place call (``x.add_(y)``, ``F.relu(x, inplace=True)``) to its out-of-place form."""
+def _inplace_form(func: Any) -> tuple[Any, int | None]:
+    """(out-of-place function or None, position of an ``inplace`` parameter or None), memoised."""
+    try:
+        return _INPLACE_FORMS[func]
+    except (KeyError, TypeError):
+        pass
     name = getattr(func, "__name__", "")
-    if name in _INPLACE and not isinstance(_key(func), tuple):
-        return _INPLACE[name], args, kwargs
-    if "inplace" in kwargs:
-        kwargs = {**kwargs, "inplace": False}
-    else:
+    mapped = _INPLACE[name] if name in _INPLACE and not isinstance(_key(func), tuple) else None
+    pos = None
+    if mapped is None:
         sig = _signature(func)
         if sig is not None and "inplace" in sig.parameters:
-            names = list(sig.parameters)
-            pos = names.index("inplace")
-            if len(args) > pos:
-                args = (*args[:pos], False, *args[pos + 1:])
+            pos = list(sig.parameters).index("inplace")
+    form = (mapped, pos)
+    try:
+        _INPLACE_FORMS[func] = form
+    except TypeError:  # unhashable
+        pass
+    return form
+
+
+def out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+    """Map an in-place call (``x.add_(y)``, ``F.relu(x, inplace=True)``) to its out-of-place form."""
+    mapped, pos = _inplace_form(func)
+    if mapped is not None:
+        return mapped, args, kwargs
+    if "inplace" in kwargs:
+        kwargs = {**kwargs, "inplace": False}
+    elif pos is not None and len(args) > pos:
+        args = (*args[:pos], False, *args[pos + 1:])
     return func, args, kwargs
 
 
@@ -218,14 +260,26 @@ def out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict
 
 
 def iter_tensors(obj: Any) -> Iterator[Tensor]:
+    """The tensors in ``obj`` (nested lists/tuples/dicts), depth first."""
+    out: list[Tensor] = []
+    _collect(obj, out)
+    return iter(out)
+
+
+def _collect(obj: Any, out: list[Tensor]) -> None:
+    # a loop with a list instead of nested generators: called several times per intercepted operation
     if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from iter_tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from iter_tensors(o)
+        out.append(obj)
+        return
+    if isinstance(obj, dict):
+        obj = obj.values()
+    elif not isinstance(obj, (list, tuple)):
+        return
+    for o in obj:
+        if isinstance(o, Tensor):
+            out.append(o)
+        elif isinstance(o, (list, tuple, dict)):
+            _collect(o, out)
 
 
 def sum_to(t: Tensor, shape: Sequence[int]) -> Tensor:
@@ -385,20 +439,58 @@ class Propagator:
         self.gradient_fallback = bool(gradient_fallback)
         self.fallbacks: list[str] = []
         self.module_stack: list[tuple[str, nn.Module]] = []
-        self.param_names: dict[int, str] = {}
-        for name, mod in model.named_modules():
-            for p in mod.parameters(recurse=False):
-                self.param_names.setdefault(id(p), name)
+        #: keep ``module_stack`` with module hooks while running (needed only where every operation is
+        #: labelled by its module, e.g. LRP's ``record_layers``); otherwise the module of an operation is
+        #: looked up lazily on the Python stack (errors, fallbacks), and modules run without hooks
+        self.track_modules = False
+        self._module_names: dict[int, tuple[str, nn.Module]] | None = None
+        self._param_names: dict[int, str] | None = None
         self.count: dict[str, int] = {}
+
+    def _index_modules(self) -> None:
+        self._module_names, self._param_names = {}, {}
+        for name, mod in self.model.named_modules():
+            self._module_names.setdefault(id(mod), (name, mod))
+            for p in mod.parameters(recurse=False):
+                self._param_names.setdefault(id(p), name)
+
+    @property
+    def module_names(self) -> dict[int, tuple[str, nn.Module]]:
+        """``id(module) -> (name, module)`` for every module of the model (built on first use)."""
+        if self._module_names is None:
+            self._index_modules()
+        return self._module_names  # type: ignore[return-value]
+
+    @property
+    def param_names(self) -> dict[int, str]:
+        """``id(parameter) -> name of the module owning it`` (built on first use)."""
+        if self._param_names is None:
+            self._index_modules()
+        return self._param_names  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ helpers
     def is_var(self, t: Any) -> bool:
         """True if ``t`` depends on the explained input (default: requires grad)."""
         return isinstance(t, Tensor) and t.requires_grad
 
+    def current_module(self) -> tuple[str, nn.Module] | None:
+        """(name, module) of the innermost submodule of the model running now (None: top level)."""
+        if self.track_modules:
+            return self.module_stack[-1] if self.module_stack else None
+        frame = sys._getframe(1)
+        names = self.module_names
+        while frame is not None:
+            owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
+            if owner is not None and id(owner) in names:
+                found = names[id(owner)]
+                return found if found[0] else None  # the model itself: top level
+            frame = frame.f_back
+        return None
+
     def site(self, with_line: bool = True) -> Site:
-        if self.module_stack:
-            name, mod = self.module_stack[-1]
+        current = self.current_module()
+        if current is not None:
+            name, mod = current
             return Site(name, type(mod).__name__, source_line() if with_line else "")
         return Site("", type(self.model).__name__, source_line() if with_line else "")
 
@@ -406,14 +498,26 @@ class Propagator:
         if weight is not None and id(weight) in self.param_names:
             where = self.param_names[id(weight)]
         else:
-            where = self.module_stack[-1][0] if self.module_stack else ""
+            current = self.current_module()
+            where = current[0] if current is not None else ""
         short = name.rsplit(".", 1)[-1]
         return f"{short} @ {where or '<model>'}"
+
+    def any_var(self, args: tuple, kwargs: dict) -> bool:
+        """Does any tensor in ``args``/``kwargs`` (nested lists/tuples/dicts) depend on the input?"""
+        is_var = self.is_var
+        for a in args:
+            if isinstance(a, Tensor):
+                if is_var(a):
+                    return True
+            elif isinstance(a, (list, tuple, dict)) and any(is_var(t) for t in iter_tensors(a)):
+                return True
+        return bool(kwargs) and any(is_var(t) for t in iter_tensors(kwargs))
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
         kind = op_kind(func)
-        if not any(self.is_var(t) for t in iter_tensors((args, kwargs))):
+        if not self.any_var(args, kwargs):
             return self.on_constant(func, args, kwargs)
         if kind is None:
             return self._unknown(func, args, kwargs)
@@ -576,8 +680,9 @@ class PropagationMode(TorchFunctionMode):
 def propagating(model: nn.Module, propagator: Propagator) -> Iterator[Propagator]:
     """Scope in which ``model``'s forward passes go through ``propagator``.
 
-    Module hooks (to name call sites) and the torch function mode are removed on
-    exit, also when the body raises; torch's mode stack is left as found.
+    Module hooks (to name call sites, only if ``propagator.track_modules``) and the
+    torch function mode are removed on exit, also when the body raises; torch's mode
+    stack is left as found.
     """
     depth = torch._C._len_torch_function_stack()
     handles: list[Any] = []
@@ -595,7 +700,7 @@ def propagating(model: nn.Module, propagator: Propagator) -> Iterator[Propagator
 
     mode = PropagationMode(propagator)
     try:
-        for name, mod in model.named_modules():
+        for name, mod in model.named_modules() if propagator.track_modules else ():
             if name:
                 handles.append(mod.register_forward_pre_hook(pre(name)))
                 handles.append(mod.register_forward_hook(post, always_call=True))

@@ -210,7 +210,7 @@ class _Sum:
 
     def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor, ...]:
         s = safe_div(R, out, self.prop.composite.stabilizer)
-        rel = tuple(sum_to(c * t * s, t.shape) for c, t in zip(self.coefs, ins))
+        rel = tuple(sum_to(t * s if c == 1.0 else c * t * s, t.shape) for c, t in zip(self.coefs, ins))
         self.prop.record(self.label, R, rel)
         return rel
 
@@ -279,6 +279,7 @@ class LRPPropagator(Propagator):
     ) -> None:
         super().__init__(model, gradient_fallback=gradient_fallback)
         self.record_layers = record_layers
+        self.track_modules = bool(record_layers)  # per-operation labels name their module
         self.composite = composite
         self.x_in = x_in
         self.low, self.high = low, high
@@ -300,6 +301,11 @@ class LRPPropagator(Propagator):
             out_sum = R.sum(dim=tuple(range(1, R.ndim))) if R.ndim > 1 else R
             in_sum = sum(r.sum(dim=tuple(range(1, r.ndim))) if r.ndim > 1 else r for r in rel)
         self.records.append((label, out_sum, in_sum))
+
+    def op_label(self, name: str) -> str:
+        """Label of a parameter-free operation: only ``record_layers`` tables show it, so only then
+        is its module looked up."""
+        return self.label(name) if self.record_layers else name
 
     def _track(self, call: Call, out: Any) -> None:
         if not isinstance(out, Tensor):
@@ -353,7 +359,10 @@ class LRPPropagator(Propagator):
         op = affine_op(call, self.is_var)
         x = next(t for t in iter_tensors(call.args) if self.is_var(t))
         first = id(x) in self.derived
-        module = self.param_names.get(id(op.weight), self.module_stack[-1][0] if self.module_stack else "")
+        module = self.param_names.get(id(op.weight))
+        if module is None:  # a weight that is not a parameter of the model: the module calling the op
+            current = self.current_module()
+            module = current[0] if current is not None else ""
         rule = self.composite.rule_for(op.name, module, first)
         label = self.label(op.name, op.weight)
         self.rules_used[label] = repr(rule)
@@ -365,15 +374,15 @@ class LRPPropagator(Propagator):
         variables = [(c, t) for c, t in terms if self.is_var(t)]
         if len(variables) == 2 and variables[0][1] is variables[1][1]:  # x + x
             variables = [(variables[0][0] + variables[1][0], variables[0][1])]
-        node = _Sum(self, call, [c for c, _ in variables], self.label("add"))
+        node = _Sum(self, call, [c for c, _ in variables], self.op_label("add"))
         return apply_node(node, *[t for _, t in variables])
 
     def on_scale(self, call: Call, x: Tensor) -> Any:
-        return apply_node(_Pass(self, call, self.label("scale")), x)
+        return apply_node(_Pass(self, call, self.op_label("scale")), x)
 
     def on_activation(self, call: Call) -> Any:
         x = call.args[0]
-        out = apply_node(_Pass(self, call, self.label(call.name)), x)
+        out = apply_node(_Pass(self, call, self.op_label(call.name)), x)
         if nonneg_activation(call):
             self.nonneg[id(out)] = out
         return out
@@ -382,7 +391,7 @@ class LRPPropagator(Propagator):
         x = call.args[0]
         rest, kw = call.args[1:], call.kwargs
         func = call.func
-        out = apply_node(_Linear(self, call, lambda t: func(t, *rest, **kw), self.label(call.name)), x)
+        out = apply_node(_Linear(self, call, lambda t: func(t, *rest, **kw), self.op_label(call.name)), x)
         short = call.name.rsplit(".", 1)[-1]
         return self._nonneg_if(x, out) if short in ("sum", "mean", "avg_pool1d", "avg_pool2d", "avg_pool3d",
                                                     "adaptive_avg_pool1d", "adaptive_avg_pool2d",
@@ -393,13 +402,13 @@ class LRPPropagator(Propagator):
         if merged_batchnorm(call):
             return x  # merged into the preceding layer: an exact identity
         if self.composite.norm == "identity":
-            return apply_node(_Pass(self, call, self.label(call.name)), x)
+            return apply_node(_Pass(self, call, self.op_label(call.name)), x)
         fn = norm_linear_part(call, x.detach())
-        return apply_node(_Linear(self, call, fn, self.label(call.name)), x)
+        return apply_node(_Linear(self, call, fn, self.op_label(call.name)), x)
 
     def on_softmax(self, call: Call) -> Any:
         x = call.args[0] if call.args else call.kwargs["input"]
-        out = apply_node(_Softmax(self, call, _dim_arg(call), self.label(call.name)), x)
+        out = apply_node(_Softmax(self, call, _dim_arg(call), self.op_label(call.name)), x)
         self.gates[id(out)] = out
         return out
 
@@ -413,7 +422,7 @@ class LRPPropagator(Propagator):
                                  reason="a product needs exactly two distinct input-dependent operands")
         a, b = variables
         node = _Product(self, call, (id(a), id(b)), (id(a) in self.gates, id(b) in self.gates),
-                        self.label(call.name))
+                        self.op_label(call.name))
         return apply_node(node, a, b)
 
 

@@ -28,11 +28,13 @@ rule           definition
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ...errors import OptionError
 from .engine import AffineOp, safe_div
@@ -58,7 +60,8 @@ class RuleContext:
 
 def _signed(x: Tensor, ctx: RuleContext) -> bool:
     """Does ``x`` have negative entries? (Skipped when the forward pass proved it cannot.)"""
-    return not ctx.nonneg and bool((x < 0).any())
+    # a float reduction: boolean kernels (x < 0, any) are several times slower on CPU
+    return not ctx.nonneg and x.numel() > 0 and bool(x.amin() < 0)
 
 
 def _folds_bias(op: AffineOp) -> bool:
@@ -71,7 +74,10 @@ def _shifted(op: AffineOp, x: Tensor, w: Tensor, b: Tensor | None, shift: float)
     if shift == 0.0:
         return op(x, w, b)
     if _folds_bias(op):  # conv/linear weights are (out, in, ...): one bias entry per output channel
-        bias = torch.full((w.shape[0],), shift, dtype=w.dtype, device=w.device) if b is None else b + shift
+        if b is None:
+            bias = torch.full((w.shape[0],), shift, dtype=w.dtype, device=w.device)
+        else:
+            bias = derived(b, ("shift", shift), lambda t: t + shift)
         return op(x, w, bias)
     return op(x, w, b).add_(shift)
 
@@ -84,18 +90,90 @@ def _div_known_sign(R: Tensor, z: Tensor) -> Tensor:
 
 
 def _times(g: Tensor, x: Tensor) -> Tensor:
-    """``x * g`` reusing the fresh buffer ``g`` when the shapes agree."""
-    if g.shape == x.shape and g.dtype == x.dtype and not g.requires_grad and not x.requires_grad:
+    """``x * g`` reusing the fresh buffer ``g`` when the shapes agree.
+
+    In a backward pass (grad mode off) the saved input ``x`` still has ``requires_grad``,
+    but no graph is recorded, so only ``g`` itself has to be free of autograd history.
+    """
+    if (g.shape == x.shape and g.dtype == x.dtype and not g.requires_grad
+            and not (x.requires_grad and torch.is_grad_enabled())):
         return g.mul_(x)
     return x * g
 
 
+#: values derived from the canonizer's merged weights/biases (W+, W-, b+, ...), by merged tensor
+_DERIVED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def derived(t: Tensor, tag: Any, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn(t)`` for a weight or bias ``t``, memoised across calls where that is safe.
+
+    The rules need the same positive/negative parts of every weight on every call. Only
+    tensors whose storage is one of the BatchNorm canonizer's merged weights/biases (which
+    perspicio computed and never writes to; see ``canonizers.merged_tensor``) are memoised,
+    keyed weakly by that merged tensor and checked against its version counter; for any
+    other parameter ``fn`` is evaluated every time, so a write to a user's parameter (also
+    through ``.data``, which bypasses the version counter) can never leave a stale value.
+    Values derived from memoised values are memoised likewise.
+    """
+    if t.requires_grad or t.grad_fn is not None:
+        return fn(t)
+    owner = _derived_owner(t)
+    if owner is None:
+        return fn(t)
+    entry = _DERIVED.get(owner)
+    if entry is None or entry[0] != owner._version:
+        entry = (owner._version, {})
+        _DERIVED[owner] = entry
+    memo = entry[1]
+    value = memo.get(tag)
+    if value is None:
+        value = memo[tag] = fn(t)
+        _FROM_MEMO[value] = owner
+    return value
+
+
+#: memoised derived values -> the merged tensor they come from (so that values derived from them,
+#: like ``b+ + eps`` from ``b+``, are memoised too)
+_FROM_MEMO: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _derived_owner(t: Tensor) -> Tensor | None:
+    from .canonizers import merged_tensor
+
+    if t in _FROM_MEMO:
+        return t
+    return merged_tensor(t)
+
+
+def _clamp_pos(t: Tensor) -> Tensor:
+    return t.clamp(min=0)
+
+
+def _clamp_neg(t: Tensor) -> Tensor:
+    return t.clamp(max=0)
+
+
+def _where_pos(R: Tensor, z: Tensor) -> Tensor:
+    """``R * (z > 0)`` (R where z > 0, else 0) without a boolean mask (float kernels are faster on CPU)."""
+    if R.shape == z.shape and R.dtype == z.dtype:
+        return torch.ops.aten.threshold_backward(R, z, 0.0)
+    return R * (z > 0)
+
+
+def _where_neg(R: Tensor, z: Tensor) -> Tensor:
+    """``R * (z < 0)`` (R where z < 0, else 0) without a boolean mask."""
+    if R.shape == z.shape and R.dtype == z.dtype:
+        return torch.ops.aten.threshold_backward(R, torch.neg(z), 0.0)
+    return R * (z < 0)
+
+
 def _pos(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.clamp(min=0)
+    return None if t is None else derived(t, "pos", _clamp_pos)
 
 
 def _neg(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.clamp(max=0)
+    return None if t is None else derived(t, "neg", _clamp_neg)
 
 
 class Rule:
@@ -123,7 +201,7 @@ class Epsilon(Rule):
 
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         s = safe_div(R, z, self.epsilon)
-        return x * op.vjp(x, op.weight, s)
+        return _times(op.vjp(x, op.weight, s), x)
 
 
 class LRP0(Epsilon):
@@ -153,20 +231,20 @@ class Gamma(Rule):
 
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         g, w, b = self.gamma, op.weight, op.bias
-        wp, wn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
-        bp = None if b is None else b + g * b.clamp(min=0)
-        bn = None if b is None else b + g * b.clamp(max=0)
         signed = _signed(x, ctx)  # after ReLUs the input is non-negative: skip the x- terms
         if not signed and z.shape == R.shape:
             return self._nonneg(op, x, z, R)
+        wp, wn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
+        bp = None if b is None else b + g * b.clamp(min=0)
+        bn = None if b is None else b + g * b.clamp(max=0)
         xp = x.clamp(min=0) if signed else x
         z_up = op(xp, wp, bp)  # positive contributions boosted
         z_dn = op(xp, wn, bn)  # negative contributions boosted
         if signed:
             xn = x.clamp(max=0)
             z_up, z_dn = z_up.add_(op(xn, wn, None)), z_dn.add_(op(xn, wp, None))
-        s_up = safe_div(R * (z > 0), z_up, self.stabilizer)
-        s_dn = safe_div(R * (z < 0), z_dn, self.stabilizer)
+        s_up = safe_div(_where_pos(R, z), z_up, self.stabilizer)
+        s_dn = safe_div(_where_neg(R, z), z_dn, self.stabilizer)
         out = _times(op.vjp(xp, wp, s_up).add_(op.vjp(xp, wn, s_dn)), xp)
         if signed:
             out = out.add_(_times(op.vjp(xn, wn, s_up).add_(op.vjp(xn, wp, s_dn)), xn))
@@ -181,12 +259,12 @@ class Gamma(Rule):
         ``(W + gW+)^T s_up + (W + gW-)^T s_dn = W^T (s_up + (1 + g) s_dn) + g W+^T (s_up - s_dn)``.
         """
         g, w, b = self.gamma, op.weight, op.bias
-        wp = w.clamp(min=0)
+        wp = _pos(w)
         P = op(x, wp, _pos(b))
         z_up = torch.add(z, P, alpha=g)
         z_dn = torch.sub(z, P).mul_(g).add_(z)
-        s_up = safe_div(R * (z > 0), z_up, self.stabilizer)
-        s_dn = safe_div(R * (z < 0), z_dn, self.stabilizer)
+        s_up = safe_div(_where_pos(R, z), z_up, self.stabilizer)
+        s_dn = safe_div(_where_neg(R, z), z_dn, self.stabilizer)
         a = torch.add(s_up, s_dn, alpha=1.0 + g)
         d = s_up.sub_(s_dn).mul_(g) if not s_up.requires_grad else (s_up - s_dn) * g
         return _times(op.vjp(x, w, a).add_(op.vjp(x, wp, d)), x)
@@ -204,7 +282,7 @@ class AlphaBeta(Rule):
 
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         w, b = op.weight, op.bias
-        wp = w.clamp(min=0)
+        wp = _pos(w)
         signed = _signed(x, ctx)  # after ReLUs the input is non-negative: skip the x- terms
         xp = x.clamp(min=0) if signed else x
         xn = x.clamp(max=0) if signed else None
@@ -214,15 +292,15 @@ class AlphaBeta(Rule):
         known = eps > 0
         z_pos = _shifted(op, xp, wp, _pos(b), eps if known else 0.0)
         if signed:
-            z_pos = z_pos.add_(op(xn, w.clamp(max=0), None))
+            z_pos = z_pos.add_(op(xn, _neg(w), None))
         s_pos = _div_known_sign(R, z_pos) if known else safe_div(R, z_pos, eps)
         if self.alpha != 1.0:
             s_pos = s_pos.mul_(self.alpha) if s_pos is z_pos else s_pos * self.alpha
         out = _times(op.vjp(xp, wp, s_pos), xp)
         if signed:
-            out = out.add_(_times(op.vjp(xn, w.clamp(max=0), s_pos), xn))
+            out = out.add_(_times(op.vjp(xn, _neg(w), s_pos), xn))
         if self.beta:
-            wn = w.clamp(max=0)
+            wn = _neg(w)
             z_neg = _shifted(op, xp, wn, _neg(b), -eps if known else 0.0)
             if signed:
                 z_neg = z_neg.add_(op(xn, wp, None))
