@@ -301,7 +301,7 @@ def _completeness_provenance(attr: Tensor, fx: Tensor, fb: Tensor, *, method: st
             f"{method}: relative completeness error {worst:.2%} (> {COMPLETENESS_TOLERANCE:.0%}) with {steps} steps; "
             "the path integral is not resolved - raise steps, or use quadrature='adaptive' or a baseline closer to "
             "the input (e.g. 'blur'). Per-sample errors: provenance['relative_completeness_error'].",
-            ConvergenceWarning, stacklevel=4)
+            ConvergenceWarning, stacklevel=5)  # the caller of perspicio.explain
     return {"completeness_error": err.tolist(), "relative_completeness_error": rel}
 
 
