@@ -174,3 +174,29 @@ def test_engine_splits_mixed_batches(monkeypatch) -> None:
         eng = Engine(net, batch_size=8)
         torch.testing.assert_close(eng.evaluate(batch, around=(x, baseline)), ref, atol=1e-5, rtol=1e-5)
     assert eng.stats()["incremental_samples"] == 5 and eng.forwards == 6
+
+
+def test_batch_dependent_constants_are_not_cached() -> None:
+    # a per-channel constant computed from the batch itself changes from batch to batch: the cached
+    # base activation must not be reused for it
+    class BatchCentred(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            y = y - y.mean(dim=(0, 2, 3), keepdim=True)
+            return F.relu(y).mean(dim=(2, 3))
+
+    net = BatchCentred().eval()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 3, 32, 32, generator=gen)
+    cache = inc.BaseCache()
+    with torch.no_grad():
+        for scale in (1.0, 5.0):
+            rows, cols = [0, 10, 20], [5, 15, 25]
+            data = torch.randn(3, 3, 6, 6, generator=gen) * scale
+            out = inc.evaluate_boxes(net, x, data, rows, cols, cache)
+            ref = net(inc.Boxes(x, data, rows, cols, inc.BaseCache()).dense())
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -111,21 +111,35 @@ class Boxes:
 class BaseCache:
     """The unchanged image's value after each call, in call order: computed on the first batch
     of a sweep and reused by every later one (the network calls the same operations in the same
-    order each time; a mismatch of function or shape recomputes from there)."""
+    order each time; a mismatch of function, shape, weight tensor or constant arguments - a
+    forward whose control flow depends on the batch - recomputes from there)."""
 
     def __init__(self) -> None:
         self.values: list[tuple[Any, tuple, Tensor]] = []
         self.position = 0
 
-    def get(self, func: Any, shape: tuple, compute: Callable[[], Tensor]) -> Tensor:
+    def get(self, func: Any, key: tuple, compute: Callable[[], Tensor]) -> Tensor:
+        """The cached value of the next call if it is the same call (function, shapes, and the
+        very same tensor objects - held here, so a new tensor cannot reuse an old one's id)."""
         i = self.position
         self.position += 1
-        if i < len(self.values) and self.values[i][0] is func and self.values[i][1] == shape:
+        if i < len(self.values) and self.values[i][0] is func and _same(self.values[i][1], key):
             return self.values[i][2]
         del self.values[i:]
         value = compute()
-        self.values.append((func, shape, value))
+        self.values.append((func, key, value))
         return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - incomparable objects: treat as different (recompute)
+        return False
 
 
 class BoxTensor(torch.Tensor):
@@ -211,7 +225,8 @@ def _conv2d(func: Any, args: tuple, kwargs: dict) -> Any:
     groups = int(bound.get("groups", 1))
     b = x.boxes
     h_in, w_in = b.base.shape[-2:]
-    base_out = b.cache.get(func, tuple(b.base.shape), lambda: func(b.base, weight, bias, stride, padding, dil, groups))
+    base_out = b.cache.get(func, (tuple(b.base.shape), weight, bias, stride, padding, dil, groups),
+                           lambda: func(b.base, weight, bias, stride, padding, dil, groups))
     h_out, w_out = base_out.shape[-2:]
     kh, kw = weight.shape[-2:]
     h, w = b.size
@@ -222,7 +237,7 @@ def _conv2d(func: Any, args: tuple, kwargs: dict) -> Any:
             return func(b.dense(), weight, bias, stride, padding, dil, groups)
     source = b.base
     if padding != (0, 0):
-        source = b.cache.get(F.pad, tuple(b.base.shape),
+        source = b.cache.get(F.pad, (tuple(b.base.shape), padding),
                              lambda: F.pad(b.base, (padding[1], padding[1], padding[0], padding[0])))
     hin = (ho - 1) * stride[0] + dil[0] * (kh - 1) + 1
     win = (wo - 1) * stride[1] + dil[1] * (kw - 1) + 1
@@ -243,7 +258,8 @@ def _pad(func: Any, args: tuple, kwargs: dict) -> Any:
         return _dense_call(func, args, kwargs)
     b = x.boxes
     left, top = pad[0], (pad[2] if len(pad) == 4 else 0)
-    base = b.cache.get(func, tuple(b.base.shape), lambda: func(b.base, pad, mode, bound.get("value")))
+    base = b.cache.get(func, (tuple(b.base.shape), pad, bound.get("value")),
+                       lambda: func(b.base, pad, mode, bound.get("value")))
     return BoxTensor.wrap(Boxes(base, b.data, [r + top for r in b.rows], [c + left for c in b.cols], b.cache))
 
 
@@ -299,7 +315,8 @@ def _pointwise(func: Any, args: tuple, kwargs: dict) -> Any:
         cols = [min(c, w_full - w) for c in lefts]
         data_of = lambda b: b.crop(b.base, rows, cols, h, w)  # noqa: E731
     with torch._C.DisableTorchFunctionSubclass():
-        base = first.cache.get(func, tuple(first.base.shape),
+        key = (tuple(first.base.shape), *(a for a in (*args, *kwargs.values()) if not isinstance(a, BoxTensor)))
+        base = first.cache.get(func, key,
                                lambda: func(*_unwrap(args, lambda b: b.base), **_unwrap(kwargs, lambda b: b.base)))
         data = func(*_unwrap(args, data_of), **_unwrap(kwargs, data_of))
     if not isinstance(data, Tensor) or tuple(data.shape[:2]) != (len(rows), base.shape[1]) or base.ndim != 4:
