@@ -200,3 +200,10 @@ def test_batch_dependent_constants_are_not_cached() -> None:
             out = inc.evaluate_boxes(net, x, data, rows, cols, cache)
             ref = net(inc.Boxes(x, data, rows, cols, inc.BaseCache()).dense())
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_models_without_convolutions_run_dense_batches() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4)).eval()
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    e = explain(net, x, method="occlusion", window=4, stride=4, target=2)
+    assert "incremental_samples" not in e.provenance and e.provenance["forward_samples"] == 17

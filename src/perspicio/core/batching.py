@@ -213,6 +213,8 @@ class Engine:
         module, self.folded = self._twin
         if self._boxes is None:
             self._boxes = IncrementalEvaluator(module, self.model, lambda x: self._run(module, x))
+            # without convolutions nothing stays local (black boxes, MLPs, transformers): dense batches
+            self._boxes.enabled &= any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
         base = sample[None]
         if self.prefers_channels_last(base):
             base = base.contiguous(memory_format=torch.channels_last)
