@@ -207,3 +207,28 @@ def test_models_without_convolutions_run_dense_batches() -> None:
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(8))
     e = explain(net, x, method="occlusion", window=4, stride=4, target=2)
     assert "incremental_samples" not in e.provenance and e.provenance["forward_samples"] == 17
+
+
+def test_slower_interpreter_is_measured_and_dropped(monkeypatch) -> None:
+    # batch 1 warms up, batch 2 runs dense and batch 3 incremental, both timed; when the
+    # interpreter is slower for this model and box size, later batches run dense
+    import time
+
+    real = inc.evaluate_boxes
+
+    def slow(*args, **kwargs):
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inc, "evaluate_boxes", slow)
+    net = Net().eval()
+    x = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(9))
+    eng = Engine(net, batch_size=4)
+    data = torch.zeros(4, 3, 8, 8)
+    with torch.no_grad():
+        outs = [eng.evaluate_boxes(x, data, [0, 8, 16, 24], [0, 8, 16, 24]) for _ in range(5)]
+        ref = net(inc.Boxes(x[None], data, [0, 8, 16, 24], [0, 8, 16, 24], inc.BaseCache()).dense())
+    for out in outs:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert inc._FASTER[net][((1, 3, 64, 64), (8, 8))] is False
+    assert eng.stats()["incremental_samples"] == 8  # batches 1 and 3 only

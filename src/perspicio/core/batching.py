@@ -120,14 +120,17 @@ class Engine:
         if self.memory_budget is not None and self.memory_budget <= 0:
             raise OptionError(f"memory_budget must be a positive number of bytes; got {self.memory_budget!r}.")
 
-    def chunk_size(self, sample: Tensor, *, grad: bool = False) -> int:
+    def chunk_size(self, sample: Tensor, *, grad: bool = False, local: bool = False) -> int:
+        """Samples per chunk. ``local``: copies that differ from one sample inside small boxes
+        (occlusion), which the incremental path computes as crops in the large early layers, so
+        the untuned-allocator cap on large feature maps does not apply."""
         if self.batch_size is not None:
             return self.batch_size
         total, largest = activation_profile(self.model, sample)
         per = total * 3 if grad else largest * NO_GRAD_LIVE_FACTOR
         budget = self.memory_budget or DEFAULT_MEMORY_BUDGET
         cap = MAX_AUTO_BATCH if sample.ndim > 2 else MAX_AUTO_ROWS
-        if not grad and sample.ndim > 2 and not allocator_tuned():
+        if not grad and not local and sample.ndim > 2 and not allocator_tuned():
             # glibc would mmap/unmap every large feature map: small chunks reuse heap buffers
             cap = max(1, min(cap, UNTUNED_CHUNK_BYTES // max(largest, 1)))
         return int(max(1, min(cap, budget // max(per, 1))))
@@ -212,7 +215,7 @@ class Engine:
             self._twin = inference_twin(self.model, sample[None])
         module, self.folded = self._twin
         if self._boxes is None:
-            self._boxes = IncrementalEvaluator(module, self.model, lambda x: self._run(module, x))
+            self._boxes = IncrementalEvaluator(module, self.model, lambda x: self._run_capped(module, x))
             # without convolutions nothing stays local (black boxes, MLPs, transformers): dense batches
             self._boxes.enabled &= any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
         base = sample[None]
@@ -222,6 +225,12 @@ class Engine:
         self.forwards += len(rows)
         with torch.no_grad():
             return self._boxes(base, data, rows, cols, owner=sample)
+
+    def _run_capped(self, module: nn.Module, x: Tensor) -> Tensor:
+        """``module(x)`` in pieces of the ordinary output-only chunk size: dense fallbacks of the
+        incremental path, whose chunks may be larger than dense batches should be."""
+        size = self.chunk_size(x[:1]) if self.batch_size is None else len(x)
+        return torch.cat([self._run(module, x[i:i + size]) for i in range(0, len(x), size)])
 
     def _run(self, module: nn.Module, x: Tensor) -> Tensor:
         if self.prefers_channels_last(x):
@@ -255,9 +264,10 @@ class Engine:
         sample: Tensor,
         grad: bool = False,
         description: str = "evaluating",
+        local: bool = False,
     ) -> Tensor:
         """Call ``fn(start, stop)`` over ``range(n)`` in chunks and concatenate the results."""
-        size = self.chunk_size(sample, grad=grad)
+        size = self.chunk_size(sample, grad=grad, local=local)
         self.chunk_sizes.append(size)
         parts = []
         with progress_bar(self.progress, n, description) as advance:

@@ -387,7 +387,8 @@ class Occlusion(Method):
                     batch[(j, *sl)] = base[sl]
                 return score(engine.evaluate(batch))
 
-            occluded = engine.map(run, len(slices), sample=x[:1], description=f"occlusion [{i + 1}/{len(x)}]")
+            occluded = engine.map(run, len(slices), sample=x[:1], description=f"occlusion [{i + 1}/{len(x)}]",
+                                  local=xi.ndim == 3)
             diff = (scores[i] - occluded).to(x.dtype)
             total = torch.zeros_like(xi)
             count = torch.zeros_like(xi)
