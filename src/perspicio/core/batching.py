@@ -154,9 +154,7 @@ class Engine:
             return self.forward(x, count=count)
         if around and x.ndim == 4 and count is None and incremental.INCREMENTAL:
             return self._evaluate_local(x, around)
-        if self._twin is None:  # once per engine (one call): the weights cannot change mid-call
-            self._twin = inference_twin(self.model, x[:1])
-        module, self.folded = self._twin
+        module = self._inference_module(x[:1])
         self.forwards += len(x) if count is None else count
         if self.compile and module is not self.model:
             xc = x.contiguous(memory_format=torch.channels_last) if self.prefers_channels_last(x) else x
@@ -165,6 +163,14 @@ class Engine:
                 self.compiled += len(x)
                 return out
         return self._run(module, x)
+
+    def _inference_module(self, sample: Tensor) -> nn.Module:
+        """The inference twin for output-only passes, looked up once per engine (one call: the
+        weights cannot change mid-call)."""
+        if self._twin is None:
+            self._twin = inference_twin(self.model, sample)
+        module, self.folded = self._twin
+        return module
 
     def _evaluate_local(self, x: Tensor, around: Sequence[Tensor]) -> Tensor:
         """:meth:`evaluate` for copies of the samples in ``around``: the copies that differ from
@@ -194,8 +200,7 @@ class Engine:
             idx = torch.nonzero(local & (which == j)).flatten()
             if len(idx):
                 rows, cols, h, w = incremental.common_boxes(*(s[idx] for s in spans[j]), height, width)
-                sub = x[idx]
-                data = torch.stack([sub[i, :, r:r + h, c:c + w] for i, (r, c) in enumerate(zip(rows, cols))])
+                data = incremental.crop_windows(x[idx], rows, cols, h, w)
                 pieces.append((idx, self.evaluate_boxes(ref, data, rows, cols)))
         rest = torch.nonzero(~local).flatten()
         if len(rest):
@@ -211,9 +216,7 @@ class Engine:
         windows). Convolutional models are evaluated incrementally: only the boxes and their
         growing halo are recomputed in the early layers (:mod:`perspicio.core.incremental`); the
         result equals :meth:`evaluate` on the dense copies up to float rounding."""
-        if self._twin is None:
-            self._twin = inference_twin(self.model, sample[None])
-        module, self.folded = self._twin
+        module = self._inference_module(sample[None])
         if self._boxes is None:
             self._boxes = IncrementalEvaluator(module, self.model, lambda x: self._run_capped(module, x))
             # without convolutions nothing stays local (black boxes, MLPs, transformers): dense batches

@@ -93,12 +93,18 @@ def _build(model: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:
             ref, got = model(sample[:1]), twin(sample[:1])
     except Exception:  # noqa: BLE001 - e.g. forward() reads the BatchNorm's buffers itself
         return model, 0
+    return (twin, len(pairs)) if outputs_match(got, ref) else (model, 0)
+
+
+def outputs_match(got: object, ref: object, tolerance: float = TOLERANCE) -> bool:
+    """Whether a faster path's outputs equal the model's up to float rounding: same shape, finite,
+    max difference at most ``tolerance`` of the reference's largest magnitude. The one check behind
+    every substitute this library runs for the user's model (folded twin, compiled twin,
+    incremental boxes)."""
     if not (isinstance(ref, Tensor) and isinstance(got, Tensor)) or ref.shape != got.shape:
-        return model, 0
+        return False
     scale = ref.detach().abs().max().clamp_min(1e-12)
-    if not torch.isfinite(got).all() or ((got - ref).abs().max() / scale).item() > TOLERANCE:
-        return model, 0
-    return twin, len(pairs)
+    return bool(torch.isfinite(got).all()) and ((got - ref).abs().max() / scale).item() <= tolerance
 
 
 def inference_twin(model: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:
@@ -145,9 +151,7 @@ def compiled_outputs(module: nn.Module, x: Tensor) -> Tensor | None:
         try:
             fn = torch.compile(module, dynamic=False)
             got = fn(x)
-            ref = module(x)
-            scale = ref.abs().max().clamp_min(1e-12)
-            if not torch.isfinite(got).all() or ((got - ref).abs().max() / scale).item() > TOLERANCE:
+            if not outputs_match(got, module(x)):
                 raise RuntimeError("compiled outputs differ from the model's")
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run uncompiled
             msg = (str(exc).strip().splitlines() or [""])[0][:200]

@@ -24,7 +24,6 @@ a model and turns itself off for that model on any mismatch.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -37,6 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .calls import out_of_place
+from .fold import outputs_match
+
 #: incremental occlusion on/off (PERSPICIO_INCREMENTAL=0: always dense batches)
 INCREMENTAL = os.environ.get("PERSPICIO_INCREMENTAL", "1") not in ("0", "false", "no")
 #: boxes larger than this fraction of their feature map are materialised (dense is cheaper then)
@@ -46,8 +48,6 @@ DENSE_FRACTION = 0.5
 LOCAL_FRACTION = 0.03
 #: and only in groups of at least this many copies (a group runs as its own, smaller batch)
 MIN_GROUP = 4
-#: largest accepted difference to the dense pass, relative to the output's magnitude
-TOLERANCE = 1e-4
 
 #: per model: None = not checked yet, True = verified, False = gave a different answer once
 _VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
@@ -91,13 +91,7 @@ class Boxes:
         of ``source`` - the base itself or the base padded by ``shift`` (top, left)."""
         if (h, w) == self.size and shift == (0, 0) and list(rows) == self.rows and list(cols) == self.cols:
             return self.data  # the same boxes (1x1 convolutions): nothing to gather
-        # every (h, w) window of the source as a strided view (H-h+1, W-w+1, h, w, C), indexed by the
-        # box corners: one gather, in channels-last order (so the result is channels-last)
-        hwc = source[0].permute(1, 2, 0)
-        sr, sc, sch = hwc.stride()
-        windows = hwc.as_strided((hwc.shape[0] - h + 1, hwc.shape[1] - w + 1, h, w, hwc.shape[2]), (sr, sc, sr, sc, sch))
-        region = windows[torch.tensor(rows, device=source.device), torch.tensor(cols, device=source.device)]
-        region = region.permute(0, 3, 1, 2)
+        region = crop_windows(source, rows, cols, h, w)
         bh, bw = self.size
         for i in range(len(rows)):
             top = self.rows[i] + shift[0] - rows[i]
@@ -107,6 +101,22 @@ class Boxes:
             if r0 < r1 and c0 < c1:
                 region[i, :, r0:r1, c0:c1] = self.data[i, :, r0 - top:r1 - top, c0 - left:c1 - left]
         return region
+
+
+def crop_windows(source: Tensor, rows: Sequence[int], cols: Sequence[int], h: int, w: int) -> Tensor:
+    """``(len(rows), C, h, w)`` crops at ``(rows[i], cols[i])`` of ``source`` (1, C, H, W) - or of
+    its own image ``source[i]`` when it holds one per crop - in one gather: every (h, w) window as
+    a strided view (B, H-h+1, W-w+1, h, w, C) indexed by the corners, in channels-last order (so
+    the result is channels-last)."""
+    bhwc = source.permute(0, 2, 3, 1)
+    sb, sr, sc, sch = bhwc.stride()
+    b, height, width, ch = bhwc.shape
+    windows = bhwc.as_strided((b, height - h + 1, width - w + 1, h, w, ch), (sb, sr, sc, sr, sc, sch))
+    dev = source.device
+    if b not in (1, len(rows)):
+        raise ValueError(f"crop_windows: {b} source images for {len(rows)} crops")
+    which = torch.arange(len(rows), device=dev) if b > 1 else torch.zeros(len(rows), dtype=torch.long, device=dev)
+    return windows[which, torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)].permute(0, 3, 1, 2)
 
 
 class BaseCache:
@@ -225,7 +235,6 @@ def _conv2d(func: Any, args: tuple, kwargs: dict) -> Any:
     stride, padding, dil = (_pair(bound.get(k, d)) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1)))
     groups = int(bound.get("groups", 1))
     b = x.boxes
-    h_in, w_in = b.base.shape[-2:]
     base_out = b.cache.get(func, (tuple(b.base.shape), weight, bias, stride, padding, dil, groups),
                            lambda: func(b.base, weight, bias, stride, padding, dil, groups))
     h_out, w_out = base_out.shape[-2:]
@@ -234,8 +243,7 @@ def _conv2d(func: Any, args: tuple, kwargs: dict) -> Any:
     rows, ho = _out_boxes(b.rows, h, h_out, kh, stride[0], padding[0], dil[0])
     cols, wo = _out_boxes(b.cols, w, w_out, kw, stride[1], padding[1], dil[1])
     if ho * wo > DENSE_FRACTION * h_out * w_out:
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(b.dense(), weight, bias, stride, padding, dil, groups)
+        return _dense_call(func, args, kwargs)
     source = b.base
     if padding != (0, 0):
         source = b.cache.get(F.pad, (tuple(b.base.shape), padding),
@@ -246,7 +254,6 @@ def _conv2d(func: Any, args: tuple, kwargs: dict) -> Any:
     out = func(region, weight, bias, stride, 0, dil, groups)
     if tuple(out.shape[-2:]) != (ho, wo):  # cannot happen for valid arguments; never guess
         raise Unsupported("convolution box arithmetic")
-    del h_in, w_in
     return BoxTensor.wrap(Boxes(base_out, out, rows, cols, b.cache))
 
 
@@ -272,26 +279,11 @@ def _uniform_over_space(t: Any, ndim: int) -> bool:
     return t.ndim <= ndim and shape[0] == 1 and shape[-1] == 1 and shape[-2] == 1
 
 
-def _out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The same call with ``inplace=False`` (also when passed by position, as ``nn.ReLU6`` does):
-    the cached base values are shared between batches and must never be overwritten."""
-    try:
-        params = _SIGNATURES.setdefault(func, inspect.signature(func).parameters)
-    except (TypeError, ValueError):
-        return args, kwargs
-    if "inplace" not in params:
-        return args, kwargs
-    bound = dict(zip(params, args)) | kwargs
-    bound["inplace"] = False
-    return (), bound
-
-
-_SIGNATURES: dict[Any, Any] = {}
-
-
 def _pointwise(func: Any, args: tuple, kwargs: dict) -> Any:
-    """Element-wise functions of carried values, scalars and per-channel constants."""
-    args, kwargs = _out_of_place(func, args, kwargs)
+    """Element-wise functions of carried values, scalars and per-channel constants. Always out of
+    place (``inplace=True``, also by position as ``nn.ReLU6`` passes it): the cached base values
+    are shared between batches and must never be overwritten."""
+    func, args, kwargs = out_of_place(func, args, kwargs)
     carried = [a for a in (*args, *kwargs.values()) if isinstance(a, BoxTensor)]
     ndim = carried[0].ndim
     for a in (*args, *kwargs.values()):
@@ -415,7 +407,7 @@ def box_batch(x: Tensor, boxes: Sequence[tuple[int, int, int, int]], fill: Calla
     w = max(b[3] for b in boxes)
     rows = [min(b[0], x.shape[-2] - h) for b in boxes]
     cols = [min(b[1], x.shape[-1] - w) for b in boxes]
-    data = torch.stack([x[:, r:r + h, c:c + w] for r, c in zip(rows, cols)])
+    data = crop_windows(x[None], rows, cols, h, w)
     for i, (r, c) in enumerate(zip(rows, cols)):
         fill(i, data[i], r, c)
     return rows, cols, data
@@ -470,10 +462,7 @@ class IncrementalEvaluator:
                 _VERIFIED[self.key] = False
             else:
                 if _VERIFIED.get(self.key) is None:
-                    ref = self.run_dense(boxes.dense()[:1])
-                    scale = ref.abs().max().clamp_min(1e-12)
-                    ok = ref.shape == out[:1].shape and bool(torch.isfinite(out).all()) and \
-                        ((out[:1] - ref).abs().max() / scale).item() <= TOLERANCE
+                    ok = outputs_match(out[:1], self.run_dense(boxes.dense()[:1])) and bool(torch.isfinite(out).all())
                     _VERIFIED[self.key] = ok
                     self.enabled = ok
                 elif timing:

@@ -24,7 +24,6 @@ state live for one ``with`` block and are removed in ``finally``.
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import traceback
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ...core.calls import memoised, out_of_place
 from ...errors import ModelError
 
 # ============================================================================ operation table
@@ -142,40 +142,26 @@ def _key(func: Any) -> Any:
 
 
 OPS: dict[Any, str] = {}
-#: per-function memo of :func:`op_kind` / :func:`op_name` / :func:`out_of_place` (about 300 calls per
-#: forward pass reach the mode, from a few dozen distinct functions)
+#: per-function memo of :func:`op_kind` / :func:`op_name` (about 300 calls per forward pass reach the
+#: mode, from a few dozen distinct functions)
 _KINDS: dict[Any, str | None] = {}
 _NAMES: dict[Any, str] = {}
-_INPLACE_FORMS: dict[Any, tuple[Any, int | None]] = {}
 
 
 def op_kind(func: Any) -> str | None:
     """The operation kind of a torch function (None if perspicio has no rule for it)."""
-    try:
-        return _KINDS[func]
-    except KeyError:
-        pass
-    except TypeError:  # unhashable callable
-        return None
+    return memoised(_KINDS, func, _op_kind)
+
+
+def _op_kind(func: Any) -> str | None:
     if not OPS:
         OPS.update(_build_table())
-    kind = OPS.get(_key(func))
-    _KINDS[func] = kind
-    return kind
+    return OPS.get(_key(func))
 
 
 def op_name(func: Any) -> str:
     """A readable name such as ``torch.nn.functional.conv2d`` or ``Tensor.__add__``."""
-    try:
-        return _NAMES[func]
-    except (KeyError, TypeError):
-        pass
-    name = _op_name(func)
-    try:
-        _NAMES[func] = name
-    except TypeError:  # unhashable
-        pass
-    return name
+    return memoised(_NAMES, func, _op_name)
 
 
 def _op_name(func: Any) -> str:
@@ -190,70 +176,6 @@ def _op_name(func: Any) -> str:
             return f"{prefix}.{name}"
     mod = getattr(func, "__module__", None)
     return f"{mod}.{name}" if mod else name
-
-
-# in-place spellings run out of place (their results are what models use)
-_INPLACE = {
-    "add_": torch.add, "__iadd__": torch.add, "sub_": torch.sub, "__isub__": torch.sub, "mul_": torch.mul,
-    "__imul__": torch.mul, "div_": torch.div, "__itruediv__": torch.div, "neg_": torch.neg,
-    "relu_": torch.relu, "sigmoid_": torch.sigmoid, "tanh_": torch.tanh, "clamp_": torch.clamp,
-    "clip_": torch.clamp, "clamp_min_": torch.clamp_min, "clamp_max_": torch.clamp_max, "exp_": torch.exp,
-    "log_": torch.log, "sqrt_": torch.sqrt, "rsqrt_": torch.rsqrt, "abs_": torch.abs, "square_": torch.square,
-    "reciprocal_": torch.reciprocal, "pow_": torch.pow, "__ipow__": torch.pow,
-    "hardtanh_": F.hardtanh, "elu_": F.elu, "leaky_relu_": F.leaky_relu, "threshold_": F.threshold,
-    "rrelu_": F.rrelu, "celu_": F.celu, "selu_": F.selu,
-}
-
-
-_SIGNATURES: dict[Any, inspect.Signature | None] = {}
-
-
-def _signature(func: Any) -> inspect.Signature | None:
-    try:
-        return _SIGNATURES[func]
-    except KeyError:
-        pass
-    except TypeError:  # unhashable
-        return None
-    try:
-        sig: inspect.Signature | None = inspect.signature(func)
-    except (TypeError, ValueError):
-        sig = None
-    _SIGNATURES[func] = sig
-    return sig
-
-
-def _inplace_form(func: Any) -> tuple[Any, int | None]:
-    """(out-of-place function or None, position of an ``inplace`` parameter or None), memoised."""
-    try:
-        return _INPLACE_FORMS[func]
-    except (KeyError, TypeError):
-        pass
-    name = getattr(func, "__name__", "")
-    mapped = _INPLACE[name] if name in _INPLACE and not isinstance(_key(func), tuple) else None
-    pos = None
-    if mapped is None:
-        sig = _signature(func)
-        if sig is not None and "inplace" in sig.parameters:
-            pos = list(sig.parameters).index("inplace")
-    form = (mapped, pos)
-    try:
-        _INPLACE_FORMS[func] = form
-    except TypeError:  # unhashable
-        pass
-    return form
-
-
-def out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
-    """Map an in-place call (``x.add_(y)``, ``F.relu(x, inplace=True)``) to its out-of-place form."""
-    mapped, pos = _inplace_form(func)
-    if mapped is not None:
-        return mapped, args, kwargs
-    if "inplace" in kwargs:
-        kwargs = {**kwargs, "inplace": False}
-    elif pos is not None and len(args) > pos:
-        args = (*args[:pos], False, *args[pos + 1:])
-    return func, args, kwargs
 
 
 # ============================================================================ tensor helpers
