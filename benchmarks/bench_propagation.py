@@ -71,6 +71,10 @@ def main() -> None:
     dl = DeepLift(model, baseline="zero")
     dl_rc = DeepLift(model, baseline="zero", rule="reveal_cancel")
     dshap = DeepShap(model, background="uniform", samples=background)
+    # the cached contenders reuse the reference pass of the baseline / background from their
+    # previous call (a sweep over many images); the cold ones record it in every call
+    dl_cold = DeepLift(model, baseline="zero", cache_reference=False)
+    dshap_cold = DeepShap(model, background="uniform", samples=background, cache_reference=False)
     contenders: dict[str, Callable[[], object]] = {
         "forward only": forward_only,
         "gradient, contiguous": gradient,
@@ -80,8 +84,10 @@ def main() -> None:
         lrp = LRP(model, rule="epsilon") if name == "epsilon" else LRP(model, composite=name)
         contenders[f"perspicio lrp {name}"] = lambda lrp=lrp: lrp(x, target)
     contenders["perspicio deeplift rescale"] = lambda: dl(x, target)
+    contenders["perspicio deeplift rescale, no reference cache"] = lambda: dl_cold(x, target)
     contenders["perspicio deeplift reveal_cancel"] = lambda: dl_rc(x, target)
     contenders[f"perspicio deep_shap (B={background})"] = lambda: dshap(x, target)
+    contenders[f"perspicio deep_shap (B={background}), no reference cache"] = lambda: dshap_cold(x, target)
 
     try:  # Zennit, with its BatchNorm merge on the same pairs
         from zennit.attribution import Gradient as ZGradient

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import hook_report
-from test_lrp import Block, ResNet, randn, seeded, snapshot
+from test_lrp import Block, ResNet, assert_restored, randn, seeded, snapshot
 from torch import nn
 
 import perspicio
@@ -400,3 +400,87 @@ def test_reveal_cancel_stacked_linear_rule_equals_separate_maps() -> None:
     torch.testing.assert_close(stacked_p, F.conv2d(P, _pos(w), padding=1) + F.conv2d(N, _neg(w), padding=1))
     torch.testing.assert_close(stacked_n, F.conv2d(P, _neg(w), padding=1) + F.conv2d(N, _pos(w), padding=1))
     assert not torch.allclose(stacked_p, stacked_n)
+
+
+# ------------------------------------------------------------------ reference cache, folded twin
+
+
+def bn_cnn() -> nn.Module:
+    from test_fold import ConvBN
+
+    return ConvBN().eval()
+
+
+@pytest.mark.parametrize("rule", ["rescale", "reveal_cancel"])
+def test_reference_cache_reuses_and_equals_a_fresh_pass(rule: str) -> None:
+    from perspicio.methods.propagation.deeplift import REFERENCE_CACHE
+
+    REFERENCE_CACHE.clear()
+    net, x = bn_cnn(), randn(2, 3, 8, 8)
+    cold = DeepLift(net, rule=rule, cache_reference=False)(x, target=1)
+    first = DeepLift(net, rule=rule)(x, target=1)
+    second = DeepLift(net, rule=rule)(randn(2, 3, 8, 8, seed=5), target=1)
+    again = DeepLift(net, rule=rule)(x, target=1)
+    assert cold.provenance["cached_references"] == 0 and first.provenance["cached_references"] == 0
+    assert second.provenance["cached_references"] == 1 and again.provenance["cached_references"] == 1
+    assert torch.equal(again.attributions, cold.attributions) and torch.equal(first.attributions, cold.attributions)
+    assert delta_error(second) < 1e-4
+
+
+def test_reference_cache_sees_weight_attribute_baseline_and_mode_changes() -> None:
+    from perspicio.methods.propagation.deeplift import REFERENCE_CACHE
+
+    REFERENCE_CACHE.clear()
+    net, x = bn_cnn(), randn(1, 3, 8, 8)
+
+    def run(**kw):
+        e = DeepLift(net, **kw)(x, target=0)
+        fresh = DeepLift(net, cache_reference=False, **kw)(x, target=0)
+        torch.testing.assert_close(e.attributions, fresh.attributions, rtol=0, atol=0)
+        return e.provenance["cached_references"]
+
+    assert run() == 0 and run() == 1
+    with torch.no_grad():
+        net.bn1.running_var.data.mul_(2.0)  # through .data: the version counter does not move
+    assert run() == 0 and run() == 1
+    net.head.weight = nn.Parameter(net.head.weight.detach() * 2)  # replaced
+    assert run() == 0
+    assert run(baseline=0.5) == 0 and run(baseline=0.5) == 1 and run() == 1
+    handle = net.head.register_forward_hook(lambda m, i, o: o * 2)  # the function changed
+    try:
+        assert run() == 0 and run() == 1
+    finally:
+        handle.remove()
+    assert run() == 1  # back to the hook-free model: its entry is still there
+
+
+def test_deep_shap_chunks_hold_whole_backgrounds_and_reuse_the_reference() -> None:
+    from perspicio.methods.propagation.deeplift import REFERENCE_CACHE
+
+    REFERENCE_CACHE.clear()
+    net = bn_cnn()
+    x, bg = randn(4, 3, 8, 8), randn(3, 3, 8, 8, seed=8)
+    e = DeepShap(net, background=bg, batch_size=7)(x, target=0)  # 12 pairs in chunks of 6
+    assert e.provenance["cached_references"] == 1
+    cold = DeepShap(net, background=bg, batch_size=7, cache_reference=False)(x, target=0)
+    torch.testing.assert_close(e.attributions, cold.attributions, rtol=1e-6, atol=1e-7)
+    assert delta_error(e) < 1e-4
+
+
+def test_propagation_leaves_the_model_untouched_and_runs_on_the_folded_twin() -> None:
+    from perspicio.methods.propagation import LRP
+
+    net, x = bn_cnn(), randn(2, 3, 8, 8)
+    before = snapshot(net)
+    twin_lrp = LRP(net, composite="epsilon_plus_flat")(x, target=2)
+    twin_dl = DeepLift(net)(x, target=2)
+    assert twin_lrp.provenance["batchnorm_merged"] == 2
+    handle = net.register_forward_pre_hook(lambda m, i: None)  # hooks: the model itself, BatchNorms merged
+    try:
+        merged_lrp = LRP(net, composite="epsilon_plus_flat")(x, target=2)
+        merged_dl = DeepLift(net)(x, target=2)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(twin_lrp.attributions, merged_lrp.attributions, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(twin_dl.attributions, merged_dl.attributions, rtol=1e-5, atol=1e-6)
+    assert_restored(net, before)

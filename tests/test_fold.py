@@ -205,3 +205,42 @@ def test_twin_sees_writes_through_data():
     twin, _ = fold.inference_twin(model, _x())
     with torch.no_grad():
         torch.testing.assert_close(twin(_x()), model(_x()), rtol=1e-5, atol=1e-5)
+
+
+class Flagged(ConvBN):
+    """A model whose function depends on a plain attribute, not only on its weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+def test_twin_rebuilt_after_attribute_change():
+    model = Flagged().eval()
+    x = _x()
+    twin, _ = fold.inference_twin(model, x)
+    model.scale = 3.0  # not a tensor: only the attribute signature can see it
+    twin2, _ = fold.inference_twin(model, x)
+    assert twin2 is not twin
+    with torch.no_grad():
+        torch.testing.assert_close(twin2(x), model(x), rtol=1e-5, atol=1e-5)
+    e = perspicio.explain(model, x, method="deeplift", target=0)  # runs on the twin
+    with torch.no_grad():
+        delta = model(x)[:, 0] - model(torch.zeros_like(x))[:, 0]
+    torch.testing.assert_close(e.attributions.flatten(1).sum(1), delta, rtol=1e-4, atol=1e-5)
+
+
+def test_model_changing_attributes_every_call_stops_being_copied():
+    model = Flagged().eval()
+    x = _x()
+    for i in range(fold.MAX_CHURN + 2):
+        model.scale = 1.0 + i
+        module, _ = fold.inference_twin(model, x)
+    assert module is model  # not deep-copied on every call any more
+    with torch.no_grad():
+        model.conv1.weight.mul_(0.5)  # a weight change starts over
+    module, _ = fold.inference_twin(model, x)
+    assert module is not model

@@ -135,11 +135,12 @@ class Engine:
             cap = max(1, min(cap, UNTUNED_CHUNK_BYTES // max(largest, 1)))
         return int(max(1, min(cap, budget // max(per, 1))))
 
-    def forward(self, x: Tensor, *, count: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, count: int | None = None, module: nn.Module | None = None) -> Tensor:
         """``model(x)``, counted as ``count`` samples (default ``len(x)``; more when a hook
-        expands the batch inside the model, as Ablation-CAM does)."""
+        expands the batch inside the model, as Ablation-CAM does). ``module``: a function-
+        preserving substitute of the model to run instead (its inference twin)."""
         self.forwards += len(x) if count is None else count  # tensors, or lists of strings for text black boxes
-        return self._run(self.model, x)
+        return self._run(self.model if module is None else module, x)
 
     def evaluate(self, x: Tensor, *, count: int | None = None, around: Sequence[Tensor] = ()) -> Tensor:
         """Pure model outputs for ``x``: like :meth:`forward`, but for passes that need no
@@ -268,9 +269,15 @@ class Engine:
         grad: bool = False,
         description: str = "evaluating",
         local: bool = False,
+        multiple: int = 1,
     ) -> Tensor:
-        """Call ``fn(start, stop)`` over ``range(n)`` in chunks and concatenate the results."""
+        """Call ``fn(start, stop)`` over ``range(n)`` in chunks and concatenate the results.
+
+        ``multiple``: chunks hold a multiple of this many items when the budget allows (DeepSHAP
+        keeps whole copies of its background in a chunk, so every chunk pairs the same rows)."""
         size = self.chunk_size(sample, grad=grad, local=local)
+        if multiple > 1 and size > multiple:
+            size -= size % multiple
         self.chunk_sizes.append(size)
         parts = []
         with progress_bar(self.progress, n, description) as advance:

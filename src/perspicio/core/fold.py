@@ -47,14 +47,38 @@ class Twin:
     module: nn.Module | None  # None: run the model itself
     folded: int
     state: tuple
+    churn: int = 0  # consecutive rebuilds for attribute changes alone
+
+
+#: a model whose attributes change between calls this many times in a row (it stores something
+#: on itself in forward) runs unfolded instead of being copied again on every call
+MAX_CHURN = 3
 
 
 _TWINS: weakref.WeakKeyDictionary[nn.Module, Twin] = weakref.WeakKeyDictionary()
 
 
+#: module attributes that are not the model's own settings
+_INTERNAL = frozenset({"training", "_parameters", "_buffers", "_non_persistent_buffers_set", "_modules",
+                       "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook", "_forward_hooks",
+                       "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                       "_forward_pre_hooks_with_kwargs", "_state_dict_hooks", "_state_dict_pre_hooks",
+                       "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_perspicio_compiled"})
+_SCALARS = (bool, int, float, str, bytes, type(None))
+
+
+def _setting(v: Any) -> Any:
+    return v if isinstance(v, _SCALARS) else (id(v), v._version) if isinstance(v, Tensor) else id(v)
+
+
 def _state(model: nn.Module) -> tuple:
-    """Identity of the weights (storage, in-place version and norm of every tensor) and modes."""
-    return fingerprint([*model.parameters(), *model.buffers()]), tuple(m.training for m in model.modules())
+    """Identity of what the model computes besides its code: the weights (storage, in-place version
+    and norm of every tensor), the modes, and every module's other attributes (a flag such as
+    ``model.use_tta = True`` changes the function as much as a weight does; plain values are
+    compared by value, objects by identity)."""
+    mods = list(model.modules())
+    settings = tuple(tuple((k, _setting(v)) for k, v in m.__dict__.items() if k not in _INTERNAL) for m in mods)
+    return fingerprint([*model.parameters(), *model.buffers()]), tuple(m.training for m in mods), settings
 
 
 def _fold_pair(affine: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
@@ -107,17 +131,26 @@ def outputs_match(got: object, ref: object, tolerance: float = TOLERANCE) -> boo
     return bool(torch.isfinite(got).all()) and ((got - ref).abs().max() / scale).item() <= tolerance
 
 
-def inference_twin(model: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:
+def model_state(model: nn.Module) -> tuple:
+    """What the model computes besides its code: the weights' and buffers' values
+    (:func:`~perspicio.core.bnpairs.fingerprint`), every module's training flag and its other
+    attributes."""
+    return _state(model)
+
+
+def inference_twin(model: nn.Module, sample: Tensor, state: tuple | None = None) -> tuple[nn.Module, int]:
     """``(module, folded)``: the cached (or newly built and verified) inference twin of
-    ``model`` for inputs like ``sample`` - or ``model`` itself when nothing can be folded."""
+    ``model`` for inputs like ``sample`` - or ``model`` itself when nothing can be folded.
+    ``state``: :func:`model_state`, when the caller has just taken it."""
     if not FOLD_BATCHNORM:
         return model, 0
-    state = _state(model)
+    state = _state(model) if state is None else state
     twin = _TWINS.get(model)
     if twin is None or twin.state != state:
-        module, folded = _build(model, sample)
+        churn = twin.churn + 1 if twin is not None and twin.state[:2] == state[:2] else 0
+        module, folded = _build(model, sample) if churn < MAX_CHURN else (model, 0)
         # the cache must not hold a strong reference to its own key: None stands for the model
-        twin = _TWINS[model] = Twin(None if module is model else module, folded, state)
+        twin = _TWINS[model] = Twin(None if module is model else module, folded, state, churn)
     return (model if twin.module is None else twin.module), twin.folded
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...core import fold
 from ...core.bnpairs import find_batchnorm_pairs, fingerprint, folded_affine
 
 
@@ -56,12 +57,12 @@ class MergeBatchNorm:
             pairs = [(mods[a] if isinstance(a, str) else a, mods[b] if isinstance(b, str) else b) for a, b in self.pairs]
         undo: list[Any] = []
         merged: list[tuple[str, str]] = []
+        pairs = [(lin, bn) for lin, bn in pairs if not (bn.training and bn.track_running_stats)]  # batch stats
+        keys = _state_keys(pairs)
         try:
             with torch.no_grad():
-                for lin, bn in pairs:
-                    if bn.training and bn.track_running_stats:
-                        continue  # batch statistics: not an affine map
-                    undo.append(_merge(lin, bn))
+                for (lin, bn), key in zip(pairs, keys):
+                    undo.append(_merge(lin, bn, key))
                     merged.append((names.get(id(lin), "?"), names.get(id(bn), "?")))
                     _IDENTITY.add(id(bn.running_mean))
             yield merged
@@ -71,6 +72,50 @@ class MergeBatchNorm:
                     _IDENTITY.discard(id(bn.running_mean))
                 for restore in reversed(undo):
                     restore()
+
+
+def _hooks(model: nn.Module) -> tuple:
+    return tuple(ids for m in model.modules()
+                 for ids in (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) if ids)
+
+
+def model_state(model: nn.Module) -> tuple:
+    """What a reference pass depends on besides the baseline: the values of the weights and
+    buffers and every module's training flag (:func:`~perspicio.core.fold.model_state`), and
+    the identities of the modules' forward hooks."""
+    return fold.model_state(model), _hooks(model)
+
+
+@contextmanager
+def propagation_module(model: nn.Module, sample: Tensor, state: tuple) -> Iterator[tuple[nn.Module, int]]:
+    """``(module, BatchNorms folded or merged)``: the module to propagate through: the model's BatchNorm-folded inference twin
+    (:mod:`perspicio.core.fold`, a cached private copy: nothing of the user's model is touched
+    and nothing is merged per call) when it has one and no forward hooks (the twin runs without
+    them); otherwise the model itself with its eval BatchNorms merged for the call. Eval
+    BatchNorm is affine, so either way the function is the same; folding saves a pass over
+    every feature map forward and backward."""
+    if not state[1]:
+        module, folded = fold.inference_twin(model, sample, state[0])
+        if module is not model:
+            _own(module)
+            yield module, folded
+            return
+    with MergeBatchNorm()(model, sample) as merged:
+        yield model, len(merged)
+
+
+#: twins whose tensors are registered as perspicio's own (see :func:`merged_tensor`)
+_OWNED_TWINS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _own(twin: nn.Module) -> None:
+    """Register a private twin's weights like merged weights: perspicio made them and never writes
+    to them (the twin is rebuilt when the user's weights change), so rules may memoise W+ etc."""
+    if twin in _OWNED_TWINS:
+        return
+    for t in (*twin.parameters(), *twin.buffers()):
+        _OWNED[t.data_ptr()] = weakref.ref(t)
+    _OWNED_TWINS.add(twin)
 
 
 #: ids of the running-mean buffers of BatchNorms currently merged (exact identities)
@@ -85,13 +130,17 @@ def is_identity_batchnorm(running_mean: Any) -> bool:
 _MERGED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Tensor, Tensor]] = weakref.WeakKeyDictionary()
 
 
-def _state_key(lin: nn.Module, bn: nn.Module) -> tuple:
-    return fingerprint([lin.weight, lin.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]) + (bn.eps,)
+def _state_keys(pairs: list[tuple[nn.Module, nn.Module]]) -> list[tuple]:
+    """Per pair, the fingerprint of the six tensors its merge is computed from (one batched
+    norm over all pairs: a per-pair call costs more in overhead than in arithmetic)."""
+    tensors = [t for lin, bn in pairs for t in (lin.weight, lin.bias, bn.weight, bn.bias, bn.running_mean,
+                                                 bn.running_var)]
+    fp = fingerprint(tensors)
+    return [fp[6 * i:6 * i + 6] + (bn.eps,) for i, (_, bn) in enumerate(pairs)]
 
 
-def _merged_values(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
-    """``(W * s, (b - mean) * s + beta)``, cached while none of the tensors changes."""
-    key = _state_key(lin, bn)
+def _merged_values(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm, key: tuple) -> tuple[Tensor, Tensor]:
+    """``(W * s, (b - mean) * s + beta)``, cached while none of the tensors changes (``key``)."""
     hit = _MERGED.get(lin)
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
@@ -133,13 +182,13 @@ def _bias_parameter(lin: nn.Module, value: Tensor) -> nn.Parameter:
     return p
 
 
-def _merge(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> Any:
+def _merge(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm, key: tuple) -> Any:
     """Merge ``bn`` into ``lin``; return the function that undoes it exactly.
 
     The parameters and buffers keep their identity; only the tensors they point to
     (``.data``) are swapped, so restoring puts back the very same memory.
     """
-    new_w, new_b = _merged_values(lin, bn)
+    new_w, new_b = _merged_values(lin, bn, key)
     swaps: list[tuple[Tensor, Tensor]] = []  # (parameter/buffer, original data)
 
     def swap(t: Tensor, value: Tensor) -> None:

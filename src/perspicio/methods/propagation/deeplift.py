@@ -31,6 +31,7 @@ The pairing requires the same operations, in the same order, in both passes
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -44,7 +45,7 @@ from ...core.registry import register_method
 from ...core.targets import ResolvedTarget, resolve_target
 from ...errors import ModelError, OptionError
 from ..base import Method
-from .canonizers import MergeBatchNorm
+from .canonizers import model_state, propagation_module
 from .engine import (
     ACT,
     AFFINE,
@@ -855,27 +856,95 @@ def _channel_range(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
 
 
+# ============================================================================ reference cache
+
+
+class ReferenceCache:
+    """DeepLIFT's reference passes, kept for the next call with the same baseline.
+
+    The reference pass depends only on the model and the baseline batch, and a sweep over a
+    data set uses the same baseline (zero, a fixed image, a DeepSHAP background) for every
+    chunk of every call, so one recorded pass serves them all: DeepLIFT then costs one forward
+    and one backward. An entry is reused only when :func:`model_state` is unchanged and the
+    baseline batch is equal element by element (a kept copy); entries live as long as the
+    model (weak keys) within a byte budget, least recently used first out.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20, max_entries: int = 4) -> None:
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        # per module, most recently used last: (key, baseline copy, records, output, bytes)
+        self._store: weakref.WeakKeyDictionary[nn.Module, list[tuple]] = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def _key(state: tuple, x0: Tensor, gradient_fallback: bool) -> tuple:
+        return state, tuple(x0.shape), x0.dtype, str(x0.device), gradient_fallback
+
+    def get(self, model: nn.Module, state: tuple, x0: Tensor, gradient_fallback: bool) -> tuple | None:
+        """``(refs, out0)`` recorded for ``x0`` on ``model`` in ``state``, or None."""
+        entries = self._store.get(model, [])
+        key = self._key(state, x0, gradient_fallback)
+        for i, entry in enumerate(entries):
+            if entry[0] == key and torch.equal(entry[1], x0):
+                entries.append(entries.pop(i))
+                return entry[2], entry[3]
+        return None
+
+    def put(self, model: nn.Module, state: tuple, x0: Tensor, gradient_fallback: bool,
+            refs: list[dict[str, Any]], out0: Tensor) -> None:
+        storages: dict[int, int] = {}
+        for rec in refs:
+            for t in iter_tensors(list(rec.values())):
+                s = t.untyped_storage()
+                storages[s.data_ptr()] = s.nbytes()
+        size = sum(storages.values()) + x0.numel() * x0.element_size()
+        if size > self.max_bytes:
+            return
+        entries = [e for e in self._store.get(model, []) if e[0][0] == state]  # others are stale
+        entries.append((self._key(state, x0, gradient_fallback), x0.detach().clone(), refs, out0, size))
+        while len(entries) > self.max_entries or sum(e[4] for e in entries) > self.max_bytes:
+            entries.pop(0)
+        self._store[model] = entries
+
+    def clear(self) -> None:
+        self._store = weakref.WeakKeyDictionary()
+
+
+#: the process-wide cache of reference passes (``REFERENCE_CACHE.clear()`` frees it)
+REFERENCE_CACHE = ReferenceCache()
+
+
 def deeplift_pairs(
-    model: nn.Module, xs: Tensor, x0s: Tensor, score: Any, engine: Engine, rule: str, gradient_fallback: bool
-) -> tuple[Tensor, Tensor, Tensor, list[str]]:
-    """DeepLIFT of pairs ``(xs[i], x0s[i])``: attributions, target scores at xs and at x0s, fallbacks.
+    model: nn.Module, xs: Tensor, x0s: Tensor, score: Any, engine: Engine, rule: str, gradient_fallback: bool,
+    state: tuple | None = None,
+) -> tuple[Tensor, Tensor, Tensor, list[str], bool]:
+    """DeepLIFT of pairs ``(xs[i], x0s[i])``: attributions, target scores at xs and at x0s,
+    fallbacks, and whether the reference pass came from :data:`REFERENCE_CACHE`.
 
     ``score(output, which)`` maps a model output to one score per pair (``which`` is
-    "input" or "reference").
+    "input" or "reference"). ``state``: :func:`model_state` taken before any canonizer ran,
+    to reuse and keep reference passes; None records afresh and keeps nothing.
     """
-    rec = DeepLiftPropagator(model, mode="record", gradient_fallback=gradient_fallback)
-    x0r = x0s.detach().clone()
-    rec.track(x0r)
-    with propagating(model, rec), torch.no_grad():
-        out0 = engine.forward(x0r).detach()
-    rec.tracked.clear()
+    cached = REFERENCE_CACHE.get(model, state, x0s, gradient_fallback) if state is not None else None
+    if cached is None:
+        rec = DeepLiftPropagator(model, mode="record", gradient_fallback=gradient_fallback)
+        x0r = x0s.detach().clone()
+        rec.track(x0r)
+        with propagating(model, rec), torch.no_grad():
+            out0 = engine.forward(x0r, module=model).detach()
+        rec.tracked.clear()
+        refs = rec.refs
+        if state is not None:
+            REFERENCE_CACHE.put(model, state, x0s, gradient_fallback, refs, out0)
+    else:
+        refs, out0 = cached
     n = xs.shape[0]
     if rule == "rescale":
-        prop: DeepLiftPropagator = DeepLiftPropagator(model, mode="replay", refs=rec.refs,
+        prop: DeepLiftPropagator = DeepLiftPropagator(model, mode="replay", refs=refs,
                                                       gradient_fallback=gradient_fallback)
         xr = xs.detach().clone().requires_grad_(True)
         with propagating(model, prop):
-            out = engine.forward(xr)
+            out = engine.forward(xr, module=model)
         s = score(out, "input")
         if not s.requires_grad:
             raise ModelError("the target score does not depend on the input: nothing to propagate.")
@@ -885,14 +954,14 @@ def deeplift_pairs(
             raise ModelError(f"multipliers could not be propagated to the input: {exc}") from exc
         attr = (xs - x0s) * m
     else:
-        prop = RevealCancelPropagator(model, refs=rec.refs, gradient_fallback=gradient_fallback)
+        prop = RevealCancelPropagator(model, refs=refs, gradient_fallback=gradient_fallback)
         dx = (xs - x0s).detach()
         xr = xs.detach().clone()
         with torch.enable_grad():
             P0, N0 = dx.clamp(min=0).requires_grad_(True), dx.clamp(max=0).requires_grad_(True)
         prop.set(xr, P0, N0)
         with propagating(model, prop), torch.no_grad():
-            out = engine.forward(xr)
+            out = engine.forward(xr, module=model)
         if not prop.is_var(out):
             raise ModelError("the model output does not depend on the input: nothing to propagate.")
         Pout, Nout = prop.parts(out)
@@ -903,11 +972,11 @@ def deeplift_pairs(
             mP, mN = engine.grad((g * (Pout + Nout)).sum(), [P0, N0], n)
         attr = P0.detach() * mP + N0.detach() * mN
         s = s.detach()
-    if prop.k != len(rec.refs):
+    if prop.k != len(refs):
         raise ModelError("deeplift: the input pass ran fewer nonlinear operations than the reference pass; "
                          "the model's control flow depends on its input.")
     base = score(out0, "reference").detach()  # after the input pass: targets resolve on f(x)
-    return attr.detach(), s.detach(), base, prop.fallbacks
+    return attr.detach(), s.detach(), base, prop.fallbacks, cached is not None
 
 
 def _score_fn(tgt: ResolvedTarget, idx: Tensor | None) -> Any:
@@ -934,7 +1003,8 @@ class DeepLift(Method):
     ``baseline``: "zero", "mean", "blur", "uniform", a number or a tensor (see
     :func:`make_baseline`); ``rule``: "rescale" or "reveal_cancel";
     ``gradient_fallback``: let operations without a rule use their gradient
-    (recorded) instead of raising.
+    (recorded) instead of raising; ``cache_reference``: reuse the reference pass of an
+    earlier call or chunk with the same model state and baseline (:class:`ReferenceCache`).
     """
 
     input_ndim = None
@@ -947,11 +1017,13 @@ class DeepLift(Method):
         rule: str = "rescale",
         seed: int = 0,
         gradient_fallback: bool = False,
+        cache_reference: bool = True,
         **common: Any,
     ) -> None:
         super().__init__(model, **common)
         self.rule = _check_rule(rule)
         _check_baseline_name(baseline)
+        self.cache_reference = bool(cache_reference)
         self.baseline = baseline
         self.seed = int(seed)
         self.gradient_fallback = bool(gradient_fallback)
@@ -960,6 +1032,8 @@ class DeepLift(Method):
         x0 = make_baseline(self.baseline, x, seed=self.seed)
         n = x.shape[0]
         scores, bases, indices, fallbacks = [], [], [], []
+        state = model_state(self.model)
+        hits = [0]
 
         def run(start: int, stop: int) -> Tensor:
             xs = x[start:stop]
@@ -971,15 +1045,16 @@ class DeepLift(Method):
                 t = holder["tgt"]
                 return _score_fn(t, t.indices)(out, which)
 
-            attr, s, base, fb = deeplift_pairs(self.model, xs, x0[start:stop], score, engine, self.rule,
-                                               self.gradient_fallback)
+            attr, s, base, fb, hit = deeplift_pairs(module, xs, x0[start:stop], score, engine, self.rule,
+                                                    self.gradient_fallback, state if self.cache_reference else None)
+            hits[0] += int(hit)
             scores.append(s)
             bases.append(base)
             indices.append(holder["tgt"].indices)
             fallbacks.extend(f for f in fb if f not in fallbacks)
             return attr
 
-        with MergeBatchNorm()(self.model, x):  # eval BatchNorm is affine: merging changes nothing but speed
+        with propagation_module(self.model, x, state) as (module, _):
             attributions = engine.map(run, n, sample=x[:1], grad=True, description="DeepLIFT")
         targets = torch.cat(indices) if all(i is not None for i in indices) else None
         names = (tuple(self.labels[i] for i in targets.tolist())
@@ -987,7 +1062,7 @@ class DeepLift(Method):
         return Explanation(
             attributions=attributions, method=self.name, scores=torch.cat(scores), targets=targets,
             base_value=torch.cat(bases), target_names=names,
-            provenance={"rule": self.rule, "gradient_fallback": tuple(fallbacks)},
+            provenance={"rule": self.rule, "gradient_fallback": tuple(fallbacks), "cached_references": hits[0]},
             extras={"baseline": x0},
         )
 
@@ -1002,6 +1077,8 @@ class DeepShap(Method):
     a baseline name from :func:`make_baseline` to generate ``samples`` of them
     ("uniform": seeded noise in the input's range - a stand-in when no data is at
     hand). Attributions sum to ``f(x) - mean_b f(background_b)``; ``base_value`` is that mean.
+    Chunks hold whole copies of the background, so with ``cache_reference`` (default) its
+    reference passes are recorded once and reused by every later chunk and call.
     """
 
     input_ndim = None
@@ -1015,10 +1092,12 @@ class DeepShap(Method):
         rule: str = "rescale",
         seed: int = 0,
         gradient_fallback: bool = False,
+        cache_reference: bool = True,
         **common: Any,
     ) -> None:
         super().__init__(model, **common)
         _check_baseline_name(background, "background")
+        self.cache_reference = bool(cache_reference)
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
             raise OptionError(f"samples must be a positive integer; got {samples!r}.")
         self.background = background
@@ -1051,13 +1130,15 @@ class DeepShap(Method):
         bg = self._background(x)
         n, B = x.shape[0], bg.shape[0]
         with torch.no_grad():
-            out = engine.forward(x)
+            out = engine.evaluate(x)
         tgt = resolve_target(target, out, self.labels)
         scores_x = tgt(out).detach()
         idx = tgt.indices
         pair_idx = idx.repeat_interleave(B) if idx is not None else None
         sample_of = torch.arange(n, device=x.device).repeat_interleave(B)
         bases, fallbacks = [], []
+        state = model_state(self.model)
+        hits = [0]
 
         def run(start: int, stop: int) -> Tensor:
             rows = sample_of[start:stop]
@@ -1065,19 +1146,22 @@ class DeepShap(Method):
             x0s = bg[torch.arange(start, stop, device=x.device) % B]
             sel = pair_idx[start:stop] if pair_idx is not None else None
             score = _score_fn(tgt, sel)
-            attr, _, base, fb = deeplift_pairs(self.model, xs, x0s, score, engine, self.rule, self.gradient_fallback)
+            attr, _, base, fb, hit = deeplift_pairs(module, xs, x0s, score, engine, self.rule,
+                                                    self.gradient_fallback, state if self.cache_reference else None)
+            hits[0] += int(hit)
             bases.append(base)
             fallbacks.extend(f for f in fb if f not in fallbacks)
             return attr
 
-        with MergeBatchNorm()(self.model, x):  # eval BatchNorm is affine: merging changes nothing but speed
-            attr = engine.map(run, n * B, sample=x[:1], grad=True, description="DeepSHAP")
+        with propagation_module(self.model, x, state) as (module, _):
+            attr = engine.map(run, n * B, sample=x[:1], grad=True, description="DeepSHAP", multiple=B)
         attributions = attr.reshape(n, B, *x.shape[1:]).mean(1)
         base_value = torch.cat(bases).reshape(n, B).mean(1)
         names = (tuple(self.labels[i] for i in idx.tolist()) if self.labels is not None and idx is not None else None)
         return Explanation(
             attributions=attributions, method=self.name, scores=scores_x, targets=idx, base_value=base_value,
             target_names=names,
-            provenance={"rule": self.rule, "background_size": B, "gradient_fallback": tuple(fallbacks)},
+            provenance={"rule": self.rule, "background_size": B, "gradient_fallback": tuple(fallbacks),
+                        "cached_references": hits[0]},
             extras={"background": bg},
         )

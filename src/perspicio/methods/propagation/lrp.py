@@ -21,7 +21,7 @@ from ...core.registry import register_method
 from ...core.targets import resolve_target
 from ...errors import ModelError, OptionError
 from ..base import Method
-from .canonizers import MergeBatchNorm
+from .canonizers import model_state, propagation_module
 from .composites import Composite, make_composite
 from .engine import (
     ACT,
@@ -512,14 +512,16 @@ class LRP(Method):
         scores, indices, out_rel, records, fallbacks = [], [], [], [], []
         rules_used: dict[str, str] = {}
         with ExitStack() as stack:
-            merged = stack.enter_context(MergeBatchNorm()(self.model, x)) if self.composite.merge_batchnorm else []
+            module, merged = self.model, 0
+            if self.composite.merge_batchnorm:  # the folded twin, or the model with BatchNorms merged
+                module, merged = stack.enter_context(propagation_module(self.model, x, model_state(self.model)))
 
             def run(start: int, stop: int) -> Tensor:
                 xc = x[start:stop].detach().clone().requires_grad_(True)
-                prop = LRPPropagator(self.model, self.composite, xc, low=low[start:stop], high=high[start:stop],
+                prop = LRPPropagator(module, self.composite, xc, low=low[start:stop], high=high[start:stop],
                                      gradient_fallback=self.gradient_fallback, record_layers=self.record_layers)
-                with propagating(self.model, prop):
-                    out = engine.forward(xc)
+                with propagating(module, prop):
+                    out = engine.forward(xc, module=module)
                 tgt = resolve_target(chunk_target(target, start, stop, n), out.detach(), self.labels)
                 s = tgt(out)
                 if not out.requires_grad:
@@ -550,7 +552,7 @@ class LRP(Method):
             target_names=names,
             provenance={
                 "composite": self.composite.describe(),
-                "batchnorm_merged": len(merged),
+                "batchnorm_merged": merged,
                 "gradient_fallback": tuple(fallbacks),
             },
             extras={
