@@ -21,6 +21,7 @@ from ..errors import OptionError
 from . import incremental
 from .allocator import allocator_tuned
 from .fold import compiled_outputs, inference_twin
+from .fuse import fused_twin
 from .incremental import IncrementalEvaluator
 
 #: default memory budget for one chunk (bytes); override per call or with PERSPICIO_MEMORY_BUDGET
@@ -111,6 +112,7 @@ class Engine:
     folded: int | None = None  # BatchNorm layers folded in the inference twin (None: not used)
     compile: bool = False  # run output-only passes through torch.compile'd inference twins
     compiled: int = 0  # samples evaluated by a compiled twin
+    fused: int = 0  # convolutions fused with their activation/padding in the twin that ran
     _twin: tuple[nn.Module, int] | None = field(default=None, repr=False)
     _boxes: IncrementalEvaluator | None = field(default=None, repr=False)
 
@@ -163,7 +165,16 @@ class Engine:
             if out is not None:
                 self.compiled += len(x)
                 return out
-        return self._run(module, x)
+        return self._run(self._dense_module(module, x), x)
+
+    def _dense_module(self, module: nn.Module, x: Tensor) -> nn.Module:
+        """The fused form of the inference twin for dense no-grad batches like ``x``
+        (:mod:`perspicio.core.fuse`), or ``module`` itself."""
+        if module is self.model or torch.is_grad_enabled() or not isinstance(x, Tensor) or x.ndim != 4:
+            return module
+        fused, n = fused_twin(module, x[:1])
+        self.fused = max(self.fused, n)
+        return fused
 
     def _inference_module(self, sample: Tensor) -> nn.Module:
         """The inference twin for output-only passes, looked up once per engine (one call: the
@@ -190,7 +201,8 @@ class Engine:
             a = (lr - fr + 1) * (lc - fc + 1)
             better = a < area
             area, which = torch.where(better, a, area), torch.where(better, j, which)
-        local = area <= incremental.LOCAL_FRACTION * height * width
+        fraction = incremental.LOCAL_FRACTION_COMPILED if self.compile else incremental.LOCAL_FRACTION
+        local = area <= fraction * height * width
         for j in range(len(around)):
             if int((local & (which == j)).sum()) < incremental.MIN_GROUP:
                 local &= which != j
@@ -219,7 +231,8 @@ class Engine:
         result equals :meth:`evaluate` on the dense copies up to float rounding."""
         module = self._inference_module(sample[None])
         if self._boxes is None:
-            self._boxes = IncrementalEvaluator(module, self.model, lambda x: self._run_capped(module, x))
+            self._boxes = IncrementalEvaluator(module, self.model,
+                                               lambda x: self._run_capped(self._dense_module(module, x), x))
             # without convolutions nothing stays local (black boxes, MLPs, transformers): dense batches
             self._boxes.enabled &= any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
         base = sample[None]
@@ -319,6 +332,8 @@ class Engine:
             stats["batchnorm_folded"] = self.folded
         if self.compiled:
             stats["compiled_samples"] = self.compiled
+        if self.fused:
+            stats["convolutions_fused"] = self.fused
         if self._boxes is not None and self._boxes.served:
             stats["incremental_samples"] = self._boxes.served
         return stats

@@ -33,7 +33,6 @@ from torch import Tensor
 
 from ..errors import InputError, OptionError
 from .batching import Engine
-from .incremental import LOCAL_FRACTION
 
 SEGMENTERS = ("slic", "quickshift", "felzenszwalb")
 IMAGE_FEATURES = ("pixel", "patch", "grid", *SEGMENTERS)
@@ -453,6 +452,9 @@ def _groups_to_mask(groups: Mapping[str, Any], n_columns: int, columns: Sequence
 
 # ============================================================================ the masked-model game
 
+#: coalitions that keep or remove at most this many features are offered to the incremental path
+FEW_FEATURES = 2
+
 
 @dataclass
 class MaskedGame:
@@ -468,31 +470,10 @@ class MaskedGame:
     description: str = "evaluating coalitions"
     evaluations: int = 0
     _device: torch.device = field(default=torch.device("cpu"))
-    _local: bool | None = None
 
     @property
     def n_features(self) -> int:
         return self.bound.n_features
-
-    def _small_features(self) -> bool:
-        """Image features whose bounding boxes are small enough for incremental evaluation of
-        coalitions that remove (or keep) a few of them (square patches; not large superpixels)."""
-        if self._local is None:
-            self._local = False
-            b = self.bound
-            if isinstance(b, TensorBound) and b.x.ndim == 3:
-                ids = b.feature_mask.reshape(-1, *b.x.shape[-2:])  # (C, H, W)
-                h, w = ids.shape[-2:]
-                r = torch.arange(h, device=ids.device)[:, None].expand(h, w).expand_as(ids).reshape(-1)
-                c = torch.arange(w, device=ids.device)[None, :].expand(h, w).expand_as(ids).reshape(-1)
-                flat, m = ids.reshape(-1), b.n_features
-                lo_r = torch.full((m,), h, device=ids.device).scatter_reduce(0, flat, r, "amin")
-                hi_r = torch.full((m,), -1, device=ids.device).scatter_reduce(0, flat, r, "amax")
-                lo_c = torch.full((m,), w, device=ids.device).scatter_reduce(0, flat, c, "amin")
-                hi_c = torch.full((m,), -1, device=ids.device).scatter_reduce(0, flat, c, "amax")
-                area = ((hi_r - lo_r + 1) * (hi_c - lo_c + 1)).max()
-                self._local = bool(area <= LOCAL_FRACTION * h * w)
-        return self._local
 
     def __call__(self, z: Tensor) -> Tensor:
         """Values (B,) float64 of the coalitions ``z`` (B, M) (bool; True = feature kept)."""
@@ -505,14 +486,18 @@ class MaskedGame:
         k = self.bound.rows
         dev = self.bound.x.device if isinstance(self.bound, TensorBound) else torch.device("cpu")
         z = z.to(dev)
-        # image coalitions that remove (or keep) a few features differ from the sample (or the
-        # baseline) only inside a small box: the engine then evaluates them incrementally
-        around = (self.bound.x, self.bound.replacement[0]) if k == 1 and self._small_features() else ()
+        # image coalitions that remove (or keep) one or two features differ from the sample (or the
+        # baseline) only inside their box: the engine evaluates copies whose box is small
+        # incrementally (KernelSHAP's enumerated sizes, feature ablation, patches)
+        image = isinstance(self.bound, TensorBound) and self.bound.x.ndim == 3 and k == 1
+        kept = z.sum(1)
+        few = (torch.minimum(kept, self.n_features - kept) <= FEW_FEATURES) if image else None
 
         def run(start: int, stop: int) -> Tensor:
             r = torch.arange(start, stop, device=dev)
             batch = self.bound.build(z[r // k], r % k)
-            out = self.engine.evaluate(batch, around=around)
+            local = few is not None and bool(few[start:stop].any())
+            out = self.engine.evaluate(batch, around=(self.bound.x, self.bound.replacement[0]) if local else ())
             s = self.score(out)
             return s.detach().to(torch.float64).reshape(-1)
 

@@ -1,0 +1,140 @@
+"""Fused twin: convolution + activation (+ asymmetric zero padding) as one oneDNN call for
+output-only passes - equal to the folded twin, only where the trace proves it, with fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import perspicio
+from perspicio.core import fold, fuse
+from perspicio.core.batching import Engine
+
+pytestmark = pytest.mark.skipif(fuse._pointwise() is None or not torch.backends.mkldnn.is_available(),
+                                reason="this torch build has no oneDNN pointwise convolution")
+
+
+def _x(n: int = 2, size: int = 15, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+class PadConv(nn.Conv2d):
+    """A convolution that zero-pads its input itself, asymmetrically (like TensorFlow's SAME)."""
+
+    def __init__(self, *args, pads: tuple[int, int, int, int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pads = pads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, self.pads))
+
+
+class Pads(nn.Module):
+    """Every fusable activation, an asymmetric padding on either side, a reused output, a dilated conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        acts = [nn.ReLU(), nn.ReLU6(inplace=True), nn.Hardtanh(-1.0, 2.0), nn.SiLU(), nn.Sigmoid(), nn.Tanh(),
+                nn.Hardswish(), nn.LeakyReLU(0.2), nn.GELU(approximate="tanh"), nn.GELU()]
+        # right/bottom-heavy padding, then left/top-heavy; grouped, depthwise and dense; with and without bias
+        self.convs = nn.ModuleList(PadConv(3 if i == 0 else 6, 6, 3, stride=2 if i in (1, 3) else 1,
+                                           groups=1 if i % 3 else 3 if i == 0 else 6, bias=i % 2 == 0,
+                                           pads=(0, 1, 0, 1) if i % 2 else (2, 0, 1, 0)) for i in range(len(acts)))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(6) for _ in acts)
+        self.acts = nn.ModuleList(acts)
+        self.shared = nn.Conv2d(6, 6, 1)
+        self.dilated = PadConv(6, 6, 3, dilation=2, pads=(0, 1, 0, 1))
+        self.head = nn.Linear(6, 4)
+        with torch.no_grad():
+            for bn in self.bns:
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, bn, act in zip(self.convs, self.bns, self.acts):
+            x = act(bn(conv(x)))
+        s = self.shared(x)
+        x = F.relu(s) + s  # the output feeds two operations: not fused
+        x = torch.relu(self.dilated(x))  # dilation with asymmetric padding: not fused
+        return self.head(x.mean((2, 3)))
+
+
+def test_fused_twin_equals_folded_twin_for_every_activation_and_padding() -> None:
+    model = Pads().eval()
+    x = _x(3, 96)
+    twin, folded = fold.inference_twin(model, x)
+    assert folded == len(model.bns)
+    fused, n = fuse.fused_twin(twin, x)
+    assert n == len(model.acts)  # the shared and the dilated convolution are left alone
+    assert sum(isinstance(m, fuse.FusedConv2d) for m in fused.modules()) == n
+    assert sum(m.padding != [0, 0] for m in fused.modules() if isinstance(m, fuse.FusedConv2d)) == n
+    with torch.no_grad():
+        ref = model(x)
+        for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(fused(xx), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_other_sizes_gradients_and_dtypes_run_the_original_layers() -> None:
+    model = Pads().eval()
+    twin, _ = fold.inference_twin(model, _x(1, 96))
+    fused, n = fuse.fused_twin(twin, _x(1, 96))
+    assert n > 0
+    with torch.no_grad():  # another input size: padding differs, the fused calls step aside
+        torch.testing.assert_close(fused(_x(2, 80)), model(_x(2, 80)), rtol=1e-4, atol=1e-5)
+        xd = _x(1, 96).double()
+        torch.testing.assert_close(fused.double()(xd), model.double()(xd), rtol=1e-9, atol=1e-9)
+    model.float()
+    xg = _x(1, 96).requires_grad_(True)
+    g = torch.autograd.grad(fused.float()(xg).sum(), xg)[0]  # with gradients: the original layers
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_bundled_model_is_fused_and_bit_identical(zoo_model, chelsea_batch) -> None:
+    model = zoo_model.model
+    x = chelsea_batch[:1]
+    twin, _ = fold.inference_twin(model, x)
+    fused, n = fuse.fused_twin(twin, x)
+    assert n == 33  # stem, head, every expansion and depthwise convolution with its ReLU6
+    xb = x.repeat(3, 1, 1, 1).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(fused(xb), twin(xb))
+
+
+def test_resnet_reused_relu_is_not_fused() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    x = _x(1, 64)
+    twin, _ = fold.inference_twin(model, x)
+    fused, n = fuse.fused_twin(twin, x)
+    assert n == 1  # only the stem: every block calls its one ReLU module twice
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_engine_evaluate_reports_fusion_and_env_switch(monkeypatch) -> None:
+    model = Pads().eval()
+    x = _x(4, 96)
+    e = Engine(model)
+    with torch.no_grad():
+        out = e.evaluate(x)
+    assert e.stats()["convolutions_fused"] == len(model.acts)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(fuse, "FUSE", False)
+    e2 = Engine(model)
+    with torch.no_grad():
+        e2.evaluate(x)
+    assert "convolutions_fused" not in e2.stats()
+
+
+def test_methods_agree_with_and_without_fusion(monkeypatch) -> None:
+    model = Pads().eval()
+    x = _x(1, 96)
+    a = perspicio.explain(model, x, method="occlusion", window=8, stride=8, target=1)
+    monkeypatch.setattr(fuse, "FUSE", False)
+    b = perspicio.explain(model, x, method="occlusion", window=8, stride=8, target=1)
+    torch.testing.assert_close(a.attributions, b.attributions, rtol=1e-4, atol=1e-5)
