@@ -45,13 +45,11 @@ INCREMENTAL = os.environ.get("PERSPICIO_INCREMENTAL", "1") not in ("0", "false",
 DENSE_FRACTION = 0.5
 #: a copy is evaluated incrementally only if its box covers at most this fraction of the input
 #: (larger boxes reach DENSE_FRACTION within a layer or two, and splitting the batch costs more;
-#: whether a box size pays off is measured per model anyway, see IncrementalEvaluator). 0.1 lets
-#: single superpixels of a ~40-segment SLIC mask in: KernelSHAP with 37 superpixels, 300 evaluations
-#: ran 10% faster (70 of its 74 single-feature coalitions incremental, 1.8x cheaper each)
-LOCAL_FRACTION = 0.1
-#: the same with compile=True, whose dense batches are 1.3-1.4x faster: superpixel-sized boxes then
-#: gain nothing (KernelSHAP as above: 1.89-2.03 s with them, 1.89 s all compiled), patches still 2x
-LOCAL_FRACTION_COMPILED = 0.03
+#: whether a box size pays off is also measured per model, see IncrementalEvaluator). Against the
+#: fused twin's dense batches (core/fuse.py), single superpixels of a ~40-segment SLIC mask no
+#: longer pay off (KernelSHAP, 37 superpixels, 300 evaluations: 1.76-1.78 s with them at 0.1,
+#: 1.64-1.66 s dense); occlusion windows and 16-px patches still do (1.2-1.35x)
+LOCAL_FRACTION = 0.03
 #: and only in groups of at least this many copies (a group runs as its own, smaller batch)
 MIN_GROUP = 4
 
