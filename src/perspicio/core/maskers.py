@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError, OptionError
+from . import incremental
 from .batching import Engine
 
 SEGMENTERS = ("slic", "quickshift", "felzenszwalb")
@@ -452,8 +453,6 @@ def _groups_to_mask(groups: Mapping[str, Any], n_columns: int, columns: Sequence
 
 # ============================================================================ the masked-model game
 
-#: coalitions that keep or remove at most this many features are offered to the incremental path
-FEW_FEATURES = 2
 
 
 @dataclass
@@ -470,10 +469,34 @@ class MaskedGame:
     description: str = "evaluating coalitions"
     evaluations: int = 0
     _device: torch.device = field(default=torch.device("cpu"))
+    _areas: Tensor | None = None  # per feature: bounding box small enough for incremental evaluation
 
     @property
     def n_features(self) -> int:
         return self.bound.n_features
+
+    def _local(self, z: Tensor) -> Tensor | None:
+        """Per coalition: it keeps or removes exactly one image feature whose bounding box is at
+        most ``incremental.LOCAL_FRACTION`` of the image (None: not an image game)."""
+        b = self.bound
+        if not isinstance(b, TensorBound) or b.x.ndim != 3:
+            return None
+        if self._areas is None:
+            ids = b.feature_mask.reshape(-1, *b.x.shape[-2:])  # (C, H, W)
+            h, w = ids.shape[-2:]
+            r = torch.arange(h, device=ids.device)[:, None].expand(h, w).expand_as(ids).reshape(-1)
+            c = torch.arange(w, device=ids.device)[None, :].expand(h, w).expand_as(ids).reshape(-1)
+            flat, m = ids.reshape(-1), b.n_features
+            lo_r = torch.full((m,), h, device=ids.device).scatter_reduce(0, flat, r, "amin")
+            hi_r = torch.full((m,), -1, device=ids.device).scatter_reduce(0, flat, r, "amax")
+            lo_c = torch.full((m,), w, device=ids.device).scatter_reduce(0, flat, c, "amin")
+            hi_c = torch.full((m,), -1, device=ids.device).scatter_reduce(0, flat, c, "amax")
+            self._areas = ((hi_r - lo_r + 1) * (hi_c - lo_c + 1)).cpu() <= incremental.LOCAL_FRACTION * h * w
+        zc = z.cpu()
+        kept = zc.sum(1)
+        one_out, one_in = kept == self.n_features - 1, kept == 1
+        which = torch.where(one_out, zc.to(torch.uint8).argmin(1), zc.to(torch.uint8).argmax(1))
+        return (one_out | one_in) & self._areas[which]
 
     def __call__(self, z: Tensor) -> Tensor:
         """Values (B,) float64 of the coalitions ``z`` (B, M) (bool; True = feature kept)."""
@@ -486,18 +509,15 @@ class MaskedGame:
         k = self.bound.rows
         dev = self.bound.x.device if isinstance(self.bound, TensorBound) else torch.device("cpu")
         z = z.to(dev)
-        # image coalitions that remove (or keep) one or two features differ from the sample (or the
-        # baseline) only inside their box: the engine evaluates copies whose box is small
-        # incrementally (KernelSHAP's enumerated sizes, feature ablation, patches)
-        image = isinstance(self.bound, TensorBound) and self.bound.x.ndim == 3 and k == 1
-        kept = z.sum(1)
-        few = (torch.minimum(kept, self.n_features - kept) <= FEW_FEATURES) if image else None
+        local = self._local(z) if k == 1 else None
 
         def run(start: int, stop: int) -> Tensor:
             r = torch.arange(start, stop, device=dev)
             batch = self.bound.build(z[r // k], r % k)
-            local = few is not None and bool(few[start:stop].any())
-            out = self.engine.evaluate(batch, around=(self.bound.x, self.bound.replacement[0]) if local else ())
+            # mostly coalitions that differ from the sample (or the baseline) in one small feature
+            # (feature ablation of patches, KernelSHAP's enumerated sizes): incrementally evaluated
+            offer = local is not None and 2 * int(local[start:stop].sum()) >= stop - start
+            out = self.engine.evaluate(batch, around=(self.bound.x, self.bound.replacement[0]) if offer else ())
             s = self.score(out)
             return s.detach().to(torch.float64).reshape(-1)
 
