@@ -696,3 +696,32 @@ def test_weight_memo_is_not_fooled_by_a_transposed_view() -> None:
         w = lin.weight.detach()
         assert torch.equal(_pos(w), w.clamp(min=0)) and _pos(w) is _pos(w)
         assert torch.equal(_pos(w.t()), w.t().clamp(min=0))
+
+
+@pytest.mark.parametrize("rule, alpha, beta", [("zplus", 1.0, 0.0), ("alpha2_beta1", 2.0, 1.0)])
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_alpha_beta_on_inputs_of_both_signs_closed_form(rule: str, alpha: float, beta: float, layer: str) -> None:
+    # inputs of both signs run as one map of [x+, x-] with stacked weights; the closed form keeps them apart
+    torch.manual_seed(3)
+    mod = nn.Conv2d(3, 4, 3) if layer == "conv" else nn.Linear(5, 4)
+    net = nn.Sequential(mod, nn.Flatten()).eval()
+    x = torch.randn(2, 3, 5, 5) if layer == "conv" else torch.randn(2, 5)
+    target = 7 if layer == "conv" else 2
+    e = LRP(net, rule=rule)(x, target=target)
+    fn = (lambda t, w, b: F.conv2d(t, w, b)) if layer == "conv" else (lambda t, w, b: F.linear(t, w, b))
+    w, b = mod.weight.detach(), mod.bias.detach()
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    with torch.no_grad():
+        out = net(x)
+    R = torch.zeros_like(out)
+    R[:, target] = out[:, target]
+    expected = torch.zeros_like(x)
+    for coef, wa, wb, bias, eps in ((alpha, w.clamp(min=0), w.clamp(max=0), b.clamp(min=0), 1e-6),
+                                    (-beta, w.clamp(max=0), w.clamp(min=0), b.clamp(max=0), -1e-6)):
+        if coef == 0:
+            continue
+        xa, xb = xp.clone().requires_grad_(True), xn.clone().requires_grad_(True)
+        z = (fn(xa, wa, bias) + fn(xb, wb, None)).flatten(1) + eps
+        ga, gb = torch.autograd.grad((z * (coef * R / z).detach()).sum(), [xa, xb])
+        expected += xp * ga + xn * gb
+    torch.testing.assert_close(e.attributions, expected, rtol=1e-5, atol=1e-6)
