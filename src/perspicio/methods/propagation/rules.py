@@ -282,10 +282,8 @@ class AlphaBeta(Rule):
 
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         w, b = op.weight, op.bias
-        signed = _signed(x, ctx)  # after ReLUs the input is non-negative: skip the x- terms
-        if signed and (op.name == "linear" or (op.conv is not None and op.conv["groups"] == 1)):
-            return self._stacked(op, x, R)
         wp = _pos(w)
+        signed = _signed(x, ctx)  # after ReLUs the input is non-negative: skip the x- terms
         xp = x.clamp(min=0) if signed else x
         xn = x.clamp(max=0) if signed else None
         eps = self.stabilizer
@@ -311,31 +309,6 @@ class AlphaBeta(Rule):
             out = out.add_(_times(op.vjp(xp, wn, s_neg), xp))
             if signed:
                 out = out.add_(_times(op.vjp(xn, wp, s_neg), xn))
-        return out
-
-
-    def _stacked(self, op: AffineOp, x: Tensor, R: Tensor) -> Tensor:
-        """The rule for an input of both signs as one map of ``[x+, x-]`` stacked along the input
-        channels with ``[W+, W-]`` (positive part) and ``[W-, W+]`` (negative part) stacked
-        likewise: one convolution and one transposed convolution per part instead of two each."""
-        w, b, eps = op.weight, op.bias, self.stabilizer
-        dim = 1 if op.conv is not None else -1
-        both = torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=dim)
-        half = x.shape[dim]
-        known = eps > 0
-
-        def part(wst: Tensor, bias: Tensor | None, shift: float, coef: float) -> Tensor:
-            z = _shifted(op, both, wst, bias, shift if known else 0.0)
-            s = _div_known_sign(R, z) if known else safe_div(R, z, eps)
-            s = s.mul_(coef) if s is z else s * coef
-            g = _times(op.vjp(both, wst, s), both)
-            return g.narrow(dim, 0, half) + g.narrow(dim, half, half)
-
-        w_pn = derived(w, "alpha_beta_pn", lambda t: torch.cat([_pos(t), _neg(t)], dim=1))
-        out = part(w_pn, _pos(b), eps, self.alpha)
-        if self.beta:
-            w_np = derived(w, "alpha_beta_np", lambda t: torch.cat([_neg(t), _pos(t)], dim=1))
-            out = out.add_(part(w_np, _neg(b), -eps, -self.beta))
         return out
 
 
