@@ -215,11 +215,6 @@ def _sole_activation(act: tuple[str, int, int, bool] | None, uses: list[int]) ->
     return name
 
 
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
 def build_fused(twin: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:
     """``(module, fused)``: a copy of ``twin`` with its fusable convolutions fused, verified on
     ``sample`` - or ``(twin, 0)`` when nothing was fused or anything did not work."""
@@ -236,9 +231,9 @@ def build_fused(twin: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:
             act = mods[act_name] if act_name is not None else nn.Identity()
             post = _post_op(act) if act_name is not None else ("none", [], None)
             size = call.pop("size")
-            _set(fused, conv_name, FusedConv2d(mods[conv_name], act, post=post, size=size, **call))
+            fused.set_submodule(conv_name, FusedConv2d(mods[conv_name], act, post=post, size=size, **call))
             if act_name is not None:
-                _set(fused, act_name, nn.Identity())
+                fused.set_submodule(act_name, nn.Identity())
         with torch.no_grad():
             x = sample[:1].contiguous(memory_format=torch.channels_last)
             ok = outputs_match(fused(x), twin(x)) and outputs_match(fused(sample[:1]), twin(sample[:1]))
