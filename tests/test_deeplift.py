@@ -451,7 +451,7 @@ def test_reference_cache_sees_weight_attribute_baseline_and_mode_changes() -> No
         assert run() == 0 and run() == 1
     finally:
         handle.remove()
-    assert run() == 1  # back to the hook-free model: its entry is still there
+    assert run() == 0 and run() == 1  # back to the hook-free model: recorded again (a new state evicts the old)
 
 
 def test_deep_shap_chunks_hold_whole_backgrounds_and_reuse_the_reference() -> None:
@@ -484,3 +484,17 @@ def test_propagation_leaves_the_model_untouched_and_runs_on_the_folded_twin() ->
     torch.testing.assert_close(twin_lrp.attributions, merged_lrp.attributions, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(twin_dl.attributions, merged_dl.attributions, rtol=1e-5, atol=1e-6)
     assert_restored(net, before)
+
+
+def test_no_twin_is_copied_while_the_weights_change_every_call() -> None:
+    from perspicio.core import fold
+
+    net, x = bn_cnn(), randn(1, 3, 8, 8)
+    for _ in range(3):  # a training loop explaining after every optimizer step
+        with torch.no_grad():
+            net.conv1.weight.mul_(1.01)
+        e = DeepLift(net)(x, target=0)
+        assert fold._TWINS.get(net) is None  # merged in place for the call, restored, nothing copied
+        assert delta_error(e) < 1e-4
+    DeepLift(net)(x, target=0)  # the same weights twice: a sweep, worth a twin
+    assert fold._TWINS.get(net) is not None and fold._TWINS[net].module is not None

@@ -138,6 +138,15 @@ def model_state(model: nn.Module) -> tuple:
     return _state(model)
 
 
+def current_twin(model: nn.Module, state: tuple) -> tuple[nn.Module, int] | None:
+    """``(module, folded)`` if a twin (or the decision to run the model itself) is cached for
+    ``model`` in ``state`` (:func:`model_state`); None if one would have to be built."""
+    twin = _TWINS.get(model) if FOLD_BATCHNORM else None
+    if twin is None or twin.state != state:
+        return None
+    return (model if twin.module is None else twin.module), twin.folded
+
+
 def inference_twin(model: nn.Module, sample: Tensor, state: tuple | None = None) -> tuple[nn.Module, int]:
     """``(module, folded)``: the cached (or newly built and verified) inference twin of
     ``model`` for inputs like ``sample`` - or ``model`` itself when nothing can be folded.

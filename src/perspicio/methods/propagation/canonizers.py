@@ -93,15 +93,28 @@ def propagation_module(model: nn.Module, sample: Tensor, state: tuple) -> Iterat
     and nothing is merged per call) when it has one and no forward hooks (the twin runs without
     them); otherwise the model itself with its eval BatchNorms merged for the call. Eval
     BatchNorm is affine, so either way the function is the same; folding saves a pass over
-    every feature map forward and backward."""
+    every feature map forward and backward.
+
+    A twin is built only for a model whose state is the same as in the previous call: copying
+    and verifying the model costs a few propagations, which a sweep over many inputs repays and
+    a training loop that explains after every optimizer step (new weights each call) would not.
+    """
+    stable = _LAST_STATE.get(model) == state
+    _LAST_STATE[model] = state
     if not state[1]:
-        module, folded = fold.inference_twin(model, sample, state[0])
-        if module is not model:
-            _own(module)
-            yield module, folded
+        twin = fold.current_twin(model, state[0])
+        if twin is None and stable:
+            twin = fold.inference_twin(model, sample, state[0])
+        if twin is not None and twin[0] is not model:
+            _own(twin[0])
+            yield twin
             return
     with MergeBatchNorm()(model, sample) as merged:
         yield model, len(merged)
+
+
+#: per model: its state at the previous propagation call (see propagation_module)
+_LAST_STATE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 #: twins whose tensors are registered as perspicio's own (see :func:`merged_tensor`)
@@ -114,7 +127,7 @@ def _own(twin: nn.Module) -> None:
     if twin in _OWNED_TWINS:
         return
     for t in (*twin.parameters(), *twin.buffers()):
-        _OWNED[t.data_ptr()] = weakref.ref(t)
+        _own_tensor(t)
     _OWNED_TWINS.add(twin)
 
 
@@ -147,12 +160,19 @@ def _merged_values(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm, key: tup
     new_w, new_b = folded_affine(lin, bn)
     _MERGED[lin] = (key, new_w, new_b)
     for t in (new_w, new_b):
-        _OWNED[t.data_ptr()] = weakref.ref(t)
+        _own_tensor(t)
     return new_w, new_b
 
 
 #: storage pointer -> the merged weight/bias tensor perspicio computed and holds (weakly)
 _OWNED: dict[int, weakref.ref] = {}
+
+
+def _own_tensor(t: Tensor) -> None:
+    if len(_OWNED) >= 4096:  # drop the entries of tensors that are gone (rebuilt twins, old merges)
+        for ptr in [p for p, ref in _OWNED.items() if ref() is None]:
+            del _OWNED[ptr]
+    _OWNED[t.data_ptr()] = weakref.ref(t)
 
 
 def merged_tensor(t: Tensor) -> Tensor | None:

@@ -916,16 +916,21 @@ REFERENCE_CACHE = ReferenceCache()
 
 def deeplift_pairs(
     model: nn.Module, xs: Tensor, x0s: Tensor, score: Any, engine: Engine, rule: str, gradient_fallback: bool,
-    state: tuple | None = None,
+    state: tuple | None = None, owner: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, list[str], bool]:
     """DeepLIFT of pairs ``(xs[i], x0s[i])``: attributions, target scores at xs and at x0s,
     fallbacks, and whether the reference pass came from :data:`REFERENCE_CACHE`.
 
     ``score(output, which)`` maps a model output to one score per pair (``which`` is
     "input" or "reference"). ``state``: :func:`model_state` taken before any canonizer ran,
-    to reuse and keep reference passes; None records afresh and keeps nothing.
+    to reuse and keep reference passes; None records afresh and keeps nothing. ``owner``: the
+    user's model when ``model`` is its folded twin; passes are kept per owner, since the twin
+    and the model with merged BatchNorms record the same operations with the same values
+    (checked on the bundled model: equal records), and the replay checks every operation's
+    name and shapes anyway.
     """
-    cached = REFERENCE_CACHE.get(model, state, x0s, gradient_fallback) if state is not None else None
+    key = model if owner is None else owner
+    cached = REFERENCE_CACHE.get(key, state, x0s, gradient_fallback) if state is not None else None
     if cached is None:
         rec = DeepLiftPropagator(model, mode="record", gradient_fallback=gradient_fallback)
         x0r = x0s.detach().clone()
@@ -935,7 +940,7 @@ def deeplift_pairs(
         rec.tracked.clear()
         refs = rec.refs
         if state is not None:
-            REFERENCE_CACHE.put(model, state, x0s, gradient_fallback, refs, out0)
+            REFERENCE_CACHE.put(key, state, x0s, gradient_fallback, refs, out0)
     else:
         refs, out0 = cached
     n = xs.shape[0]
@@ -1046,7 +1051,8 @@ class DeepLift(Method):
                 return _score_fn(t, t.indices)(out, which)
 
             attr, s, base, fb, hit = deeplift_pairs(module, xs, x0[start:stop], score, engine, self.rule,
-                                                    self.gradient_fallback, state if self.cache_reference else None)
+                                                    self.gradient_fallback, state if self.cache_reference else None,
+                                                    self.model)
             hits[0] += int(hit)
             scores.append(s)
             bases.append(base)
@@ -1147,7 +1153,8 @@ class DeepShap(Method):
             sel = pair_idx[start:stop] if pair_idx is not None else None
             score = _score_fn(tgt, sel)
             attr, _, base, fb, hit = deeplift_pairs(module, xs, x0s, score, engine, self.rule,
-                                                    self.gradient_fallback, state if self.cache_reference else None)
+                                                    self.gradient_fallback, state if self.cache_reference else None,
+                                                    self.model)
             hits[0] += int(hit)
             bases.append(base)
             fallbacks.extend(f for f in fb if f not in fallbacks)
