@@ -138,3 +138,23 @@ def test_methods_agree_with_and_without_fusion(monkeypatch) -> None:
     monkeypatch.setattr(fuse, "FUSE", False)
     b = perspicio.explain(model, x, method="occlusion", window=8, stride=8, target=1)
     torch.testing.assert_close(a.attributions, b.attributions, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf"])
+def test_torchvision_models_fused_and_equal(name: str) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=7).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    x = _x(1, 64)
+    twin, _ = fold.inference_twin(model, x)
+    fused, n = fuse.fused_twin(twin, x)
+    assert n > 10  # Hardswish / SiLU / ReLU after convolutions (also inside squeeze-excitation)
+    xb = _x(3, 64, seed=1).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = model(xb)
+        torch.testing.assert_close(fused(xb), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
