@@ -725,3 +725,41 @@ def test_alpha_beta_on_inputs_of_both_signs_closed_form(rule: str, alpha: float,
         ga, gb = torch.autograd.grad((z * (coef * R / z).detach()).sum(), [xa, xb])
         expected += xp * ga + xn * gb
     torch.testing.assert_close(e.attributions, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_without_backward_frees_its_tensors_without_the_garbage_collector() -> None:
+    """The pass's autograd nodes hold their rules and the rules the propagator; a propagator that
+    kept the pass's tensors after the pass would form a cycle that only ``gc`` frees (an error
+    between the forward and the backward would keep every feature map alive)."""
+    import gc
+    import weakref
+
+    from perspicio.methods.propagation.engine import propagating
+    from perspicio.methods.propagation.lrp import LRPPropagator, default_bounds
+
+    class Keep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+            self.refs: list = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.relu(self.a(x))
+            self.refs.append(weakref.ref(h))
+            return self.b(h) + self.b(h)
+
+    net = seeded(Keep()).requires_grad_(False)
+    x = randn(3, 4).requires_grad_(True)
+    low, high = default_bounds(x)
+    composite = LRP(net, composite="epsilon_plus_flat").composite
+    gc.collect()
+    gc.disable()
+    try:
+        prop = LRPPropagator(net, composite, x, low=low, high=high)
+        with propagating(net, prop):
+            out = net(x)
+        assert net.refs[-1]() is not None
+        del out
+        assert net.refs[-1]() is None
+    finally:
+        gc.enable()

@@ -120,3 +120,14 @@ def fingerprint(tensors: list[Tensor | None]) -> tuple:
     return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, str(t.device),
                                          next(it) if t.is_floating_point() else None)
                  for t in tensors)
+
+
+def flat_fingerprint(tensors: list[Tensor | None]) -> tuple:
+    """:func:`fingerprint` as one tuple per field (storages, versions, dtypes and devices, norms,
+    which entries are None) instead of one tuple per tensor: the same information, built in
+    a fraction of the time for the few hundred tensors of a whole model."""
+    present = [t for t in tensors if t is not None]
+    floats = [t.detach() for t in present if t.is_floating_point()]
+    norms = tuple(torch.stack(torch._foreach_norm(floats)).tolist()) if floats else ()
+    return (tuple([t.data_ptr() for t in present]), tuple([t._version for t in present]),
+            tuple([(t.dtype, t.device) for t in present]), norms, tuple([t is None for t in tensors]))

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .bnpairs import find_batchnorm_pairs, fingerprint, folded_affine
+from .bnpairs import find_batchnorm_pairs, flat_fingerprint, folded_affine
 
 #: fold BatchNorm into the preceding layer for output-only passes (PERSPICIO_FOLD_BATCHNORM=0: off)
 FOLD_BATCHNORM = os.environ.get("PERSPICIO_FOLD_BATCHNORM", "1") not in ("0", "false", "no")
@@ -75,10 +75,19 @@ def _state(model: nn.Module) -> tuple:
     """Identity of what the model computes besides its code: the weights (storage, in-place version
     and norm of every tensor), the modes, and every module's other attributes (a flag such as
     ``model.use_tta = True`` changes the function as much as a weight does; plain values are
-    compared by value, objects by identity)."""
-    mods = list(model.modules())
-    settings = tuple(tuple((k, _setting(v)) for k, v in m.__dict__.items() if k not in _INTERNAL) for m in mods)
-    return fingerprint([*model.parameters(), *model.buffers()]), tuple(m.training for m in mods), settings
+    compared by value, objects by identity).
+
+    Taken on every propagation call, so it reads the modules' dictionaries directly (one pass,
+    no generators; a shared tensor simply appears twice) and keeps one flat tuple per field."""
+    tensors: list[Tensor | None] = []
+    training, settings = [], []
+    for m in model.modules():
+        d = m.__dict__
+        training.append(d["training"])
+        tensors.extend(d["_parameters"].values())
+        tensors.extend(d["_buffers"].values())
+        settings.append(tuple([(k, _setting(v)) for k, v in d.items() if k not in _INTERNAL]))
+    return flat_fingerprint(tensors), tuple(training), tuple(settings)
 
 
 def _fold_pair(affine: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:

@@ -390,6 +390,14 @@ class Propagator:
             self._index_modules()
         return self._param_names  # type: ignore[return-value]
 
+    def release(self) -> None:
+        """Drop what only the forward pass needed (called when :func:`propagating` exits).
+
+        The autograd nodes of the pass hold their rules and the rules this propagator; a
+        propagator that still held the pass's tensors would close a reference cycle through
+        the graph, which only the garbage collector frees - after a forward pass without its
+        backward (an error in between), every feature map of the pass would stay allocated."""
+
     # ------------------------------------------------------------------ helpers
     def is_var(self, t: Any) -> bool:
         """True if ``t`` depends on the explained input (default: requires grad)."""
@@ -632,6 +640,7 @@ def propagating(model: nn.Module, propagator: Propagator) -> Iterator[Propagator
         for h in handles:
             h.remove()
         stack.clear()
+        propagator.release()
         while torch._C._len_torch_function_stack() > depth:  # pragma: no cover - defensive
             torch._C._pop_torch_function_stack()
 

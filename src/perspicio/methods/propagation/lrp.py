@@ -291,6 +291,11 @@ class LRPPropagator(Propagator):
         self.records: list[tuple[str, Tensor, Tensor]] = []
         self.rules_used: dict[str, str] = {}
 
+    def release(self) -> None:
+        self.derived.clear()
+        self.gates.clear()
+        self.nonneg.clear()
+
     # ------------------------------------------------------------------ bookkeeping
     def record(self, label: str, R: Tensor, rel: tuple[Tensor, ...]) -> None:
         if not self.record_layers:
