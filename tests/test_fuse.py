@@ -158,3 +158,47 @@ def test_torchvision_models_fused_and_equal(name: str) -> None:
     with torch.no_grad():
         ref = model(xb)
         torch.testing.assert_close(fused(xb), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+PROPAGATION = [("lrp", {"composite": "epsilon_plus_flat"}), ("lrp", {"composite": "epsilon_gamma_box"}),
+               ("lrp", {"composite": "epsilon_alpha2_beta1"}), ("lrp", {"rule": "wsquare"}),
+               ("lrp", {"rule": "epsilon"}), ("deeplift", {"baseline": "zero"}),
+               ("deeplift", {"baseline": "zero", "rule": "reveal_cancel"}), ("deep_shap", {"samples": 2})]
+
+
+@pytest.mark.parametrize("method, kw", PROPAGATION, ids=[f"{m}-{next(iter(k.values()))}" for m, k in PROPAGATION])
+def test_propagation_through_the_fused_twin_equals_the_unfused_model(monkeypatch, method: str, kw: dict) -> None:
+    """LRP/DeepLIFT propagate through the fused twin: one node per convolution + activation for
+    rules that read only the layer's input, the pair split back into its two operations (with
+    the extended kernel) for the others - the same relevance as without fusion."""
+    model = Pads().eval()
+    x = _x(2, 96, seed=3)
+
+    def explain() -> perspicio.Explanation:
+        return perspicio.explain(model, x, method=method, target=1, **kw)
+
+    explain()  # the twin is built once the model's state repeats between calls
+    a = explain()
+    assert a.provenance["convolutions_fused"] == len(model.acts)
+    monkeypatch.setattr(fuse, "FUSE", False)
+    b = explain()
+    assert b.provenance["convolutions_fused"] == 0
+    scale = b.attributions.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(a.attributions / scale, b.attributions / scale, rtol=0, atol=2e-5)
+
+
+def test_flat_rule_skips_the_taps_added_for_a_folded_padding(monkeypatch) -> None:
+    # the first convolution pads (2, 0) x (1, 0): its fused kernel has zero taps on the far side,
+    # which LRP-flat (every tap alike) must not count
+    model = Pads().eval()
+    x = _x(1, 96, seed=4)
+    explain = lambda: perspicio.explain(model, x, method="lrp", composite="epsilon_plus_flat", target=2)  # noqa: E731
+    explain()
+    good = explain().attributions
+    scale = good.abs().max()
+    monkeypatch.setattr(fuse, "TAP_MASKS", type(fuse.TAP_MASKS)())  # forget the real taps
+    bad = explain().attributions
+    assert (good - bad).abs().max() > 1e-2 * scale
+    monkeypatch.setattr(fuse, "FUSE", False)
+    torch.testing.assert_close(explain().attributions / scale, good / scale, rtol=0, atol=2e-5)

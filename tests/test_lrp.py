@@ -377,6 +377,28 @@ def test_first_layer_flat_ignores_padding_positions() -> None:
     assert conservation(e).max_rel_error < 1e-5
 
 
+@pytest.mark.parametrize("rule", ["flat", "wsquare"])
+def test_flat_and_wsquare_give_zero_padding_no_relevance_in_any_layer(rule: str) -> None:
+    """Padding is not an input: F.pad before an inner conv gets no share, as a conv's own padding
+    (and the fused twin, which folds the F.pad into the conv) - so relevance is conserved."""
+
+    class Padded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+            self.conv2 = nn.Conv2d(2, 2, 3, stride=2, bias=False)
+            self.fc = nn.Linear(2, 1, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.relu(self.conv1(x))
+            return self.fc(F.relu(self.conv2(F.pad(h, (0, 1, 0, 1)))).sum((2, 3)))
+
+    net = seeded(Padded(), scale=1.0)
+    x = randn(1, 1, 6, 6)
+    e = LRP(net, rule=rule, record_layers=True)(x, target=0)
+    assert conservation(e).max_rel_error < 1e-5
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"composite": "epsilon_plus_flatt"}, "did you mean"),
     ({"rule": "epsilonn"}, "unknown LRP rule"),

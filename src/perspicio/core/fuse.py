@@ -21,8 +21,15 @@ and who uses its output. It is specialised to that input size (padding depends o
 fused convolution given another size, gradients, or another dtype/device runs the original
 convolution and activation instead. It is checked against the folded twin once
 (:func:`~perspicio.core.fold.outputs_match`; on the bundled model it is bit-identical) and
-used only for output-only passes; propagation, gradients and the incremental interpreter
-keep the folded twin. ``PERSPICIO_FUSE=0`` turns it off.
+used for output-only passes and for LRP/DeepLIFT propagation; gradients and the incremental
+interpreter keep the folded twin. ``PERSPICIO_FUSE=0`` turns it off.
+
+Under propagation (a perspicio propagation mode is active) the fused call is made with
+gradients on too: the propagator intercepts it and either gives it one rule for the pair
+(LRP rules that need only the layer's input, such as z+ or flat) or splits it back into
+the convolution - with the extended kernel and symmetric padding - and the activation, each
+with its own rule. Rules that spread relevance over a kernel's taps regardless of the
+weights (flat) find the real taps in :data:`TAP_MASKS`.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .fold import outputs_match
 
@@ -75,6 +83,22 @@ def _post_op(act: nn.Module) -> tuple[str, list[float], str | None] | None:
     return None
 
 
+#: extended kernels (zero taps added for an asymmetric padding) -> 1 at the real taps, 0 at the added
+#: ones (rules that treat every tap alike, such as LRP-flat, must skip the added ones)
+TAP_MASKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def tap_mask(weight: Tensor) -> Tensor | None:
+    """The real taps of an extended kernel (None: every tap is real)."""
+    return TAP_MASKS.get(weight)
+
+
+def propagation_active() -> bool:
+    """Is the innermost torch function mode a perspicio propagation mode (which handles fused calls)?"""
+    n = torch._C._len_torch_function_stack()
+    return n > 0 and getattr(torch._C._get_function_stack_at(n - 1), "handles_fused_convolutions", False)
+
+
 class FusedConv2d(nn.Module):
     """``act(conv(x))`` as one oneDNN call for inputs of the traced size; otherwise the originals."""
 
@@ -91,7 +115,7 @@ class FusedConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if (tuple(x.shape[-2:]) == self.size and x.ndim == 4 and x.dtype == self.fused_weight.dtype == torch.float32
-                and x.device == self.fused_weight.device and not torch.is_grad_enabled()):
+                and x.device == self.fused_weight.device and (not torch.is_grad_enabled() or propagation_active())):
             return _pointwise()(x, self.fused_weight, self.fused_bias, self.padding, self.stride, self.dilation,
                                 self.groups, self.attr, self.scalars, self.algorithm)
         return self.act(self.conv(x))
@@ -195,9 +219,11 @@ def _plan(twin: nn.Module, sample: Tensor) -> list[tuple[str, str | None, dict[s
         if asymmetric and dilation != [1, 1]:
             continue
         ph, pw = max(pads[2], pads[3]), max(pads[0], pads[1])
-        w = F.pad(weight.detach(), (pw - pads[0], pw - pads[1], ph - pads[2], ph - pads[3]))
+        extend = (pw - pads[0], pw - pads[1], ph - pads[2], ph - pads[3])
+        w = F.pad(weight.detach(), extend)
+        taps = F.pad(torch.ones_like(weight, dtype=weight.dtype), extend) if any(extend) else None
         plan.append((name, act, {"weight": w, "bias": bias, "padding": [ph, pw], "stride": stride,
-                                 "dilation": dilation, "groups": groups, "size": tuple(inp.shape[-2:])}))
+                                 "dilation": dilation, "groups": groups, "size": tuple(inp.shape[-2:]), "taps": taps}))
     return plan
 
 
@@ -230,8 +256,11 @@ def build_fused(twin: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:
         for conv_name, act_name, call in plan:
             act = mods[act_name] if act_name is not None else nn.Identity()
             post = _post_op(act) if act_name is not None else ("none", [], None)
-            size = call.pop("size")
-            fused.set_submodule(conv_name, FusedConv2d(mods[conv_name], act, post=post, size=size, **call))
+            size, taps = call.pop("size"), call.pop("taps")
+            module = FusedConv2d(mods[conv_name], act, post=post, size=size, **call)
+            if taps is not None:
+                TAP_MASKS[module.fused_weight] = taps.contiguous(memory_format=torch.channels_last)
+            fused.set_submodule(conv_name, module)
             if act_name is not None:
                 fused.set_submodule(act_name, nn.Identity())
         with torch.no_grad():

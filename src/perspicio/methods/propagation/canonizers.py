@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...core import fold
+from ...core import fold, fuse
 from ...core.bnpairs import find_batchnorm_pairs, fingerprint, folded_affine
 
 
@@ -87,8 +87,10 @@ def model_state(model: nn.Module) -> tuple:
 
 
 @contextmanager
-def propagation_module(model: nn.Module, sample: Tensor, state: tuple) -> Iterator[tuple[nn.Module, int]]:
-    """``(module, BatchNorms folded or merged)``: the module to propagate through: the model's BatchNorm-folded inference twin
+def propagation_module(model: nn.Module, sample: Tensor, state: tuple) -> Iterator[tuple[nn.Module, int, int]]:
+    """``(module, BatchNorms folded or merged, convolutions fused)``: the module to propagate
+    through: the model's BatchNorm-folded inference twin - with its convolutions fused with
+    their activations and zero paddings (:mod:`perspicio.core.fuse`) where it has any
     (:mod:`perspicio.core.fold`, a cached private copy: nothing of the user's model is touched
     and nothing is merged per call) when it has one and no forward hooks (the twin runs without
     them); otherwise the model itself with its eval BatchNorms merged for the call. Eval
@@ -106,11 +108,15 @@ def propagation_module(model: nn.Module, sample: Tensor, state: tuple) -> Iterat
         if twin is None and stable:
             twin = fold.inference_twin(model, sample, state[0])
         if twin is not None and twin[0] is not model:
-            _own(twin[0])
-            yield twin
+            module = twin[0]
+            fused, n = fuse.fused_twin(module, sample)
+            if n:  # convolutions fused with their activations (and zero paddings folded)
+                module = fused
+            _own(module)
+            yield module, twin[1], n
             return
     with MergeBatchNorm()(model, sample) as merged:
-        yield model, len(merged)
+        yield model, len(merged), 0
 
 
 #: per model: its state at the previous propagation call (see propagation_module)

@@ -1060,7 +1060,7 @@ class DeepLift(Method):
             fallbacks.extend(f for f in fb if f not in fallbacks)
             return attr
 
-        with propagation_module(self.model, x, state) as (module, _):
+        with propagation_module(self.model, x, state) as (module, _, fused):
             attributions = engine.map(run, n, sample=x[:1], grad=True, description="DeepLIFT")
         targets = torch.cat(indices) if all(i is not None for i in indices) else None
         names = (tuple(self.labels[i] for i in targets.tolist())
@@ -1068,7 +1068,8 @@ class DeepLift(Method):
         return Explanation(
             attributions=attributions, method=self.name, scores=torch.cat(scores), targets=targets,
             base_value=torch.cat(bases), target_names=names,
-            provenance={"rule": self.rule, "gradient_fallback": tuple(fallbacks), "cached_references": hits[0]},
+            provenance={"rule": self.rule, "gradient_fallback": tuple(fallbacks), "cached_references": hits[0],
+                        "convolutions_fused": fused},
             extras={"baseline": x0},
         )
 
@@ -1160,7 +1161,7 @@ class DeepShap(Method):
             fallbacks.extend(f for f in fb if f not in fallbacks)
             return attr
 
-        with propagation_module(self.model, x, state) as (module, _):
+        with propagation_module(self.model, x, state) as (module, _, fused):
             attr = engine.map(run, n * B, sample=x[:1], grad=True, description="DeepSHAP", multiple=B)
         attributions = attr.reshape(n, B, *x.shape[1:]).mean(1)
         base_value = torch.cat(bases).reshape(n, B).mean(1)
@@ -1169,6 +1170,6 @@ class DeepShap(Method):
             attributions=attributions, method=self.name, scores=scores_x, targets=idx, base_value=base_value,
             target_names=names,
             provenance={"rule": self.rule, "background_size": B, "gradient_fallback": tuple(fallbacks),
-                        "cached_references": hits[0]},
+                        "cached_references": hits[0], "convolutions_fused": fused},
             extras={"background": bg},
         )

@@ -55,6 +55,7 @@ NORM = "norm"  # batch_norm (eval), layer_norm, group_norm, rms_norm
 SOFTMAX = "softmax"
 MAXPOOL = "maxpool"
 SDPA = "sdpa"  # scaled_dot_product_attention, decomposed into products and softmax
+FUSED = "fused"  # oneDNN convolution + activation of perspicio's fused twin (core/fuse.py)
 
 ARITH = "arith"  # parsed further into SCALE / SUM / PRODUCT / DIV
 
@@ -130,6 +131,9 @@ def _build_table() -> dict[Any, str]:
     add(MAXPOOL, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
         F.adaptive_max_pool3d)
     add(SDPA, F.scaled_dot_product_attention)
+    from ...core.fuse import _pointwise
+
+    add(FUSED, _pointwise())
     return table
 
 
@@ -168,6 +172,8 @@ def _op_name(func: Any) -> str:
     key = _key(func)
     if isinstance(key, tuple):
         return f"Tensor.{key[1]}"
+    if isinstance(func, torch._ops.OpOverloadPacket):
+        return f"torch.ops.{func._qualified_op_name.replace('::', '.')}"
     name = getattr(func, "__name__", None) or repr(func)
     if name == "fn" and func is F.max_pool2d:
         name = "max_pool2d"
@@ -463,6 +469,8 @@ class Propagator:
             return self._checked(call, self.on_affine)
         if kind == SDPA:
             return self._sdpa(call)
+        if kind == FUSED:
+            return self.on_fused(call)
         if kind == STRUCT:
             return self.on_struct(call)
         handler = {
@@ -524,6 +532,16 @@ class Propagator:
                 scores = self.dispatch(torch.add, (scores, mask), {})
         attn = self.dispatch(torch.softmax, (scores, -1), {})
         return self.dispatch(torch.matmul, (attn, v), {})
+
+    def on_fused(self, call: Call) -> Any:
+        """A fused convolution + activation, split into the two operations, each dispatched with
+        its own rule (the convolution with the fused call's extended kernel and symmetric padding,
+        which compute exactly what the zero padding and the original kernel did)."""
+        f = fused_call(call)
+        if f is None:
+            return self._unknown(call.func, call.args, call.kwargs, reason="unknown fused activation")
+        z = self.dispatch(F.conv2d, (f.x, f.weight, f.bias, f.stride, f.padding, f.dilation, f.groups), {})
+        return z if f.act is None else self.dispatch(f.act, (z, *f.act_args), f.act_kwargs)
 
     #: what the error for an operation without a rule suggests
     unknown_hint = ("Rewrite it with supported operations, or pass gradient_fallback=True to propagate its plain "
@@ -598,6 +616,9 @@ class Propagator:
 class PropagationMode(TorchFunctionMode):
     """Routes every torch function call to a :class:`Propagator` while active."""
 
+    #: fused twins make their fused calls under this mode (see :func:`perspicio.core.fuse.propagation_active`)
+    handles_fused_convolutions = True
+
     def __init__(self, propagator: Propagator) -> None:
         super().__init__()
         self.propagator = propagator
@@ -643,6 +664,53 @@ def propagating(model: nn.Module, propagator: Propagator) -> Iterator[Propagator
         propagator.release()
         while torch._C._len_torch_function_stack() > depth:  # pragma: no cover - defensive
             torch._C._pop_torch_function_stack()
+
+
+# ============================================================================ fused convolutions
+
+
+@dataclass
+class FusedCall:
+    """A ``mkldnn._convolution_pointwise`` call: the convolution's arguments and the activation
+    as the torch function the model's activation module calls (None: no activation)."""
+
+    x: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    padding: list[int]
+    stride: list[int]
+    dilation: list[int]
+    groups: int
+    act: Any
+    act_args: tuple
+    act_kwargs: dict
+    nonneg: bool
+
+
+def fused_call(call: Call) -> FusedCall | None:
+    """Parse a fused call (None for an activation perspicio does not know)."""
+    names = ("x", "weight", "bias", "padding", "stride", "dilation", "groups", "attr", "scalars", "algorithm")
+    a = dict(zip(names, call.args))
+    a.update(call.kwargs)
+    attr, scalars, algorithm = a.get("attr", "none"), list(a.get("scalars") or []), a.get("algorithm")
+    acts: dict[str, tuple[Any, tuple, dict, bool]] = {
+        "none": (None, (), {}, False),
+        "relu": (F.relu, (), {}, True),
+        "swish": (F.silu, (), {}, False),
+        "sigmoid": (torch.sigmoid, (), {}, True),
+        "tanh": (torch.tanh, (), {}, False),
+        "hardswish": (F.hardswish, (), {}, False),
+        "gelu": (F.gelu, (), {"approximate": algorithm or "none"}, False),
+    }
+    if attr == "hardtanh" and len(scalars) == 2:
+        acts[attr] = (F.hardtanh, (float(scalars[0]), float(scalars[1])), {}, scalars[0] >= 0)
+    if attr == "leaky_relu" and len(scalars) == 1:
+        acts[attr] = (F.leaky_relu, (float(scalars[0]),), {}, False)
+    if attr not in acts:
+        return None
+    act, act_args, act_kwargs, nonneg = acts[attr]
+    return FusedCall(a["x"], a["weight"], a.get("bias"), list(a["padding"]), list(a["stride"]), list(a["dilation"]),
+                     int(a["groups"]), act, act_args, act_kwargs, nonneg)
 
 
 # ============================================================================ affine operations

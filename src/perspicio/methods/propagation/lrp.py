@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.batching import Engine
@@ -39,12 +40,13 @@ from .engine import (
     Propagator,
     affine_op,
     apply_node,
+    fused_call,
     iter_tensors,
     propagating,
     safe_div,
     sum_to,
 )
-from .rules import RuleContext, ZBox
+from .rules import Flat, RuleContext, ZBox
 
 
 def substitute(obj: Any, mapping: dict[int, Tensor]) -> Any:
@@ -136,6 +138,7 @@ def merged_batchnorm(call: Call) -> bool:
     return is_identity_batchnorm(rm)
 
 
+_ZERO_PADS = frozenset({F.pad, torch.constant_pad_nd})
 _NONNEG_ACTS = frozenset({"relu", "relu6", "sigmoid", "hardsigmoid"})
 _MOVING = frozenset({"masked_fill", "where", "__setitem__", "index_put", "scatter"})  # may write new values
 
@@ -288,10 +291,13 @@ class LRPPropagator(Propagator):
         self.gates: dict[int, Tensor] = {}
         #: tensors the forward pass proved non-negative (kept alive so their ids stay unique)
         self.nonneg: dict[int, Tensor] = {}
+        #: outputs of zero paddings -> (output, ones where the input was and zeros where padding is)
+        self.padded: dict[int, tuple[Tensor, Any]] = {}
         self.records: list[tuple[str, Tensor, Tensor]] = []
         self.rules_used: dict[str, str] = {}
 
     def release(self) -> None:
+        self.padded.clear()
         self.derived.clear()
         self.gates.clear()
         self.nonneg.clear()
@@ -342,7 +348,11 @@ class LRPPropagator(Propagator):
 
     def _context(self, x: Tensor, rule: Any) -> RuleContext:
         if id(x) not in self.derived:
-            return RuleContext(first=False, nonneg=id(x) in self.nonneg)
+            ones = None
+            if id(x) in self.padded and isinstance(rule, Flat):
+                with torch.no_grad():
+                    ones = self.padded[id(x)][1]()
+            return RuleContext(ones=ones, first=False, nonneg=id(x) in self.nonneg)
         replay = self.derived[id(x)][1]
         with torch.no_grad():
             ones = replay(torch.ones_like(self.x_in))
@@ -354,7 +364,26 @@ class LRPPropagator(Propagator):
     def on_struct(self, call: Call) -> Any:
         out = call.run()
         self._track(call, out)
+        if call.func in _ZERO_PADS and isinstance(out, Tensor):
+            self._track_padding(call, out)
         return out
+
+    def _track_padding(self, call: Call, out: Tensor) -> None:
+        """Remember where a zero padding put zeros: flat and w^2 spread relevance over the inputs of
+        a receptive field, and padding is no input - the same as a convolution's own padding,
+        and as the padding of a fused twin, which folds ``F.pad`` into its convolution."""
+        bound = dict(zip(("input", "pad", "mode", "value"), call.args))
+        bound.update(call.kwargs)
+        src = bound.get("input")
+        if (not isinstance(src, Tensor) or bound.get("mode", "constant") != "constant"
+                or bound.get("value") not in (None, 0, 0.0)):
+            return
+        func, args, kwargs = call.func, call.args, call.kwargs
+
+        def ones() -> Tensor:
+            return func(*substitute(args, {id(src): torch.ones_like(src)}), **kwargs)
+
+        self.padded[id(out)] = (out, ones)
 
     def on_maxpool(self, call: Call) -> Any:
         out = call.run()  # winner takes all: the gradient routes relevance to the maximum
@@ -372,6 +401,30 @@ class LRPPropagator(Propagator):
         label = self.label(op.name, op.weight)
         self.rules_used[label] = repr(rule)
         return apply_node(_Affine(self, call, op, rule, self._context(x, rule), label), x)
+
+    def on_fused(self, call: Call) -> Any:
+        """A fused convolution + activation: one node whose backward is the convolution's rule
+        (the activation passes relevance through) when that rule does not read the convolution's
+        output (z+, alpha-beta, flat, z^B); otherwise split into the two operations."""
+        f = fused_call(call)
+        if f is None or not self.is_var(f.x) or self.is_var(f.weight) or self.is_var(f.bias):
+            return super().on_fused(call)
+        x = f.x
+        first = id(x) in self.derived
+        current = self.current_module()
+        module = current[0] if current is not None else ""
+        rule = self.composite.rule_for("conv2d", module, first)
+        if rule.uses_output:
+            return super().on_fused(call)
+        conv = Call(F.conv2d, (x, f.weight, f.bias, f.stride, f.padding, f.dilation, f.groups), {},
+                    "torch.nn.functional.conv2d", AFFINE)
+        op = affine_op(conv, self.is_var)
+        label = f"{op.name} @ {module or '<model>'}"
+        self.rules_used[label] = repr(rule)
+        out = apply_node(_Affine(self, call, op, rule, self._context(x, rule), label), x)
+        if f.nonneg:
+            self.nonneg[id(out)] = out
+        return out
 
     def on_sum(self, call: Call, ar: Arith) -> Any:
         sign = 1.0 if ar.op == "add" else -1.0
@@ -517,9 +570,10 @@ class LRP(Method):
         scores, indices, out_rel, records, fallbacks = [], [], [], [], []
         rules_used: dict[str, str] = {}
         with ExitStack() as stack:
-            module, merged = self.model, 0
-            if self.composite.merge_batchnorm:  # the folded twin, or the model with BatchNorms merged
-                module, merged = stack.enter_context(propagation_module(self.model, x, model_state(self.model)))
+            module, merged, fused = self.model, 0, 0
+            if self.composite.merge_batchnorm:  # the folded (and fused) twin, or the model with BatchNorms merged
+                module, merged, fused = stack.enter_context(
+                    propagation_module(self.model, x, model_state(self.model)))
 
             def run(start: int, stop: int) -> Tensor:
                 xc = x[start:stop].detach().clone().requires_grad_(True)
@@ -558,6 +612,7 @@ class LRP(Method):
             provenance={
                 "composite": self.composite.describe(),
                 "batchnorm_merged": merged,
+                "convolutions_fused": fused,
                 "gradient_fallback": tuple(fallbacks),
             },
             extras={

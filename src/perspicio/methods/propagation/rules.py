@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ...core.fuse import tap_mask
 from ...errors import OptionError
 from .engine import AffineOp, safe_div
 
@@ -180,6 +181,10 @@ class Rule:
     """Base of LRP rules for affine operations; subclasses implement :meth:`relevance`."""
 
     name = "rule"
+    #: does :meth:`relevance` read the layer's output ``z``? Rules that do not (z+, alpha-beta,
+    #: flat, z^B) let perspicio run the layer fused with its activation, whose output is never
+    #: materialised (``z`` is then None)
+    uses_output = True
 
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         raise NotImplementedError  # abstract
@@ -274,6 +279,7 @@ class AlphaBeta(Rule):
     """LRP-alpha-beta: alpha * positive share - beta * negative share (alpha - beta = 1)."""
 
     name = "alpha_beta"
+    uses_output = False
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> None:
         if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
@@ -282,8 +288,10 @@ class AlphaBeta(Rule):
 
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         w, b = op.weight, op.bias
-        wp = _pos(w)
         signed = _signed(x, ctx)  # after ReLUs the input is non-negative: skip the x- terms
+        if signed and (op.name == "linear" or (op.conv is not None and op.conv["groups"] == 1)):
+            return self._stacked(op, x, R)
+        wp = _pos(w)
         xp = x.clamp(min=0) if signed else x
         xn = x.clamp(max=0) if signed else None
         eps = self.stabilizer
@@ -312,6 +320,44 @@ class AlphaBeta(Rule):
         return out
 
 
+    def _stacked(self, op: AffineOp, x: Tensor, R: Tensor) -> Tensor:
+        """The rule for an input of both signs as one map of ``[x+, x-]`` (stacked along the input
+        channels) with ``[W+, W-]`` for the positive part and ``[W-, W+]`` for the negative one.
+
+        Each part is then one convolution and one transposed convolution instead of two of each
+        plus a sum: the same arithmetic, but the layer's output-sized tensors - the convolution's
+        result and the relevance it divides - are written and read once instead of twice (on the
+        bundled model's expansion layers, whose outputs are six times their inputs, this part of
+        the rule ran about a third faster).
+        """
+        w, b, eps = op.weight, op.bias, self.stabilizer
+        dim = 1 if op.conv is not None else -1
+        both = torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=dim)
+        half = x.shape[dim]
+        known = eps > 0
+
+        def part(stacked: Tensor, bias: Tensor | None, shift: float, coef: float) -> Tensor:
+            z = _shifted(op, both, stacked, bias, shift if known else 0.0)
+            s = _div_known_sign(R, z) if known else safe_div(R, z, eps)
+            if coef != 1.0:
+                s = s.mul_(coef) if s is z else s * coef
+            g = _times(op.vjp(both, stacked, s), both)
+            return g.narrow(dim, 0, half) + g.narrow(dim, half, half)
+
+        out = part(derived(w, "stacked_pn", _stack_pn), _pos(b), eps, self.alpha)
+        if self.beta:
+            out = out.add_(part(derived(w, "stacked_np", _stack_np), _neg(b), -eps, -self.beta))
+        return out
+
+
+def _stack_pn(w: Tensor) -> Tensor:
+    return torch.cat([w.clamp(min=0), w.clamp(max=0)], dim=1)
+
+
+def _stack_np(w: Tensor) -> Tensor:
+    return torch.cat([w.clamp(max=0), w.clamp(min=0)], dim=1)
+
+
 class ZPlus(AlphaBeta):
     """LRP-z+: only positive contributions (alpha=1, beta=0), inputs of both signs allowed."""
 
@@ -330,6 +376,7 @@ class ZBox(Rule):
     """
 
     name = "zbox"
+    uses_output = False
 
     def __init__(self, low: Any = None, high: Any = None, stabilizer: float = 1e-6) -> None:
         self.low, self.high, self.stabilizer = low, high, float(stabilizer)
@@ -358,12 +405,14 @@ class Flat(Rule):
     """LRP-flat: relevance spread uniformly over each output's receptive field."""
 
     name = "flat"
+    uses_output = False
 
     def __init__(self, stabilizer: float = 1e-6) -> None:
         self.stabilizer = float(stabilizer)
 
     def _weights(self, w: Tensor) -> Tensor:
-        return torch.ones_like(w)
+        taps = tap_mask(w)  # a kernel extended by zero taps (folded padding): only the real taps
+        return torch.ones_like(w) if taps is None else taps
 
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         ones = ctx.ones if ctx.ones is not None else torch.ones_like(x)
