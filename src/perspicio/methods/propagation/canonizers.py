@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ...core import fold, fuse
 from ...core.bnpairs import find_batchnorm_pairs, fingerprint, folded_affine
+from .engine import freeze_index
 
 
 class MergeBatchNorm:
@@ -135,6 +136,7 @@ def _own(twin: nn.Module) -> None:
     for t in (*twin.parameters(), *twin.buffers()):
         _own_tensor(t)
     _OWNED_TWINS.add(twin)
+    freeze_index(twin)
 
 
 #: ids of the running-mean buffers of BatchNorms currently merged (exact identities)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -350,6 +351,17 @@ def parse_arith(func: Any, args: tuple, kwargs: dict) -> Arith | None:
     return Arith(op, a, b, float(alpha))
 
 
+#: modules whose structure perspicio owns and never changes (private twins) -> their module index
+#: (built on first use, then shared by every propagation through them)
+_FROZEN_INDEX: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+
+
+def freeze_index(module: nn.Module) -> None:
+    """Declare ``module``'s submodules, parameters and buffers fixed, so that call sites are
+    indexed once instead of on every propagation."""
+    _FROZEN_INDEX.setdefault(module, None)
+
+
 class Propagator:
     """Receives every operation of one forward pass; subclasses implement the rules.
 
@@ -376,11 +388,18 @@ class Propagator:
         self.count: dict[str, int] = {}
 
     def _index_modules(self) -> None:
+        cached = _FROZEN_INDEX.get(self.model)
+        if cached is not None:
+            self._module_names, self._param_names = cached
+            return
         self._module_names, self._param_names = {}, {}
         for name, mod in self.model.named_modules():
             self._module_names.setdefault(id(mod), (name, mod))
-            for p in mod.parameters(recurse=False):
-                self._param_names.setdefault(id(p), name)
+            for p in (*mod._parameters.values(), *mod._buffers.values()):
+                if p is not None:
+                    self._param_names.setdefault(id(p), name)
+        if self.model in _FROZEN_INDEX:  # the root's entry without the root (the value must not keep its key)
+            _FROZEN_INDEX[self.model] = ({**self._module_names, id(self.model): ("", None)}, self._param_names)
 
     @property
     def module_names(self) -> dict[int, tuple[str, nn.Module]]:
@@ -391,7 +410,7 @@ class Propagator:
 
     @property
     def param_names(self) -> dict[int, str]:
-        """``id(parameter) -> name of the module owning it`` (built on first use)."""
+        """``id(parameter or buffer) -> name of the module owning it`` (built on first use)."""
         if self._param_names is None:
             self._index_modules()
         return self._param_names  # type: ignore[return-value]

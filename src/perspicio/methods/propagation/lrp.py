@@ -411,8 +411,10 @@ class LRPPropagator(Propagator):
             return super().on_fused(call)
         x = f.x
         first = id(x) in self.derived
-        current = self.current_module()
-        module = current[0] if current is not None else ""
+        module = self.param_names.get(id(f.weight))  # the fused module, at the convolution's name
+        if module is None:
+            current = self.current_module()
+            module = current[0] if current is not None else ""
         rule = self.composite.rule_for("conv2d", module, first)
         if rule.uses_output:
             return super().on_fused(call)
