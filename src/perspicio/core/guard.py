@@ -17,26 +17,36 @@ from torch import nn
 
 @contextmanager
 def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True) -> Iterator[nn.Module]:
-    """Run the body with ``model`` in eval mode and frozen parameters; restore on exit."""
-    training = [(m, m.training) for m in model.modules()]
+    """Run the body with ``model`` in eval mode and frozen parameters; restore on exit.
+
+    Entered on every call of every method, so it touches only what differs: a model already in
+    eval mode is not switched (``model.eval()``, which respects overridden ``train`` methods, runs
+    only if some module is training), and only flags and gradients that changed are written back.
+    """
+    mods = list(model.modules())
+    training = [m.training for m in mods]
     params = list(model.parameters())
     requires = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     try:
-        if eval_mode:
+        if eval_mode and any(training):
             model.eval()
         if freeze:
-            for p in params:
-                p.requires_grad_(False)
+            for p, req in zip(params, requires):
+                if req:
+                    p.requires_grad_(False)
         # gradients must work even when the caller is inside no_grad() or inference_mode()
         with torch.inference_mode(False), torch.enable_grad():
             yield model
     finally:
-        for m, flag in training:
-            m.training = flag
+        for m, flag in zip(mods, training):
+            if m.training != flag:
+                m.training = flag
         for p, req, g in zip(params, requires, grads):
-            p.requires_grad_(req)
-            p.grad = g
+            if p.requires_grad != req:
+                p.requires_grad_(req)
+            if p.grad is not g:
+                p.grad = g
 
 
 def model_device(model: nn.Module) -> torch.device:
