@@ -785,3 +785,56 @@ def test_forward_without_backward_frees_its_tensors_without_the_garbage_collecto
         assert net.refs[-1]() is None
     finally:
         gc.enable()
+
+
+CONV_CONFIGS = [  # (in, out, kernel, stride, padding, dilation, groups)
+    (4, 6, 1, 1, 0, 1, 1), (4, 6, 3, 1, 1, 1, 1), (6, 6, 3, 1, 1, 1, 6), (6, 6, 5, 1, 2, 1, 6),
+    (4, 6, 3, 1, 2, 2, 2), (4, 6, 3, 2, 1, 1, 1), (6, 6, 3, 1, 0, 1, 3), (4, 4, 3, 1, 3, 1, 1),
+]
+
+
+@pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=[str(c) for c in CONV_CONFIGS])
+def test_packed_convolutions_equal_the_plain_ones(cfg: tuple) -> None:
+    """Rules run memoised weights' convolutions on pre-packed oneDNN weights, and a stride-1 vjp as
+    the convolution with the transposed, mirrored kernel: the same numbers as the plain ops (or the
+    plain ops themselves where that does not apply: stride 2, padding wider than the kernel)."""
+    from perspicio.methods.propagation import rules
+    from perspicio.methods.propagation.canonizers import _own_tensor
+    from perspicio.methods.propagation.engine import AFFINE, Call, affine_op
+
+    cin, cout, k, stride, padding, dilation, groups = cfg
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(cout, cin // groups, k, k, generator=g)
+    b = torch.randn(cout, generator=g)
+    _own_tensor(w)
+    _own_tensor(b)
+    x = torch.randn(2, cin, 9, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    op = affine_op(Call(F.conv2d, (x, w, b, stride, padding, dilation, groups), {}, "conv2d", AFFINE),
+                   lambda t: t is x)
+    ref = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    with torch.no_grad():
+        got = rules._conv(op, x, w, b)
+        s = torch.randn(ref.shape, generator=g)
+        gv = rules._vjp(op, x, w, s)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    xi = x.detach().clone().requires_grad_(True)
+    expected = torch.autograd.grad(F.conv2d(xi, w, None, stride, padding, dilation, groups), xi, s)[0]
+    torch.testing.assert_close(gv, expected, rtol=1e-5, atol=1e-5)
+    if rules._POINTWISE is not None and rules._REORDER is not None:
+        memo = rules._DERIVED[rules._derived_owner(w)][1]
+        assert any(isinstance(key, tuple) and key[0] == "packed" for key in memo)
+        applies = stride == 1 and padding <= dilation * (k - 1)
+        assert any(isinstance(key, tuple) and key[0] == "vjp_packed" for key in memo) == applies
+
+
+def test_lrp_with_and_without_packed_weights_agree(zoo_model, chelsea_batch, monkeypatch) -> None:
+    from perspicio.methods.propagation import rules
+
+    x = chelsea_batch[:1]
+    lrp = LRP(zoo_model.model, composite="epsilon_plus_flat")
+    lrp(x)
+    packed = lrp(x).attributions
+    monkeypatch.setattr(rules, "_POINTWISE", None)
+    plain = lrp(x).attributions
+    scale = plain.abs().max()
+    torch.testing.assert_close(packed / scale, plain / scale, rtol=0, atol=1e-5)

@@ -73,14 +73,14 @@ def _folds_bias(op: AffineOp) -> bool:
 def _shifted(op: AffineOp, x: Tensor, w: Tensor, b: Tensor | None, shift: float) -> Tensor:
     """``op(x, w, b) + shift`` in a fresh buffer; the shift rides on the bias where the op applies one."""
     if shift == 0.0:
-        return op(x, w, b)
+        return _conv(op, x, w, b)
     if _folds_bias(op):  # conv/linear weights are (out, in, ...): one bias entry per output channel
         if b is None:
             bias = torch.full((w.shape[0],), shift, dtype=w.dtype, device=w.device)
         else:
             bias = derived(b, ("shift", shift), lambda t: t + shift)
-        return op(x, w, bias)
-    return op(x, w, b).add_(shift)
+        return _conv(op, x, w, bias)
+    return _conv(op, x, w, b).add_(shift)
 
 
 def _div_known_sign(R: Tensor, z: Tensor) -> Tensor:
@@ -177,6 +177,75 @@ def _neg(t: Tensor | None) -> Tensor | None:
     return None if t is None else derived(t, "neg", _clamp_neg)
 
 
+# ---------------------------------------------------------------------------- packed convolutions
+
+
+def _mkldnn_op(name: str) -> Any:
+    try:
+        return getattr(torch.ops.mkldnn, name) if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return None
+
+
+_POINTWISE = _mkldnn_op("_convolution_pointwise")
+_REORDER = _mkldnn_op("_reorder_convolution_weight")
+
+
+def _packable(op: AffineOp, x: Tensor, w: Tensor) -> bool:
+    """Can this 2-d convolution run on a pre-packed oneDNN weight memoised across calls?
+
+    oneDNN reorders a plain weight into its blocked layout on every call - for the small feature
+    maps of a CNN's later layers that reorder costs as much as the convolution. Packing once pays
+    off only where the packed weight is kept, i.e. for the weights ``derived`` memoises (those of
+    perspicio's own twins and merged layers)."""
+    return (_POINTWISE is not None and _REORDER is not None and op.conv is not None and x.dim() == 4
+            and len(op.conv["stride"]) == 2 and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and not w.requires_grad and _derived_owner(w) is not None)
+
+
+def _pack(w: Tensor, padding: list[int], stride: list[int], dilation: list[int], groups: int,
+          shape: tuple[int, ...]) -> Tensor:
+    return _REORDER(w.contiguous(), padding, stride, dilation, groups, [1, *shape])
+
+
+def _conv(op: AffineOp, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``op(x, w, b)``, on a pre-packed weight where possible (same arithmetic, same result)."""
+    if not _packable(op, x, w) or (b is not None and (b.requires_grad or b.dtype != w.dtype)):
+        return op(x, w, b)
+    c = op.conv
+    key = ("packed", tuple(c["padding"]), tuple(c["stride"]), tuple(c["dilation"]), c["groups"], tuple(x.shape[1:]))
+    packed = derived(w, key, lambda t: _pack(t, c["padding"], c["stride"], c["dilation"], c["groups"],
+                                             tuple(x.shape[1:])))
+    return _POINTWISE(x, packed, b, c["padding"], c["stride"], c["dilation"], c["groups"], "none", [], None)
+
+
+def _transposed_kernel(w: Tensor, groups: int) -> Tensor:
+    """The kernel whose stride-1 convolution is the adjoint of ``w``'s: in and out channels swapped
+    within each group, taps mirrored."""
+    out_ch, in_per_group = w.shape[0], w.shape[1]
+    k = w.shape[2:]
+    wt = w.reshape(groups, out_ch // groups, in_per_group, *k).transpose(1, 2)
+    return wt.reshape(groups * in_per_group, out_ch // groups, *k).flip(-1, -2).contiguous()
+
+
+def _vjp(op: AffineOp, x: Tensor, w: Tensor, s: Tensor) -> Tensor:
+    """``op.vjp(x, w, s)``; for a stride-1 convolution as the forward convolution of ``s`` with the
+    transposed, mirrored kernel (padding ``d (k - 1) - p``) on a pre-packed weight."""
+    c = op.conv
+    if (not _packable(op, x, w) or any(st != 1 for st in c["stride"]) or s.dim() != 4 or s.dtype != w.dtype
+            or s.requires_grad):
+        return op.vjp(x, w, s)
+    k = w.shape[2:]
+    pad = [d * (kk - 1) - p for d, kk, p in zip(c["dilation"], k, c["padding"])]
+    if min(pad) < 0:  # padding wider than the kernel reaches: the adjoint would need cropping
+        return op.vjp(x, w, s)
+    key = ("vjp_packed", tuple(c["padding"]), tuple(c["dilation"]), c["groups"], tuple(s.shape[1:]))
+    packed = derived(w, key, lambda t: _pack(_transposed_kernel(t, c["groups"]), pad, [1, 1], c["dilation"],
+                                             c["groups"], tuple(s.shape[1:])))
+    g = _POINTWISE(s, packed, None, pad, [1, 1], c["dilation"], c["groups"], "none", [], None)
+    return g if g.shape == x.shape else op.vjp(x, w, s)
+
+
 class Rule:
     """Base of LRP rules for affine operations; subclasses implement :meth:`relevance`."""
 
@@ -206,7 +275,7 @@ class Epsilon(Rule):
 
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         s = safe_div(R, z, self.epsilon)
-        return _times(op.vjp(x, op.weight, s), x)
+        return _times(_vjp(op, x, op.weight, s), x)
 
 
 class LRP0(Epsilon):
@@ -243,16 +312,16 @@ class Gamma(Rule):
         bp = None if b is None else b + g * b.clamp(min=0)
         bn = None if b is None else b + g * b.clamp(max=0)
         xp = x.clamp(min=0) if signed else x
-        z_up = op(xp, wp, bp)  # positive contributions boosted
-        z_dn = op(xp, wn, bn)  # negative contributions boosted
+        z_up = _conv(op, xp, wp, bp)  # positive contributions boosted
+        z_dn = _conv(op, xp, wn, bn)  # negative contributions boosted
         if signed:
             xn = x.clamp(max=0)
-            z_up, z_dn = z_up.add_(op(xn, wn, None)), z_dn.add_(op(xn, wp, None))
+            z_up, z_dn = z_up.add_(_conv(op, xn, wn, None)), z_dn.add_(_conv(op, xn, wp, None))
         s_up = safe_div(_where_pos(R, z), z_up, self.stabilizer)
         s_dn = safe_div(_where_neg(R, z), z_dn, self.stabilizer)
-        out = _times(op.vjp(xp, wp, s_up).add_(op.vjp(xp, wn, s_dn)), xp)
+        out = _times(_vjp(op, xp, wp, s_up).add_(_vjp(op, xp, wn, s_dn)), xp)
         if signed:
-            out = out.add_(_times(op.vjp(xn, wn, s_up).add_(op.vjp(xn, wp, s_dn)), xn))
+            out = out.add_(_times(_vjp(op, xn, wn, s_up).add_(_vjp(op, xn, wp, s_dn)), xn))
         return out
 
 
@@ -265,14 +334,14 @@ class Gamma(Rule):
         """
         g, w, b = self.gamma, op.weight, op.bias
         wp = _pos(w)
-        P = op(x, wp, _pos(b))
+        P = _conv(op, x, wp, _pos(b))
         z_up = torch.add(z, P, alpha=g)
         z_dn = torch.sub(z, P).mul_(g).add_(z)
         s_up = safe_div(_where_pos(R, z), z_up, self.stabilizer)
         s_dn = safe_div(_where_neg(R, z), z_dn, self.stabilizer)
         a = torch.add(s_up, s_dn, alpha=1.0 + g)
         d = s_up.sub_(s_dn).mul_(g) if not s_up.requires_grad else (s_up - s_dn) * g
-        return _times(op.vjp(x, w, a).add_(op.vjp(x, wp, d)), x)
+        return _times(_vjp(op, x, w, a).add_(_vjp(op, x, wp, d)), x)
 
 
 class AlphaBeta(Rule):
@@ -300,23 +369,23 @@ class AlphaBeta(Rule):
         known = eps > 0
         z_pos = _shifted(op, xp, wp, _pos(b), eps if known else 0.0)
         if signed:
-            z_pos = z_pos.add_(op(xn, _neg(w), None))
+            z_pos = z_pos.add_(_conv(op, xn, _neg(w), None))
         s_pos = _div_known_sign(R, z_pos) if known else safe_div(R, z_pos, eps)
         if self.alpha != 1.0:
             s_pos = s_pos.mul_(self.alpha) if s_pos is z_pos else s_pos * self.alpha
-        out = _times(op.vjp(xp, wp, s_pos), xp)
+        out = _times(_vjp(op, xp, wp, s_pos), xp)
         if signed:
-            out = out.add_(_times(op.vjp(xn, _neg(w), s_pos), xn))
+            out = out.add_(_times(_vjp(op, xn, _neg(w), s_pos), xn))
         if self.beta:
             wn = _neg(w)
             z_neg = _shifted(op, xp, wn, _neg(b), -eps if known else 0.0)
             if signed:
-                z_neg = z_neg.add_(op(xn, wp, None))
+                z_neg = z_neg.add_(_conv(op, xn, wp, None))
             s_neg = _div_known_sign(R, z_neg) if known else safe_div(R, z_neg, eps)
             s_neg = s_neg.mul_(-self.beta) if s_neg is z_neg else s_neg * -self.beta
-            out = out.add_(_times(op.vjp(xp, wn, s_neg), xp))
+            out = out.add_(_times(_vjp(op, xp, wn, s_neg), xp))
             if signed:
-                out = out.add_(_times(op.vjp(xn, wp, s_neg), xn))
+                out = out.add_(_times(_vjp(op, xn, wp, s_neg), xn))
         return out
 
 
@@ -341,7 +410,7 @@ class AlphaBeta(Rule):
             s = _div_known_sign(R, z) if known else safe_div(R, z, eps)
             if coef != 1.0:
                 s = s.mul_(coef) if s is z else s * coef
-            g = _times(op.vjp(both, stacked, s), both)
+            g = _times(_vjp(op, both, stacked, s), both)
             return g.narrow(dim, 0, half) + g.narrow(dim, half, half)
 
         out = part(derived(w, "stacked_pn", _stack_pn), _pos(b), eps, self.alpha)
@@ -396,9 +465,9 @@ class ZBox(Rule):
         high = self._bound(self.high, ctx.high, x, "high")
         w = op.weight
         wp, wn = w.clamp(min=0), w.clamp(max=0)
-        zb = op(x, w, None) - op(low, wp, None) - op(high, wn, None)
+        zb = _conv(op, x, w, None) - _conv(op, low, wp, None) - _conv(op, high, wn, None)
         s = safe_div(R, zb, self.stabilizer)
-        return x * op.vjp(x, w, s) - low * op.vjp(low, wp, s) - high * op.vjp(high, wn, s)
+        return x * _vjp(op, x, w, s) - low * _vjp(op, low, wp, s) - high * _vjp(op, high, wn, s)
 
 
 class Flat(Rule):
@@ -420,8 +489,8 @@ class Flat(Rule):
         if self.stabilizer > 0 and bool((w >= 0).all()):  # ones and non-negative weights: zf >= 0
             s = _div_known_sign(R, _shifted(op, ones, w, None, self.stabilizer))
         else:
-            s = safe_div(R, op(ones, w, None), self.stabilizer)
-        return _times(op.vjp(ones, w, s), ones)
+            s = safe_div(R, _conv(op, ones, w, None), self.stabilizer)
+        return _times(_vjp(op, ones, w, s), ones)
 
 
 class WSquare(Flat):
