@@ -93,6 +93,20 @@ def tap_mask(weight: Tensor) -> Tensor | None:
     return TAP_MASKS.get(weight)
 
 
+#: dense fused kernels -> the same kernel pre-packed in oneDNN's blocked layout (plain weights are
+#: reordered on every call, which on small feature maps costs as much as the convolution)
+PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _packed(weight: Tensor, padding: list[int], stride: list[int], dilation: list[int], groups: int,
+            size: tuple[int, int]) -> Tensor | None:
+    try:
+        reorder = torch.ops.mkldnn._reorder_convolution_weight
+        return reorder(weight, padding, stride, dilation, groups, [1, weight.shape[1] * groups, *size])
+    except (AttributeError, RuntimeError):  # a torch build without it: run on the plain weight
+        return None
+
+
 def propagation_active() -> bool:
     """Is the innermost torch function mode a perspicio propagation mode (which handles fused calls)?"""
     n = torch._C._len_torch_function_stack()
@@ -112,12 +126,23 @@ class FusedConv2d(nn.Module):
         self.padding, self.stride, self.dilation, self.groups = padding, stride, dilation, groups
         self.attr, self.scalars, self.algorithm = post
         self.size = size
+        # not a buffer: an opaque oneDNN tensor, derived from fused_weight (see PACKED)
+        self.packed = _packed(self.fused_weight, padding, stride, dilation, groups, size)
+        if self.packed is not None:
+            PACKED[self.fused_weight] = self.packed
 
     def forward(self, x: Tensor) -> Tensor:
         if (tuple(x.shape[-2:]) == self.size and x.ndim == 4 and x.dtype == self.fused_weight.dtype == torch.float32
-                and x.device == self.fused_weight.device and (not torch.is_grad_enabled() or propagation_active())):
-            return _pointwise()(x, self.fused_weight, self.fused_bias, self.padding, self.stride, self.dilation,
-                                self.groups, self.attr, self.scalars, self.algorithm)
+                and x.device == self.fused_weight.device):
+            # a propagation sees the dense kernel (its rules need it) and packs it itself; torch.compile
+            # packs the weights of what it compiles
+            propagating = propagation_active()
+            if propagating or not torch.is_grad_enabled():
+                w = self.fused_weight
+                if not propagating and self.packed is not None and not torch.compiler.is_compiling():
+                    w = self.packed
+                return _pointwise()(x, w, self.fused_bias, self.padding, self.stride, self.dilation, self.groups,
+                                    self.attr, self.scalars, self.algorithm)
         return self.act(self.conv(x))
 
 

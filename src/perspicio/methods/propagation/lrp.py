@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...core import fuse
 from ...core.batching import Engine
 from ...core.explanation import Explanation
 from ...core.registry import register_method
@@ -423,6 +424,9 @@ class LRPPropagator(Propagator):
         op = affine_op(conv, self.is_var)
         label = f"{op.name} @ {module or '<model>'}"
         self.rules_used[label] = repr(rule)
+        packed = fuse.PACKED.get(f.weight)
+        if packed is not None and len(call.args) >= 2 and call.args[1] is f.weight:  # run on the packed kernel
+            call = Call(call.func, (x, packed, *call.args[2:]), call.kwargs, call.name, call.kind)
         out = apply_node(_Affine(self, call, op, rule, self._context(x, rule), label), x)
         if f.nonneg:
             self.nonneg[id(out)] = out
