@@ -337,10 +337,11 @@ def test_analytic_clamp_derivative_matches_autograd(func, args, kwargs) -> None:
     assert torch.equal(clamp_derivative(bounds, x), expected)
 
 
+@pytest.mark.parametrize("flush", [False, True], ids=["denormals", "flush_denormal"])
 @pytest.mark.parametrize("func, args", [
     (torch.relu, ()), (F.relu6, ()), (F.hardtanh, (-0.5, 0.5)), (torch.clamp_min, (0.2,)), (torch.clamp_max, (0.3,)),
 ])
-def test_clamp_rescale_fast_path_equals_general_multiplier(func, args) -> None:
+def test_clamp_rescale_fast_path_equals_general_multiplier(func, args, flush) -> None:
     # the fused backward of clamp-type activations (one quotient buffer, gradient at x == x0)
     # equals m * the general Rescale multiplier with the autograd derivative at x == x0
     from perspicio.methods.propagation.deeplift import (
@@ -356,13 +357,21 @@ def test_clamp_rescale_fast_path_equals_general_multiplier(func, args) -> None:
     same = torch.rand(x.shape, generator=gen) < 0.3
     x = torch.where(same, x0, x)  # many x == x0 entries, inside and outside the bounds
     x[0, 0, 0, :3] = x0[0, 0, 0, :3] = torch.tensor([0.0, 6.0, 0.5])  # kinks
+    # differences of one subnormal step, and signed zeros: only x == x0 takes the gradient
+    x[1, 0, 0, :2] = torch.tensor([1e-45, -1e-45])
+    x0[1, 0, 0, :2] = 0.0
+    x[1, 0, 1, 0], x0[1, 0, 1, 0] = -0.0, 0.0
     m = torch.randn(x.shape, generator=gen)
     call = Call(func, (x, *args), {}, op_name(func), "activation")
     bounds = clamp_bounds(call)
     fn = lambda t: func(t, *args)  # noqa: E731
     y, y0 = fn(x), fn(x0)
-    fast = clamp_rescale_backward(bounds, x, x0, y, y0, m)
-    general = m * rescale_multiplier(fn, x, x0, y, y0)  # no bounds: autograd derivative
+    torch.set_flush_denormal(flush)
+    try:
+        fast = clamp_rescale_backward(bounds, x, x0, y, y0, m)
+        general = m * rescale_multiplier(fn, x, x0, y, y0)  # no bounds: autograd derivative
+    finally:
+        torch.set_flush_denormal(False)
     assert same.any() and torch.equal(fast, general)
 
 

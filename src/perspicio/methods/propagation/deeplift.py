@@ -137,9 +137,10 @@ def clamp_rescale_backward(bounds: tuple[float | None, float | None], x: Tensor,
     a float kernel of the same size, and these passes over every feature map dominate
     DeepLIFT's cost on a CNN. The 0/0 entries (x == x0: up to ~20% of a feature map) are
     zeroed in the quotient (``nan_to_num_``, in place), and the gradient ``hardtanh_backward``
-    (1 strictly inside the bounds, 0 elsewhere) is kept only there (minus its copy passed by
-    ``threshold_backward`` where ``|x - x0| > 0``); each entry is either exactly the quotient
-    or exactly the gradient (the other term is an exact 0).
+    (1 strictly inside the bounds, 0 elsewhere) is added only there: a second
+    ``hardtanh_backward`` keeps it where ``-d < x - x0 < d`` for the smallest subnormal ``d``,
+    i.e. exactly where x == x0; each entry is either exactly the quotient or exactly the
+    gradient (the other term is an exact 0). Eight passes over the feature map.
     """
     lo, hi = bounds
     lo_ = -float("inf") if lo is None else lo
@@ -149,8 +150,22 @@ def clamp_rescale_backward(bounds: tuple[float | None, float | None], x: Tensor,
     r = r.mul_(m) if not m.requires_grad and r.shape == m.shape else r * m
     r = r.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=-float("inf"))  # 0 where x == x0
     grad = torch.ops.aten.hardtanh_backward(m, x, lo_, hi_)
-    grad = grad.sub_(torch.ops.aten.threshold_backward(grad, dx.abs_(), 0.0))  # the gradient where x == x0, else 0
-    return r.add_(grad)
+    tiny = _SUBNORMAL.get(dx.dtype)
+    if tiny is not None and _subnormals_kept(dx):
+        return r.add_(torch.ops.aten.hardtanh_backward(grad, dx, -tiny, tiny))  # the gradient where x == x0
+    # denormals flushed (torch.set_flush_denormal) or an unusual dtype: mask by |x - x0| > 0
+    return r.add_(grad.sub_(torch.ops.aten.threshold_backward(grad, dx.abs_(), 0.0)))
+
+
+#: the smallest positive (subnormal) number per float dtype: strictly between -d and d lies only 0
+_SUBNORMAL = {dt: torch.finfo(dt).smallest_normal * torch.finfo(dt).eps for dt in (torch.float32, torch.float64)}
+
+
+def _subnormals_kept(t: Tensor) -> bool:
+    """False when the CPU flushes subnormals to zero (``torch.set_flush_denormal(True)``), which
+    would make the smallest subnormal compare equal to 0."""
+    probe = torch.tensor(_SUBNORMAL[t.dtype], dtype=t.dtype, device=t.device)
+    return bool(probe > 0)
 
 
 def rescale_multiplier(fn: Any, x: Tensor, x0: Tensor, y: Tensor, y0: Tensor,
