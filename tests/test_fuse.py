@@ -69,13 +69,30 @@ def test_fused_twin_equals_folded_twin_for_every_activation_and_padding() -> Non
     twin, folded = fold.inference_twin(model, x)
     assert folded == len(model.bns)
     fused, n = fuse.fused_twin(twin, x)
-    assert n == len(model.acts)  # the shared and the dilated convolution are left alone
+    # the dilated convolution is left alone; the shared one (its output feeds two operations) runs
+    # alone on its pre-packed kernel where oneDNN packs kernels
+    assert n == len(model.acts) + int(fuse._PACKING)
     assert sum(isinstance(m, fuse.FusedConv2d) for m in fused.modules()) == n
-    assert sum(m.padding != [0, 0] for m in fused.modules() if isinstance(m, fuse.FusedConv2d)) == n
+    assert sum(m.attr != "none" for m in fused.modules() if isinstance(m, fuse.FusedConv2d)) == len(model.acts)
+    assert sum(m.padding != [0, 0] for m in fused.modules() if isinstance(m, fuse.FusedConv2d)) == len(model.acts)
     with torch.no_grad():
         ref = model(x)
         for xx in (x, x.contiguous(memory_format=torch.channels_last)):
             torch.testing.assert_close(fused(xx), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_without_kernel_packing_only_activation_pairs_are_fused(monkeypatch) -> None:
+    # a torch without oneDNN's weight reorder: plain convolutions stay, fused calls take the dense kernel
+    monkeypatch.setattr(fuse, "_PACKING", False)
+    monkeypatch.setattr(fuse, "_packed", lambda *args: None)
+    model = Pads().eval()
+    x = _x(2, 96)
+    twin, _ = fold.inference_twin(model, x)
+    fused, n = fuse.fused_twin(twin, x)
+    assert n == len(model.acts)
+    assert all(m.packed is None for m in fused.modules() if isinstance(m, fuse.FusedConv2d))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_other_sizes_gradients_and_dtypes_run_the_original_layers() -> None:
@@ -98,7 +115,10 @@ def test_bundled_model_is_fused_and_bit_identical(zoo_model, chelsea_batch) -> N
     x = chelsea_batch[:1]
     twin, _ = fold.inference_twin(model, x)
     fused, n = fuse.fused_twin(twin, x)
-    assert n == 33  # stem, head, every expansion and depthwise convolution with its ReLU6
+    # stem, head, every expansion and depthwise convolution with its ReLU6 (33), and where kernels
+    # are pre-packed the 16 projections too
+    assert n == (49 if fuse._PACKING else 33)
+    assert sum(m.attr == "hardtanh" for m in fused.modules() if isinstance(m, fuse.FusedConv2d)) == 33
     xb = x.repeat(3, 1, 1, 1).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.equal(fused(xb), twin(xb))
@@ -110,7 +130,10 @@ def test_resnet_reused_relu_is_not_fused() -> None:
     x = _x(1, 64)
     twin, _ = fold.inference_twin(model, x)
     fused, n = fuse.fused_twin(twin, x)
-    assert n == 1  # only the stem: every block calls its one ReLU module twice
+    # only the stem with its ReLU: every block calls its one ReLU module twice (with packing, every
+    # convolution runs alone on its packed kernel)
+    assert n == (20 if fuse._PACKING else 1)
+    assert sum(m.attr == "relu" for m in fused.modules() if isinstance(m, fuse.FusedConv2d)) == 1
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
 
@@ -121,7 +144,7 @@ def test_engine_evaluate_reports_fusion_and_env_switch(monkeypatch) -> None:
     e = Engine(model)
     with torch.no_grad():
         out = e.evaluate(x)
-    assert e.stats()["convolutions_fused"] == len(model.acts)
+    assert e.stats()["convolutions_fused"] == len(model.acts) + int(fuse._PACKING)
     with torch.no_grad():
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
     monkeypatch.setattr(fuse, "FUSE", False)
@@ -179,7 +202,7 @@ def test_propagation_through_the_fused_twin_equals_the_unfused_model(monkeypatch
 
     explain()  # the twin is built once the model's state repeats between calls
     a = explain()
-    assert a.provenance["convolutions_fused"] == len(model.acts)
+    assert a.provenance["convolutions_fused"] == len(model.acts) + int(fuse._PACKING)
     monkeypatch.setattr(fuse, "FUSE", False)
     b = explain()
     assert b.provenance["convolutions_fused"] == 0

@@ -107,6 +107,17 @@ def _packed(weight: Tensor, padding: list[int], stride: list[int], dilation: lis
         return None
 
 
+def _can_pack() -> bool:
+    try:
+        return torch.ops.mkldnn._reorder_convolution_weight is not None
+    except (AttributeError, RuntimeError):
+        return False
+
+
+#: oneDNN can pre-pack kernels: then even a convolution with nothing to fuse runs faster as a fused call
+_PACKING = _can_pack()
+
+
 def propagation_active() -> bool:
     """Is the innermost torch function mode a perspicio propagation mode (which handles fused calls)?"""
     n = torch._C._len_torch_function_stack()
@@ -239,8 +250,8 @@ def _plan(twin: nn.Module, sample: Tensor) -> list[tuple[str, str | None, dict[s
             pads = [pads[i] + int(p[i]) for i in range(4)]
         act = _sole_activation(act_of_input.get(id(out)), tracer.uses.get(id(out), []))
         asymmetric = pads[0] != pads[1] or pads[2] != pads[3]
-        if act is None and not asymmetric:
-            continue  # nothing to save
+        if act is None and not asymmetric and not _PACKING:
+            continue  # nothing to save (with packing: the per-call reorder of the plain kernel)
         if asymmetric and dilation != [1, 1]:
             continue
         ph, pw = max(pads[2], pads[3]), max(pads[0], pads[1])
