@@ -186,10 +186,13 @@ def test_torchvision_models_fused_and_equal(name: str) -> None:
 PROPAGATION = [("lrp", {"composite": "epsilon_plus_flat"}), ("lrp", {"composite": "epsilon_gamma_box"}),
                ("lrp", {"composite": "epsilon_alpha2_beta1"}), ("lrp", {"rule": "wsquare"}),
                ("lrp", {"rule": "epsilon"}), ("deeplift", {"baseline": "zero"}),
-               ("deeplift", {"baseline": "zero", "rule": "reveal_cancel"}), ("deep_shap", {"samples": 2})]
+               ("deeplift", {"baseline": "zero", "rule": "reveal_cancel"}), ("deep_shap", {"samples": 2}),
+               # the reference pass itself through the fused twin (not replayed from the first call's cache)
+               ("deeplift", {"baseline": "uniform", "cache_reference": False}),
+               ("deep_shap", {"samples": 2, "cache_reference": False})]
 
 
-@pytest.mark.parametrize("method, kw", PROPAGATION, ids=[f"{m}-{next(iter(k.values()))}" for m, k in PROPAGATION])
+@pytest.mark.parametrize("method, kw", PROPAGATION, ids=[f"{m}-{'-'.join(map(str, k.values()))}" for m, k in PROPAGATION])
 def test_propagation_through_the_fused_twin_equals_the_unfused_model(monkeypatch, method: str, kw: dict) -> None:
     """LRP/DeepLIFT propagate through the fused twin: one node per convolution + activation for
     rules that read only the layer's input, the pair split back into its two operations (with

@@ -39,6 +39,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...core import fuse
 from ...core.batching import Engine
 from ...core.explanation import Explanation
 from ...core.registry import register_method
@@ -64,6 +65,7 @@ from .engine import (
     Propagator,
     affine_op,
     apply_node,
+    fused_call,
     iter_tensors,
     op_kind,
     op_name,
@@ -478,6 +480,19 @@ class DeepLiftPropagator(Propagator):
         rec = self.pair(call, [x], None)
         fn = _unary(call, x)
         return apply_node(_Rescale(fn, call, rec["ins"][0], rec["out"]), x)
+
+    def on_fused(self, call: Call) -> Any:
+        """The reference pass (no gradients) runs a fused call's convolution on the fused twin's
+        pre-packed kernel, then the activation with its pairing; the input pass splits the call
+        (the convolution's gradient is the linear rule)."""
+        if self.mode == "record" and not torch.is_grad_enabled():
+            f = fused_call(call)
+            packed = fuse.PACKED.get(f.weight) if f is not None else None
+            if packed is not None and len(call.args) >= 2 and call.args[1] is f.weight:
+                z = call.func(f.x, packed, f.bias, f.padding, f.stride, f.dilation, f.groups, "none", [], None)
+                self.tracked[id(z)] = z
+                return z if f.act is None else self.dispatch(f.act, (z, *f.act_args), f.act_kwargs)
+        return super().on_fused(call)
 
     def on_activation(self, call: Call) -> Any:
         return self._elementwise(call)
