@@ -838,3 +838,56 @@ def test_lrp_with_and_without_packed_weights_agree(zoo_model, chelsea_batch, mon
     plain = lrp(x).attributions
     scale = plain.abs().max()
     torch.testing.assert_close(packed / scale, plain / scale, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("mask_negative", [False, True])
+def test_gamma_closed_form_with_and_without_relevance_on_negative_outputs(layer: str, signed: bool,
+                                                                         mask_negative: bool) -> None:
+    """Gamma against its definition; with no relevance on outputs z < 0 (a layer feeding a ReLU)
+    the rule skips its "down" half - the same numbers."""
+    from perspicio.methods.propagation import Gamma
+    from perspicio.methods.propagation.engine import AFFINE, Call, affine_op
+    from perspicio.methods.propagation.rules import RuleContext
+
+    g_ = torch.Generator().manual_seed(12)
+    if layer == "conv":
+        w, b = torch.randn(5, 3, 3, 3, generator=g_), torch.randn(5, generator=g_)
+        x = torch.randn(2, 3, 6, 6, generator=g_)
+
+        def fn(t: torch.Tensor, wt: torch.Tensor, bt: torch.Tensor | None) -> torch.Tensor:
+            return F.conv2d(t, wt, bt, 1, 1)
+
+        call = Call(F.conv2d, (x, w, b, 1, 1, 1, 1), {}, "torch.nn.functional.conv2d", AFFINE)
+    else:
+        w, b = torch.randn(5, 4, generator=g_), torch.randn(5, generator=g_)
+        x = torch.randn(3, 4, generator=g_)
+
+        def fn(t: torch.Tensor, wt: torch.Tensor, bt: torch.Tensor | None) -> torch.Tensor:
+            return F.linear(t, wt, bt)
+
+        call = Call(F.linear, (x, w, b), {}, "torch.nn.functional.linear", AFFINE)
+    if not signed:
+        x = x.abs()
+    op = affine_op(call, lambda t: t is x)
+    z = fn(x, w, b)
+    R = torch.randn(z.shape, generator=g_)
+    if mask_negative:
+        R = R * (z > 0)
+    gamma, eps = 0.25, 1e-6
+    got = Gamma(gamma, eps).relevance(op, x, z, R, RuleContext(nonneg=not signed))
+
+    def stab(t: torch.Tensor) -> torch.Tensor:
+        return t + eps * torch.where(t >= 0, 1.0, -1.0)
+
+    wu, wd = w + gamma * w.clamp(min=0), w + gamma * w.clamp(max=0)
+    bu, bd = b + gamma * b.clamp(min=0), b + gamma * b.clamp(max=0)
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    s_up = R * (z > 0) / stab(fn(xp, wu, bu) + fn(xn, wd, None))
+    s_dn = R * (z < 0) / stab(fn(xp, wd, bd) + fn(xn, wu, None))
+    expected = torch.zeros_like(x)
+    for xa, wa, s in ((xp, wu, s_up), (xp, wd, s_dn), (xn, wd, s_up), (xn, wu, s_dn)):
+        xi = xa.clone().requires_grad_(True)
+        expected += xa * torch.autograd.grad(fn(xi, wa, None), xi, s)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -306,42 +306,58 @@ class Gamma(Rule):
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         g, w, b = self.gamma, op.weight, op.bias
         signed = _signed(x, ctx)  # after ReLUs the input is non-negative: skip the x- terms
+        # relevance on outputs with z < 0: none when the layer feeds a ReLU whose next rule multiplies
+        # by its input (an inactive unit passes nothing on) - then the "down" half is skipped
+        R_dn = _where_neg(R, z)
+        down = bool(R_dn.any())
         if not signed and z.shape == R.shape:
-            return self._nonneg(op, x, z, R)
-        wp, wn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
-        bp = None if b is None else b + g * b.clamp(min=0)
-        bn = None if b is None else b + g * b.clamp(max=0)
+            return self._nonneg(op, x, z, R, R_dn if down else None)
+        wu, wd = derived(w, ("gamma_up", g), _boost(g, 0.0, None)), derived(w, ("gamma_dn", g), _boost(g, None, 0.0))
+        bu = None if b is None else derived(b, ("gamma_up", g), _boost(g, 0.0, None))
+        bd = None if b is None else derived(b, ("gamma_dn", g), _boost(g, None, 0.0))
         xp = x.clamp(min=0) if signed else x
-        z_up = _conv(op, xp, wp, bp)  # positive contributions boosted
-        z_dn = _conv(op, xp, wn, bn)  # negative contributions boosted
+        xn = x.clamp(max=0) if signed else None
+        z_up = _conv(op, xp, wu, bu)  # positive contributions boosted
         if signed:
-            xn = x.clamp(max=0)
-            z_up, z_dn = z_up.add_(_conv(op, xn, wn, None)), z_dn.add_(_conv(op, xn, wp, None))
+            z_up = z_up.add_(_conv(op, xn, wd, None))
         s_up = safe_div(_where_pos(R, z), z_up, self.stabilizer)
-        s_dn = safe_div(_where_neg(R, z), z_dn, self.stabilizer)
-        out = _times(_vjp(op, xp, wp, s_up).add_(_vjp(op, xp, wn, s_dn)), xp)
+        if not down:
+            out = _times(_vjp(op, xp, wu, s_up), xp)
+            return out.add_(_times(_vjp(op, xn, wd, s_up), xn)) if signed else out
+        z_dn = _conv(op, xp, wd, bd)  # negative contributions boosted
         if signed:
-            out = out.add_(_times(_vjp(op, xn, wn, s_up).add_(_vjp(op, xn, wp, s_dn)), xn))
+            z_dn = z_dn.add_(_conv(op, xn, wu, None))
+        s_dn = safe_div(R_dn, z_dn, self.stabilizer)
+        out = _times(_vjp(op, xp, wu, s_up).add_(_vjp(op, xp, wd, s_dn)), xp)
+        if signed:
+            out = out.add_(_times(_vjp(op, xn, wd, s_up).add_(_vjp(op, xn, wu, s_dn)), xn))
         return out
 
-
-    def _nonneg(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor) -> Tensor:
+    def _nonneg(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, R_dn: Tensor | None) -> Tensor:
         """The same rule for x >= 0 with one extra evaluation instead of two.
 
         With ``P = W+ x + b+`` and the forward output ``z = W x + b``: ``z - P = W- x + b-``, so
         ``z_up = z + gamma P`` and ``z_dn = z + gamma (z - P)``; and
         ``(W + gW+)^T s_up + (W + gW-)^T s_dn = W^T (s_up + (1 + g) s_dn) + g W+^T (s_up - s_dn)``.
+        Without relevance on negative outputs (``R_dn`` None) that is ``(W + gW+)^T s_up``.
         """
         g, w, b = self.gamma, op.weight, op.bias
         wp = _pos(w)
         P = _conv(op, x, wp, _pos(b))
         z_up = torch.add(z, P, alpha=g)
-        z_dn = torch.sub(z, P).mul_(g).add_(z)
         s_up = safe_div(_where_pos(R, z), z_up, self.stabilizer)
-        s_dn = safe_div(_where_neg(R, z), z_dn, self.stabilizer)
+        if R_dn is None:
+            return _times(_vjp(op, x, derived(w, ("gamma_up", g), _boost(g, 0.0, None)), s_up), x)
+        z_dn = torch.sub(z, P).mul_(g).add_(z)
+        s_dn = safe_div(R_dn, z_dn, self.stabilizer)
         a = torch.add(s_up, s_dn, alpha=1.0 + g)
         d = s_up.sub_(s_dn).mul_(g) if not s_up.requires_grad else (s_up - s_dn) * g
         return _times(_vjp(op, x, w, a).add_(_vjp(op, x, wp, d)), x)
+
+
+def _boost(g: float, low: float | None, high: float | None) -> Callable[[Tensor], Tensor]:
+    """``t + g * t.clamp(low, high)``: a weight with its positive (or negative) part boosted."""
+    return lambda t: t + g * t.clamp(min=low, max=high)
 
 
 class AlphaBeta(Rule):
