@@ -163,11 +163,15 @@ def clamp_rescale_backward(bounds: tuple[float | None, float | None], x: Tensor,
 _SUBNORMAL = {dt: torch.finfo(dt).smallest_normal * torch.finfo(dt).eps for dt in (torch.float32, torch.float64)}
 
 
+#: a subnormal double, read at run time (a literal comparison could be folded by the compiler)
+_DENORMAL_PROBE = [5e-324]
+
+
 def _subnormals_kept(t: Tensor) -> bool:
-    """False when the CPU flushes subnormals to zero (``torch.set_flush_denormal(True)``), which
-    would make the smallest subnormal compare equal to 0."""
-    probe = torch.tensor(_SUBNORMAL[t.dtype], dtype=t.dtype, device=t.device)
-    return bool(probe > 0)
+    """False when this thread flushes subnormals to zero (``torch.set_flush_denormal(True)`` sets
+    the CPU's denormals-are-zero flag, which Python's float comparisons obey as torch's kernels
+    do), which would make the smallest subnormal compare equal to 0."""
+    return t.device.type != "cpu" or _DENORMAL_PROBE[0] > 0.0
 
 
 def rescale_multiplier(fn: Any, x: Tensor, x0: Tensor, y: Tensor, y0: Tensor,
