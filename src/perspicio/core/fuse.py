@@ -119,9 +119,20 @@ _PACKING = _can_pack()
 
 
 def propagation_active() -> bool:
-    """Is the innermost torch function mode a perspicio propagation mode (which handles fused calls)?"""
-    n = torch._C._len_torch_function_stack()
-    return n > 0 and getattr(torch._C._get_function_stack_at(n - 1), "handles_fused_convolutions", False)
+    """Is the innermost torch function mode a perspicio propagation mode (which handles fused calls)?
+
+    (A torch without these internals reports False: fused modules then run their original layers
+    under propagation, which is correct, only slower.)"""
+    try:
+        n = torch._C._len_torch_function_stack()
+        return n > 0 and getattr(torch._C._get_function_stack_at(n - 1), "handles_fused_convolutions", False)
+    except AttributeError:  # pragma: no cover - older or newer torch
+        return False
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 class FusedConv2d(nn.Module):
@@ -150,7 +161,7 @@ class FusedConv2d(nn.Module):
             propagating = propagation_active()
             if propagating or not torch.is_grad_enabled():
                 w = self.fused_weight
-                if not propagating and self.packed is not None and not torch.compiler.is_compiling():
+                if not propagating and self.packed is not None and not _compiling():
                     w = self.packed
                 return _pointwise()(x, w, self.fused_bias, self.padding, self.stride, self.dilation, self.groups,
                                     self.attr, self.scalars, self.algorithm)
