@@ -156,12 +156,14 @@ class FusedConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if (tuple(x.shape[-2:]) == self.size and x.ndim == 4 and x.dtype == self.fused_weight.dtype == torch.float32
                 and x.device == self.fused_weight.device):
-            # a propagation sees the dense kernel (its rules need it) and packs it itself; torch.compile
+            # the opaque packed kernel only where nothing can see the call: a propagation (or any
+            # other torch function mode) gets the dense kernel, its rules need it; torch.compile
             # packs the weights of what it compiles
             propagating = propagation_active()
             if propagating or not torch.is_grad_enabled():
                 w = self.fused_weight
-                if not propagating and self.packed is not None and not _compiling():
+                if (self.packed is not None and not propagating and torch._C._len_torch_function_stack() == 0
+                        and not _compiling()):
                     w = self.packed
                 return _pointwise()(x, w, self.fused_bias, self.padding, self.stride, self.dilation, self.groups,
                                     self.attr, self.scalars, self.algorithm)
