@@ -4,7 +4,10 @@ The limit is one forward + one backward pass (a plain input gradient), timed
 with the input both contiguous and channels-last; the faster of the two is the
 limit (perspicio's engine feeds convolutional models channels-last). LRP needs
 exactly those passes, DeepLIFT one more forward (the reference); DeepSHAP with B
-background samples needs B DeepLIFT passes, so its ratio is to B x the limit.
+background samples needs B DeepLIFT passes, so its ratio is to B x the limit. The last column
+("x own") divides by the passes each contender's definition needs in that call: forward +
+backward, plus the reference forward where it is recorded (DeepLIFT without its reference
+cache, RevealCancel, Captum's DeepLift, which records it on every call).
 Every contender runs in this one process, interleaved, and the median of the
 repeats is reported with its ratio to the limit.
 
@@ -125,10 +128,15 @@ def main() -> None:
     limit = min(med["gradient, contiguous"], med["gradient, channels-last"])
     print(f"EfficientNet-Lite0, batch {n} x 3 x 224 x 224, {torch.get_num_threads()} threads, "
           f"{args.clock} clock, median of {args.repeats}; limit = faster gradient = {limit:.4f} s")
-    print(f"{'contender':<40} {'median s':>10} {'x limit':>8}")
+    # the passes a contender's definition needs: one forward + one backward, plus the reference
+    # forward for DeepLIFT-type methods that record it in this call (B times for DeepSHAP)
+    forward = med["forward only"]
+    print(f"{'contender':<40} {'median s':>10} {'x limit':>8} {'x own':>7}")
     for k, v in med.items():
         passes = background if k.startswith("perspicio deep_shap") else 1
-        print(f"{k:<40} {v:10.4f} {v / (passes * limit):8.2f}")
+        records = ("no reference cache" in k or "reveal_cancel" in k or k == "captum DeepLift")
+        own = passes * (limit + (forward if records else 0.0))
+        print(f"{k:<40} {v:10.4f} {v / (passes * limit):8.2f} {v / own:7.2f}")
 
 
 if __name__ == "__main__":
