@@ -315,6 +315,8 @@ class Gamma(Rule):
         wu, wd = derived(w, ("gamma_up", g), _boost(g, 0.0, None)), derived(w, ("gamma_dn", g), _boost(g, None, 0.0))
         bu = None if b is None else derived(b, ("gamma_up", g), _boost(g, 0.0, None))
         bd = None if b is None else derived(b, ("gamma_dn", g), _boost(g, None, 0.0))
+        if signed and (op.name == "linear" or (op.conv is not None and op.conv["groups"] == 1)):
+            return self._stacked(op, x, z, R, R_dn if down else None, bu, bd)
         xp = x.clamp(min=0) if signed else x
         xn = x.clamp(max=0) if signed else None
         z_up = _conv(op, xp, wu, bu)  # positive contributions boosted
@@ -332,6 +334,29 @@ class Gamma(Rule):
         if signed:
             out = out.add_(_times(_vjp(op, xn, wd, s_up).add_(_vjp(op, xn, wu, s_dn)), xn))
         return out
+
+    def _stacked(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, R_dn: Tensor | None, bu: Tensor | None,
+                 bd: Tensor | None) -> Tensor:
+        """Inputs of both signs as one map of ``[x+, x-]`` (stacked along the input channels) with
+        ``[W + gW+, W + gW-]`` for the boosted positive part and ``[W + gW-, W + gW+]`` for the
+        negative one (as in :meth:`AlphaBeta._stacked`)."""
+        g, w = self.gamma, op.weight
+        dim = 1 if op.conv is not None else -1
+        both = torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=dim)
+        half = x.shape[dim]
+
+        def part(stacked: Tensor, bias: Tensor | None, Rs: Tensor) -> Tensor:
+            s = safe_div(Rs, _conv(op, both, stacked, bias), self.stabilizer)
+            return _times(_vjp(op, both, stacked, s), both)
+
+        up = derived(w, ("gamma_stacked_up", g), lambda t: torch.cat([t + g * t.clamp(min=0), t + g * t.clamp(max=0)],
+                                                                       dim=1))
+        out = part(up, bu, _where_pos(R, z))
+        if R_dn is not None:
+            dn = derived(w, ("gamma_stacked_dn", g), lambda t: torch.cat([t + g * t.clamp(max=0),
+                                                                          t + g * t.clamp(min=0)], dim=1))
+            out = out.add_(part(dn, bd, R_dn))
+        return out.narrow(dim, 0, half) + out.narrow(dim, half, half)
 
     def _nonneg(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, R_dn: Tensor | None) -> Tensor:
         """The same rule for x >= 0 with one extra evaluation instead of two.
