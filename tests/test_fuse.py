@@ -84,7 +84,7 @@ def test_fused_twin_equals_folded_twin_for_every_activation_and_padding() -> Non
 def test_without_kernel_packing_only_activation_pairs_are_fused(monkeypatch) -> None:
     # a torch without oneDNN's weight reorder: plain convolutions stay, fused calls take the dense kernel
     monkeypatch.setattr(fuse, "_PACKING", False)
-    monkeypatch.setattr(fuse, "_packed", lambda *args: None)
+    monkeypatch.setattr(fuse, "pack_kernel", lambda *args: None)
     model = Pads().eval()
     x = _x(2, 96)
     twin, _ = fold.inference_twin(model, x)

@@ -115,8 +115,7 @@ def fingerprint(tensors: list[Tensor | None]) -> tuple:
     """Identity of tensors' current values for caches of derived weights: storage, in-place
     version counter, and each tensor's L2 norm - the norm because writes through ``.data``
     (``p.data.mul_(2)``, EMA updates) change the values without bumping the version counter."""
-    floats = [t.detach() for t in tensors if t is not None and t.is_floating_point()]
-    it = iter(torch.stack(torch._foreach_norm(floats)).tolist() if floats else [])
+    it = iter(_norms(tensors))
     return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, str(t.device),
                                          next(it) if t.is_floating_point() else None)
                  for t in tensors)
@@ -127,7 +126,13 @@ def flat_fingerprint(tensors: list[Tensor | None]) -> tuple:
     which entries are None) instead of one tuple per tensor: the same information, built in
     a fraction of the time for the few hundred tensors of a whole model."""
     present = [t for t in tensors if t is not None]
-    floats = [t.detach() for t in present if t.is_floating_point()]
-    norms = tuple(torch.stack(torch._foreach_norm(floats)).tolist()) if floats else ()
     return (tuple([t.data_ptr() for t in present]), tuple([t._version for t in present]),
-            tuple([(t.dtype, t.device) for t in present]), norms, tuple([t is None for t in tensors]))
+            tuple([(t.dtype, t.device) for t in present]), tuple(_norms(present)),
+            tuple([t is None for t in tensors]))
+
+
+def _norms(tensors: list[Tensor | None]) -> list[float]:
+    """The L2 norm of each floating-point tensor (in order; None and integer tensors skipped), in
+    one batched multi-tensor norm."""
+    floats = [t.detach() for t in tensors if t is not None and t.is_floating_point()]
+    return torch.stack(torch._foreach_norm(floats)).tolist() if floats else []

@@ -62,6 +62,45 @@ def _pointwise() -> Any:
         return None
 
 
+def _reorder() -> Any:
+    """oneDNN's kernel packing op (None in a build without it)."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    try:
+        return None if ops is None or not torch.backends.mkldnn.is_available() else ops._reorder_convolution_weight
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def pack_kernel(weight: Tensor, padding: list[int], stride: list[int], dilation: list[int], groups: int,
+                size: tuple[int, ...]) -> Tensor | None:
+    """``weight`` pre-packed in oneDNN's blocked layout for inputs of spatial ``size`` (None where
+    packing is unavailable). oneDNN reorders a plain kernel on every call, which on small feature
+    maps costs as much as the convolution; a packed kernel gives the same results at any batch."""
+    reorder = _reorder()
+    if reorder is None:
+        return None
+    try:
+        return reorder(weight, padding, stride, dilation, groups, [1, weight.shape[1] * groups, *size[-2:]])
+    except RuntimeError:  # a configuration oneDNN does not pack: run on the plain weight
+        return None
+
+
+def post_op_function(attr: str, scalars: list[Any], algorithm: str | None) -> tuple[Any, tuple, dict] | None:
+    """The torch function (with its extra arguments) that the activation module of a oneDNN post-op
+    calls - the inverse of :func:`_post_op` (``(None, (), {})`` for no post-op; None if unknown)."""
+    if attr == "none":
+        return None, (), {}
+    if attr == "hardtanh" and len(scalars) == 2:
+        return F.hardtanh, (float(scalars[0]), float(scalars[1])), {}
+    if attr == "leaky_relu" and len(scalars) == 1:
+        return F.leaky_relu, (float(scalars[0]),), {}
+    if attr == "gelu":
+        return F.gelu, (), {"approximate": algorithm or "none"}
+    plain = {"relu": F.relu, "swish": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+             "hardswish": F.hardswish}
+    return (plain[attr], (), {}) if attr in plain and not scalars else None
+
+
 def _post_op(act: nn.Module) -> tuple[str, list[float], str | None] | None:
     """oneDNN's name, scalars and algorithm for an activation module (None: not fusable)."""
     if type(act) is nn.ReLU:
@@ -98,24 +137,8 @@ def tap_mask(weight: Tensor) -> Tensor | None:
 PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _packed(weight: Tensor, padding: list[int], stride: list[int], dilation: list[int], groups: int,
-            size: tuple[int, int]) -> Tensor | None:
-    try:
-        reorder = torch.ops.mkldnn._reorder_convolution_weight
-        return reorder(weight, padding, stride, dilation, groups, [1, weight.shape[1] * groups, *size])
-    except (AttributeError, RuntimeError):  # a torch build without it: run on the plain weight
-        return None
-
-
-def _can_pack() -> bool:
-    try:
-        return torch.ops.mkldnn._reorder_convolution_weight is not None
-    except (AttributeError, RuntimeError):
-        return False
-
-
 #: oneDNN can pre-pack kernels: then even a convolution with nothing to fuse runs faster as a fused call
-_PACKING = _can_pack()
+_PACKING = _reorder() is not None
 
 
 def propagation_active() -> bool:
@@ -149,7 +172,7 @@ class FusedConv2d(nn.Module):
         self.attr, self.scalars, self.algorithm = post
         self.size = size
         # not a buffer: an opaque oneDNN tensor, derived from fused_weight (see PACKED)
-        self.packed = _packed(self.fused_weight, padding, stride, dilation, groups, size)
+        self.packed = pack_kernel(self.fused_weight, padding, stride, dilation, groups, size)
         if self.packed is not None:
             PACKED[self.fused_weight] = self.packed
 
@@ -159,12 +182,9 @@ class FusedConv2d(nn.Module):
             # the opaque packed kernel only where nothing can see the call: a propagation (or any
             # other torch function mode) gets the dense kernel, its rules need it; torch.compile
             # packs the weights of what it compiles
-            propagating = propagation_active()
-            if propagating or not torch.is_grad_enabled():
-                w = self.fused_weight
-                if (self.packed is not None and not propagating and torch._C._len_torch_function_stack() == 0
-                        and not _compiling()):
-                    w = self.packed
+            watched = torch._C._len_torch_function_stack() > 0
+            if not torch.is_grad_enabled() or (watched and propagation_active()):
+                w = self.fused_weight if watched or self.packed is None or _compiling() else self.packed
                 return _pointwise()(x, w, self.fused_bias, self.padding, self.stride, self.dilation, self.groups,
                                     self.attr, self.scalars, self.algorithm)
         return self.act(self.conv(x))

@@ -720,33 +720,20 @@ class FusedCall:
     act: Any
     act_args: tuple
     act_kwargs: dict
-    nonneg: bool
 
 
 def fused_call(call: Call) -> FusedCall | None:
     """Parse a fused call (None for an activation perspicio does not know)."""
+    from ...core.fuse import post_op_function
+
     names = ("x", "weight", "bias", "padding", "stride", "dilation", "groups", "attr", "scalars", "algorithm")
     a = dict(zip(names, call.args))
     a.update(call.kwargs)
-    attr, scalars, algorithm = a.get("attr", "none"), list(a.get("scalars") or []), a.get("algorithm")
-    acts: dict[str, tuple[Any, tuple, dict, bool]] = {
-        "none": (None, (), {}, False),
-        "relu": (F.relu, (), {}, True),
-        "swish": (F.silu, (), {}, False),
-        "sigmoid": (torch.sigmoid, (), {}, True),
-        "tanh": (torch.tanh, (), {}, False),
-        "hardswish": (F.hardswish, (), {}, False),
-        "gelu": (F.gelu, (), {"approximate": algorithm or "none"}, False),
-    }
-    if attr == "hardtanh" and len(scalars) == 2:
-        acts[attr] = (F.hardtanh, (float(scalars[0]), float(scalars[1])), {}, scalars[0] >= 0)
-    if attr == "leaky_relu" and len(scalars) == 1:
-        acts[attr] = (F.leaky_relu, (float(scalars[0]),), {}, False)
-    if attr not in acts:
+    act = post_op_function(a.get("attr", "none"), list(a.get("scalars") or []), a.get("algorithm"))
+    if act is None:
         return None
-    act, act_args, act_kwargs, nonneg = acts[attr]
     return FusedCall(a["x"], a["weight"], a.get("bias"), list(a["padding"]), list(a["stride"]), list(a["dilation"]),
-                     int(a["groups"]), act, act_args, act_kwargs, nonneg)
+                     int(a["groups"]), *act)
 
 
 # ============================================================================ affine operations

@@ -43,6 +43,7 @@ from .engine import (
     apply_node,
     fused_call,
     iter_tensors,
+    op_name,
     propagating,
     safe_div,
     sum_to,
@@ -73,8 +74,6 @@ def _dim_arg(call: Call, pos: int = 1, name: str = "dim") -> int:
 
 def norm_linear_part(call: Call, x: Tensor) -> Any:
     """For a normalisation call, the linear map it is when its statistics are frozen (bias excluded)."""
-    from .engine import op_name
-
     name = op_name(call.func).rsplit(".", 1)[-1]
     a = dict(zip(("input", "p1", "p2", "p3", "p4", "p5", "p6", "p7"), call.args))
     kw = call.kwargs
@@ -131,8 +130,6 @@ def norm_linear_part(call: Call, x: Tensor) -> Any:
 def merged_batchnorm(call: Call) -> bool:
     """True for a ``batch_norm`` call of a BatchNorm currently merged by the canonizer."""
     from .canonizers import is_identity_batchnorm
-    from .engine import op_name
-
     if not op_name(call.func).endswith("batch_norm"):
         return False
     rm = call.args[1] if len(call.args) > 1 else call.kwargs.get("running_mean")
@@ -428,7 +425,7 @@ class LRPPropagator(Propagator):
         if packed is not None and len(call.args) >= 2 and call.args[1] is f.weight:  # run on the packed kernel
             call = Call(call.func, (x, packed, *call.args[2:]), call.kwargs, call.name, call.kind)
         out = apply_node(_Affine(self, call, op, rule, self._context(x, rule), label), x)
-        if f.nonneg:
+        if f.act is not None and nonneg_activation(Call(f.act, (x, *f.act_args), f.act_kwargs, op_name(f.act), ACT)):
             self.nonneg[id(out)] = out
         return out
 

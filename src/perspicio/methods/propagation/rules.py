@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ...core.fuse import tap_mask
+from ...core.fuse import _PACKING, _pointwise, pack_kernel, tap_mask
 from ...errors import OptionError
 from .engine import AffineOp, safe_div
 
@@ -180,15 +180,7 @@ def _neg(t: Tensor | None) -> Tensor | None:
 # ---------------------------------------------------------------------------- packed convolutions
 
 
-def _mkldnn_op(name: str) -> Any:
-    try:
-        return getattr(torch.ops.mkldnn, name) if torch.backends.mkldnn.is_available() else None
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        return None
-
-
-_POINTWISE = _mkldnn_op("_convolution_pointwise")
-_REORDER = _mkldnn_op("_reorder_convolution_weight")
+_POINTWISE = _pointwise()
 
 
 def _packable(op: AffineOp, x: Tensor, w: Tensor) -> bool:
@@ -198,14 +190,16 @@ def _packable(op: AffineOp, x: Tensor, w: Tensor) -> bool:
     maps of a CNN's later layers that reorder costs as much as the convolution. Packing once pays
     off only where the packed weight is kept, i.e. for the weights ``derived`` memoises (those of
     perspicio's own twins and merged layers)."""
-    return (_POINTWISE is not None and _REORDER is not None and op.conv is not None and x.dim() == 4
+    return (_POINTWISE is not None and _PACKING and op.conv is not None and x.dim() == 4
             and len(op.conv["stride"]) == 2 and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
             and not torch.is_grad_enabled() and not w.requires_grad and _derived_owner(w) is not None)
 
 
-def _pack(w: Tensor, padding: list[int], stride: list[int], dilation: list[int], groups: int,
-          shape: tuple[int, ...]) -> Tensor:
-    return _REORDER(w.contiguous(), padding, stride, dilation, groups, [1, *shape])
+def _packed(w: Tensor, key: tuple, padding: list[int], stride: list[int], dilation: list[int], groups: int,
+            size: tuple[int, ...], kernel: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
+    """``kernel(w)`` (default ``w``) pre-packed, memoised with ``w`` under ``key``."""
+    return derived(w, key, lambda t: pack_kernel((t if kernel is None else kernel(t)).contiguous(), padding, stride,
+                                                 dilation, groups, size))
 
 
 def _conv(op: AffineOp, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -214,8 +208,9 @@ def _conv(op: AffineOp, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         return op(x, w, b)
     c = op.conv
     key = ("packed", tuple(c["padding"]), tuple(c["stride"]), tuple(c["dilation"]), c["groups"], tuple(x.shape[1:]))
-    packed = derived(w, key, lambda t: _pack(t, c["padding"], c["stride"], c["dilation"], c["groups"],
-                                             tuple(x.shape[1:])))
+    packed = _packed(w, key, c["padding"], c["stride"], c["dilation"], c["groups"], tuple(x.shape[2:]))
+    if packed is None:
+        return op(x, w, b)
     return _POINTWISE(x, packed, b, c["padding"], c["stride"], c["dilation"], c["groups"], "none", [], None)
 
 
@@ -240,10 +235,38 @@ def _vjp(op: AffineOp, x: Tensor, w: Tensor, s: Tensor) -> Tensor:
     if min(pad) < 0:  # padding wider than the kernel reaches: the adjoint would need cropping
         return op.vjp(x, w, s)
     key = ("vjp_packed", tuple(c["padding"]), tuple(c["dilation"]), c["groups"], tuple(s.shape[1:]))
-    packed = derived(w, key, lambda t: _pack(_transposed_kernel(t, c["groups"]), pad, [1, 1], c["dilation"],
-                                             c["groups"], tuple(s.shape[1:])))
+    packed = _packed(w, key, pad, [1, 1], c["dilation"], c["groups"], tuple(s.shape[2:]),
+                     lambda t: _transposed_kernel(t, c["groups"]))
+    if packed is None:
+        return op.vjp(x, w, s)
     g = _POINTWISE(s, packed, None, pad, [1, 1], c["dilation"], c["groups"], "none", [], None)
     return g if g.shape == x.shape else op.vjp(x, w, s)
+
+
+# ---------------------------------------------------------------------------- inputs of both signs
+
+
+def _stackable(op: AffineOp) -> bool:
+    """Can an input of both signs run as one map of ``[x+, x-]`` (stacked along the input channels)?
+    (Linear layers and ungrouped convolutions: their kernels stack along the input channels.)"""
+    return op.name == "linear" or (op.conv is not None and op.conv["groups"] == 1)
+
+
+def _split_signs(op: AffineOp, x: Tensor) -> tuple[Tensor, int]:
+    """``[x+, x-]`` stacked along the input channels, and that dimension."""
+    dim = 1 if op.conv is not None else -1
+    return torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=dim), dim
+
+
+def _merge_signs(g: Tensor, dim: int) -> Tensor:
+    """The relevance of ``x`` from that of ``[x+, x-]`` (the two halves added)."""
+    half = g.shape[dim] // 2
+    return g.narrow(dim, 0, half) + g.narrow(dim, half, half)
+
+
+def _stack(first: Callable[[Tensor], Tensor], second: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """A kernel for ``[x+, x-]``: ``first(W)`` for ``x+`` and ``second(W)`` for ``x-``, stacked likewise."""
+    return lambda t: torch.cat([first(t), second(t)], dim=1)
 
 
 class Rule:
@@ -315,7 +338,7 @@ class Gamma(Rule):
         wu, wd = derived(w, ("gamma_up", g), _boost(g, 0.0, None)), derived(w, ("gamma_dn", g), _boost(g, None, 0.0))
         bu = None if b is None else derived(b, ("gamma_up", g), _boost(g, 0.0, None))
         bd = None if b is None else derived(b, ("gamma_dn", g), _boost(g, None, 0.0))
-        if signed and (op.name == "linear" or (op.conv is not None and op.conv["groups"] == 1)):
+        if signed and _stackable(op):
             return self._stacked(op, x, z, R, R_dn if down else None, bu, bd)
         xp = x.clamp(min=0) if signed else x
         xn = x.clamp(max=0) if signed else None
@@ -341,22 +364,17 @@ class Gamma(Rule):
         ``[W + gW+, W + gW-]`` for the boosted positive part and ``[W + gW-, W + gW+]`` for the
         negative one (as in :meth:`AlphaBeta._stacked`)."""
         g, w = self.gamma, op.weight
-        dim = 1 if op.conv is not None else -1
-        both = torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=dim)
-        half = x.shape[dim]
+        both, dim = _split_signs(op, x)
 
         def part(stacked: Tensor, bias: Tensor | None, Rs: Tensor) -> Tensor:
             s = safe_div(Rs, _conv(op, both, stacked, bias), self.stabilizer)
             return _times(_vjp(op, both, stacked, s), both)
 
-        up = derived(w, ("gamma_stacked_up", g), lambda t: torch.cat([t + g * t.clamp(min=0), t + g * t.clamp(max=0)],
-                                                                       dim=1))
-        out = part(up, bu, _where_pos(R, z))
+        boost_pos, boost_neg = _boost(g, 0.0, None), _boost(g, None, 0.0)
+        out = part(derived(w, ("gamma_stacked_up", g), _stack(boost_pos, boost_neg)), bu, _where_pos(R, z))
         if R_dn is not None:
-            dn = derived(w, ("gamma_stacked_dn", g), lambda t: torch.cat([t + g * t.clamp(max=0),
-                                                                          t + g * t.clamp(min=0)], dim=1))
-            out = out.add_(part(dn, bd, R_dn))
-        return out.narrow(dim, 0, half) + out.narrow(dim, half, half)
+            out = out.add_(part(derived(w, ("gamma_stacked_dn", g), _stack(boost_neg, boost_pos)), bd, R_dn))
+        return _merge_signs(out, dim)
 
     def _nonneg(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, R_dn: Tensor | None) -> Tensor:
         """The same rule for x >= 0 with one extra evaluation instead of two.
@@ -399,7 +417,7 @@ class AlphaBeta(Rule):
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         w, b = op.weight, op.bias
         signed = _signed(x, ctx)  # after ReLUs the input is non-negative: skip the x- terms
-        if signed and (op.name == "linear" or (op.conv is not None and op.conv["groups"] == 1)):
+        if signed and _stackable(op):
             return self._stacked(op, x, R)
         wp = _pos(w)
         xp = x.clamp(min=0) if signed else x
@@ -441,9 +459,7 @@ class AlphaBeta(Rule):
         the rule ran about a third faster).
         """
         w, b, eps = op.weight, op.bias, self.stabilizer
-        dim = 1 if op.conv is not None else -1
-        both = torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=dim)
-        half = x.shape[dim]
+        both, dim = _split_signs(op, x)
         known = eps > 0
 
         def part(stacked: Tensor, bias: Tensor | None, shift: float, coef: float) -> Tensor:
@@ -451,21 +467,12 @@ class AlphaBeta(Rule):
             s = _div_known_sign(R, z) if known else safe_div(R, z, eps)
             if coef != 1.0:
                 s = s.mul_(coef) if s is z else s * coef
-            g = _times(_vjp(op, both, stacked, s), both)
-            return g.narrow(dim, 0, half) + g.narrow(dim, half, half)
+            return _times(_vjp(op, both, stacked, s), both)
 
-        out = part(derived(w, "stacked_pn", _stack_pn), _pos(b), eps, self.alpha)
+        out = part(derived(w, "stacked_pn", _stack(_clamp_pos, _clamp_neg)), _pos(b), eps, self.alpha)
         if self.beta:
-            out = out.add_(part(derived(w, "stacked_np", _stack_np), _neg(b), -eps, -self.beta))
-        return out
-
-
-def _stack_pn(w: Tensor) -> Tensor:
-    return torch.cat([w.clamp(min=0), w.clamp(max=0)], dim=1)
-
-
-def _stack_np(w: Tensor) -> Tensor:
-    return torch.cat([w.clamp(max=0), w.clamp(min=0)], dim=1)
+            out = out.add_(part(derived(w, "stacked_np", _stack(_clamp_neg, _clamp_pos)), _neg(b), -eps, -self.beta))
+        return _merge_signs(out, dim)
 
 
 class ZPlus(AlphaBeta):
