@@ -23,6 +23,7 @@ from perspicio.core.guard import model_guard
 from perspicio.methods import names
 
 CAMS = names("cam")
+ALL = names()
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -75,7 +76,7 @@ def messy_state(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
-@pytest.mark.parametrize("method", CAMS)
+@pytest.mark.parametrize("method", ALL)
 def test_no_side_effects(method: str, assert_no_hooks) -> None:
     model = BNNet()
     messy_state(model)
@@ -86,7 +87,8 @@ def test_no_side_effects(method: str, assert_no_hooks) -> None:
     assert_same(before, snapshot(model))
     assert_no_hooks(model)
     assert torch.equal(x, x_copy) and x.grad is None and not x.requires_grad
-    assert e.attributions.shape == (2, 1, 8, 8) and not e.attributions.requires_grad
+    assert e.attributions.shape[0] == 2 and e.attributions.shape[-2:] == (8, 8)
+    assert not e.attributions.requires_grad
     # the method ran in eval mode: same result as an explicit eval-mode model
     ref = BNNet().eval()
     torch.testing.assert_close(perspicio.explain(ref, x, method=method, batch_size=5).attributions, e.attributions)
@@ -140,6 +142,28 @@ def test_cleanup_when_model_raises_mid_forward(method: str, fail_on: int, assert
     # single-pass methods finish after 2 calls; the many-pass methods hit every call, except
     # Ablation-CAM's 3rd: a failing fast-path check means "run whole-model copies instead"
     assert raised == (fail_on <= 2 or method == "scorecam" or (method == "ablationcam" and fail_on != 3))
+    assert_same(before, snapshot(model))
+    assert_no_hooks(model)
+    assert torch.equal(x, x_copy)
+
+
+@pytest.mark.parametrize("method", [m for m in ALL if m not in CAMS])
+@pytest.mark.parametrize("fail_on", [1, 2, 3])
+def test_every_method_cleans_up_when_model_raises(method: str, fail_on: int, assert_no_hooks) -> None:
+    """Whatever call of the model raises, the exception reaches the caller unchanged (or the
+    method recovers) and the model, its hooks and the inputs are as before."""
+    model = Flaky(fail_on)
+    messy_state(model)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_copy = x.clone()
+    before = snapshot(model)
+    raised = False
+    try:
+        perspicio.explain(model, x, method=method, batch_size=4)
+    except RuntimeError as exc:
+        assert "boom mid-forward" in str(exc)
+        raised = True
+    assert raised or fail_on > 1, "the model's first forward raised and the method hid it"
     assert_same(before, snapshot(model))
     assert_no_hooks(model)
     assert torch.equal(x, x_copy)
