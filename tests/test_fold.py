@@ -83,7 +83,7 @@ def test_user_model_untouched_and_cache_is_weak():
     assert model in fold._TWINS
     del model
     gc.collect()
-    assert len([m for m in fold._TWINS.keys() if isinstance(m, ConvBN)]) == 0
+    assert len([m for m in fold._TWINS.owners() if isinstance(m, ConvBN)]) == 0
 
 
 def test_twin_rebuilt_after_weights_change():

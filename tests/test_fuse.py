@@ -223,7 +223,7 @@ def test_flat_rule_skips_the_taps_added_for_a_folded_padding(monkeypatch) -> Non
     explain()
     good = explain().attributions
     scale = good.abs().max()
-    monkeypatch.setattr(fuse, "TAP_MASKS", type(fuse.TAP_MASKS)())  # forget the real taps
+    monkeypatch.setattr(fuse.TAP_MASKS, "get", lambda *a, **k: None)  # forget the real taps
     bad = explain().attributions
     assert (good - bad).abs().max() > 1e-2 * scale
     monkeypatch.setattr(fuse, "FUSE", False)

@@ -10,7 +10,6 @@ provenance, and shows a progress bar on request.
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from ..errors import OptionError
 from . import incremental
 from .allocator import allocator_tuned
+from .caches import Cache
 from .fold import compiled_outputs, inference_twin
 from .fuse import fused_twin
 from .incremental import IncrementalEvaluator
@@ -39,9 +39,12 @@ MAX_AUTO_ROWS = 4096
 #: CPU convolutions, see docs/benchmarks.md "CAM family"); PERSPICIO_CHANNELS_LAST=0 turns it off
 CHANNELS_LAST = os.environ.get("PERSPICIO_CHANNELS_LAST", "1") not in ("0", "false", "no")
 
-_ACT_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+#: per model and input shape: (sum, largest) bytes of the leaf-module outputs for one sample
+_ACT_BYTES = Cache("activation profiles", holds="per-sample activation bytes (measured once)",
+                   key="model (weak), input shape", max_entries=4096)
 #: per model: may inputs be passed channels-last (has Conv2d layers, does not .view() them)?
-_CL_OK: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+_CL_OK = Cache("channels-last support", holds="whether a model takes channels-last inputs", key="model (weak)",
+               max_entries=4096)
 
 
 def activation_profile(model: nn.Module, sample: Tensor) -> tuple[int, int]:
@@ -57,9 +60,9 @@ def activation_profile(model: nn.Module, sample: Tensor) -> tuple[int, int]:
         b = int(declared(sample))
         return b, b
     key = (tuple(sample.shape[1:]), sample.dtype, str(sample.device))
-    cache = _ACT_BYTES.setdefault(model, {})
-    if key in cache:
-        return cache[key]
+    hit = _ACT_BYTES.get(model, key)
+    if hit is not None:
+        return hit
     total, largest = [0], [0]
 
     def hook(mod: nn.Module, args: object, out: object) -> None:
@@ -76,8 +79,7 @@ def activation_profile(model: nn.Module, sample: Tensor) -> tuple[int, int]:
         for h in handles:
             h.remove()
     floor = sample[:1].numel() * sample.element_size()
-    cache[key] = (max(total[0], floor), max(largest[0], floor))
-    return cache[key]
+    return _ACT_BYTES.put(model, (max(total[0], floor), max(largest[0], floor)), key)
 
 
 def activation_bytes(model: nn.Module, sample: Tensor) -> int:
@@ -259,7 +261,7 @@ class Engine:
             except RuntimeError as exc:  # a model that calls .view() on its feature maps
                 if "view size is not compatible" not in str(exc):
                     raise
-                _CL_OK[self.model] = False
+                _CL_OK.put(self.model, False)
         return module(x)
 
     def prefers_channels_last(self, x: object) -> bool:
@@ -269,7 +271,7 @@ class Engine:
             return False
         ok = _CL_OK.get(self.model)
         if ok is None:
-            ok = _CL_OK[self.model] = any(isinstance(m, nn.Conv2d) for m in self.model.modules())
+            ok = _CL_OK.put(self.model, any(isinstance(m, nn.Conv2d) for m in self.model.modules()))
         return ok
 
     def grad(self, output: Tensor, inputs: Tensor | list[Tensor], n: int) -> tuple[Tensor, ...]:

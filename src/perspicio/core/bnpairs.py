@@ -9,13 +9,14 @@ inference twin (:mod:`perspicio.core.fold`) and the LRP ``MergeBatchNorm`` canon
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+
+from .caches import Cache, state_tokens
 
 _AFFINE_FUNCS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
@@ -57,7 +58,9 @@ class _PairTracer(TorchFunctionMode):
         return out
 
 
-_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, list[tuple[str, str]]]] = weakref.WeakKeyDictionary()
+#: per model and (input shape, dtype, module set): the mergeable pairs
+_CACHE = Cache("batchnorm pairs", holds="(affine, BatchNorm) module names", key="model (weak), input shape, modules",
+               max_entries=1024)
 
 
 def find_batchnorm_pairs(model: nn.Module, sample: Tensor) -> list[tuple[str, str]]:
@@ -67,9 +70,9 @@ def find_batchnorm_pairs(model: nn.Module, sample: Tensor) -> list[tuple[str, st
     """
     mods = dict(model.named_modules())
     key = (tuple(sample.shape[1:]), sample.dtype, tuple(id(m) for m in mods.values()))
-    cache = _CACHE.setdefault(model, {})
-    if key in cache:
-        return cache[key]
+    hit = _CACHE.get(model, key)
+    if hit is not None:
+        return hit
     owner: dict[int, str] = {}
     bn_owner: dict[int, str] = {}
     for name, m in mods.items():
@@ -90,8 +93,7 @@ def find_batchnorm_pairs(model: nn.Module, sample: Tensor) -> list[tuple[str, st
         if tracer.uses.get(id(x), 0) != 1:  # the affine output also feeds something else
             continue
         pairs.append((owner[id(w)], bn_owner[id(rm)]))
-    cache[key] = pairs
-    return pairs
+    return _CACHE.put(model, pairs, key)
 
 
 def folded_affine(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
@@ -112,27 +114,14 @@ def folded_affine(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[
 
 
 def fingerprint(tensors: list[Tensor | None]) -> tuple:
-    """Identity of tensors' current values for caches of derived weights: storage, in-place
-    version counter, and each tensor's L2 norm - the norm because writes through ``.data``
-    (``p.data.mul_(2)``, EMA updates) change the values without bumping the version counter."""
-    it = iter(_norms(tensors))
-    return tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, str(t.device),
-                                         next(it) if t.is_floating_point() else None)
-                 for t in tensors)
+    """Identity of tensors' current values for caches of derived values: one token per tensor
+    (:func:`~perspicio.core.caches.state_tokens`) that changes with any change of its storage,
+    shape, strides, dtype, device or any of its bytes - also writes through ``.data``, which do not
+    bump the version counter, and edits that keep every norm and sum (a row swap, a sign flip)."""
+    return state_tokens(tensors)
 
 
 def flat_fingerprint(tensors: list[Tensor | None]) -> tuple:
-    """:func:`fingerprint` as one tuple per field (storages, versions, dtypes and devices, norms,
-    which entries are None) instead of one tuple per tensor: the same information, built in
-    a fraction of the time for the few hundred tensors of a whole model."""
-    present = [t for t in tensors if t is not None]
-    return (tuple([t.data_ptr() for t in present]), tuple([t._version for t in present]),
-            tuple([(t.dtype, t.device) for t in present]), tuple(_norms(present)),
-            tuple([t is None for t in tensors]))
-
-
-def _norms(tensors: list[Tensor | None]) -> list[float]:
-    """The L2 norm of each floating-point tensor (in order; None and integer tensors skipped), in
-    one batched multi-tensor norm."""
-    floats = [t.detach() for t in tensors if t is not None and t.is_floating_point()]
-    return torch.stack(torch._foreach_norm(floats)).tolist() if floats else []
+    """:func:`fingerprint` of a whole model's tensors (the same tokens; kept as a separate name for
+    the model-level state)."""
+    return state_tokens(tensors)

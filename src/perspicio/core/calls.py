@@ -16,22 +16,18 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
+from .caches import Memo
+
 V = TypeVar("V")
 
 
-def memoised(table: dict[Any, V], func: Any, compute: Callable[[Any], V]) -> V:
-    """``table[func]``, computed by ``compute(func)`` on first use (unhashable callables: not stored)."""
-    try:
-        return table[func]
-    except KeyError:
-        pass
-    except TypeError:  # unhashable callable
-        return compute(func)
-    value = table[func] = compute(func)
-    return value
+def memoised(table: Memo, func: Any, compute: Callable[[Any], V]) -> V:
+    """``table[func]``, computed by ``compute(func)`` on first use (unhashable callables: not stored);
+    ``table`` is a registered, entry-bounded :class:`~perspicio.core.caches.Memo`."""
+    return table(func, compute)
 
 
-_SIGNATURES: dict[Any, inspect.Signature | None] = {}
+_SIGNATURES = Memo("function signatures", holds="inspect.signature of torch functions")
 
 
 def _compute_signature(func: Any) -> inspect.Signature | None:
@@ -58,7 +54,7 @@ INPLACE = {
     "rrelu_": F.rrelu, "celu_": F.celu, "selu_": F.selu,
 }
 
-_INPLACE_FORMS: dict[Any, tuple[Any, int | None]] = {}
+_INPLACE_FORMS = Memo("in-place forms", holds="out-of-place function of in-place torch calls")
 
 
 def _compute_inplace_form(func: Any) -> tuple[Any, int | None]:

@@ -11,7 +11,6 @@ the module's output is handed on as a copy, so in-place operations downstream
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LayerError, suggest
+from .caches import Cache
 
 LayerSpec = "str | nn.Module | Sequence[str | nn.Module] | None"
 
@@ -213,7 +213,9 @@ def is_spatial(shape: tuple[int, ...] | None) -> bool:
     return False
 
 
-_AUTO_LAYER: weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]] = weakref.WeakKeyDictionary()
+#: per model, input shape and module tree: the automatic CAM layer's name
+_AUTO_LAYER = Cache("auto layers", holds="automatic CAM layer names", key="model (weak), input shape, modules",
+                    max_entries=4096)
 
 
 def auto_layer(model: nn.Module, x: Tensor) -> str:
@@ -223,10 +225,8 @@ def auto_layer(model: nn.Module, x: Tensor) -> str:
     not pay an extra tracing forward pass.
     """
     key = (tuple(x.shape[1:]), x.dtype, str(x.device), hash(tuple(id(m) for m in model.modules())))
-    cache = _AUTO_LAYER.setdefault(model, {})
-    if key not in cache:
-        cache[key] = _trace_auto_layer(model, x)
-    return cache[key]
+    hit = _AUTO_LAYER.get(model, key)
+    return hit if hit is not None else _AUTO_LAYER.put(model, _trace_auto_layer(model, x), key)
 
 
 def _trace_auto_layer(model: nn.Module, x: Tensor) -> str:

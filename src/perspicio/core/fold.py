@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import warnings
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .bnpairs import find_batchnorm_pairs, flat_fingerprint, folded_affine
+from .caches import Cache, register
 
 #: fold BatchNorm into the preceding layer for output-only passes (PERSPICIO_FOLD_BATCHNORM=0: off)
 FOLD_BATCHNORM = os.environ.get("PERSPICIO_FOLD_BATCHNORM", "1") not in ("0", "false", "no")
@@ -55,7 +58,8 @@ class Twin:
 MAX_CHURN = 3
 
 
-_TWINS: weakref.WeakKeyDictionary[nn.Module, Twin] = weakref.WeakKeyDictionary()
+#: per model: its inference twin (None: run the model itself) for one weight state
+_TWINS = Cache("inference twins", holds="BatchNorm-folded private copies of models", key="model (weak)", sized=True)
 
 
 #: module attributes that are not the model's own settings
@@ -72,8 +76,9 @@ def _setting(v: Any) -> Any:
 
 
 def _state(model: nn.Module) -> tuple:
-    """Identity of what the model computes besides its code: the weights (storage, in-place version
-    and norm of every tensor), the modes, and every module's other attributes (a flag such as
+    """Identity of what the model computes besides its code: the weights (a token per tensor that
+    changes with any change of its storage, layout or bytes, :func:`~perspicio.core.caches.state_tokens`),
+    the modes, and every module's other attributes (a flag such as
     ``model.use_tta = True`` changes the function as much as a weight does; plain values are
     compared by value, objects by identity).
 
@@ -168,7 +173,7 @@ def inference_twin(model: nn.Module, sample: Tensor, state: tuple | None = None)
         churn = twin.churn + 1 if twin is not None and twin.state[:2] == state[:2] else 0
         module, folded = _build(model, sample) if churn < MAX_CHURN else (model, 0)
         # the cache must not hold a strong reference to its own key: None stands for the model
-        twin = _TWINS[model] = Twin(None if module is model else module, folded, state, churn)
+        twin = _TWINS.put(model, Twin(None if module is model else module, folded, state, churn))
     return (model if twin.module is None else twin.module), twin.folded
 
 
@@ -176,6 +181,51 @@ def inference_twin(model: nn.Module, sample: Tensor, state: tuple | None = None)
 
 #: batches smaller than this run uncompiled (compiling costs 10-50 s per shape)
 MIN_COMPILED_BATCH = 8
+#: compiled graphs kept per twin (least recently used shape first out)
+MAX_COMPILED_PER_TWIN = 4
+
+
+class _CompiledGraphs:
+    """The compiled graphs of private twins, kept on each twin itself (``_perspicio_compiled``): a
+    cache keyed on the twin would keep it alive through the compiled wrapper, which references it.
+    So they live exactly as long as their twin (which the inference/fused twin caches bound), at
+    most :data:`MAX_COMPILED_PER_TWIN` per twin; this registry entry lists and clears them."""
+
+    name = "compiled graphs"
+
+    def __init__(self) -> None:
+        self._modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        register(self)
+
+    def entries(self, module: nn.Module) -> OrderedDict:
+        with self._lock:
+            return module.__dict__.get("_perspicio_compiled", OrderedDict())
+
+    def put(self, module: nn.Module, key: tuple, value: tuple) -> None:
+        with self._lock:
+            entries = module.__dict__.setdefault("_perspicio_compiled", OrderedDict())
+            entries[key] = value
+            while len(entries) > MAX_COMPILED_PER_TWIN:
+                entries.popitem(last=False)
+            self._modules.add(module)
+
+    def clear(self) -> None:
+        with self._lock:
+            for m in list(self._modules):
+                m.__dict__.pop("_perspicio_compiled", None)
+            self._modules.clear()
+
+    def info(self) -> Any:
+        from .caches import CacheInfo
+
+        with self._lock:
+            n = sum(len(m.__dict__.get("_perspicio_compiled", ())) for m in list(self._modules))
+        return CacheInfo(self.name, "torch.compile graphs of private twins (on the twin)", "twin, input shape",
+                         n, 0, None, MAX_COMPILED_PER_TWIN, "with its twin; LRU per twin")
+
+
+COMPILED = _CompiledGraphs()
 
 
 def compiled_outputs(module: nn.Module, x: Tensor) -> Tensor | None:
@@ -192,10 +242,10 @@ def compiled_outputs(module: nn.Module, x: Tensor) -> Tensor | None:
     if len(x) < MIN_COMPILED_BATCH // 2:
         return None
     key = (tuple(x.shape[1:]), x.dtype, str(x.device), x.is_contiguous())
-    # kept on the (private) module itself: a cache keyed on it would keep it alive through the
-    # compiled wrapper, which references it
-    entries: dict[tuple, Any] = module.__dict__.setdefault("_perspicio_compiled", {})
+    entries = COMPILED.entries(module)
     entry = entries.get(key)
+    if entry is not None:
+        entries.move_to_end(key)
     if entry is None:
         if len(x) < MIN_COMPILED_BATCH:
             return None
@@ -214,9 +264,9 @@ def compiled_outputs(module: nn.Module, x: Tensor) -> Tensor | None:
             msg = (str(exc).strip().splitlines() or [""])[0][:200]
             warnings.warn(f"compile=True: torch.compile could not be used ({type(exc).__name__}: {msg}); "
                           "running the model uncompiled.", RuntimeWarning, stacklevel=3)
-            entries[key] = (None, 0)
+            COMPILED.put(module, key, (None, 0))
             return None
-        entries[key] = (fn, len(x))
+        COMPILED.put(module, key, (fn, len(x)))
         return got
     fn, size = entry
     if fn is None or len(x) < size // 2:

@@ -36,15 +36,14 @@ from __future__ import annotations
 
 import copy
 import os
-import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
 
+from .caches import Cache, nbytes
 from .fold import outputs_match
 
 #: fuse convolutions with their activations for output-only passes (PERSPICIO_FUSE=0: off)
@@ -124,7 +123,8 @@ def _post_op(act: nn.Module) -> tuple[str, list[float], str | None] | None:
 
 #: extended kernels (zero taps added for an asymmetric padding) -> 1 at the real taps, 0 at the added
 #: ones (rules that treat every tap alike, such as LRP-flat, must skip the added ones)
-TAP_MASKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+TAP_MASKS = Cache("fused kernel taps", holds="masks of the real taps of extended fused kernels",
+                  key="fused kernel (weak)", sized=True, tied=True)
 
 
 def tap_mask(weight: Tensor) -> Tensor | None:
@@ -134,7 +134,8 @@ def tap_mask(weight: Tensor) -> Tensor | None:
 
 #: dense fused kernels -> the same kernel pre-packed in oneDNN's blocked layout (plain weights are
 #: reordered on every call, which on small feature maps costs as much as the convolution)
-PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+PACKED = Cache("packed fused kernels", holds="oneDNN-packed fused kernels (also held by their module)",
+               key="fused kernel (weak)", tied=True)
 
 
 #: oneDNN can pre-pack kernels: then even a convolution with nothing to fuse runs faster as a fused call
@@ -174,7 +175,7 @@ class FusedConv2d(nn.Module):
         # not a buffer: an opaque oneDNN tensor, derived from fused_weight (see PACKED)
         self.packed = pack_kernel(self.fused_weight, padding, stride, dilation, groups, size)
         if self.packed is not None:
-            PACKED[self.fused_weight] = self.packed
+            PACKED.put(self.fused_weight, self.packed)
 
     def forward(self, x: Tensor) -> Tensor:
         if (tuple(x.shape[-2:]) == self.size and x.ndim == 4 and x.dtype == self.fused_weight.dtype == torch.float32
@@ -328,7 +329,7 @@ def build_fused(twin: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:
             size, taps = call.pop("size"), call.pop("taps")
             module = FusedConv2d(mods[conv_name], act, post=post, size=size, **call)
             if taps is not None:
-                TAP_MASKS[module.fused_weight] = taps.contiguous(memory_format=torch.channels_last)
+                TAP_MASKS.put(module.fused_weight, taps.contiguous(memory_format=torch.channels_last))
             fused.set_submodule(conv_name, module)
             if act_name is not None:
                 fused.set_submodule(act_name, nn.Identity())
@@ -340,18 +341,21 @@ def build_fused(twin: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:
     return (fused, len(plan)) if ok else (twin, 0)
 
 
-#: per folded twin: input shape (C, H, W) and dtype -> (fused module or None, number fused)
-_FUSED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[nn.Module | None, int]]] = weakref.WeakKeyDictionary()
+#: per folded twin and input shape (C, H, W), dtype, device: (fused module or None, number fused)
+_FUSED = Cache("fused twins", holds="fused private copies of inference twins, per input shape",
+               key="inference twin (weak), input shape", sized=True)
 
 
 def fused_twin(twin: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:
     """The cached fused twin of the folded ``twin`` for inputs shaped like ``sample``, or ``(twin, 0)``."""
     if not FUSE:
         return twin, 0
-    entries = _FUSED.setdefault(twin, {})
     key = (tuple(sample.shape[1:]), sample.dtype, str(sample.device))
-    if key not in entries:
+    entry = _FUSED.get(twin, key)
+    if entry is None:
         module, n = build_fused(twin, sample)
-        entries[key] = (None if module is twin else module, n)  # no strong reference to the key
-    module, n = entries[key]
+        entry = (None if module is twin else module, n)  # no strong reference to the key
+        # the entry's bytes: the fused module with its packed kernels (tap masks: TAP_MASKS)
+        _FUSED.put(twin, entry, key, size=nbytes(module) if module is not twin else 0)
+    module, n = entry
     return (twin if module is None else module), n

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .caches import Cache
 from .calls import out_of_place
 from .fold import outputs_match
 
@@ -54,7 +54,8 @@ LOCAL_FRACTION = 0.03
 MIN_GROUP = 4
 
 #: per model: None = not checked yet, True = verified, False = gave a different answer once
-_VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+_VERIFIED = Cache("incremental verification", holds="whether the incremental interpreter matched a model",
+                  key="model (weak)", max_entries=4096)
 
 
 class Unsupported(Exception):
@@ -418,7 +419,8 @@ def box_batch(x: Tensor, boxes: Sequence[tuple[int, int, int, int]], fill: Calla
 
 
 #: per model: (input shape, box size) -> whether incremental batches were measured faster
-_FASTER: weakref.WeakKeyDictionary[nn.Module, dict[tuple, bool]] = weakref.WeakKeyDictionary()
+_FASTER = Cache("incremental timing", holds="whether incremental batches were measured faster",
+                key="model (weak), input shape, box size", max_entries=4096)
 
 
 class IncrementalEvaluator:
@@ -453,7 +455,7 @@ class IncrementalEvaluator:
         cache = self.cache_for(owner)
         boxes = Boxes(base, data, rows, cols, cache)
         key = (tuple(base.shape), tuple(data.shape[-2:]))
-        faster = _FASTER.get(self.key, {}).get(key)
+        faster = _FASTER.get(self.key, key)
         trial = self.trial.setdefault(key, [0, None, None])
         trial[0] += 1
         timing = faster is None and len(rows) >= MIN_GROUP and trial[0] >= 2
@@ -463,15 +465,15 @@ class IncrementalEvaluator:
                 out = evaluate_boxes(self.module, base, data, rows, cols, cache)
             except Unsupported:  # the model's code, not this batch: remember it for the model
                 self.enabled = False
-                _VERIFIED[self.key] = False
+                _VERIFIED.put(self.key, False)
             else:
                 if _VERIFIED.get(self.key) is None:
                     ok = outputs_match(out[:1], self.run_dense(boxes.dense()[:1])) and bool(torch.isfinite(out).all())
-                    _VERIFIED[self.key] = ok
+                    _VERIFIED.put(self.key, ok)
                     self.enabled = ok
                 elif timing:
                     trial[2] = (time.perf_counter() - t0) / len(rows)
-                    _FASTER.setdefault(self.key, {})[key] = trial[2] < 0.8 * trial[1]
+                    _FASTER.put(self.key, trial[2] < 0.8 * trial[1], key)
                 if self.enabled:
                     self.served += len(rows)
                     return out

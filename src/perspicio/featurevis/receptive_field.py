@@ -21,7 +21,6 @@ undefined, and asking for it raises :class:`~perspicio.errors.LayerError` naming
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ..core.caches import Cache
 from ..core.capture import StopForward
 from ..core.guard import model_device, model_dtype, model_guard
 from ..errors import InputError, LayerError
@@ -224,7 +224,8 @@ class _Tracer(TorchFunctionMode):
 
 
 #: per model: (layer name, input shape) -> field (the geometry depends on nothing else)
-_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, ReceptiveField]] = weakref.WeakKeyDictionary()
+_CACHE = Cache("receptive fields", holds="traced receptive-field geometry of layers",
+               key="model (weak), layer, input shape", max_entries=4096)
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,7 @@ def receptive_field(model: Any, layer: Any, input_shape: Sequence[int] = (3, 224
     found: list[Any] = []
 
     key = (name, shape)
-    cached = _CACHE.get(net, {}).get(key)
+    cached = _CACHE.get(net, key)
     if cached is not None:
         return cached
 
@@ -328,5 +329,5 @@ def receptive_field(model: Any, layer: Any, input_shape: Sequence[int] = (3, 224
         grid=grid,
         input_size=tuple(shape[1:]),
     )
-    _CACHE.setdefault(net, {})[key] = result
+    _CACHE.put(net, result, key)
     return result

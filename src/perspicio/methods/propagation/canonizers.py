@@ -17,6 +17,7 @@ when the body raises.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from ...core import fold, fuse
 from ...core.bnpairs import find_batchnorm_pairs, fingerprint, folded_affine
+from ...core.caches import Cache, CacheInfo, register
 from .engine import freeze_index
 
 
@@ -103,7 +105,7 @@ def propagation_module(model: nn.Module, sample: Tensor, state: tuple) -> Iterat
     a training loop that explains after every optimizer step (new weights each call) would not.
     """
     stable = _LAST_STATE.get(model) == state
-    _LAST_STATE[model] = state
+    _LAST_STATE.put(model, state)
     if not state[1]:
         twin = fold.current_twin(model, state[0])
         if twin is None and stable:
@@ -121,21 +123,23 @@ def propagation_module(model: nn.Module, sample: Tensor, state: tuple) -> Iterat
 
 
 #: per model: its state at the previous propagation call (see propagation_module)
-_LAST_STATE: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+_LAST_STATE = Cache("propagation last state", holds="model state tokens at the previous LRP/DeepLIFT call",
+                    key="model (weak)", max_entries=4096)
 
 
 #: twins whose tensors are registered as perspicio's own (see :func:`merged_tensor`)
-_OWNED_TWINS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_OWNED_TWINS = Cache("owned twins", holds="private twins whose tensors are registered as perspicio's own",
+                     key="twin (weak)", tied=True)
 
 
 def _own(twin: nn.Module) -> None:
     """Register a private twin's weights like merged weights: perspicio made them and never writes
     to them (the twin is rebuilt when the user's weights change), so rules may memoise W+ etc."""
-    if twin in _OWNED_TWINS:
+    if _OWNED_TWINS.get(twin) is not None:
         return
     for t in (*twin.parameters(), *twin.buffers()):
         _own_tensor(t)
-    _OWNED_TWINS.add(twin)
+    _OWNED_TWINS.put(twin, True)
     freeze_index(twin)
 
 
@@ -148,7 +152,9 @@ def is_identity_batchnorm(running_mean: Any) -> bool:
     return running_mean is not None and id(running_mean) in _IDENTITY
 
 
-_MERGED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Tensor, Tensor]] = weakref.WeakKeyDictionary()
+#: per affine layer: (state key of the pair, merged weight, merged bias)
+_MERGED = Cache("merged batchnorm weights", holds="weights/biases of layers with their BatchNorm merged",
+                key="layer (weak)", sized=True)
 
 
 def _state_keys(pairs: list[tuple[nn.Module, nn.Module]]) -> list[tuple]:
@@ -166,21 +172,50 @@ def _merged_values(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm, key: tup
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
     new_w, new_b = folded_affine(lin, bn)
-    _MERGED[lin] = (key, new_w, new_b)
+    _MERGED.put(lin, (key, new_w, new_b), size=nbytes_pair(new_w, new_b))
     for t in (new_w, new_b):
         _own_tensor(t)
     return new_w, new_b
 
 
+def nbytes_pair(w: Tensor, b: Tensor) -> int:
+    return w.numel() * w.element_size() + b.numel() * b.element_size()
+
+
+class _OwnedTensors:
+    """Storage pointer -> perspicio's own tensor there (weakly): merged weights and private twins'
+    tensors. Lives as long as those tensors (dead entries are dropped every 4096 insertions); reads
+    are single dict lookups, writes take the lock."""
+
+    name = "owned tensors"
+
+    def __init__(self) -> None:
+        self.table: dict[int, weakref.ref] = {}
+        self._lock = threading.Lock()
+        register(self)
+
+    def add(self, t: Tensor) -> None:
+        with self._lock:
+            if len(self.table) >= 4096:  # drop the entries of tensors that are gone (rebuilt twins, old merges)
+                for ptr in [p for p, ref in self.table.items() if ref() is None]:
+                    del self.table[ptr]
+            self.table[t.data_ptr()] = weakref.ref(t)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.table.clear()
+
+    def info(self) -> CacheInfo:
+        return CacheInfo(self.name, "storage pointer -> perspicio's own tensor (weak reference)", "storage pointer",
+                         len(self.table), 0, None, None, "with the tensors")
+
+
 #: storage pointer -> the merged weight/bias tensor perspicio computed and holds (weakly)
-_OWNED: dict[int, weakref.ref] = {}
+_OWNED = _OwnedTensors()
 
 
 def _own_tensor(t: Tensor) -> None:
-    if len(_OWNED) >= 4096:  # drop the entries of tensors that are gone (rebuilt twins, old merges)
-        for ptr in [p for p, ref in _OWNED.items() if ref() is None]:
-            del _OWNED[ptr]
-    _OWNED[t.data_ptr()] = weakref.ref(t)
+    _OWNED.add(t)
 
 
 def merged_tensor(t: Tensor) -> Tensor | None:
@@ -189,7 +224,7 @@ def merged_tensor(t: Tensor) -> Tensor | None:
     Such tensors are computed once per set of layer/BatchNorm states and never written to, so
     values derived from them may be kept across calls (see ``rules.derived``).
     """
-    ref = _OWNED.get(t.data_ptr())
+    ref = _OWNED.table.get(t.data_ptr())
     owned = ref() if ref is not None else None
     if (owned is None or owned.shape != t.shape or owned.stride() != t.stride() or owned.dtype != t.dtype
             or owned.device != t.device):  # e.g. a transposed view of a square weight: not the same tensor
@@ -199,14 +234,15 @@ def merged_tensor(t: Tensor) -> Tensor | None:
 
 #: per affine layer without a bias: the Parameter that holds its merged bias (it wraps the cached
 #: merged bias), reused across calls instead of a new Parameter per layer and call
-_BIAS_PARAMS: weakref.WeakKeyDictionary[nn.Module, nn.Parameter] = weakref.WeakKeyDictionary()
+_BIAS_PARAMS = Cache("merged bias parameters", holds="Parameters wrapping merged biases (memory: merged weights)",
+                     key="layer (weak)", tied=True)
 
 
 def _bias_parameter(lin: nn.Module, value: Tensor) -> nn.Parameter:
     p = _BIAS_PARAMS.get(lin)
     if p is None or p.data_ptr() != value.data_ptr() or p.shape != value.shape or p.dtype != value.dtype:
         p = nn.Parameter(value, requires_grad=False)
-        _BIAS_PARAMS[lin] = p
+        _BIAS_PARAMS.put(lin, p)
     return p
 
 

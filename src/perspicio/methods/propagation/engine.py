@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ...core.caches import Cache, Memo
 from ...core.calls import memoised, out_of_place
 from ...errors import ModelError
 
@@ -149,8 +149,8 @@ def _key(func: Any) -> Any:
 OPS: dict[Any, str] = {}
 #: per-function memo of :func:`op_kind` / :func:`op_name` (about 300 calls per forward pass reach the
 #: mode, from a few dozen distinct functions)
-_KINDS: dict[Any, str | None] = {}
-_NAMES: dict[Any, str] = {}
+_KINDS = Memo("operation kinds", holds="propagation operation kind of torch functions")
+_NAMES = Memo("operation names", holds="readable names of torch functions")
 
 
 def op_kind(func: Any) -> str | None:
@@ -353,13 +353,15 @@ def parse_arith(func: Any, args: tuple, kwargs: dict) -> Arith | None:
 
 #: modules whose structure perspicio owns and never changes (private twins) -> their module index
 #: (built on first use, then shared by every propagation through them)
-_FROZEN_INDEX: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+_FROZEN_INDEX = Cache("frozen module indexes", holds="module/parameter name index of private twins",
+                      key="twin (weak)", tied=True)
 
 
 def freeze_index(module: nn.Module) -> None:
     """Declare ``module``'s submodules, parameters and buffers fixed, so that call sites are
     indexed once instead of on every propagation."""
-    _FROZEN_INDEX.setdefault(module, None)
+    if _FROZEN_INDEX.get(module) is None:
+        _FROZEN_INDEX.put(module, False)  # False: frozen, not indexed yet
 
 
 class Propagator:
@@ -389,7 +391,7 @@ class Propagator:
 
     def _index_modules(self) -> None:
         cached = _FROZEN_INDEX.get(self.model)
-        if cached is not None:
+        if cached:
             self._module_names, self._param_names = cached
             return
         self._module_names, self._param_names = {}, {}
@@ -398,8 +400,8 @@ class Propagator:
             for p in (*mod._parameters.values(), *mod._buffers.values()):
                 if p is not None:
                     self._param_names.setdefault(id(p), name)
-        if self.model in _FROZEN_INDEX:  # the root's entry without the root (the value must not keep its key)
-            _FROZEN_INDEX[self.model] = ({**self._module_names, id(self.model): ("", None)}, self._param_names)
+        if cached is False:  # the root's entry without the root (the value must not keep its key)
+            _FROZEN_INDEX.put(self.model, ({**self._module_names, id(self.model): ("", None)}, self._param_names))
 
     @property
     def module_names(self) -> dict[int, tuple[str, nn.Module]]:

@@ -28,14 +28,15 @@ rule           definition
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
+from ...core.caches import Cache
 from ...core.fuse import _PACKING, _pointwise, pack_kernel, tap_mask
 from ...errors import OptionError
 from .engine import AffineOp, safe_div
@@ -102,49 +103,67 @@ def _times(g: Tensor, x: Tensor) -> Tensor:
     return x * g
 
 
-#: values derived from the canonizer's merged weights/biases (W+, W-, b+, ...), by merged tensor
-_DERIVED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: values derived from perspicio's own weights (merged BatchNorm layers, private twins): W+, W-,
+#: stacked, boosted and packed kernels, keyed by that weight (weakly) and the derivation path
+_DERIVED = Cache("lrp derived weights", holds="W+, W-, stacked, boosted and packed forms of private weights",
+                 key="private weight (weak), derivation", sized=True)
+#: each memoised value -> (weak reference to the weight it comes from, derivation path), so that values
+#: derived from it (``b+ + eps`` from ``b+``) are memoised too. The weight is referenced weakly: a strong
+#: reference here would keep the weight - and through _DERIVED every value derived from it - alive
+#: forever (each entry's value holding the other's key: the leak of issue 14)
+_ORIGINS = Cache("lrp derived origins", holds="derived value -> its private weight (weak reference)",
+                 key="derived value (weak)", tied=True)
 
 
 def derived(t: Tensor, tag: Any, fn: Callable[[Tensor], Tensor]) -> Tensor:
     """``fn(t)`` for a weight or bias ``t``, memoised across calls where that is safe.
 
     The rules need the same positive/negative parts of every weight on every call. Only
-    tensors whose storage is one of the BatchNorm canonizer's merged weights/biases (which
-    perspicio computed and never writes to; see ``canonizers.merged_tensor``) are memoised,
-    keyed weakly by that merged tensor and checked against its version counter; for any
-    other parameter ``fn`` is evaluated every time, so a write to a user's parameter (also
-    through ``.data``, which bypasses the version counter) can never leave a stale value.
-    Values derived from memoised values are memoised likewise.
+    tensors whose storage is one of perspicio's own weights (the BatchNorm canonizer's merged
+    weights/biases and the private twins' tensors, which perspicio computed and never writes to;
+    see ``canonizers.merged_tensor``) are memoised, keyed weakly by that tensor, its version
+    counter and the derivation path (``tag`` after the tags that led to ``t``); for any other
+    parameter ``fn`` is evaluated every time, so a write to a user's parameter (also through
+    ``.data``, which bypasses the version counter) can never leave a stale value. Values derived
+    from memoised values are memoised likewise. The memo is a byte-bounded LRU cache
+    (:mod:`perspicio.core.caches`).
     """
     if t.requires_grad or t.grad_fn is not None:
         return fn(t)
-    owner = _derived_owner(t)
-    if owner is None:
+    origin = _origin(t)
+    if origin is None:
         return fn(t)
-    entry = _DERIVED.get(owner)
-    if entry is None or entry[0] != owner._version:
-        entry = (owner._version, {})
-        _DERIVED[owner] = entry
-    memo = entry[1]
-    value = memo.get(tag)
+    owner, path = origin
+    key = (owner._version, (*path, tag))
+    value = _DERIVED.get(owner, key)
     if value is None:
-        value = memo[tag] = fn(t)
-        _FROM_MEMO[value] = owner
+        value = fn(t)
+        if isinstance(value, Tensor):
+            _DERIVED.put(owner, value, key)
+            _ORIGINS.put(value, (weakref.ref(owner), key[1]))
     return value
 
 
-#: memoised derived values -> the merged tensor they come from (so that values derived from them,
-#: like ``b+ + eps`` from ``b+``, are memoised too)
-_FROM_MEMO: WeakIdKeyDictionary = WeakIdKeyDictionary()
+def _origin(t: Tensor) -> tuple[Tensor, tuple] | None:
+    """(perspicio's own weight ``t`` comes from, derivation path), or None for any other tensor."""
+    from .canonizers import merged_tensor
+
+    hit = _ORIGINS.get(t)
+    if hit is not None:
+        owner = hit[0]()
+        return None if owner is None else (owner, hit[1])
+    owned = merged_tensor(t)
+    return None if owned is None else (owned, ())
 
 
 def _derived_owner(t: Tensor) -> Tensor | None:
-    from .canonizers import merged_tensor
+    origin = _origin(t)
+    return None if origin is None else origin[0]
 
-    if t in _FROM_MEMO:
-        return t
-    return merged_tensor(t)
+
+def derived_tags(owner: Tensor) -> list[Any]:
+    """The tags of the values currently memoised for ``owner`` (the last step of each path)."""
+    return [sub[1][-1] for sub in _DERIVED.subs(owner)]
 
 
 def _clamp_pos(t: Tensor) -> Tensor:
