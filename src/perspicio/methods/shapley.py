@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -165,12 +166,22 @@ class KernelSHAP(FeatureMethod):
     subject to sum(phi) = v(all) - v(empty) (solved exactly by a Lagrange multiplier).
 
     ``budget`` (default 2M + 2048, at most 2^M) counts all evaluations including v(empty) and
-    v(all); at least M + 2 are needed. Coalition sizes are enumerated completely, from the
-    outside in ({1, M-1}, {2, M-2}, ...) while the budget allows; the remaining sizes are
-    sampled in complementary pairs (z, 1 - z), with the pair's size stratified over the
-    remaining kernel mass and each sample weighted equally. With a full budget the result is
-    the exact Shapley value. Standard errors come from the delta method on the sampled pairs
-    (zero when everything was enumerated).
+    v(all); at least M + 2 are needed. Coalitions come in complementary pairs (z, 1 - z), grouped
+    into strata by the smaller size t = 1..M/2; stratum t holds kernel mass K_t and N_t pairs.
+
+    Budget allocation: a stratum is enumerated completely only when its proportional share of
+    the pairs still unspent, B K_t / K_left, covers all N_t of its pairs (so enumerating it costs
+    no more than sampling would have spent on it, and the other strata keep their share); strata
+    are considered from the outside in (increasing N_t / K_t) and the first that fails stops
+    the enumeration. The remaining pairs are split over the remaining strata in proportion to
+    K_t (at least one each, at most N_t), and each stratum is sampled uniformly *without*
+    replacement, its pairs weighted K_t / k_t. The estimate therefore moves smoothly from
+    sampling to enumeration as the budget grows, and a full budget gives the exact Shapley
+    value. Standard errors come from the delta method on the stratified sample (within-stratum
+    covariance with the finite-population correction; strata with a single pair borrow the
+    pooled within-stratum covariance, or with one pair in every stratum the strata are collapsed
+    into one); they are zero only when every coalition was evaluated, and NaN when no variance
+    can be estimated (a single sampled pair, possible only for M = 3).
     """
 
     def solve(self, game: MaskedGame, generator: torch.Generator) -> FeatureResult:
@@ -183,85 +194,218 @@ class KernelSHAP(FeatureMethod):
         full = (1 << m) if m < 62 else 1 << 62
         budget = min(self.budget if self.budget is not None else _default_budget(m), full)
         _check_budget("kernel_shap", budget, min(m + 2, full), m, "v(empty), v(all) and M coalitions for the regression")
-        left = budget - 2
-        sizes = torch.arange(1, m, dtype=torch.float64)
-        mass = (m - 1) / (sizes * (m - sizes))
-        mass = mass / mass.sum()  # kernel mass of each size 1..m-1
+        plan = allocate_pairs(m, (budget - 2) // 2)
         zs: list[Tensor] = []
         ws: list[Tensor] = []
-        remaining = set(range(1, m))
-        for s in range(1, m // 2 + 1):
-            partner = m - s
-            count = math.comb(m, s) * (1 if s == partner else 2)
-            if count > left:
-                break
-            for size in {s, partner}:
-                combos = torch.tensor(list(itertools.combinations(range(m), size)), dtype=torch.long)
-                z = torch.zeros(len(combos), m, dtype=torch.bool)
-                z.scatter_(1, combos, True)
-                zs.append(z)
-                ws.append(torch.full((len(z),), float(mass[size - 1]) / len(z), dtype=torch.float64))
-                remaining.discard(size)
-            left -= count
-        n_pairs = left // 2 if remaining else 0
-        sampled = None
-        if n_pairs > 0:
-            rem = sorted(remaining)
-            p = mass[[s - 1 for s in rem]]
-            r_mass = float(p.sum())
-            # systematic (stratified) allocation of the pairs over the remaining sizes
-            expected = torch.cumsum(p / r_mass * n_pairs, 0)
-            u = float(torch.rand(1, generator=generator, device=generator.device))
-            cuts = torch.floor(expected + u).long()
-            counts = torch.diff(torch.cat([torch.tensor([int(math.floor(u))]), cuts])).tolist()
-            counts[-1] += n_pairs - sum(counts)
-            size_of_pair = torch.repeat_interleave(torch.tensor(rem), torch.tensor(counts))
-            order = torch.rand(n_pairs, m, generator=generator, device=generator.device).argsort(dim=1).cpu()
-            z = order.argsort(dim=1) < size_of_pair[:, None]  # a uniform subset of the pair's size
-            sampled = torch.cat([z, ~z])
-            zs.append(sampled)
-            ws.append(torch.full((2 * n_pairs,), r_mass / (2 * n_pairs), dtype=torch.float64))
-        z_all = torch.cat(zs) if zs else torch.zeros(0, m, dtype=torch.bool)
-        w_all = torch.cat(ws) if ws else torch.zeros(0, dtype=torch.float64)
+        for stratum in plan:
+            z = _stratum_pairs(m, stratum.size, stratum.count, stratum.population, generator)
+            zs.append(torch.cat([z, ~z]))
+            ws.append(torch.full((2 * len(z),), stratum.mass / (2 * len(z)), dtype=torch.float64))
+        z_all = torch.cat(zs)
+        w_all = torch.cat(ws)
         y = game(z_all) - v0
         zf = z_all.double()
         a = (zf * w_all[:, None]).T @ zf
         b = (zf * w_all[:, None]).T @ y
-        phi, apply_l = _constrained_solve(a, b, v1 - v0)
-        if sampled is not None and n_pairs > 1:
-            n_enum = len(z_all) - 2 * n_pairs
-            res = y[n_enum:] - zf[n_enum:] @ phi
-            g = ws[-1][0] * (zf[n_enum:] * res[:, None])
-            g = g[:n_pairs] + g[n_pairs:]  # one term per pair
-            d = apply_l((g - g.mean(dim=0)).T)  # (m, n_pairs)
-            se = torch.sqrt((d**2).sum(dim=1) * n_pairs / (n_pairs - 1))
-        else:
-            se = torch.zeros(m, dtype=torch.float64)
+        phi, apply_l, undetermined = _constrained_solve(a, b, v1 - v0)
+        se = _stratified_stderr(plan, zf, w_all, y - zf @ phi, apply_l, m)
+        se[undetermined] = math.inf
+        sampled = sum(2 * s.count for s in plan if s.count < s.population)
         return FeatureResult(values=phi, base_value=v0, stderr=se,
-                             extras={"enumerated": len(z_all) - (2 * n_pairs if sampled is not None else 0),
-                                     "sampled": 2 * n_pairs if sampled is not None else 0})
+                             extras={"enumerated": len(z_all) - sampled, "sampled": sampled})
 
 
-def _constrained_solve(a: Tensor, b: Tensor, total: float) -> tuple[Tensor, Any]:
-    """argmin phi' A phi - 2 b' phi subject to sum(phi) = total, and the linear map
-    r -> A^-1 r - A^-1 1 (1' A^-1 r) / (1' A^-1 1) used for the delta-method errors."""
+@dataclass(frozen=True)
+class Stratum:
+    """Complementary pairs whose smaller coalition has ``size`` features: ``count`` of the
+    ``population`` pairs are evaluated; ``mass`` is the stratum's share of the Shapley kernel."""
+
+    size: int
+    count: int
+    population: int
+    mass: float
+
+
+def allocate_pairs(m: int, pairs: int) -> list[Stratum]:
+    """KernelSHAP's plan for ``pairs`` complementary pairs over M = ``m`` features (see :class:`KernelSHAP`).
+
+    Needs ``pairs >= m // 2`` (one pair per stratum). The returned counts sum to at most ``pairs``
+    (exactly ``pairs`` unless every coalition fits).
+    """
+    sizes = list(range(1, m // 2 + 1))
+    if pairs < len(sizes):
+        raise OptionError(f"kernel_shap needs at least {len(sizes)} coalition pairs for {m} features; got {pairs}.")
+    # kernel mass of size s: (m - 1) / (s (m - s)), normalised over s = 1..m-1; a pair holds s and m - s
+    raw = {s: (m - 1) / (s * (m - s)) for s in range(1, m)}
+    total = sum(raw.values())
+    mass = {t: (raw[t] + (raw[m - t] if 2 * t != m else 0.0)) / total for t in sizes}
+    population = {t: math.comb(m, t) // (2 if 2 * t == m else 1) for t in sizes}
+    plan: list[Stratum] = []
+    left, mass_left = pairs, 1.0
+    rest = list(sizes)  # increasing population / mass: outside in
+    while rest:
+        t = rest[0]
+        share = left * mass[t] / mass_left
+        if share < population[t] * (1 - 1e-12) or left - population[t] < len(rest) - 1:
+            break
+        plan.append(Stratum(t, population[t], population[t], mass[t]))
+        left -= population[t]
+        mass_left -= mass[t]
+        rest.pop(0)
+    if not rest:
+        return plan
+    # proportional allocation, at least one pair per stratum, at most its population
+    share = {t: left * mass[t] / mass_left for t in rest}
+    count = {t: min(population[t], max(1, math.floor(share[t]))) for t in rest}
+    spare = left - sum(count.values())
+    while spare > 0:
+        open_ = [t for t in rest if count[t] < population[t]]
+        if not open_:
+            break
+        t = max(open_, key=lambda s: (share[s] - count[s], -s))  # largest remainder first
+        count[t] += 1
+        spare -= 1
+    while spare < 0:  # the minimum of one pair per stratum overshot: take from the largest shares
+        t = max((s for s in rest if count[s] > 1), key=lambda s: (count[s] - share[s], s))
+        count[t] -= 1
+        spare += 1
+    plan += [Stratum(t, count[t], population[t], mass[t]) for t in rest]
+    return plan
+
+
+def _stratum_pairs(m: int, t: int, k: int, population: int, generator: torch.Generator) -> Tensor:
+    """``k`` distinct pairs of stratum ``t`` (as their size-``t`` side; for t = M/2 the side holding
+    feature 0), uniformly without replacement: (k, m) bool."""
+    if population <= 4 * k:  # small or nearly full stratum: enumerate it and choose k
+        first = [(0,) + c for c in itertools.combinations(range(1, m), t - 1)] if 2 * t == m \
+            else list(itertools.combinations(range(m), t))
+        combos = torch.tensor(first, dtype=torch.long)
+        if k < population:
+            pick = torch.randperm(population, generator=generator, device=generator.device).cpu()[:k]
+            combos = combos[pick.sort().values]
+        z = torch.zeros(len(combos), m, dtype=torch.bool)
+        return z.scatter_(1, combos, True)
+    seen: set[bytes] = set()
+    rows: list[Tensor] = []
+    while len(rows) < k:  # rejection of repeats; at least 3 in 4 draws are new
+        draw = k - len(rows)
+        blocks = m // t  # disjoint subsets cut from one random permutation: every feature covered evenly
+        perms = -(-draw // blocks)
+        order = torch.rand(perms, m, generator=generator, device=generator.device).argsort(dim=1).cpu()
+        rank = order.argsort(dim=1)
+        z = torch.cat([(rank >= j * t) & (rank < (j + 1) * t) for j in range(blocks)], dim=0)
+        z = z.view(blocks, perms, m).transpose(0, 1).reshape(-1, m)[:draw]
+        if 2 * t == m:
+            z = torch.where(z[:, :1], z, ~z)
+        for row in z:
+            key = row.numpy().tobytes()
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    return torch.stack(rows)
+
+
+def _stratified_stderr(plan: list[Stratum], zf: Tensor, w: Tensor, res: Tensor, apply_l: Any, m: int) -> Tensor:
+    """Delta-method standard errors of the constrained WLS solution under the stratified design.
+
+    The normal equations' score is a sum over pairs of K_t / (2 k_t) g_p with
+    g_p = z r(z) + (1 - z) r(1 - z) (r the residual); its covariance is the sum over strata of
+    (1 - k_t / N_t) K_t^2 / (4 k_t) Cov_t(g), and the errors are the diagonal of L Cov L'.
+    Residuals of sampled pairs are divided by sqrt(1 - h) (h the pair's leverage, as in HC2): a
+    pair the fit must pass through (h = 1) leaves the features it moves with an infinite error,
+    since nothing measures how far the estimate is from the truth.
+    """
+    grads: list[tuple[Stratum, Tensor]] = []
+    sampled = torch.zeros(len(zf), dtype=torch.bool)
+    start = 0
+    for s in plan:
+        if s.count < s.population:
+            sampled[start:start + 2 * s.count] = True
+        start += 2 * s.count
+    if not bool(sampled.any()):
+        return torch.zeros(m, dtype=torch.float64)  # every coalition evaluated: exact
+    infl = apply_l(zf[sampled].T).T  # (n, m): change of phi per unit of each sampled row's score
+    lev = w[sampled] * (infl * zf[sampled]).sum(dim=1)
+    # a pair's leverage is the sum over its two coalitions (rows come as [z..., 1 - z...] per stratum)
+    pair_lev = torch.zeros_like(lev)
+    start = 0
+    for s in plan:
+        if s.count < s.population:
+            k = s.count
+            both = lev[start:start + k] + lev[start + k:start + 2 * k]
+            pair_lev[start:start + k] = both
+            pair_lev[start + k:start + 2 * k] = both
+            start += 2 * k
+    pinned = pair_lev > 1 - 1e-9
+    unknown = (infl[pinned].abs() > 1e-9 * float(infl.abs().max())).any(dim=0)
+    res = res.clone()
+    res[sampled] = res[sampled] / torch.sqrt((1 - pair_lev).clamp_min(1e-9))
+    start = 0
+    for s in plan:
+        n = 2 * s.count
+        g = zf[start:start + n] * res[start:start + n, None]
+        start += n
+        if s.count < s.population:
+            grads.append((s, g[:s.count] + g[s.count:]))
+    se = _design_stderr(grads, apply_l, m)
+    se[unknown] = math.inf
+    return se
+
+
+def _design_stderr(grads: list[tuple[Stratum, Tensor]], apply_l: Any, m: int) -> Tensor:
+    """Standard errors from the per-pair scores of the sampled strata (see _stratified_stderr)."""
+    cov = torch.zeros(m, m, dtype=torch.float64)
+    pooled, dof = torch.zeros(m, m, dtype=torch.float64), 0
+    for _, g in grads:
+        if len(g) > 1:
+            c = g - g.mean(dim=0)
+            pooled += c.T @ c
+            dof += len(g) - 1
+    if dof == 0:  # one pair per stratum: collapse the strata into one (conservative)
+        if len(grads) < 2:
+            return torch.full((m,), float("nan"), dtype=torch.float64)  # a single sampled pair
+        d = torch.cat([s.mass / 2 * g for s, g in grads])
+        c = d - d.mean(dim=0)
+        cov = c.T @ c * len(d) / (len(d) - 1)
+        return torch.sqrt(apply_l(apply_l(cov).T).diagonal().clamp_min(0.0))
+    pooled /= dof
+    for s, g in grads:
+        if len(g) > 1:
+            c = g - g.mean(dim=0)
+            within = c.T @ c / (len(g) - 1)
+        else:
+            within = pooled
+        cov += (1 - s.count / s.population) * (s.mass / 2) ** 2 / s.count * within  # coalition weight K_t / (2 k_t)
+    # L is linear: L cov L' from its action on the columns, then on the rows
+    lc = apply_l(cov)
+    return torch.sqrt(apply_l(lc.T).diagonal().clamp_min(0.0))
+
+
+def _constrained_solve(a: Tensor, b: Tensor, total: float) -> tuple[Tensor, Any, Tensor]:
+    """argmin phi' A phi - 2 b' phi subject to sum(phi) = total, the linear map L (r -> the change of
+    phi for a change r of b) used for the delta-method errors, and a mask of the features the
+    data do not determine.
+
+    Writing phi = total / M + P u (P the projection off the all-ones vector) gives the normal
+    equations (P A P) u = P (b - A 1 total / M). Directions where P A P vanishes (two features that are
+    always in or out together, too few distinct coalitions) are not determined: they get the
+    least-norm solution, i.e. the features involved share their part equally, and are flagged.
+    """
     m = a.shape[0]
     ones = torch.ones(m, dtype=torch.float64)
     scale = float(a.diagonal().mean()) or 1.0
-
-    def inv(r: Tensor) -> Tensor:
-        try:
-            return torch.linalg.solve(a / scale, r) / scale
-        except RuntimeError:  # singular (too few distinct coalitions): least-norm solution
-            return torch.linalg.pinv(a / scale) @ r / scale
-
-    ainv_1 = inv(ones)
-    denom = float(ones @ ainv_1)
+    proj = torch.eye(m, dtype=torch.float64) - 1.0 / m
+    # the all-ones direction gets eigenvalue 1 so that only undetermined directions are small
+    h = proj @ (a / scale) @ proj + 1.0 / m
+    lam, vec = torch.linalg.eigh((h + h.T) / 2)
+    keep = lam > 1e-9 * float(lam.max())
+    vk = vec[:, keep] / lam[keep]
 
     def apply_l(r: Tensor) -> Tensor:
-        ar = inv(r)
-        return ar - ainv_1[:, None] * (ones @ ar)[None] / denom if ar.ndim == 2 else ar - ainv_1 * (ones @ ar) / denom
+        pr = proj @ r / scale
+        return vec[:, keep] @ (vk.T @ pr)
 
-    ainv_b = inv(b)
-    phi = ainv_b - ainv_1 * (float(ones @ ainv_b) - total) / denom
-    return phi, apply_l
+    base = ones * (total / m)
+    phi = base + apply_l(b - a @ base)
+    undetermined = (vec[:, ~keep] ** 2).sum(dim=1) > 1e-12
+    return phi, apply_l, undetermined
