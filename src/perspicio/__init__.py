@@ -11,6 +11,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 from .core.allocator import tune_allocator
+from .core.caches import cache_info, clear_caches
 from .core.explanation import Explanation
 from .core.targets import EmbeddingSimilarity, RegionTarget
 from .errors import PerspicioError
@@ -76,6 +77,6 @@ def __getattr__(name: str) -> Any:  # lazy submodules keep `import perspicio` li
 
 
 __all__ = [
-    "EmbeddingSimilarity", "Explanation", "PerspicioError", "RegionTarget", "__version__", "evaluate", "explain",
+    "EmbeddingSimilarity", "Explanation", "PerspicioError", "RegionTarget", "__version__", "cache_info", "clear_caches", "evaluate", "explain",
     "tune_allocator",
 ]
