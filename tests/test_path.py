@@ -11,7 +11,14 @@ from torch import nn
 from perspicio import explain
 from perspicio.errors import ConvergenceWarning, LayerError, ModelError, OptionError
 from perspicio.methods import completeness_error
-from perspicio.methods.path import GradientSHAP, make_baseline, quadrature_nodes
+from perspicio.methods.path import (
+    MAX_GAUSS_LEGENDRE_STEPS,
+    MAX_STEPS,
+    GradientSHAP,
+    gauss_legendre,
+    make_baseline,
+    quadrature_nodes,
+)
 
 
 class Square(nn.Module):
@@ -52,6 +59,65 @@ def test_gauss_legendre_is_exact_for_high_degree() -> None:
         quadrature_nodes("simpson", 4)
     with pytest.raises(OptionError, match="trapezoid"):
         quadrature_nodes("trapezoid", 1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 17, 50, 64, 101, 256, 500])
+def test_gauss_legendre_nodes_match_numpy(n: int) -> None:
+    x, w = gauss_legendre(n)
+    ref_x, ref_w = np.polynomial.legendre.leggauss(n)
+    np.testing.assert_allclose(x, ref_x, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-12)
+    a, wt = quadrature_nodes("gauss_legendre", n)
+    np.testing.assert_allclose(a.numpy(), (ref_x + 1) / 2, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(wt.numpy(), ref_w / 2, rtol=0, atol=1e-12)
+
+
+def test_gauss_legendre_many_nodes_is_fast() -> None:
+    # numpy's eigenvalue route is cubic: 2000 nodes took seconds (4000: a minute, or a MemoryError)
+    import time
+
+    start = time.perf_counter()
+    a, w = quadrature_nodes("gauss_legendre", 2000)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.6, f"2000 Gauss-Legendre nodes took {elapsed:.2f} s"
+    assert float(w.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert bool((a.diff() > 0).all()) and 0 < float(a.min()) and float(a.max()) < 1
+    for deg in (0, 1, 7, 100, 1001):  # integrates x^deg exactly on [0, 1]
+        assert float((w * a**deg).sum()) == pytest.approx(1 / (deg + 1), rel=1e-12)
+
+
+def test_steps_above_the_bound_are_refused() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    x = torch.ones(1, 1, 2, 2)
+    quadrature_nodes("gauss_legendre", MAX_GAUSS_LEGENDRE_STEPS)  # the bounds themselves are accepted
+    quadrature_nodes("middle", MAX_STEPS)
+    with pytest.raises(OptionError, match=f"steps=4000000 is above the limit of {MAX_GAUSS_LEGENDRE_STEPS} Gauss"):
+        quadrature_nodes("gauss_legendre", 4_000_000)
+    for rule in ("gauss_legendre", "left", "trapezoid", "adaptive"):
+        limit = MAX_GAUSS_LEGENDRE_STEPS if rule == "gauss_legendre" else MAX_STEPS
+        with pytest.raises(OptionError, match=f"steps={limit + 1} is above the limit of {limit}"):
+            quadrature_nodes(rule, limit + 1)
+    for method, kw in [("integrated_gradients", {}), ("layer_integrated_gradients", {"layer": "1"}),
+                       ("neuron_integrated_gradients", {"layer": "1", "neuron": 0})]:
+        with pytest.raises(OptionError, match=f"limit of {MAX_GAUSS_LEGENDRE_STEPS}"):
+            explain(model, x, method=method, target=0, steps=4000 * 1000, **kw)
+        with pytest.raises(OptionError, match=f"limit of {MAX_STEPS}"):
+            explain(model, x, method=method, target=0, steps=MAX_STEPS + 1, quadrature="left", **kw)
+    with pytest.raises(OptionError, match="steps must be an integer"):
+        explain(model, x, method="integrated_gradients", target=0, steps=2.5)
+
+
+def test_cli_refuses_absurd_steps(tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from perspicio.cli import main
+
+    img = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(img)
+    code = main(["explain", str(img), "--method", "integrated_gradients", "--model", "torchvision:resnet18",
+                 "--random-init", "--steps", "100000", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert f"limit of {MAX_GAUSS_LEGENDRE_STEPS}" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- closed forms

@@ -10,7 +10,8 @@ or middle Riemann sums, the trapezoid rule, Gauss-Legendre, the default: exact
 for polynomials of degree 2*steps - 1, or ``"adaptive"``). All ``N * steps`` path
 points go through the shared :class:`~perspicio.core.batching.Engine`; with the
 fixed rules gradients are accumulated in place, so memory is one chunk however
-many steps are used.
+many steps are used. ``steps`` is at most 4096 for Gauss-Legendre (nodes computed by
+Newton's method on the Legendre recurrence, O(steps^2)) and 100000 for the other rules.
 
 On ReLU/ReLU6 networks the integrand ``g(a) = grad f(b + a (x - b)) . (x - b)`` is
 piecewise constant with many jumps, and on the bundled EfficientNet-Lite0 with the
@@ -79,18 +80,77 @@ BASELINES = ("zero", "black", "blur", "uniform")
 # ============================================================================ quadrature
 
 
-def quadrature_nodes(rule: str, steps: int) -> tuple[Tensor, Tensor]:
-    """Nodes ``alphas`` in [0, 1] and weights (summing to 1) of ``rule`` with ``steps`` nodes (float64)."""
-    rule = normalize_rule(rule)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+#: largest ``steps`` of the Gauss-Legendre rule. Its nodes cost O(steps^2) to compute (0.15 s
+#: at the bound), and beyond a few hundred nodes it gains nothing on the piecewise-smooth
+#: integrands of real networks; use the cheap rules (or "adaptive") for dense reference paths.
+MAX_GAUSS_LEGENDRE_STEPS = 4096
+#: largest ``steps`` of every other rule: each node is a forward and backward pass per input.
+MAX_STEPS = 100_000
+
+
+def check_steps(steps: Any, rule: str = "left") -> int:
+    """``steps`` as validated by every path method: an integer in 1..:data:`MAX_STEPS`
+    (1..:data:`MAX_GAUSS_LEGENDRE_STEPS` for ``rule="gauss_legendre"``)."""
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
         raise OptionError(f"steps must be an integer >= 1; got {steps!r}.")
+    if rule == "gauss_legendre" and steps > MAX_GAUSS_LEGENDRE_STEPS:
+        raise OptionError(f"steps={steps} is above the limit of {MAX_GAUSS_LEGENDRE_STEPS} Gauss-Legendre nodes "
+                          "(more gain nothing on a network's integrand); use fewer, or quadrature='adaptive' / "
+                          "'middle' for a dense path.")
+    if steps > MAX_STEPS:
+        raise OptionError(f"steps={steps} is above the limit of {MAX_STEPS} path nodes (each node is a forward and "
+                          f"backward pass per input); use at most {MAX_STEPS}.")
+    return int(steps)
+
+
+def gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes (ascending) and weights on [-1, 1] in O(n^2) time and O(n) memory.
+
+    Newton's method on P_n, evaluated with the three-term recurrence
+    (j + 1) P_{j+1} = (2j + 1) x P_j - j P_{j-1}, started from the asymptotic guesses
+    x_k = (1 - 1/(8 n^2) + 1/(8 n^3)) cos(pi (4k - 1) / (4n + 2)) of the roots in [0, 1); the other
+    half follows by symmetry. Weights 2 / ((1 - x^2) P_n'(x)^2).
+    """
+    half = (n + 1) // 2
+    k = np.arange(1, half + 1, dtype=np.float64)
+    x = (1 - 1 / (8 * n**2) + 1 / (8 * n**3)) * np.cos(np.pi * (4 * k - 1) / (4 * n + 2))
+
+    def legendre(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p_prev, p = np.ones_like(x), x.copy()
+        for j in range(1, n):
+            p_prev, p = p, ((2 * j + 1) * x * p - j * p_prev) / (j + 1)
+        return p, n * (p_prev - x * p) / (1 - x * x)  # P_n and P_n'
+
+    for _ in range(100):
+        p, dp = legendre(x)
+        step = p / dp
+        x = x - step
+        if np.abs(step).max() < 1e-15:
+            break
+    _, dp = legendre(x)  # derivative at the converged roots
+    w = 2 / ((1 - x * x) * dp * dp)
+    if n % 2:  # the middle root is 0 exactly
+        x[-1] = 0.0
+    nodes = np.concatenate([-x, x[::-1][n % 2:]])
+    weights = np.concatenate([w, w[::-1][n % 2:]])
+    return nodes, weights
+
+
+def quadrature_nodes(rule: str, steps: int) -> tuple[Tensor, Tensor]:
+    """Nodes ``alphas`` in [0, 1] and weights (summing to 1) of ``rule`` with ``steps`` nodes (float64).
+
+    ``steps`` must be in 1..:data:`MAX_STEPS`, for Gauss-Legendre 1..:data:`MAX_GAUSS_LEGENDRE_STEPS`
+    (:class:`~perspicio.errors.OptionError` otherwise).
+    """
+    rule = normalize_rule(rule)
+    steps = check_steps(steps, rule)
     k = np.arange(steps, dtype=np.float64)
     if rule == "adaptive":  # the starting nodes; the rule places the others (see _adaptive_path)
         if steps < 2:
             raise OptionError(f"the adaptive rule needs steps >= 2; got {steps}.")
         return quadrature_nodes("trapezoid", min(steps, ADAPTIVE_START_PANELS + 1))
     if rule == "gauss_legendre":
-        nodes, weights = np.polynomial.legendre.leggauss(steps)
+        nodes, weights = gauss_legendre(steps)
         alphas, weights = (nodes + 1) / 2, weights / 2
     elif rule == "left":
         alphas, weights = k / steps, np.full(steps, 1 / steps)
