@@ -8,17 +8,20 @@ Accepted specs, tried in this order:
     a torchvision classifier. Pretrained weights are used only if their file is
     already in the local torch hub cache (``torch.hub.get_dir()/checkpoints``);
     otherwise :class:`ModelError` explains where the file should be, and
-    ``pretrained=False`` (``--random-init``) gives random weights.
+    ``pretrained=False`` (``--random-init``) gives random weights. The file is read
+    as plain tensors (``torch.load(weights_only=True)``), never as an arbitrary pickle.
 ``timm:NAME``
     a timm model, with the same rule: weights are taken from timm's caches (the
     Hugging Face hub cache or the torch hub cache) and loaded through timm's
-    ``pretrained_cfg_overlay=dict(file=...)``, which reads the local file only.
+    ``pretrained_cfg_overlay=dict(file=...)``, which reads the local file only;
+    a file that is not safetensors must load with ``torch.load(weights_only=True)``.
 a path to a TorchScript file
-    anything ``torch.jit.load`` reads (usually ``.pt``/``.pth``/``.ts``).
+    anything ``torch.jit.load`` reads (usually ``.pt``/``.pth``/``.ts``). A TorchScript
+    file is a program: loading and running it runs the code it contains.
 ``package.module:factory``
     imports ``package.module`` and calls ``factory()`` with no arguments; it must
     return a ``torch.nn.Module``. ``factory`` may also be an ``nn.Module`` subclass
-    or instance.
+    or instance. Importing the module runs its code.
 
 Nothing is ever downloaded: pretrained weights that are not already on disk are an
 error, never a download.
@@ -34,6 +37,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -220,8 +224,8 @@ def _from_torchvision(name: str, pretrained: bool, dev: torch.device, spec: str)
             f"cache: expected {cache_dir / filename}. perspicio never downloads; put the "
             f"file there (from {weights.url}) or {_RANDOM_INIT_HINT}"
         )
-    # The file exists, so torchvision's loader reads it from the cache.
-    model = _build(tvm.get_model, arch, spec, weights=weights)
+    state = _load_tensors(cache_dir / filename, spec)
+    model = _build_torchvision_with(tvm, arch, spec, weights, state)
     meta = getattr(weights, "meta", {}) or {}
     size, mean, std = (224, 224), IMAGENET_MEAN, IMAGENET_STD
     try:
@@ -236,6 +240,53 @@ def _from_torchvision(name: str, pretrained: bool, dev: torch.device, spec: str)
     return _finish(
         model, dev, spec, size=size, mean=mean, std=std, categories=meta.get("categories")
     )
+
+
+#: serialises the brief substitution of torchvision's weight loader (_build_torchvision_with)
+_TORCHVISION_LOADER_LOCK = threading.Lock()
+
+
+def _load_tensors(path: Path, spec: str) -> Any:
+    """A checkpoint read as plain tensors and containers (``torch.load(weights_only=True)``), or
+    :class:`ModelError`: a checkpoint whose pickle wants to build other objects or call code is refused."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(
+            f"the cached weights {str(path)!r} for {spec!r} could not be read as plain tensors "
+            f"(torch.load with weights_only=True: {first}). perspicio never unpickles code from a "
+            "cache; delete the file and fetch it again from a trusted source"
+        ) from exc
+
+
+def _build_torchvision_with(tvm: Any, arch: str, spec: str, weights: Any, state: Any) -> nn.Module:
+    """torchvision's own builder for ``weights`` (so every constructor argument its weights imply is
+    set exactly as torchvision sets it), with the state dict we read ourselves: torchvision would
+    read the hub file with ``torch.load(weights_only=False)``. Its loader is replaced for the call
+    only, and only for this URL; any other URL goes to the original loader."""
+    try:
+        import torchvision.models._api as api
+
+        original = api.load_state_dict_from_url
+    except (ImportError, AttributeError):  # another torchvision layout: build bare, then load
+        model = _build(tvm.get_model, arch, spec, weights=None,
+                       num_classes=len((getattr(weights, "meta", {}) or {}).get("categories") or []) or 1000)
+        try:
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise ModelError(f"the cached weights for {spec!r} do not fit the model: {exc}") from exc
+        return model
+
+    def local(url: str, *args: Any, **kwargs: Any) -> Any:
+        return state if url == weights.url else original(url, *args, **kwargs)
+
+    with _TORCHVISION_LOADER_LOCK:
+        api.load_state_dict_from_url = local
+        try:
+            return _build(tvm.get_model, arch, spec, weights=weights)
+        finally:
+            api.load_state_dict_from_url = original
 
 
 def _build(factory: Any, arch: str, spec: str, **kwargs: Any) -> nn.Module:
@@ -279,6 +330,9 @@ def _from_timm(name: str, pretrained: bool, dev: torch.device, spec: str) -> Zoo
                 f"torch hub cache (source: {where}). perspicio never downloads; fetch them "
                 f"once with timm on a connected machine, or {_RANDOM_INIT_HINT}"
             )
+        if local.suffix != ".safetensors":
+            # timm >= 0.9.x reads these with weights_only=True itself; older releases did not
+            _load_tensors(local, spec)
         model = _build(
             timm.create_model,
             name,

@@ -2,9 +2,12 @@
 data with a small torch MLP or a scikit-learn gradient boosting model.
 
 Models are trained on first use in a few seconds (deterministically from ``seed``, without
-touching any global random state) and cached under ``$PERSPICIO_CACHE`` (default
-``$XDG_CACHE_HOME/perspicio`` or ``~/.cache/perspicio``) in ``tabular/``. Nothing downloads:
-both data sets ship with scikit-learn.
+touching any global random state). The MLP's weights are cached under ``$PERSPICIO_CACHE``
+(default ``$XDG_CACHE_HOME/perspicio`` or ``~/.cache/perspicio``) in ``tabular/`` as a tensors-only
+state dict (``torch.load(weights_only=True)``). The gradient boosting model is retrained on every
+call (under a second) and never cached: scikit-learn models only serialise through pickle, and
+unpickling a file from a cache directory runs whatever code whoever can write there put in it.
+Nothing downloads: both data sets ship with scikit-learn.
 
     from perspicio.zoo.tabular import load_tabular
     demo = load_tabular("breast_cancer", "gbm")
@@ -14,7 +17,6 @@ both data sets ship with scikit-learn.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,8 +184,9 @@ def load_tabular(dataset: str = "breast_cancer", model: str = "mlp", *, seed: in
                  cache: bool = True) -> TabularModel:
     """The demo ``model`` (``"mlp"`` or ``"gbm"``) trained on ``dataset`` (``"breast_cancer"`` or ``"diabetes"``).
 
-    The first call trains (seconds) and caches; later calls load the cache. ``cache=False``
-    trains in memory only.
+    The MLP is trained on the first call (seconds) and its weights cached; later calls load them
+    (tensors only). ``cache=False`` trains in memory only. The gradient boosting model is always
+    retrained (deterministic, under a second): it is never read from, or written to, the cache.
     """
     from ..core.blackbox import BlackBox
 
@@ -200,7 +203,7 @@ def load_tabular(dataset: str = "breast_cancer", model: str = "mlp", *, seed: in
     import sklearn
 
     stem = f"{key}_{kind}_seed{seed}_v{CACHE_VERSION}_sklearn{sklearn.__version__}"
-    path = cache_dir() / "tabular" / (stem + (".pt" if kind == "mlp" else ".pkl"))
+    path = cache_dir() / "tabular" / (stem + ".pt")
     estimator = None
     if kind == "mlp":
         net: nn.Module | None = None
@@ -222,16 +225,8 @@ def load_tabular(dataset: str = "breast_cancer", model: str = "mlp", *, seed: in
                 torch.save(net.state_dict(), buf)
                 _atomic_write(path, buf.getvalue())
         wrapped: nn.Module = net
-    else:
-        if cache and path.is_file():
-            try:
-                estimator = pickle.loads(path.read_bytes())
-            except Exception:  # noqa: BLE001
-                estimator = None
-        if estimator is None:
-            estimator = _train_gbm(x_tr, y_tr, task, seed)
-            if cache:
-                _atomic_write(path, pickle.dumps(estimator))
+    else:  # retrained, never unpickled (see the module documentation); bit-identical for a seed
+        estimator = _train_gbm(x_tr, y_tr, task, seed)
         wrapped = BlackBox(estimator.predict_proba if task == "classification" else estimator.predict)
     return TabularModel(model=wrapped, estimator=estimator, X_train=x_tr, X_test=x_te, y_train=y_tr, y_test=y_te,
                         feature_names=names, labels=labels, task=task, name=f"{key}/{kind}")
