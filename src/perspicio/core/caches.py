@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -445,6 +444,11 @@ def cache_info() -> dict[str, CacheInfo]:
     return {name: c.info() for name, c in sorted(registered().items())}
 
 
+def budgeted_bytes() -> int:
+    """Bytes held by the caches the total budget bounds (all sized caches but tied side tables)."""
+    return sum(c.bytes for c in registered().values() if isinstance(c, Cache) and c.sized and not c.tied)
+
+
 def cache_bytes() -> int:
     """Bytes held by all caches together (tied side tables included)."""
     return sum(i.bytes for i in cache_info().values())
@@ -465,43 +469,46 @@ def clear_caches() -> None:
 
 
 class _Snapshot:
-    __slots__ = ("ref", "ptr", "meta", "copy", "token")
+    __slots__ = ("ptr", "meta", "copy", "nbytes", "token")
 
-    def __init__(self, ref: Any, ptr: int, meta: tuple, copy: Any, token: int) -> None:
-        self.ref, self.ptr, self.meta, self.copy, self.token = ref, ptr, meta, copy, token
+    def __init__(self, ptr: int, meta: tuple, copy: Tensor, nbytes: int, token: int) -> None:
+        self.ptr, self.meta, self.copy, self.nbytes, self.token = ptr, meta, copy, nbytes, token
 
 
 _TOKENS = itertools.count(1)
-#: tensors up to this size are compared as bytes objects (cheaper than numpy for small buffers)
-_SMALL = 4096
 
 
-def _words(t: Tensor) -> Any:
-    """A numpy view of a contiguous CPU tensor's bytes (int64 words when they divide evenly)."""
-    try:
-        a = t.numpy()
-    except (TypeError, RuntimeError):  # dtypes numpy lacks (bfloat16, ...)
-        a = t.reshape(-1).view(torch.uint8).numpy()
-    b = a.reshape(-1).view(np.uint8)
-    return b.view(np.int64) if b.size % 8 == 0 else b
+def _load_memcmp() -> Any:
+    """libc's ``memcmp`` (one pass, no allocation; ctypes releases the GIL), or None."""
+    import ctypes
+    import ctypes.util
+
+    for name in (None, ctypes.util.find_library("c"), "msvcrt"):
+        try:
+            fn = ctypes.CDLL(name).memcmp
+        except (OSError, AttributeError, TypeError):
+            continue
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        return fn
+    return None  # pragma: no cover
 
 
-def _copy_of(t: Tensor) -> Any:
-    if t.device.type == "cpu" and t.is_contiguous():
-        w = _words(t)
-        return w.tobytes() if w.nbytes <= _SMALL else w.copy()
-    return t.clone()
+_MEMCMP = _load_memcmp()
 
 
-def _same(t: Tensor, copy: Any) -> bool:
-    if isinstance(copy, bytes):
-        return _words(t).tobytes() == copy
-    if isinstance(copy, np.ndarray):
-        return bool(np.array_equal(_words(t), copy))
-    a, b = t.reshape(-1), copy.reshape(-1)
-    if a.is_floating_point() or a.is_complex():  # bitwise: NaN equals NaN, -0.0 differs from 0.0
-        a, b = a.view(torch.uint8), b.view(torch.uint8)
-    return torch.equal(a, b)
+def _flat_bytes(t: Tensor) -> Tensor:
+    t = t.detach().reshape(-1)
+    return t.view(torch.uint8) if t.element_size() > 1 or t.dtype != torch.uint8 else t
+
+
+def _same(t: Tensor, snap: _Snapshot) -> bool:
+    """Are ``t``'s bytes those of the snapshot (bitwise: NaN equals NaN, -0.0 differs from 0.0)?"""
+    if snap.nbytes == 0:
+        return True
+    if _MEMCMP is not None and snap.meta[3].type == "cpu" and t.is_contiguous():
+        return _MEMCMP(snap.ptr, snap.copy.data_ptr(), snap.nbytes) == 0
+    return torch.equal(_flat_bytes(t.contiguous()), _flat_bytes(snap.copy))
 
 
 class StateSnapshots(Cache):
@@ -512,7 +519,8 @@ class StateSnapshots(Cache):
     def tokens(self, tensors: list[Tensor | None]) -> tuple:
         """One token per tensor (None for None): equal tokens mean the same storage, shape, strides,
         dtype, device and exactly the same bytes as when the token was handed out; any change gives a
-        token never used before. Compared against kept copies (one pass over the bytes)."""
+        token never used before. Compared against kept copies with ``memcmp`` (one pass over the
+        tensor and its copy, no allocation)."""
         out: list[int | None] = []
         trash: list = []
         grown = 0
@@ -525,31 +533,28 @@ class StateSnapshots(Cache):
                     continue
                 oid = id(t)
                 entry = entries.get((oid, _NO_SUB))
-                snap = entry[0] if entry is not None else None
-                d = t.detach()
-                if d.device.type == "meta":
+                ptr = t.data_ptr()
+                meta = (t.shape, t.stride(), t.dtype, t.device)
+                if entry is not None:
+                    snap = entry[0]
+                    if snap.ptr == ptr and snap.meta == meta and owners[oid][0]() is t and _same(t, snap):
+                        entries.move_to_end((oid, _NO_SUB))
+                        entry[2] = next(_TICK)
+                        out.append(snap.token)
+                        continue
+                    self._remove((oid, _NO_SUB), trash)
+                if oid in owners:  # a dead tensor's id reused
+                    self._drop_owner(oid, None, trash)
+                if meta[3].type == "meta":
                     out.append(None)
                     continue
-                ptr = d.data_ptr()
-                meta = (tuple(d.shape), d.stride(), d.dtype, d.device)
-                if (snap is not None and owners[oid][0]() is t and snap.ptr == ptr and snap.meta == meta
-                        and _same(d, snap.copy)):
-                    entries.move_to_end((oid, _NO_SUB))
-                    entry[2] = next(_TICK)
-                    out.append(snap.token)
-                    continue
-                if snap is not None:
-                    self._remove((oid, _NO_SUB), trash)
-                if oid in owners and owners[oid][0]() is not t:
-                    self._drop_owner(oid, None, trash)
                 token = next(_TOKENS)
-                copy = _copy_of(d)
-                size = len(copy) if isinstance(copy, bytes) else copy.nbytes if isinstance(copy, np.ndarray) \
-                    else copy.numel() * copy.element_size()
+                copy = t.detach().clone(memory_format=torch.contiguous_format)
+                size = copy.numel() * copy.element_size()
                 ref = _Ref(t, self._dead)
                 ref.oid = oid
                 owners[oid] = (ref, {_NO_SUB})
-                entries[(oid, _NO_SUB)] = [_Snapshot(None, ptr, meta, copy, token), size, next(_TICK)]
+                entries[(oid, _NO_SUB)] = [_Snapshot(ptr, meta, copy, size, token), size, next(_TICK)]
                 self.bytes += size
                 grown += size
                 out.append(token)
