@@ -112,6 +112,9 @@ def test_derived_values_of_different_sources_do_not_collide() -> None:
     b = rules.derived(rules._pos(w), "twice", lambda t: t * 2)  # same tag, other source
     torch.testing.assert_close(a, w * 2)
     torch.testing.assert_close(b, w.clamp(min=0) * 2)  # old code: the memo of w's "twice" came back
+    pos = rules._pos(w)
+    assert rules.derived(pos, "same", lambda t: t) is pos  # a derivation returning its input...
+    assert rules._origin(pos)[1] == ("pos",)  # ...leaves the input's own origin alone
 
 
 class _Wide(nn.Module):

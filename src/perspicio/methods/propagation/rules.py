@@ -140,7 +140,8 @@ def derived(t: Tensor, tag: Any, fn: Callable[[Tensor], Tensor]) -> Tensor:
         value = fn(t)
         if isinstance(value, Tensor):
             _DERIVED.put(owner, value, key)
-            _ORIGINS.put(value, (weakref.ref(owner), key[1]))
+            if value is not t and value is not owner and _ORIGINS.get(value) is None:  # (fn may return its input)
+                _ORIGINS.put(value, (weakref.ref(owner), key[1]))
     return value
 
 
