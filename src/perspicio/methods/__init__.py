@@ -36,6 +36,7 @@ from .path import (
 from .perturbation import RISE, FeatureAblation, FeatureMethod, Occlusion
 from .propagation import LRP, Composite, DeepLift, DeepShap, conservation
 from .shapley import KernelSHAP, ShapleyExact, ShapleySampling, efficiency_error
+from .tree import LinearSHAP, TreeSHAP
 
 
 def names(family: str | None = None) -> list[str]:
@@ -57,6 +58,7 @@ __all__ = [
     "LIME", "RISE", "FeatureAblation", "FeatureMethod", "KernelSHAP", "Occlusion", "ShapleyExact",
     "ShapleySampling", "efficiency_error",
     "LRP", "Composite", "DeepLift", "DeepShap", "conservation",
+    "LinearSHAP", "TreeSHAP",
 ]
 
 
@@ -66,7 +68,8 @@ def methods_table(family: str | None = None, *, markdown: bool = False) -> str:
     if markdown:
         lines = ["| method | family | needs | what it computes | paper |", "|---|---|---|---|---|"]
         for e in rows:
-            needs = ", ".join(n for n, f in (("gradients", e.needs_gradients), ("layer", e.needs_layer)) if f) or "outputs only"
+            needs = e.extra.get("needs") or ", ".join(
+                n for n, f in (("gradients", e.needs_gradients), ("layer", e.needs_layer)) if f) or "outputs only"
             lines.append(f"| `{e.name}` | {e.family} | {needs} | {e.summary} | {e.paper} |")
         return "\n".join(lines)
     return "\n".join(f"{e.name:<22} {e.family:<12} {e.summary}" for e in rows)
