@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 from .core.allocator import tune_allocator
 from .core.caches import cache_info, clear_caches
 from .core.explanation import Explanation
-from .core.targets import EmbeddingSimilarity, RegionTarget
+from .core.outputs import detections
+from .core.targets import BoxScoreTarget, EmbeddingSimilarity, RegionTarget
 from .errors import PerspicioError
 
 
@@ -35,9 +36,11 @@ def explain(
             (tensor, numpy array or DataFrame) or text (a string or a list of strings).
         method: registry name, see :func:`perspicio.methods.names`.
         target: None (predicted class), an int, a list of ints, a class name, or a callable
-            mapping the output to one score per sample.
+            mapping the output to one score per sample (e.g. :class:`BoxScoreTarget` for detections).
         layer: for layer methods (CAMs): None/"auto", a dotted module name, a module, or a list.
-        **options: method options (e.g. ``relu``, ``upsample``, ``batch_size``).
+        **options: method options (e.g. ``relu``, ``upsample``, ``batch_size``); ``output=`` selects the
+            tensor to explain when the model returns a dict, tuple or ``ModelOutput``: a key, an index
+            or a callable (``output=perspicio.detections`` for torchvision detectors).
     """
     from . import methods as _methods  # noqa: F401  (registers the methods)
     from .core.registry import METHODS
@@ -77,6 +80,6 @@ def __getattr__(name: str) -> Any:  # lazy submodules keep `import perspicio` li
 
 
 __all__ = [
-    "EmbeddingSimilarity", "Explanation", "PerspicioError", "RegionTarget", "__version__", "cache_info", "clear_caches", "evaluate", "explain",
+    "BoxScoreTarget", "EmbeddingSimilarity", "Explanation", "PerspicioError", "RegionTarget", "__version__", "cache_info", "clear_caches", "detections", "evaluate", "explain",
     "tune_allocator",
 ]

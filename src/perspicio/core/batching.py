@@ -117,6 +117,9 @@ class Engine:
     compile: bool = False  # run output-only passes through torch.compile'd inference twins
     compiled: int = 0  # samples evaluated by a compiled twin
     fused: int = 0  # convolutions fused with their activation/padding in the twin that ran
+    #: maps the model's raw output to the tensor to explain (core/outputs.py ``OutputSelector``,
+    #: called as ``output(raw, n)``); None: outputs are used as returned
+    output: Callable[..., Tensor] | None = None
     _twin: tuple[nn.Module, int] | None = field(default=None, repr=False)
     _boxes: IncrementalEvaluator | None = field(default=None, repr=False)
 
@@ -170,7 +173,7 @@ class Engine:
             out = compiled_outputs(module, xc)  # the fused twin compiled: 5% faster than it on the bundled model
             if out is not None:
                 self.compiled += len(x)
-                return out
+                return out if self.output is None else self.output(out, len(x))
         return self._run(module, x)
 
     def _dense_module(self, module: nn.Module, x: Tensor) -> nn.Module:
@@ -236,7 +239,8 @@ class Engine:
         result equals :meth:`evaluate` on the dense copies up to float rounding."""
         module = self._inference_module(sample[None])
         if self._boxes is None:
-            self._boxes = IncrementalEvaluator(module, self.model,
+            boxed = module if self.output is None else _Selecting(module, self.output)
+            self._boxes = IncrementalEvaluator(boxed, self.model,
                                                lambda x: self._run_capped(self._dense_module(module, x), x))
             # without convolutions nothing stays local (black boxes, MLPs, transformers): dense batches
             self._boxes.enabled &= any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
@@ -255,6 +259,10 @@ class Engine:
         return torch.cat([self._run(module, x[i:i + size]) for i in range(0, len(x), size)])
 
     def _run(self, module: nn.Module, x: Tensor) -> Tensor:
+        out = self._call(module, x)
+        return out if self.output is None else self.output(out, len(x))
+
+    def _call(self, module: nn.Module, x: Tensor) -> Tensor:
         if self.prefers_channels_last(x):
             try:
                 return module(x.contiguous(memory_format=torch.channels_last))
@@ -342,6 +350,17 @@ class Engine:
         if self._boxes is not None and self._boxes.served:
             stats["incremental_samples"] = self._boxes.served
         return stats
+
+
+class _Selecting:
+    """``module`` followed by the engine's output selection, for the incremental evaluator (which
+    calls it on box tensors; built per engine, it keys nothing)."""
+
+    def __init__(self, module: nn.Module, output: Callable[..., Tensor]) -> None:
+        self.module, self.output = module, output
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.output(self.module(x), len(x))
 
 
 class _NoBar:

@@ -38,6 +38,20 @@ def _describe(fn: Any) -> str:
     return f"{type(owner).__name__}.{name}" if owner is not None else name
 
 
+def declared_input(obj: Any) -> tuple[int, int] | None:
+    """``(channels, ndim)`` an ONNX session declares for its image input ((N, C, ...) with a fixed
+    C, rank 3 to 5), else None."""
+    if not (hasattr(obj, "get_inputs") and hasattr(obj, "run")):
+        return None
+    try:
+        shape = list(obj.get_inputs()[0].shape)
+    except Exception:  # noqa: BLE001 - a session-like object without shapes declares nothing
+        return None
+    if 3 <= len(shape) <= 5 and isinstance(shape[1], int) and not isinstance(shape[1], bool) and shape[1] > 0:
+        return shape[1], len(shape)
+    return None
+
+
 def _as_callable(obj: Any) -> tuple[Callable[[Any], Any], str, Any]:
     """(function, description, preferred numpy dtype) for a supported black-box object."""
     mod = type(obj).__module__ or ""
@@ -94,6 +108,9 @@ class BlackBox(nn.Module):
         if inputs not in _INPUT_KINDS:
             raise OptionError(f"inputs must be one of {', '.join(_INPUT_KINDS)}; got {inputs!r}.")
         self.fn, self.description, np_dtype = _as_callable(fn)
+        #: (channels, ndim) of the inputs, where the callable declares them (ONNX sessions): checked
+        #: at the boundary (core/inputs.py) instead of failing inside the runtime
+        self.expected_input = declared_input(fn)
         self.input_kind = inputs
         if dtype is None:
             dtype = torch.float32 if (inputs == "torch" or np_dtype == np.float32) else torch.float64

@@ -7,18 +7,47 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputError
+from ..errors import InputError, ModelError
 from .guard import model_device, model_dtype
+
+_CONV_NDIM = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}
+
+
+def expected_input(model: nn.Module) -> tuple[int, int] | None:
+    """``(channels, ndim)`` the model expects if it starts with a convolution (its
+    ``in_channels`` and its batched input rank: 3 for Conv1d, 4 for Conv2d, 5 for Conv3d),
+    or what a black box declares (an ONNX session's input shape); else None."""
+    declared = getattr(model, "expected_input", None)
+    if declared is not None and not callable(declared):
+        return declared
+    for m in model.modules():
+        for cls, ndim in _CONV_NDIM.items():
+            if isinstance(m, cls):
+                return m.in_channels, ndim
+        if isinstance(m, nn.Linear):
+            return None
+    return None
 
 
 def expected_channels(model: nn.Module) -> int | None:
     """in_channels of the first Conv layer, if the model starts with one."""
-    for m in model.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return m.in_channels
-        if isinstance(m, nn.Linear):
-            return None
-    return None
+    exp = expected_input(model)
+    return exp[0] if exp is not None else None
+
+
+def check_model_usable(model: nn.Module) -> None:
+    """Refuse models whose weights hold no data (the ``meta`` device) with a clear error."""
+    for t in model.parameters():
+        if t.is_meta:
+            break
+    else:
+        if not any(t.is_meta for t in model.buffers()):
+            return
+    raise ModelError(
+        f"the model ({type(model).__name__}) has parameters on the 'meta' device: they have shapes but no values "
+        "(built under torch.device('meta') or with empty weights). Load real weights first, e.g. "
+        "model.to_empty(device='cpu') then model.load_state_dict(...)."
+    )
 
 
 def as_batch(
@@ -52,12 +81,15 @@ def as_batch(
     if x.is_complex():
         raise InputError("complex inputs are not supported.")
     if model is not None:
-        if ndim == 4:
-            ch = expected_channels(model)
-            if ch is not None and x.shape[1] != ch:
-                raise InputError(
-                    f"the model expects {ch} input channels; got {x.shape[1]} (input shape {tuple(x.shape)})."
-                )
+        check_model_usable(model)
+        exp = expected_input(model)
+        # checked whenever the input has the rank the first convolution takes (also for methods that
+        # accept any rank - perturbations, Shapley values, LIME - so images with the wrong channel
+        # count fail here, not deep inside torch)
+        if exp is not None and x.ndim == exp[1] and x.shape[1] != exp[0]:
+            raise InputError(
+                f"the model expects {exp[0]} input channels; got {x.shape[1]} (input shape {tuple(x.shape)})."
+            )
         if keep_integer and not x.is_floating_point() and x.dtype != torch.bool:
             return x.to(device=model_device(model))
         x = x.to(device=model_device(model), dtype=model_dtype(model))

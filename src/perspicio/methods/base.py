@@ -20,9 +20,10 @@ from torch import Tensor, nn
 from ..core.batching import Engine
 from ..core.explanation import Explanation
 from ..core.guard import model_guard
-from ..core.inputs import as_batch
+from ..core.inputs import as_batch, check_model_usable
 from ..core.options import RecordsOptions
-from ..core.targets import split_multi_target
+from ..core.outputs import OutputSelector
+from ..core.targets import normalize_target, split_multi_target
 from ..errors import ModelError, OptionError
 
 
@@ -63,10 +64,20 @@ class Method(RecordsOptions):
         progress: bool = False,
         labels: Sequence[str] | None = None,
         compile: bool = False,
+        output: Any = None,
     ) -> None:
+        """Common options of every method.
+
+        Args:
+            output: which tensor of the model's output to explain when the model does not return
+                one tensor: a key (``"logits"``), an index (``0``), a path of keys/indices
+                (``("hidden_states", -1)``) or a callable (``perspicio.detections``); see
+                :mod:`perspicio.core.outputs`.
+        """
         model, zoo_labels = unwrap_model(model)
         if not isinstance(model, nn.Module):
             raise ModelError(f"{self.name} needs a torch nn.Module; got {type(model).__name__}.")
+        check_model_usable(model)
         if getattr(model, "is_black_box", False) and not self.accepts_black_box():
             from ..core.registry import METHODS
 
@@ -83,6 +94,8 @@ class Method(RecordsOptions):
         if not isinstance(compile, bool):
             raise OptionError(f"compile must be True or False; got {compile!r}.")
         self.compile = compile
+        self.output = output
+        self._select = OutputSelector(output)  # validates the spec
         self.options: dict[str, Any] = {}
         Engine(model, batch_size=batch_size, memory_budget=memory_budget)  # validates the two options
 
@@ -101,6 +114,7 @@ class Method(RecordsOptions):
     def __call__(self, inputs: Tensor, target: Any = None) -> Explanation:
         """Explain ``inputs`` (N, C, H, W) for ``target`` (see :func:`perspicio.core.targets.resolve_target`)."""
         x = self._prepare_inputs(inputs)
+        target = normalize_target(target)  # logits.argmax() (a 0-d tensor), numpy integers
         # several targets per input ([[3, 5]] or an (N, T) tensor): N*T rows, input-major
         multi = split_multi_target(target, len(x)) if isinstance(x, Tensor) else None
         shared: dict[str, int] = {}
@@ -110,7 +124,7 @@ class Method(RecordsOptions):
             if self.shares_forward_across_targets:
                 shared["targets_per_input"] = per_input
         engine = Engine(self.model, batch_size=self.batch_size, memory_budget=self.memory_budget, progress=self.progress,
-                        compile=self.compile)
+                        compile=self.compile, output=self._select)
         t0 = time.perf_counter()
         with model_guard(self.model):
             result = self._explain(x, target, engine, **shared)

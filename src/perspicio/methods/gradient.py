@@ -353,7 +353,8 @@ class GuidedGradCAM(GradientBase):
         from .cam import GradCAM
 
         cam = GradCAM(self.model, self.layer_spec, relu=True, upsample=self.upsample, labels=self.labels,
-                      batch_size=self.batch_size, memory_budget=self.memory_budget)._explain(x, target, engine)
+                      batch_size=self.batch_size, memory_budget=self.memory_budget,
+                      output=self.output)._explain(x, target, engine)
         same = cam.targets if cam.targets is not None else target
         grads, scores, idx, prov = self.gradients(x, same, engine)
         return Explanation(

@@ -74,7 +74,7 @@ class SmoothGrad(Method):
             raise OptionError(f"base must be an attribution method, not another noise wrapper ({entry.name!r}).")
         opts = {"absolute": False} if entry.name == "saliency" else {}
         opts.update(base_options or {})
-        for key in ("batch_size", "memory_budget", "progress"):
+        for key in ("batch_size", "memory_budget", "progress", "output"):
             if key in entry.cls.option_names():
                 opts.setdefault(key, getattr(self, key))
         self.base_method = build(entry.cls, self.model, labels=self.labels, **opts)

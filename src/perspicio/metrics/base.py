@@ -37,6 +37,7 @@ from ..core.explanation import Explanation
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
 from ..core.options import RecordsOptions
+from ..core.outputs import OutputSelector
 from ..core.targets import ResolvedTarget, resolve_target
 from ..errors import InputError, ModelError, OptionError, PerspicioError
 
@@ -352,14 +353,20 @@ class Metric(RecordsOptions):
         memory_budget: int | None = None,
         progress: bool = False,
         seed: int = 0,
+        output: Any = None,
     ) -> None:
+        """Common options of every metric; ``output`` selects the tensor to score when the model
+        returns a dict, tuple or ``ModelOutput`` (see :mod:`perspicio.core.outputs`; default: the
+        ``output`` option recorded in the explanation, if any)."""
         Engine(nn.Identity(), batch_size=batch_size, memory_budget=memory_budget)  # validates both
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise OptionError(f"seed must be an integer; got {seed!r}.")
+        OutputSelector(output)  # validates the spec
         self.batch_size = batch_size
         self.memory_budget = memory_budget
         self.progress = progress
         self.seed = seed
+        self.output = output
         self.options: dict[str, Any] = {}
 
     def __call__(
@@ -422,8 +429,12 @@ class Metric(RecordsOptions):
         attr = attr.detach().to(x.device).float()
         if target is None and exp is not None and exp.targets is not None:
             target = exp.targets
+        output = self.output
+        if output is None and exp is not None:
+            output = exp.options.get("output")  # the tensor the method explained
         engine = Engine(module if module is not None else nn.Identity(), batch_size=self.batch_size,
-                        memory_budget=self.memory_budget, progress=self.progress)
+                        memory_budget=self.memory_budget, progress=self.progress,
+                        output=OutputSelector(output) if module is not None else None)
         if module is not None:
             with model_guard(module), torch.no_grad():
                 out = engine.evaluate(x).detach()
@@ -441,6 +452,8 @@ class Metric(RecordsOptions):
                 raise OptionError(f"metric {self.name!r} re-runs the explanation method: pass method=... "
                                   "(a method name, a Method, or fn(model, x, target) -> attributions).")
             explainer.check_model(black_box, self.name)
+            if output is not None and explainer.cls is not None:
+                explainer.options.setdefault("output", output)  # re-runs explain the same tensor
         if "parameters" in self.needs and black_box:
             raise ModelError(f"metric {self.name!r} randomizes the model's parameters; a black-box callable has none. "
                              "Pass the nn.Module.")

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..core.batching import progress_bar
 from ..core.explanation import Explanation
+from ..core.outputs import OutputSelector
 from ..core.registry import METHODS, METRICS
 from ..core.targets import resolve_target
 from ..errors import OptionError, PerspicioError, UnknownNameError, suggest
@@ -246,6 +247,7 @@ def compare(
     seed: int = 0,
     batch_size: int | None = None,
     progress: bool = False,
+    output: Any = None,
 ) -> Comparison:
     """Run ``methods`` on ``inputs``, score each with ``metrics``, and rank them.
 
@@ -260,6 +262,8 @@ def compare(
         seed: seed of every randomized metric (each uses its own generator).
         batch_size: chunk size for the methods and metrics (default: from the memory budget).
         progress: show a progress bar over methods x metrics.
+        output: for models that return a dict, tuple or ``ModelOutput``: the key, index or callable
+            selecting the tensor to explain and score (every method's and metric's ``output=``).
 
     A method that fails on this model (e.g. it needs a linear classifier head) is recorded in
     ``errors``; a metric that is not defined for a method (completeness of a CAM) in
@@ -279,14 +283,15 @@ def compare(
 
         raise ModelError("compare/evaluate run registered methods, which need a torch nn.Module; "
                          "score a black-box explanation with a metric class directly.")
+    select = OutputSelector(output)
     for name in metric_names:  # validate every metric's options before any work
-        _make_metric(name, k_opts.get(name, {}), seed, batch_size)
+        _make_metric(name, k_opts.get(name, {}), seed, batch_size, output)
     x = as_batch(inputs, module)
     with torch.no_grad():
         from ..core.guard import model_guard
 
         with model_guard(module):
-            out = module(x)
+            out = select(module(x), len(x))
     tgt = resolve_target(target, out, labels)
     comp = Comparison(method_names, metric_names, {}, {}, inputs=x,
                       targets=tgt.indices.tolist() if tgt.indices is not None else None,
@@ -301,6 +306,8 @@ def compare(
                 opts.setdefault("batch_size", batch_size)
             if labels is not None and "labels" in cls.option_names():
                 opts.setdefault("labels", labels)
+            if output is not None:
+                opts.setdefault("output", output)
             t0 = time.perf_counter()
             try:
                 exp = build(cls, module, **opts)(x, target=tgt)
@@ -316,7 +323,7 @@ def compare(
             advance(1)
             for metric in metric_names:
                 t0 = time.perf_counter()
-                scorer = _make_metric(metric, k_opts.get(metric, {}), seed, batch_size)
+                scorer = _make_metric(metric, k_opts.get(metric, {}), seed, batch_size, output)
                 try:
                     res = scorer(module, x, exp, target=tgt, masks=masks)
                 except NotApplicable as exc:
@@ -331,7 +338,7 @@ def compare(
     return comp
 
 
-def _make_metric(name: str, opts: dict[str, Any], seed: int, batch_size: int | None) -> Any:
+def _make_metric(name: str, opts: dict[str, Any], seed: int, batch_size: int | None, output: Any = None) -> Any:
     from .base import Metric
 
     cls: type[Metric] = METRICS.get(name).cls
@@ -344,6 +351,8 @@ def _make_metric(name: str, opts: dict[str, Any], seed: int, batch_size: int | N
     opts.setdefault("seed", seed)
     if batch_size is not None:
         opts.setdefault("batch_size", batch_size)
+    if output is not None:
+        opts.setdefault("output", output)
     return cls(**opts)
 
 
