@@ -69,7 +69,7 @@ def _route(x, n, ni, thr, bits):
     if (fl & ZERO_MISSING) and abs(v) <= 1e-35:
         return ni[n, 2]
     if fl & (CAT_LEFT | CAT_RIGHT):
-        if ni[n, 8] > 0 and v < 0:
+        if ni[n, 8] > 0 and (v < 0 or v != math.floor(v)):
             return ni[n, 2]
         c = -1
         if v > -1.0 and v < 2147483647.0:

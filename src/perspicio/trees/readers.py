@@ -430,12 +430,46 @@ def _class_names(est: Any, n_out: int) -> tuple[str, ...] | None:
     return (names[1],) if n_out == 1 and len(names) == 2 else names
 
 
+def _hgb_column_map(est: Any) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """(original column of each predictor column, raw categories per categorical predictor column).
+
+    Recent scikit-learn fits on columns reordered by an internal ordinal encoder (categorical columns
+    first, categories coded 0..k-1, unknown ones coded as missing); the trees refer to that order."""
+    f = int(est.n_features_in_)
+    pre = getattr(est, "_preprocessor", None)
+    if pre is None:
+        return np.arange(f), {}
+    cat_cols: list[int] = []
+    num_cols: list[int] = []
+    encoder = None
+    for name, trans, cols in pre.transformers_:
+        idx = np.flatnonzero(np.asarray(cols)) if np.asarray(cols).dtype == bool else np.asarray(cols, dtype=int)
+        if name == "encoder":
+            cat_cols, encoder = list(idx), trans
+        elif name == "numerical":
+            num_cols = list(idx)
+        elif trans != "drop" and len(idx):
+            raise ModelError(f"{type(est).__name__}: unexpected internal column transformer {name!r}.")
+    cats: dict[int, np.ndarray] = {}
+    for j, c in enumerate(getattr(encoder, "categories_", [])):
+        raw = np.asarray(c)
+        if raw.dtype.kind not in "iuf" or (raw.dtype.kind == "f" and not np.all(np.isnan(raw) | (raw == np.round(raw)))):
+            raise ModelError(f"{type(est).__name__}: categorical column {cat_cols[j]} has non-integer categories "
+                             f"({raw[:3].tolist()} ...); encode them as non-negative integers before fitting.")
+        cats[j] = raw
+    return np.asarray(cat_cols + num_cols, dtype=np.int64), cats
+
+
+def _codes_to_raw(words: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    codes = [c for c in range(len(raw)) if c < 32 * len(words) and (int(words[c >> 5]) >> (c & 31)) & 1]
+    values = [int(raw[c]) for c in codes if not np.isnan(raw[c]) and raw[c] >= 0]
+    return bitset(values)
+
+
 def _read_sk_hgb(est: Any) -> TreeEnsemble:
-    if getattr(est, "_preprocessor", None) is not None:
-        raise ModelError(f"{type(est).__name__} was fitted with categorical_features='from_dtype' on a DataFrame "
-                         "(an internal ordinal encoder): encode the categories as integers before fitting.")
     is_clf = hasattr(est, "classes_")
     f = int(est.n_features_in_)
+    columns, raw_cats = _hgb_column_map(est)
     known, fmap = None, None
     try:
         known, fmap = est._bin_mapper.make_known_categories_bitsets()
@@ -453,15 +487,21 @@ def _read_sk_hgb(est: Any) -> TreeEnsemble:
             thr_field = "num_threshold" if "num_threshold" in nodes.dtype.names else "threshold"
             flags = np.full(len(nodes), LE, dtype=np.uint8)
             cats: list[Any] = [None] * len(nodes)
+            feat = nodes["feature_idx"].astype(np.int64)
             if "is_categorical" in nodes.dtype.names:
                 for i in np.flatnonzero(nodes["is_categorical"].astype(bool) & ~is_leaf):
                     words = np.asarray(pred.raw_left_cat_bitsets[nodes["bitset_idx"][i]], dtype=np.uint32)
                     kn = None
                     if known is not None:
-                        kn = np.asarray(known[fmap[nodes["feature_idx"][i]]], dtype=np.uint32)
+                        kn = np.asarray(known[fmap[feat[i]]], dtype=np.uint32)
+                    if raw_cats:  # codes of the internal encoder -> the raw category values
+                        raw = raw_cats[int(feat[i])]
+                        words = _codes_to_raw(words, raw)
+                        kn = _codes_to_raw(np.full(len(raw) // 32 + 1, 0xFFFFFFFF, dtype=np.uint32), raw)
                     cats[i] = (words, kn)
                     flags[i] = CAT_LEFT
-            trees.append({"left": left, "right": right, "default": default, "feature": nodes["feature_idx"].astype(np.int64),
+            feat = np.where(is_leaf, -1, columns[np.maximum(feat, 0)])
+            trees.append({"left": left, "right": right, "default": default, "feature": feat,
                           "threshold": nodes[thr_field].astype(np.float64), "flags": flags,
                           "value": np.where(is_leaf, nodes["value"], 0.0).astype(np.float64),
                           "cover": nodes["count"].astype(np.float64), "cats": cats, "output": k})
