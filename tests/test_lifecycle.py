@@ -20,10 +20,12 @@ from torch import nn
 import perspicio
 from perspicio.core.capture import Capture, run_until, trace_layers
 from perspicio.core.guard import model_guard
+from perspicio.core.registry import METHODS
 from perspicio.methods import names
 
 CAMS = names("cam")
-ALL = names()
+# every method that takes a torch network (tree_shap / linear_shap read a tree ensemble or linear model instead)
+ALL = [m for m in names() if not METHODS.get(m).extra.get("needs")]
 
 
 def snapshot(model: nn.Module) -> dict:
