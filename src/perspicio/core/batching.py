@@ -149,7 +149,7 @@ class Engine:
         expands the batch inside the model, as Ablation-CAM does). ``module``: a function-
         preserving substitute of the model to run instead (its inference twin)."""
         self.forwards += len(x) if count is None else count  # tensors, or lists of strings for text black boxes
-        return self._run(self.model if module is None else module, x)
+        return self._run(self.model if module is None else module, x, count)
 
     def evaluate(self, x: Tensor, *, count: int | None = None, around: Sequence[Tensor] = ()) -> Tensor:
         """Pure model outputs for ``x``: like :meth:`forward`, but for passes that need no
@@ -174,7 +174,7 @@ class Engine:
             if out is not None:
                 self.compiled += len(x)
                 return out if self.output is None else self.output(out, len(x))
-        return self._run(module, x)
+        return self._run(module, x, count)
 
     def _dense_module(self, module: nn.Module, x: Tensor) -> nn.Module:
         """The fused form of the inference twin for dense no-grad batches like ``x``
@@ -258,9 +258,10 @@ class Engine:
         size = self.chunk_size(x[:1]) if self.batch_size is None else len(x)
         return torch.cat([self._run(module, x[i:i + size]) for i in range(0, len(x), size)])
 
-    def _run(self, module: nn.Module, x: Tensor) -> Tensor:
+    def _run(self, module: nn.Module, x: Tensor, rows: int | None = None) -> Tensor:
+        """``module(x)``, its output selected (``rows``: output rows expected, default ``len(x)``)."""
         out = self._call(module, x)
-        return out if self.output is None else self.output(out, len(x))
+        return out if self.output is None else self.output(out, len(x) if rows is None else rows)
 
     def _call(self, module: nn.Module, x: Tensor) -> Tensor:
         if self.prefers_channels_last(x):

@@ -28,11 +28,14 @@ class RecordsOptions:
         def wrapped(self: RecordsOptions, *args: Any, **kwargs: Any) -> None:
             init(self, *args, **kwargs)
             if type(self).__init__ is wrapped:  # only the outermost constructor records
-                bound = inspect.signature(init).bind(self, *args, **kwargs)
+                sig = inspect.signature(init)
+                bound = sig.bind(self, *args, **kwargs)
                 if cls._options_with_defaults:
                     bound.apply_defaults()
                 opts = {k: v for k, v in bound.arguments.items() if k not in cls._options_exclude}
-                opts.update(opts.pop("common", {}) or {})
+                for p in sig.parameters.values():  # **common / **options: recorded as plain options
+                    if p.kind is p.VAR_KEYWORD:
+                        opts.update(opts.pop(p.name, {}) or {})
                 self.options = opts
 
         cls.__init__ = wrapped  # type: ignore[method-assign]
