@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import errno
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -63,3 +67,85 @@ def parse_extra(pairs: tuple[str, ...]) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             out[k.strip()] = v
     return out
+
+
+# ----------------------------------------------------------------------------- output paths
+
+
+def _write_problem(exc: OSError) -> str:
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) or exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return "a file is in the way (the path or one of its parents is a file, not a directory)"
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
+        return "no permission to write there"
+    if exc.errno == errno.EROFS:
+        return "the file system is read-only"
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return f"{exc.strerror or exc}"
+
+
+def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """Create the output directory ``path`` and test-write a file in it, so an unwritable ``--out``
+    fails before any computation (OptionError naming the reason)."""
+    out = Path(path)
+    try:
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(errno.EEXIST, "not a directory", str(out))
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".perspicio-write-test-"):
+            pass
+    except OSError as exc:
+        raise OptionError(f"cannot write to {flag} {str(out)!r}: {_write_problem(exc)}.") from None
+    return out
+
+
+def check_out_file(path: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """Like :func:`check_out_dir` for an output file: its directory must be writable and the path
+    must not be a directory."""
+    out = Path(path)
+    if out.is_dir():
+        raise OptionError(f"cannot write to {flag} {str(out)!r}: it is a directory; give a file name.")
+    check_out_dir(out.parent if str(out.parent) else ".", flag=f"{flag} directory")
+    return out
+
+
+def out_dir_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """click callback: check a --out directory at parse time, before the command runs."""
+    if value is not None:
+        check_out_dir(value)
+    return value
+
+
+def out_file_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """click callback: check a --out file at parse time, before the command runs."""
+    if value is not None:
+        check_out_file(value)
+    return value
+
+
+def output_names(sources: Sequence[str]) -> list[str]:
+    """One distinct file-name stem per input: ``a/x.png`` -> ``x``; a later input with the same
+    stem (``b/x.png``, ``x.jpg``) -> ``x-2``, ``x-3``, ... (never a name an earlier input got)."""
+    names: list[str] = []
+    used: set[str] = set()
+    for source in sources:
+        p = Path(source)
+        base = p.stem if p.suffix else source.replace("/", "_").replace(os.sep, "_")
+        name, k = base, 2
+        while name.lower() in used:  # case-insensitive file systems would merge X and x
+            name, k = f"{base}-{k}", k + 1
+        used.add(name.lower())
+        names.append(name)
+    return names
+
+
+def parse_output(value: str | None) -> Any:
+    """--output: an integer selects by index ('0', '-1'), anything else is a key ('logits')."""
+    if value is None:
+        return None
+    v = value.strip()
+    if not v:
+        raise OptionError("--output must be a key (e.g. logits) or an index (e.g. 0); got an empty string.")
+    if v.lstrip("-").isdigit():
+        return int(v)
+    return v

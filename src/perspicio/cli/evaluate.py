@@ -7,7 +7,15 @@ from typing import Any
 
 import click
 
-from .common import load_model, model_options, parse_target, split_list
+from .common import (
+    load_model,
+    model_options,
+    out_dir_option,
+    out_file_option,
+    parse_output,
+    parse_target,
+    split_list,
+)
 
 DEFAULT_IMAGES = ("chelsea",)
 
@@ -44,7 +52,8 @@ def _scoped_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict[str, An
 @click.option("--methods", "methods", multiple=True, help="Methods: names (repeat or comma-separate), a family as family:NAME, or 'all'. Default: the CAM family.")
 @click.option("--metrics", "metrics", multiple=True, help="Metrics: names, a family, 'default' or 'all'. Default: default.")
 @click.option("--target", "-t", default=None, help="Class index or name to explain (default: the predicted class).")
-@click.option("--out", "-o", "out", default="perspicio-compare.html", show_default=True, type=click.Path(dir_okay=False), help="HTML report; the JSON goes next to it.")
+@click.option("--out", "-o", "out", default="perspicio-compare.html", show_default=True, type=click.Path(dir_okay=False), callback=out_file_option, help="HTML report; the JSON goes next to it (its directory is checked before any work).")
+@click.option("--output", "output", default=None, metavar="KEY|INDEX", help="For models that return a dict, tuple or ModelOutput: the key or index of the tensor to explain.")
 @click.option("--metric-option", "metric_opts", multiple=True, help="Metric option as metric.key=value, e.g. deletion.steps=50 (repeatable).")
 @click.option("--method-option", "method_opts", multiple=True, help="Method option as method.key=value, e.g. gradcam.relu=False (repeatable).")
 @click.option("--batch-size", type=int, default=None, help="Chunk size for methods and metrics (default: from the memory budget).")
@@ -53,7 +62,7 @@ def _scoped_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict[str, An
 def compare_cmd(
     images: tuple[str, ...], model_spec: str, device: str, random_init: bool, methods: tuple[str, ...],
     metrics: tuple[str, ...], target: str | None, out: str, metric_opts: tuple[str, ...],
-    method_opts: tuple[str, ...], batch_size: int | None, seed: int, progress: bool,
+    method_opts: tuple[str, ...], batch_size: int | None, seed: int, progress: bool, output: str | None,
 ) -> None:
     """Explain IMAGES with several methods, score every explanation, rank the methods and
     write one self-contained HTML report (plus a JSON file with every number)."""
@@ -73,7 +82,7 @@ def compare_cmd(
         zm, x, methods=method_names, metrics=metric_names, target=parse_target(target),
         method_options=_scoped_options(method_opts, "--method-option"),
         metric_options=_scoped_options(metric_opts, "--metric-option"),
-        seed=seed, batch_size=batch_size, progress=progress,
+        seed=seed, batch_size=batch_size, progress=progress, output=parse_output(output),
     )
     size = tuple(x.shape[-2:])
     display = [p.resize((size[1], size[0])) for p in pil_images]
@@ -103,7 +112,7 @@ def benchmark_group() -> None:
 @benchmark_group.command("pointing-game")
 @click.option("--methods", "methods", multiple=True, help="Methods (names, a family or 'all'). Default: the CAM family.")
 @click.option("--model", "-m", "model_spec", default="efficientnet_lite0", show_default=True, help="Bundled model.")
-@click.option("--out", "-o", "out_dir", default=None, type=click.Path(file_okay=False), help="Directory for pointing_game.json.")
+@click.option("--out", "-o", "out_dir", default=None, type=click.Path(file_okay=False), callback=out_dir_option, help="Directory for pointing_game.json.")
 @click.option("--size", default=448, show_default=True, help="Grid side in pixels (each cell is half of it).")
 @click.option("--orders", default="all", show_default=True,
               help="Cell orders to use: 'all' 24, 'latin' (4 orders, every photo once in every cell) or "

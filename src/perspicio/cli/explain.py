@@ -9,7 +9,16 @@ from typing import Any
 
 import click
 
-from .common import load_model, model_options, parse_extra, parse_target, split_list
+from .common import (
+    load_model,
+    model_options,
+    out_dir_option,
+    output_names,
+    parse_extra,
+    parse_output,
+    parse_target,
+    split_list,
+)
 
 DEFAULT_IMAGES = ("chelsea",)
 
@@ -24,18 +33,14 @@ def register(group: click.Group) -> None:
     group.add_command(layers_cmd)
 
 
-def _stem(source: str) -> str:
-    p = Path(source)
-    return p.stem if p.suffix else source.replace("/", "_")
-
-
 @click.command("explain")
 @click.argument("images", nargs=-1)
 @model_options
 @click.option("--method", "methods", multiple=True, help="Method name(s); repeat or comma-separate; 'all', or a family as family:NAME (e.g. family:cam). Default: the CAM family.")
 @click.option("--target", "-t", default=None, help="Class index or name to explain (default: the predicted class).")
 @click.option("--layer", "-l", default=None, help="Layer for layer methods (dotted name; default: auto).")
-@click.option("--out", "-o", "out_dir", default="perspicio-out", show_default=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--out", "-o", "out_dir", default="perspicio-out", show_default=True, type=click.Path(file_okay=False), callback=out_dir_option, help="Output directory (created and test-written before any work).")
+@click.option("--output", "output", default=None, metavar="KEY|INDEX", help="For models that return a dict, tuple or ModelOutput: the key (e.g. logits) or index (e.g. 0) of the tensor to explain.")
 @click.option("--batch-size", type=int, default=None, help="Chunk size for many-pass methods (default: from the memory budget).")
 @click.option("--relu/--no-relu", default=None, help="Clip negative CAM values (default: on).")
 @click.option("--steps", type=int, default=None, help="Path methods: number of steps.")
@@ -51,16 +56,18 @@ def explain_cmd(
     images: tuple[str, ...], model_spec: str, device: str, random_init: bool, methods: tuple[str, ...],
     target: str | None, layer: str | None, out_dir: str, batch_size: int | None, relu: bool | None,
     steps: int | None, baseline: str | None, samples: int | None, noise: float | None, seed: int | None,
-    extra: tuple[str, ...], fmt: str, progress: bool, compile_: bool,
+    extra: tuple[str, ...], fmt: str, progress: bool, compile_: bool, output: str | None,
 ) -> None:
     """Explain the model's prediction on IMAGES (files or sample names; default: chelsea).
 
     Prints the top-5 classes and writes, per image and method, OUT/<image>_<method>.png
-    (overlay), .npy (raw attributions) and .json, plus OUT/<image>_comparison.png.
+    (overlay), .npy (raw attributions) and .json, plus OUT/<image>_comparison.png. <image> is
+    the file's stem; inputs sharing a stem (a/x.png b/x.png, x.png x.jpg) get x, x-2, x-3, ...
     """
     import torch
 
     from .. import explain as run_explain
+    from ..core.outputs import OutputSelector
     from ..core.registry import METHODS
     from ..errors import OptionError
     from ..viz import comparison_figure
@@ -71,22 +78,27 @@ def explain_cmd(
     pil_images = [load_image(s) for s in sources]  # validate every file before any work
     zm = load_model(model_spec, device, random_init)
     given = {"layer": layer, "relu": relu, "batch_size": batch_size, "steps": steps, "baseline": baseline,
-             "samples": samples, "noise": noise, "seed": seed, "compile": compile_ or None}
+             "samples": samples, "noise": noise, "seed": seed, "compile": compile_ or None,
+             "output": parse_output(output)}
     given = {k: v for k, v in given.items() if v is not None}
     given.update(parse_extra(extra))
     for key in given:
         if not any(key in METHODS.get(m).cls.option_names() for m in chosen):
             raise OptionError(f"none of the chosen methods ({', '.join(chosen)}) takes --{key.replace('_', '-')}.")
     tgt = parse_target(target)
+    select = OutputSelector(given.get("output"))
     results: list[tuple[str, Any, list[Any]]] = []
     for source, pil in zip(sources, pil_images):
         x = zm.preprocess(pil).to(device)
         with torch.no_grad():
-            probs = zm.model(x).softmax(dim=1)[0]
-        top = probs.topk(5)
-        click.echo(f"{source}: top-5 of {zm.name}")
-        for p, i in zip(top.values.tolist(), top.indices.tolist()):
-            click.echo(f"  {i:>5}  {zm.labels[i]:<32} {p:.4f}")
+            logits = select(zm.model(x), len(x))
+        if logits.ndim == 2:  # a classifier: its top-5
+            top = logits.softmax(dim=1)[0].topk(min(5, logits.shape[1]))
+            click.echo(f"{source}: top-{len(top.indices)} of {zm.name}")
+            for p, i in zip(top.values.tolist(), top.indices.tolist()):
+                click.echo(f"  {i:>5}  {zm.labels[i]:<32} {p:.4f}")
+        else:
+            click.echo(f"{source}: {zm.name} output {tuple(logits.shape)}")
         exps = []
         for m in chosen:
             cls = METHODS.get(m).cls
@@ -101,18 +113,25 @@ def explain_cmd(
         results.append((source, pil, exps))
     # write everything only after every explanation succeeded
     out = Path(out_dir)
+    names = output_names([source for source, _, _ in results])
     written: list[Path] = []
-    for source, pil, exps in results:
+    comparisons: list[Path] = []
+    for name, (source, pil, exps) in zip(names, results):
         display = pil.resize(tuple(exps[0].attributions.shape[-1:-3:-1]))
         for e in exps:
-            written += e.save(out / f"{_stem(source)}_{e.method}", image=display, format=fmt)
+            written += e.save(out / f"{name}_{e.method}", image=display, format=fmt)
         fig = comparison_figure(exps, image=display, title=source)
-        path = out / f"{_stem(source)}_comparison.png"
+        path = out / f"{name}_comparison.png"
         fig.savefig(path, dpi=100)
-        written.append(path)
-    (out / "summary.json").write_text(json.dumps(
-        {src: [e.summary() for e in exps] for src, _, exps in results}, indent=2))
-    click.echo(f"wrote {len(written) + 1} files to {out}/ (comparison: {written[-1].name})")
+        comparisons.append(path)
+    summary = out / "summary.json"
+    summary.write_text(json.dumps({name: [e.summary() for e in exps] for name, (_, _, exps) in zip(names, results)},
+                                  indent=2))
+    files = {p.resolve() for p in [*written, *comparisons, summary] if p.is_file()}
+    renamed = [f"{src} -> {name}_*" for name, (src, _, _) in zip(names, results)
+               if Path(src).stem != name and Path(src).suffix]
+    click.echo(f"wrote {len(files)} files to {out}/ (comparison: {comparisons[-1].name})"
+               + (f"; inputs sharing a name: {', '.join(renamed)}" if renamed else ""))
 
 
 @click.command("methods")

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .common import load_model, parse_target, split_list
+from .common import load_model, out_dir_option, parse_target, split_list
 
 DIGITS = ("digits", "digits_cnn")
 
@@ -33,7 +33,7 @@ def features() -> None:
 
 def _common(f: Any) -> Any:
     f = click.option("--out", "-o", "out_dir", default="perspicio-features", show_default=True,
-                     type=click.Path(file_okay=False), help="Output directory.")(f)
+                     type=click.Path(file_okay=False), callback=out_dir_option, help="Output directory.")(f)
     f = click.option("--seed", type=int, default=0, show_default=True, help="Seed of the local random generator.")(f)
     f = click.option("--random-init", is_flag=True, help="Random weights instead of pretrained ones.")(f)
     f = click.option("--device", default="cpu", show_default=True, help="torch device.")(f)

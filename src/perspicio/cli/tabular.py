@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .common import parse_extra, parse_target, split_list
+from .common import out_dir_option, parse_extra, parse_target, split_list
 
 
 def register(group: click.Group) -> None:
@@ -35,7 +35,8 @@ def _tabular_methods() -> list[str]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-display", type=int, default=12, show_default=True, help="Features shown in the plots.")
 @click.option("--option", "extra", multiple=True, help="Any other method option as key=value (repeatable).")
-@click.option("--out", "-o", "out_dir", default="perspicio-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", "-o", "out_dir", default="perspicio-out", show_default=True, type=click.Path(file_okay=False),
+              callback=out_dir_option)
 def explain_tabular_cmd(dataset: str, kind: str, method: str, rows: str, target: str | None, budget: int | None,
                         background_size: int, seed: int, max_display: int, extra: tuple[str, ...],
                         out_dir: str) -> None:
