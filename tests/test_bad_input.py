@@ -19,6 +19,7 @@ from perspicio.cli import main
 from perspicio.errors import (
     InputError,
     LayerError,
+    ModelError,
     OptionError,
     PerspicioError,
     TargetError,
@@ -148,6 +149,90 @@ def test_option_errors_in_python(tiny_cnn, tiny_input) -> None:
         perspicio.explain(tiny_cnn, tiny_input, method="gradcam", upsample="cubic")
     with pytest.raises(OptionError, match="no option 'steps'"):
         perspicio.explain(tiny_cnn, tiny_input, method="gradcam", steps=5)
+
+
+# ---------------------------------------------------------------------------- issue 14: smaller gaps
+
+
+@pytest.mark.parametrize("method", ["gradcam", "saliency", "integrated_gradients", "occlusion", "lrp", "smoothgrad"])
+def test_zero_dim_tensor_and_numpy_targets_are_class_indices(tiny_cnn, tiny_input, method: str) -> None:
+    """``target=logits.argmax()`` (a 0-d tensor) and numpy integers mean that one class."""
+    with torch.no_grad():
+        top = tiny_cnn(tiny_input[:1]).argmax()
+    assert top.ndim == 0
+    ref = perspicio.explain(tiny_cnn, tiny_input, method, target=int(top))
+    for t in (top, np.int64(int(top)), np.array(int(top))):
+        e = perspicio.explain(tiny_cnn, tiny_input, method, target=t)
+        assert e.targets.tolist() == [int(top)] * 2
+        torch.testing.assert_close(e.attributions, ref.attributions)
+    with pytest.raises(TargetError, match="integer class indices"):
+        perspicio.explain(tiny_cnn, tiny_input, method, target=torch.tensor(1.5))
+
+
+@pytest.mark.parametrize("method", ["occlusion", "feature_ablation", "kernel_shap", "shapley_sampling", "shapley_exact", "lime"])
+def test_model_agnostic_methods_check_the_channel_count(tiny_cnn, tiny_input, method: str) -> None:
+    with pytest.raises(InputError, match=r"the model expects 3 input channels; got 1 \(input shape \(2, 1, 8, 8\)\)"):
+        perspicio.explain(tiny_cnn, tiny_input[:, :1], method)
+    with pytest.raises(InputError, match=r"expects 3 input channels; got 4"):
+        perspicio.explain(tiny_cnn, torch.cat([tiny_input, tiny_input[:, :1]], 1).numpy(), method)
+
+
+def test_black_box_with_a_declared_input_shape_checks_the_channel_count(tiny_cnn) -> None:
+    """An ONNX session declares (N, C, H, W): a wrong C is refused at the boundary."""
+
+    class Input:
+        name = "x"
+        type = "tensor(float)"
+        shape = ["batch", 3, 8, 8]
+
+    class Session:
+        def get_inputs(self):
+            return [Input()]
+
+        def run(self, outputs, feeds):
+            with torch.no_grad():
+                return [tiny_cnn(torch.from_numpy(feeds["x"])).numpy()]
+
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    e = perspicio.explain(Session(), x, "occlusion", window=4, stride=4, target=0)
+    assert e.attributions.shape == (1, 3, 8, 8)
+    with pytest.raises(InputError, match="the model expects 3 input channels; got 1"):
+        perspicio.explain(Session(), x[:, :1], "occlusion", window=4, stride=4, target=0)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "saliency", "integrated_gradients", "occlusion", "kernel_shap",
+                                    "scorecam", "deeplift"])
+def test_a_target_callable_returning_nan_is_an_error(tiny_cnn, tiny_input, method: str) -> None:
+    def nan_score(out: torch.Tensor) -> torch.Tensor:
+        return out[:, 0] * float("nan")
+
+    opts = {"feature_mask": torch.arange(4).view(2, 2).repeat_interleave(4, 0).repeat_interleave(4, 1)} \
+        if method == "kernel_shap" else {}
+    with pytest.raises(TargetError, match=r"the target callable nan_score returned NaN/Inf for 2 of 2 row\(s\)"):
+        perspicio.explain(tiny_cnn, tiny_input, method, target=nan_score, **opts)
+
+
+def test_a_target_that_turns_nan_on_perturbed_copies_is_an_error(tiny_cnn, tiny_input) -> None:
+    def fragile(out: torch.Tensor) -> torch.Tensor:  # finite on the input, NaN on some occluded copies
+        return torch.log(out[:, 0] - out[:, 0].max() + 1e-3)
+
+    with torch.no_grad():
+        assert torch.isfinite(fragile(tiny_cnn(tiny_input[:1])))
+    with pytest.raises(TargetError, match="the target callable fragile returned NaN/Inf"):
+        perspicio.explain(tiny_cnn, tiny_input[:1], "occlusion", target=fragile, window=4, stride=2)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "saliency", "occlusion", "kernel_shap", "lrp"])
+def test_a_model_on_the_meta_device_is_refused(tiny_input, method: str) -> None:
+    from conftest import TinyCNN
+
+    model = TinyCNN().to("meta")
+    with pytest.raises(ModelError, match=r"TinyCNN\) has parameters on the 'meta' device.*to_empty"):
+        perspicio.explain(model, tiny_input, method)
+    from perspicio import metrics
+
+    with pytest.raises(ModelError, match="'meta' device"):
+        metrics.get("deletion")(steps=4)(model, tiny_input, torch.ones(2, 8, 8))
 
 
 def test_every_error_is_a_perspicio_error() -> None:

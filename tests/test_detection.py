@@ -142,3 +142,26 @@ def test_occlusion_of_a_box(detector) -> None:
         drops = e.scores - target(perspicio.detections(model(copies)))
     got = torch.stack([e.attributions[0, 0, r, c] for r, c in ((0, 0), (0, 80), (80, 0), (80, 80))])
     torch.testing.assert_close(got, drops, rtol=1e-4, atol=1e-5)
+
+
+def test_readme_detection_recipe_runs(detector) -> None:
+    """The README's output=/detection recipe, run as written on the seeded detector (and a
+    dict-returning model for its first line)."""
+    from pathlib import Path
+
+    from conftest import TinyCNN
+
+    class HFLike(TinyCNN):
+        def forward(self, x):
+            return {"logits": super().forward(x)}
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    recipe = next(b for b in blocks if "BoxScoreTarget" in b)
+    model, x, det = detector
+    scope = {"perspicio": perspicio, "detector": model, "x": x, "hf_model": HFLike().eval(),
+             "batch": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))}
+    exec(compile(recipe, "README.md", "exec"), scope)
+    assert scope["cam"].attributions.shape == (1, 1, 160, 160) and scope["cam"].attributions.sum() > 0
+    assert scope["occ"].attributions.shape == (1, 3, 160, 160)
+    assert scope["cam"].scores.item() == pytest.approx(det["scores"][0].item())
