@@ -51,6 +51,9 @@ from .ensemble import CAT_LEFT, CAT_RIGHT, LE, NAN_AS_ZERO, ZERO_MISSING
 MAX_PATH_FEATURES = 62
 #: table memory per chunk of trees (bytes)
 TABLE_BUDGET = 64 << 20
+#: table memory per tree (bytes): a row looks up one pattern per leaf, so a tree's tables must stay in
+#: the core's cache while a block of rows passes; beyond this, the deepest leaves compute per row
+TREE_TABLE_BUDGET = 512 << 10
 
 
 # ============================================================================ routing
@@ -93,6 +96,20 @@ def _route(x, n, ni, thr, bits):
     if fl & LE:
         return ni[n, 0] if v <= thr[n] else ni[n, 1]
     return ni[n, 0] if v < thr[n] else ni[n, 1]
+
+
+@njit(cache=False)
+def _fail_masks(xr, ts, te, ni, thr, bits, node_bit, mask):
+    """For every node of one tree (parents before children), the bits of the path features the row
+    fails on the way to it: a leaf's pattern is ``full & ~mask[leaf]``."""
+    mask[0] = 0
+    for n in range(ts, te):
+        if ni[n, 0] >= 0:
+            c = _route(xr, n, ni, thr, bits)
+            m = mask[n - ts]
+            o = ni[n, 0] + ni[n, 1] - c
+            mask[c - ts] = m
+            mask[o - ts] = m | (np.int64(1) << node_bit[n])
 
 
 @njit(cache=False, parallel=True)
@@ -148,6 +165,7 @@ class Paths:
     uf_feat: np.ndarray      # distinct features of each path, in order of first split
     uf_p: np.ndarray         # product of the cover fractions of the path's splits on that feature
     leaf_d: np.ndarray       # (L,) number of distinct features on each path
+    node_bit: np.ndarray     # (n_nodes,) bit of an internal node's feature in the patterns of the leaves below
     reach: np.ndarray        # (L,) product of all cover fractions (probability of reaching the leaf)
     max_steps: int
     max_d: int
@@ -181,7 +199,7 @@ def _count_paths(left, right, tree_start):
 
 @njit(cache=False)
 def _fill_paths(left, right, feature, cover, tree_start, n_leaves, n_steps, max_steps, leaf_node, tree_leaf,
-                step_start, step_node, step_child, step_bit, uf_start, uf_feat, uf_p, leaf_d, reach):
+                step_start, step_node, step_child, step_bit, uf_start, uf_feat, uf_p, leaf_d, reach, node_bit):
     path_node = np.zeros(max_steps + 1, np.int64)
     path_child = np.zeros(max_steps + 1, np.int64)
     feats = np.zeros(max_steps + 1, np.int64)
@@ -228,6 +246,7 @@ def _fill_paths(left, right, feature, cover, tree_start, n_leaves, n_steps, max_
                     step_node[si] = a
                     step_child[si] = c
                     step_bit[si] = pos
+                    node_bit[a] = pos  # the same for every leaf below a: positions follow first appearance
                     si += 1
                 for q in range(d):
                     uf_feat[ui] = feats[q]
@@ -266,12 +285,13 @@ def leaf_paths(ens: Any) -> Paths:
     uf_p = np.zeros(n_steps)
     leaf_d = np.zeros(n_leaves, np.int32)
     reach = np.zeros(n_leaves)
+    node_bit = np.zeros(len(left), np.int64)
     used = _fill_paths(left, right, ens.feature.astype(np.int64), ens.cover, ens.tree_start.astype(np.int64),
                        n_leaves, n_steps, max_steps, leaf_node, tree_leaf, step_start, step_node, step_child,
-                       step_bit, uf_start, uf_feat, uf_p, leaf_d, reach)
+                       step_bit, uf_start, uf_feat, uf_p, leaf_d, reach, node_bit)
     sizes = np.diff(ens.tree_start)
     return Paths(leaf_node, tree_leaf, step_start, step_node, step_child, step_bit, uf_start, uf_feat[:used].copy(),
-                 uf_p[:used].copy(), leaf_d, reach, int(max_steps), int(leaf_d.max(initial=0)),
+                 uf_p[:used].copy(), leaf_d, node_bit, reach, int(max_steps), int(leaf_d.max(initial=0)),
                  int(sizes.max(initial=1)))
 
 
@@ -477,7 +497,7 @@ def _build_tables(leaves, tab_start, leaf_d, uf_start, uf_p, w, inter, intervent
 
 
 @njit(cache=False, parallel=True)
-def _apply(x, trees, ni, thr, bits, tree_start, tree_leaf, leaf_node, step_start, step_node, step_child, step_bit,
+def _apply(x, trees, ni, thr, bits, tree_start, tree_leaf, leaf_node, node_bit,
            uf_start, uf_feat, uf_p, leaf_d, use_tab, tab_start, tab, value, tree_output, w, inter, interventional,
            z_start, zpat, zcnt, max_d, max_tree_nodes, block, phi, phi2):
     n_rows = x.shape[0]
@@ -486,7 +506,7 @@ def _apply(x, trees, ni, thr, bits, tree_start, tree_leaf, leaf_node, step_start
     for b in prange(n_blocks):
         r0 = b * block
         r1 = min(n_rows, r0 + block)
-        dec = np.zeros(max_tree_nodes, np.int32)
+        dec = np.zeros(max_tree_nodes, np.int64)
         q = np.zeros(max_d + 2)
         r = np.zeros(max_d + 2)
         r2 = np.zeros(max_d + 2)
@@ -498,18 +518,12 @@ def _apply(x, trees, ni, thr, bits, tree_start, tree_leaf, leaf_node, step_start
             te = tree_start[t + 1]
             k = tree_output[t]
             for row in range(r0, r1):
-                xr = x[row]
-                for n in range(ts, te):
-                    if ni[n, 0] >= 0:
-                        dec[n - ts] = _route(xr, n, ni, thr, bits)
+                _fail_masks(x[row], ts, te, ni, thr, bits, node_bit, dec)
                 for lf in range(tree_leaf[t], tree_leaf[t + 1]):
                     d = leaf_d[lf]
                     if d == 0:
                         continue
-                    s = (np.int64(1) << d) - 1
-                    for st in range(step_start[lf], step_start[lf + 1]):
-                        if dec[step_node[st] - ts] != step_child[st]:
-                            s &= ~(np.int64(1) << step_bit[st])
+                    s = ((np.int64(1) << d) - 1) & ~dec[leaf_node[lf] - ts]
                     u0 = uf_start[lf]
                     node = leaf_node[lf]
                     if use_tab[lf]:
@@ -566,24 +580,17 @@ def _apply(x, trees, ni, thr, bits, tree_start, tree_leaf, leaf_node, step_start
 
 
 @njit(cache=False, parallel=True)
-def _patterns(x, ni, thr, bits, tree_start, tree_leaf, step_start, step_node, step_child, step_bit, leaf_d,
-              max_tree_nodes, out):
+def _patterns(x, ni, thr, bits, tree_start, tree_leaf, leaf_node, node_bit, leaf_d, max_tree_nodes, out):
     """Pattern of every leaf for every row: (N, L) int64."""
     for row in prange(x.shape[0]):
-        dec = np.zeros(max_tree_nodes, np.int32)
+        dec = np.zeros(max_tree_nodes, np.int64)
         xr = x[row]
         for t in range(len(tree_start) - 1):
             ts = tree_start[t]
-            for n in range(ts, tree_start[t + 1]):
-                if ni[n, 0] >= 0:
-                    dec[n - ts] = _route(xr, n, ni, thr, bits)
+            _fail_masks(xr, ts, tree_start[t + 1], ni, thr, bits, node_bit, dec)
             for lf in range(tree_leaf[t], tree_leaf[t + 1]):
                 d = leaf_d[lf]
-                s = (np.int64(1) << d) - 1
-                for st in range(step_start[lf], step_start[lf + 1]):
-                    if dec[step_node[st] - ts] != step_child[st]:
-                        s &= ~(np.int64(1) << step_bit[st])
-                out[row, lf] = s
+                out[row, lf] = ((np.int64(1) << d) - 1) & ~dec[leaf_node[lf] - ts]
 
 
 @njit(cache=False)
@@ -613,7 +620,7 @@ def _histograms(pat, weights, z_start, zpat, zcnt):
 
 
 @njit(cache=False, parallel=True)
-def _iv_pairs(x, mx, ni, thr, bits, tree_start, tree_leaf, leaf_node, step_start, step_node, step_child, step_bit,
+def _iv_pairs(x, mx, ni, thr, bits, tree_start, tree_leaf, leaf_node, node_bit,
               uf_start, uf_feat, leaf_d, value, tree_output, w, bgpat, mb, transform, gl_t, gl_w, max_tree_nodes,
               n_features, phi):
     """Interventional values of a transformed output (per background row: the margin game's values
@@ -623,21 +630,14 @@ def _iv_pairs(x, mx, ni, thr, bits, tree_start, tree_leaf, leaf_node, step_start
     n_bg = bgpat.shape[0]
     n_out = value.shape[1]
     for row in prange(n_rows):
-        dec = np.zeros(max_tree_nodes, np.int32)
+        dec = np.zeros(max_tree_nodes, np.int64)
         o = np.zeros(n_leaves, np.int64)
         xr = x[row]
         for t in range(len(tree_start) - 1):
             ts = tree_start[t]
-            for n in range(ts, tree_start[t + 1]):
-                if ni[n, 0] >= 0:
-                    dec[n - ts] = _route(xr, n, ni, thr, bits)
+            _fail_masks(xr, ts, tree_start[t + 1], ni, thr, bits, node_bit, dec)
             for lf in range(tree_leaf[t], tree_leaf[t + 1]):
-                d = leaf_d[lf]
-                s = (np.int64(1) << d) - 1
-                for st in range(step_start[lf], step_start[lf + 1]):
-                    if dec[step_node[st] - ts] != step_child[st]:
-                        s &= ~(np.int64(1) << step_bit[st])
-                o[lf] = s
+                o[lf] = ((np.int64(1) << leaf_d[lf]) - 1) & ~dec[leaf_node[lf] - ts]
         tmp = np.zeros((n_features, n_out))
         jac = np.zeros((n_out, n_out))
         pr = np.zeros(n_out)

@@ -168,6 +168,9 @@ class TreeEnsemble:
         internal = self.left >= 0
         if (self.left[internal] >= n).any() or (self.right[internal] >= n).any() or (self.right[internal] < 0).any():
             raise ValueError("TreeEnsemble child ids out of range")
+        ids = np.arange(n)
+        if (self.left[internal] <= ids[internal]).any() or (self.right[internal] <= ids[internal]).any():
+            raise ValueError("TreeEnsemble nodes must come after their parents (children ids > parent id)")
         if (self.feature[internal] >= self.n_features).any() or (self.feature[internal] < 0).any():
             raise ValueError("TreeEnsemble split features out of range")
         if len(self.tree_output) != self.n_trees or len(self.base_offset) != self.n_outputs:

@@ -35,7 +35,9 @@ class TreeShapResult:
 def _table_plan(ens: TreeEnsemble, paths: Any, n_rows: int, inter: bool) -> tuple[np.ndarray, list[np.ndarray],
                                                                                     np.ndarray, list[int]]:
     """Which leaves get a pattern table, and chunks of trees whose tables fit the budget."""
-    from ._kernels import TABLE_BUDGET
+    from . import _kernels
+
+    tree_budget = _kernels.TREE_TABLE_BUDGET
 
     d = paths.leaf_d.astype(np.int64)
     width = d * d if inter else d
@@ -50,15 +52,15 @@ def _table_plan(ens: TreeEnsemble, paths: Any, n_rows: int, inter: bool) -> tupl
     for t in range(ens.n_trees):
         a, b = paths.tree_leaf[t], paths.tree_leaf[t + 1]
         tb = int(size[a:b].sum())
-        if tb > TABLE_BUDGET:  # one tree too large: its largest tables become per-row computations
-            order = np.argsort(-size[a:b])
+        if tb > tree_budget:  # a tree's tables must stay in cache: its largest become per-row computations
+            order = np.argsort(-size[a:b], kind="stable")
             for i in order:
-                if tb <= TABLE_BUDGET:
+                if tb <= tree_budget:
                     break
                 tb -= int(size[a + i])
                 size[a + i] = 0
                 use[a + i] = False
-        if cur and cur_bytes + tb > TABLE_BUDGET:
+        if cur and cur_bytes + tb > _kernels.TABLE_BUDGET:
             chunks.append(np.asarray(cur, dtype=np.int64))
             sizes.append(cur_bytes)
             cur, cur_bytes = [], 0
@@ -134,8 +136,8 @@ def tree_shap(ens: TreeEnsemble, x: Any, *, feature_perturbation: str = "tree_pa
         bg = ens.prepare(background, "background")
         stats["background_rows"] = int(bg.shape[0])
         bgpat = np.empty((bg.shape[0], len(paths.leaf_node)), np.int64)
-        K._patterns(bg, ni, ens.threshold, ens.cat_bits, ens.tree_start, paths.tree_leaf, paths.step_start,
-                    paths.step_node, paths.step_child, paths.step_bit, paths.leaf_d, paths.max_tree_nodes, bgpat)
+        K._patterns(bg, ni, ens.threshold, ens.cat_bits, ens.tree_start, paths.tree_leaf, paths.leaf_node,
+                    paths.node_bit, paths.leaf_d, paths.max_tree_nodes, bgpat)
         full = (np.int64(1) << paths.leaf_d.astype(np.int64)) - 1
         reach = (bgpat == full[None, :]).mean(axis=0)
         mb = K.predict_margin(ens, bg)
@@ -145,8 +147,7 @@ def tree_shap(ens: TreeEnsemble, x: Any, *, feature_perturbation: str = "tree_pa
 
             t_nodes, t_w = leggauss(64)
             K._iv_pairs(xs, output, ni, ens.threshold, ens.cat_bits, ens.tree_start, paths.tree_leaf,
-                        paths.leaf_node, paths.step_start, paths.step_node, paths.step_child, paths.step_bit,
-                        paths.uf_start, paths.uf_feat, paths.leaf_d, ens.value, ens.tree_output, w, bgpat, mb,
+                        paths.leaf_node, paths.node_bit, paths.uf_start, paths.uf_feat, paths.leaf_d, ens.value, ens.tree_output, w, bgpat, mb,
                         transform, (t_nodes + 1) / 2, t_w / 2, paths.max_tree_nodes, f, phi)
             prob = _link(output, transform)
             base = _link(mb, transform).mean(axis=0)
@@ -175,7 +176,7 @@ def tree_shap(ens: TreeEnsemble, x: Any, *, feature_perturbation: str = "tree_pa
             K._build_tables(tabbed, tab_start, paths.leaf_d, paths.uf_start, paths.uf_p, w, interactions,
                             interventional, z_start, zpat, zcnt, tab, paths.max_d)
         K._apply(xs, trees, ni, ens.threshold, ens.cat_bits, ens.tree_start, paths.tree_leaf, paths.leaf_node,
-                 paths.step_start, paths.step_node, paths.step_child, paths.step_bit, paths.uf_start,
+                 paths.node_bit, paths.uf_start,
                  paths.uf_feat, paths.uf_p, paths.leaf_d, use, tab_start, tab, ens.value, ens.tree_output, w,
                  interactions, interventional, z_start, zpat, zcnt, paths.max_d, paths.max_tree_nodes, block,
                  phi, phi2)
