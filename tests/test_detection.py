@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import perspicio
-from perspicio.errors import ModelError, TargetError
+from perspicio.errors import LayerError, ModelError, TargetError
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -92,6 +92,16 @@ def test_box_score_target_scores_the_matching_detection(detector) -> None:
         perspicio.BoxScoreTarget([5.0, 5.0, 1.0, 9.0], 1)
     with pytest.raises(TargetError, match="one integer label per box"):
         perspicio.BoxScoreTarget([[0.0, 0.0, 1.0, 1.0]] * 2, [1])
+
+
+def test_a_cam_layer_without_one_row_per_input_is_refused(detector) -> None:
+    """The automatic CAM layer of a detector is its ROI pooling (one row per proposal): refused with a
+    suggestion instead of returning one map per proposal."""
+    model, x, det = detector
+    target = perspicio.BoxScoreTarget(det["boxes"][0], det["labels"][0])
+    with pytest.raises(LayerError, match=r"automatic CAM layer 'roi_heads.box_roi_pool' outputs \d+ rows of shape "
+                                         r"\(256, 7, 7\) for 1 input\(s\).*Pass layer=\.\.\. with one row per input"):
+        perspicio.explain(model, x, "gradcam", output=perspicio.detections, target=target)
 
 
 def test_gradcam_of_a_box_matches_pytorch_grad_cam(detector) -> None:

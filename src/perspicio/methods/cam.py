@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.batching import Engine
-from ..core.capture import Capture, auto_layer, resolve_layer, to_spatial
+from ..core.capture import Capture, auto_layer, is_spatial, resolve_layer, to_spatial, trace_layers
 from ..core.explanation import Explanation
 from ..core.registry import register_method
 from ..core.targets import ResolvedTarget, resolve_target
@@ -100,6 +100,8 @@ class CAMBase(Method):
                 grads_raw = [None] * len(modules)
         maps, raws = [], []
         for (name, _), a, g in zip(layers, acts_raw, grads_raw):
+            if a.shape[0] != len(x):
+                raise LayerError(self._batch_mismatch(name, a, x))
             try:
                 A = to_spatial(a.detach(), self.reshape)
             except LayerError as exc:
@@ -133,6 +135,20 @@ class CAMBase(Method):
             target_names=tuple(self.labels[i] for i in tgt.indices.tolist()) if self.labels is not None and tgt.indices is not None else None,
             extras={"layer_maps": tuple(r.detach() for r in raws)} if len(raws) > 1 else {},
         )
+
+    def _batch_mismatch(self, name: str, a: Tensor, x: Tensor) -> str:
+        """Message for a layer whose output does not have one row per input (per-proposal features
+        of a detector's ROI head, a layer that flattens the batch): its map would not belong to any
+        input. Suggests the last layer with a spatial output per input."""
+        chosen = "the automatic CAM layer" if self._layers is None else "layer"
+        msg = (f"{chosen} {name!r} outputs {a.shape[0]} rows of shape {tuple(a.shape[1:])} for {len(x)} input(s): "
+               "its maps do not belong to the inputs (e.g. per-proposal features of a detector).")
+        try:
+            infos = trace_layers(self.model, x[:1])
+        except Exception:  # noqa: BLE001 - the suggestion is best-effort
+            infos = []
+        fits = [i.name for i in infos if i.shape is not None and i.shape[0] == 1 and is_spatial(i.shape) and i.calls == 1]
+        return msg + (f" Pass layer=... with one row per input, e.g. {fits[-1]!r}." if fits else " Pass layer=...")
 
     def _upsample(self, cam: Tensor, size: torch.Size) -> Tensor:
         if tuple(cam.shape[-2:]) == tuple(size):
