@@ -230,6 +230,8 @@ NOT_CACHES = {
     "perspicio.methods.path._ALIASES": "constant table of option aliases",
     "perspicio.methods.propagation.deeplift._SUBNORMAL": "constant per-dtype numbers",
     "perspicio.methods.propagation.deeplift._DENORMAL_PROBE": "one constant float",
+    "perspicio.trees.readers._SKLEARN": "constant table of scikit-learn tree readers",
+    "perspicio.trees.treeshap._TRANSFORM_CODES": "constant table of output transforms",
     "perspicio.core.caches._TOTAL": "the total budget (one number)",
     "perspicio.core.caches._REGISTRY": "the registry of caches itself (one entry per cache)",
 }
