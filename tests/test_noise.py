@@ -140,7 +140,10 @@ def test_multi_target_rows_equal_single_target_calls(tiny_cnn, tiny_input, metho
     assert shared.attributions.shape[0] == 3 and shared.targets.tolist() == [0, 3, 4]
     for row, t in enumerate([0, 3, 4]):
         single = explain(tiny_cnn, tiny_input[:1], method=method, target=t, samples=4, **opts)
-        assert torch.equal(shared.attributions[row], single.attributions[0])
+        if method == "smoothgrad_sq":  # occlusion shares nothing: its chunks differ, so float rounding may
+            torch.testing.assert_close(shared.attributions[row], single.attributions[0], rtol=1e-5, atol=1e-7)
+        else:  # one forward per noisy copy for all targets: bit-identical
+            assert torch.equal(shared.attributions[row], single.attributions[0])
         assert torch.equal(shared.scores[row], single.scores[0])
     if method == "smoothgrad":
         assert shared.provenance["forward_samples"] == 1 + 4  # clean scores + 4 noisy copies, not 3x
