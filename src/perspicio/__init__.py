@@ -13,9 +13,36 @@ __version__ = "0.1.0"
 from .core.allocator import tune_allocator
 from .core.caches import cache_info, clear_caches
 from .core.explanation import Explanation
+from .core.explanation import set_display as _set_display
 from .core.outputs import detections
 from .core.targets import BoxScoreTarget, EmbeddingSimilarity, RegionTarget
 from .errors import PerspicioError
+
+
+class _VizDisplay:
+    """``perspicio.viz`` as the display layer of :class:`Explanation` (core never imports viz);
+    each call imports the drawing code lazily so ``import perspicio`` stays light."""
+
+    @staticmethod
+    def normalize_map(attributions: Any, *, positive: bool = True) -> Any:
+        from .viz.overlay import normalize_map
+
+        return normalize_map(attributions, positive=positive)
+
+    @staticmethod
+    def overlay(attributions: Any, image: Any, *, cmap: str, alpha: float) -> Any:
+        from .viz.overlay import overlay
+
+        return overlay(attributions, image, cmap=cmap, alpha=alpha)
+
+    @staticmethod
+    def explanation_figure(explanation: Any, *, image: Any, index: int, **kw: Any) -> Any:
+        from .viz.plots import explanation_figure
+
+        return explanation_figure(explanation, image=image, index=index, **kw)
+
+
+_set_display(_VizDisplay())
 
 
 def explain(

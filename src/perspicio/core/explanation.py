@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -94,9 +94,7 @@ class Explanation:
 
     def normalized(self, *, positive: bool = True) -> Tensor:
         """Attributions summed over channels and scaled to [0, 1] per sample, for display."""
-        from ..viz.overlay import normalize_map
-
-        return normalize_map(self.attributions, positive=positive)
+        return display().normalize_map(self.attributions, positive=positive)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly description (no tensors)."""
@@ -123,8 +121,6 @@ class Explanation:
 
         Without ``image`` the explained input, min-max scaled, is used as background.
         """
-        from ..viz.overlay import overlay
-
         if not self.is_image:
             from ..errors import OptionError
 
@@ -134,13 +130,11 @@ class Explanation:
             )
 
         background = image if image is not None else self.inputs[index] if self.inputs is not None else None
-        return overlay(self.attributions[index], background, cmap=cmap, alpha=alpha)
+        return display().overlay(self.attributions[index], background, cmap=cmap, alpha=alpha)
 
     def figure(self, image: Any = None, index: int = 0, **kw: Any) -> Figure:
         """A matplotlib figure: input, heatmap and overlay side by side."""
-        from ..viz.plots import explanation_figure
-
-        return explanation_figure(self, image=image, index=index, **kw)
+        return display().explanation_figure(self, image=image, index=index, **kw)
 
     def _repr_png_(self) -> bytes | None:
         if not self.is_image:
@@ -203,6 +197,34 @@ class Explanation:
         for tmp, out in written:
             tmp.replace(out)
         return [out for _, out in written]
+
+
+class Display(Protocol):
+    """What :class:`Explanation`'s display methods need from the display layer (``perspicio.viz``).
+
+    The core never imports ``viz``: the package's ``__init__`` registers the implementation with
+    :func:`set_display` (each function imports matplotlib/PIL only when called)."""
+
+    def normalize_map(self, attributions: Tensor, *, positive: bool = True) -> Tensor: ...
+
+    def overlay(self, attributions: Tensor, image: Any, *, cmap: str, alpha: float) -> Image.Image: ...
+
+    def explanation_figure(self, explanation: Explanation, *, image: Any, index: int, **kw: Any) -> Figure: ...
+
+
+_DISPLAY: list[Display] = []
+
+
+def set_display(impl: Display) -> None:
+    """Register the display layer used by :meth:`Explanation.overlay`, ``figure`` and ``normalized``."""
+    _DISPLAY[:] = [impl]
+
+
+def display() -> Display:
+    """The registered display layer (``perspicio/__init__.py`` registers ``perspicio.viz``'s)."""
+    if not _DISPLAY:  # pragma: no cover - perspicio/__init__ always registers one
+        raise RuntimeError("no display layer registered: import perspicio (it registers perspicio.viz).")
+    return _DISPLAY[0]
 
 
 def _jsonable(v: Any) -> Any:
