@@ -61,6 +61,12 @@ class Registry:
 
         return decorator
 
+    def unregister(self, name: str) -> Entry:
+        """Remove and return an entry (plugins and tests that register temporary entries)."""
+        entry = self.get(name)
+        del self._entries[entry.name]
+        return entry
+
     def get(self, name: str) -> Entry:
         if isinstance(name, str):
             key = name.strip().lower().replace("-", "_")
