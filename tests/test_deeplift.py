@@ -257,12 +257,19 @@ def test_deep_shap_default_background_is_seeded() -> None:
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"rule": "revealcancel"}, "rule must be one of"),
-    ({"baseline": "black"}, "preprocessing"),
     ({"baseline": "gray"}, "unknown baseline"),
 ])
 def test_bad_options(kwargs: dict, match: str) -> None:
     with pytest.raises(OptionError, match=match):
         DeepLift(cnn(), **kwargs)
+
+
+def test_black_baseline_is_the_shared_vocabulary() -> None:
+    # "black" means what it means for every method (perspicio.core.baselines): the model's black
+    # image when its preprocessing is known, otherwise each channel's minimum over the batch
+    x = randn(2, 3, 8, 8)
+    e = DeepLift(cnn(), baseline="black")(x)
+    torch.testing.assert_close(e.extras["baseline"], x.amin(dim=(0, 2, 3), keepdim=True).expand_as(x))
 
 
 def test_bad_baseline_and_background_shapes() -> None:

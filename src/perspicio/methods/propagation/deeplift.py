@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core import fuse
+from ...core.baselines import black_value, check_baseline, make_baseline
 from ...core.batching import Engine
 from ...core.caches import Cache
 from ...core.explanation import Explanation
@@ -814,82 +814,6 @@ class RevealCancelPropagator(DeepLiftPropagator):
             t.is_floating_point() for t in iter_tensors(out))
 
 
-# ============================================================================ shared driver
-
-
-def make_baseline(spec: Any, x: Tensor, *, seed: int = 0, name: str = "baseline") -> Tensor:
-    """A reference batch shaped like ``x``.
-
-    ``None``/``"zero"``: zeros; a number: constant; ``"mean"``: per-sample, per-channel
-    mean; ``"blur"``: Gaussian blur of an image (sigma = 1/20 of the side);
-    ``"uniform"``: uniform noise within the per-channel range of ``x`` (seeded); a tensor
-    broadcastable to ``x`` (or one per sample).
-    """
-    if spec is None or (isinstance(spec, str) and spec.lower() in ("zero", "zeros")):
-        return torch.zeros_like(x)
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        return torch.full_like(x, float(spec))
-    if isinstance(spec, str):
-        key = spec.lower()
-        if key == "mean":
-            if x.ndim < 3:
-                return x.mean(dim=0, keepdim=True).expand_as(x).clone()
-            return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True).expand_as(x).clone()
-        if key == "blur":
-            if x.ndim != 4:
-                raise OptionError(f"{name}='blur' needs images (N, C, H, W); got shape {tuple(x.shape)}.")
-            sigma = max(x.shape[-1], x.shape[-2]) / 20.0
-            k = int(2 * round(3 * sigma) + 1)
-            ax = torch.arange(k, dtype=x.dtype, device=x.device) - k // 2
-            g = torch.exp(-0.5 * (ax / sigma) ** 2)
-            g = g / g.sum()
-            c = x.shape[1]
-            pad = k // 2
-            y = F.pad(x, (pad, pad, 0, 0), mode="replicate")
-            y = F.conv2d(y, g.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
-            y = F.pad(y, (0, 0, pad, pad), mode="replicate")
-            return F.conv2d(y, g.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
-        if key == "uniform":
-            gen = torch.Generator(device="cpu").manual_seed(int(seed))
-            lo, hi = _channel_range(x)
-            u = torch.rand(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-            return lo + (hi - lo) * u
-        if key == "black":
-            raise OptionError(f"{name}='black' depends on the model's preprocessing; pass the preprocessed black "
-                              "image as a tensor (e.g. zoo_model.preprocess(black_pil_image)), or use 'zero'.")
-        raise OptionError(f"unknown {name} {spec!r}; expected 'zero', 'mean', 'blur', 'uniform', a number or a tensor.")
-    try:
-        b = torch.as_tensor(spec).to(device=x.device, dtype=x.dtype)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise OptionError(f"{name} must be a name, a number or a tensor; got {type(spec).__name__}.") from exc
-    if not torch.isfinite(b).all():
-        raise OptionError(f"{name} contains NaN/Inf values.")
-    try:
-        return torch.broadcast_to(b, x.shape).clone()
-    except RuntimeError:
-        raise OptionError(f"{name} of shape {tuple(b.shape)} does not broadcast to the input shape {tuple(x.shape)}.") from None
-
-
-BASELINES = ("zero", "zeros", "mean", "blur", "uniform")
-
-
-def _check_baseline_name(spec: Any, name: str = "baseline") -> None:
-    if isinstance(spec, str) and spec.lower() not in BASELINES:
-        if spec.lower() == "black":
-            make_baseline(spec, torch.zeros(1), name=name)  # raises the explanatory error
-        from ...errors import suggest
-
-        raise OptionError(f"unknown {name} {spec!r}; expected one of {', '.join(BASELINES)}, a number or a tensor."
-                          + suggest(spec.lower(), BASELINES))
-
-
-def _channel_range(x: Tensor) -> tuple[Tensor, Tensor]:
-    if x.ndim < 2:
-        return x.min(), x.max()
-    dims = [d for d in range(x.ndim) if d != 1]
-    return x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
-
-
 # ============================================================================ reference cache
 
 
@@ -1042,8 +966,8 @@ def _check_rule(rule: str) -> str:
 class DeepLift(Method):
     """DeepLIFT at the operation level; attributions sum to ``f(x) - f(baseline)``.
 
-    ``baseline``: "zero", "mean", "blur", "uniform", a number or a tensor (see
-    :func:`make_baseline`); ``rule``: "rescale" or "reveal_cancel";
+    ``baseline``: a name, number, tensor or callable from :mod:`perspicio.core.baselines`;
+    ``rule``: "rescale" or "reveal_cancel";
     ``gradient_fallback``: let operations without a rule use their gradient
     (recorded) instead of raising; ``cache_reference``: reuse the reference pass of an
     earlier call or chunk with the same model state and baseline (:class:`ReferenceCache`).
@@ -1064,14 +988,15 @@ class DeepLift(Method):
     ) -> None:
         super().__init__(model, **common)
         self.rule = _check_rule(rule)
-        _check_baseline_name(baseline)
+        check_baseline(baseline)
+        self._black = black_value(model)
         self.cache_reference = bool(cache_reference)
         self.baseline = baseline
         self.seed = int(seed)
         self.gradient_fallback = bool(gradient_fallback)
 
     def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
-        x0 = make_baseline(self.baseline, x, seed=self.seed)
+        x0 = make_baseline(self.baseline, x, black=self._black, seed=self.seed)
         n = x.shape[0]
         scores, bases, indices, fallbacks = [], [], [], []
         state = model_state(self.model)
@@ -1118,7 +1043,7 @@ class DeepShap(Method):
     """DeepSHAP: DeepLIFT against every background sample, averaged.
 
     ``background``: a tensor (B, ...) of reference samples (a data sample, ideally), or
-    a baseline name from :func:`make_baseline` to generate ``samples`` of them
+    a baseline name from :mod:`perspicio.core.baselines` to generate ``samples`` of them
     ("uniform": seeded noise in the input's range - a stand-in when no data is at
     hand). Attributions sum to ``f(x) - mean_b f(background_b)``; ``base_value`` is that mean.
     Chunks hold whole copies of the background, so with ``cache_reference`` (default) its
@@ -1140,7 +1065,8 @@ class DeepShap(Method):
         **common: Any,
     ) -> None:
         super().__init__(model, **common)
-        _check_baseline_name(background, "background")
+        check_baseline(background, "background", allow_callable=False)
+        self._black = black_value(model)
         self.cache_reference = bool(cache_reference)
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
             raise OptionError(f"samples must be a positive integer; got {samples!r}.")
@@ -1154,7 +1080,8 @@ class DeepShap(Method):
         bg = self.background
         if isinstance(bg, str) or bg is None:
             gen_x = x[:1].expand(self.samples, *x.shape[1:])
-            parts = [make_baseline(bg, gen_x[i:i + 1], seed=self.seed + i, name="background")
+            parts = [make_baseline(bg, gen_x[i:i + 1], black=self._black, seed=self.seed + i,
+                                   name="background")
                      for i in range(self.samples)]
             return torch.cat(parts)
         try:
