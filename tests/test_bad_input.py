@@ -302,6 +302,7 @@ def test_cli_converts_unusual_images(files, tmp_path, capsys) -> None:
         assert np.load(out / f"{k}_gradcam.npy").shape == (1, 1, 224, 224)
 
 
+@pytest.mark.slow
 def test_cli_explain_default_run(tmp_path, capsys) -> None:
     """`perspicio explain` with no arguments: the bundled model, chelsea, every CAM."""
     from perspicio.methods import names
