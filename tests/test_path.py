@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from perspicio import explain
+from perspicio.core.baselines import make_baseline
 from perspicio.errors import ConvergenceWarning, LayerError, ModelError, OptionError
 from perspicio.methods import completeness_error
 from perspicio.methods.path import (
@@ -16,7 +17,6 @@ from perspicio.methods.path import (
     MAX_STEPS,
     GradientSHAP,
     gauss_legendre,
-    make_baseline,
     quadrature_nodes,
 )
 
@@ -238,7 +238,7 @@ def test_baselines(zoo_model, tiny_input) -> None:
     assert torch.equal(make_baseline("zero", x), torch.zeros_like(x))
     black = make_baseline("black", x)
     assert torch.equal(black, x.amin(dim=(0, 2, 3), keepdim=True).expand_as(x))
-    from perspicio.methods.path import black_value
+    from perspicio.core.baselines import black_value
 
     bv = black_value(zoo_model)
     assert bv.tolist() == pytest.approx([-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225])

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import perspicio
-from perspicio.core.maskers import check_feature_mask, gaussian_blur, image_feature_mask
+from perspicio.core.baselines import gaussian_blur
+from perspicio.core.maskers import check_feature_mask, image_feature_mask
 from perspicio.errors import InputError, ModelError, OptionError
 
 

@@ -44,7 +44,7 @@ def register(group: click.Group) -> None:
 @click.option("--batch-size", type=int, default=None, help="Chunk size for many-pass methods (default: from the memory budget).")
 @click.option("--relu/--no-relu", default=None, help="Clip negative CAM values (default: on).")
 @click.option("--steps", type=int, default=None, help="Path methods: number of steps.")
-@click.option("--baseline", default=None, help="Path methods: baseline (zero, black, blur, uniform).")
+@click.option("--baseline", default=None, help="Baseline (zero, black, mean, blur[:SIGMA], uniform, a number).")
 @click.option("--samples", type=int, default=None, help="Sampling methods: number of samples.")
 @click.option("--noise", type=float, default=None, help="Noise methods: noise level relative to the input range.")
 @click.option("--seed", type=int, default=None, help="Seed for randomised methods.")

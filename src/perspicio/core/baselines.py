@@ -14,8 +14,9 @@ spec                   meaning (for a batch ``x``)
                        over the batch
 ``"mean"``             inputs with channels and spatial/sequence axes ``(N, C, ...)``: each
                        sample's per-channel mean; rows ``(N, F)``: each feature's batch mean
-``"blur"``             images ``(N, C, H, W)`` Gaussian-blurred (:func:`gaussian_blur`) with
-``"blur:SIGMA"``       sigma in pixels; default sigma = longest side / 16
+``"blur"``             images ``(N, C, H, W)`` Gaussian-blurred (:func:`gaussian_blur`: radius
+``"blur:SIGMA"``       ceil(3 sigma), border pixels repeated), sigma in pixels; default
+                       sigma = longest side / 16
 ``"uniform"``          seeded uniform noise within each sample's per-channel value range
                        ``(N, C, ...)``; rows ``(N, F)``: within each feature's batch range
 a number               that constant everywhere
@@ -23,12 +24,17 @@ a tensor / array       broadcast to the input's shape (one per sample, or one fo
 a callable             ``f(x) -> tensor`` (methods that take a baseline per call)
 =====================  ===================================================================
 
+The deletion/insertion metrics take ``replacement=`` "zero", "mean" or "blur"; their
+"blur" is the same function with their ``sigma`` option (default 5 px), a radius of
+ceil(2 sigma) and mirrored borders (``gaussian_blur(x, sigma, truncate=2, padding="reflect")``),
+the kernel their published numbers were measured with.
+
 Unified meanings (before one vocabulary, each family had its own): ``"blur"`` was
-sigma = side/16 in IG, side/20 in DeepLIFT, side/32 in the image maskers; the metrics'
-``replacement="blur"`` is ``"blur:SIGMA"`` with their ``sigma`` option (default 5 px, so
-their results are unchanged). ``"black"`` was refused by DeepLIFT. ``"uniform"`` used
-each sample's range over all channels in IG and the batch's per-channel range in DeepLIFT.
-Every method's default baseline gives the same numbers as before.
+sigma = side/16 in IG, side/20 (radius round(3 sigma)) in DeepLIFT and side/32 (mirrored
+borders) in the image maskers; ``"black"`` was refused by DeepLIFT; ``"uniform"`` used
+each sample's range over all channels in IG and the batch's per-channel range in DeepLIFT;
+IG refused ``"mean"``. Every method's and metric's default gives the same numbers as before
+(DeepSHAP's default ``"uniform"`` background is drawn per sample, where the two meanings agree).
 """
 
 from __future__ import annotations
@@ -85,23 +91,25 @@ def check_baseline(spec: Any, name: str = "baseline", *, allow_callable: bool = 
                       + (" or a callable" if allow_callable else "") + f"; got {type(spec).__name__}.")
 
 
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of images (N, C, H, W): radius ceil(2 sigma), reflect padding.
+def gaussian_blur(x: Tensor, sigma: float, *, truncate: float = 3.0, padding: str = "replicate") -> Tensor:
+    """Separable Gaussian blur of images (N, C, H, W), radius ceil(``truncate`` * sigma).
 
-    On images smaller than the kernel the kernel is cut to the image and renormalised, so a
-    constant image stays constant.
+    ``padding="replicate"`` repeats the border pixels (the ``"blur"`` baseline); ``"reflect"``
+    mirrors them, cutting the kernel to the image (and renormalising it) where the image is
+    smaller than the kernel (the metrics' blurred replacement). A constant image stays constant.
     """
-    radius = max(1, int(math.ceil(2 * sigma)))
+    radius = max(1, int(math.ceil(truncate * sigma)))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-(t**2) / (2 * sigma**2))
     k = k / k.sum()
     c = x.shape[1]
-    pad_h = min(radius, x.shape[-2] - 1)
-    pad_w = min(radius, x.shape[-1] - 1)
-    y = F.pad(x, (pad_w, pad_w, 0, 0), mode="reflect" if pad_w > 0 else "replicate")
+    reflect = padding == "reflect"
+    pad_h = min(radius, x.shape[-2] - 1) if reflect else radius
+    pad_w = min(radius, x.shape[-1] - 1) if reflect else radius
+    y = F.pad(x, (pad_w, pad_w, 0, 0), mode="reflect" if reflect and pad_w > 0 else "replicate")
     kw = k[radius - pad_w: radius + pad_w + 1]
     y = F.conv2d(y, (kw / kw.sum()).view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    y = F.pad(y, (0, 0, pad_h, pad_h), mode="reflect" if pad_h > 0 else "replicate")
+    y = F.pad(y, (0, 0, pad_h, pad_h), mode="reflect" if reflect and pad_h > 0 else "replicate")
     kh = k[radius - pad_h: radius + pad_h + 1]
     return F.conv2d(y, (kh / kh.sum()).view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 

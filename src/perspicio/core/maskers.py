@@ -28,16 +28,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError, OptionError
 from . import incremental
+from .baselines import BASELINES, check_baseline, make_baseline
 from .batching import Engine
 
 SEGMENTERS = ("slic", "quickshift", "felzenszwalb")
 IMAGE_FEATURES = ("pixel", "patch", "grid", *SEGMENTERS)
-IMAGE_BASELINES = ("zero", "mean", "blur")
 
 
 # ============================================================================ feature masks
@@ -102,7 +101,7 @@ def _image_for_segmentation(img: Tensor) -> np.ndarray:
 def _parse_spec(spec: str, names: Sequence[str], what: str) -> tuple[str, float | None]:
     m = re.fullmatch(r"\s*([a-z_]+)\s*(?:[:=]\s*([0-9.]+))?\s*", spec.lower())
     if not m or m.group(1) not in names:
-        example = "'slic:50', 'patch:16', 'grid:4'" if what == "feature_mask" else "'zero', 'mean', 'blur:5'"
+        example = "'slic:50', 'patch:16', 'grid:4'"
         raise OptionError(f"unknown {what} {spec!r}; expected one of {', '.join(names)}, optionally with ':N' "
                           f"(e.g. {example}).")
     return m.group(1), (float(m.group(2)) if m.group(2) else None)
@@ -144,32 +143,11 @@ def image_feature_mask(image: Tensor, spec: str = "slic") -> Tensor:
     return relabel(seg)
 
 
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (N, C, H, W) with reflect padding."""
-    radius = max(1, int(round(3 * sigma)))
-    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    y = F.pad(x, (radius, radius, 0, 0), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
-    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
 def image_baseline(image: Tensor, baseline: Any) -> Tensor:
-    """Replacement image (C, H, W) for one image: 'zero', 'mean', 'blur[:sigma]', a number, or a tensor."""
-    if baseline is None:
-        baseline = "zero"
-    if isinstance(baseline, str):
-        kind, arg = _parse_spec(baseline, IMAGE_BASELINES, "baseline")
-        if kind == "zero":
-            return torch.zeros_like(image)
-        if kind == "mean":
-            return image.mean(dim=(1, 2), keepdim=True).expand_as(image).clone()
-        sigma = float(arg or max(image.shape[-2:]) / 32)
-        return gaussian_blur(image[None], sigma)[0]
+    """Replacement image (C, H, W) for one image: a name of :mod:`perspicio.core.baselines`
+    (``None`` = zero), a number, or a tensor."""
+    if baseline is None or isinstance(baseline, str):
+        return make_baseline(baseline, image[None])[0]
     return constant_baseline(baseline, image)
 
 
@@ -190,7 +168,7 @@ def constant_baseline(baseline: Any, sample: Tensor) -> Tensor:
         except RuntimeError:
             raise OptionError(f"baseline has shape {tuple(baseline.shape)}; expected a number or a tensor "
                               f"broadcastable to the sample shape {tuple(sample.shape)}.") from None
-    raise OptionError(f"baseline must be {', '.join(map(repr, IMAGE_BASELINES))}, a number, or a tensor; "
+    raise OptionError(f"baseline must be a name ({', '.join(BASELINES)}; images), a number, or a tensor; "
                       f"got {type(baseline).__name__}.")
 
 
@@ -273,8 +251,7 @@ class ImageMasker:
     def __init__(self, features: Any = "slic", baseline: Any = "zero") -> None:
         if isinstance(features, str):
             _parse_spec(features, IMAGE_FEATURES, "feature_mask")
-        if isinstance(baseline, str):
-            _parse_spec(baseline, IMAGE_BASELINES, "baseline")
+        check_baseline(baseline, allow_callable=False)
         self.features = features
         self.baseline = baseline
 

@@ -37,15 +37,14 @@ relative completeness errors, and :func:`completeness_error` recomputes them
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.baselines import black_value, check_baseline, make_baseline
 from ..core.batching import DEFAULT_MEMORY_BUDGET, Engine
 from ..core.capture import Capture, auto_layer, resolve_layer
 from ..core.explanation import Explanation
@@ -74,7 +73,6 @@ _ALIASES = {
     "riemann_left": "left", "riemann_right": "right", "riemann_middle": "middle",
     "riemann_trapezoid": "trapezoid", "trapezoidal": "trapezoid",
 }
-BASELINES = ("zero", "black", "blur", "uniform")
 
 
 # ============================================================================ quadrature
@@ -173,111 +171,6 @@ def normalize_rule(rule: str) -> str:
     if key not in QUADRATURES:
         raise OptionError(f"quadrature must be one of {', '.join(QUADRATURES)}; got {rule!r}.")
     return key
-
-
-# ============================================================================ baselines
-
-
-def _parse_baseline(spec: Any) -> None:
-    """Validate a baseline spec at construction (tensors are checked against the input later)."""
-    if isinstance(spec, str):
-        name, _, arg = spec.partition(":")
-        if name.strip().lower() not in BASELINES:
-            raise OptionError(
-                f"baseline must be one of {', '.join(BASELINES)} (blur may be 'blur:SIGMA'), a tensor that "
-                f"broadcasts to the input, or a callable; got {spec!r}."
-            )
-        if arg:
-            try:
-                value = float(arg)
-            except ValueError:
-                value = -1.0
-            if name.strip().lower() != "blur" or not value > 0:
-                raise OptionError(f"baseline {spec!r}: only 'blur:SIGMA' takes a parameter, a positive number.")
-        return
-    if isinstance(spec, (Tensor, np.ndarray, int, float)) and not isinstance(spec, bool):
-        return
-    if callable(spec):
-        return
-    raise OptionError(f"baseline must be a name ({', '.join(BASELINES)}), a tensor or a callable; got {type(spec).__name__}.")
-
-
-def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    radius = max(1, int(math.ceil(3 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype).to(x.device)
-    c = x.shape[1]
-    pad = [radius, radius, 0, 0]
-    y = F.conv2d(F.pad(x, pad, mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    pad = [0, 0, radius, radius]
-    return F.conv2d(F.pad(y, pad, mode="replicate"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
-def make_baseline(
-    spec: Any, x: Tensor, *, black: Tensor | None = None, generator: torch.Generator | None = None,
-    name: str = "baseline",
-) -> Tensor:
-    """The baseline for inputs ``x`` as a tensor of x's shape.
-
-    * ``"zero"``: all zeros;
-    * ``"black"``: a black image in the model's input space - exact for bundled models
-      (from their preprocessing mean/std), otherwise the per-channel minimum of the inputs;
-    * ``"blur"`` / ``"blur:SIGMA"``: the input Gaussian-blurred (default sigma: longest side / 16);
-    * ``"uniform"``: uniform noise over each sample's value range (seeded);
-    * a tensor broadcastable to ``x``, or a callable ``f(x) -> tensor``.
-    """
-    if isinstance(spec, str):
-        key, _, arg = spec.strip().lower().partition(":")
-        if key == "zero":
-            return torch.zeros_like(x)
-        if not x.is_floating_point():
-            raise OptionError(f"{name} {spec!r} needs float inputs; for token ids pass a tensor (e.g. pad ids) or 'zero'.")
-        if key == "black":
-            if black is not None and x.ndim == 4 and black.numel() == x.shape[1]:
-                value = black.to(x).view(1, -1, 1, 1)
-            elif x.ndim >= 2:
-                dims = [d for d in range(x.ndim) if d != 1]
-                value = x.amin(dim=dims, keepdim=True)
-            else:
-                value = x.min()
-            return value.expand_as(x).clone()
-        if key == "blur":
-            if x.ndim != 4:
-                raise OptionError(f"{name} 'blur' needs image inputs (N, C, H, W); got shape {tuple(x.shape)}.")
-            sigma = float(arg) if arg else max(x.shape[-2:]) / 16
-            return _gaussian_blur(x, sigma)
-        if key == "uniform":
-            flat = x.reshape(len(x), -1)
-            lo = flat.min(1).values.view(-1, *[1] * (x.ndim - 1))
-            hi = flat.max(1).values.view(-1, *[1] * (x.ndim - 1))
-            u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
-            return lo + u * (hi - lo)
-        _parse_baseline(spec)  # raises with the list of names
-    if callable(spec) and not isinstance(spec, Tensor):
-        value = spec(x)
-        if not isinstance(value, Tensor):
-            raise OptionError(f"a callable {name} must return a tensor; got {type(value).__name__}.")
-        spec = value
-    b = torch.as_tensor(spec).to(device=x.device, dtype=x.dtype if x.is_floating_point() else None)
-    try:
-        shape = torch.broadcast_shapes(b.shape, x.shape)
-    except RuntimeError:
-        shape = None
-    if shape != x.shape:
-        raise OptionError(f"{name} of shape {tuple(b.shape)} does not broadcast to the input shape {tuple(x.shape)}.")
-    if b.is_floating_point() and not torch.isfinite(b).all():
-        raise OptionError(f"{name} contains NaN/Inf values.")
-    return b.expand_as(x).clone()
-
-
-def black_value(model: Any) -> Tensor | None:
-    """(0 - mean) / std per channel when ``model`` is a bundled model with ImageNet-style preprocessing."""
-    pre = getattr(model, "preprocess", None)
-    mean, std = getattr(pre, "mean", None), getattr(pre, "std", None)
-    if mean is None or std is None:
-        return None
-    return -torch.as_tensor(mean, dtype=torch.float64) / torch.as_tensor(std, dtype=torch.float64)
 
 
 def _generator(seed: Any) -> torch.Generator:
@@ -384,7 +277,7 @@ class _PathBase(Method):
         black = black_value(model)
         super().__init__(model, **common)
         quadrature_nodes(quadrature, steps)  # validates steps and the rule
-        _parse_baseline(baseline)
+        check_baseline(baseline)
         self.steps = steps
         self.baseline = baseline
         self.quadrature = normalize_rule(quadrature)
@@ -411,7 +304,7 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
                  summary="Integrated Gradients: path integral of gradients from a baseline (completeness checked)",
                  paper="Sundararajan et al., ICML 2017")
 class IntegratedGradients(_PathBase):
-    """IG with baselines zero/black/blur/uniform/tensor/callable and quadrature rules
+    """IG with the baselines of :mod:`perspicio.core.baselines` and quadrature rules
     left/right/middle Riemann, trapezoid, Gauss-Legendre (default, as in Captum) or
     ``"adaptive"`` (nodes refined where the integrand is rough, see the module notes;
     its final mesh is in ``provenance["nodes"]``).
@@ -730,7 +623,7 @@ class GradientSHAP(Method):
     ) -> None:
         black = black_value(model)
         super().__init__(model, **common)
-        _parse_baseline(baseline)
+        check_baseline(baseline)
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
             raise OptionError(f"samples must be an integer >= 1; got {samples!r}.")
         if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not noise >= 0:

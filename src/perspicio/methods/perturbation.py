@@ -102,8 +102,9 @@ class FeatureMethod(Method):
             ``"felzenszwalb"``, ``"patch:16"``, ``"grid:4"``, ``"pixel"``; or for tabular a mapping
             ``{group name: [columns]}``. Default: one feature per column (tabular), per element
             (other tensors), :attr:`default_image_features` for images.
-        baseline: what removed features become without a background: images ``"zero"``, ``"mean"``,
-            ``"blur[:sigma]"``, a number or a tensor; others a number or a tensor (default 0).
+        baseline: what removed features become without a background: images a name of
+            :mod:`perspicio.core.baselines` (``"zero"``, ``"mean"``, ``"blur[:sigma]"``, ...), a number or
+            a tensor; others a number or a tensor (default 0).
         background: (K, *sample shape) reference rows; removed features take each row's values and
             the game averages over them (interventional). ``background_size`` caps K (seeded subsample).
         feature_names: names of the features (tabular columns).
@@ -309,7 +310,7 @@ class Occlusion(Method):
     ``window``/``stride``: an int applies to all dims but the first (channels) for inputs with 2+
     dims per sample; a tuple gives the trailing dims. Default window: 1/8 of the spatial size for
     images (stride half the window), 1 otherwise. ``baseline``: 0 by default; for images also
-    ``"mean"`` or ``"blur"``; or a tensor broadcastable to a sample.
+    a name of :mod:`perspicio.core.baselines` (``"mean"``, ``"blur"``, ...); or a tensor broadcastable to a sample.
     """
 
     input_ndim = None

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.baselines import gaussian_blur, make_baseline
 from ..core.registry import register_metric
 from ..errors import OptionError
 from .base import (
@@ -42,30 +43,13 @@ UNITS = ("pixel", "patch")
 # ----------------------------------------------------------------------------- helpers
 
 
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (N, C, H, W) with reflect padding (radius 2 sigma, as a blurred baseline)."""
-    radius = max(1, int(math.ceil(2 * sigma)))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-(t**2) / (2 * sigma**2))
-    k = k / k.sum()
-    c = x.shape[1]
-    pad_h = min(radius, x.shape[-2] - 1)
-    pad_w = min(radius, x.shape[-1] - 1)
-    y = F.pad(x, (pad_w, pad_w, 0, 0), mode="reflect" if pad_w > 0 else "replicate")
-    kw = k[radius - pad_w: radius + pad_w + 1]
-    y = F.conv2d(y, (kw / kw.sum()).view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    y = F.pad(y, (0, 0, pad_h, pad_h), mode="reflect" if pad_h > 0 else "replicate")
-    kh = k[radius - pad_h: radius + pad_h + 1]
-    return F.conv2d(y, (kh / kh.sum()).view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
 def replacement_image(x: Tensor, kind: str, sigma: float = 5.0) -> Tensor:
-    """What removed features are replaced with: zeros, the per-channel image mean, or a blurred copy."""
-    if kind == "zero":
-        return torch.zeros_like(x)
-    if kind == "mean":
-        return x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous()
-    return gaussian_blur(x, sigma)
+    """What removed features are replaced with: the baseline ``kind`` of :mod:`perspicio.core.baselines`
+    ("zero" or "mean"), or for "blur" the metrics' blurred copy (``sigma`` in pixels, radius ceil(2 sigma),
+    mirrored borders; see that module)."""
+    if kind == "blur":
+        return gaussian_blur(x, sigma, truncate=2.0, padding="reflect")
+    return make_baseline(kind, x)
 
 
 def feature_ranks(rel: Tensor, *, order: str = "morf", unit: str = "pixel", patch_size: int = 16) -> tuple[Tensor, int]:
