@@ -88,14 +88,14 @@ def test_training_loop_explaining_after_each_step_stays_flat() -> None:
 
 
 def test_derived_weight_cache_does_not_keep_its_weight_alive() -> None:
-    from perspicio.methods.propagation import rules
+    from perspicio.methods.propagation import derived as rules
     from perspicio.methods.propagation.canonizers import _own_tensor
 
     w = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     _own_tensor(w)
-    pos = rules._pos(w)
+    pos = rules.pos(w)
     rules.derived(pos, "plus_one", lambda t: t + 1)  # a value derived from a derived value
-    assert rules._derived_owner(pos) is w and len(rules.derived_tags(w)) == 2
+    assert rules.derived_owner(pos) is w and len(rules.derived_tags(w)) == 2
     ref = weakref.ref(w)
     del w, pos
     gc.collect()
@@ -103,18 +103,18 @@ def test_derived_weight_cache_does_not_keep_its_weight_alive() -> None:
 
 
 def test_derived_values_of_different_sources_do_not_collide() -> None:
-    from perspicio.methods.propagation import rules
+    from perspicio.methods.propagation import derived as rules
     from perspicio.methods.propagation.canonizers import _own_tensor
 
     w = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
     _own_tensor(w)
     a = rules.derived(w, "twice", lambda t: t * 2)
-    b = rules.derived(rules._pos(w), "twice", lambda t: t * 2)  # same tag, other source
+    b = rules.derived(rules.pos(w), "twice", lambda t: t * 2)  # same tag, other source
     torch.testing.assert_close(a, w * 2)
     torch.testing.assert_close(b, w.clamp(min=0) * 2)  # old code: the memo of w's "twice" came back
-    pos = rules._pos(w)
+    pos = rules.pos(w)
     assert rules.derived(pos, "same", lambda t: t) is pos  # a derivation returning its input...
-    assert rules._origin(pos)[1] == ("pos",)  # ...leaves the input's own origin alone
+    assert rules.origin(pos)[1] == ("pos",)  # ...leaves the input's own origin alone
 
 
 class _Wide(nn.Module):

@@ -404,7 +404,8 @@ def test_linear_fast_path_equals_general_dispatch(monkeypatch, net, x) -> None:
 
 def test_reveal_cancel_stacked_linear_rule_equals_separate_maps() -> None:
     # W+ P + W- N and W- P + W+ N as one map of [P, N] stacked along the input channels
-    from perspicio.methods.propagation.rules import _neg, _pos
+    from perspicio.methods.propagation.derived import neg as _neg
+    from perspicio.methods.propagation.derived import pos as _pos
 
     conv = seeded(nn.Conv2d(4, 6, 3, padding=1), seed=2)
     w = conv.weight.detach()

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import perspicio
-from perspicio.core import fold, fuse
+from perspicio.core import fold, fuse, kernels
 from perspicio.core.batching import Engine
 
-pytestmark = pytest.mark.skipif(fuse._pointwise() is None or not torch.backends.mkldnn.is_available(),
+pytestmark = pytest.mark.skipif(not kernels.available(),
                                 reason="this torch build has no oneDNN pointwise convolution")
 
 
@@ -71,7 +71,7 @@ def test_fused_twin_equals_folded_twin_for_every_activation_and_padding() -> Non
     fused, n = fuse.fused_twin(twin, x)
     # the dilated convolution is left alone; the shared one (its output feeds two operations) runs
     # alone on its pre-packed kernel where oneDNN packs kernels
-    assert n == len(model.acts) + int(fuse._PACKING)
+    assert n == len(model.acts) + int(kernels.PACKING)
     assert sum(isinstance(m, fuse.FusedConv2d) for m in fused.modules()) == n
     assert sum(m.attr != "none" for m in fused.modules() if isinstance(m, fuse.FusedConv2d)) == len(model.acts)
     assert sum(m.padding != [0, 0] for m in fused.modules() if isinstance(m, fuse.FusedConv2d)) == len(model.acts)
@@ -83,8 +83,8 @@ def test_fused_twin_equals_folded_twin_for_every_activation_and_padding() -> Non
 
 def test_without_kernel_packing_only_activation_pairs_are_fused(monkeypatch) -> None:
     # a torch without oneDNN's weight reorder: plain convolutions stay, fused calls take the dense kernel
-    monkeypatch.setattr(fuse, "_PACKING", False)
-    monkeypatch.setattr(fuse, "pack_kernel", lambda *args: None)
+    monkeypatch.setattr(kernels, "PACKING", False)
+    monkeypatch.setattr(kernels, "pack_kernel", lambda *args: None)
     model = Pads().eval()
     x = _x(2, 96)
     twin, _ = fold.inference_twin(model, x)
@@ -117,7 +117,7 @@ def test_bundled_model_is_fused_and_bit_identical(zoo_model, chelsea_batch) -> N
     fused, n = fuse.fused_twin(twin, x)
     # stem, head, every expansion and depthwise convolution with its ReLU6 (33), and where kernels
     # are pre-packed the 16 projections too
-    assert n == (49 if fuse._PACKING else 33)
+    assert n == (49 if kernels.PACKING else 33)
     assert sum(m.attr == "hardtanh" for m in fused.modules() if isinstance(m, fuse.FusedConv2d)) == 33
     xb = x.repeat(3, 1, 1, 1).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_resnet_reused_relu_is_not_fused() -> None:
     fused, n = fuse.fused_twin(twin, x)
     # only the stem with its ReLU: every block calls its one ReLU module twice (with packing, every
     # convolution runs alone on its packed kernel)
-    assert n == (20 if fuse._PACKING else 1)
+    assert n == (20 if kernels.PACKING else 1)
     assert sum(m.attr == "relu" for m in fused.modules() if isinstance(m, fuse.FusedConv2d)) == 1
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-5)
@@ -144,7 +144,7 @@ def test_engine_evaluate_reports_fusion_and_env_switch(monkeypatch) -> None:
     e = Engine(model)
     with torch.no_grad():
         out = e.evaluate(x)
-    assert e.stats()["convolutions_fused"] == len(model.acts) + int(fuse._PACKING)
+    assert e.stats()["convolutions_fused"] == len(model.acts) + int(kernels.PACKING)
     with torch.no_grad():
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
     monkeypatch.setattr(fuse, "FUSE", False)
@@ -205,7 +205,7 @@ def test_propagation_through_the_fused_twin_equals_the_unfused_model(monkeypatch
 
     explain()  # the twin is built once the model's state repeats between calls
     a = explain()
-    assert a.provenance["convolutions_fused"] == len(model.acts) + int(fuse._PACKING)
+    assert a.provenance["convolutions_fused"] == len(model.acts) + int(kernels.PACKING)
     monkeypatch.setattr(fuse, "FUSE", False)
     b = explain()
     assert b.provenance["convolutions_fused"] == 0
@@ -223,7 +223,7 @@ def test_flat_rule_skips_the_taps_added_for_a_folded_padding(monkeypatch) -> Non
     explain()
     good = explain().attributions
     scale = good.abs().max()
-    monkeypatch.setattr(fuse.TAP_MASKS, "get", lambda *a, **k: None)  # forget the real taps
+    monkeypatch.setattr(kernels.TAP_MASKS, "get", lambda *a, **k: None)  # forget the real taps
     bad = explain().attributions
     assert (good - bad).abs().max() > 1e-2 * scale
     monkeypatch.setattr(fuse, "FUSE", False)

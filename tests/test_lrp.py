@@ -568,7 +568,7 @@ def test_ops_without_lrp_rule_give_clear_error_or_recorded_fallback():
 def test_nonnegative_fast_paths_equal_the_general_rule(rule) -> None:
     # inputs proved non-negative in the forward pass skip the sign check and x- terms; gamma derives
     # z_dn from the forward output: the same relevance as the general rule evaluated with both signs
-    from perspicio.methods.propagation.engine import AffineOp
+    from perspicio.methods.propagation.affine import AffineOp
     from perspicio.methods.propagation.rules import RuleContext
 
     conv = seeded(nn.Conv2d(4, 5, 3, padding=1), seed=3)
@@ -589,7 +589,7 @@ def test_parameter_memo_sees_in_place_weight_updates() -> None:
     # W+ / b+ are memoised across calls only for the canonizer's merged tensors (keyed by them and
     # their version); other parameters are recomputed every call, so in-place updates - also through
     # .data, which bypasses the version counter - and .data swaps are always seen
-    from perspicio.methods.propagation.rules import _pos
+    from perspicio.methods.propagation.derived import pos as _pos
 
     a, b = cnn().eval(), cnn().eval()
     with torch.no_grad():
@@ -710,7 +710,7 @@ def test_merge_batchnorm_reuses_the_added_bias_parameter_not_the_identity_statis
 
 def test_weight_memo_is_not_fooled_by_a_transposed_view() -> None:
     # a square merged weight and its transpose share storage pointer, shape and dtype
-    from perspicio.methods.propagation.rules import _pos
+    from perspicio.methods.propagation.derived import pos as _pos
 
     lin, bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
     net = seeded(nn.Sequential(lin, bn)).eval()
@@ -798,9 +798,10 @@ def test_packed_convolutions_equal_the_plain_ones(cfg: tuple) -> None:
     """Rules run memoised weights' convolutions on pre-packed oneDNN weights, and a stride-1 vjp as
     the convolution with the transposed, mirrored kernel: the same numbers as the plain ops (or the
     plain ops themselves where that does not apply: stride 2, padding wider than the kernel)."""
-    from perspicio.methods.propagation import rules
+    from perspicio.methods.propagation import affine, derived
+    from perspicio.methods.propagation.affine import affine_op
     from perspicio.methods.propagation.canonizers import _own_tensor
-    from perspicio.methods.propagation.engine import AFFINE, Call, affine_op
+    from perspicio.methods.propagation.engine import AFFINE, Call
 
     cin, cout, k, stride, padding, dilation, groups = cfg
     g = torch.Generator().manual_seed(5)
@@ -813,28 +814,28 @@ def test_packed_convolutions_equal_the_plain_ones(cfg: tuple) -> None:
                    lambda t: t is x)
     ref = F.conv2d(x, w, b, stride, padding, dilation, groups)
     with torch.no_grad():
-        got = rules._conv(op, x, w, b)
+        got = op.map(x, w, b)
         s = torch.randn(ref.shape, generator=g)
-        gv = rules._vjp(op, x, w, s)
+        gv = op.adjoint(x, w, s)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     xi = x.detach().clone().requires_grad_(True)
     expected = torch.autograd.grad(F.conv2d(xi, w, None, stride, padding, dilation, groups), xi, s)[0]
     torch.testing.assert_close(gv, expected, rtol=1e-5, atol=1e-5)
-    if rules._POINTWISE is not None and rules._PACKING:
-        memo = rules.derived_tags(rules._derived_owner(w))
+    if affine.USE_PACKED:
+        memo = derived.derived_tags(derived.derived_owner(w))
         assert any(isinstance(key, tuple) and key[0] == "packed" for key in memo)
         applies = stride == 1 and padding <= dilation * (k - 1)
         assert any(isinstance(key, tuple) and key[0] == "vjp_packed" for key in memo) == applies
 
 
 def test_lrp_with_and_without_packed_weights_agree(zoo_model, chelsea_batch, monkeypatch) -> None:
-    from perspicio.methods.propagation import rules
+    from perspicio.methods.propagation import affine
 
     x = chelsea_batch[:1]
     lrp = LRP(zoo_model.model, composite="epsilon_plus_flat")
     lrp(x)
     packed = lrp(x).attributions
-    monkeypatch.setattr(rules, "_POINTWISE", None)
+    monkeypatch.setattr(affine, "USE_PACKED", False)
     plain = lrp(x).attributions
     scale = plain.abs().max()
     torch.testing.assert_close(packed / scale, plain / scale, rtol=0, atol=1e-5)
@@ -848,7 +849,8 @@ def test_gamma_closed_form_with_and_without_relevance_on_negative_outputs(layer:
     """Gamma against its definition; with no relevance on outputs z < 0 (a layer feeding a ReLU)
     the rule skips its "down" half - the same numbers."""
     from perspicio.methods.propagation import Gamma
-    from perspicio.methods.propagation.engine import AFFINE, Call, affine_op
+    from perspicio.methods.propagation.affine import affine_op
+    from perspicio.methods.propagation.engine import AFFINE, Call
     from perspicio.methods.propagation.rules import RuleContext
 
     g_ = torch.Generator().manual_seed(12)

@@ -24,12 +24,14 @@ convolution and activation instead. It is checked against the folded twin once
 used for output-only passes and for LRP/DeepLIFT propagation; gradients and the incremental
 interpreter keep the folded twin. ``PERSPICIO_FUSE=0`` turns it off.
 
-Under propagation (a perspicio propagation mode is active) the fused call is made with
-gradients on too: the propagator intercepts it and either gives it one rule for the pair
-(LRP rules that need only the layer's input, such as z+ or flat) or splits it back into
-the convolution - with the extended kernel and symmetric padding - and the activation, each
-with its own rule. Rules that spread relevance over a kernel's taps regardless of the
-weights (flat) find the real taps in :data:`TAP_MASKS`.
+Under a torch function mode that declares it sees fused calls (:data:`perspicio.core.kernels.SEES_FUSED_CALLS`,
+e.g. LRP/DeepLIFT propagation) the fused call is made with gradients on too, with the dense kernel:
+the mode intercepts it (:func:`perspicio.core.kernels.parse_fused_call`) and may treat the pair as
+one operation or split it back into the convolution - with the extended kernel and symmetric
+padding - and the activation. The real taps of an extended kernel are
+:func:`perspicio.core.kernels.tap_mask`; the packed form of a kernel is
+:func:`perspicio.core.kernels.packed_kernel`. oneDNN itself is used only through
+:mod:`perspicio.core.kernels`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from . import kernels
 from .caches import Cache, nbytes
 from .fold import outputs_match
 
@@ -51,53 +54,6 @@ FUSE = os.environ.get("PERSPICIO_FUSE", "1") not in ("0", "false", "no")
 
 _CONV = (F.conv2d, torch.conv2d)
 _PAD = (F.pad, torch.constant_pad_nd)
-
-
-def _pointwise() -> Any:
-    ops = getattr(torch.ops, "mkldnn", None)
-    try:
-        return None if ops is None else ops._convolution_pointwise
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        return None
-
-
-def _reorder() -> Any:
-    """oneDNN's kernel packing op (None in a build without it)."""
-    ops = getattr(torch.ops, "mkldnn", None)
-    try:
-        return None if ops is None or not torch.backends.mkldnn.is_available() else ops._reorder_convolution_weight
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def pack_kernel(weight: Tensor, padding: list[int], stride: list[int], dilation: list[int], groups: int,
-                size: tuple[int, ...]) -> Tensor | None:
-    """``weight`` pre-packed in oneDNN's blocked layout for inputs of spatial ``size`` (None where
-    packing is unavailable). oneDNN reorders a plain kernel on every call, which on small feature
-    maps costs as much as the convolution; a packed kernel gives the same results at any batch."""
-    reorder = _reorder()
-    if reorder is None:
-        return None
-    try:
-        return reorder(weight, padding, stride, dilation, groups, [1, weight.shape[1] * groups, *size[-2:]])
-    except RuntimeError:  # a configuration oneDNN does not pack: run on the plain weight
-        return None
-
-
-def post_op_function(attr: str, scalars: list[Any], algorithm: str | None) -> tuple[Any, tuple, dict] | None:
-    """The torch function (with its extra arguments) that the activation module of a oneDNN post-op
-    calls - the inverse of :func:`_post_op` (``(None, (), {})`` for no post-op; None if unknown)."""
-    if attr == "none":
-        return None, (), {}
-    if attr == "hardtanh" and len(scalars) == 2:
-        return F.hardtanh, (float(scalars[0]), float(scalars[1])), {}
-    if attr == "leaky_relu" and len(scalars) == 1:
-        return F.leaky_relu, (float(scalars[0]),), {}
-    if attr == "gelu":
-        return F.gelu, (), {"approximate": algorithm or "none"}
-    plain = {"relu": F.relu, "swish": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-             "hardswish": F.hardswish}
-    return (plain[attr], (), {}) if attr in plain and not scalars else None
 
 
 def _post_op(act: nn.Module) -> tuple[str, list[float], str | None] | None:
@@ -121,39 +77,6 @@ def _post_op(act: nn.Module) -> tuple[str, list[float], str | None] | None:
     return None
 
 
-#: extended kernels (zero taps added for an asymmetric padding) -> 1 at the real taps, 0 at the added
-#: ones (rules that treat every tap alike, such as LRP-flat, must skip the added ones)
-TAP_MASKS = Cache("fused kernel taps", holds="masks of the real taps of extended fused kernels",
-                  key="fused kernel (weak)", sized=True, tied=True)
-
-
-def tap_mask(weight: Tensor) -> Tensor | None:
-    """The real taps of an extended kernel (None: every tap is real)."""
-    return TAP_MASKS.get(weight)
-
-
-#: dense fused kernels -> the same kernel pre-packed in oneDNN's blocked layout (plain weights are
-#: reordered on every call, which on small feature maps costs as much as the convolution)
-PACKED = Cache("packed fused kernels", holds="oneDNN-packed fused kernels (also held by their module)",
-               key="fused kernel (weak)", tied=True)
-
-
-#: oneDNN can pre-pack kernels: then even a convolution with nothing to fuse runs faster as a fused call
-_PACKING = _reorder() is not None
-
-
-def propagation_active() -> bool:
-    """Is the innermost torch function mode a perspicio propagation mode (which handles fused calls)?
-
-    (A torch without these internals reports False: fused modules then run their original layers
-    under propagation, which is correct, only slower.)"""
-    try:
-        n = torch._C._len_torch_function_stack()
-        return n > 0 and getattr(torch._C._get_function_stack_at(n - 1), "handles_fused_convolutions", False)
-    except AttributeError:  # pragma: no cover - older or newer torch
-        return False
-
-
 def _compiling() -> bool:
     is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     return bool(is_compiling()) if is_compiling is not None else False
@@ -173,21 +96,21 @@ class FusedConv2d(nn.Module):
         self.attr, self.scalars, self.algorithm = post
         self.size = size
         # not a buffer: an opaque oneDNN tensor, derived from fused_weight (see PACKED)
-        self.packed = pack_kernel(self.fused_weight, padding, stride, dilation, groups, size)
+        self.packed = kernels.pack_kernel(self.fused_weight, padding, stride, dilation, groups, size)
         if self.packed is not None:
-            PACKED.put(self.fused_weight, self.packed)
+            kernels.PACKED.put(self.fused_weight, self.packed)
 
     def forward(self, x: Tensor) -> Tensor:
         if (tuple(x.shape[-2:]) == self.size and x.ndim == 4 and x.dtype == self.fused_weight.dtype == torch.float32
                 and x.device == self.fused_weight.device):
-            # the opaque packed kernel only where nothing can see the call: a propagation (or any
-            # other torch function mode) gets the dense kernel, its rules need it; torch.compile
-            # packs the weights of what it compiles
+            # the opaque packed kernel only where nothing can see the call: a mode that sees fused
+            # calls (or any other torch function mode) gets the dense kernel, its rules need it;
+            # torch.compile packs the weights of what it compiles
             watched = torch._C._len_torch_function_stack() > 0
-            if not torch.is_grad_enabled() or (watched and propagation_active()):
+            if not torch.is_grad_enabled() or (watched and kernels.fused_calls_seen()):
                 w = self.fused_weight if watched or self.packed is None or _compiling() else self.packed
-                return _pointwise()(x, w, self.fused_bias, self.padding, self.stride, self.dilation, self.groups,
-                                    self.attr, self.scalars, self.algorithm)
+                return kernels.run_conv(x, w, self.fused_bias, self.padding, self.stride, self.dilation, self.groups,
+                                        self.attr, self.scalars, self.algorithm)
         return self.act(self.conv(x))
 
 
@@ -284,7 +207,7 @@ def _plan(twin: nn.Module, sample: Tensor) -> list[tuple[str, str | None, dict[s
             pads = [pads[i] + int(p[i]) for i in range(4)]
         act = _sole_activation(act_of_input.get(id(out)), tracer.uses.get(id(out), []))
         asymmetric = pads[0] != pads[1] or pads[2] != pads[3]
-        if act is None and not asymmetric and not _PACKING:
+        if act is None and not asymmetric and not kernels.PACKING:
             continue  # nothing to save (with packing: the per-call reorder of the plain kernel)
         if asymmetric and dilation != [1, 1]:
             continue
@@ -314,7 +237,7 @@ def _sole_activation(act: tuple[str, int, int, bool] | None, uses: list[int]) ->
 def build_fused(twin: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:
     """``(module, fused)``: a copy of ``twin`` with its fusable convolutions fused, verified on
     ``sample`` - or ``(twin, 0)`` when nothing was fused or anything did not work."""
-    if (_pointwise() is None or not torch.backends.mkldnn.is_available() or sample.dtype != torch.float32
+    if (not kernels.available() or sample.dtype != torch.float32
             or sample.device.type != "cpu" or sample.ndim != 4):
         return twin, 0
     try:
@@ -329,7 +252,7 @@ def build_fused(twin: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:
             size, taps = call.pop("size"), call.pop("taps")
             module = FusedConv2d(mods[conv_name], act, post=post, size=size, **call)
             if taps is not None:
-                TAP_MASKS.put(module.fused_weight, taps.contiguous(memory_format=torch.channels_last))
+                kernels.TAP_MASKS.put(module.fused_weight, taps.contiguous(memory_format=torch.channels_last))
             fused.set_submodule(conv_name, module)
             if act_name is not None:
                 fused.set_submodule(act_name, nn.Identity())
@@ -355,7 +278,7 @@ def fused_twin(twin: nn.Module, sample: Tensor) -> tuple[nn.Module, int]:
     if entry is None:
         module, n = build_fused(twin, sample)
         entry = (None if module is twin else module, n)  # no strong reference to the key
-        # the entry's bytes: the fused module with its packed kernels (tap masks: TAP_MASKS)
+        # the entry's bytes: the fused module with its packed kernels (tap masks: kernels.TAP_MASKS)
         _FUSED.put(twin, entry, key, size=nbytes(module) if module is not twin else 0)
     module, n = entry
     return (twin if module is None else module), n

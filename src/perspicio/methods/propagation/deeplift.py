@@ -37,7 +37,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from ...core import fuse
+from ...core import kernels
 from ...core.baselines import black_value, check_baseline, make_baseline
 from ...core.batching import Engine
 from ...core.caches import Cache
@@ -46,7 +46,9 @@ from ...core.registry import register_method
 from ...core.targets import ResolvedTarget, resolve_target
 from ...errors import ModelError, OptionError
 from ..base import Method
+from .affine import affine_op
 from .canonizers import model_state, propagation_module
+from .derived import derived, neg, pos
 from .engine import (
     ACT,
     AFFINE,
@@ -63,7 +65,6 @@ from .engine import (
     Arith,
     Call,
     Propagator,
-    affine_op,
     apply_node,
     fused_call,
     iter_tensors,
@@ -74,8 +75,7 @@ from .engine import (
     propagating,
     sum_to,
 )
-from .lrp import _dim_arg, chunk_target, merged_batchnorm, substitute
-from .rules import _neg, _pos, derived
+from .lrp import chunk_target, dim_arg, merged_batchnorm, substitute
 
 RULES = ("rescale", "reveal_cancel")
 
@@ -491,7 +491,7 @@ class DeepLiftPropagator(Propagator):
         (the convolution's gradient is the linear rule)."""
         if self.mode == "record" and not torch.is_grad_enabled():
             f = fused_call(call)
-            packed = fuse.PACKED.get(f.weight) if f is not None else None
+            packed = kernels.packed_kernel(f.weight) if f is not None else None
             if packed is not None and len(call.args) >= 2 and call.args[1] is f.weight:
                 z = call.func(f.x, packed, f.bias, f.padding, f.stride, f.dilation, f.groups, "none", [], None)
                 self.tracked[id(z)] = z
@@ -541,7 +541,7 @@ class DeepLiftPropagator(Propagator):
             self.pair(call, [x], out)
             return out
         rec = self.pair(call, [x], None)
-        return apply_node(_Softmax(call, _dim_arg(call), rec["ins"][0]), x)
+        return apply_node(_Softmax(call, dim_arg(call), rec["ins"][0]), x)
 
     def on_norm(self, call: Call) -> Any:
         x = call.args[0] if call.args else call.kwargs["input"]
@@ -707,7 +707,7 @@ class RevealCancelPropagator(DeepLiftPropagator):
         out = call.run()
         op = affine_op(call, self.is_var)
         x = next(t for t in iter_tensors(call.args) if self.is_var(t))
-        wp, wn = _pos(op.weight), _neg(op.weight)
+        wp, wn = pos(op.weight), neg(op.weight)
         with torch.enable_grad():
             P, N = self.split(x)
             if op.name == "linear" or (op.conv is not None and op.conv["groups"] == 1):
@@ -715,8 +715,8 @@ class RevealCancelPropagator(DeepLiftPropagator):
                 # with [W+, W-] / [W- , W+] stacked likewise: no batch slicing (whose backward
                 # zero-fills and copies a full buffer per slice), one concatenation
                 both = torch.cat([P, N], dim=1 if op.conv is not None else -1)
-                w_pn = derived(op.weight, "reveal_cancel_pn", lambda w: torch.cat([_pos(w), _neg(w)], dim=1))
-                w_np = derived(op.weight, "reveal_cancel_np", lambda w: torch.cat([_neg(w), _pos(w)], dim=1))
+                w_pn = derived(op.weight, "reveal_cancel_pn", lambda w: torch.cat([pos(w), neg(w)], dim=1))
+                w_np = derived(op.weight, "reveal_cancel_np", lambda w: torch.cat([neg(w), pos(w)], dim=1))
                 return self.set(out, op(both, w_pn, None), op(both, w_np, None))
             return self.set(out, op(P, wp, None) + op(N, wn, None), op(N, wp, None) + op(P, wn, None))
 

@@ -29,7 +29,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,8 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ...core import kernels
 from ...core.caches import Cache, Memo
 from ...core.calls import memoised, out_of_place
+from ...core.kernels import FusedCall
 from ...errors import ModelError
 
 # ============================================================================ operation table
@@ -56,7 +58,7 @@ NORM = "norm"  # batch_norm (eval), layer_norm, group_norm, rms_norm
 SOFTMAX = "softmax"
 MAXPOOL = "maxpool"
 SDPA = "sdpa"  # scaled_dot_product_attention, decomposed into products and softmax
-FUSED = "fused"  # oneDNN convolution + activation of perspicio's fused twin (core/fuse.py)
+FUSED = "fused"  # convolution + activation of perspicio's fused twin (core/kernels.py: FusedCall)
 
 ARITH = "arith"  # parsed further into SCALE / SUM / PRODUCT / DIV
 
@@ -132,9 +134,7 @@ def _build_table() -> dict[Any, str]:
     add(MAXPOOL, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
         F.adaptive_max_pool3d)
     add(SDPA, F.scaled_dot_product_attention)
-    from ...core.fuse import _pointwise
-
-    add(FUSED, _pointwise())
+    add(FUSED, kernels.FUSED_OP)
     return table
 
 
@@ -561,7 +561,7 @@ class Propagator:
         f = fused_call(call)
         if f is None:
             return self._unknown(call.func, call.args, call.kwargs, reason="unknown fused activation")
-        z = self.dispatch(F.conv2d, (f.x, f.weight, f.bias, f.stride, f.padding, f.dilation, f.groups), {})
+        z = self.dispatch(F.conv2d, f.conv_args(), {})
         return z if f.act is None else self.dispatch(f.act, (z, *f.act_args), f.act_kwargs)
 
     #: what the error for an operation without a rule suggests
@@ -652,7 +652,8 @@ _METADATA = _metadata_queries()
 class PropagationMode(TorchFunctionMode):
     """Routes every torch function call to a :class:`Propagator` while active."""
 
-    #: fused twins make their fused calls under this mode (see :func:`perspicio.core.fuse.propagation_active`)
+    #: the :data:`perspicio.core.kernels.SEES_FUSED_CALLS` protocol: fused twins make their fused calls
+    #: (dense kernel) under this mode, and :meth:`Propagator.on_fused` gives them their rules
     handles_fused_convolutions = True
 
     def __init__(self, propagator: Propagator) -> None:
@@ -707,137 +708,6 @@ def propagating(model: nn.Module, propagator: Propagator) -> Iterator[Propagator
 # ============================================================================ fused convolutions
 
 
-@dataclass
-class FusedCall:
-    """A ``mkldnn._convolution_pointwise`` call: the convolution's arguments and the activation
-    as the torch function the model's activation module calls (None: no activation)."""
-
-    x: Tensor
-    weight: Tensor
-    bias: Tensor | None
-    padding: list[int]
-    stride: list[int]
-    dilation: list[int]
-    groups: int
-    act: Any
-    act_args: tuple
-    act_kwargs: dict
-
-
 def fused_call(call: Call) -> FusedCall | None:
-    """Parse a fused call (None for an activation perspicio does not know)."""
-    from ...core.fuse import post_op_function
-
-    names = ("x", "weight", "bias", "padding", "stride", "dilation", "groups", "attr", "scalars", "algorithm")
-    a = dict(zip(names, call.args))
-    a.update(call.kwargs)
-    act = post_op_function(a.get("attr", "none"), list(a.get("scalars") or []), a.get("algorithm"))
-    if act is None:
-        return None
-    return FusedCall(a["x"], a["weight"], a.get("bias"), list(a["padding"]), list(a["stride"]), list(a["dilation"]),
-                     int(a["groups"]), *act)
-
-
-# ============================================================================ affine operations
-
-
-@dataclass
-class AffineOp:
-    """A linear map with parameters: ``fn(x, weight, bias)`` and its input-adjoint ``vjp``.
-
-    Rules evaluate the same map with modified inputs and weights (positive parts,
-    ones, squares, ...), so the op is kept as a function of (x, w, b).
-    """
-
-    name: str
-    fn: Callable[[Tensor, Tensor, Tensor | None], Tensor]
-    weight: Tensor
-    bias: Tensor | None
-    conv: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __call__(self, x: Tensor, w: Tensor | None = None, b: Tensor | None = None) -> Tensor:
-        return self.fn(x, self.weight if w is None else w, b)
-
-    def vjp(self, x: Tensor, w: Tensor, s: Tensor) -> Tensor:
-        """``J^T s`` of ``x -> fn(x, w)`` (the map is linear in x, so no forward is needed for conv/linear)."""
-        if self.name == "linear":
-            return s.matmul(w)
-        if self.conv is not None:
-            c = self.conv
-            return torch.ops.aten.convolution_backward(
-                s, x, w, None, c["stride"], c["padding"], c["dilation"], False, [0] * len(c["stride"]),
-                c["groups"], [True, False, False],
-            )[0]
-        with torch.enable_grad():
-            xi = x.detach().requires_grad_(True)
-            out = self.fn(xi, w.detach(), None)
-            return torch.autograd.grad(out, xi, s)[0]
-
-
-def _tuple(v: Any, n: int) -> list[int]:
-    if isinstance(v, int):
-        return [v] * n
-    return [int(i) for i in v]
-
-
-def affine_op(call: Call, is_var: Callable[[Any], bool]) -> AffineOp:
-    """Describe an AFFINE call (conv/linear/matmul with one constant operand) as an :class:`AffineOp`."""
-    func, args, kwargs = call.func, call.args, call.kwargs
-    name = op_name(func).rsplit(".", 1)[-1]
-    if func is F.linear:
-        w = args[1] if len(args) > 1 else kwargs["weight"]
-        b = args[2] if len(args) > 2 else kwargs.get("bias")
-        return AffineOp("linear", lambda x_, w_, b_: F.linear(x_, w_, b_), w, b)
-    if func in (F.conv1d, F.conv2d, F.conv3d):
-        n = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}[func]
-        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-        bound = dict(zip(names, args))
-        bound.update(kwargs)
-        w, b = bound["weight"], bound.get("bias")
-        stride, padding = bound.get("stride", 1), bound.get("padding", 0)
-        dilation, groups = bound.get("dilation", 1), bound.get("groups", 1)
-
-        def conv(x_: Tensor, w_: Tensor, b_: Tensor | None) -> Tensor:
-            return func(x_, w_, b_, stride, padding, dilation, groups)
-
-        spec = None
-        if not isinstance(padding, str):
-            spec = {"stride": _tuple(stride, n), "padding": _tuple(padding, n), "dilation": _tuple(dilation, n),
-                    "groups": int(groups)}
-        return AffineOp(name, conv, w, b, conv=spec)
-    if func in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
-        w = args[1] if len(args) > 1 else kwargs["weight"]
-        b = args[2] if len(args) > 2 else kwargs.get("bias")
-        rest, kw = args[3:], {k: v for k, v in kwargs.items() if k not in ("input", "weight", "bias")}
-        return AffineOp(name, lambda x_, w_, b_: func(x_, w_, b_, *rest, **kw), w, b)
-    # matmul-like with exactly one input-dependent operand: the constant one is the "weight"
-    tensors = list(args)
-    if func is torch.einsum or (name == "einsum"):
-        eq, ops = args[0], list(args[1:])
-        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
-            ops = list(ops[0])
-        pos = next(i for i, t in enumerate(ops) if is_var(t))
-        wpos = [i for i, t in enumerate(ops) if i != pos]
-        if len(wpos) != 1:
-            raise ModelError(f"einsum {eq!r} with {len(ops)} operands has no affine rule (expected two operands).")
-        wi = wpos[0]
-
-        def ein(x_: Tensor, w_: Tensor, b_: Tensor | None) -> Tensor:
-            o = list(ops)
-            o[pos], o[wi] = x_, w_
-            return torch.einsum(eq, *o)
-
-        return AffineOp("einsum", ein, ops[wi], None)
-    pos = next(i for i, t in enumerate(tensors) if is_var(t))
-    wi = 1 - pos
-    other = tensors[wi]
-    base = {"__matmul__": torch.matmul, "__rmatmul__": torch.matmul, "matmul": torch.matmul, "mm": torch.mm,
-            "bmm": torch.bmm, "inner": torch.inner, "outer": torch.outer, "dot": torch.dot, "mv": torch.mv}[name]
-    if name == "__rmatmul__":  # other @ self
-        pos, wi = (1, 0) if pos == 0 else (0, 1)
-
-    def mm(x_: Tensor, w_: Tensor, b_: Tensor | None) -> Tensor:
-        return base(x_, w_) if pos == 0 else base(w_, x_)
-
-    return AffineOp("matmul", mm, other, None)
+    """Describe a fused call (None for an activation perspicio does not know)."""
+    return kernels.parse_fused_call(call.args, call.kwargs)

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core import fuse
+from ...core import kernels
 from ...core.batching import Engine
 from ...core.explanation import Explanation
 from ...core.registry import register_method
 from ...core.targets import resolve_target
 from ...errors import ModelError, OptionError
 from ..base import Method
+from .affine import affine_op
 from .canonizers import model_state, propagation_module
 from .composites import Composite, make_composite
 from .engine import (
@@ -39,7 +40,6 @@ from .engine import (
     Arith,
     Call,
     Propagator,
-    affine_op,
     apply_node,
     fused_call,
     iter_tensors,
@@ -64,7 +64,8 @@ def substitute(obj: Any, mapping: dict[int, Tensor]) -> Any:
     return obj
 
 
-def _dim_arg(call: Call, pos: int = 1, name: str = "dim") -> int:
+def dim_arg(call: Call, pos: int = 1, name: str = "dim") -> int:
+    """The ``dim`` argument of a call (keyword or position ``pos``); an error when it is missing."""
     if name in call.kwargs and call.kwargs[name] is not None:
         return int(call.kwargs[name])
     if len(call.args) > pos and call.args[pos] is not None:
@@ -416,12 +417,12 @@ class LRPPropagator(Propagator):
         rule = self.composite.rule_for("conv2d", module, first)
         if rule.uses_output:
             return super().on_fused(call)
-        conv = Call(F.conv2d, (x, f.weight, f.bias, f.stride, f.padding, f.dilation, f.groups), {},
+        conv = Call(F.conv2d, f.conv_args(), {},
                     "torch.nn.functional.conv2d", AFFINE)
         op = affine_op(conv, self.is_var)
         label = f"{op.name} @ {module or '<model>'}"
         self.rules_used[label] = repr(rule)
-        packed = fuse.PACKED.get(f.weight)
+        packed = kernels.packed_kernel(f.weight)
         if packed is not None and len(call.args) >= 2 and call.args[1] is f.weight:  # run on the packed kernel
             call = Call(call.func, (x, packed, *call.args[2:]), call.kwargs, call.name, call.kind)
         out = apply_node(_Affine(self, call, op, rule, self._context(x, rule), label), x)
@@ -469,7 +470,7 @@ class LRPPropagator(Propagator):
 
     def on_softmax(self, call: Call) -> Any:
         x = call.args[0] if call.args else call.kwargs["input"]
-        out = apply_node(_Softmax(self, call, _dim_arg(call), self.op_label(call.name)), x)
+        out = apply_node(_Softmax(self, call, dim_arg(call), self.op_label(call.name)), x)
         self.gates[id(out)] = out
         return out
 

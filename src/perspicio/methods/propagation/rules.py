@@ -28,7 +28,6 @@ rule           definition
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,10 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ...core.caches import Cache
-from ...core.fuse import _PACKING, _pointwise, pack_kernel, tap_mask
 from ...errors import OptionError
-from .engine import AffineOp, safe_div
+from .affine import AffineOp
+from .derived import clamp_neg, clamp_pos, derived, neg, pos
+from .engine import safe_div
 
 
 @dataclass
@@ -74,14 +73,14 @@ def _folds_bias(op: AffineOp) -> bool:
 def _shifted(op: AffineOp, x: Tensor, w: Tensor, b: Tensor | None, shift: float) -> Tensor:
     """``op(x, w, b) + shift`` in a fresh buffer; the shift rides on the bias where the op applies one."""
     if shift == 0.0:
-        return _conv(op, x, w, b)
+        return op.map(x, w, b)
     if _folds_bias(op):  # conv/linear weights are (out, in, ...): one bias entry per output channel
         if b is None:
             bias = torch.full((w.shape[0],), shift, dtype=w.dtype, device=w.device)
         else:
             bias = derived(b, ("shift", shift), lambda t: t + shift)
-        return _conv(op, x, w, bias)
-    return _conv(op, x, w, b).add_(shift)
+        return op.map(x, w, bias)
+    return op.map(x, w, b).add_(shift)
 
 
 def _div_known_sign(R: Tensor, z: Tensor) -> Tensor:
@@ -103,78 +102,6 @@ def _times(g: Tensor, x: Tensor) -> Tensor:
     return x * g
 
 
-#: values derived from perspicio's own weights (merged BatchNorm layers, private twins): W+, W-,
-#: stacked, boosted and packed kernels, keyed by that weight (weakly) and the derivation path
-_DERIVED = Cache("lrp derived weights", holds="W+, W-, stacked, boosted and packed forms of private weights",
-                 key="private weight (weak), derivation", sized=True)
-#: each memoised value -> (weak reference to the weight it comes from, derivation path), so that values
-#: derived from it (``b+ + eps`` from ``b+``) are memoised too. The weight is referenced weakly: a strong
-#: reference here would keep the weight - and through _DERIVED every value derived from it - alive
-#: forever (each entry's value holding the other's key: the leak of issue 14)
-_ORIGINS = Cache("lrp derived origins", holds="derived value -> its private weight (weak reference)",
-                 key="derived value (weak)", tied=True)
-
-
-def derived(t: Tensor, tag: Any, fn: Callable[[Tensor], Tensor]) -> Tensor:
-    """``fn(t)`` for a weight or bias ``t``, memoised across calls where that is safe.
-
-    The rules need the same positive/negative parts of every weight on every call. Only
-    tensors whose storage is one of perspicio's own weights (the BatchNorm canonizer's merged
-    weights/biases and the private twins' tensors, which perspicio computed and never writes to;
-    see ``canonizers.merged_tensor``) are memoised, keyed weakly by that tensor, its version
-    counter and the derivation path (``tag`` after the tags that led to ``t``); for any other
-    parameter ``fn`` is evaluated every time, so a write to a user's parameter (also through
-    ``.data``, which bypasses the version counter) can never leave a stale value. Values derived
-    from memoised values are memoised likewise. The memo is a byte-bounded LRU cache
-    (:mod:`perspicio.core.caches`).
-    """
-    if t.requires_grad or t.grad_fn is not None:
-        return fn(t)
-    origin = _origin(t)
-    if origin is None:
-        return fn(t)
-    owner, path = origin
-    key = (owner._version, (*path, tag))
-    value = _DERIVED.get(owner, key)
-    if value is None:
-        value = fn(t)
-        if isinstance(value, Tensor):
-            _DERIVED.put(owner, value, key)
-            if value is not t and value is not owner and _ORIGINS.get(value) is None:  # (fn may return its input)
-                _ORIGINS.put(value, (weakref.ref(owner), key[1]))
-    return value
-
-
-def _origin(t: Tensor) -> tuple[Tensor, tuple] | None:
-    """(perspicio's own weight ``t`` comes from, derivation path), or None for any other tensor."""
-    from .canonizers import merged_tensor
-
-    hit = _ORIGINS.get(t)
-    if hit is not None:
-        owner = hit[0]()
-        return None if owner is None else (owner, hit[1])
-    owned = merged_tensor(t)
-    return None if owned is None else (owned, ())
-
-
-def _derived_owner(t: Tensor) -> Tensor | None:
-    origin = _origin(t)
-    return None if origin is None else origin[0]
-
-
-def derived_tags(owner: Tensor) -> list[Any]:
-    """The tags of the values currently memoised for ``owner`` (the last step of each path)."""
-    return [sub[1][-1] for sub in _DERIVED.subs(owner)]
-
-
-def _clamp_pos(t: Tensor) -> Tensor:
-    return t.clamp(min=0)
-
-
-def _clamp_neg(t: Tensor) -> Tensor:
-    return t.clamp(max=0)
-
-
 def _where_pos(R: Tensor, z: Tensor) -> Tensor:
     """``R * (z > 0)`` (R where z > 0, else 0) without a boolean mask (float kernels are faster on CPU)."""
     if R.shape == z.shape and R.dtype == z.dtype:
@@ -187,80 +114,6 @@ def _where_neg(R: Tensor, z: Tensor) -> Tensor:
     if R.shape == z.shape and R.dtype == z.dtype:
         return torch.ops.aten.threshold_backward(R, torch.neg(z), 0.0)
     return R * (z < 0)
-
-
-def _pos(t: Tensor | None) -> Tensor | None:
-    return None if t is None else derived(t, "pos", _clamp_pos)
-
-
-def _neg(t: Tensor | None) -> Tensor | None:
-    return None if t is None else derived(t, "neg", _clamp_neg)
-
-
-# ---------------------------------------------------------------------------- packed convolutions
-
-
-_POINTWISE = _pointwise()
-
-
-def _packable(op: AffineOp, x: Tensor, w: Tensor) -> bool:
-    """Can this 2-d convolution run on a pre-packed oneDNN weight memoised across calls?
-
-    oneDNN reorders a plain weight into its blocked layout on every call - for the small feature
-    maps of a CNN's later layers that reorder costs as much as the convolution. Packing once pays
-    off only where the packed weight is kept, i.e. for the weights ``derived`` memoises (those of
-    perspicio's own twins and merged layers)."""
-    return (_POINTWISE is not None and _PACKING and op.conv is not None and x.dim() == 4
-            and len(op.conv["stride"]) == 2 and x.dtype == w.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.is_grad_enabled() and not w.requires_grad and _derived_owner(w) is not None)
-
-
-def _packed(w: Tensor, key: tuple, padding: list[int], stride: list[int], dilation: list[int], groups: int,
-            size: tuple[int, ...], kernel: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
-    """``kernel(w)`` (default ``w``) pre-packed, memoised with ``w`` under ``key``."""
-    return derived(w, key, lambda t: pack_kernel((t if kernel is None else kernel(t)).contiguous(), padding, stride,
-                                                 dilation, groups, size))
-
-
-def _conv(op: AffineOp, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``op(x, w, b)``, on a pre-packed weight where possible (same arithmetic, same result)."""
-    if not _packable(op, x, w) or (b is not None and (b.requires_grad or b.dtype != w.dtype)):
-        return op(x, w, b)
-    c = op.conv
-    key = ("packed", tuple(c["padding"]), tuple(c["stride"]), tuple(c["dilation"]), c["groups"], tuple(x.shape[1:]))
-    packed = _packed(w, key, c["padding"], c["stride"], c["dilation"], c["groups"], tuple(x.shape[2:]))
-    if packed is None:
-        return op(x, w, b)
-    return _POINTWISE(x, packed, b, c["padding"], c["stride"], c["dilation"], c["groups"], "none", [], None)
-
-
-def _transposed_kernel(w: Tensor, groups: int) -> Tensor:
-    """The kernel whose stride-1 convolution is the adjoint of ``w``'s: in and out channels swapped
-    within each group, taps mirrored."""
-    out_ch, in_per_group = w.shape[0], w.shape[1]
-    k = w.shape[2:]
-    wt = w.reshape(groups, out_ch // groups, in_per_group, *k).transpose(1, 2)
-    return wt.reshape(groups * in_per_group, out_ch // groups, *k).flip(-1, -2).contiguous()
-
-
-def _vjp(op: AffineOp, x: Tensor, w: Tensor, s: Tensor) -> Tensor:
-    """``op.vjp(x, w, s)``; for a stride-1 convolution as the forward convolution of ``s`` with the
-    transposed, mirrored kernel (padding ``d (k - 1) - p``) on a pre-packed weight."""
-    c = op.conv
-    if (not _packable(op, x, w) or any(st != 1 for st in c["stride"]) or s.dim() != 4 or s.dtype != w.dtype
-            or s.requires_grad):
-        return op.vjp(x, w, s)
-    k = w.shape[2:]
-    pad = [d * (kk - 1) - p for d, kk, p in zip(c["dilation"], k, c["padding"])]
-    if min(pad) < 0:  # padding wider than the kernel reaches: the adjoint would need cropping
-        return op.vjp(x, w, s)
-    key = ("vjp_packed", tuple(c["padding"]), tuple(c["dilation"]), c["groups"], tuple(s.shape[1:]))
-    packed = _packed(w, key, pad, [1, 1], c["dilation"], c["groups"], tuple(s.shape[2:]),
-                     lambda t: _transposed_kernel(t, c["groups"]))
-    if packed is None:
-        return op.vjp(x, w, s)
-    g = _POINTWISE(s, packed, None, pad, [1, 1], c["dilation"], c["groups"], "none", [], None)
-    return g if g.shape == x.shape else op.vjp(x, w, s)
 
 
 # ---------------------------------------------------------------------------- inputs of both signs
@@ -318,7 +171,7 @@ class Epsilon(Rule):
 
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         s = safe_div(R, z, self.epsilon)
-        return _times(_vjp(op, x, op.weight, s), x)
+        return _times(op.adjoint(x, op.weight, s), x)
 
 
 class LRP0(Epsilon):
@@ -362,20 +215,20 @@ class Gamma(Rule):
             return self._stacked(op, x, z, R, R_dn if down else None, bu, bd)
         xp = x.clamp(min=0) if signed else x
         xn = x.clamp(max=0) if signed else None
-        z_up = _conv(op, xp, wu, bu)  # positive contributions boosted
+        z_up = op.map(xp, wu, bu)  # positive contributions boosted
         if signed:
-            z_up = z_up.add_(_conv(op, xn, wd, None))
+            z_up = z_up.add_(op.map(xn, wd, None))
         s_up = safe_div(_where_pos(R, z), z_up, self.stabilizer)
         if not down:
-            out = _times(_vjp(op, xp, wu, s_up), xp)
-            return out.add_(_times(_vjp(op, xn, wd, s_up), xn)) if signed else out
-        z_dn = _conv(op, xp, wd, bd)  # negative contributions boosted
+            out = _times(op.adjoint(xp, wu, s_up), xp)
+            return out.add_(_times(op.adjoint(xn, wd, s_up), xn)) if signed else out
+        z_dn = op.map(xp, wd, bd)  # negative contributions boosted
         if signed:
-            z_dn = z_dn.add_(_conv(op, xn, wu, None))
+            z_dn = z_dn.add_(op.map(xn, wu, None))
         s_dn = safe_div(R_dn, z_dn, self.stabilizer)
-        out = _times(_vjp(op, xp, wu, s_up).add_(_vjp(op, xp, wd, s_dn)), xp)
+        out = _times(op.adjoint(xp, wu, s_up).add_(op.adjoint(xp, wd, s_dn)), xp)
         if signed:
-            out = out.add_(_times(_vjp(op, xn, wd, s_up).add_(_vjp(op, xn, wu, s_dn)), xn))
+            out = out.add_(_times(op.adjoint(xn, wd, s_up).add_(op.adjoint(xn, wu, s_dn)), xn))
         return out
 
     def _stacked(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, R_dn: Tensor | None, bu: Tensor | None,
@@ -387,8 +240,8 @@ class Gamma(Rule):
         both, dim = _split_signs(op, x)
 
         def part(stacked: Tensor, bias: Tensor | None, Rs: Tensor) -> Tensor:
-            s = safe_div(Rs, _conv(op, both, stacked, bias), self.stabilizer)
-            return _times(_vjp(op, both, stacked, s), both)
+            s = safe_div(Rs, op.map(both, stacked, bias), self.stabilizer)
+            return _times(op.adjoint(both, stacked, s), both)
 
         boost_pos, boost_neg = _boost(g, 0.0, None), _boost(g, None, 0.0)
         out = part(derived(w, ("gamma_stacked_up", g), _stack(boost_pos, boost_neg)), bu, _where_pos(R, z))
@@ -405,17 +258,17 @@ class Gamma(Rule):
         Without relevance on negative outputs (``R_dn`` None) that is ``(W + gW+)^T s_up``.
         """
         g, w, b = self.gamma, op.weight, op.bias
-        wp = _pos(w)
-        P = _conv(op, x, wp, _pos(b))
+        wp = pos(w)
+        P = op.map(x, wp, pos(b))
         z_up = torch.add(z, P, alpha=g)
         s_up = safe_div(_where_pos(R, z), z_up, self.stabilizer)
         if R_dn is None:
-            return _times(_vjp(op, x, derived(w, ("gamma_up", g), _boost(g, 0.0, None)), s_up), x)
+            return _times(op.adjoint(x, derived(w, ("gamma_up", g), _boost(g, 0.0, None)), s_up), x)
         z_dn = torch.sub(z, P).mul_(g).add_(z)
         s_dn = safe_div(R_dn, z_dn, self.stabilizer)
         a = torch.add(s_up, s_dn, alpha=1.0 + g)
         d = s_up.sub_(s_dn).mul_(g) if not s_up.requires_grad else (s_up - s_dn) * g
-        return _times(_vjp(op, x, w, a).add_(_vjp(op, x, wp, d)), x)
+        return _times(op.adjoint(x, w, a).add_(op.adjoint(x, wp, d)), x)
 
 
 def _boost(g: float, low: float | None, high: float | None) -> Callable[[Tensor], Tensor]:
@@ -439,32 +292,32 @@ class AlphaBeta(Rule):
         signed = _signed(x, ctx)  # after ReLUs the input is non-negative: skip the x- terms
         if signed and _stackable(op):
             return self._stacked(op, x, R)
-        wp = _pos(w)
+        wp = pos(w)
         xp = x.clamp(min=0) if signed else x
         xn = x.clamp(max=0) if signed else None
         eps = self.stabilizer
         # z+ >= 0 and z- <= 0 by construction, so the stabiliser's sign is known: z+ + eps and
         # z- - eps (at z- = 0 every negative contribution is zero, so its sign does not matter)
         known = eps > 0
-        z_pos = _shifted(op, xp, wp, _pos(b), eps if known else 0.0)
+        z_pos = _shifted(op, xp, wp, pos(b), eps if known else 0.0)
         if signed:
-            z_pos = z_pos.add_(_conv(op, xn, _neg(w), None))
+            z_pos = z_pos.add_(op.map(xn, neg(w), None))
         s_pos = _div_known_sign(R, z_pos) if known else safe_div(R, z_pos, eps)
         if self.alpha != 1.0:
             s_pos = s_pos.mul_(self.alpha) if s_pos is z_pos else s_pos * self.alpha
-        out = _times(_vjp(op, xp, wp, s_pos), xp)
+        out = _times(op.adjoint(xp, wp, s_pos), xp)
         if signed:
-            out = out.add_(_times(_vjp(op, xn, _neg(w), s_pos), xn))
+            out = out.add_(_times(op.adjoint(xn, neg(w), s_pos), xn))
         if self.beta:
-            wn = _neg(w)
-            z_neg = _shifted(op, xp, wn, _neg(b), -eps if known else 0.0)
+            wn = neg(w)
+            z_neg = _shifted(op, xp, wn, neg(b), -eps if known else 0.0)
             if signed:
-                z_neg = z_neg.add_(_conv(op, xn, wp, None))
+                z_neg = z_neg.add_(op.map(xn, wp, None))
             s_neg = _div_known_sign(R, z_neg) if known else safe_div(R, z_neg, eps)
             s_neg = s_neg.mul_(-self.beta) if s_neg is z_neg else s_neg * -self.beta
-            out = out.add_(_times(_vjp(op, xp, wn, s_neg), xp))
+            out = out.add_(_times(op.adjoint(xp, wn, s_neg), xp))
             if signed:
-                out = out.add_(_times(_vjp(op, xn, wp, s_neg), xn))
+                out = out.add_(_times(op.adjoint(xn, wp, s_neg), xn))
         return out
 
 
@@ -487,11 +340,11 @@ class AlphaBeta(Rule):
             s = _div_known_sign(R, z) if known else safe_div(R, z, eps)
             if coef != 1.0:
                 s = s.mul_(coef) if s is z else s * coef
-            return _times(_vjp(op, both, stacked, s), both)
+            return _times(op.adjoint(both, stacked, s), both)
 
-        out = part(derived(w, "stacked_pn", _stack(_clamp_pos, _clamp_neg)), _pos(b), eps, self.alpha)
+        out = part(derived(w, "stacked_pn", _stack(clamp_pos, clamp_neg)), pos(b), eps, self.alpha)
         if self.beta:
-            out = out.add_(part(derived(w, "stacked_np", _stack(_clamp_neg, _clamp_pos)), _neg(b), -eps, -self.beta))
+            out = out.add_(part(derived(w, "stacked_np", _stack(clamp_neg, clamp_pos)), neg(b), -eps, -self.beta))
         return _merge_signs(out, dim)
 
 
@@ -533,9 +386,9 @@ class ZBox(Rule):
         high = self._bound(self.high, ctx.high, x, "high")
         w = op.weight
         wp, wn = w.clamp(min=0), w.clamp(max=0)
-        zb = _conv(op, x, w, None) - _conv(op, low, wp, None) - _conv(op, high, wn, None)
+        zb = op.map(x, w, None) - op.map(low, wp, None) - op.map(high, wn, None)
         s = safe_div(R, zb, self.stabilizer)
-        return x * _vjp(op, x, w, s) - low * _vjp(op, low, wp, s) - high * _vjp(op, high, wn, s)
+        return x * op.adjoint(x, w, s) - low * op.adjoint(low, wp, s) - high * op.adjoint(high, wn, s)
 
 
 class Flat(Rule):
@@ -547,18 +400,18 @@ class Flat(Rule):
     def __init__(self, stabilizer: float = 1e-6) -> None:
         self.stabilizer = float(stabilizer)
 
-    def _weights(self, w: Tensor) -> Tensor:
-        taps = tap_mask(w)  # a kernel extended by zero taps (folded padding): only the real taps
-        return torch.ones_like(w) if taps is None else taps
+    def _weights(self, op: AffineOp) -> Tensor:
+        taps = op.taps  # a kernel extended by zero taps (folded padding): only the real taps
+        return torch.ones_like(op.weight) if taps is None else taps
 
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         ones = ctx.ones if ctx.ones is not None else torch.ones_like(x)
-        w = self._weights(op.weight)
+        w = self._weights(op)
         if self.stabilizer > 0 and bool((w >= 0).all()):  # ones and non-negative weights: zf >= 0
             s = _div_known_sign(R, _shifted(op, ones, w, None, self.stabilizer))
         else:
-            s = safe_div(R, _conv(op, ones, w, None), self.stabilizer)
-        return _times(_vjp(op, ones, w, s), ones)
+            s = safe_div(R, op.map(ones, w, None), self.stabilizer)
+        return _times(op.adjoint(ones, w, s), ones)
 
 
 class WSquare(Flat):
@@ -566,8 +419,8 @@ class WSquare(Flat):
 
     name = "wsquare"
 
-    def _weights(self, w: Tensor) -> Tensor:
-        return w * w
+    def _weights(self, op: AffineOp) -> Tensor:
+        return op.weight * op.weight
 
 
 RULES: dict[str, type[Rule]] = {
