@@ -254,9 +254,9 @@ def maximize_cmd(model_spec: str, device: str, random_init: bool, seed: int, out
         if t is None:
             t = list(range(10)) if digits else 285
         if isinstance(t, str):
-            from ..core.targets import _name_to_index
+            from ..core.targets import name_to_index
 
-            t = _name_to_index(t, bundle.labels)
+            t = name_to_index(t, bundle.labels)
         batch = len(t) if isinstance(t, list) else 1
         kind = objective or ("logprob" if digits else "logit")
         goal = ClassLogProb(t) if kind == "logprob" else ClassLogit(t)

@@ -179,7 +179,15 @@ def _check_classes(idx: Tensor, output: Tensor) -> None:
         )
 
 
-def _name_to_index(name: str, labels: Sequence[str] | None) -> int:
+def target_names(labels: Sequence[str] | None, indices: Tensor | None) -> tuple[str, ...] | None:
+    """Class names of target ``indices`` (an index past the labels is named by its number); None without labels."""
+    if labels is None or indices is None:
+        return None
+    return tuple(str(labels[i]) if i < len(labels) else str(i) for i in indices.tolist())
+
+
+def name_to_index(name: str, labels: Sequence[str] | None) -> int:
+    """The class index of a class name (case-insensitive) or of a string of digits."""
     if labels is None:
         raise TargetError(f"target {name!r} is a class name but the model has no class labels; pass an index.")
     lowered = [str(label).lower() for label in labels]
@@ -305,14 +313,14 @@ def resolve_target(
     if target is None or (isinstance(target, str) and target.lower() in ("top1", "pred", "auto")):
         idx = output.argmax(dim=1)
     elif isinstance(target, str):
-        idx = torch.full((n,), _name_to_index(target, labels), dtype=torch.long)
+        idx = torch.full((n,), name_to_index(target, labels), dtype=torch.long)
     elif isinstance(target, bool):
         raise TargetError(f"target must be a class index, name or callable; got {target!r}.")
     elif isinstance(target, int):
         idx = torch.full((n,), target, dtype=torch.long)
     elif isinstance(target, (Sequence, Tensor)) and not isinstance(target, str):
         items = [
-            _name_to_index(t, labels) if isinstance(t, str) else t for t in (target.tolist() if isinstance(target, Tensor) else target)
+            name_to_index(t, labels) if isinstance(t, str) else t for t in (target.tolist() if isinstance(target, Tensor) else target)
         ]
         try:
             idx = torch.as_tensor(items, dtype=torch.long).flatten()

@@ -26,7 +26,7 @@ from ..core.batching import Engine
 from ..core.capture import Capture, auto_layer, is_spatial, resolve_layer, to_spatial, trace_layers
 from ..core.explanation import Explanation
 from ..core.registry import register_method
-from ..core.targets import ResolvedTarget, resolve_target
+from ..core.targets import ResolvedTarget, resolve_target, target_names
 from ..errors import LayerError, ModelError, OptionError
 from .base import Method
 
@@ -132,7 +132,7 @@ class CAMBase(Method):
             targets=tgt.indices,
             raw=raw.detach() if raw is not None else None,
             layer=names[0] if len(names) == 1 else names,
-            target_names=tuple(self.labels[i] for i in tgt.indices.tolist()) if self.labels is not None and tgt.indices is not None else None,
+            target_names=target_names(self.labels, tgt.indices),
             extras={"layer_maps": tuple(r.detach() for r in raws)} if len(raws) > 1 else {},
         )
 

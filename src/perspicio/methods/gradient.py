@@ -17,7 +17,6 @@ path methods (:mod:`perspicio.methods.path`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -28,7 +27,7 @@ from ..core.capture import Capture, StopForward, auto_layer, resolve_layer
 from ..core.explanation import Explanation
 from ..core.registry import register_method
 from ..core.relu_override import rectifier_override
-from ..core.targets import ResolvedTarget, resolve_target
+from ..core.targets import ResolvedTarget, resolve_target, target_names
 from ..errors import ModelError, OptionError, TargetError
 from .base import Method
 
@@ -67,12 +66,6 @@ def row_scores(tgt: ResolvedTarget, out: Tensor, rows: Tensor) -> Tensor:
     if not isinstance(scores, Tensor) or scores.shape != (out.shape[0],):
         raise TargetError(f"a callable target must return one scalar per row, shape ({out.shape[0]},).")
     return scores
-
-
-def target_names(labels: Sequence[str] | None, indices: Tensor | None) -> tuple[str, ...] | None:
-    if labels is None or indices is None:
-        return None
-    return tuple(str(labels[i]) for i in indices.tolist())
 
 
 def input_grad(engine: Engine, scores: Tensor, inputs: Tensor) -> Tensor:

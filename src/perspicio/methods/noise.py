@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from ..core.batching import Engine
 from ..core.explanation import Explanation
 from ..core.registry import METHODS, register_method
-from ..core.targets import resolve_target
+from ..core.targets import resolve_target, target_names
 from ..errors import InputError, OptionError
 from .base import Method, build
-from .gradient import check_target_count, resolve_on_output, row_scores, target_names
+from .gradient import check_target_count, resolve_on_output, row_scores
 
 VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 

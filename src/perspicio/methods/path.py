@@ -51,7 +51,7 @@ from ..core.explanation import Explanation
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
 from ..core.registry import register_method
-from ..core.targets import ResolvedTarget, resolve_target
+from ..core.targets import ResolvedTarget, resolve_target, target_names
 from ..errors import ConvergenceWarning, LayerError, OptionError
 from .base import Method
 from .gradient import (
@@ -60,7 +60,6 @@ from .gradient import (
     no_target,
     row_scores,
     target_grads,
-    target_names,
 )
 
 #: quadrature rule names (Captum's spellings are accepted as aliases)

@@ -40,7 +40,7 @@ from ..core.maskers import (
     image_baseline,
 )
 from ..core.registry import register_method
-from ..core.targets import ResolvedTarget, resolve_target
+from ..core.targets import ResolvedTarget, resolve_target, target_names
 from ..errors import InputError, OptionError
 from .base import Method
 
@@ -72,12 +72,6 @@ def first_forward(x: Any, target: Any, engine: Engine, labels: Sequence[str] | N
         out = engine.evaluate(x)
     tgt = resolve_target(target, out, labels)
     return out, tgt, tgt(out).detach()
-
-
-def _target_names(labels: Sequence[str] | None, tgt: ResolvedTarget) -> tuple[str, ...] | None:
-    if labels is None or tgt.indices is None:
-        return None
-    return tuple(str(labels[i]) for i in tgt.indices.tolist())
 
 
 # ============================================================================ masker-driven methods
@@ -253,7 +247,7 @@ class FeatureMethod(Method):
             scores=scores,
             targets=tgt.indices,
             base_value=base_value,
-            target_names=_target_names(self.labels, tgt),
+            target_names=target_names(self.labels, tgt.indices),
             extras=extras,
             provenance=provenance,
         )
@@ -399,7 +393,7 @@ class Occlusion(Method):
             attributions[i] = total / count.clamp_min(1)
         return Explanation(
             attributions=attributions, method=self.name, scores=scores, targets=tgt.indices,
-            target_names=_target_names(self.labels, tgt),
+            target_names=target_names(self.labels, tgt.indices),
             provenance={"evaluations": len(slices) * len(x), "window": window, "stride": stride},
         )
 
@@ -473,6 +467,6 @@ class RISE(Method):
         attributions = saliency.to(x.dtype).expand(-1, x.shape[1], -1, -1).clone()
         return Explanation(
             attributions=attributions, method=self.name, scores=scores, targets=tgt.indices,
-            raw=saliency.to(x.dtype), target_names=_target_names(self.labels, tgt),
+            raw=saliency.to(x.dtype), target_names=target_names(self.labels, tgt.indices),
             provenance={"evaluations": self.budget * n},
         )

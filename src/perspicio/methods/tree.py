@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..core.batching import Engine
 from ..core.explanation import Explanation
 from ..core.registry import register_method
-from ..core.targets import resolve_target
+from ..core.targets import resolve_target, target_names
 from ..errors import InputError, OptionError, TargetError
 from .base import Method
 
@@ -109,11 +109,8 @@ class _StructuredSHAP(Method):
         }
         if interactions is not None:
             extras["interactions"] = torch.from_numpy(np.ascontiguousarray(interactions))[rows, :, :, idx]
-        target_names = None
-        if self.labels is not None:
-            target_names = tuple(str(self.labels[i]) if i < len(self.labels) else str(i) for i in idx.tolist())
         return Explanation(attributions=vals.clone(), method=self.name, scores=scores, targets=idx, base_value=base_t,
-                           target_names=target_names, extras=extras,
+                           target_names=target_names(self.labels, idx), extras=extras,
                            provenance={"efficiency_error": eff, **stats})
 
 

@@ -25,7 +25,7 @@ from ..core.batching import progress_bar
 from ..core.explanation import Explanation
 from ..core.outputs import OutputSelector
 from ..core.registry import METHODS, METRICS
-from ..core.targets import resolve_target
+from ..core.targets import resolve_target, target_names
 from ..errors import OptionError, PerspicioError, UnknownNameError, suggest
 from .base import MetricResult, NotApplicable, _plain, prepare_model
 
@@ -295,7 +295,7 @@ def compare(
     tgt = resolve_target(target, out, labels)
     comp = Comparison(method_names, metric_names, {}, {}, inputs=x,
                       targets=tgt.indices.tolist() if tgt.indices is not None else None,
-                      target_names=[str(labels[i]) for i in tgt.indices.tolist()] if labels is not None and tgt.indices is not None else None,
+                      target_names=target_names(labels, tgt.indices),
                       model_name=getattr(model, "name", type(module).__name__))
     total = len(method_names) * (1 + len(metric_names))
     with progress_bar(progress, total, "compare") as advance:
