@@ -225,7 +225,6 @@ NOT_CACHES = {
     "perspicio.zoo.registry._BUNDLED": "constant table of bundled models",
     "perspicio.zoo.registry._LABEL_FILES": "constant table of label files",
     "perspicio.core.blackbox._ONNX_TYPES": "constant table of ONNX element types",
-    "perspicio.core.incremental._METADATA": "constant set of tensor metadata queries",
     "perspicio.core.inputs._CONV_NDIM": "constant table of convolution ranks",
     "perspicio.methods.path._ALIASES": "constant table of option aliases",
     "perspicio.methods.propagation.deeplift._SUBNORMAL": "constant per-dtype numbers",

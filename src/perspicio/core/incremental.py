@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .caches import Cache
 from .calls import out_of_place
 from .fold import outputs_match
+from .ops import METADATA, functions
 
 #: incremental occlusion on/off (PERSPICIO_INCREMENTAL=0: always dense batches)
 INCREMENTAL = os.environ.get("PERSPICIO_INCREMENTAL", "1") not in ("0", "false", "no")
@@ -174,7 +175,7 @@ class BoxTensor(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func in _METADATA:
+        if func in METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         handler = _HANDLERS.get(func)
@@ -322,30 +323,15 @@ def _pointwise(func: Any, args: tuple, kwargs: dict) -> Any:
     return BoxTensor.wrap(Boxes(base, data, rows, cols, first.cache))
 
 
-def _table(names: Sequence[str], owners: Sequence[Any]) -> list[Any]:
-    found = []
-    for owner in owners:
-        for n in names:
-            f = getattr(owner, n, None)
-            if f is not None:
-                found.append(f)
-    return found
-
-
-_METADATA = set(_table(("size", "dim", "numel", "is_contiguous", "is_floating_point", "is_complex", "stride",
-                        "__len__", "element_size", "get_device", "data_ptr", "has_names"), (Tensor,)))
-_METADATA |= {getattr(Tensor, a).__get__ for a in ("shape", "ndim", "dtype", "device", "layout", "requires_grad",
-                                                  "is_cuda", "grad_fn", "is_leaf", "is_sparse") if hasattr(Tensor, a)}
-
 _POINTWISE_NAMES = ("relu", "relu6", "hardtanh", "clamp", "clip", "sigmoid", "tanh", "silu", "gelu", "elu", "selu",
                     "celu", "leaky_relu", "hardswish", "hardsigmoid", "mish", "softplus", "abs", "neg", "exp",
                     "add", "sub", "mul", "div", "true_divide", "square", "sqrt", "rsqrt", "pow", "maximum", "minimum",
                     "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
                     "__rtruediv__", "__neg__", "__pow__")
 _HANDLERS: dict[Any, Callable[[Any, tuple, dict], Any]] = {torch.conv2d: _conv2d, F.conv2d: _conv2d, F.pad: _pad}
-for _f in _table(_POINTWISE_NAMES, (torch, F, Tensor)):
+for _f in functions(_POINTWISE_NAMES, (torch, F, Tensor)):
     _HANDLERS.setdefault(_f, _pointwise)
-for _f in _table(("contiguous",), (Tensor,)):
+for _f in functions(("contiguous",), (Tensor,)):
     _HANDLERS[_f] = _pointwise
 
 
@@ -356,7 +342,7 @@ def _dropout_eval(func: Any, args: tuple, kwargs: dict) -> Any:
     return args[0]
 
 
-for _f in _table(("dropout", "alpha_dropout", "dropout2d", "dropout3d", "feature_alpha_dropout"), (F,)):
+for _f in functions(("dropout", "alpha_dropout", "dropout2d", "dropout3d", "feature_alpha_dropout"), (F,)):
     _HANDLERS[_f] = _dropout_eval
 
 

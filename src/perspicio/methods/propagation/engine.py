@@ -41,6 +41,7 @@ from ...core import kernels
 from ...core.caches import Cache, Memo
 from ...core.calls import memoised, out_of_place
 from ...core.kernels import FusedCall
+from ...core.ops import METADATA
 from ...errors import ModelError
 
 # ============================================================================ operation table
@@ -634,21 +635,6 @@ class Propagator:
         return self._unknown(call.func, call.args, call.kwargs)
 
 
-def _metadata_queries() -> frozenset:
-    """Tensor attribute reads and queries that never return a tensor (``x.shape``, ``x.dtype``,
-    ``x.size()``, ...): a model reads them several times per layer, and they need no rule."""
-    getters = ("shape", "ndim", "dtype", "device", "requires_grad", "is_leaf", "layout", "is_cuda", "is_sparse",
-               "is_quantized", "is_meta", "is_mkldnn", "itemsize", "nbytes")
-    methods = ("size", "dim", "ndimension", "stride", "numel", "nelement", "__len__", "is_contiguous",
-               "is_floating_point", "is_complex", "element_size", "data_ptr", "storage_offset", "get_device")
-    found = [getattr(torch.Tensor, n).__get__ for n in getters if hasattr(torch.Tensor, n)]
-    found += [getattr(torch.Tensor, n) for n in methods if hasattr(torch.Tensor, n)]
-    return frozenset(found)
-
-
-_METADATA = _metadata_queries()
-
-
 class PropagationMode(TorchFunctionMode):
     """Routes every torch function call to a :class:`Propagator` while active."""
 
@@ -661,7 +647,7 @@ class PropagationMode(TorchFunctionMode):
         self.propagator = propagator
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func in _METADATA:  # about 4 in 5 calls of a CNN's forward: straight through
+        if func in METADATA:  # about 4 in 5 calls of a CNN's forward: straight through
             return func(*args, **(kwargs or {}))
         return self.propagator.dispatch(func, tuple(args), dict(kwargs or {}))
 
