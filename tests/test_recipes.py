@@ -117,3 +117,11 @@ def test_recipe_add_a_metric(capsys) -> None:
         rel = e.attributions.abs().sum(1).flatten(1)
         torch.testing.assert_close(r.scores.double(), (rel.amax(1) / rel.sum(1)).double())
         assert "max_share" in _cli(["metrics"], capsys)
+
+
+def test_all_means_every_method_for_networks_and_tree_methods_are_chosen_by_name() -> None:
+    chosen = METHODS.select("all")
+    assert "gradcam" in chosen and "kernel_shap" in chosen
+    assert "tree_shap" not in chosen and "linear_shap" not in chosen  # they read tree/linear models
+    assert METHODS.select("family:tree") == ["tree_shap", "linear_shap"]
+    assert METHODS.select("tree_shap,gradcam") == ["tree_shap", "gradcam"]

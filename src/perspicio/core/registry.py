@@ -81,8 +81,9 @@ class Registry:
         return [n for n, e in self._loaded().items() if family is None or e.family == family]
 
     def select(self, spec: str | Sequence[str] | None, default: Sequence[str] = ()) -> list[str]:
-        """Names from a user selection: names, comma-separated strings, "all", or a family
-        ("family:cam", or a bare family name that is not also an entry's name). Empty -> ``default``.
+        """Names from a user selection: names, comma-separated strings, "all" (every entry that
+        works on a neural network), or a family ("family:cam", or a bare family name that is not
+        also an entry's name). Empty -> ``default``.
         Unknown names raise :class:`UnknownNameError` with suggestions."""
         items: list[str] = []
         for s in [spec] if isinstance(spec, str) else list(spec or []):
@@ -94,8 +95,9 @@ class Registry:
         for item in items or list(default):
             key = item.strip().lower().replace("-", "_")
             fam = key.removeprefix("family:")
-            if key == "all":
-                chosen += self.names()
+            if key == "all":  # every entry for neural networks: those that need another kind of
+                # model (a tree ensemble, a linear model: ``needs=...``) are chosen by name or family
+                chosen += [n for n, e in self._entries.items() if not e.extra.get("needs")]
             elif fam in families and (key.startswith("family:") or key not in self._entries):
                 chosen += self.names(fam)
             else:
