@@ -231,6 +231,8 @@ NOT_CACHES = {
     "perspicio.methods.propagation.deeplift._DENORMAL_PROBE": "one constant float",
     "perspicio.trees.readers._SKLEARN": "constant table of scikit-learn tree readers",
     "perspicio.trees.treeshap._TRANSFORM_CODES": "constant table of output transforms",
+    "perspicio.core.baselines._ALIASES": "constant table of baseline name aliases",
+    "perspicio.core.explanation._DISPLAY": "the registered display layer (one entry)",
     "perspicio.core.caches._TOTAL": "the total budget (one number)",
     "perspicio.core.caches._REGISTRY": "the registry of caches itself (one entry per cache)",
 }

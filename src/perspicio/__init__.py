@@ -69,7 +69,6 @@ def explain(
             tensor to explain when the model returns a dict, tuple or ``ModelOutput``: a key, an index
             or a callable (``output=perspicio.detections`` for torchvision detectors).
     """
-    from . import methods as _methods  # noqa: F401  (registers the methods)
     from .core.registry import METHODS
     from .methods.base import build
 

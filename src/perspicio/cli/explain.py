@@ -23,7 +23,6 @@ from .common import (
 DEFAULT_IMAGES = ("chelsea",)
 
 #: CLI options forwarded to methods that accept them (same names as the Python keywords)
-FORWARDED = ("layer", "relu", "batch_size", "steps", "baseline", "samples", "noise", "seed")
 
 
 def register(group: click.Group) -> None:

@@ -16,7 +16,6 @@ def register(group: click.Group) -> None:
 
 
 def _tabular_methods() -> list[str]:
-    from .. import methods  # noqa: F401 - registers the methods
     from ..core.registry import METHODS
 
     return [e.name for e in METHODS.entries() if e.model_agnostic and not e.needs_gradients and e.name != "rise"]

@@ -175,12 +175,5 @@ class BlackBox(nn.Module):
         return f"{self.description}, inputs={self.input_kind}, dtype={self.dtype}"
 
 
-def as_model(model: Any) -> nn.Module:
-    """``model`` itself if it is an ``nn.Module``, else a :class:`BlackBox` around it."""
-    if isinstance(model, nn.Module):
-        return model
-    return BlackBox(model)
-
-
 def is_black_box(model: Any) -> bool:
     return isinstance(model, BlackBox)

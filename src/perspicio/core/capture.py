@@ -118,9 +118,6 @@ class Capture:
             )
         return self.outputs[i][-1]
 
-    def reset(self) -> None:
-        self.outputs = [[] for _ in self.modules]
-
 
 def run_until(model: nn.Module, x: Tensor, capture: Capture) -> Tensor | None:
     """Run ``model(x)``; return its output, or None if a ``stop_after`` hook ended it early."""

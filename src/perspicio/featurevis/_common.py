@@ -198,11 +198,3 @@ def check_unit(unit: Unit, act: Tensor, layer: str) -> None:
         i, j = unit.position
         if i >= h or j >= w:
             raise OptionError(f"position ({i}, {j}) is out of range: layer {layer!r} has a {h}x{w} grid.")
-
-
-def unit_map(act: Tensor, unit: Unit) -> Tensor:
-    """The unit's activations: (N, h, w) for a spatial channel, (N,) for a neuron/feature."""
-    if unit.position is not None:
-        i, j = unit.position
-        return act[:, unit.channel, i, j]
-    return act[:, unit.channel]

@@ -41,7 +41,6 @@ from ..core.outputs import OutputSelector
 from ..core.targets import ResolvedTarget, resolve_target
 from ..errors import InputError, ModelError, OptionError, PerspicioError
 
-FAMILIES = ("faithfulness", "robustness", "randomization", "localization", "complexity", "axiomatic")
 SCORES = ("probability", "logit")
 
 

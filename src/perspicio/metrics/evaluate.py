@@ -39,7 +39,6 @@ DEFAULT_METRICS = (
 def resolve_methods(spec: str | Sequence[str] | None) -> list[str]:
     """'all', a family ("family:cam" or "gradient"), a comma-separated string or a list ->
     registered method names; empty -> the CAM family."""
-    from .. import methods as _methods  # noqa: F401  (registers the methods)
 
     return METHODS.select(spec, default=["family:cam"])
 
@@ -269,7 +268,6 @@ def compare(
     ``errors``; a metric that is not defined for a method (completeness of a CAM) in
     ``not_applicable``; both show as n/a in the table.
     """
-    from .. import methods as _methods  # noqa: F401  (registers the methods)
     from ..core.inputs import as_batch
     from ..methods.base import build
 

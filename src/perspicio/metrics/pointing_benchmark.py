@@ -131,14 +131,6 @@ def photo_confidences(zm: Any, threshold: float = DEFAULT_THRESHOLD,
     return out
 
 
-def qualifying_photos(zm: Any, threshold: float = DEFAULT_THRESHOLD, candidates: Sequence[str] = CANDIDATES,
-                      limit: int | None = None) -> list[dict[str, Any]]:
-    """Photos whose top-1 probability is at least ``threshold`` (distinct classes), with their
-    class; the first ``limit`` of them."""
-    out = [{k: v for k, v in c.items() if k != "qualifies"}
-           for c in photo_confidences(zm, threshold, candidates) if c["qualifies"]]
-    return out if limit is None else out[:limit]
-
 
 def _eval_probs(model: Any, x: Tensor) -> Tensor:
     from ..core.guard import model_guard
