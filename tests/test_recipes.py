@@ -102,14 +102,12 @@ def test_recipe_add_a_metric(capsys) -> None:
         class MaxShare(Metric):
             """max_i |a_i| / sum_i |a_i| of the per-pixel relevance."""
 
-            family = "complexity"
-            higher_is_better = True
-            needs = ()
-
             def _compute(self, ctx: Context) -> MetricResult:
                 a = ctx.relevance.abs().flatten(1)
                 return MetricResult(self.name, a.amax(1) / a.sum(1), self.higher_is_better, {})
 
+        # the decorator is the one statement of the metadata: the class carries it too
+        assert (MaxShare.family, MaxShare.higher_is_better, MaxShare.needs) == ("complexity", True, ())
         model = TinyCNN()
         x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
         e = perspicio.explain(model, x, method="saliency", target=0)

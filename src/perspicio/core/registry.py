@@ -33,10 +33,13 @@ class Entry:
 class Registry:
     """A name -> :class:`Entry` mapping with helpful lookup errors."""
 
-    def __init__(self, kind: str, populate: str | None = None) -> None:
+    def __init__(self, kind: str, populate: str | None = None, class_attributes: Sequence[str] = ()) -> None:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
         self._populate = populate  # module whose import registers the built-in entries
+        # metadata the registered class also carries as class attributes, set from the entry
+        # (the decorator is the one place it is stated)
+        self._class_attributes = tuple(class_attributes)
 
     def _loaded(self) -> dict[str, Entry]:
         """The entries, after importing the module that registers the built-in ones (once):
@@ -57,6 +60,10 @@ class Registry:
             entry = Entry(name=name, cls=cls, family=family, summary=summary or (doc[0] if doc else ""), extra=extra, **meta)
             self._entries[name] = entry
             cls.name = name  # type: ignore[attr-defined]
+            for attr in self._class_attributes:
+                value = getattr(entry, attr) if attr in Entry.__dataclass_fields__ else entry.extra.get(attr)
+                if value is not None:
+                    setattr(cls, attr, tuple(value) if isinstance(value, list) else value)
             return cls
 
         return decorator
@@ -112,6 +119,7 @@ class Registry:
 
 
 METHODS = Registry("method", populate="perspicio.methods")
-METRICS = Registry("metric", populate="perspicio.metrics")
+METRICS = Registry("metric", populate="perspicio.metrics",
+                   class_attributes=("family", "higher_is_better", "needs"))
 register_method = METHODS.register
 register_metric = METRICS.register

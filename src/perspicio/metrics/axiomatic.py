@@ -32,10 +32,6 @@ class Completeness(Metric):
     taken over the per-feature values in ``extras["values"]``.
     """
 
-    family = "axiomatic"
-    higher_is_better = False
-    needs = ("model", "base_value")
-
     def __init__(self, *, baseline: Any = None, relative: bool = False, **common: Any) -> None:
         super().__init__(**common)
         if baseline is not None and not (isinstance(baseline, Tensor) or baseline == "zero"):

@@ -5,8 +5,8 @@ explanation (an :class:`~perspicio.Explanation` or a raw attribution tensor). It
 returns a :class:`MetricResult`: one score per sample, whether higher is better,
 and the side results (curves, per-layer similarities) a report needs.
 
-What a metric needs is declared on the class (``needs``) and recorded in the
-registry:
+What a metric needs is declared once, in ``@register_metric(..., needs=...)`` (with its
+``family`` and ``higher_is_better``); the registry sets them as class attributes:
 
 * ``"model"``: it calls the model (through :class:`~perspicio.core.batching.Engine`,
   chunked and counted, vectorised over samples);
@@ -336,7 +336,8 @@ def as_masks(masks: Any, x: Tensor) -> Tensor:
 
 
 class Metric(RecordsOptions):
-    """Base of evaluation metrics; subclasses set the class metadata and implement :meth:`_compute`."""
+    """Base of evaluation metrics; subclasses implement :meth:`_compute` and state their metadata
+    (family, higher_is_better, needs) once, in ``@register_metric``, which sets these attributes."""
 
     name: ClassVar[str] = "metric"
     family: ClassVar[str] = ""

@@ -21,10 +21,6 @@ class Sparseness(Metric):
     """Gini index of |relevance|: G = sum_i (2i - n - 1) a_(i) / (n sum_i a_i), a sorted
     ascending, i = 1..n. A constant (or all-zero) map scores 0."""
 
-    family = "complexity"
-    higher_is_better = True
-    needs = ()
-
     def _compute(self, ctx: Context) -> MetricResult:
         a = ctx.relevance.abs().flatten(1).double()
         n = a.shape[1]
@@ -41,10 +37,6 @@ class Sparseness(Metric):
 class Entropy(Metric):
     """Complexity as entropy: -sum_i p_i log p_i with p_i = |a_i| / sum_j |a_j|. A constant
     map has the maximum, log(n); an all-zero map is treated as uniform (log(n))."""
-
-    family = "complexity"
-    higher_is_better = False
-    needs = ()
 
     def _compute(self, ctx: Context) -> MetricResult:
         a = ctx.relevance.abs().flatten(1).double()

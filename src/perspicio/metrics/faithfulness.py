@@ -110,8 +110,6 @@ class _Curve(Metric):
     """Shared deletion/insertion pipeline (Petsiuk et al., RISE, BMVC 2018)."""
 
     insertion: bool = False
-    family = "faithfulness"
-    needs = ("model",)
 
     def __init__(
         self,
@@ -189,7 +187,6 @@ class Deletion(_Curve):
     score = area under the target's score curve. ``order="lerf"`` removes the least relevant
     first (then a high area is good)."""
 
-    higher_is_better = False
     insertion = False
 
 
@@ -200,7 +197,6 @@ class Insertion(_Curve):
     """Insertion curve: start from a blurred (or zero/mean) image and insert features
     most-relevant-first; score = area under the target's score curve (higher is better)."""
 
-    higher_is_better = True
     insertion = True
 
 
@@ -336,10 +332,6 @@ class ROAD(Metric):
     shape information about the removed region), and score the target. The per-sample
     score is the mean target score over the fractions (lower is better for MoRF)."""
 
-    family = "faithfulness"
-    higher_is_better = False
-    needs = ("model",)
-
     def __init__(
         self,
         *,
@@ -401,10 +393,6 @@ class Infidelity(Metric):
     Noise is drawn as one (N, samples, *feature_shape) tensor from the seeded generator.
     """
 
-    family = "faithfulness"
-    higher_is_better = False
-    needs = ("model",)
-
     def __init__(self, *, samples: int = 32, noise: float = 0.1, normalize: bool = True,
                  score: str = "logit", **common: Any) -> None:
         super().__init__(**common)
@@ -449,10 +437,6 @@ class FaithfulnessCorrelation(Metric):
     """Faithfulness correlation (Bhatt et al. 2020): for ``runs`` random feature subsets S
     of size ``fraction`` of all features, correlate sum_{i in S} phi_i with
     f(x) - f(x with S replaced). Features are pixels or ``patch_size`` patches."""
-
-    family = "faithfulness"
-    higher_is_better = True
-    needs = ("model",)
 
     def __init__(self, *, runs: int = 50, fraction: float = 0.1, unit: str = "patch", patch_size: int = 16,
                  replacement: str = "zero", sigma: float = 5.0, score: str = "logit", **common: Any) -> None:
@@ -520,10 +504,6 @@ class AverageDrop(Metric):
     [0, 1] (positive part, min-max per sample): x' = b + m * (x - b) with baseline b
     (zero/mean/blur). Per sample: 100 * max(0, Y - O) / Y with Y, O the target's scores
     on x and x'. ``details["increase"]`` holds the increase-in-confidence indicator (O > Y)."""
-
-    family = "faithfulness"
-    higher_is_better = False
-    needs = ("model",)
 
     def __init__(self, *, replacement: str = "zero", sigma: float = 5.0, score: str = "probability", **common: Any) -> None:
         super().__init__(**common)

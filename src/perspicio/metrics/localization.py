@@ -37,9 +37,7 @@ def bounding_boxes(masks: Tensor) -> Tensor:
 
 
 class _Localization(Metric):
-    family = "localization"
-    higher_is_better = True
-    needs = ("masks",)
+    """Shared base of the localization metrics (registered with ``needs=("masks",)``)."""
 
 
 @register_metric("pointing_game", family="localization", higher_is_better=True, needs=("masks",),

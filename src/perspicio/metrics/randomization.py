@@ -158,10 +158,6 @@ class Randomization(Metric):
     (for the report's sanity-check panel). ``absolute=True`` compares |maps| (Adebayo
     et al. report both)."""
 
-    family = "randomization"
-    higher_is_better = False
-    needs = ("model", "method", "parameters")
-
     def __init__(self, *, mode: str = "both", steps: int = 5, similarity: str = "spearman",
                  absolute: bool = True, topk: float = 0.1, keep_maps: bool = True, **common: Any) -> None:
         super().__init__(**common)

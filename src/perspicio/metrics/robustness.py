@@ -22,9 +22,6 @@ from .base import Context, Metric, MetricResult, check_positive_int, rand
 
 
 class _Sensitivity(Metric):
-    family = "robustness"
-    higher_is_better = False
-    needs = ("model", "method")
     reduce = "max"
 
     def __init__(self, *, samples: int = 10, radius: float = 0.02, **common: Any) -> None:
