@@ -8,7 +8,7 @@ engine, targets) can call like any network. Every call is validated: the output
 must have one row per input, a stable trailing shape, and finite values.
 
 Methods that need gradients refuse black boxes with a :class:`ModelError`
-(see :func:`perspicio.methods.base.unwrap_model`).
+(see :func:`unwrap_model`, which every method and metric calls on its model).
 """
 
 from __future__ import annotations
@@ -177,3 +177,18 @@ class BlackBox(nn.Module):
 
 def is_black_box(model: Any) -> bool:
     return isinstance(model, BlackBox)
+
+
+def unwrap_model(model: Any) -> tuple[Any, Sequence[str] | None]:
+    """Accept a bundled ``ZooModel`` (``.model`` + ``.labels``), a plain model, or a
+    black-box callable (``predict_proba``, an ONNX session, ...), which is wrapped in a
+    :class:`BlackBox`. Returns ``(model, labels or None)``."""
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and not isinstance(model, nn.Module):
+        return inner, getattr(model, "labels", None)
+    if not isinstance(model, nn.Module) and (
+        callable(model) or hasattr(model, "predict_proba") or hasattr(model, "predict")
+        or (hasattr(model, "run") and hasattr(model, "get_inputs"))
+    ):
+        return BlackBox(model), None
+    return model, None

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.batching import Engine
+from ..core.blackbox import unwrap_model
 from ..core.explanation import Explanation
 from ..core.guard import model_guard
 from ..core.inputs import as_batch, check_model_usable
@@ -25,23 +26,6 @@ from ..core.options import RecordsOptions
 from ..core.outputs import OutputSelector
 from ..core.targets import normalize_target, split_multi_target
 from ..errors import ModelError, OptionError
-
-
-def unwrap_model(model: Any) -> tuple[Any, Sequence[str] | None]:
-    """Accept a bundled ``ZooModel`` (``.model`` + ``.labels``), a plain model, or a
-    black-box callable (``predict_proba``, an ONNX session, ...), which is wrapped in a
-    :class:`~perspicio.core.blackbox.BlackBox`."""
-    inner = getattr(model, "model", None)
-    if isinstance(inner, nn.Module) and not isinstance(model, nn.Module):
-        return inner, getattr(model, "labels", None)
-    if not isinstance(model, nn.Module) and (
-        callable(model) or hasattr(model, "predict_proba") or hasattr(model, "predict")
-        or (hasattr(model, "run") and hasattr(model, "get_inputs"))
-    ):
-        from ..core.blackbox import BlackBox
-
-        return BlackBox(model), None
-    return model, None
 
 
 class Method(RecordsOptions):

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from ..core.baselines import black_value, check_baseline, make_baseline
 from ..core.batching import DEFAULT_MEMORY_BUDGET, Engine
+from ..core.blackbox import unwrap_model
 from ..core.capture import Capture, auto_layer, resolve_layer
 from ..core.explanation import Explanation
 from ..core.guard import model_guard
@@ -207,8 +208,6 @@ def completeness_error(explanation: Explanation, model: Any = None, *, relative:
 
 
 def _recompute_scores(explanation: Explanation, model: Any) -> tuple[Tensor, Tensor]:
-    from .base import unwrap_model
-
     net, labels = unwrap_model(model)
     baseline = explanation.extras.get("baseline")
     if baseline is None or explanation.inputs is None:

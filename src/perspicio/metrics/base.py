@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.batching import Engine
+from ..core.blackbox import unwrap_model
 from ..core.explanation import Explanation
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
@@ -121,8 +122,6 @@ def prepare_model(model: Any) -> tuple[nn.Module, Sequence[str] | None, bool]:
     Callables are wrapped by the core's :class:`~perspicio.core.blackbox.BlackBox` (numpy in,
     array out by default; wrap with ``BlackBox(fn, inputs="torch")`` for tensor functions).
     """
-    from ..methods.base import unwrap_model
-
     inner, labels = unwrap_model(model)
     if not isinstance(inner, nn.Module):
         raise ModelError(f"model must be an nn.Module, a bundled model or a callable; got {type(model).__name__}.")
