@@ -15,7 +15,7 @@ from perspicio import metrics
 from perspicio.cli import main
 from perspicio.errors import OptionError, UnknownNameError
 from perspicio.metrics.base import MetricResult
-from perspicio.metrics.evaluate import Comparison
+from perspicio.metrics.evaluate import Comparison, Table
 
 H = W = 16
 
@@ -54,15 +54,22 @@ def test_evaluate_table_matches_individual_metric_calls(setup):
     chosen = ["deletion", "insertion", "sparseness", "entropy", "randomization", "completeness"]
     table = perspicio.evaluate(model, x, methods=["gradcam", "eigencam"], metrics=chosen,
                                metric_options={k: v for k, v in FAST.items() if k in chosen}, target=1)
-    assert list(table.index) == sorted(table.index, key=lambda m: table.loc[m, "rank"])
-    assert set(table.index) == {"gradcam", "eigencam"}
-    assert list(table.columns) == chosen + ["mean_rank", "rank"]
+    assert isinstance(table, Table)  # one return type, pandas installed or not
+    assert [r["rank"] for r in table] == list(range(1, len(table) + 1))  # best first
+    assert set(table.methods) == {"gradcam", "eigencam"}
+    assert table.columns == chosen + ["mean_rank", "rank"]
     for method in ("gradcam", "eigencam"):
         exp = perspicio.explain(model, x, method, target=1)
         for name in ("deletion", "sparseness", "randomization"):
             expected = metrics.get(name)(**FAST.get(name, {}))(model, x, exp).value
-            assert table.loc[method, name] == pytest.approx(expected, abs=1e-9), (method, name)
-        assert math.isnan(table.loc[method, "completeness"])  # not defined for CAMs: n/a
+            assert table[method][name] == pytest.approx(expected, abs=1e-9), (method, name)
+        assert math.isnan(table[method]["completeness"])  # not defined for CAMs: n/a
+    assert "gradcam" in repr(table) and "<table>" in table._repr_html_()
+    pd = pytest.importorskip("pandas")
+    df = table.to_pandas()
+    assert isinstance(df, pd.DataFrame) and list(df.index) == table.methods
+    assert list(df.columns) == table.columns
+    assert df.loc["gradcam", "deletion"] == table["gradcam"]["deletion"]
 
 
 def test_ranking_respects_direction_and_ties():

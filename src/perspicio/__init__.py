@@ -88,7 +88,8 @@ def evaluate(
 ) -> Any:
     """Score explanation ``methods`` on ``inputs`` with ``metrics``; return the methods x metrics table.
 
-    A pandas DataFrame if pandas is installed, else a list of records. See
+    A :class:`~perspicio.metrics.evaluate.Table`: one record per method, best first (iterate
+    it, index it by method name, ``.to_pandas()`` for a DataFrame). See
     :func:`perspicio.metrics.evaluate` (options) and :func:`perspicio.metrics.compare`
     (the full result with per-sample scores and curves).
     """

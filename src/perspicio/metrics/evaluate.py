@@ -4,8 +4,8 @@
 all), scores each explanation with every metric, and returns a :class:`Comparison`
 holding the explanations, every :class:`~perspicio.metrics.base.MetricResult`, a
 ranking, and a JSON-ready dict of every number. :func:`evaluate` is the same call
-returning only the methods x metrics table (a pandas DataFrame if pandas is
-installed, else a list of records).
+returning only the methods x metrics :class:`Table` (records; ``.to_pandas()`` for a
+DataFrame).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,14 +170,9 @@ class Comparison:
             rows.append(row)
         return rows
 
-    def table(self) -> Any:
-        """The methods x metrics table: a pandas DataFrame (index: method) if pandas is installed."""
-        rows = self.records()
-        try:
-            import pandas as pd
-        except ImportError:
-            return rows
-        return pd.DataFrame(rows).set_index("method")
+    def table(self) -> Table:
+        """The methods x metrics :class:`Table` (one record per method, best first)."""
+        return Table(self.records(), format_table(self))
 
     def to_dict(self) -> dict[str, Any]:
         """Every number: per-sample scores, curves, similarities, passes, timings, explanation summaries."""
@@ -208,6 +203,67 @@ class Comparison:
 
     def __repr__(self) -> str:
         return f"Comparison(methods={self.methods}, metrics={self.metrics})\n" + format_table(self)
+
+
+class Table:
+    """The methods x metrics table of :func:`evaluate`: one record (dict) per method, best first,
+    with its mean score per metric, ``mean_rank`` and ``rank``. Iterating yields the records;
+    ``table["gradcam"]`` is one method's record; :meth:`to_pandas` gives a DataFrame indexed by
+    method (pandas is optional)."""
+
+    def __init__(self, records: Sequence[Mapping[str, Any]], text: str = "") -> None:
+        self.records: list[dict[str, Any]] = [dict(r) for r in records]
+        self._text = text
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names after ``method``: the metrics, then ``mean_rank`` and ``rank``."""
+        return [k for k in self.records[0] if k != "method"] if self.records else []
+
+    @property
+    def methods(self) -> list[str]:
+        """Method names, best first."""
+        return [r["method"] for r in self.records]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: int | str) -> dict[str, Any]:
+        """The record at a position, or of a method by name."""
+        if isinstance(key, str):
+            for r in self.records:
+                if r["method"] == key:
+                    return r
+            raise UnknownNameError(f"no method {key!r} in the table; it has: {', '.join(self.methods)}."
+                                   + suggest(key, self.methods))
+        return self.records[key]
+
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame with one row per method (index: method)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise PerspicioError("Table.to_pandas() needs pandas: pip install pandas (or use .records).") from None
+        return pd.DataFrame(self.records, columns=["method", *self.columns]).set_index("method")
+
+    def __repr__(self) -> str:
+        return self._text or "\n".join(str(r) for r in self.records)
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        def cell(v: Any) -> str:
+            if isinstance(v, float):
+                return "n/a" if not math.isfinite(v) else f"{v:.4g}"
+            return escape(str(v))
+
+        head = "".join(f"<th>{escape(c)}</th>" for c in ["method", *self.columns])
+        body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in ["method", *self.columns]) + "</tr>"
+                       for r in self.records)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def format_table(comp: Comparison, *, digits: int = 4) -> str:
@@ -361,12 +417,11 @@ def evaluate(
     metrics: str | Sequence[str] | None = "default",
     target: Any = None,
     **kwargs: Any,
-) -> Any:
-    """Score ``methods`` on ``inputs`` with ``metrics``; return the methods x metrics table.
+) -> Table:
+    """Score ``methods`` on ``inputs`` with ``metrics``; return the methods x metrics :class:`Table`.
 
-    The table has one row per method (mean score over the inputs per metric, the mean
-    rank and the overall position); it is a pandas DataFrame if pandas is installed,
-    else a list of dicts. Keyword arguments are those of :func:`compare`, which returns
+    The table has one record per method (mean score over the inputs per metric, the mean
+    rank and the overall position), best first; ``.to_pandas()`` gives a DataFrame. Keyword arguments are those of :func:`compare`, which returns
     the full :class:`Comparison` (per-sample scores, curves, explanations).
     """
     return compare(model, inputs, methods=methods, metrics=metrics, target=target, **kwargs).table()
