@@ -153,3 +153,31 @@ def test_multi_target_two_inputs(tiny_cnn, tiny_input) -> None:
     e = explain(tiny_cnn, tiny_input, method="smoothgrad", target=[[0, 3], [1, 4]], samples=3)
     assert e.attributions.shape == (4, 3, 8, 8) and e.targets.tolist() == [0, 3, 1, 4]
     assert e.provenance["backward_samples"] == 2 * 3 * 2 and e.provenance["forward_samples"] == 2 + 2 * 3
+
+
+def test_base_as_class_or_instance_equals_by_name(tiny_cnn, tiny_input) -> None:
+    """``base`` composes by name, by Method class or with a constructed Method instance."""
+    import json
+
+    from perspicio.methods.path import IntegratedGradients
+
+    common = dict(method="vargrad", samples=3, noise=0.1, seed=4, target=1)
+    ref = explain(tiny_cnn, tiny_input, base="integrated_gradients", base_options={"steps": 4}, **common)
+    by_class = explain(tiny_cnn, tiny_input, base=IntegratedGradients, base_options={"steps": 4}, **common)
+    inst = IntegratedGradients(tiny_cnn, steps=4)
+    by_instance = explain(tiny_cnn, tiny_input, base=inst, **common)
+    for e in (by_class, by_instance):
+        torch.testing.assert_close(e.attributions, ref.attributions, rtol=0, atol=0)
+        torch.testing.assert_close(e.scores, ref.scores, rtol=0, atol=0)
+        assert e.options["base"] == "integrated_gradients"
+        assert e.provenance["base"] == "integrated_gradients"
+        json.dumps({k: dict(v) if hasattr(v, "keys") else v for k, v in e.options.items()})  # JSON-ready
+    assert by_instance.options["base_options"] == {"steps": 4}
+    with pytest.raises(OptionError, match="already constructed"):
+        explain(tiny_cnn, tiny_input, method="smoothgrad", base=inst, base_options={"steps": 2})
+    with pytest.raises(OptionError, match="another model"):
+        explain(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2)), tiny_input, method="smoothgrad", base=inst)
+    with pytest.raises(OptionError, match="noise wrapper"):
+        explain(tiny_cnn, tiny_input, method="smoothgrad", base=SmoothGrad)
+    with pytest.raises(OptionError, match="method name, a Method class or a Method instance"):
+        explain(tiny_cnn, tiny_input, method="smoothgrad", base=3)

@@ -36,7 +36,8 @@ VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
                  summary="SmoothGrad: any attribution method averaged over noisy copies of the input",
                  paper="Smilkov et al., 2017")
 class SmoothGrad(Method):
-    """Noise tunnel around the registered method ``base`` (default: signed saliency).
+    """Noise tunnel around the method ``base`` (default: signed saliency): a registered name, a
+    :class:`Method` class, or a Method instance constructed on the same model (used as it is).
 
     Options: ``samples`` noisy copies per input, ``noise`` (std relative to the input's
     value range, >= 0), ``seed``, ``variant`` (smoothgrad / smoothgrad_sq / vargrad),
@@ -49,7 +50,7 @@ class SmoothGrad(Method):
         self,
         model: nn.Module,
         *,
-        base: str = "saliency",
+        base: str | type[Method] | Method = "saliency",
         samples: int = 25,
         noise: float = 0.15,
         seed: int = 0,
@@ -69,20 +70,54 @@ class SmoothGrad(Method):
             raise OptionError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}.")
         if base_options is not None and not isinstance(base_options, dict):
             raise OptionError(f"base_options must be a dict of options for {base!r}; got {type(base_options).__name__}.")
-        entry = METHODS.get(base)
-        if issubclass(entry.cls, SmoothGrad):
-            raise OptionError(f"base must be an attribution method, not another noise wrapper ({entry.name!r}).")
-        opts = {"absolute": False} if entry.name == "saliency" else {}
-        opts.update(base_options or {})
-        for key in ("batch_size", "memory_budget", "progress", "output"):
-            if key in entry.cls.option_names():
-                opts.setdefault(key, getattr(self, key))
-        self.base_method = build(entry.cls, self.model, labels=self.labels, **opts)
-        self.base = entry.name
+        self.base_method, self.base = self._base_method(base, base_options)
         self.samples = samples
         self.noise = float(noise)
         self.seed = seed
         self.variant = variant
+
+    def _base_method(self, base: Any, base_options: dict[str, Any] | None) -> tuple[Method, str]:
+        """The base method (built, or the given instance) and its name."""
+        if isinstance(base, Method):
+            if base_options:
+                raise OptionError("base_options apply to a base given by name or class; "
+                                  f"the {base.name!r} instance passed as base is already constructed.")
+            if base.model is not self.model:
+                raise OptionError(f"the base method instance ({base.name!r}) explains another model than this one.")
+            cls = type(base)
+        elif isinstance(base, type) and issubclass(base, Method):
+            cls = base
+        elif isinstance(base, str):
+            cls = METHODS.get(base).cls
+        else:
+            raise OptionError("base must be a method name, a Method class or a Method instance; "
+                              f"got {type(base).__name__}.")
+        if issubclass(cls, SmoothGrad):
+            raise OptionError(f"base must be an attribution method, not another noise wrapper ({cls.name!r}).")
+        if isinstance(base, Method):
+            return base, cls.name
+        opts = {"absolute": False} if cls.name == "saliency" else {}
+        opts.update(base_options or {})
+        for key in ("batch_size", "memory_budget", "progress", "output"):
+            if key in cls.option_names():
+                opts.setdefault(key, getattr(self, key))
+        return build(cls, self.model, labels=self.labels, **opts), cls.name
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self._options
+
+    @options.setter
+    def options(self, value: dict[str, Any]) -> None:
+        # a base given as a class or an instance is recorded by name (and an instance's options
+        # as base_options), so the recorded options reproduce the call and stay JSON-ready
+        value = dict(value)
+        base = value.get("base")
+        if base is not None and not isinstance(base, str):
+            value["base"] = getattr(self, "base", getattr(base, "name", str(base)))
+            if isinstance(base, Method):
+                value["base_options"] = dict(base.options)
+        self._options = value
 
     def _noise(self, x: Tensor, sigma: Tensor, generator: torch.Generator) -> Tensor:
         """Noise for the ``N * samples`` copies (row ``i * samples + s`` belongs to input ``i``)."""
