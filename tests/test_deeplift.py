@@ -333,14 +333,18 @@ def test_lifecycle_after_success_and_exception() -> None:
 ])
 def test_analytic_clamp_derivative_matches_autograd(func, args, kwargs) -> None:
     # DeepLIFT-Rescale takes the derivative where x == x0; for clamps it is computed without autograd
-    from perspicio.methods.propagation.deeplift import _derivative, clamp_bounds, clamp_derivative
+    from perspicio.methods.propagation.deeplift_multipliers import (
+        clamp_bounds,
+        clamp_derivative,
+        derivative,
+    )
     from perspicio.methods.propagation.engine import Call, op_name
 
     x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0, 6.0, 7.0])
     call = Call(func, (x, *args), kwargs, op_name(func), "activation")
     bounds = clamp_bounds(call)
     assert bounds is not None
-    expected = _derivative(lambda t: func(t, *args, **kwargs), x)
+    expected = derivative(lambda t: func(t, *args, **kwargs), x)
     assert torch.equal(clamp_derivative(bounds, x), expected)
 
 
@@ -351,7 +355,7 @@ def test_analytic_clamp_derivative_matches_autograd(func, args, kwargs) -> None:
 def test_clamp_rescale_fast_path_equals_general_multiplier(func, args, flush) -> None:
     # the fused backward of clamp-type activations (one quotient buffer, gradient at x == x0)
     # equals m * the general Rescale multiplier with the autograd derivative at x == x0
-    from perspicio.methods.propagation.deeplift import (
+    from perspicio.methods.propagation.deeplift_multipliers import (
         clamp_bounds,
         clamp_rescale_backward,
         rescale_multiplier,

@@ -1,0 +1,354 @@
+"""DeepLIFT multipliers: what each nonlinear operation multiplies by instead of its derivative.
+
+Rescale ``(y - y0) / (x - x0)`` for element-wise functions (and its fast form for clamps),
+the exact Shapley splits of products and divisions, softmax and layer/group/RMS norms
+composed from those, and the max-pooling split; each as an autograd node (``forward``
+runs the operation, ``backward`` multiplies by the multiplier) that
+:mod:`.deeplift_propagators` wraps around the input pass's operations.
+
+Rules, each chosen so that contributions sum exactly to the output difference
+(summation-to-delta):
+
+* element-wise nonlinearities (ReLU, ReLU6, GELU, SiLU, sigmoid, tanh, exp, ...):
+  Rescale ``m = (f(x) - f(x0)) / (x - x0)`` (the derivative where x = x0), or
+  RevealCancel (positive and negative parts of ``x - x0`` handled separately);
+* products ``a * b``, ``a @ b``, einsum of two input-dependent operands: the
+  two-player Shapley split ``d(ab) = da (b + b0)/2 + (a + a0)/2 db`` (exact for any
+  bilinear map);
+* division ``a / b``: ``da (1/b + 1/b0)/2 - db (a + a0) / (2 b b0)`` (exact);
+* softmax: exp (Rescale), the sum (linear) and the division (above), composed;
+* LayerNorm / GroupNorm / RMSNorm: centring (linear), the squares (``c^2 - c0^2 = (c +
+  c0)(c - c0)``), the square root (Rescale) and the division (above), composed;
+* max pooling: the output difference lies between ``dx`` at the input's argmax and
+  at the reference's argmax; it is split between the two as the convex
+  combination that reproduces it exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...errors import ModelError
+from .deeplift_denormals import add_where_equal
+from .engine import Call, op_name, sum_to
+from .lrp import substitute
+
+
+def tiny_step(x: Tensor) -> Tensor:
+    return 1e-7 * (1.0 + x.abs())
+
+
+def derivative(fn: Any, x: Tensor) -> Tensor:
+    """Element-wise derivative of an element-wise ``fn`` at ``x``."""
+    with torch.enable_grad():
+        xi = x.detach().requires_grad_(True)
+        y = fn(xi)
+        return torch.autograd.grad(y, xi, torch.ones_like(y))[0]
+
+
+def clamp_bounds(call: Call) -> tuple[float | None, float | None] | None:
+    """(low, high) of a ReLU / ReLU6 / hardtanh / scalar clamp call (None for other operations).
+
+    Their derivative is 1 strictly inside the bounds and 0 elsewhere (autograd's
+    convention at the kinks), so it is computed without an autograd call.
+    """
+    short = call.name.rsplit(".", 1)[-1].rstrip("_")
+    a, kw = call.args, call.kwargs
+    if short == "relu":
+        return 0.0, None
+    if short == "relu6":
+        return 0.0, 6.0
+    if short == "hardtanh":
+        lo = a[1] if len(a) > 1 else kw.get("min_val", -1.0)
+        hi = a[2] if len(a) > 2 else kw.get("max_val", 1.0)
+    elif short in ("clamp", "clip"):
+        lo = a[1] if len(a) > 1 else kw.get("min")
+        hi = a[2] if len(a) > 2 else kw.get("max")
+    elif short == "clamp_min":
+        lo, hi = (a[1] if len(a) > 1 else kw.get("min")), None
+    elif short == "clamp_max":
+        lo, hi = None, (a[1] if len(a) > 1 else kw.get("max"))
+    else:
+        return None
+    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in (lo, hi)):
+        return None
+    return (None if lo is None else float(lo)), (None if hi is None else float(hi))
+
+
+def clamp_derivative(bounds: tuple[float | None, float | None], x: Tensor) -> Tensor:
+    """Derivative of a clamp to ``bounds`` at ``x``: 1 strictly inside, 0 elsewhere."""
+    lo, hi = bounds
+    inside = x > lo if lo is not None else None
+    if hi is not None:
+        inside = x < hi if inside is None else inside.logical_and_(x < hi)
+    return torch.ones_like(x) if inside is None else inside.to(x.dtype)
+
+
+def clamp_rescale_backward(bounds: tuple[float | None, float | None], x: Tensor, x0: Tensor, y: Tensor,
+                           y0: Tensor, m: Tensor) -> Tensor:
+    """``m * (y - y0) / (x - x0)`` for a clamp ``y = clamp(x, lo, hi)``, ``m * clamp'(x)`` where x == x0.
+
+    The same values as ``m * rescale_multiplier(...)`` with float arithmetic only: on CPU,
+    kernels that read or write boolean masks (``isnan``, comparisons, ``where``) cost 2-8x
+    a float kernel of the same size, and these passes over every feature map dominate
+    DeepLIFT's cost on a CNN. The 0/0 entries (x == x0: up to ~20% of a feature map) are
+    zeroed in the quotient (``nan_to_num_``, in place), and the gradient ``hardtanh_backward``
+    (1 strictly inside the bounds, 0 elsewhere) is added only there: a second
+    ``hardtanh_backward`` keeps it where ``-d < x - x0 < d`` for the smallest subnormal ``d``,
+    i.e. exactly where x == x0; each entry is either exactly the quotient or exactly the
+    gradient (the other term is an exact 0). Eight passes over the feature map.
+    """
+    lo, hi = bounds
+    lo_ = -float("inf") if lo is None else lo
+    hi_ = float("inf") if hi is None else hi
+    dx = x - x0
+    r = torch.sub(y, y0).div_(dx)  # NaN where x == x0
+    r = r.mul_(m) if not m.requires_grad and r.shape == m.shape else r * m
+    r = r.nan_to_num_(nan=0.0, posinf=float("inf"), neginf=-float("inf"))  # 0 where x == x0
+    grad = torch.ops.aten.hardtanh_backward(m, x, lo_, hi_)
+    return add_where_equal(r, grad, dx)  # the gradient where x == x0
+
+
+def rescale_multiplier(fn: Any, x: Tensor, x0: Tensor, y: Tensor, y0: Tensor,
+                       bounds: tuple[float | None, float | None] | None = None) -> Tensor:
+    """``(y - y0) / (x - x0)``, the derivative at x where x equals x0.
+
+    A tiny non-zero ``x - x0`` is kept: the multiplier stays bounded for Lipschitz
+    functions and ``m (x - x0)`` reproduces ``y - y0`` exactly, which is what
+    summation-to-delta needs.
+    """
+    m = torch.sub(y, y0).div_(x - x0)
+    bad = torch.isnan(m)  # 0/0 where x == x0
+    if bad.any():
+        # element-wise selects, no boolean indexing: x == x0 at up to ~20% of the entries here, and
+        # nonzero()/index_put over a feature map cost more than the whole multiplier
+        d = clamp_derivative(bounds, x) if bounds is not None else derivative(fn, x)
+        m = torch.where(bad, d, m)
+    return m
+
+
+def reveal_cancel_multipliers(fn: Any, call: Call, x: Tensor, x0: Tensor, y0: Tensor, Pd: Tensor, Nd: Tensor
+                              ) -> tuple[Tensor, Tensor]:
+    """RevealCancel multipliers ``(mP, mN)`` of the positive and negative parts ``Pd``, ``Nd`` of
+    ``x - x0`` through the element-wise ``fn`` of ``call`` (Shrikumar et al. 2017, eq. 4-5); the
+    derivative at x where a part vanishes."""
+    # evaluate at the input the shadows imply (x0 + P + N, equal to x up to rounding), so that a
+    # vanishing part gets a vanishing share instead of the rounding difference between the two
+    fP, fN, fPN = fn(x0 + Pd), fn(x0 + Nd), fn(x0 + Pd + Nd)
+    yP = 0.5 * ((fP - y0) + (fPN - fN))
+    yN = (fPN - y0) - yP
+    dP, dN = Pd.abs() <= tiny_step(x), Nd.abs() <= tiny_step(x)
+    mP = yP / torch.where(dP, torch.ones_like(Pd), Pd)
+    mN = yN / torch.where(dN, torch.ones_like(Nd), Nd)
+    if dP.any() or dN.any():
+        bounds = clamp_bounds(call)
+        d = clamp_derivative(bounds, x) if bounds is not None else derivative(fn, x)
+        mP, mN = torch.where(dP, d, mP), torch.where(dN, d, mN)
+    return mP, mN
+
+
+def norm_spec(call: Call, x: Tensor) -> dict[str, Any]:
+    """Grouping, affine weight and eps of a layer/group/RMS norm call."""
+    name = op_name(call.func).rsplit(".", 1)[-1]
+    a = dict(zip(("input", "p1", "p2", "p3", "p4"), call.args))
+    kw = call.kwargs
+    if name in ("layer_norm", "rms_norm"):
+        shape = a.get("p1", kw.get("normalized_shape"))
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        w = a.get("p2", kw.get("weight"))
+        if name == "layer_norm":
+            eps = a.get("p4", kw.get("eps", 1e-5))
+        else:
+            eps = a.get("p3", kw.get("eps"))
+            eps = torch.finfo(x.dtype).eps if eps is None else eps
+        m = 1
+        for s in shape:
+            m *= int(s)
+
+        def view(t: Tensor) -> Tensor:
+            return t.reshape(-1, 1, m)
+
+        wfull = None if w is None else w.reshape(1, 1, m)
+        return {"view": view, "w": lambda t: wfull, "eps": float(eps), "center": name == "layer_norm"}
+    if name == "group_norm":
+        groups = int(a.get("p1", kw.get("num_groups")))
+        w = a.get("p2", kw.get("weight"))
+        eps = a.get("p4", kw.get("eps", 1e-5))
+        n = x.shape[0]
+
+        def gview(t: Tensor) -> Tensor:
+            return t.reshape(n, groups, -1)
+
+        def wview(t: Tensor) -> Tensor | None:
+            if w is None:
+                return None
+            return w.view(1, -1, *([1] * (x.ndim - 2))).expand_as(t).reshape(n, groups, -1)
+
+        return {"view": gview, "w": wview, "eps": float(eps), "center": True}
+    raise ModelError(f"deeplift has no rule for {call.name}.")
+
+
+# ============================================================================ nodes (Rescale)
+
+
+class RescaleNode:
+    def __init__(self, fn: Any, call: Call, x0: Tensor, y0: Tensor) -> None:
+        self.fn, self.call, self.x0, self.y0 = fn, call, x0, y0
+        self.bounds = clamp_bounds(call)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.call.run()
+
+    def backward(self, ins: list[Tensor], y: Tensor, m: Tensor) -> tuple[Tensor]:
+        x = ins[0]
+        if self.bounds is not None and m.shape == x.shape == y.shape == self.y0.shape == self.x0.shape:
+            return (clamp_rescale_backward(self.bounds, x, self.x0, y, self.y0, m),)
+        r = rescale_multiplier(self.fn, x, self.x0, y, self.y0, self.bounds)
+        if r.shape == x.shape and m.shape == x.shape and not m.requires_grad:
+            return (r.mul_(m),)
+        return (sum_to(m * r, x.shape),)
+
+
+class BilinearNode:
+    def __init__(self, call: Call, ids: tuple[int, int], a0: Tensor, b0: Tensor) -> None:
+        self.call, self.ids, self.a0, self.b0 = call, ids, a0, b0
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.call.run()
+
+    def backward(self, ins: list[Tensor], y: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = ins
+        abar, bbar = 0.5 * (a + self.a0), 0.5 * (b + self.b0)
+        ia, ib = self.ids
+        with torch.enable_grad():
+            ai, bi = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+            za = self.call.func(*substitute(self.call.args, {ia: ai, ib: bbar}),
+                                **substitute(self.call.kwargs, {ia: ai, ib: bbar}))
+            zb = self.call.func(*substitute(self.call.args, {ia: abar, ib: bi}),
+                                **substitute(self.call.kwargs, {ia: abar, ib: bi}))
+            ga, gb = torch.autograd.grad((za, zb), (ai, bi), (m, m))
+        return ga, gb
+
+
+class DivideNode:
+    """``a / b`` with b input-dependent (a input-dependent or constant)."""
+
+    def __init__(self, call: Call, a: Any, a0: Any, a_var: bool, b0: Tensor) -> None:
+        self.call, self.a, self.a0, self.a_var, self.b0 = call, a, a0, a_var, b0
+
+    def forward(self, *xs: Tensor) -> Tensor:
+        return self.call.run()
+
+    def backward(self, ins: list[Tensor], y: Tensor, m: Tensor) -> tuple[Tensor, ...]:
+        if self.a_var:
+            a, b = ins
+        else:
+            a, b = self.a, ins[0]
+        a0, b0 = (self.a0 if self.a_var else a), self.b0
+        mb = sum_to(m * (-0.5) * (a + a0) / (b * b0), b.shape)
+        if not self.a_var:
+            return (mb,)
+        ma = sum_to(m * 0.5 * (1.0 / b + 1.0 / b0), a.shape)
+        return ma, mb
+
+
+class SoftmaxNode:
+    def __init__(self, call: Call, dim: int, x0: Tensor) -> None:
+        self.call, self.dim, self.x0 = call, dim, x0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.call.run()
+
+    def backward(self, ins: list[Tensor], y: Tensor, m: Tensor) -> tuple[Tensor]:
+        x, x0, d = ins[0], self.x0, self.dim
+        finite = torch.isfinite(x) & torch.isfinite(x0)
+        xs, x0s = torch.where(finite, x, torch.zeros_like(x)), torch.where(finite, x0, torch.zeros_like(x0))
+        shift = torch.maximum(x.amax(d, keepdim=True), x0.amax(d, keepdim=True))
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        e = torch.where(finite | torch.isfinite(x), torch.exp(x - shift), torch.zeros_like(x))
+        e0 = torch.where(finite | torch.isfinite(x0), torch.exp(x0 - shift), torch.zeros_like(x0))
+        S, S0 = e.sum(d, keepdim=True), e0.sum(d, keepdim=True)
+        me = m * 0.5 * (1.0 / S + 1.0 / S0) + (m * (-0.5) * (e + e0)).sum(d, keepdim=True) / (S * S0)
+        dx = xs - x0s
+        small = dx.abs() <= tiny_step(xs)
+        r = torch.where(small, e, (e - e0) / torch.where(small, torch.ones_like(dx), dx))
+        return (torch.where(finite, me * r, torch.zeros_like(me)),)
+
+
+class NormalizeNode:
+    """Layer/group/RMS norm, composed from exact DeepLIFT rules (see module docstring)."""
+
+    def __init__(self, call: Call, spec: dict[str, Any], x0: Tensor) -> None:
+        self.call, self.spec, self.x0 = call, spec, x0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.call.run()
+
+    def backward(self, ins: list[Tensor], y: Tensor, m: Tensor) -> tuple[Tensor]:
+        sp = self.spec
+        x = ins[0]
+        X, X0, M = sp["view"](x), sp["view"](self.x0), sp["view"](m)
+        if sp["center"]:
+            c, c0 = X - X.mean(-1, keepdim=True), X0 - X0.mean(-1, keepdim=True)
+        else:
+            c, c0 = X, X0
+        q, q0 = (c * c).mean(-1, keepdim=True) + sp["eps"], (c0 * c0).mean(-1, keepdim=True) + sp["eps"]
+        sig, sig0 = q.sqrt(), q0.sqrt()
+        w = sp["w"](x)
+        mu = M * w if w is not None else M
+        mc = mu * 0.5 * (1.0 / sig + 1.0 / sig0)
+        msig = (mu * (-0.5) * (c + c0)).sum(-1, keepdim=True) / (sig * sig0)
+        dq = q - q0
+        small = dq.abs() <= tiny_step(q)
+        rs = torch.where(small, 0.5 / sig, (sig - sig0) / torch.where(small, torch.ones_like(dq), dq))
+        mc = mc + (msig * rs) * (c + c0) / c.shape[-1]
+        if sp["center"]:
+            mc = mc - mc.mean(-1, keepdim=True)
+        return (mc.reshape(x.shape),)
+
+
+def pool_with_indices(call: Call, t: Tensor) -> tuple[Tensor, Tensor]:
+    kwargs = {k: v for k, v in call.kwargs.items() if k != "return_indices"}
+    args = substitute(call.args, {id(call.args[0]): t})
+    return call.func(*args, **kwargs, return_indices=True)
+
+
+def maxpool_split(x: Tensor, x0: Tensor, y: Tensor, y0: Tensor, idx: Tensor, idx0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Flattened indices of both argmaxes and the weight t of the input's argmax.
+
+    ``y - y0 = t (x - x0)[argmax x] + (1 - t) (x - x0)[argmax x0]`` with t in [0, 1].
+    """
+    n, c = x.shape[:2]
+    xf, x0f = x.reshape(n, c, -1), x0.reshape(n, c, -1)
+    i, j = idx.reshape(n, c, -1), idx0.reshape(n, c, -1)
+    di = y.reshape(n, c, -1) - x0f.gather(2, i)
+    dj = xf.gather(2, j) - y0.reshape(n, c, -1)
+    dy = (y - y0).reshape(n, c, -1)
+    gap = di - dj
+    ok = gap.abs() > tiny_step(y.reshape(n, c, -1))
+    t = torch.where(ok, (dy - dj) / torch.where(ok, gap, torch.ones_like(gap)), torch.full_like(gap, 0.5))
+    return i, j, t.clamp(0.0, 1.0)
+
+
+class MaxPoolNode:
+    def __init__(self, call: Call, x0: Tensor, y0: Tensor, idx0: Tensor) -> None:
+        self.call, self.x0, self.y0, self.idx0 = call, x0, y0, idx0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.call.run()
+
+    def backward(self, ins: list[Tensor], y: Tensor, m: Tensor) -> tuple[Tensor]:
+        x = ins[0]
+        _, idx = pool_with_indices(self.call, x)
+        i, j, t = maxpool_split(x, self.x0, y, self.y0, idx, self.idx0)
+        n, c = x.shape[:2]
+        mf = m.reshape(n, c, -1)
+        out = torch.zeros(n, c, x[0, 0].numel(), dtype=m.dtype, device=m.device)
+        out.scatter_add_(2, i, t * mf)
+        out.scatter_add_(2, j, (1 - t) * mf)
+        return (out.reshape(x.shape),)
+
+
