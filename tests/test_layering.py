@@ -78,3 +78,19 @@ def test_propagation_modes_declare_the_fused_call_protocol() -> None:
     from perspicio.methods.propagation.engine import PropagationMode
 
     assert getattr(PropagationMode, kernels.SEES_FUSED_CALLS) is True
+
+
+def test_library_packages_do_not_import_the_facade() -> None:
+    """``perspicio/__init__.py`` is the facade for users; the packages below it import what they
+    need from the registry and the modules (a facade import would invert the layering)."""
+    facade = {n.name for n in ast.parse((SRC / "__init__.py").read_text()).body if isinstance(n, ast.FunctionDef)}
+    assert "explain" in facade and "evaluate" in facade
+    bad = set()
+    for under in ("core", "methods", "metrics", "featurevis", "trees", "zoo"):
+        if not (SRC / under).is_dir():
+            continue
+        for path in _modules(under):
+            for module, names in _imports(path):
+                if module == "perspicio" and (not names or set(names) & facade):  # `import perspicio`, `from .. import explain`
+                    bad.add(_name(path))
+    assert bad == set(), bad

@@ -23,8 +23,10 @@ from torch import Tensor
 
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
+from ..core.registry import METHODS as METHOD_REGISTRY
 from ..core.targets import resolve_target
 from ..errors import OptionError, TargetError
+from ..methods.base import build
 from ._common import ModelBundle, check_float, check_int, make_generator, unwrap
 
 NORMS = ("linf", "l2")
@@ -226,16 +228,15 @@ def _pearson(a: Tensor, b: Tensor) -> float:
 
 def explanation_change(model: Any, result: AttackResult, method: str = "gradcam", index: int = 0, **options: Any) -> ExplanationChange:
     """Explain the clean and adversarial image ``index`` with a registered ``method``."""
-    from .. import explain
-
+    explainer = build(METHOD_REGISTRY.get(method).cls, model, **options)
     x0 = result.inputs.new_tensor(0)  # device/dtype anchor
     bundle = unwrap(model)
     clean_x = bundle.space.to_model(result.pixels[index:index + 1]).to(x0)
     adv_x = result.inputs[index:index + 1]
     before, after = int(result.before[index]), int(result.after[index])
-    clean = explain(model, clean_x, method=method, target=before, **options)
-    same = explain(model, adv_x, method=method, target=before, **options)
-    new = explain(model, adv_x, method=method, target=after, **options)
+    clean = explainer(clean_x, target=before)
+    same = explainer(adv_x, target=before)
+    new = explainer(adv_x, target=after)
     return ExplanationChange(
         method=method, clean=clean, adversarial_same=same, adversarial_new=new,
         correlation_same=_pearson(clean.attributions, same.attributions),
