@@ -187,3 +187,14 @@ def test_output_selection_keeps_the_inference_twin_cache(x: torch.Tensor) -> Non
     b = perspicio.explain(model, x, "occlusion", window=4, stride=4, output=1)
     torch.testing.assert_close(a.attributions, b.attributions)
     assert model in fold._TWINS  # keyed by the user's model, not a per-call wrapper
+
+
+def test_completeness_recomputed_on_the_explained_output(x: torch.Tensor) -> None:
+    """completeness_error(model=...) re-runs the model: it must select the same output as the call."""
+    from perspicio.methods.path import completeness_error
+
+    net = DictNet()
+    e = perspicio.explain(net, x, method="integrated_gradients", output="logits", target=[0, 3], steps=64)
+    recorded = completeness_error(e)
+    recomputed = completeness_error(e, model=net)
+    torch.testing.assert_close(recomputed, recorded, rtol=1e-5, atol=1e-6)

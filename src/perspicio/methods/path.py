@@ -51,6 +51,7 @@ from ..core.capture import Capture, auto_layer, resolve_layer
 from ..core.explanation import Explanation
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
+from ..core.outputs import OutputSelector
 from ..core.registry import register_method
 from ..core.targets import ResolvedTarget, resolve_target, target_names
 from ..errors import ConvergenceWarning, LayerError, OptionError
@@ -221,7 +222,8 @@ def _recompute_scores(explanation: Explanation, model: Any) -> tuple[Tensor, Ten
             eng = Engine(net)
             rows = torch.arange(len(x))
             return neuron.scores(x, rows, eng).detach(), neuron.scores(baseline, rows, eng).detach()
-        out_x, out_b = net(x), net(baseline)
+        select = OutputSelector(explanation.options.get("output"))  # the tensor the method explained
+        out_x, out_b = select(net(x), len(x)), select(net(baseline))
     if explanation.targets is not None:
         tgt = ResolvedTarget(fn=lambda o: o, indices=explanation.targets, description="")
     else:
