@@ -99,3 +99,14 @@ def assert_no_hooks() -> Callable[[nn.Module], None]:
         assert not left, f"hooks left behind: {left}"
 
     return check
+
+
+@pytest.fixture()
+def hub_dir(tmp_path):
+    """An empty torch hub directory for the duration of one test."""
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        yield tmp_path / "hub"
+    finally:
+        torch.hub.set_dir(old)

@@ -36,16 +36,6 @@ def plant_torch_checkpoint(path: Path, marker: Path) -> None:
     torch.save({"fc.bias": torch.zeros(3), "evil": Payload(marker)}, path)
 
 
-@pytest.fixture
-def hub_dir(tmp_path):
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        yield tmp_path / "hub"
-    finally:
-        torch.hub.set_dir(old)
-
-
 def test_payload_is_live(tmp_path):
     # the planted files are real exploits: plain unpickling runs them
     marker = tmp_path / "ran"

@@ -11,30 +11,24 @@ import threading
 
 import pytest
 import torch
+from conftest import TinyCNN
 from torch import nn
 
 import perspicio
 from perspicio.core.guard import model_guard, model_lock
 
 
-class ConvBN(nn.Module):
-    """conv -> BN -> ReLU -> conv -> BN -> ReLU -> GAP -> linear, BatchNorm with non-trivial statistics."""
+class ConvBN(TinyCNN):
+    """TinyCNN with a BatchNorm after each convolution, with non-trivial statistics."""
 
     def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.act1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.act2 = nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 5)
-        g = torch.Generator().manual_seed(seed)
+        super().__init__(seed)
+        self.bn1, self.bn2 = nn.BatchNorm2d(6), nn.BatchNorm2d(8)
+        g = torch.Generator().manual_seed(seed + 100)
         with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             for bn in (self.bn1, self.bn2):
+                bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+                bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
                 bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
                 bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
 

@@ -44,17 +44,6 @@ def chelsea_x(bundle) -> torch.Tensor:
     return bundle.preprocess(zoo.sample("chelsea"))
 
 
-@pytest.fixture()
-def hub_dir(tmp_path):
-    """An empty torch hub directory for the duration of one test."""
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        yield tmp_path / "hub"
-    finally:
-        torch.hub.set_dir(old)
-
-
 def _rgb_ok(image: Image.Image, size: tuple[int, int]) -> None:
     assert isinstance(image, Image.Image)
     assert image.mode == "RGB"
