@@ -308,6 +308,15 @@ def shapley_weights(max_players: int) -> np.ndarray:
 
 
 @njit(cache=False)
+def _deflate(q, deg, pj, r):
+    """``r`` = ``q`` divided by the factor (pj + x): ``q`` of degree ``deg`` is a product that
+    contains it, ``r`` gets degree ``deg - 1`` (synthetic division from the top coefficient)."""
+    r[deg - 1] = q[deg]
+    for m in range(deg - 1, 0, -1):
+        r[m - 1] = q[m] - pj * r[m]
+
+
+@njit(cache=False)
 def _pd_values(s, d, p, w, out, q, r):
     """Path-dependent Shapley values of one leaf (value 1) for pattern ``s``; leaves the product
     polynomial of the satisfied features in ``q`` and returns (prod_Z p, |A|)."""
@@ -329,9 +338,7 @@ def _pd_values(s, d, p, w, out, q, r):
             gz += w[d, m] * q[m]
     for j in range(d):
         if (s >> j) & 1:
-            r[a - 1] = q[a]
-            for m in range(a - 1, 0, -1):
-                r[m - 1] = q[m] - p[j] * r[m]
+            _deflate(q, a, p[j], r)
             g = 0.0
             for m in range(a):
                 g += w[d, m] * r[m]
@@ -352,9 +359,7 @@ def _pd_interactions(s, d, p, w, vals, out, q, r, r2):
         oi = (s >> i) & 1
         # polynomial of A minus i
         if oi:
-            r[a - 1] = q[a]
-            for m in range(a - 1, 0, -1):
-                r[m - 1] = q[m] - p[i] * r[m]
+            _deflate(q, a, p[i], r)
             deg_i = a - 1
         else:
             for m in range(a + 1):
@@ -363,9 +368,7 @@ def _pd_interactions(s, d, p, w, vals, out, q, r, r2):
         for j in range(i + 1, d):
             oj = (s >> j) & 1
             if oj:
-                r2[deg_i - 1] = r[deg_i]
-                for m in range(deg_i - 1, 0, -1):
-                    r2[m - 1] = r[m] - p[j] * r2[m]
+                _deflate(r, deg_i, p[j], r2)
                 deg = deg_i - 1
             else:
                 for m in range(deg_i + 1):
