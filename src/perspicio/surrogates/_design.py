@@ -1,0 +1,581 @@
+"""From (model, data) to the tables a surrogate learns from and is judged on.
+
+Every surrogate sees the same :class:`Design`: interpretable features and the model's outputs for
+the training rows (plus optional generated neighbours of training rows) and for held-out rows that
+the surrogate never sees while it is fitted. Features are the table's columns (tabular data), the
+values of a user feature function (any data, e.g. concept scores of images), or the presence of
+image segments in masked copies of images (:class:`SegmentPresence`, through the core maskers).
+The model is any torch module, bundled model or prediction callable (``core.blackbox``); it runs
+under ``model_guard`` in chunks of the core ``Engine``, so its flags and gradients are left as
+found.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core.batching import Engine
+from ..core.blackbox import unwrap_model
+from ..core.guard import model_guard
+from ..core.inputs import as_batch
+from ..core.maskers import SEGMENTERS, ImageMasker, image_feature_mask
+from ..core.targets import name_to_index
+from ..errors import InputError, ModelError, OptionError, TargetError
+
+#: fewest rows a surrogate is fitted on, and fewest held-out rows its fidelity is measured on
+MIN_TRAIN = 10
+MIN_TEST = 10
+
+
+def require_sklearn() -> Any:
+    """scikit-learn, or a clear error naming the extra that installs it."""
+    try:
+        import sklearn
+    except ImportError as exc:  # pragma: no cover - part of the tabular and test extras
+        raise ModelError("surrogates need scikit-learn: pip install 'perspicio[tabular]'.") from exc
+    return sklearn
+
+
+@dataclass(frozen=True)
+class SegmentPresence:
+    """Interpretable image features: which segments of an image are kept in a masked copy.
+
+    For each image, ``samples`` random coalitions keep each segment with probability ``keep``;
+    removed segments take ``baseline`` (a name of ``core.baselines``: zero, mean, blur, ...). The
+    surrogate learns the model's prediction on the masked copies from the 0/1 presence vector.
+    ``segments`` is a spec of ``core.maskers.image_feature_mask``: ``"grid:G"`` or ``"patch:S"``
+    give the same features on every image (a global surrogate over several images); the
+    superpixel segmenters (``"slic:N"``, ``"quickshift"``, ``"felzenszwalb"``) differ per image and
+    are accepted for one image only (a local surrogate).
+    """
+
+    segments: str = "grid:4"
+    samples: int = 256
+    keep: float = 0.5
+    baseline: Any = "blur"
+
+    def __post_init__(self) -> None:
+        ImageMasker(self.segments, self.baseline)  # validates the spec and the baseline
+        if not isinstance(self.samples, int) or isinstance(self.samples, bool) or self.samples < 2:
+            raise OptionError(
+                f"SegmentPresence samples must be an integer >= 2; got {self.samples!r}."
+            )
+        if not 0.0 < float(self.keep) < 1.0:
+            raise OptionError(
+                f"SegmentPresence keep must be a probability in (0, 1); got {self.keep!r}."
+            )
+
+    @property
+    def per_image(self) -> bool:
+        return self.segments.split(":")[0].strip().lower() in SEGMENTERS
+
+
+@dataclass
+class Design:
+    """Training and held-out tables of one surrogate problem (numpy, float64)."""
+
+    z_train: np.ndarray  # (n_train + neighbours, F) interpretable features
+    z_test: np.ndarray  # (n_test, F)
+    out_train: np.ndarray  # (n_train + neighbours, K) model outputs
+    out_test: np.ndarray  # (n_test, K)
+    feature_names: list[str]
+    binary: np.ndarray  # (F,) bool: feature takes only the values 0 and 1 (presence)
+    output_names: list[str]  # one name per model output column
+    n_train: int  # original training rows (the first rows of z_train)
+    n_neighbours: int
+    train_rows: np.ndarray | None  # indices into ``data`` (None when a separate test set was given)
+    test_rows: np.ndarray | None
+    labels_test: np.ndarray | None  # true labels of the held-out rows, when given
+    source: str  # "columns", "feature function" or "segments <spec>"
+
+
+@dataclass
+class Task:
+    """What the surrogate imitates: the model's class (``kind="class"``) or one score column."""
+
+    kind: str
+    column: int | None
+    names: list[str]  # class names (class) or [score name]
+    y_train: np.ndarray
+    y_test: np.ndarray
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_depth(max_depth: Any, name: str = "max_depth") -> int | None:
+    if max_depth is None:
+        return None
+    if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) or max_depth < 1:
+        raise OptionError(
+            f"{name} must be an integer >= 1 (or None for an unbounded tree); got {max_depth!r}."
+        )
+    return int(max_depth)
+
+
+def _as_table(data: Any, what: str) -> tuple[np.ndarray, list[str] | None]:
+    """A 2-D float64 array and the column names a DataFrame carries."""
+    names = None
+    if hasattr(data, "columns") and hasattr(data, "to_numpy"):  # pandas DataFrame
+        names = [str(c) for c in data.columns]
+        data = data.to_numpy()
+    if isinstance(data, Tensor):
+        data = data.detach().cpu().numpy()
+    try:
+        arr = np.asarray(data, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"{what} must be a numeric array of shape (rows, features); got {type(data).__name__} "
+            f"that does not convert to numbers ({exc})."
+        ) from None
+    if arr.ndim != 2:
+        raise InputError(
+            f"{what} must have shape (rows, features); got shape {arr.shape}. For images pass "
+            "features=SegmentPresence(...) or a feature function."
+        )
+    _check_finite(arr, what)
+    return arr, names
+
+
+def _check_finite(arr: np.ndarray, what: str) -> None:
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        rows = np.unique(np.nonzero(bad.reshape(len(arr), -1))[0])
+        shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        raise InputError(
+            f"{what} contains {int(bad.sum())} NaN/Inf value(s) (rows {shown}); surrogates need "
+            "finite rows: impute or drop them first."
+        )
+
+
+def _as_input(data: Any, what: str) -> Tensor:
+    if isinstance(data, Tensor):
+        x = data.detach()
+    else:
+        try:
+            x = torch.as_tensor(np.asarray(data, dtype=np.float64))
+        except (TypeError, ValueError) as exc:
+            raise InputError(
+                f"{what} must be a numeric array or tensor; got {type(data).__name__} ({exc})."
+            ) from None
+    if x.ndim < 2:
+        raise InputError(f"{what} must be a batch (rows, ...); got shape {tuple(x.shape)}.")
+    if not torch.isfinite(x).all():
+        raise InputError(
+            f"{what} contains {int((~torch.isfinite(x)).sum())} NaN/Inf value(s); surrogates need "
+            "finite inputs."
+        )
+    return x
+
+
+def _check_labels(labels: Any, n: int, what: str) -> np.ndarray | None:
+    if labels is None:
+        return None
+    if isinstance(labels, Tensor):
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels)
+    if arr.ndim != 1 or len(arr) != n:
+        raise InputError(f"{what} must hold one label per row ({n}); got shape {arr.shape}.")
+    return arr
+
+
+def _names(
+    given: Sequence[str] | None, found: Sequence[str] | None, n: int, what: str
+) -> list[str]:
+    names = given if given is not None else found
+    if names is None:
+        return [f"x{i}" for i in range(n)]
+    names = [str(s) for s in names]
+    if len(names) != n:
+        raise InputError(f"{what} has {len(names)} names; the data has {n} features.")
+    if len(set(names)) != len(names):
+        dup = sorted({s for s in names if names.count(s) > 1})
+        raise InputError(f"{what} must be unique; repeated: {', '.join(dup)}.")
+    return names
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def model_outputs(
+    net: torch.nn.Module,
+    n: int,
+    build: Callable[[int, int], Tensor],
+    sample: Tensor,
+    batch_size: int | None = None,
+) -> np.ndarray:
+    """Outputs (n, K) float64 of ``net`` on the inputs ``build(start, stop)`` builds chunk by chunk."""
+    with model_guard(net):
+        engine = Engine(net, batch_size=batch_size)
+        out = engine.map(
+            lambda a, b: _output(engine.forward(build(a, b))),
+            n,
+            sample=sample,
+            description="evaluating the model",
+        )
+    arr = out.double().cpu().numpy()
+    _check_finite_output(arr)
+    return arr
+
+
+def _output(raw: Any) -> Tensor:
+    if not isinstance(raw, Tensor):
+        raise ModelError(
+            f"surrogates need a model returning one tensor of scores; got {type(raw).__name__}."
+        )
+    if raw.ndim == 1:
+        raw = raw[:, None]
+    if raw.ndim != 2:
+        raise ModelError(
+            f"surrogates need model outputs of shape (rows, outputs); got {tuple(raw.shape)}."
+        )
+    return raw.detach()
+
+
+def _check_finite_output(arr: np.ndarray) -> None:
+    if not np.isfinite(arr).all():
+        raise ModelError(
+            f"the model returned {int((~np.isfinite(arr)).sum())} NaN/Inf output(s); a surrogate "
+            "cannot imitate non-finite scores."
+        )
+
+
+def output_names(
+    model: Any,
+    net: torch.nn.Module,
+    labels: Sequence[str] | None,
+    k: int,
+    class_names: Sequence[str] | None,
+) -> list[str]:
+    """Names of the model's K outputs: ``class_names``, the bundled labels, a scikit-learn
+    ``classes_``, else ``class 0`` ..."""
+    for cand in (
+        class_names,
+        labels,
+        getattr(model, "classes_", None),
+        getattr(getattr(net, "fn", None), "__self__", None)
+        and getattr(net.fn.__self__, "classes_", None),
+    ):
+        if cand is not None and len(cand) == k:
+            return [str(c) for c in cand]
+    if class_names is not None:
+        raise InputError(f"class_names has {len(class_names)} names; the model has {k} outputs.")
+    return [f"class {i}" for i in range(k)] if k > 1 else ["score"]
+
+
+def make_task(design: Design, target: Any, task: str) -> Task:
+    """Classes (argmax of the outputs) or one score column, from ``target`` and ``task``."""
+    if task not in ("auto", "class", "score"):
+        raise OptionError(f"task must be 'auto', 'class' or 'score'; got {task!r}.")
+    k = design.out_train.shape[1]
+    if target is not None:
+        if task == "class":
+            raise OptionError(
+                "target= picks one score to regress; it cannot be combined with task='class'."
+            )
+        if isinstance(target, str):
+            col = name_to_index(target, design.output_names)
+        elif isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+            col = int(target)
+        else:
+            raise TargetError(
+                f"target must be an output index or name ({', '.join(design.output_names)}); "
+                f"got {target!r}."
+            )
+        if not -k <= col < k:
+            raise TargetError(f"target {target!r} is out of range: the model has {k} output(s).")
+        col %= k
+        return Task(
+            "score",
+            col,
+            [design.output_names[col]],
+            design.out_train[:, col],
+            design.out_test[:, col],
+        )
+    if k == 1 and task != "class":
+        return Task(
+            "score", 0, list(design.output_names), design.out_train[:, 0], design.out_test[:, 0]
+        )
+    if k == 1:  # the model returns labels: integers 0..C-1
+        y_tr, y_te = design.out_train[:, 0], design.out_test[:, 0]
+        both = np.concatenate([y_tr, y_te])
+        if not np.array_equal(both, np.round(both)) or both.min() < 0:
+            raise ModelError(
+                "task='class' with a one-output model needs integer class labels 0..C-1 as outputs."
+            )
+        n_cls = int(both.max()) + 1
+        names = [f"class {i}" for i in range(n_cls)]
+        return Task("class", None, names, y_tr.astype(np.int64), y_te.astype(np.int64))
+    if task == "score":
+        raise OptionError(f"task='score' needs target= (which of the {k} outputs to regress).")
+    return Task(
+        "class",
+        None,
+        list(design.output_names),
+        design.out_train.argmax(1),
+        design.out_test.argmax(1),
+    )
+
+
+def label_indices(labels: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """True labels (indices or class names) as class indices."""
+    if labels.dtype.kind in "iub" or (
+        labels.dtype.kind == "f" and np.array_equal(labels, np.round(labels))
+    ):
+        idx = labels.astype(np.int64)
+        if idx.min() < 0 or idx.max() >= len(names):
+            raise InputError(
+                f"labels must be class indices 0..{len(names) - 1} or class names; got values "
+                f"from {idx.min()} to {idx.max()}."
+            )
+        return idx
+    lookup = {n: i for i, n in enumerate(names)}
+    bad = sorted({str(v) for v in labels if str(v) not in lookup})
+    if bad:
+        raise InputError(f"labels {', '.join(bad[:5])} are not class names ({', '.join(names)}).")
+    return np.array([lookup[str(v)] for v in labels], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- the design
+
+
+def prepare(
+    model: Any,
+    data: Any,
+    *,
+    features: Any = None,
+    feature_names: Sequence[str] | None = None,
+    test_data: Any = None,
+    labels: Any = None,
+    test_labels: Any = None,
+    holdout: float = 0.25,
+    neighbours: int = 0,
+    neighbour_scale: float = 0.1,
+    class_names: Sequence[str] | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> Design:
+    """Validate everything at the boundary and build the :class:`Design` (see the module documentation)."""
+    if data is None:  # a bundled tabular demo carries its data
+        if getattr(model, "X_train", None) is None:
+            raise InputError(
+                "data is required (rows to distil on); only a bundled tabular model carries its own."
+            )
+        data, test_data = model.X_train, model.X_test if test_data is None else test_data
+        labels = model.y_train if labels is None else labels
+        test_labels = model.y_test if test_labels is None else test_labels
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise OptionError(f"seed must be an integer; got {seed!r}.")
+    if not isinstance(neighbours, int) or isinstance(neighbours, bool) or neighbours < 0:
+        raise OptionError(
+            f"neighbours must be an integer >= 0 (generated rows per training row); got {neighbours!r}."
+        )
+    if not (
+        isinstance(neighbour_scale, (int, float))
+        and neighbour_scale > 0
+        and math.isfinite(neighbour_scale)
+    ):
+        raise OptionError(f"neighbour_scale must be a positive number; got {neighbour_scale!r}.")
+    if test_data is None and not (isinstance(holdout, (int, float)) and 0.0 < holdout < 1.0):
+        raise OptionError(f"holdout must be a fraction in (0, 1); got {holdout!r}.")
+    net, bundled_labels = unwrap_model(model)
+    rng = np.random.default_rng(seed)
+    if isinstance(features, str):
+        features = SegmentPresence(features)
+    if isinstance(features, SegmentPresence):
+        if test_data is not None or labels is not None or neighbours:
+            raise OptionError(
+                "with SegmentPresence the held-out rows are masked copies of the same images: "
+                "test_data, labels and neighbours do not apply."
+            )
+        return _segment_design(
+            net, model, data, features, bundled_labels, class_names, holdout, rng, batch_size
+        )
+    if features is not None and not callable(features):
+        raise OptionError(
+            "features must be None (the table's columns), a feature function rows -> (rows, F), "
+            f"a segment spec like 'grid:4', or a SegmentPresence; got {type(features).__name__}."
+        )
+    if features is not None and neighbours:
+        raise OptionError(
+            "neighbours are generated in the table's columns; they need features=None."
+        )
+
+    sets = [data] if test_data is None else [data, test_data]
+    zs, xs = [], []
+    found_names: list[str] | None = None
+    for i, d in enumerate(sets):
+        what = "data" if i == 0 else "test_data"
+        if features is None:
+            z, cols = _as_table(d, what)
+            x = torch.from_numpy(z)
+            found_names = found_names or cols
+        else:
+            x = _as_input(d, what)
+            try:
+                raw = features(d)
+            except Exception as exc:
+                raise InputError(
+                    f"the feature function failed on {what}: {type(exc).__name__}: {exc}"
+                ) from exc
+            z, cols = _as_table(raw, f"the feature function's output on {what}")
+            if len(z) != len(x):
+                raise InputError(
+                    f"the feature function returned {len(z)} rows for {len(x)} inputs; "
+                    "expected one row per input."
+                )
+            found_names = found_names or cols
+        zs.append(z)
+        xs.append(x)
+    if len(zs) == 2 and zs[0].shape[1] != zs[1].shape[1]:
+        raise InputError(
+            f"data has {zs[0].shape[1]} features and test_data {zs[1].shape[1]}; they must match."
+        )
+    n_feat = zs[0].shape[1]
+    if features is None:
+        found_names = found_names or list(getattr(model, "feature_names", None) or []) or None
+    else:
+        found_names = found_names or getattr(features, "feature_names", None)
+    names = _names(feature_names, found_names, n_feat, "feature_names")
+    y = _check_labels(labels, len(zs[0]), "labels")
+    y_test_given = _check_labels(test_labels, len(zs[1]), "test_labels") if len(zs) == 2 else None
+
+    if len(zs) == 1:
+        n = len(zs[0])
+        n_test = int(round(holdout * n))
+        if n - n_test < MIN_TRAIN or n_test < MIN_TEST:
+            raise InputError(
+                f"a surrogate needs at least {MIN_TRAIN} training and {MIN_TEST} held-out rows; "
+                f"{n} rows with holdout={holdout} give {n - n_test} and {n_test}. Pass more rows "
+                "(or test_data=)."
+            )
+        perm = rng.permutation(n)
+        test_rows, train_rows = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+        z_tr, z_te = zs[0][train_rows], zs[0][test_rows]
+        x_tr, x_te = xs[0][torch.from_numpy(train_rows)], xs[0][torch.from_numpy(test_rows)]
+        labels_test = y[test_rows] if y is not None else None
+    else:
+        if len(zs[0]) < MIN_TRAIN or len(zs[1]) < MIN_TEST:
+            raise InputError(
+                f"a surrogate needs at least {MIN_TRAIN} training rows and {MIN_TEST} held-out rows; "
+                f"got {len(zs[0])} and {len(zs[1])}."
+            )
+        train_rows = test_rows = None
+        z_tr, z_te, x_tr, x_te = zs[0], zs[1], xs[0], xs[1]
+        labels_test = y_test_given
+    n_train = len(z_tr)
+    if neighbours:
+        scale = z_tr.std(0) * float(neighbour_scale)
+        base = np.repeat(z_tr, neighbours, axis=0)
+        extra = base + rng.standard_normal(base.shape) * scale
+        z_tr = np.concatenate([z_tr, extra])
+        x_tr = torch.from_numpy(z_tr)
+    out_tr = _run(net, x_tr, batch_size)
+    out_te = _run(net, x_te, batch_size)
+    if out_tr.shape[1] != out_te.shape[1]:
+        raise ModelError("the model returned a different number of outputs for the held-out rows.")
+    outs = output_names(model, net, bundled_labels, out_tr.shape[1], class_names)
+    binary = np.all((z_tr == 0) | (z_tr == 1), axis=0)
+    return Design(
+        z_tr,
+        z_te,
+        out_tr,
+        out_te,
+        names,
+        binary,
+        outs,
+        n_train,
+        len(z_tr) - n_train,
+        train_rows,
+        test_rows,
+        labels_test,
+        "columns" if features is None else "feature function",
+    )
+
+
+def _run(net: torch.nn.Module, x: Tensor, batch_size: int | None) -> np.ndarray:
+    xb = as_batch(x, net, ndim=None)
+    return model_outputs(net, len(xb), lambda a, b: xb[a:b], xb[:1], batch_size)
+
+
+def _segment_design(
+    net: torch.nn.Module,
+    model: Any,
+    data: Any,
+    spec: SegmentPresence,
+    bundled_labels: Sequence[str] | None,
+    class_names: Sequence[str] | None,
+    holdout: float,
+    rng: np.random.Generator,
+    batch_size: int | None,
+) -> Design:
+    images = as_batch(_as_input(data, "data"), net, ndim=4)
+    if spec.per_image and len(images) > 1:
+        raise OptionError(
+            f"segments={spec.segments!r} segments every image differently, so its features mean "
+            "nothing across images: pass one image, or a fixed layout like 'grid:4' / 'patch:32'."
+        )
+    masker = ImageMasker(spec.segments, spec.baseline)
+    zs, outs = [], []
+    n_seg = None
+    for i in range(len(images)):
+        bound = masker.bind(images[i], i)
+        if n_seg is not None and bound.n_features != n_seg:
+            raise InputError(
+                f"image {i} has {bound.n_features} segments, image 0 has {n_seg}; use images of one size."
+            )
+        n_seg = bound.n_features
+        z = rng.random((spec.samples, n_seg)) < spec.keep
+        z[0] = True  # the image itself is one of the rows
+        zt = torch.from_numpy(z).to(images.device)
+        zeros = torch.zeros(spec.samples, dtype=torch.long, device=images.device)
+
+        def build(
+            a: int, b: int, bound: Any = bound, zt: Tensor = zt, zeros: Tensor = zeros
+        ) -> Tensor:
+            return bound.build(zt[a:b], zeros[a:b])
+
+        outs.append(model_outputs(net, spec.samples, build, images[i : i + 1], batch_size))
+        zs.append(z.astype(np.float64))
+    z_all, out_all = np.concatenate(zs), np.concatenate(outs)
+    n = len(z_all)
+    n_test = int(round(holdout * n))
+    if n - n_test < MIN_TRAIN or n_test < MIN_TEST:
+        raise InputError(
+            f"{n} masked copies with holdout={holdout} leave {n - n_test} training and {n_test} held-out "
+            f"rows; a surrogate needs at least {MIN_TRAIN} and {MIN_TEST}: raise samples."
+        )
+    perm = rng.permutation(n)
+    test_rows, train_rows = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    names = _segment_names(spec.segments, images[0], n_seg or 0)
+    k = out_all.shape[1]
+    return Design(
+        z_all[train_rows],
+        z_all[test_rows],
+        out_all[train_rows],
+        out_all[test_rows],
+        names,
+        np.ones(n_seg or 0, dtype=bool),
+        output_names(model, net, bundled_labels, k, class_names),
+        len(train_rows),
+        0,
+        train_rows,
+        test_rows,
+        None,
+        f"segments {spec.segments}",
+    )
+
+
+def _segment_names(segments: str, image: Tensor, m: int) -> list[str]:
+    kind = segments.split(":")[0].strip().lower()
+    if kind not in ("grid", "patch"):
+        return [f"segment {i}" for i in range(m)]
+    ncols = int(image_feature_mask(image, segments)[0].max()) + 1  # ids are row * ncols + column
+    return [f"cell r{i // ncols} c{i % ncols}" for i in range(m)]
