@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..core.registry import METHODS
+from .attention import AttentionFlow, AttentionRollout, RawAttention, TransformerAttribution
 from .base import Method
 from .cam import (
     CAM,
@@ -59,6 +60,7 @@ __all__ = [
     "ShapleySampling", "efficiency_error",
     "LRP", "Composite", "DeepLift", "DeepShap", "conservation",
     "LinearSHAP", "TreeSHAP",
+    "AttentionFlow", "AttentionRollout", "RawAttention", "TransformerAttribution",
 ]
 
 
