@@ -1,0 +1,109 @@
+"""Concept activation vectors (Kim et al., ICML 2018): the normal of a linear classifier that
+separates a layer's activations for a concept's images from those for a random set.
+
+The classifier is scikit-learn's: ``"logistic"`` (L2-regularised logistic regression, L-BFGS,
+deterministic) or ``"sgd"`` (``SGDClassifier(alpha=0.01, max_iter=1000, tol=1e-3)`` as in the
+TCAV reference code, seeded), or any callable ``fit(X, y, seed) -> weight vector``. The CAV is
+the weight vector scaled to unit length and oriented from the random set towards the concept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import OptionError
+
+Classifier = "str | Callable[[np.ndarray, np.ndarray, int], np.ndarray]"
+
+CLASSIFIERS = ("logistic", "sgd")
+
+
+def _sklearn() -> Any:
+    try:
+        import sklearn.linear_model as lm
+    except ImportError as exc:
+        raise OptionError(
+            "concept activation vectors are fitted with scikit-learn, which is not installed; "
+            "install it with: pip install 'perspicio[concepts]'"
+        ) from exc
+    return lm
+
+
+@dataclass(frozen=True)
+class CAV:
+    """One concept activation vector: unit ``vector`` (flattened layer shape), the classifier's
+    intercept (in the units of the unscaled weights) and its accuracy on the training sets."""
+
+    vector: Tensor
+    intercept: float
+    accuracy: float
+
+
+def check_classifier(classifier: Any) -> Any:
+    if callable(classifier):
+        return classifier
+    if classifier not in CLASSIFIERS:
+        raise OptionError(
+            f"classifier must be one of {', '.join(CLASSIFIERS)} or a callable fit(X, y, seed); got {classifier!r}."
+        )
+    return classifier
+
+
+def fit_cav(
+    positive: Tensor,
+    negative: Tensor,
+    *,
+    classifier: Any = "logistic",
+    seed: int = 0,
+    C: float = 1.0,
+) -> CAV:
+    """Fit the CAV separating ``positive`` (concept) from ``negative`` (random) activations.
+
+    Rows are samples; any trailing shape is flattened. Labels: concept 1, random 0; the
+    returned vector points towards the concept.
+    """
+    pos = positive.detach().reshape(positive.shape[0], -1).double().cpu().numpy()
+    neg = negative.detach().reshape(negative.shape[0], -1).double().cpu().numpy()
+    X = np.concatenate([pos, neg])
+    y = np.concatenate([np.ones(len(pos), dtype=np.int64), np.zeros(len(neg), dtype=np.int64)])
+    classifier = check_classifier(classifier)
+    intercept = 0.0
+    if callable(classifier):
+        w = np.asarray(classifier(X, y, seed), dtype=np.float64).reshape(-1)
+        if w.shape != (X.shape[1],) or not np.all(np.isfinite(w)):
+            raise OptionError(
+                f"the CAV classifier must return a finite weight vector of length {X.shape[1]}; got shape {w.shape}."
+            )
+    else:
+        lm = _sklearn()
+        if classifier == "logistic":
+            clf = lm.LogisticRegression(C=C, max_iter=5000, tol=1e-10)
+        else:
+            clf = lm.SGDClassifier(alpha=0.01, max_iter=1000, tol=1e-3, random_state=seed)
+        # the L2-regularised solution (and every SGD iterate) lies in the span of the rows of X: fit in
+        # the coordinates of that span (at most as many as samples) instead of the layer's dimension
+        basis = _row_space(X)
+        clf.fit(X @ basis, y)
+        w = basis @ np.asarray(clf.coef_, dtype=np.float64).reshape(-1)
+        intercept = float(np.asarray(clf.intercept_).reshape(-1)[0])
+    norm = float(np.linalg.norm(w))
+    if norm == 0.0:
+        raise OptionError(
+            "the CAV classifier returned a zero weight vector: the concept and random activations are not separable at all."
+        )
+    accuracy = float(np.mean(((X @ w + intercept) > 0).astype(np.int64) == y))
+    return CAV(torch.from_numpy(w / norm), intercept, accuracy)
+
+
+def _row_space(X: np.ndarray) -> np.ndarray:
+    """Orthonormal basis (D, r) of the span of the rows of ``X`` (right singular vectors)."""
+    if X.shape[1] <= X.shape[0]:
+        return np.eye(X.shape[1])
+    _, s, vt = np.linalg.svd(X, full_matrices=False)
+    r = int(np.sum(s > s[0] * max(X.shape) * np.finfo(np.float64).eps)) if s[0] > 0 else 1
+    return vt[:r].T
