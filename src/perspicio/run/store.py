@@ -1,0 +1,257 @@
+"""The store of a run: a directory any later call can resume, read and report on.
+
+Layout::
+
+    DIR/perspicio-run.json          manifest: format, fingerprints, configuration, shapes
+    DIR/attributions/<method>       Zarr array (N, *shape) float32, NaN where a sample failed
+    DIR/rows/chunk-000042.parquet   one row per (sample, method) of chunk 42
+
+Commit protocol, per chunk: (1) the chunk's slices of every attribution array are written (each
+run chunk is exactly one Zarr chunk along the sample axis, so a rewrite replaces it whole);
+(2) its rows are written to a temporary file, flushed to disk and renamed to
+``chunk-NNNNNN.parquet``. The rename is the commit: a chunk is complete if and only if its
+Parquet file exists. A process killed at any point leaves either a committed chunk or one that
+a re-run recomputes from scratch, so a resumed store equals an uninterrupted one, without
+duplicate rows.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import OptionError, PerspicioError
+
+#: the store format this version writes; a store with a higher number is refused
+FORMAT = 1
+MANIFEST = "perspicio-run.json"
+_CHUNK_RE = re.compile(r"^chunk-(\d{6,})\.parquet$")
+#: columns whose values legitimately differ between two runs of the same work
+VOLATILE_COLUMNS = ("seconds", "provenance")
+
+
+class StoreError(PerspicioError):
+    """The store cannot be used as asked (fingerprint mismatch, newer format, disk full)."""
+
+
+def _needs(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise OptionError(f"data-set runs need {module.split('.')[0]}: pip install 'perspicio[run]'.") from None
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _disk_error(exc: OSError, path: Path) -> StoreError:
+    if exc.errno == errno.ENOSPC:
+        return StoreError(f"no space left on the device while writing the store {str(path)!r}; the store stays "
+                          "resumable: free some space and run the same command again.")
+    return StoreError(f"cannot write the store {str(path)!r}: {exc.strerror or exc}.")
+
+
+class Store:
+    """A run's directory: manifest, attribution arrays and committed row chunks."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._arrays: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ manifest
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest; refuses stores of a newer format and directories that are not stores."""
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise StoreError(f"{str(self.path)!r} is not a perspicio run store (no {MANIFEST}).") from None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"the store manifest {str(self.manifest_path)!r} is unreadable: {exc}.") from None
+        fmt = data.get("format")
+        if not isinstance(fmt, int):
+            raise StoreError(f"{str(self.manifest_path)!r} is not a perspicio run manifest.")
+        if fmt > FORMAT:
+            raise StoreError(f"the store {str(self.path)!r} was written by a newer perspicio (store format {fmt}, "
+                             f"this version reads up to {FORMAT}); upgrade perspicio to read or resume it.")
+        return data
+
+    def open(self, manifest: Mapping[str, Any], *, overwrite: bool = False) -> dict[str, Any]:
+        """Create the store, or check that an existing one holds the same work.
+
+        The work is the same when every fingerprint (model, data, configuration) matches; a
+        different one is refused unless ``overwrite`` (which empties the store first)."""
+        manifest = dict(manifest, format=FORMAT)
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"the store path {str(self.path)!r} is a file, not a directory.")
+        if self.exists() or (self.path.is_dir() and any(self.path.iterdir())):
+            if not self.exists():
+                if not overwrite:
+                    raise StoreError(f"{str(self.path)!r} is a non-empty directory that is not a run store; "
+                                     "choose another --store or pass --overwrite to empty it.")
+            else:
+                old = self.manifest()
+                changed = [k for k, v in manifest["fingerprints"].items() if old.get("fingerprints", {}).get(k) != v]
+                if not changed:
+                    return old
+                if not overwrite:
+                    raise StoreError(
+                        f"the store {str(self.path)!r} holds a different run: the {', '.join(changed)} changed "
+                        f"since it was written. Pass --overwrite (overwrite=True) to replace it, or use another store.")
+            self._clear()
+        try:
+            (self.path / "rows").mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        except OSError as exc:
+            raise _disk_error(exc, self.path) from None
+        return manifest
+
+    def _clear(self) -> None:
+        for child in self.path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    def update_manifest(self, **fields: Any) -> dict[str, Any]:
+        data = self.manifest()
+        data.update(fields)
+        try:
+            _atomic_write(self.manifest_path, json.dumps(data, indent=1, sort_keys=True).encode())
+        except OSError as exc:
+            raise _disk_error(exc, self.path) from None
+        return data
+
+    # ------------------------------------------------------------------ chunks
+
+    def done_chunks(self) -> set[int]:
+        """Indices of the committed chunks."""
+        rows = self.path / "rows"
+        if not rows.is_dir():
+            return set()
+        return {int(m.group(1)) for p in rows.iterdir() if (m := _CHUNK_RE.match(p.name))}
+
+    def chunk_path(self, chunk: int) -> Path:
+        return self.path / "rows" / f"chunk-{chunk:06d}.parquet"
+
+    def _array(self, method: str, n: int, shape: Sequence[int], chunk_size: int) -> Any:
+        arr = self._arrays.get(method)
+        if arr is not None:
+            return arr
+        zarr = _needs("zarr")
+        group = zarr.open_group(str(self.path / "attributions"), mode="a")
+        if method in group.array_keys():
+            arr = group[method]
+            if tuple(arr.shape) != (n, *shape):
+                raise StoreError(f"the store's {method!r} array has shape {tuple(arr.shape)}, "
+                                 f"this run makes {(n, *shape)}; use --overwrite.")
+        else:
+            arr = group.create_array(method, shape=(n, *shape), chunks=(chunk_size, *shape),
+                                     dtype="float32", fill_value=np.nan, overwrite=False)
+        self._arrays[method] = arr
+        return arr
+
+    def write_chunk(self, chunk: int, start: int, n: int, chunk_size: int,
+                    attributions: Mapping[str, np.ndarray], rows: Sequence[Mapping[str, Any]],
+                    schema: Any) -> None:
+        """Write one chunk's arrays, then commit its rows (see the module docstring)."""
+        pa = _needs("pyarrow")
+        pq = _needs("pyarrow.parquet")
+        try:
+            for method, values in attributions.items():
+                arr = self._array(method, n, values.shape[1:], chunk_size)
+                arr[start:start + len(values)] = values
+            _pause_for_tests(chunk)
+            table = pa.Table.from_pylist(list(rows), schema=schema)
+            final = self.chunk_path(chunk)
+            tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+            pq.write_table(table, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise _disk_error(exc, self.path) from None
+
+    # ------------------------------------------------------------------ reading
+
+    def rows(self, *, volatile: bool = True) -> Any:
+        """Every committed row as a pandas DataFrame, ordered by sample index then method
+        (``volatile=False`` drops the columns that differ between identical runs: timings, provenance)."""
+        pd = _needs("pandas")
+        pq = _needs("pyarrow.parquet")
+        files = sorted(self.chunk_path(c) for c in self.done_chunks())
+        if not files:
+            return pd.DataFrame()
+        df = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+        df = df.sort_values(["index", "method"], kind="stable").reset_index(drop=True)
+        if not volatile:
+            df = df.drop(columns=[c for c in VOLATILE_COLUMNS if c in df.columns])
+        return df
+
+    def attributions(self, method: str) -> Any:
+        """The (N, *shape) Zarr array of ``method`` (NaN for failed or not yet computed samples)."""
+        zarr = _needs("zarr")
+        group = zarr.open_group(str(self.path / "attributions"), mode="r")
+        if method not in group.array_keys():
+            raise StoreError(f"the store has no attributions for {method!r}; it has: {', '.join(sorted(group.array_keys()))}.")
+        return group[method]
+
+    def status(self) -> dict[str, int]:
+        m = self.manifest()
+        done = self.done_chunks()
+        return {"samples": m["n_samples"], "chunks": m["n_chunks"], "done_chunks": len(done)}
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r})"
+
+
+def _pause_for_tests(chunk: int) -> None:
+    """Fault injection for the crash tests: with ``PERSPICIO_RUN_PAUSE_CHUNK=k`` the writer stops
+    between writing chunk k's arrays and committing its rows (after touching ``<store>.paused``)
+    so a test can SIGKILL the process exactly in the middle of a write."""
+    value = os.environ.get("PERSPICIO_RUN_PAUSE_CHUNK")
+    if value is None or not value.isdigit() or int(value) != chunk:
+        return
+    flag = os.environ.get("PERSPICIO_RUN_PAUSE_FLAG")
+    if flag:
+        Path(flag).touch()
+    time.sleep(3600)
