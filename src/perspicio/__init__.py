@@ -60,7 +60,9 @@ def explain(
             methods (occlusion, rise, lime, Shapley values) also take any black-box callable on numpy
             arrays or tensors, e.g. ``clf.predict_proba`` or an ONNX Runtime session.
         inputs: a batch tensor (N, C, H, W); for model-agnostic methods also tabular rows (N, F)
-            (tensor, numpy array or DataFrame) or text (a string or a list of strings).
+            (tensor, numpy array or DataFrame) or text (a string or a list of strings). Text (or a
+            dict with ``input_ids``) for a torch model goes to :func:`perspicio.text.explain_text`
+            (tokenized, one attribution per token).
         method: registry name, see :func:`perspicio.methods.names`.
         target: None (predicted class), an int, a list of ints, a class name, or a callable
             mapping the output to one score per sample (e.g. :class:`BoxScoreTarget` for detections).
@@ -72,10 +74,32 @@ def explain(
     from .core.registry import METHODS
     from .methods.base import build
 
+    if _text_model_input(model, inputs):  # strings or token dicts for a torch model: perspicio.text
+        from .text import explain_text
+
+        return explain_text(model, inputs, method=method, target=target, layer=layer, **options)
     cls = METHODS.get(method).cls
     if layer is not None:
         options["layer"] = layer
     return build(cls, model, **options)(inputs, target=target)
+
+
+def _text_model_input(model: Any, inputs: Any) -> bool:
+    """Text (a string, a list of strings, a dict with ``input_ids``) for a torch model; black-box
+    callables on strings stay with the model-agnostic methods."""
+    from collections.abc import Mapping
+
+    from torch import nn
+
+    from .core.blackbox import unwrap_model
+
+    text = isinstance(inputs, str) or (
+        isinstance(inputs, (list, tuple)) and bool(inputs) and all(isinstance(s, str) for s in inputs)
+    )
+    if not (text or (isinstance(inputs, Mapping) and "input_ids" in inputs)):
+        return False
+    inner, _ = unwrap_model(model)
+    return isinstance(inner, nn.Module) and not getattr(inner, "is_black_box", False)
 
 
 def evaluate(
@@ -101,7 +125,7 @@ def evaluate(
 def __getattr__(name: str) -> Any:  # lazy submodules keep `import perspicio` light
     import importlib
 
-    if name in ("methods", "zoo", "viz", "core", "metrics", "featurevis"):
+    if name in ("methods", "zoo", "viz", "core", "metrics", "featurevis", "text"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'perspicio' has no attribute {name!r}")
 

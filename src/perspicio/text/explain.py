@@ -1,0 +1,283 @@
+"""Explaining text models: strings (or dict token inputs) in, one attribution per token out.
+
+:func:`explain_text` tokenizes, packs the token tensors for the model (:class:`TokenModel`), turns
+sentence targets into embedding targets, runs the method and returns an
+:class:`~perspicio.Explanation` whose ``attributions`` are (N, L) per token (padded with zeros;
+``extras["tokens"][i]`` are text ``i``'s token strings), optionally merged into words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core.explanation import Explanation
+from ..core.guard import model_lock
+from ..core.targets import EmbeddingSimilarity
+from ..errors import InputError, ModelError, OptionError
+from .inputs import TokenBatch, encode, find_tokenizer, from_mapping, is_text
+from .model import TokenModel, embedding_layer, pack
+from .targets import ZeroShot, ZeroShotHead, embed
+
+__all__ = ["BASELINE_TOKENS", "explain_text", "merge_words", "token_baseline", "token_scores"]
+
+#: methods run through the token embeddings (layer Integrated Gradients on the word embedding layer)
+EMBEDDING_METHODS = ("integrated_gradients", "layer_integrated_gradients")
+#: methods that remove tokens (replaced by the baseline token) through the packed ids
+TOKEN_PERTURBATION_METHODS = (
+    "feature_ablation",
+    "occlusion",
+    "kernel_shap",
+    "shapley_sampling",
+    "lime",
+)
+
+#: baseline_token names -> tokenizer attribute of the token id
+BASELINE_TOKENS = {"pad": "pad_token_id", "mask": "mask_token_id", "unk": "unk_token_id"}
+
+
+def token_baseline(x: Tensor, special: Tensor, token_id: int) -> Tensor:
+    """Packed baseline: every real, non-special token id replaced by ``token_id``; special tokens,
+    padding and the attention mask (and token types) unchanged."""
+    b = x.clone()
+    real = x[:, 1] != 0
+    replace = real & ~special
+    b[:, 0] = torch.where(replace, torch.full_like(x[:, 0], token_id), x[:, 0])
+    return b
+
+
+def _baseline_id(tokenizer: Any, spec: Any) -> int:
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return spec
+    if isinstance(spec, str) and spec.lower() in BASELINE_TOKENS:
+        tid = (
+            getattr(tokenizer, BASELINE_TOKENS[spec.lower()], None)
+            if tokenizer is not None
+            else None
+        )
+        if tid is None:
+            if spec.lower() == "pad" and tokenizer is None:
+                return 0
+            raise OptionError(f"baseline_token {spec!r}: the tokenizer has no such token.")
+        return int(tid)
+    if isinstance(spec, str) and tokenizer is not None:
+        tid = tokenizer.convert_tokens_to_ids(spec)
+        if tid is not None and tid != getattr(tokenizer, "unk_token_id", None):
+            return int(tid)
+    raise OptionError(
+        f"baseline_token must be 'pad', 'mask', 'unk', a token of the vocabulary or a token id; got {spec!r}."
+    )
+
+
+def merge_words(
+    attributions: Tensor, word_ids: Sequence[Sequence[int | None]], tokens: Sequence[Sequence[str]]
+) -> tuple[Tensor, tuple[tuple[str, ...], ...]]:
+    """Sum the attributions of the sub-word pieces of each word. ``word_ids`` come from a fast
+    tokenizer (None for special tokens, which stay words of their own); without them, pieces
+    starting with '##' join the previous token (WordPiece). Returns (N, W) and the word strings."""
+    rows, names = [], []
+    for i, (wid, toks) in enumerate(zip(word_ids, tokens)):
+        groups: list[list[int]] = []
+        last: Any = object()
+        for j, (w, tok) in enumerate(zip(wid, toks)):
+            joins = (
+                (w is not None and w == last)
+                if any(v is not None for v in wid)
+                else (tok.startswith("##") and j)
+            )
+            if joins and groups:
+                groups[-1].append(j)
+            else:
+                groups.append([j])
+            last = w
+        rows.append(torch.stack([attributions[i, g].sum() for g in groups]))
+        names.append(
+            tuple(
+                "".join(
+                    toks[j][2:] if k and toks[j].startswith("##") else toks[j]
+                    for k, j in enumerate(g)
+                )
+                for g in groups
+            )
+        )
+    width = max(len(r) for r in rows)
+    out = attributions.new_zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out, tuple(names)
+
+
+def token_scores(explanation: Explanation, index: int = 0) -> list[tuple[str, float]]:
+    """(token, attribution) pairs of text ``index`` of a text explanation."""
+    tokens = explanation.extras.get("tokens")
+    if tokens is None:
+        raise InputError("this explanation has no tokens (it was not computed on text).")
+    a = explanation.attributions[index]
+    return [(t, float(a[j])) for j, t in enumerate(tokens[index])]
+
+
+def _select_method(method: str) -> Any:
+    from ..core.registry import METHODS
+
+    entry = METHODS.get(method)
+    if (
+        entry.family == "attention"
+        or entry.name in EMBEDDING_METHODS
+        or entry.name in TOKEN_PERTURBATION_METHODS
+    ):
+        return entry
+    supported = sorted(
+        {e.name for e in METHODS.entries() if e.family == "attention"}
+        | set(EMBEDDING_METHODS)
+        | set(TOKEN_PERTURBATION_METHODS)
+    )
+    raise OptionError(
+        f"method {entry.name!r} does not take text; methods for text: {', '.join(supported)}."
+    )
+
+
+def explain_text(
+    model: Any,
+    inputs: str | Sequence[str] | Mapping[str, Any],
+    method: str = "attention_rollout",
+    target: Any = None,
+    *,
+    tokenizer: Any = None,
+    merge_words: bool = False,
+    max_length: int | None = None,
+    baseline_token: Any = "pad",
+    layer: Any = None,
+    **options: Any,
+) -> Explanation:
+    """Explain a text model on ``inputs`` (strings, or a dict with ``input_ids``/``attention_mask``).
+
+    Args:
+        model: a bundled text model (``perspicio.zoo.load("minilm")``) or a Hugging Face model taking
+            ``input_ids``/``attention_mask`` (its output selected by ``output=`` as usual).
+        target: for classifiers a class index or name; for sentence encoders another sentence (str:
+            the cosine similarity of the embeddings, :class:`EmbeddingSimilarity`), a
+            :class:`ZeroShot`, or any callable on the output.
+        tokenizer: a Hugging Face tokenizer (bundled models bring theirs).
+        merge_words: sum the attributions of sub-word pieces into words.
+        max_length: longest input in tokens (default: the model's); longer texts are truncated with
+            a warning naming how many tokens were dropped.
+        baseline_token: what replaces the tokens at the baseline of Integrated Gradients and
+            perturbation methods: "pad" (default), "mask", "unk", a token or a token id. Special
+            tokens ([CLS], [SEP]) and the attention mask are kept.
+        **options: the method's options (e.g. ``steps``, ``query``, ``layer`` for ``attention``).
+    """
+    from ..core.blackbox import unwrap_model
+    from ..core.registry import METHODS
+    from ..methods.base import build
+
+    if not isinstance(merge_words, bool):
+        raise OptionError(f"merge_words must be True or False; got {merge_words!r}.")
+    inner, labels = unwrap_model(model)
+    if not isinstance(inner, nn.Module) or getattr(inner, "is_black_box", False):
+        raise ModelError(
+            "explain_text needs a torch text model; for a black-box callable on strings use a "
+            "model-agnostic method (occlusion, lime, kernel_shap) through perspicio.explain."
+        )
+    entry = _select_method(method)
+    batch: TokenBatch | None = None
+    if is_text(inputs):
+        tok = find_tokenizer(model, tokenizer)
+        batch = encode(tok, inputs, model=model, max_length=max_length)
+        tensors = batch.tensors()
+        special = batch.special
+    elif isinstance(inputs, Mapping):
+        tok = tokenizer or getattr(getattr(model, "preprocess", None), "tokenizer", None)
+        tensors = from_mapping(inputs)
+        special = torch.zeros_like(tensors["input_ids"], dtype=torch.bool)
+        if tok is not None and hasattr(tok, "all_special_ids"):
+            special = torch.isin(tensors["input_ids"], torch.tensor(tok.all_special_ids))
+    else:
+        raise InputError(
+            f"text inputs must be a string, a list of strings or a dict of token tensors; got "
+            f"{type(inputs).__name__}."
+        )
+    keys = tuple(tensors)
+    tm = TokenModel(inner, keys)
+    device = next((p.device for p in inner.parameters()), torch.device("cpu"))
+    x = pack(tensors, keys).to(device)
+    special = special.to(device)
+
+    select = options.pop("output", None)
+    if isinstance(target, ZeroShot):
+        if tok is None:
+            raise ModelError("a ZeroShot target needs the tokenizer (pass tokenizer=...).")
+        lab = encode(tok, list(target.labels), model=model, max_length=max_length)
+        refs = embed(tm, pack(lab.tensors(), keys).to(device), select)
+        options["output"] = ZeroShotHead(refs, select)
+        labels = target.labels
+        target = target.target
+    else:
+        if select is not None:
+            options["output"] = select
+        if isinstance(target, str) and not (labels and target in list(labels)):
+            if tok is None:
+                raise ModelError("a sentence target needs the tokenizer (pass tokenizer=...).")
+            other = encode(tok, [target], model=model, max_length=max_length)
+            ref = embed(tm, pack(other.tensors(), keys).to(device), select)
+            sim = EmbeddingSimilarity(ref[0])
+            sim.__name__ = f"similarity to {target!r}"  # type: ignore[attr-defined]
+            target = sim
+    options.setdefault(
+        "batch_size", min(len(x), 32)
+    )  # text batches are small; no memory probe needed
+    cls = entry.cls
+    if entry.name in EMBEDDING_METHODS:
+        cls = METHODS.get("layer_integrated_gradients").cls
+        options["layer"] = layer if layer is not None else embedding_layer(inner)
+        options["baseline"] = token_baseline(x, special, _baseline_id(tok, baseline_token))
+    elif entry.name in TOKEN_PERTURBATION_METHODS:
+        options.setdefault(
+            "baseline", token_baseline(x, special, _baseline_id(tok, baseline_token))
+        )
+        if layer is not None:
+            options["layer"] = layer
+    elif layer is not None:
+        options["layer"] = layer
+    with model_lock(inner):
+        e = build(cls, tm, labels=labels, **options)(x, target=target)
+    attr = e.attributions
+    if attr.ndim == 3 and entry.name in EMBEDDING_METHODS:
+        attr = attr.sum(dim=-1)  # per token: the sum over the embedding dimensions
+    elif attr.ndim == 3:
+        attr = attr[:, 0]  # perturbations of the packed ids: the input_ids row
+    mask = x[:, keys.index("attention_mask")] != 0
+    attr = attr * mask
+    if batch is not None:
+        tokens, word_ids = batch.tokens, batch.word_ids
+    else:
+        ids = [x[i, 0][mask[i]].tolist() for i in range(len(x))]
+        tokens = tuple(
+            tuple(tok.convert_ids_to_tokens(r)) if tok is not None else tuple(str(t) for t in r)
+            for r in ids
+        )
+        word_ids = tuple(tuple([None] * len(r)) for r in ids)
+    extras = {
+        **e.extras,
+        "tokens": tokens,
+        "token_mask": mask,
+        "special_tokens": special,
+        "word_ids": word_ids,
+    }
+    if batch is not None:
+        extras["texts"] = batch.texts
+        extras["dropped_tokens"] = batch.dropped
+    if merge_words:
+        extras["pieces"], extras["piece_attributions"] = tokens, attr
+        attr, words = merge_words_fn(attr, word_ids, tokens)
+        extras["tokens"] = words
+        extras["token_mask"] = torch.tensor(
+            [[j < len(w) for j in range(attr.shape[1])] for w in words]
+        )
+    options_out = {**e.options, "merge_words": merge_words, "baseline_token": baseline_token}
+    return e.replace(attributions=attr, extras=extras, options=options_out)
+
+
+merge_words_fn = merge_words
