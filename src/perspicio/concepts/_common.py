@@ -135,7 +135,7 @@ def activations(model: nn.Module, module: nn.Module, x: Tensor, *, chunk: int = 
     with model_guard(model), torch.no_grad():
         for start in range(0, x.shape[0], chunk):
             with Capture([module], stop_after=module) as cap:
-                run_until(model, x[start : start + chunk].to(device), cap)
+                run_until(model, _fast_layout(x[start : start + chunk].to(device)), cap)
             parts.append(cap.last().detach())
     return torch.cat(parts)
 
@@ -155,7 +155,7 @@ def activations_and_gradients(
     acts, grads, fns = [], [], []
     with model_guard(model):
         for start in range(0, x.shape[0], chunk):
-            xb = x[start : start + chunk].to(device)
+            xb = _fast_layout(x[start : start + chunk].to(device))
             with torch.enable_grad(), Capture([module], grad=True) as cap:
                 out = model(xb)
                 act = cap.last()
@@ -173,6 +173,11 @@ def activations_and_gradients(
         torch.cat(grads),
         ResolvedTarget(fn=fns[0].fn, indices=indices, description=desc),
     )
+
+
+def _fast_layout(x: Tensor) -> Tensor:
+    """Images in channels-last memory (faster convolutions on CPU; values unchanged)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
 def _chunk_target(target: Any, start: int, n: int) -> Any:

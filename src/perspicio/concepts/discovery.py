@@ -35,6 +35,7 @@ from ..core.targets import resolve_target, target_names
 from ..errors import LayerError, OptionError
 from ._common import (
     Bundle,
+    _fast_layout,
     activations,
     check_int,
     check_seed,
@@ -231,7 +232,7 @@ def _scores_with_layer(
     """Target scores of input ``x1`` (1, ...) repeated, the layer's output replaced by each row of
     ``replacement`` (R, C, h, w)."""
     reps = replacement.shape[0]
-    x = x1.expand(reps, *x1.shape[1:]).contiguous()
+    x = _fast_layout(x1.expand(reps, *x1.shape[1:]))
     with Capture([module], transform=lambda i, t: replacement.to(t.dtype), store=False):
         out = bundle.model(x)
     return target_fn(out)
