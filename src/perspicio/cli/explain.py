@@ -71,7 +71,15 @@ def explain_cmd(
     from ..errors import OptionError
     from ..viz import comparison_figure
     from ..zoo import load_image
+    from .text import TEXT_DEFAULT_METHODS, is_text_model
+    from .text import run as run_text
 
+    if is_text_model(model_spec):  # IMAGES are sentences for a text model
+        opts = {"steps": steps, "batch_size": batch_size, "seed": seed, **parse_extra(extra)}
+        run_text(list(images), model_spec, device, random_init,
+                 METHODS.select(split_list(methods), default=list(TEXT_DEFAULT_METHODS)), target, out_dir,
+                 {k: v for k, v in opts.items() if v is not None})
+        return
     chosen = METHODS.select(split_list(methods), default=["family:cam"])
     sources = list(images) or list(DEFAULT_IMAGES)
     pil_images = [load_image(s) for s in sources]  # validate every file before any work

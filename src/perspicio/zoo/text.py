@@ -21,6 +21,9 @@ from ..errors import ModelError
 
 __all__ = ["SentenceEncoder", "TextPreprocess", "minilm_path", "load_minilm"]
 
+#: bundled text models (their CLI inputs are sentences)
+TEXT_MODELS = ("minilm",)
+
 #: sentence-transformers' max_seq_length for all-MiniLM-L6-v2 (sentence_bert_config.json)
 MINILM_MAX_LENGTH = 256
 
