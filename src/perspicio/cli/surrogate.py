@@ -112,6 +112,7 @@ def tree_cmd(max_depth: int, depths: str, **kw: Any) -> None:
     """
     from ..surrogates import distill_tree
 
+    depth_list = _parse_depths(depths)
     model, args, out = _setup(kw)
     s = distill_tree(model, max_depth=max_depth, **args)
     plt = _pyplot()
@@ -121,7 +122,6 @@ def tree_cmd(max_depth: int, depths: str, **kw: Any) -> None:
     (out / "rules.txt").write_text(s.rules_text() + "\n")
     data = s.to_dict()
     files = ["tree.png", "rules.txt"]
-    depth_list = _parse_depths(depths)
     if depth_list:
         curve = s.curve(depth_list)
         fig = curve.figure()
@@ -189,6 +189,10 @@ def _setup(kw: dict[str, Any]) -> tuple[Any, dict[str, Any], Path]:
     """The model, the keyword arguments of distill_*, and the output directory."""
     from ..errors import OptionError
 
+    if kw["data_path"] is None and not _is_bundled(kw["model_spec"]):
+        raise OptionError(
+            f"--data is required for {kw['model_spec']!r} (only bundled tabular models carry data)."
+        )
     model, bundled = _load(kw["model_spec"], kw["device"], kw["seed"])
     args: dict[str, Any] = {
         "target": parse_target(kw["target"]),
@@ -197,10 +201,6 @@ def _setup(kw: dict[str, Any]) -> tuple[Any, dict[str, Any], Path]:
         "seed": kw["seed"],
     }
     if kw["data_path"] is None:
-        if not bundled:
-            raise OptionError(
-                f"--data is required for {kw['model_spec']!r} (only bundled tabular models carry data)."
-            )
         if kw["test_path"] is not None or kw["label_column"] is not None:
             raise OptionError("--test-data and --label-column need --data.")
     else:
@@ -218,11 +218,18 @@ def _setup(kw: dict[str, Any]) -> tuple[Any, dict[str, Any], Path]:
     return model, args, out
 
 
-def _load(spec: str, device: str, seed: int) -> tuple[Any, bool]:
-    from ..zoo.tabular import DATASETS, MODEL_KINDS, load_tabular
+def _is_bundled(spec: str) -> bool:
+    from ..zoo.tabular import DATASETS, MODEL_KINDS
 
     name, _, kind = spec.strip().lower().replace("-", "_").partition("/")
-    if name in DATASETS and (not kind or kind in MODEL_KINDS):
+    return name in DATASETS and (not kind or kind in MODEL_KINDS)
+
+
+def _load(spec: str, device: str, seed: int) -> tuple[Any, bool]:
+    from ..zoo.tabular import load_tabular
+
+    if _is_bundled(spec):
+        name, _, kind = spec.strip().lower().replace("-", "_").partition("/")
         return load_tabular(name, kind or "mlp", seed=seed), True
     from .common import load_model
 

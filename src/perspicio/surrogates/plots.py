@@ -34,9 +34,11 @@ def _pyplot() -> Any:
     return plt
 
 
-def _size(text: str) -> tuple[float, float]:
+def _size(text: str, font: float = FONT) -> tuple[float, float]:
+    """Width and height in inches of a text box of ``font`` points."""
     lines = text.split("\n")
-    return max(len(s) for s in lines) * CHAR_IN + 0.25, len(lines) * LINE_IN + 0.2
+    scale = font / FONT
+    return max(len(s) for s in lines) * CHAR_IN * scale + 0.25, len(lines) * LINE_IN * scale + 0.2
 
 
 def draw_tree(
@@ -73,22 +75,25 @@ def draw_tree(
     horizontal = len(leaves) > wide_leaves
     pos: dict[int, tuple[float, float]] = {}
     margin = 0.3
-    title_h = 0.5 if title else 0.1
+    title_w, title_h = _size(title, FONT + 2) if title else (0.0, 0.1)
+    title_h += 0.2
     if horizontal:
         col_w = [
             max(sizes[i][0] for i in shown if by_id[i]["depth"] == d) for d in range(depth + 1)
         ]
         gap = 0.5
-        xs = [margin + sum(col_w[:d]) + gap * d + col_w[d] / 2 for d in range(depth + 1)]
+        content = sum(col_w) + gap * depth
+        width = max(margin * 2 + content, title_w + 2 * margin)
+        left = (width - content) / 2
+        xs = [left + sum(col_w[:d]) + gap * d + col_w[d] / 2 for d in range(depth + 1)]
         row_h = max(sizes[i][1] for i in leaves) + 0.15
-        width = margin * 2 + sum(col_w) + gap * depth
         height = margin * 2 + title_h + row_h * len(leaves)
         for k, i in enumerate(leaves):
             pos[i] = (xs[by_id[i]["depth"]], height - title_h - margin - row_h * (k + 0.5))
     else:
         slot = max(sizes[i][0] for i in leaves) + 0.2
         level_h = max(s[1] for s in sizes.values()) + 0.45
-        width = max(margin * 2 + slot * len(leaves), 4.0)
+        width = max(margin * 2 + slot * len(leaves), title_w + 2 * margin, 4.0)
         height = margin * 2 + title_h + level_h * depth + max(s[1] for s in sizes.values())
         x0 = (width - slot * len(leaves)) / 2
         top = height - title_h - margin - max(s[1] for s in sizes.values()) / 2

@@ -225,7 +225,7 @@ class TreeSurrogate:
     def title(self) -> str:
         what = "class" if self.kind == "class" else f"score '{self.class_names[0]}'"
         return (
-            f"decision tree imitating the model's {what}: depth {self.depth}, {self.leaves} leaves; "
+            f"decision tree imitating the model's {what}: depth {self.depth}, {self.leaves} leaves\n"
             f"fidelity {self.fidelity.value:.3f} [{self.fidelity.low:.3f}, {self.fidelity.high:.3f}] "
             f"on {self.fidelity.n} held-out rows"
         )
@@ -275,7 +275,7 @@ class TreeSurrogate:
 
     def __str__(self) -> str:
         lines = [
-            self.title(),
+            self.title().split("\n")[0],
             f"fidelity {self.fidelity}",
             f"training fidelity {self.train_fidelity:.3f}",
         ]
