@@ -225,9 +225,10 @@ def explain_text(
             sim = EmbeddingSimilarity(ref[0])
             sim.__name__ = f"similarity to {target!r}"  # type: ignore[attr-defined]
             target = sim
-    options.setdefault(
-        "batch_size", min(len(x), 32)
-    )  # text batches are small; no memory probe needed
+    if (
+        entry.family == "attention"
+    ):  # every attention map is kept anyway: one chunk, no memory probe
+        options.setdefault("batch_size", len(x))
     cls = entry.cls
     if entry.name in EMBEDDING_METHODS:
         cls = METHODS.get("layer_integrated_gradients").cls

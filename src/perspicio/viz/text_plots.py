@@ -103,8 +103,11 @@ def token_heatmap_figure(exp: Explanation, index: int = 0, *, per_row: int = 10)
     rows = (len(toks) + per_row - 1) // per_row
     width = max(len(t) for t in toks) * 0.12 + 0.35
     cols = min(per_row, len(toks))
-    fig = Figure(figsize=(max(4.0, cols * width + 0.6), rows * 0.55 + 1.2))
-    ax = fig.add_axes((0.02, 0.3 / (rows * 0.55 + 1.2) + 0.12, 0.96, 0.72))
+    # inches: 0.5 title on top, the token rows, 0.95 for the colour bar and its labels below
+    fig_w, grid_h = max(4.0, cols * width + 0.6), rows * 0.55
+    fig_h = grid_h + 1.45
+    fig = Figure(figsize=(fig_w, fig_h))
+    ax = fig.add_axes((0.3 / fig_w, 0.95 / fig_h, (fig_w - 0.6) / fig_w, grid_h / fig_h))
     ax.set_xlim(0, cols * width)
     ax.set_ylim(rows * 0.55, 0)
     ax.axis("off")
@@ -133,7 +136,7 @@ def token_heatmap_figure(exp: Explanation, index: int = 0, *, per_row: int = 10)
     cmap = LinearSegmentedColormap.from_list(
         "rb", [(0.13, 0.40, 0.80), (1, 1, 1), (0.84, 0.15, 0.16)]
     )
-    cax = fig.add_axes((0.3, 0.06, 0.4, 0.05))
+    cax = fig.add_axes((0.3, 0.55 / fig_h, 0.4, 0.12 / fig_h))
     bar = fig.colorbar(
         ScalarMappable(norm=Normalize(-1, 1), cmap=cmap),
         cax=cax,
@@ -141,6 +144,7 @@ def token_heatmap_figure(exp: Explanation, index: int = 0, *, per_row: int = 10)
     )
     scaled = "min-max scaled" if exp.method in _NONNEGATIVE else "/ max |value|"
     bar.set_label(f"attribution ({scaled})", fontsize=8)
+    bar.set_ticks([-1, -0.5, 0, 0.5, 1])
     bar.ax.tick_params(labelsize=7)
     return fig
 
