@@ -18,7 +18,7 @@ from perspicio.core.registry import METHODS
 from perspicio.errors import ModelError, OptionError
 from perspicio.methods import names
 
-ALL = [n for n in names() if METHODS.get(n).family != "tree"]  # every method for torch models
+ALL = [n for n in names() if not METHODS.get(n).extra.get("needs")]  # every method for any torch network
 
 
 class DictNet(TinyCNN):

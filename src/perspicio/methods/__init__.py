@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..core.registry import METHODS
-from .attention import AttentionFlow, AttentionRollout, RawAttention, TransformerAttribution
 from .base import Method
 from .cam import (
     CAM,
@@ -38,6 +37,10 @@ from .perturbation import RISE, FeatureAblation, FeatureMethod, Occlusion
 from .propagation import LRP, Composite, DeepLift, DeepShap, conservation
 from .shapley import KernelSHAP, ShapleyExact, ShapleySampling, efficiency_error
 from .tree import LinearSHAP, TreeSHAP
+
+# isort: split
+# registered last: the README table keeps the order of registration
+from .attention import AttentionFlow, AttentionRollout, RawAttention, TransformerAttribution
 
 
 def names(family: str | None = None) -> list[str]:

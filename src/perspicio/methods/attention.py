@@ -663,6 +663,7 @@ def _rows(matrix: Tensor, weights: Tensor) -> Tensor:
 @register_method(
     "attention",
     family="attention",
+    needs="attention layers (a transformer)",
     needs_gradients=False,
     summary="Raw attention weights of one layer and head (or their mean), from the model's own pass",
     paper="Vaswani et al., NeurIPS 2017 (the weights); Clark et al., BlackboxNLP 2019 (reading them)",
@@ -723,6 +724,7 @@ class RawAttention(_AttentionMethod):
 @register_method(
     "attention_rollout",
     family="attention",
+    needs="attention layers (a transformer)",
     needs_gradients=False,
     summary="Attention rollout: the product of residual-augmented, head-averaged attention over layers",
     paper="Abnar & Zuidema, ACL 2020",
@@ -755,6 +757,7 @@ class AttentionRollout(_AttentionMethod):
 @register_method(
     "attention_flow",
     family="attention",
+    needs="attention layers (a transformer)",
     needs_gradients=False,
     summary="Attention flow: max-flow from each input token to the query through the attention graph",
     paper="Abnar & Zuidema, ACL 2020",
@@ -816,6 +819,7 @@ class AttentionFlow(_AttentionMethod):
 @register_method(
     "transformer_attribution",
     family="attention",
+    needs="attention layers (a transformer)",
     needs_gradients=True,
     summary="Gradient-weighted attention relevance: R += mean_h(relu(dA * A)) R over layers",
     paper="Chefer, Gur & Wolf, ICCV 2021",
