@@ -125,7 +125,8 @@ def run(
     metric_names = _metric_names(metrics)
     module, class_names, prep = _model_parts(model, preprocess)
     source: Source = as_source(data, class_names=class_names, labels=labels)
-    if target == "label" and all(y is None for y in getattr(source, "labels", [None])):
+    known = getattr(source, "labels", None)  # a Dataset's labels are only known item by item
+    if target == "label" and known is not None and all(y is None for y in known):
         raise OptionError("target='label' but the data has no labels (class sub-folders, a label column, or labels=).")
     config = RunConfig(
         methods=_named_options("method", method_names, method_options),
