@@ -117,6 +117,61 @@ def test_recipe_add_a_metric(capsys) -> None:
         assert "max_share" in _cli(["metrics"], capsys)
 
 
+def test_recipe_add_an_lrp_rule() -> None:
+    """Recipe "add an LRP rule for a new operation": a function the table does not know is registered
+    with its kind in core/ops.py; an affine rule is a Rule subclass in methods/propagation/rules.py,
+    evaluated with the AffineOp it is given and registered by name in RULES."""
+    import pytest
+    import torch.nn.functional as F
+    from torch import nn
+
+    from perspicio.core import ops
+    from perspicio.errors import ModelError
+    from perspicio.methods.propagation import rules
+    from perspicio.methods.propagation.nodes import safe_div
+    from perspicio.methods.propagation.rules import Rule
+
+    class AbsZ(Rule):
+        """R_i = sum_j |x_i w_ji| / sum_i' |x_i' w_ji'| R_j: shares of the absolute contributions."""
+
+        name = "absz"
+
+        def relevance(self, op, x, z, R, ctx):
+            xa, wa = x.abs(), op.weight.abs()
+            return xa * op.adjoint(xa, wa, safe_div(R, op.map(xa, wa, None), 0.0))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(3, 2, bias=False)
+            self.fc2 = nn.Linear(2, 2, bias=False)
+            with torch.no_grad():
+                self.fc1.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, 1.0]]))
+                self.fc2.weight.copy_(torch.tensor([[2.0, 1.0], [-1.0, 1.0]]))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.fc2(F.hardshrink(self.fc1(x), 0.1))
+
+    model = Net()
+    x = torch.tensor([[1.0, 0.5, -2.0]])
+    assert ops.kind(F.hardshrink) is None
+    with pytest.raises(ModelError, match="hardshrink"):  # no kind, no rule: a clear error naming it
+        perspicio.explain(model, x, method="lrp", rule="epsilon", target=0)
+    try:
+        ops.register_operation(F.hardshrink, ops.ACT)  # an activation: LRP passes relevance through
+        rules.RULES["absz"] = AbsZ
+        e = perspicio.explain(model, x, method="lrp", rule="absz", target=0)
+    finally:
+        ops.KINDS.pop(F.hardshrink, None)
+        rules.RULES.pop("absz", None)
+    # by hand: h = fc1(x) = (-1, -1.5), hardshrink keeps it, out_0 = 2 h_0 + h_1 = -3.5 = R
+    # fc2: |contributions| (2, 1.5) -> R_h = (-2, -1.5); fc1 row 0: |x w| = (1, 1, 1) -> R_h0 / 3 each;
+    # row 1: |x w| = (0, 0.5, 2) -> R_h1 * (0, 0.2, 0.8)
+    expected = torch.tensor([[-2 / 3, -2 / 3 - 0.3, -2 / 3 - 1.2]])
+    torch.testing.assert_close(e.attributions, expected)
+    assert set(e.extras["rules"].values()) == {"AbsZ()"}  # both affine operations used the new rule
+
+
 def test_all_means_every_method_for_networks_and_tree_methods_are_chosen_by_name() -> None:
     chosen = METHODS.select("all")
     assert "gradcam" in chosen and "kernel_shap" in chosen

@@ -416,7 +416,8 @@ def registered() -> dict[str, Any]:
 CACHE_MODULES = (
     "perspicio.core.fold", "perspicio.core.fuse", "perspicio.core.bnpairs", "perspicio.core.batching",
     "perspicio.core.incremental", "perspicio.core.calls", "perspicio.core.capture",
-    "perspicio.methods.propagation.engine", "perspicio.methods.propagation.rules",
+    "perspicio.methods.propagation.operations", "perspicio.methods.propagation.tracing",
+    "perspicio.methods.propagation.rules",
     "perspicio.methods.propagation.canonizers", "perspicio.methods.propagation.deeplift_reference",
     "perspicio.featurevis.receptive_field",
 )

@@ -1,9 +1,12 @@
-"""Tables of torch operations shared by perspicio's operation-level interpreters.
+"""The one table of torch operations shared by perspicio's operation-level interpreters.
 
-The propagation engine (``methods/propagation/engine.py``), the incremental evaluator
-(:mod:`perspicio.core.incremental`) and the tracers each see every torch function a forward pass
-calls; what a function *is* (a metadata query, ...) is stated here once, so the interpreters
-cannot drift apart.
+The propagation (``methods/propagation``: LRP, DeepLIFT), the incremental evaluator
+(:mod:`perspicio.core.incremental`) and the tracers (:mod:`perspicio.core.fuse`,
+``featurevis/receptive_field.py``) each see every torch function a forward pass calls; what a
+function *is* - a metadata query, a structural move of values, an element-wise function, a
+convolution, a pooling, ... - is stated here once (:data:`KINDS`, :func:`kind`), so the
+interpreters cannot drift apart. :func:`register_operation` adds a function to the table for all
+of them.
 """
 
 from __future__ import annotations
@@ -14,12 +17,41 @@ from typing import Any
 from torch import Tensor
 
 #: tensor properties read as attributes (``x.shape``): their getters reach a torch function mode
-METADATA_PROPERTIES = ("shape", "ndim", "dtype", "device", "layout", "requires_grad", "is_leaf", "grad_fn",
-                       "is_cuda", "is_sparse", "is_quantized", "is_meta", "is_mkldnn", "itemsize", "nbytes")
+METADATA_PROPERTIES = (
+    "shape",
+    "ndim",
+    "dtype",
+    "device",
+    "layout",
+    "requires_grad",
+    "is_leaf",
+    "grad_fn",
+    "is_cuda",
+    "is_sparse",
+    "is_quantized",
+    "is_meta",
+    "is_mkldnn",
+    "itemsize",
+    "nbytes",
+)
 #: tensor methods that only query metadata (``x.size()``)
-METADATA_METHODS = ("size", "dim", "ndimension", "stride", "numel", "nelement", "__len__", "is_contiguous",
-                    "is_floating_point", "is_complex", "element_size", "data_ptr", "storage_offset", "get_device",
-                    "has_names")
+METADATA_METHODS = (
+    "size",
+    "dim",
+    "ndimension",
+    "stride",
+    "numel",
+    "nelement",
+    "__len__",
+    "is_contiguous",
+    "is_floating_point",
+    "is_complex",
+    "element_size",
+    "data_ptr",
+    "storage_offset",
+    "get_device",
+    "has_names",
+)
 
 
 def functions(names: Sequence[str], owners: Sequence[Any]) -> list[Any]:
@@ -41,3 +73,227 @@ def _metadata() -> frozenset:
 #: tensor metadata queries (``x.shape``, ``x.dtype``, ``x.size()``, ...): they never return a tensor
 #: and need no rule - interpreters run them straight through (about 4 in 5 calls of a CNN's forward)
 METADATA: frozenset = _metadata()
+
+
+# ============================================================================ operation kinds
+
+#: moves values only (views, indexing, concatenation, padding, dtype casts, dropout in eval mode)
+STRUCT = "structural"
+#: ``+ - * /`` in all their spellings (parsed further by the interpreters that need to)
+ARITH = "arith"
+#: parameter-free linear maps with non-negative weights: sum, mean, average pooling, interpolation
+REDUCE = "reduce"
+#: convolutions, linear layers, matmul/einsum (affine in one operand when the other is constant)
+AFFINE = "affine"
+#: element-wise activations
+ACT = "activation"
+#: other element-wise nonlinearities of one tensor (exp, log, sqrt, pow, ...)
+ELEMWISE = "elementwise"
+#: element-wise functions of two tensors that are neither arithmetic nor activations
+BINARY = "binary"
+#: batch_norm (eval), layer_norm, group_norm, rms_norm
+NORM = "norm"
+SOFTMAX = "softmax"
+MAXPOOL = "maxpool"
+#: scaled_dot_product_attention
+SDPA = "sdpa"
+#: convolution + activation of perspicio's fused twin (:data:`perspicio.core.kernels.FUSED_OP`)
+FUSED = "fused"
+
+KIND_NAMES = (
+    STRUCT,
+    ARITH,
+    REDUCE,
+    AFFINE,
+    ACT,
+    ELEMWISE,
+    BINARY,
+    NORM,
+    SOFTMAX,
+    MAXPOOL,
+    SDPA,
+    FUSED,
+)
+
+#: names of the functions of each kind, looked up on ``torch.Tensor`` and ``torch`` (``T``: only
+#: Tensor; ``F``: only ``torch.nn.functional``)
+STRUCT_NAMES = (
+    "reshape view view_as reshape_as flatten unflatten squeeze unsqueeze permute transpose swapaxes swapdims "
+    "movedim moveaxis t contiguous clone expand expand_as broadcast_to repeat repeat_interleave tile narrow "
+    "select split chunk unbind tensor_split index_select gather take_along_dim flip roll masked_fill where "
+    "float double half bfloat16 to type type_as diagonal tril triu unfold"
+).split()
+STRUCT_T_NAMES = ("__getitem__", "__setitem__")
+STRUCT_TORCH_NAMES = (
+    "cat",
+    "concat",
+    "concatenate",
+    "stack",
+    "hstack",
+    "vstack",
+    "broadcast_tensors",
+    "atleast_1d",
+    "atleast_2d",
+)
+STRUCT_F_NAMES = (
+    "pad",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "alpha_dropout",
+    "feature_alpha_dropout",
+    "unfold",
+    "fold",
+    "pixel_shuffle",
+    "pixel_unshuffle",
+    "embedding",
+)
+#: tensor properties that return a tensor (``x.T``): their getters reach a torch function mode
+STRUCT_PROPERTIES = ("T", "mT", "H", "mH")
+ARITH_NAMES = (
+    "add add_ __add__ __radd__ __iadd__ sub sub_ __sub__ __rsub__ __isub__ subtract mul mul_ __mul__ __rmul__ "
+    "__imul__ multiply div div_ divide true_divide __truediv__ __rtruediv__ __rdiv__ __div__ __itruediv__ neg "
+    "neg_ negative __neg__ rsub"
+).split()
+REDUCE_NAMES = ("sum", "mean", "cumsum", "nansum")
+REDUCE_F_NAMES = (
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "interpolate",
+    "upsample",
+    "upsample_bilinear",
+    "upsample_nearest",
+)
+AFFINE_F_NAMES = (
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "linear",
+)
+AFFINE_NAMES = (
+    "matmul",
+    "mm",
+    "bmm",
+    "__matmul__",
+    "__rmatmul__",
+    "einsum",
+    "inner",
+    "outer",
+    "dot",
+    "mv",
+)
+ACT_F_NAMES = (
+    "relu relu6 hardtanh elu selu celu leaky_relu gelu silu mish hardswish hardsigmoid softplus logsigmoid "
+    "softsign tanhshrink threshold prelu rrelu sigmoid tanh relu_ hardtanh_ elu_ leaky_relu_ threshold_ rrelu_ "
+    "celu_ selu_"
+).split()
+ACT_NAMES = (
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "tanh_",
+    "clamp",
+    "clamp_",
+    "clip",
+    "clip_",
+    "clamp_min",
+    "clamp_min_",
+    "clamp_max",
+    "clamp_max_",
+    "hardtanh",
+    "selu",
+    "celu",
+    "prelu",
+    "rrelu",
+)
+ELEMWISE_NAMES = (
+    "exp exp_ log log_ log2 log10 sqrt sqrt_ rsqrt rsqrt_ abs abs_ square square_ sin cos erf erfc reciprocal "
+    "reciprocal_ log1p expm1 pow pow_ __pow__ __rpow__ __ipow__ exp2 sinh cosh atan asin acos"
+).split()
+BINARY_NAMES = ("maximum", "minimum")
+NORM_F_NAMES = ("batch_norm", "layer_norm", "group_norm", "rms_norm")
+NORM_TORCH_NAMES = ("batch_norm", "layer_norm", "group_norm")
+SOFTMAX_NAMES = ("softmax",)
+MAXPOOL_F_NAMES = (
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool3d",
+)
+
+
+def _build_kinds() -> dict[Any, str]:
+    import torch
+    import torch.nn.functional as F
+
+    from . import kernels
+
+    table: dict[Any, str] = {}
+
+    def add(kind: str, names: Sequence[str], owners: Sequence[Any]) -> None:
+        # owner by owner, name by name: a later entry wins where a function appears twice
+        for n in names:
+            for owner in owners:
+                f = getattr(owner, n, None)
+                if f is not None:
+                    table[f] = kind
+
+    add(STRUCT, STRUCT_NAMES, (Tensor, torch))
+    add(STRUCT, STRUCT_T_NAMES, (Tensor,))
+    add(STRUCT, STRUCT_TORCH_NAMES, (torch,))
+    add(STRUCT, STRUCT_F_NAMES, (F,))
+    for n in STRUCT_PROPERTIES:
+        if hasattr(Tensor, n):
+            table[getattr(Tensor, n).__get__] = STRUCT
+    add(ARITH, ARITH_NAMES, (Tensor, torch))
+    add(REDUCE, REDUCE_NAMES, (Tensor, torch))
+    add(REDUCE, REDUCE_F_NAMES, (F,))
+    add(AFFINE, AFFINE_F_NAMES, (F,))
+    add(AFFINE, AFFINE_NAMES, (Tensor, torch))
+    add(ACT, ACT_F_NAMES, (F,))
+    add(ACT, ACT_NAMES, (Tensor, torch))
+    add(ELEMWISE, ELEMWISE_NAMES, (Tensor, torch))
+    add(NORM, NORM_F_NAMES, (F,))
+    add(NORM, NORM_TORCH_NAMES, (torch,))
+    add(SOFTMAX, SOFTMAX_NAMES, (F, torch, Tensor))
+    add(MAXPOOL, MAXPOOL_F_NAMES, (F,))
+    table[F.scaled_dot_product_attention] = SDPA
+    if kernels.FUSED_OP is not None:
+        table[kernels.FUSED_OP] = FUSED
+    return table
+
+
+#: torch function -> operation kind: the one table every operation-level interpreter consults
+#: (extended only through :func:`register_operation`)
+KINDS: dict[Any, str] = _build_kinds()
+
+
+def kind(func: Any) -> str | None:
+    """The operation kind of a torch function (None: not in the table)."""
+    try:
+        return KINDS.get(func)
+    except TypeError:  # an unhashable callable
+        return None
+
+
+def register_operation(func: Any, kind_name: str) -> None:
+    """Declare the kind of a torch function that is not in the table (e.g. a new activation), so
+    that every interpreter treats it as that kind: the propagation rules, the incremental evaluator
+    and the tracers. ``kind_name`` is one of :data:`KIND_NAMES`."""
+    if kind_name not in KIND_NAMES:
+        raise ValueError(
+            f"unknown operation kind {kind_name!r}; expected one of: {', '.join(KIND_NAMES)}"
+        )
+    KINDS[func] = kind_name

@@ -20,7 +20,7 @@ from torch import Tensor
 from ...core import kernels
 from ...errors import ModelError
 from .derived import derived, derived_owner
-from .engine import Call, op_name
+from .operations import Call, op_name
 
 
 @dataclass

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ...core import fold, fuse
 from ...core.bnpairs import find_batchnorm_pairs, fingerprint, folded_affine
 from ...core.caches import Cache, CacheInfo, register
-from .engine import freeze_index
+from .tracing import freeze_index
 
 
 class MergeBatchNorm:

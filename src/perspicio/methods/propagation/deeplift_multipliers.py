@@ -33,8 +33,9 @@ from torch import Tensor
 
 from ...errors import ModelError
 from .deeplift_denormals import add_where_equal
-from .engine import Call, op_name, sum_to
 from .lrp import substitute
+from .nodes import sum_to
+from .operations import Call, op_name
 
 
 def tiny_step(x: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from ...core import kernels
+from ...core.calls import out_of_place
 from ...errors import ModelError
 from .affine import affine_op
 from .deeplift_multipliers import (
@@ -30,7 +31,10 @@ from .deeplift_multipliers import (
     reveal_cancel_multipliers,
 )
 from .derived import derived, neg, pos
-from .engine import (
+from .fused import fused_call
+from .lrp import dim_arg, merged_batchnorm, substitute
+from .nodes import apply_node
+from .operations import (
     ACT,
     AFFINE,
     DIV,
@@ -45,16 +49,12 @@ from .engine import (
     SUM,
     Arith,
     Call,
-    Propagator,
-    apply_node,
-    fused_call,
     iter_tensors,
     op_kind,
     op_name,
-    out_of_place,
     parse_arith,
 )
-from .lrp import dim_arg, merged_batchnorm, substitute
+from .tracing import Propagator
 
 # ============================================================================ the Rescale propagator
 

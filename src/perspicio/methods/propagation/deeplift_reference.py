@@ -8,9 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ...core.caches import Cache
-from .engine import (
-    iter_tensors,
-)
+from .operations import iter_tensors
 
 
 class ReferenceCache:

@@ -38,7 +38,7 @@ from torch import Tensor
 from ...errors import OptionError
 from .affine import AffineOp
 from .derived import clamp_neg, clamp_pos, derived, neg, pos
-from .engine import safe_div
+from .nodes import safe_div
 
 
 @dataclass
