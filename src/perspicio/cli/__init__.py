@@ -17,7 +17,7 @@ from ..core.allocator import tune_allocator
 from ..errors import PerspicioError
 
 #: modules that add commands to :data:`cli` (each defines ``register(group)``)
-COMMAND_MODULES = ["explain", "features", "evaluate", "tabular", "surrogate", "run", "concepts"]
+COMMAND_MODULES = ["explain", "features", "evaluate", "tabular", "surrogate", "run", "concepts", "serve"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
