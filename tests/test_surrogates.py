@@ -416,10 +416,18 @@ def test_segment_presence_finds_the_segment_the_model_reads() -> None:
     kept = by_class["class 1"]
     assert (
         kept.text()
-        == f"if cell r0 c0 = 1 then class 1 (fidelity 1.00 on {kept.coverage} held-out rows)"
+        == f"if cell r0 c0 kept then class 1 (fidelity 1.00 on {kept.coverage} held-out rows)"
     )
-    assert by_class["class 0"].text().startswith("if cell r0 c0 = 0 then class 0")
-    assert s.nodes()[0]["question"] == "cell r0 c0 = 1?"
+    assert by_class["class 0"].text().startswith("if cell r0 c0 removed then class 0")
+    assert s.nodes()[0]["question"] == "cell r0 c0 kept?"
+    fig = s.segments_figure()
+    labels = {t.get_text(): t.get_fontweight() for t in fig.axes[0].texts}
+    assert labels == {"r0 c0": "bold", "r0 c1": "normal", "r1 c0": "normal", "r1 c1": "normal"}
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    with pytest.raises(OptionError, match="SegmentPresence"):
+        distill_tree(TreeNet().double(), _grid(100, 0)).segments_figure()
 
 
 def test_feature_function_on_images() -> None:

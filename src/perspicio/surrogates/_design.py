@@ -94,6 +94,11 @@ class Design:
     test_rows: np.ndarray | None
     labels_test: np.ndarray | None  # true labels of the held-out rows, when given
     source: str  # "columns", "feature function" or "segments <spec>"
+    #: SegmentPresence: features are kept (1) / removed (0) segments of ``image`` ((C, H, W), the
+    #: first image) numbered as in ``segments`` ((H, W) ids)
+    presence: bool = False
+    image: Tensor | None = None
+    segments: Tensor | None = None
 
 
 @dataclass
@@ -270,10 +275,17 @@ def output_names(
     return [f"class {i}" for i in range(k)] if k > 1 else ["score"]
 
 
-def make_task(design: Design, target: Any, task: str) -> Task:
-    """Classes (argmax of the outputs) or one score column, from ``target`` and ``task``."""
+def make_task(design: Design, target: Any, task: str, softmax: bool = False) -> Task:
+    """Classes (argmax of the outputs) or one score column, from ``target`` and ``task``;
+    ``softmax``: scores are the softmax of the outputs (probabilities from logits)."""
     if task not in ("auto", "class", "score"):
         raise OptionError(f"task must be 'auto', 'class' or 'score'; got {task!r}.")
+    if not isinstance(softmax, bool):
+        raise OptionError(f"softmax must be True or False; got {softmax!r}.")
+    if softmax:
+        if design.out_train.shape[1] < 2:
+            raise OptionError("softmax=True needs a model with several outputs (class logits).")
+        design.out_train, design.out_test = _softmax(design.out_train), _softmax(design.out_test)
     k = design.out_train.shape[1]
     if target is not None:
         if task == "class":
@@ -322,6 +334,11 @@ def make_task(design: Design, target: Any, task: str) -> Task:
         design.out_train.argmax(1),
         design.out_test.argmax(1),
     )
+
+
+def _softmax(a: np.ndarray) -> np.ndarray:
+    e = np.exp(a - a.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
 
 
 def label_indices(labels: np.ndarray, names: Sequence[str]) -> np.ndarray:
@@ -527,6 +544,8 @@ def _segment_design(
     n_seg = None
     for i in range(len(images)):
         bound = masker.bind(images[i], i)
+        if i == 0:
+            first_ids = bound.feature_mask[0].detach().cpu()
         if n_seg is not None and bound.n_features != n_seg:
             raise InputError(
                 f"image {i} has {bound.n_features} segments, image 0 has {n_seg}; use images of one size."
@@ -570,6 +589,9 @@ def _segment_design(
         test_rows,
         None,
         f"segments {spec.segments}",
+        presence=True,
+        image=images[0].detach().cpu(),
+        segments=first_ids,
     )
 
 

@@ -167,6 +167,7 @@ def distill_linear(
     features: Any = None,
     feature_names: Sequence[str] | None = None,
     target: Any = None,
+    softmax: bool = False,
     task: str = "auto",
     test_data: Any = None,
     labels: Any = None,
@@ -210,7 +211,7 @@ def distill_linear(
         seed=seed,
         batch_size=batch_size,
     )
-    tsk = make_task(design, target, task)
+    tsk = make_task(design, target, task, softmax)
     if tsk.kind == "class" and len(np.unique(tsk.y_train)) < 2:
         raise ModelError(
             "the model predicts one class on every training row: a linear classifier needs two; "
@@ -248,6 +249,7 @@ def distill_linear(
         "l1": l1,
         "max_features": max_features,
         "target": target,
+        "softmax": softmax,
         "task": tsk.kind,
         "holdout": holdout if test_data is None else None,
         "neighbours": neighbours,

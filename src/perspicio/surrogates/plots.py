@@ -276,3 +276,60 @@ def coefficient_figure(
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def segment_figure(image: Any, ids: Any, names: Sequence[str], used: set[int]) -> Any:
+    """The image (C, H, W) with segment outlines and names; segments in ``used`` outlined in red,
+    their names boxed."""
+    import numpy as np
+
+    plt = _pyplot()
+    img = image.detach().float().cpu()
+    img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-12)
+    arr = img.permute(1, 2, 0).numpy()
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    seg = np.asarray(ids)
+    h, w = seg.shape
+    fig = plt.figure(figsize=(7.0, 7.0 * h / w + 0.6))
+    ax = fig.add_axes((0.02, 0.02, 0.96, 0.96 * 7.0 * h / w / (7.0 * h / w + 0.6)))
+    ax.imshow(arr[..., :3], interpolation="nearest")
+    edge = np.zeros((h, w), dtype=bool)
+    edge[:-1] |= seg[:-1] != seg[1:]
+    edge[:, :-1] |= seg[:, :-1] != seg[:, 1:]
+    hot = np.isin(seg, sorted(used)) & (edge | np.roll(edge, 1, 0) | np.roll(edge, 1, 1))
+    overlay = np.zeros((h, w, 4))
+    overlay[edge] = (1.0, 1.0, 0.0, 0.8)
+    overlay[hot & edge] = (1.0, 0.0, 0.0, 1.0)
+    ax.imshow(overlay, interpolation="nearest")
+    for k, name in enumerate(names):
+        rows, cols = np.nonzero(seg == k)
+        if len(rows) == 0:
+            continue
+        j = np.argmin(
+            (rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2
+        )  # a pixel inside the segment
+        label = (
+            name.replace("segment ", "")
+            if name.startswith("segment ")
+            else name.replace("cell ", "")
+        )
+        ax.text(
+            cols[j],
+            rows[j],
+            label,
+            fontsize=7 if k not in used else 8,
+            ha="center",
+            va="center",
+            color="black" if k in used else "white",
+            fontweight="bold" if k in used else "normal",
+            bbox={
+                "boxstyle": "round,pad=0.15",
+                "fc": "#ffdddd" if k in used else "black",
+                "ec": "red" if k in used else "none",
+                "alpha": 0.85,
+            },
+        )
+    ax.set_axis_off()
+    fig.suptitle("segments (red: used by the tree)", fontsize=10, y=0.995, va="top")
+    return fig

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,11 @@ class Condition:
     low: float | None
     high: float | None
     binary: bool = False
+    presence: bool = False  # a segment kept (1) or removed (0) in a masked image
 
     def text(self) -> str:
+        if self.presence:
+            return f"{self.feature} {'removed' if self.high is not None else 'kept'}"
         if self.binary:  # a 0/1 feature split at 0.5
             return f"{self.feature} = {0 if self.high is not None else 1}"
         if self.low is not None and self.high is not None:
@@ -91,10 +94,7 @@ class Rule:
     def to_dict(self) -> dict[str, Any]:
         return {
             "text": self.text(),
-            "conditions": [
-                {"feature": c.feature, "low": c.low, "high": c.high, "binary": c.binary}
-                for c in self.conditions
-            ],
+            "conditions": [asdict(c) for c in self.conditions],
             "prediction": self.prediction,
             "leaf": self.leaf,
             "train_rows": self.train_rows,
@@ -162,7 +162,7 @@ class TreeSurrogate:
                 err = float(np.mean(np.abs(pred_test[rows] - self._task.y_test[rows])))
             out.append(
                 Rule(
-                    _conditions(path, t, self.feature_names, d.binary),
+                    _conditions(path, t, self.feature_names, d.binary, d.presence),
                     self.class_names[value] if self.kind == "class" else float(value),
                     int(leaf),
                     int(t.n_node_samples[leaf]),
@@ -209,7 +209,11 @@ class TreeSurrogate:
                     feature=name,
                     threshold=thr,
                     binary=binary,
-                    question=f"{name} = 1?" if binary else f"{name} <= {_num(thr)}?",
+                    question=f"{name} kept?"
+                    if d.presence
+                    else f"{name} = 1?"
+                    if binary
+                    else f"{name} <= {_num(thr)}?",
                     yes="no" if binary else "yes",
                     no="yes" if binary else "no",
                 )
@@ -243,6 +247,20 @@ class TreeSurrogate:
             wide_leaves=wide_leaves,
             max_leaves=max_leaves,
         )
+
+    def segments_figure(self) -> Any:
+        """For image segment features (:class:`SegmentPresence`): the first image with its
+        segments outlined and named as in the rules; the segments the tree uses are highlighted."""
+        d = self._design
+        if not d.presence or d.image is None or d.segments is None:
+            raise OptionError(
+                "segments_figure needs a surrogate on image segments (features=SegmentPresence)."
+            )
+        from .plots import segment_figure
+
+        t = self.tree.tree_
+        used = {int(t.feature[i]) for i in range(t.node_count) if t.children_left[i] != -1}
+        return segment_figure(d.image, d.segments, self.feature_names, used)
 
     def curve(self, depths: Iterable[int] = range(1, 9)) -> FidelityCurve:
         """The depth/fidelity curve on the same rows and options (see :func:`fidelity_curve`)."""
@@ -356,6 +374,7 @@ def distill_tree(
     features: Any = None,
     feature_names: Sequence[str] | None = None,
     target: Any = None,
+    softmax: bool = False,
     task: str = "auto",
     test_data: Any = None,
     labels: Any = None,
@@ -379,6 +398,7 @@ def distill_tree(
             features (e.g. concept scores; its ``feature_names`` attribute names them); a segment
             spec (``"grid:4"``) or a :class:`SegmentPresence` for images.
         target: None imitates the model's class (argmax); an output index or name regresses that score.
+        softmax: regress the softmax of the outputs (probabilities) instead of the raw outputs (logits).
         task: ``"auto"``; ``"class"`` for a one-output model returning class labels; ``"score"``.
         test_data, test_labels: explicit held-out rows; otherwise ``holdout`` of ``data``'s rows
             (a seeded split) are held out.
@@ -406,10 +426,11 @@ def distill_tree(
         seed=seed,
         batch_size=batch_size,
     )
-    tsk = make_task(design, target, task)
+    tsk = make_task(design, target, task, softmax)
     options = {
         "max_depth": max_depth,
         "target": target,
+        "softmax": softmax,
         "task": tsk.kind,
         "holdout": holdout if test_data is None else None,
         "neighbours": neighbours,
@@ -537,7 +558,11 @@ def _paths(t: Any) -> list[tuple[int, list[tuple[int, bool]]]]:
 
 
 def _conditions(
-    path: list[tuple[int, bool]], t: Any, names: Sequence[str], binary: np.ndarray
+    path: list[tuple[int, bool]],
+    t: Any,
+    names: Sequence[str],
+    binary: np.ndarray,
+    presence: bool = False,
 ) -> tuple[Condition, ...]:
     """A path's splits merged per feature into one range each, in order of first use."""
     bounds: dict[int, list[float | None]] = {}
@@ -548,7 +573,9 @@ def _conditions(
             bounds[f][1] = thr if hi is None else min(hi, thr)
         else:
             bounds[f][0] = thr if lo is None else max(lo, thr)
-    return tuple(Condition(names[f], lo, hi, bool(binary[f])) for f, (lo, hi) in bounds.items())
+    return tuple(
+        Condition(names[f], lo, hi, bool(binary[f]), presence) for f, (lo, hi) in bounds.items()
+    )
 
 
 def _leaf_value(t: Any, node: int, kind: str, tree: Any) -> Any:
