@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import LayerError, suggest
 from .caches import Cache
+from .tokens import Layout, declared_channels_last, declared_extra_tokens, layout_of
 
 LayerSpec = "str | nn.Module | Sequence[str | nn.Module] | None"
 
@@ -142,37 +143,51 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
             if m is layer:
                 return name, m
         if layer is model:
-            raise LayerError("the layer is the whole model; pick an inner layer (see `perspicio layers`).")
+            raise LayerError(
+                "the layer is the whole model; pick an inner layer (see `perspicio layers`)."
+            )
         raise LayerError(f"the given {type(layer).__name__} module is not part of the model.")
     if not isinstance(layer, str):
-        raise LayerError(f"layer must be a dotted module name or an nn.Module; got {type(layer).__name__}.")
+        raise LayerError(
+            f"layer must be a dotted module name or an nn.Module; got {type(layer).__name__}."
+        )
     if layer in mods:
         return layer, mods[layer]
-    raise LayerError(f"layer {layer!r} not found in {type(model).__name__}." + suggest(layer, mods, n=5))
+    raise LayerError(
+        f"layer {layer!r} not found in {type(model).__name__}." + suggest(layer, mods, n=5)
+    )
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One module call seen in a forward pass: name, type and output shape (batch of 1)."""
+    """One module call seen in a forward pass: name, type and output shape (batch of 1); the shape
+    of its first tensor input and whether it is an element of a ``Sequential``/``ModuleList`` with
+    modules of its own (a network's repeated block)."""
 
     name: str
     kind: str
     shape: tuple[int, ...] | None
     calls: int
+    in_shape: tuple[int, ...] | None = None
+    block: bool = False
 
 
 def trace_layers(model: nn.Module, x: Tensor) -> list[LayerInfo]:
     """Run one forward on ``x`` and list every named module in call-completion order."""
     mods = named_modules(model)
+    containers = {name for name, m in mods.items() if isinstance(m, (nn.Sequential, nn.ModuleList))}
     order: list[str] = []
     shapes: dict[str, tuple[int, ...] | None] = {}
+    in_shapes: dict[str, tuple[int, ...] | None] = {}
     calls: dict[str, int] = {}
     handles = []
 
     def make(name: str) -> Callable:
         def hook(mod: nn.Module, args: object, out: object) -> None:
             t = _first_tensor(out)
+            a = _first_tensor(args)
             shapes[name] = tuple(t.shape) if t is not None else None
+            in_shapes[name] = tuple(a.shape) if a is not None else None
             calls[name] = calls.get(name, 0) + 1
             if name in order:
                 order.remove(name)
@@ -188,7 +203,17 @@ def trace_layers(model: nn.Module, x: Tensor) -> list[LayerInfo]:
     finally:
         for h in handles:
             h.remove()
-    return [LayerInfo(n, type(mods[n]).__name__, shapes[n], calls[n]) for n in order]
+    return [
+        LayerInfo(
+            n,
+            type(mods[n]).__name__,
+            shapes[n],
+            calls[n],
+            in_shapes[n],
+            n.rpartition(".")[0] in containers and any(True for _ in mods[n].children()),
+        )
+        for n in order
+    ]
 
 
 def _square_tokens(tokens: int) -> tuple[int, int] | None:
@@ -199,10 +224,14 @@ def _square_tokens(tokens: int) -> tuple[int, int] | None:
     return None
 
 
-def is_spatial(shape: tuple[int, ...] | None) -> bool:
-    """True for (N, C, H, W) with H*W > 1, or (N, tokens, C) with a square token grid."""
+def is_spatial(shape: tuple[int, ...] | None, input_hw: tuple[int, int] | None = None) -> bool:
+    """True for a feature map: (N, C, H, W) with H*W > 1, or (N, tokens, C) with a square token grid;
+    with the input's ``input_hw``, any layout :mod:`perspicio.core.tokens` reads (channels-last and
+    non-square token grids need the model's trace: :func:`map_layers`)."""
     if shape is None:
         return False
+    if input_hw is not None:
+        return layout_of(shape, input_hw) is not None
     if len(shape) == 4:
         return shape[2] * shape[3] > 1
     if len(shape) == 3:
@@ -210,43 +239,251 @@ def is_spatial(shape: tuple[int, ...] | None) -> bool:
     return False
 
 
-#: per model, input shape and module tree: the automatic CAM layer's name
-_AUTO_LAYER = Cache("auto layers", holds="automatic CAM layer names", key="model (weak), input shape, modules",
-                    max_entries=4096)
+@dataclass(frozen=True)
+class MapTrace:
+    """The feature maps of one model for one input shape: the traced layers, the layout of each
+    layer that is an image grid (:class:`~perspicio.core.tokens.Layout`), the automatic CAM layer
+    (None when there is none) and the number of extra tokens used (None: no token maps)."""
+
+    infos: tuple[LayerInfo, ...]
+    layouts: dict[str, Layout]
+    auto: str | None
+    extra: int | None
 
 
-def auto_layer(model: nn.Module, x: Tensor) -> str:
-    """The last module (in forward order) whose output has a spatial grid, for CAMs.
+#: per model, input shape, module tree and extra_tokens option: its feature maps and automatic CAM layer
+_AUTO_LAYER = Cache(
+    "auto layers",
+    holds="automatic CAM layers and layer layouts",
+    key="model (weak), input shape, modules, extra_tokens",
+    max_entries=4096,
+)
 
-    The answer is cached per model, input shape and module tree, so repeated calls do
-    not pay an extra tracing forward pass.
-    """
-    key = (tuple(x.shape[1:]), x.dtype, str(x.device), hash(tuple(id(m) for m in model.modules())))
+
+def map_layers(model: nn.Module, x: Tensor, *, extra_tokens: int | None = None) -> MapTrace:
+    """Trace ``model`` on ``x`` (once per model, input shape, module tree and ``extra_tokens``) and
+    classify every layer output: channels-first map, channels-last map, token grid or none."""
+    key = (
+        tuple(x.shape[1:]),
+        x.dtype,
+        str(x.device),
+        hash(tuple(id(m) for m in model.modules())),
+        extra_tokens,
+    )
     hit = _AUTO_LAYER.get(model, key)
-    return hit if hit is not None else _AUTO_LAYER.put(model, _trace_auto_layer(model, x), key)
+    return (
+        hit if hit is not None else _AUTO_LAYER.put(model, _trace_maps(model, x, extra_tokens), key)
+    )
 
 
-def _trace_auto_layer(model: nn.Module, x: Tensor) -> str:
-    infos = trace_layers(model, x[:1])
-    four_d = [i for i in infos if i.shape is not None and len(i.shape) == 4 and is_spatial(i.shape)]
-    pick = four_d or [i for i in infos if is_spatial(i.shape)]
-    if not pick:
+def auto_layer(model: nn.Module, x: Tensor, *, extra_tokens: int | None = None) -> str:
+    """The automatic CAM layer: for a CNN the last module (in forward order) with a spatial
+    output; for a transformer (token or channels-last maps) the output of its last block whose
+    patch tokens the output depends on (class-token pooling ignores the last block's patch
+    tokens, so it is then the block before: the last block's input).
+
+    Cached per model, input shape, module tree and ``extra_tokens``.
+    """
+    trace = map_layers(model, x, extra_tokens=extra_tokens)
+    if trace.auto is None:
         raise LayerError(
-            f"no layer of {type(model).__name__} has a spatial output (N, C, H, W) for a CAM; "
-            "pass layer=... explicitly or use a gradient/perturbation method."
+            f"no layer of {type(model).__name__} has a spatial output for a CAM (N, C, H, W), channels-last "
+            "(N, H, W, C) or (N, tokens, C) on the input's grid; pass layer=... explicitly or use a "
+            "gradient/perturbation method."
+            + (
+                " For a transformer whose extra tokens cannot be told from the patch grid, pass extra_tokens=..."
+                if any(i.shape is not None and len(i.shape) == 3 for i in trace.infos)
+                else ""
+            )
         )
-    return pick[-1].name
+    return trace.auto
 
 
-def to_spatial(t: Tensor, reshape: object = "auto") -> Tensor:
-    """Bring a captured activation to (N, C, h, w).
+def _trace_maps(model: nn.Module, x: Tensor, extra_tokens: int | None) -> MapTrace:
+    infos = tuple(trace_layers(model, x[:1]))
+    if x.ndim != 4:  # not an image: (N, tokens, C) outputs with a square grid, as before
+        layouts = {}
+        for i in infos:
+            sq = _square_tokens(i.shape[1]) if i.shape is not None and len(i.shape) == 3 else None
+            if i.shape is not None and len(i.shape) == 4 and i.shape[2] * i.shape[3] > 1:
+                layouts[i.name] = Layout("nchw", (i.shape[2], i.shape[3]))
+            elif sq is not None:
+                layouts[i.name] = Layout("tokens", (sq[0], sq[0]), sq[1])
+        four = [n for n, lay in layouts.items() if lay.kind == "nchw"]
+        return MapTrace(infos, layouts, (four or list(layouts) or [None])[-1], None)
+    hw = tuple(x.shape[-2:])
+    mods = named_modules(model)
+    extra = extra_tokens if extra_tokens is not None else declared_extra_tokens(model)
+    nhwc = declared_channels_last(model)
+    layouts: dict[str, Layout] = {}
+    for i in infos:
+        if i.shape is not None and len(i.shape) == 4:
+            lay = layout_of(i.shape, hw, module=mods[i.name], channels_last=nhwc)
+            if lay is not None:
+                layouts[i.name] = lay
+    grids = list(dict.fromkeys(lay.grid for lay in layouts.values() if lay.kind == "nchw"))
+    for i in infos:
+        if i.shape is not None and len(i.shape) == 3:
+            lay = layout_of(i.shape, hw, extra=extra, grids=grids)
+            if lay is not None:
+                layouts[i.name] = lay
+    token_extra = next((lay.extra for lay in layouts.values() if lay.kind == "tokens"), None)
+    ordered = [i for i in infos if i.name in layouts]
+    if not any(layouts[i.name].kind != "nchw" for i in ordered):  # a CNN: the last map, as always
+        return MapTrace(infos, layouts, ordered[-1].name if ordered else None, token_extra)
+    blocks = [
+        i
+        for i in ordered
+        if layouts[i.name].kind != "nchw" and i.block and i.calls == 1 and i.in_shape == i.shape
+    ]
+    candidates = blocks or [i for i in ordered if i.calls == 1]
+    auto = _last_reaching_output(model, x[:1], [i.name for i in candidates[-4:]], layouts, mods)
+    return MapTrace(infos, layouts, auto, token_extra)
 
-    (N, tokens, C) outputs of transformer blocks are reshaped to a square grid,
-    dropping a leading class token when tokens = side^2 + 1. ``reshape`` may be
-    "auto", a (h, w) tuple or a callable.
+
+def _output_total(out: object) -> Tensor | None:
+    """Sum of every float tensor in a model output (tensor, tuple, dict, ModelOutput) that needs grad."""
+    stack, total = [out], None
+    while stack:
+        o = stack.pop()
+        if isinstance(o, Tensor):
+            if o.requires_grad and o.is_floating_point():
+                total = o.float().sum() if total is None else total + o.float().sum()
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (tuple, list)):
+            stack.extend(o)
+    return total
+
+
+def _last_reaching_output(
+    model: nn.Module,
+    x: Tensor,
+    names: list[str],
+    layouts: dict[str, Layout],
+    mods: dict[str, nn.Module],
+) -> str | None:
+    """The last of ``names`` (forward order) whose patch positions the output depends on: one
+    forward and one backward pass with all of them captured. A last block whose patch tokens never
+    reach the output (class-token pooling) would give an all-zero Grad-CAM."""
+    if not names:
+        return None
+    with torch.enable_grad(), Capture([mods[n] for n in names], grad=True) as cap:
+        total = _output_total(model(x))
+        acts = [cap.outputs[i][-1] if cap.outputs[i] else None for i in range(len(names))]
+        present = [a for a in acts if a is not None]
+        if total is None or not present:
+            return names[-1]
+        grads = iter(torch.autograd.grad(total, present, allow_unused=True))
+    for name, a in reversed(
+        list(zip(names, [next(grads) if a is not None else None for a in acts]))
+    ):
+        if a is not None and bool(layouts[name].to_spatial(a).detach().abs().amax() > 0):
+            return name
+    return names[-1]
+
+
+def layer_layout(
+    model: nn.Module,
+    x: Tensor,
+    name: str,
+    shape: Sequence[int],
+    *,
+    reshape: object = "auto",
+    extra_tokens: int | None = None,
+) -> Layout:
+    """How the output (of ``shape``) of layer ``name`` is read as an image map for input ``x``.
+
+    ``reshape``: ``"auto"`` (detect: :mod:`perspicio.core.tokens`), ``"nchw"``/``"nhwc"`` for a 4-D
+    output, or ``(h, w)``: a token grid after ``T - h*w`` extra tokens (``extra_tokens`` when
+    given). Errors name what the output looks like and the option that fixes it.
+    """
+    shape = tuple(int(s) for s in shape)
+    where = f"layer {name!r}: output {shape}"
+    if isinstance(reshape, (tuple, list)):
+        if len(shape) != 3:
+            raise LayerError(
+                f"{where}: reshape=(h, w) reads (N, tokens, C) outputs; this one has {len(shape)} dims."
+            )
+        h, w = (int(v) for v in reshape)
+        extra = shape[1] - h * w if extra_tokens is None else extra_tokens
+        if extra < 0 or extra + h * w != shape[1]:
+            raise LayerError(
+                f"{where}: reshape={tuple(reshape)} needs {h * w} patch tokens"
+                + (f" after {extra_tokens} extra token(s)" if extra_tokens is not None else "")
+                + f"; the layer has {shape[1]} tokens."
+            )
+        return Layout("tokens", (h, w), extra)
+    if reshape in ("nchw", "nhwc"):
+        if len(shape) != 4:
+            raise LayerError(
+                f"{where}: reshape={reshape!r} reads 4-D outputs; this one has {len(shape)} dims."
+            )
+        return Layout(reshape, (shape[2], shape[3]) if reshape == "nchw" else (shape[1], shape[2]))
+    if reshape != "auto":
+        raise LayerError(
+            f"reshape must be 'auto', 'nchw', 'nhwc', an (h, w) token grid or a callable; got {reshape!r}."
+        )
+    trace = map_layers(model, x, extra_tokens=extra_tokens)
+    lay = trace.layouts.get(name)
+    if lay is not None and _matches(lay, shape):
+        return lay
+    if x.ndim == 4:
+        mods = named_modules(model)
+        grids = [lay.grid for lay in trace.layouts.values() if lay.kind == "nchw"]
+        extra = extra_tokens if extra_tokens is not None else declared_extra_tokens(model)
+        lay = layout_of(
+            shape,
+            x.shape[-2:],
+            extra=extra,
+            grids=grids,
+            module=mods.get(name),
+            channels_last=declared_channels_last(model),
+        )
+        if lay is not None:
+            return lay
+    elif len(shape) == 4 and shape[2] * shape[3] > 1:
+        return Layout("nchw", (shape[2], shape[3]))
+    elif len(shape) == 3 and _square_tokens(shape[1]) is not None:
+        side, extra = _square_tokens(shape[1])
+        return Layout("tokens", (side, side), extra)
+    size = f" of the {tuple(x.shape[-2:])} input" if x.ndim == 4 else ""
+    if len(shape) == 4:
+        raise LayerError(
+            f"{where} is not a feature map{size}: neither (N, C, H, W) nor channels-last (N, H, W, C) with "
+            "a grid that is the input divided by a stride (attention weights, queries and keys look like this). "
+            "Pick another layer (see `perspicio layers`) or pass reshape='nchw' / 'nhwc'."
+        )
+    if len(shape) == 3:
+        raise LayerError(
+            f"{where} is (N, tokens, C) but its {shape[1]} tokens are not a square grid{size} plus 0 or 1 "
+            "extra token, nor a traced patch grid plus extra tokens; pass extra_tokens=... (class, "
+            "distillation and register tokens) or reshape=(h, w)."
+        )
+    raise LayerError(
+        f"{where}; a CAM needs a spatial output (N, C, H, W), channels-last (N, H, W, C) or (N, tokens, C). "
+        "Pick a convolutional layer or a transformer block (see `perspicio layers`)."
+    )
+
+
+def _matches(lay: Layout, shape: tuple[int, ...]) -> bool:
+    h, w = lay.grid
+    if lay.kind == "tokens":
+        return len(shape) == 3 and shape[1] == lay.extra + h * w
+    return len(shape) == 4 and (shape[2:] if lay.kind == "nchw" else shape[1:3]) == (h, w)
+
+
+def to_spatial(t: Tensor, reshape: object = "auto", layout: Layout | None = None) -> Tensor:
+    """Bring a captured activation to (N, C, h, w) with its ``layout`` (:func:`layer_layout`).
+
+    Without a layout (no model at hand): (N, tokens, C) outputs are reshaped to a square grid,
+    dropping a leading class token when tokens = side^2 + 1; ``reshape`` may be "auto", a
+    (h, w) tuple or a callable.
     """
     if callable(reshape):
         return reshape(t)
+    if layout is not None:
+        return layout.to_spatial(t)
     if t.ndim == 4:
         return t
     if t.ndim == 3:

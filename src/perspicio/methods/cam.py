@@ -23,10 +23,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.batching import Engine
-from ..core.capture import Capture, auto_layer, is_spatial, resolve_layer, to_spatial, trace_layers
+from ..core.capture import (
+    Capture,
+    auto_layer,
+    is_spatial,
+    layer_layout,
+    resolve_layer,
+    to_spatial,
+    trace_layers,
+)
 from ..core.explanation import Explanation
 from ..core.registry import register_method
 from ..core.targets import ResolvedTarget, resolve_target, target_names
+from ..core.tokens import Layout, check_extra_tokens
 from ..errors import LayerError, ModelError, OptionError
 from .base import Method
 
@@ -35,7 +44,17 @@ EPS = 1e-7
 
 
 class CAMBase(Method):
-    """Shared CAM pipeline; subclasses set ``uses_gradients`` and override one hook."""
+    """Shared CAM pipeline; subclasses set ``uses_gradients`` and override one hook.
+
+    Options of every CAM: ``layer`` (None: the automatic layer, see
+    :func:`~perspicio.core.capture.auto_layer`; a list fuses several), ``relu``, ``upsample``;
+    ``reshape`` says how the layer output is a map - ``"auto"`` (detected:
+    :mod:`perspicio.core.tokens`), ``"nchw"``/``"nhwc"`` for a 4-D output, ``(h, w)`` for a token
+    grid, or a callable returning (N, C, h, w); ``extra_tokens`` is the number of class,
+    distillation and register tokens before a transformer's patch tokens (``"auto"``: what the
+    model declares - timm's ``num_prefix_tokens``, torchvision's class token - else inferred
+    from the patch embedding's grid).
+    """
 
     uses_gradients = True
 
@@ -47,6 +66,7 @@ class CAMBase(Method):
         relu: bool = True,
         upsample: str = "bilinear",
         reshape: Any = "auto",
+        extra_tokens: int | str = "auto",
         **common: Any,
     ) -> None:
         super().__init__(model, **common)
@@ -55,7 +75,13 @@ class CAMBase(Method):
         self.layer_spec = layer
         self.relu = bool(relu)
         self.upsample = upsample
+        if not (callable(reshape) or reshape in ("auto", "nchw", "nhwc") or (
+                isinstance(reshape, (tuple, list)) and len(reshape) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in reshape))):
+            raise OptionError(f"reshape must be 'auto', 'nchw', 'nhwc', an (h, w) token grid or a callable; "
+                              f"got {reshape!r}.")
         self.reshape = reshape
+        self.extra_tokens = check_extra_tokens(extra_tokens)
         if layer is not None and layer != "auto":
             specs = layer if isinstance(layer, (list, tuple)) else [layer]
             self._layers = [resolve_layer(self.model, spec) for spec in specs]
@@ -75,7 +101,7 @@ class CAMBase(Method):
     # ----------------------------------------------------------------- pipeline
     def layers(self, x: Tensor) -> list[tuple[str, nn.Module]]:
         if self._layers is None:
-            name = auto_layer(self.model, x)
+            name = auto_layer(self.model, x, extra_tokens=self.extra_tokens)
             return [resolve_layer(self.model, name)]
         return self._layers
 
@@ -103,17 +129,19 @@ class CAMBase(Method):
             if a.shape[0] != len(x):
                 raise LayerError(self._batch_mismatch(name, a, x))
             try:
-                A = to_spatial(a.detach(), self.reshape)
+                layout = None if callable(self.reshape) else layer_layout(
+                    self.model, x, name, a.shape, reshape=self.reshape, extra_tokens=self.extra_tokens)
+                A = to_spatial(a.detach(), self.reshape, layout)
             except LayerError as exc:
-                raise LayerError(f"layer {name!r}: {exc}") from None
+                raise LayerError(str(exc) if str(exc).startswith("layer ") else f"layer {name!r}: {exc}") from None
             if A.shape[-2] * A.shape[-1] < 2:
                 raise LayerError(
                     f"layer {name!r} has no spatial extent (output {tuple(a.shape)}): a CAM over a "
                     "1x1 map is constant. Pick an earlier convolutional layer (see `perspicio layers`)."
                 )
-            G = to_spatial(g.detach(), self.reshape) if g is not None else None
+            G = to_spatial(g.detach(), self.reshape, layout) if g is not None else None
             ctx = _Context(x=x, target=tgt, output=out.detach(), engine=engine, layer=name, method=self,
-                           group=targets_per_input)
+                           group=targets_per_input, layout=layout)
             cam = self.combine(A, G, ctx)
             if self.relu:
                 cam = cam.clamp_min(0)
@@ -170,6 +198,7 @@ class _Context:
     layer: str
     method: CAMBase
     group: int  # rows come in groups of this many copies of one input (several targets per input)
+    layout: Layout | None  # how the layer output is a map (None: a callable reshape)
 
 
 def _minmax(m: Tensor) -> Tensor:
@@ -423,6 +452,8 @@ class AblationCAM(CAMBase):
                 rows = torch.arange(len(ki), device=t.device)
                 if t.ndim == 3:  # (N, tokens, C): zero channel k on every token
                     t[rows, :, ki] = 0
+                elif ctx.layout is not None and ctx.layout.kind == "nhwc":
+                    t[rows, :, :, ki] = 0
                 else:
                     t[rows, ki] = 0
             return t
