@@ -1,13 +1,18 @@
 """Bundled tabular demos: scikit-learn's breast-cancer (classification) and diabetes (regression)
-data with a small torch MLP or a scikit-learn gradient boosting model.
+data with a small torch MLP, a scikit-learn gradient boosting model or an XGBoost model.
 
 Models are trained on first use in a few seconds (deterministically from ``seed``, without
 touching any global random state). The MLP's weights are cached under ``$PERSPICIO_CACHE``
 (default ``$XDG_CACHE_HOME/perspicio`` or ``~/.cache/perspicio``) in ``tabular/`` as a tensors-only
-state dict (``torch.load(weights_only=True)``). The gradient boosting model is retrained on every
-call (under a second) and never cached: scikit-learn models only serialise through pickle, and
-unpickling a file from a cache directory runs whatever code whoever can write there put in it.
-Nothing downloads: both data sets ship with scikit-learn.
+state dict (``torch.load(weights_only=True)``). The XGBoost model is cached in XGBoost's own
+UBJSON format (data, not code) with a sidecar recording its SHA-256 and its margins on the test
+rows; a cached file whose hash or margins do not match is retrained and replaced. The gradient
+boosting model is retrained on every call (under a second) and never cached: scikit-learn models
+only serialise through pickle, and unpickling a file from a cache directory runs whatever code
+whoever can write there put in it. Nothing downloads: both data sets ship with scikit-learn.
+
+Also here: :func:`read_table` (CSV/Parquet rows for the command line) and
+:func:`load_model_file` (a user's model file, never unpickled unless asked to).
 
     from perspicio.zoo.tabular import load_tabular
     demo = load_tabular("breast_cancer", "gbm")
@@ -26,10 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import UnknownNameError, suggest
+from ..errors import ModelError, UnknownNameError, suggest
 
 DATASETS = {"breast_cancer": "classification", "diabetes": "regression"}
-MODEL_KINDS = ("mlp", "gbm")
+MODEL_KINDS = ("mlp", "gbm", "xgb")
 CACHE_VERSION = 1
 
 
@@ -93,14 +98,23 @@ class TabularMLP(nn.Module):
     Classification outputs logits; regression outputs the prediction in the target's units.
     """
 
-    def __init__(self, n_in: int, n_out: int, mean: Tensor, std: Tensor,
-                 y_mean: float = 0.0, y_std: float = 1.0) -> None:
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        mean: Tensor,
+        std: Tensor,
+        y_mean: float = 0.0,
+        y_std: float = 1.0,
+    ) -> None:
         super().__init__()
         self.register_buffer("mean", mean.float())
         self.register_buffer("std", std.float())
         self.register_buffer("y_mean", torch.tensor(float(y_mean)))
         self.register_buffer("y_std", torch.tensor(float(y_std)))
-        self.net = nn.Sequential(nn.Linear(n_in, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, n_out))
+        self.net = nn.Sequential(
+            nn.Linear(n_in, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, n_out)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.mean.dtype)
@@ -119,14 +133,19 @@ def _load_data(dataset: str, seed: int) -> tuple[np.ndarray, ...]:
         d = datasets.load_diabetes()
         labels = ("target",)
         strat = None
-    x_tr, x_te, y_tr, y_te = train_test_split(d.data.astype(np.float64), d.target, test_size=0.2,
-                                              random_state=seed, stratify=strat)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        d.data.astype(np.float64), d.target, test_size=0.2, random_state=seed, stratify=strat
+    )
     return x_tr, x_te, y_tr, y_te, tuple(str(n) for n in d.feature_names), labels
 
 
-def _train_mlp(x: np.ndarray, y: np.ndarray, task: str, seed: int, epochs: int | None = None) -> TabularMLP:
+def _train_mlp(
+    x: np.ndarray, y: np.ndarray, task: str, seed: int, epochs: int | None = None
+) -> TabularMLP:
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny full-batch steps: one thread is fastest and immune to contention
+    torch.set_num_threads(
+        1
+    )  # tiny full-batch steps: one thread is fastest and immune to contention
     try:
         return _fit_mlp(x, y, task, seed, epochs or (200 if task == "classification" else 60))
     finally:
@@ -146,7 +165,9 @@ def _fit_mlp(x: np.ndarray, y: np.ndarray, task: str, seed: int, epochs: int) ->
         for mod in model.net:
             if isinstance(mod, nn.Linear):
                 bound = 1.0 / mod.in_features**0.5
-                mod.weight.copy_((torch.rand(mod.weight.shape, generator=g) * 2 - 1) * bound * 3**0.5)
+                mod.weight.copy_(
+                    (torch.rand(mod.weight.shape, generator=g) * 2 - 1) * bound * 3**0.5
+                )
                 mod.bias.zero_()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
     target = torch.as_tensor(y, dtype=torch.long if task == "classification" else torch.float32)
@@ -173,6 +194,72 @@ def _train_gbm(x: np.ndarray, y: np.ndarray, task: str, seed: int) -> Any:
     return cls(n_estimators=100, max_depth=3, learning_rate=0.1, random_state=seed).fit(x, y)
 
 
+def _train_xgb(x: np.ndarray, y: np.ndarray, task: str, seed: int) -> Any:
+    import xgboost
+
+    cls = xgboost.XGBClassifier if task == "classification" else xgboost.XGBRegressor
+    return cls(
+        n_estimators=100,
+        max_depth=4,
+        learning_rate=0.1,
+        tree_method="hist",
+        n_jobs=1,
+        random_state=seed,
+    ).fit(x, y)
+
+
+def _xgb_margins(model: Any, x: np.ndarray) -> np.ndarray:
+    import xgboost
+
+    booster = model.get_booster()
+    return np.asarray(
+        booster.predict(xgboost.DMatrix(x), output_margin=True), dtype=np.float64
+    ).reshape(len(x), -1)
+
+
+def _cached_xgb(
+    path: Path,
+    x_tr: np.ndarray,
+    y_tr: np.ndarray,
+    x_te: np.ndarray,
+    task: str,
+    seed: int,
+    cache: bool,
+) -> Any:
+    """The XGBoost demo from its verified UBJSON cache, else trained (and cached when ``cache``)."""
+    import hashlib
+    import json
+
+    import xgboost
+
+    cls = xgboost.XGBClassifier if task == "classification" else xgboost.XGBRegressor
+    meta_path = path.with_suffix(".json")
+    if cache and path.is_file() and meta_path.is_file():
+        try:
+            raw = path.read_bytes()
+            meta = json.loads(meta_path.read_text())
+            if hashlib.sha256(raw).hexdigest() == meta["sha256"]:
+                model = cls()
+                model.load_model(bytearray(raw))  # UBJSON: parsed as data, no code runs
+                if np.array_equal(
+                    _xgb_margins(model, x_te), np.asarray(meta["test_margins"], dtype=np.float64)
+                ):
+                    return model
+        except Exception:  # noqa: BLE001 - a stale, corrupt or foreign cache entry is retrained
+            pass
+    model = _train_xgb(x_tr, y_tr, task, seed)
+    if cache:
+        raw = bytes(model.get_booster().save_raw("ubj"))
+        meta = {
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "xgboost": xgboost.__version__,
+            "test_margins": _xgb_margins(model, x_te).tolist(),
+        }
+        _atomic_write(path, raw)
+        _atomic_write(meta_path, json.dumps(meta).encode())
+    return model
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -180,25 +267,34 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def load_tabular(dataset: str = "breast_cancer", model: str = "mlp", *, seed: int = 0,
-                 cache: bool = True) -> TabularModel:
-    """The demo ``model`` (``"mlp"`` or ``"gbm"``) trained on ``dataset`` (``"breast_cancer"`` or ``"diabetes"``).
+def load_tabular(
+    dataset: str = "breast_cancer", model: str = "mlp", *, seed: int = 0, cache: bool = True
+) -> TabularModel:
+    """The demo ``model`` (``"mlp"``, ``"gbm"`` or ``"xgb"``) trained on ``dataset``
+    (``"breast_cancer"`` or ``"diabetes"``).
 
     The MLP is trained on the first call (seconds) and its weights cached; later calls load them
-    (tensors only). ``cache=False`` trains in memory only. The gradient boosting model is always
+    (tensors only). The XGBoost model is cached as UBJSON and verified (hash and test-set margins)
+    when read. ``cache=False`` trains in memory only. The gradient boosting model is always
     retrained (deterministic, under a second): it is never read from, or written to, the cache.
+    Needs scikit-learn (``pip install 'perspicio[tabular]'``; also xgboost for ``"xgb"``).
     """
     from ..core.blackbox import BlackBox
 
     key = str(dataset).strip().lower().replace("-", "_")
     if key not in DATASETS:
-        raise UnknownNameError(f"unknown tabular dataset {dataset!r}; expected one of: {', '.join(DATASETS)}."
-                               + suggest(key, DATASETS))
+        raise UnknownNameError(
+            f"unknown tabular dataset {dataset!r}; expected one of: {', '.join(DATASETS)}."
+            + suggest(key, DATASETS)
+        )
     kind = str(model).strip().lower()
     if kind not in MODEL_KINDS:
-        raise UnknownNameError(f"unknown tabular model {model!r}; expected one of: {', '.join(MODEL_KINDS)}."
-                               + suggest(kind, MODEL_KINDS))
+        raise UnknownNameError(
+            f"unknown tabular model {model!r}; expected one of: {', '.join(MODEL_KINDS)}."
+            + suggest(kind, MODEL_KINDS)
+        )
     task = DATASETS[key]
+    require_tabular(xgboost=kind == "xgb")
     x_tr, x_te, y_tr, y_te, names, labels = _load_data(key, seed)
     import sklearn
 
@@ -225,12 +321,155 @@ def load_tabular(dataset: str = "breast_cancer", model: str = "mlp", *, seed: in
                 torch.save(net.state_dict(), buf)
                 _atomic_write(path, buf.getvalue())
         wrapped: nn.Module = net
+    elif kind == "xgb":
+        import xgboost
+
+        estimator = _cached_xgb(
+            path.with_name(f"{stem}_xgboost{xgboost.__version__}.ubj"),
+            x_tr,
+            y_tr,
+            x_te,
+            task,
+            seed,
+            cache,
+        )
+        wrapped = BlackBox(
+            estimator.predict_proba if task == "classification" else estimator.predict
+        )
     else:  # retrained, never unpickled (see the module documentation); bit-identical for a seed
         estimator = _train_gbm(x_tr, y_tr, task, seed)
-        wrapped = BlackBox(estimator.predict_proba if task == "classification" else estimator.predict)
-    return TabularModel(model=wrapped, estimator=estimator, X_train=x_tr, X_test=x_te, y_train=y_tr, y_test=y_te,
-                        feature_names=names, labels=labels, task=task, name=f"{key}/{kind}")
+        wrapped = BlackBox(
+            estimator.predict_proba if task == "classification" else estimator.predict
+        )
+    return TabularModel(
+        model=wrapped,
+        estimator=estimator,
+        X_train=x_tr,
+        X_test=x_te,
+        y_train=y_tr,
+        y_test=y_te,
+        feature_names=names,
+        labels=labels,
+        task=task,
+        name=f"{key}/{kind}",
+    )
+
+
+def require_tabular(*, xgboost: bool = False, what: str = "the tabular demo") -> None:
+    """Raise a one-line :class:`~perspicio.errors.ModelError` naming the extra to install when
+    scikit-learn (or xgboost) is missing, instead of a bare ModuleNotFoundError deep inside."""
+    missing = []
+    for module, needed in (("sklearn", True), ("xgboost", xgboost)):
+        if needed:
+            try:
+                __import__(module)
+            except ImportError:
+                missing.append(module)
+    if missing:
+        pkgs = " and ".join({"sklearn": "scikit-learn"}.get(m, m) for m in missing)
+        raise ModelError(f"{what} needs {pkgs}: pip install 'perspicio[tabular]'.")
 
 
 def datasets() -> Sequence[str]:
     return list(DATASETS)
+
+
+# ----------------------------------------------------------------------------- user files
+
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".sav")
+
+
+def read_table(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str]]:
+    """Rows (N, C) as float64 and the column names of a CSV (header row; empty/NA cells are NaN)
+    or Parquet file (needs pandas and pyarrow). A non-numeric column raises InputError naming it."""
+    import csv
+
+    from ..errors import InputError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"data file {str(p)!r} does not exist.")
+    suffix = p.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        try:
+            import pandas as pd
+
+            frame = pd.read_parquet(p)
+        except ImportError as exc:
+            raise InputError(
+                f"reading {p.name} needs pandas and pyarrow: pip install pandas pyarrow ({exc})."
+            ) from None
+        cols = [str(c) for c in frame.columns]
+        bad = [
+            c
+            for c, t in zip(cols, frame.dtypes)
+            if not (np.issubdtype(t, np.number) or np.issubdtype(t, np.bool_))
+        ]
+        if bad:
+            raise InputError(
+                f"{p.name}: column(s) {', '.join(bad)} are not numeric; encode them as numbers first."
+            )
+        return frame.to_numpy(dtype=np.float64, na_value=np.nan), cols
+    if suffix not in (".csv", ".tsv", ".txt"):
+        raise InputError(f"cannot read {p.name}: expected a .csv or .parquet file.")
+    with p.open(newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+    if len(rows) < 2:
+        raise InputError(f"{p.name} has no data rows under its header.")
+    cols = [c.strip() for c in rows[0]]
+    out = np.empty((len(rows) - 1, len(cols)))
+    missing = {"", "na", "nan", "null", "none", "?"}
+    for i, row in enumerate(rows[1:]):
+        if len(row) != len(cols):
+            raise InputError(f"{p.name}, line {i + 2}: {len(row)} fields for {len(cols)} columns.")
+        for j, cell in enumerate(row):
+            cell = cell.strip()
+            try:
+                out[i, j] = np.nan if cell.lower() in missing else float(cell)
+            except ValueError:
+                raise InputError(
+                    f"{p.name}, line {i + 2}: column {cols[j]!r} has the non-numeric value {cell!r}; "
+                    "encode it as a number first."
+                ) from None
+    return out, cols
+
+
+def load_model_file(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Any:
+    """A user's model file for tree_shap: XGBoost ``.json``/``.ubj`` and LightGBM text models are
+    read as data (a :class:`~perspicio.trees.TreeEnsemble`); a pickle (``.pkl``, ``.joblib``...)
+    only with ``trust_pickle=True`` (unpickling runs code stored in the file), with a warning;
+    ONNX is not supported (ModelError)."""
+    import warnings
+
+    from ..trees.readers import read_model
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"model file {str(p)!r} does not exist.")
+    suffix = p.suffix.lower()
+    if suffix == ".onnx":
+        raise ModelError(
+            f"{p.name}: ONNX models are not supported by explain-tabular (perspicio reads tree models "
+            "from XGBoost JSON/UBJSON and LightGBM text files); export the model in one of those formats."
+        )
+    if suffix in PICKLE_SUFFIXES:
+        if not trust_pickle:
+            raise ModelError(
+                f"{p.name} is a pickle: loading it runs whatever code the file contains. If you trust it, "
+                "pass --trust-pickle; better, save the model as XGBoost JSON/UBJSON or LightGBM text."
+            )
+        warnings.warn(
+            f"unpickling {p.name} (--trust-pickle): this runs code stored in the file.",
+            stacklevel=2,
+        )
+        if suffix == ".joblib":
+            try:
+                import joblib
+            except ImportError:
+                raise ModelError(f"loading {p.name} needs joblib (pip install joblib).") from None
+            return joblib.load(p)
+        import pickle
+
+        with p.open("rb") as fh:
+            return pickle.load(fh)  # noqa: S301 - explicitly trusted by the user (--trust-pickle)
+    return read_model(p)
