@@ -357,3 +357,53 @@ def test_spray_finds_a_planted_corner_shortcut_in_a_trained_digits_cnn():
     recall = members[marked.numpy()].mean()
     assert purity > 0.9 and recall > 0.9, (res.k, res.sizes, purity, recall)
     assert res.mean_maps[best][0:2, 0:2].sum() > res.mean_maps[best][3:6, 3:6].sum()
+
+
+# ----------------------------------------------------------------------------- Ray engine
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_engine_equals_local_and_survives_a_killed_worker(digits, image_dir, tmp_path, monkeypatch, ray_cluster):
+    import threading
+
+    methods = ["gradcam", "saliency"]
+    kw = dict(methods=methods, metrics="sparseness", chunk_size=8, target="predicted")
+    run(digits, image_dir, store=tmp_path / "local", **kw)
+    res = run(digits, image_dir, store=tmp_path / "ray", engine="ray", workers=2, **kw)
+    assert res.summary.engine == "ray" and res.summary.failed_samples == 1
+    _same_store(tmp_path / "local", tmp_path / "ray", methods)
+
+    # a worker SIGKILLed in the middle of writing chunk 3: the chunk is retried on a new actor
+    flag = tmp_path / "paused"
+    monkeypatch.setenv("PERSPICIO_RUN_PAUSE_CHUNK", "3")
+    monkeypatch.setenv("PERSPICIO_RUN_PAUSE_FLAG", str(flag))
+    ray_cluster.shutdown()  # workers of a fresh cluster inherit the variables above
+    ray_cluster.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if flag.exists() and flag.read_text().strip().isdigit():
+                pid = int(flag.read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.1)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    res = run(digits, image_dir, store=tmp_path / "ray2", engine="ray", workers=2, **kw)
+    t.join(timeout=5)
+    assert killed, "no worker reached the pause point"
+    assert res.summary.computed_chunks == res.summary.chunks
+    _same_store(tmp_path / "local", tmp_path / "ray2", methods)

@@ -393,11 +393,15 @@ def run_ray(ctx: RunContext, store: Store, pending: Sequence[int], progress: Pro
         ctx_ref = ray.put(ctx)
         store_path = str(store.path)
 
+        threads = torch.get_num_threads()
+
         @ray.remote(num_cpus=1, max_restarts=0)
         class Worker:
             def __init__(self, ctx_ref: Any) -> None:
                 self.ctx = ctx_ref
-                torch.set_num_threads(1)
+                # Ray gives each actor one OpenMP thread; the driver's count keeps every reduction in
+                # the same order as the local engine, so both engines give bit-identical results
+                torch.set_num_threads(threads)
 
             def pid(self) -> int:
                 return os.getpid()

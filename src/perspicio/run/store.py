@@ -245,13 +245,18 @@ class Store:
 
 
 def _pause_for_tests(chunk: int) -> None:
-    """Fault injection for the crash tests: with ``PERSPICIO_RUN_PAUSE_CHUNK=k`` the writer stops
-    between writing chunk k's arrays and committing its rows (after touching ``<store>.paused``)
-    so a test can SIGKILL the process exactly in the middle of a write."""
+    """Fault injection for the crash tests: with ``PERSPICIO_RUN_PAUSE_CHUNK=k`` and
+    ``PERSPICIO_RUN_PAUSE_FLAG=FILE``, the first process to reach chunk k writes its pid to FILE and
+    stops between writing the chunk's arrays and committing its rows, so a test can SIGKILL it
+    exactly in the middle of a write (a process that finds FILE already there goes on)."""
     value = os.environ.get("PERSPICIO_RUN_PAUSE_CHUNK")
-    if value is None or not value.isdigit() or int(value) != chunk:
-        return
     flag = os.environ.get("PERSPICIO_RUN_PAUSE_FLAG")
-    if flag:
-        Path(flag).touch()
+    if value is None or not flag or not value.isdigit() or int(value) != chunk:
+        return
+    try:
+        fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
     time.sleep(3600)
