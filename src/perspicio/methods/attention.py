@@ -13,9 +13,9 @@ Interface (for the text package, the vision-transformer code and the figures):
   ``F.scaled_dot_product_attention`` call, which is decomposed into
   ``softmax(q k^T * scale + mask) v`` so the weights exist (timm ``Attention`` with
   ``fused_attn``, torchvision's ViT through ``nn.MultiheadAttention``, Hugging Face sdpa). With
-  ``grad=True`` each weight tensor is replaced in the model's graph by a fresh leaf that
-  requires grad (``record.leaf``), so ``torch.autograd.grad(score, [r.leaf for r in records])``
-  gives d score / d A per layer and the backward pass stops at the attention maps. Hooks and the
+  ``grad=True`` a zero leaf requiring grad is added to each weight tensor in the model's graph
+  (``record.leaf``), so ``torch.autograd.grad(score, [r.leaf for r in records])`` gives the total
+  derivative d score / d A per layer (through every later layer, their softmaxes included). Hooks and the
   torch-function mode exist only while the context is entered (removed in ``finally``).
 * :func:`attention_modules` ``(model, spec=None) -> list[(name, module)]`` - the attention modules
   (``spec``: None/"auto", a list of names or modules, or a module class); auto = every
@@ -87,9 +87,9 @@ FLOW_MAX_TOKENS = 64
 @dataclass
 class AttentionRecord:
     """One call of an attention module: its name and attention probabilities (N, heads, T, S).
-    ``leaf`` is the tensor that went back into the model (the weights themselves, or their
-    (N*heads, T, S) form for modules that compute them that way); with ``grad=True`` it is a leaf
-    requiring grad."""
+    ``weights`` are detached. ``leaf``: with ``grad=True`` the zero leaf requiring grad that was added
+    to the weights in the model's graph (in the form the module computed them, e.g. (N*heads, T, S)
+    for ``nn.MultiheadAttention``); otherwise the weights as the module computed them."""
 
     name: str
     weights: Tensor
@@ -227,25 +227,30 @@ class AttentionCapture:
     # what the mode calls ----------------------------------------------------------------------
     def _record(self, probs: Tensor) -> Tensor:
         name, module = self._stack[-1]
-        leaf = probs.detach().requires_grad_(True) if self.grad else probs
-        weights = leaf
+        weights = probs.detach()
         if (
-            leaf.ndim == 3
+            probs.ndim == 3
         ):  # (N*heads, T, S), as nn.MultiheadAttention computes them with need_weights
             heads = getattr(module, "num_heads", None)
-            if not heads or leaf.shape[0] % heads:
+            if not heads or probs.shape[0] % heads:
                 raise ModelError(
-                    f"attention module {name!r} computed weights of shape {tuple(leaf.shape)}; "
+                    f"attention module {name!r} computed weights of shape {tuple(probs.shape)}; "
                     "cannot split them into heads."
                 )
-            weights = leaf.view(leaf.shape[0] // heads, heads, *leaf.shape[1:])
-        elif leaf.ndim != 4:
+            weights = weights.view(probs.shape[0] // heads, heads, *probs.shape[1:])
+        elif probs.ndim != 4:
             raise ModelError(
-                f"attention module {name!r} computed a softmax of shape {tuple(leaf.shape)}; expected "
+                f"attention module {name!r} computed a softmax of shape {tuple(probs.shape)}; expected "
                 "attention weights (N, heads, queries, keys)."
             )
+        leaf = probs
+        if self.grad:
+            # A + 0 with the zero a leaf: d score / d leaf is the total derivative d score / d A,
+            # through every later layer (also their softmaxes, which a detached A would cut off)
+            leaf = torch.zeros_like(probs, requires_grad=True)
+            probs = probs + leaf
         self.records.append(AttentionRecord(name, weights, leaf))
-        return leaf
+        return probs
 
     def _multihead(
         self, name: str, module: nn.MultiheadAttention, args: tuple, kwargs: dict, out: Any
