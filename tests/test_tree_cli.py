@@ -214,3 +214,17 @@ def test_missing_library_names_the_extra(monkeypatch, tmp_path, capsys, missing)
     if missing == "sklearn":  # the torch demo needs scikit-learn's data too
         assert main(["explain-tabular", "--model", "mlp", "--out", str(tmp_path / "o")]) == 2
         assert "pip install 'perspicio[tabular]'" in capsys.readouterr().err
+
+
+def test_readme_first_install_covers_explain_tabular():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    first = re.search(r"```bash\n(.*?)\n```", (root / "README.md").read_text(), re.S).group(1)
+    extras = set(re.search(r"\.\[([a-z,]+)\]", first).group(1).split(","))
+    table = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    needed = {"scikit-learn", "xgboost", "numba"}  # the demo, the model and the tree_shap kernels
+    got = {re.split(r"[<>=\[ ]", dep)[0] for extra in extras for dep in table.get(extra, [])}
+    assert needed <= got, (extras, got)
