@@ -193,12 +193,12 @@ def _label(n: dict[str, Any], cut: bool, by_id: dict[int, dict[str, Any]]) -> st
     if n["left"] is not None:
         return f"{n['question']}\n{held} held-out rows"
     pred = n["prediction"]
-    head = pred if isinstance(pred, str) else f"{pred:.4g}"
+    head = pred if isinstance(pred, str) else f"score {pred:.4g}"
     if not held:
         return f"{head}\nno held-out rows"
     if n.get("fidelity") is not None:
         return f"{head}\nfidelity {n['fidelity']:.2f} on {held}"
-    return f"{head}\n|error| {n['error']:.3g} on {held}"
+    return f"{head}\nmean |error| {n['error']:.2g} on {held}"
 
 
 def curve_figure(points: Sequence[dict[str, Any]], *, title: str = "") -> Any:

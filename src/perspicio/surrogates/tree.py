@@ -230,8 +230,8 @@ class TreeSurrogate:
         what = "class" if self.kind == "class" else f"score '{self.class_names[0]}'"
         return (
             f"decision tree imitating the model's {what}: depth {self.depth}, {self.leaves} leaves\n"
-            f"fidelity {self.fidelity.value:.3f} [{self.fidelity.low:.3f}, {self.fidelity.high:.3f}] "
-            f"on {self.fidelity.n} held-out rows"
+            f"fidelity {'R^2 ' if self.kind == 'score' else ''}{self.fidelity.value:.3f} "
+            f"[{self.fidelity.low:.3f}, {self.fidelity.high:.3f}] on {self.fidelity.n} held-out rows"
         )
 
     def figure(self, *, max_leaves: int = 64, wide_leaves: int = 12) -> Any:
