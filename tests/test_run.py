@@ -246,6 +246,33 @@ def test_tabular_csv_and_torch_dataset_sources(tmp_path):
     assert rows["target"].tolist() == y[:10].tolist()
 
 
+def test_layer_resolution_maps_and_dict_item_datasets(digits, tmp_path):
+    x, y = digits_data("test")
+    res = run(digits, x[:6], methods="gradcam", store=tmp_path / "layer", maps="layer")
+    want = perspicio.explain(digits, x[:6], method="gradcam").raw.numpy()
+    assert res.attributions("gradcam").shape == want.shape
+    np.testing.assert_allclose(np.asarray(res.attributions("gradcam")[:]), want, rtol=1e-5, atol=1e-7)
+
+    class DictItems:  # the shape of a Hugging Face `datasets` table: dict items, class names in .features
+        class features:  # noqa: N801
+            @staticmethod
+            def get(key):
+                return type("ClassLabel", (), {"names": [f"digit {i}" for i in range(10)]})() if key == "label" else None
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            if i == 3:
+                raise OSError("image 3 is missing on the server")
+            return {"pixel_values": x[i], "label": int(y[i])}
+
+    res = run(digits, DictItems(), methods="gradcam", store=tmp_path / "dict", target="label")
+    rows = res.rows()
+    assert rows["target"].tolist()[:3] == y[:3].tolist()
+    assert rows.loc[rows["index"] == 3, "error"].str.contains("missing on the server").all()
+
+
 def test_bad_input_is_refused_clearly(digits, tmp_path):
     x = digits_data("test")[0][:4]
     with pytest.raises(OptionError, match="engine must be one of"):

@@ -50,12 +50,13 @@ def _target(value: str) -> str | int:
 @click.option("--output", "output", default=None, metavar="KEY|INDEX", help="For models returning a dict/tuple: the tensor to explain.")
 @click.option("--method-option", "method_opts", multiple=True, help="method.key=value (repeatable).")
 @click.option("--metric-option", "metric_opts", multiple=True, help="metric.key=value (repeatable).")
+@click.option("--maps", type=click.Choice(["input", "layer"]), default="input", show_default=True, help="Store maps at the input's resolution, or a layer method's map at its layer's (much smaller).")
 @click.option("--overwrite", is_flag=True, help="Replace a store that holds a different run (model, data or options changed).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 def run_cmd(data: str, model_spec: str, device: str, random_init: bool, methods: tuple[str, ...],
             metrics: tuple[str, ...], store: str, target: str, engine: str, address: str | None,
             workers: int | None, chunk_size: int, batch_size: int | None, seed: int, output: str | None,
-            method_opts: tuple[str, ...], metric_opts: tuple[str, ...], overwrite: bool, quiet: bool) -> None:
+            method_opts: tuple[str, ...], metric_opts: tuple[str, ...], maps: str, overwrite: bool, quiet: bool) -> None:
     """Explain (and score) every sample of DATA into --store; re-running resumes.
 
     DATA: a folder of images (class sub-folders give the labels), or a CSV/Parquet table of image
@@ -71,7 +72,7 @@ def run_cmd(data: str, model_spec: str, device: str, random_init: bool, methods:
         chunk_size=chunk_size, seed=seed, batch_size=batch_size, output=parse_output(output),
         method_options=_scoped_options(method_opts, "--method-option"),
         metric_options=_scoped_options(metric_opts, "--metric-option"),
-        overwrite=overwrite, progress=not quiet,
+        maps=maps, overwrite=overwrite, progress=not quiet,
     )
     click.echo(str(result.summary))
 

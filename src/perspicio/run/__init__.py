@@ -95,6 +95,7 @@ def run(
     metric_options: Mapping[str, Mapping[str, Any]] | None = None,
     preprocess: Callable[[Any], Any] | None = None,
     labels: Sequence[int] | None = None,
+    maps: str = "input",
     overwrite: bool = False,
     progress: bool = False,
 ) -> RunResult:
@@ -111,11 +112,14 @@ def run(
         engine: ``"local"`` (this process) or ``"ray"`` (actors; ``address="auto"`` joins a cluster,
             None starts a local one with ``workers`` CPUs).
         chunk_size: samples per chunk: the unit of commit, resume and retry.
+        maps: ``"input"`` stores attributions at the input's resolution; ``"layer"`` stores a layer
+            method's map at its layer's resolution (a CAM's 7 x 7 instead of 224 x 224).
         overwrite: replace a store that holds a different run (otherwise it is refused).
     """
     from ..metrics.evaluate import resolve_methods
 
     check_choice("engine", engine, ENGINES)
+    check_choice("maps", maps, ("input", "layer"))
     if not (target in TARGETS or (isinstance(target, int) and not isinstance(target, bool) and target >= 0)):
         raise OptionError(f"target must be 'predicted', 'label' or a class index >= 0; got {target!r}.")
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
@@ -131,7 +135,7 @@ def run(
     config = RunConfig(
         methods=_named_options("method", method_names, method_options),
         metrics=_named_options("metric", metric_names, metric_options),
-        target=target, chunk_size=chunk_size, seed=seed, batch_size=batch_size, output=output,
+        target=target, chunk_size=chunk_size, seed=seed, batch_size=batch_size, output=output, maps=maps,
     )
     n = len(source)
     bounds = chunk_bounds(n, chunk_size)
@@ -140,7 +144,7 @@ def run(
         "fingerprints": {"model": model_fingerprint(module), "data": source.fingerprint(),
                          "configuration": config.fingerprint()},
         "configuration": {"methods": config.methods, "metrics": config.metrics, "target": target,
-                          "chunk_size": chunk_size, "seed": seed},
+                          "chunk_size": chunk_size, "seed": seed, "maps": maps},
         "n_samples": n, "n_chunks": len(bounds), "data": source.describe(),
         "class_names": list(class_names) if class_names is not None else None,
         "model": getattr(model, "name", type(module).__name__), "shapes": {},

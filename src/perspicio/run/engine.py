@@ -45,10 +45,14 @@ class RunConfig:
     batch_size: int | None = None
     output: Any = None
     top_k: int = 5
+    #: "input": attributions at the input's resolution; "layer": a layer method's map at its layer's
+    #: resolution (``Explanation.raw``, e.g. 7 x 7 for a CAM: 1,000x smaller than 224 x 224)
+    maps: str = "input"
 
     def fingerprint(self) -> str:
         blob = json.dumps({"methods": self.methods, "metrics": self.metrics, "target": self.target,
-                           "chunk_size": self.chunk_size, "seed": self.seed, "output": repr(self.output)},
+                           "chunk_size": self.chunk_size, "seed": self.seed, "output": repr(self.output),
+                           "maps": self.maps},
                           sort_keys=True, default=repr)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -203,7 +207,8 @@ def compute_chunk(ctx: RunContext, chunk: int, start: int, stop: int) -> ChunkRe
             except Exception as exc:  # one failing method must not stop the data set
                 method_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PerspicioError) else str(exc)
             else:
-                a = exp.attributions.detach().float().cpu().numpy()
+                kept = exp.raw if cfg.maps == "layer" and exp.raw is not None else exp.attributions
+                a = kept.detach().float().cpu().numpy()
                 if values is None:
                     shape = ctx.shapes[mname] = tuple(a.shape[1:])
                     values = np.full((n_chunk, *shape), np.nan, np.float32)
