@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import LayerError, suggest
 from .caches import Cache
-from .tokens import Layout, declared_channels_last, declared_extra_tokens, layout_of
+from .tokens import Layout, declared_channels_last, declared_extra_tokens, fits_input, layout_of
 
 LayerSpec = "str | nn.Module | Sequence[str | nn.Module] | None"
 
@@ -243,12 +243,15 @@ def is_spatial(shape: tuple[int, ...] | None, input_hw: tuple[int, int] | None =
 class MapTrace:
     """The feature maps of one model for one input shape: the traced layers, the layout of each
     layer that is an image grid (:class:`~perspicio.core.tokens.Layout`), the automatic CAM layer
-    (None when there is none) and the number of extra tokens used (None: no token maps)."""
+    (None when there is none), its number of extra tokens (None: not a token map) and whether
+    4-D maps that read both ways are taken as channels last; the lengths of its token sequences."""
 
     infos: tuple[LayerInfo, ...]
     layouts: dict[str, Layout]
     auto: str | None
     extra: int | None
+    channels_last: bool = False
+    token_counts: frozenset[int] = frozenset()
 
 
 #: per model, input shape, module tree and extra_tokens option: its feature maps and automatic CAM layer
@@ -314,11 +317,22 @@ def _trace_maps(model: nn.Module, x: Tensor, extra_tokens: int | None) -> MapTra
     hw = tuple(x.shape[-2:])
     mods = named_modules(model)
     extra = extra_tokens if extra_tokens is not None else declared_extra_tokens(model)
-    nhwc = declared_channels_last(model)
+    # both readings of a 4-D map fit (a 7 x 7 x 7 tensor): channels last if the model says so or has
+    # maps that can only be channels last (Swin), else channels first
+    nhwc = declared_channels_last(model) or any(
+        i.shape is not None
+        and len(i.shape) == 4
+        and fits_input(i.shape[1:3], hw)
+        and not fits_input(i.shape[2:], hw)
+        for i in infos
+    )
     layouts: dict[str, Layout] = {}
+    counts = frozenset(i.shape[1] for i in infos if i.shape is not None and len(i.shape) == 3)
     for i in infos:
-        if i.shape is not None and len(i.shape) == 4:
-            lay = layout_of(i.shape, hw, module=mods[i.name], channels_last=nhwc)
+        if i.shape is not None and len(i.shape) == 4 and i.shape[0] == 1:
+            lay = layout_of(
+                i.shape, hw, module=mods[i.name], channels_last=nhwc, token_counts=counts
+            )
             if lay is not None:
                 layouts[i.name] = lay
     grids = list(dict.fromkeys(lay.grid for lay in layouts.values() if lay.kind == "nchw"))
@@ -327,10 +341,9 @@ def _trace_maps(model: nn.Module, x: Tensor, extra_tokens: int | None) -> MapTra
             lay = layout_of(i.shape, hw, extra=extra, grids=grids)
             if lay is not None:
                 layouts[i.name] = lay
-    token_extra = next((lay.extra for lay in layouts.values() if lay.kind == "tokens"), None)
     ordered = [i for i in infos if i.name in layouts]
     if not any(layouts[i.name].kind != "nchw" for i in ordered):  # a CNN: the last map, as always
-        return MapTrace(infos, layouts, ordered[-1].name if ordered else None, token_extra)
+        return MapTrace(infos, layouts, ordered[-1].name if ordered else None, None, nhwc, counts)
     blocks = [
         i
         for i in ordered
@@ -338,7 +351,15 @@ def _trace_maps(model: nn.Module, x: Tensor, extra_tokens: int | None) -> MapTra
     ]
     candidates = blocks or [i for i in ordered if i.calls == 1]
     auto = _last_reaching_output(model, x[:1], [i.name for i in candidates[-4:]], layouts, mods)
-    return MapTrace(infos, layouts, auto, token_extra)
+    lay = layouts.get(auto) if auto is not None else None
+    return MapTrace(
+        infos,
+        layouts,
+        auto,
+        lay.extra if lay is not None and lay.kind == "tokens" else None,
+        nhwc,
+        counts,
+    )
 
 
 def _output_total(out: object) -> Tensor | None:
@@ -438,7 +459,8 @@ def layer_layout(
             extra=extra,
             grids=grids,
             module=mods.get(name),
-            channels_last=declared_channels_last(model),
+            channels_last=trace.channels_last,
+            token_counts=trace.token_counts,
         )
         if lay is not None:
             return lay

@@ -20,7 +20,7 @@ format (timm's ``output_fmt``), then the convention (channels first).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,13 +85,19 @@ class Layout:
 
 
 def fits_input(hw: Sequence[int], input_hw: Sequence[int]) -> bool:
-    """Is (h, w) the input's (H, W) divided by one stride, up to rounding (h*w > 1)?"""
+    """Is (h, w) the input's (H, W) divided by one (nearly whole) stride, up to rounding (h*w > 1)?"""
     h, w = int(hw[0]), int(hw[1])
     big_h, big_w = int(input_hw[0]), int(input_hw[1])
     if h < 1 or w < 1 or h * w < 2 or h > big_h or w > big_w:
         return False
     # the stride each axis implies; the other axis must agree with it within one step of rounding
-    return abs(big_w * h / big_h - w) <= 1.0 + 1e-9 and abs(big_h * w / big_w - h) <= 1.0 + 1e-9
+    if abs(big_w * h / big_h - w) > 1.0 + 1e-9 or abs(big_h * w / big_w - h) > 1.0 + 1e-9:
+        return False
+    # and the stride is close to a whole number (197 of 224 rows is no stride: attention over tokens)
+    return all(
+        abs(n - big / max(1, round(big / n))) <= max(2.0, 0.05 * n)
+        for n, big in ((h, big_h), (w, big_w))
+    )
 
 
 def declared_extra_tokens(model: nn.Module) -> int | None:
@@ -134,22 +140,28 @@ def layout_of(
     grids: Iterable[tuple[int, int]] = (),
     module: nn.Module | None = None,
     channels_last: bool = False,
+    token_counts: Collection[int] = (),
 ) -> Layout | None:
     """The layout of a layer output of ``shape`` for an input of spatial size ``input_hw``, or None.
 
     ``extra``: the number of extra tokens (None: inferred - ``T - h*w`` for a traced patch grid in
     ``grids``, else a square grid with 0 or 1 extra token); ``grids``: (h, w) grids of channels-first
     maps seen in the same model (the patch embedding), which makes non-square token grids
-    readable; ``module``: the module that produced it; ``channels_last``: the model declares NHWC.
+    readable; ``module``: the module that produced it; ``channels_last``: the model declares NHWC;
+    ``token_counts``: lengths of the model's token sequences - a 4-D output with a token axis
+    (queries, keys, attention weights: (N, heads, T, d)) is not a map unless a convolution, norm
+    or pooling made it.
     """
     if shape is None:
         return None
     shape = tuple(int(s) for s in shape)
     if len(shape) == 4:
-        first = fits_input(shape[2:], input_hw)
-        last = fits_input(shape[1:3], input_hw)
+        conv = isinstance(module, _CHANNELS_FIRST)
+        tokens = set(token_counts) if not conv else set()
+        first = fits_input(shape[2:], input_hw) and not tokens & set(shape[2:])
+        last = fits_input(shape[1:3], input_hw) and not tokens & set(shape[1:3])
         if first and last:
-            if isinstance(module, _CHANNELS_FIRST) or not channels_last:
+            if conv or not channels_last:
                 return Layout("nchw", (shape[2], shape[3]))
             return Layout("nhwc", (shape[1], shape[2]))
         if first:
