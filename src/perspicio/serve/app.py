@@ -508,8 +508,9 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
             "models": [
                 {
                     "id": k,
-                    "spec": v,
-                    "description": desc.get(v, f"model from {v}"),
+                    "description": desc.get(
+                        v, "TorchScript file given at start" if k != v else f"model {v}"
+                    ),
                     "default": i == 0,
                 }
                 for i, (k, v) in enumerate(cfg.models.items())

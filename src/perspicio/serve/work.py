@@ -256,9 +256,7 @@ class WorkerState:
             "layer": layer,
             "image": {"width": w, "height": h, "png": b64_png(display)},
             "methods": results,
-            "cli": cli_line(
-                "explain", image_label, self.specs[payload["model"]], methods, index, layer
-            ),
+            "cli": cli_line("explain", image_label, payload["model"], methods, index, layer),
         }
 
     def compare(self, payload: dict[str, Any], progress: Progress) -> dict[str, Any]:
@@ -324,7 +322,7 @@ class WorkerState:
             "cli": cli_line(
                 "compare",
                 payload.get("image_label", "IMAGE.png"),
-                self.specs[payload["model"]],
+                payload["model"],
                 methods,
                 index,
                 None,
