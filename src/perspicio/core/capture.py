@@ -20,7 +20,14 @@ from torch import Tensor, nn
 
 from ..errors import LayerError, suggest
 from .caches import Cache
-from .tokens import Layout, declared_channels_last, declared_extra_tokens, fits_input, layout_of
+from .tokens import (
+    Layout,
+    declared_channels_last,
+    declared_extra_tokens,
+    fits_input,
+    layout_of,
+    token_layout,
+)
 
 LayerSpec = "str | nn.Module | Sequence[str | nn.Module] | None"
 
@@ -402,6 +409,29 @@ def _last_reaching_output(
         if a is not None and bool(layouts[name].to_spatial(a).detach().abs().amax() > 0):
             return name
     return names[-1]
+
+
+def token_grid(
+    model: nn.Module, x: Tensor, tokens: int, *, extra_tokens: int | None = None
+) -> Layout:
+    """How ``tokens`` per-token values of an image transformer (a rollout row, token relevance)
+    lie on the patch grid of input ``x`` (N, C, H, W): the extra tokens stated by ``extra_tokens``
+    or the model (timm ``num_prefix_tokens``, torchvision's class token), else inferred; the grid
+    from the traced patch embedding (so non-square inputs work), else square. Use
+    :func:`perspicio.core.tokens.token_map` to turn (N, T) values into an image map."""
+    grids: list[tuple[int, int]] = []
+    if x.ndim == 4:
+        trace = map_layers(model, x, extra_tokens=extra_tokens)
+        grids = [lay.grid for lay in trace.layouts.values() if lay.kind == "nchw"]
+    extra = extra_tokens if extra_tokens is not None else declared_extra_tokens(model)
+    lay = token_layout(tokens, x.shape[-2:], extra=extra, grids=grids) if x.ndim == 4 else None
+    if lay is None:
+        stated = f"after {extra} extra token(s) " if extra is not None else ""
+        raise LayerError(
+            f"{tokens} tokens are not {stated}a patch grid of the {tuple(x.shape[-2:])} input (traced patch "
+            f"grids: {grids or 'none'}); pass extra_tokens=<number of class/distillation/register tokens>."
+        )
+    return lay
 
 
 def layer_layout(
