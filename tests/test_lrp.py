@@ -653,14 +653,15 @@ def test_memoised_operation_table_equals_the_uncached_lookup() -> None:
 
 def test_float_mask_helpers_equal_boolean_masks() -> None:
     # gamma selects R where z > 0 / z < 0 with threshold_backward instead of boolean masks
-    from perspicio.methods.propagation.rules import RuleContext, _signed, _where_neg, _where_pos
+    from perspicio.methods.propagation.rules import RuleContext
+    from perspicio.methods.propagation.rules_fast import signed, where_neg, where_pos
 
     z = randn(3, 4, 5, seed=8)
     z[0, 0, :2] = 0.0
     R = randn(3, 4, 5, seed=9)
-    assert torch.equal(_where_pos(R, z), R * (z > 0)) and torch.equal(_where_neg(R, z), R * (z < 0))
-    assert not torch.equal(_where_pos(R, z), _where_neg(R, z))
-    assert _signed(z, RuleContext()) and not _signed(z.abs(), RuleContext()) and not _signed(z, RuleContext(nonneg=True))
+    assert torch.equal(where_pos(R, z), R * (z > 0)) and torch.equal(where_neg(R, z), R * (z < 0))
+    assert not torch.equal(where_pos(R, z), where_neg(R, z))
+    assert signed(z, RuleContext()) and not signed(z.abs(), RuleContext()) and not signed(z, RuleContext(nonneg=True))
 
 
 def test_call_sites_found_on_the_stack_equal_the_module_hooks() -> None:

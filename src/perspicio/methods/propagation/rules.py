@@ -28,7 +28,6 @@ rule           definition
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +35,10 @@ import torch
 from torch import Tensor
 
 from ...errors import OptionError
+from . import rules_fast as fast
 from .affine import AffineOp
-from .derived import clamp_neg, clamp_pos, derived, neg, pos
 from .nodes import safe_div
+from .rules_fast import div_known_sign, shifted, times
 
 
 @dataclass
@@ -57,89 +57,6 @@ class RuleContext:
     first: bool = False
     #: the input is known to be non-negative (output of a ReLU/ReLU6, ...): no sign check needed
     nonneg: bool = False
-
-
-def _signed(x: Tensor, ctx: RuleContext) -> bool:
-    """Does ``x`` have negative entries? (Skipped when the forward pass proved it cannot.)"""
-    # a float reduction: boolean kernels (x < 0, any) are several times slower on CPU
-    return not ctx.nonneg and x.numel() > 0 and bool(x.amin() < 0)
-
-
-def _folds_bias(op: AffineOp) -> bool:
-    """Does ``op`` apply its bias argument (conv/linear), so that a constant can be folded into it?"""
-    return op.conv is not None or op.name == "linear"
-
-
-def _shifted(op: AffineOp, x: Tensor, w: Tensor, b: Tensor | None, shift: float) -> Tensor:
-    """``op(x, w, b) + shift`` in a fresh buffer; the shift rides on the bias where the op applies one."""
-    if shift == 0.0:
-        return op.map(x, w, b)
-    if _folds_bias(op):  # conv/linear weights are (out, in, ...): one bias entry per output channel
-        if b is None:
-            bias = torch.full((w.shape[0],), shift, dtype=w.dtype, device=w.device)
-        else:
-            bias = derived(b, ("shift", shift), lambda t: t + shift)
-        return op.map(x, w, bias)
-    return op.map(x, w, b).add_(shift)
-
-
-def _div_known_sign(R: Tensor, z: Tensor) -> Tensor:
-    """``R / z`` written into ``z`` (a fresh buffer of the same shape) when possible."""
-    if z.shape == R.shape and z.dtype == R.dtype and not R.requires_grad:
-        return torch.div(R, z, out=z)
-    return R / z
-
-
-def _times(g: Tensor, x: Tensor) -> Tensor:
-    """``x * g`` reusing the fresh buffer ``g`` when the shapes agree.
-
-    In a backward pass (grad mode off) the saved input ``x`` still has ``requires_grad``,
-    but no graph is recorded, so only ``g`` itself has to be free of autograd history.
-    """
-    if (g.shape == x.shape and g.dtype == x.dtype and not g.requires_grad
-            and not (x.requires_grad and torch.is_grad_enabled())):
-        return g.mul_(x)
-    return x * g
-
-
-def _where_pos(R: Tensor, z: Tensor) -> Tensor:
-    """``R * (z > 0)`` (R where z > 0, else 0) without a boolean mask (float kernels are faster on CPU)."""
-    if R.shape == z.shape and R.dtype == z.dtype:
-        return torch.ops.aten.threshold_backward(R, z, 0.0)
-    return R * (z > 0)
-
-
-def _where_neg(R: Tensor, z: Tensor) -> Tensor:
-    """``R * (z < 0)`` (R where z < 0, else 0) without a boolean mask."""
-    if R.shape == z.shape and R.dtype == z.dtype:
-        return torch.ops.aten.threshold_backward(R, torch.neg(z), 0.0)
-    return R * (z < 0)
-
-
-# ---------------------------------------------------------------------------- inputs of both signs
-
-
-def _stackable(op: AffineOp) -> bool:
-    """Can an input of both signs run as one map of ``[x+, x-]`` (stacked along the input channels)?
-    (Linear layers and ungrouped convolutions: their kernels stack along the input channels.)"""
-    return op.name == "linear" or (op.conv is not None and op.conv["groups"] == 1)
-
-
-def _split_signs(op: AffineOp, x: Tensor) -> tuple[Tensor, int]:
-    """``[x+, x-]`` stacked along the input channels, and that dimension."""
-    dim = 1 if op.conv is not None else -1
-    return torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=dim), dim
-
-
-def _merge_signs(g: Tensor, dim: int) -> Tensor:
-    """The relevance of ``x`` from that of ``[x+, x-]`` (the two halves added)."""
-    half = g.shape[dim] // 2
-    return g.narrow(dim, 0, half) + g.narrow(dim, half, half)
-
-
-def _stack(first: Callable[[Tensor], Tensor], second: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """A kernel for ``[x+, x-]``: ``first(W)`` for ``x+`` and ``second(W)`` for ``x-``, stacked likewise."""
-    return lambda t: torch.cat([first(t), second(t)], dim=1)
 
 
 class Rule:
@@ -171,7 +88,7 @@ class Epsilon(Rule):
 
     def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
         s = safe_div(R, z, self.epsilon)
-        return _times(op.adjoint(x, op.weight, s), x)
+        return times(op.adjoint(x, op.weight, s), x)
 
 
 class LRP0(Epsilon):
@@ -184,11 +101,18 @@ class LRP0(Epsilon):
 
 
 class Gamma(Rule):
-    """LRP-gamma: favour contributions that agree in sign with the output.
+    """LRP-gamma (Montavon et al. 2019): contributions that agree in sign with the output boosted.
 
-    For ``z > 0`` the positive contributions (x+ with W+, x- with W-) are scaled by
-    ``1 + gamma``; for ``z < 0`` the negative ones. For non-negative inputs and
-    positive outputs this is the paper's ``w + gamma w+`` rule.
+    For an output ``z_j = sum_i x_i w_ij + b_j > 0``::
+
+        R_i = sum_j  c+_ij / stab(sum_i' c+_i'j + b_j + gamma b_j+)  R_j
+        c+_ij = x_i+ (w_ij + gamma w_ij+)  +  x_i- (w_ij + gamma w_ij-)
+
+    and for ``z_j < 0`` the same with the opposite pairing, ``c-_ij = x_i+ (w_ij + gamma w_ij-) +
+    x_i- (w_ij + gamma w_ij+)`` and ``b_j + gamma b_j-`` (outputs with ``z_j = 0`` pass nothing
+    on). ``stab(d) = d + stabilizer * sign(d)``, sign(0) = +1. For non-negative inputs and positive
+    outputs this is the paper's ``a_i (w_ij + gamma w_ij+)`` rule. :meth:`definition` computes it
+    term by term; :meth:`relevance` computes the same numbers fast (:func:`.rules_fast.gamma`).
     """
 
     name = "gamma"
@@ -199,153 +123,69 @@ class Gamma(Rule):
         self.gamma = float(gamma)
         self.stabilizer = float(stabilizer)
 
-    def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
-        g, w, b = self.gamma, op.weight, op.bias
-        signed = _signed(x, ctx)  # after ReLUs the input is non-negative: skip the x- terms
-        # relevance on outputs with z < 0: none when the layer feeds a ReLU whose next rule multiplies
-        # by its input (an inactive unit passes nothing on) - then the "down" half is skipped
-        R_dn = _where_neg(R, z)
-        down = bool(R_dn.any())
-        if not signed and z.shape == R.shape:
-            return self._nonneg(op, x, z, R, R_dn if down else None)
-        wu, wd = derived(w, ("gamma_up", g), _boost(g, 0.0, None)), derived(w, ("gamma_dn", g), _boost(g, None, 0.0))
-        bu = None if b is None else derived(b, ("gamma_up", g), _boost(g, 0.0, None))
-        bd = None if b is None else derived(b, ("gamma_dn", g), _boost(g, None, 0.0))
-        if signed and _stackable(op):
-            return self._stacked(op, x, z, R, R_dn if down else None, bu, bd)
-        xp = x.clamp(min=0) if signed else x
-        xn = x.clamp(max=0) if signed else None
-        z_up = op.map(xp, wu, bu)  # positive contributions boosted
-        if signed:
-            z_up = z_up.add_(op.map(xn, wd, None))
-        s_up = safe_div(_where_pos(R, z), z_up, self.stabilizer)
-        if not down:
-            out = _times(op.adjoint(xp, wu, s_up), xp)
-            return out.add_(_times(op.adjoint(xn, wd, s_up), xn)) if signed else out
-        z_dn = op.map(xp, wd, bd)  # negative contributions boosted
-        if signed:
-            z_dn = z_dn.add_(op.map(xn, wu, None))
-        s_dn = safe_div(R_dn, z_dn, self.stabilizer)
-        out = _times(op.adjoint(xp, wu, s_up).add_(op.adjoint(xp, wd, s_dn)), xp)
-        if signed:
-            out = out.add_(_times(op.adjoint(xn, wd, s_up).add_(op.adjoint(xn, wu, s_dn)), xn))
+    def definition(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
+        """The formula above, evaluated as written (every term, plain weights)."""
+        g, w, b, eps = self.gamma, op.weight, op.bias, self.stabilizer
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        w_up, w_dn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)  # w + gamma w+, w + gamma w-
+        b_up = None if b is None else b + g * b.clamp(min=0)
+        b_dn = None if b is None else b + g * b.clamp(max=0)
+        out = torch.zeros_like(x)
+        # outputs z > 0: x+ with w + gamma w+, x- with w + gamma w-; outputs z < 0: the opposite
+        for sign, wa, wb, bias in ((z > 0, w_up, w_dn, b_up), (z < 0, w_dn, w_up, b_dn)):
+            s = safe_div(R * sign, op(xp, wa, bias) + op(xn, wb, None), eps)
+            out = out + xp * op.vjp(xp, wa, s) + xn * op.vjp(xn, wb, s)
         return out
 
-    def _stacked(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, R_dn: Tensor | None, bu: Tensor | None,
-                 bd: Tensor | None) -> Tensor:
-        """Inputs of both signs as one map of ``[x+, x-]`` (stacked along the input channels) with
-        ``[W + gW+, W + gW-]`` for the boosted positive part and ``[W + gW-, W + gW+]`` for the
-        negative one (as in :meth:`AlphaBeta._stacked`)."""
-        g, w = self.gamma, op.weight
-        both, dim = _split_signs(op, x)
-
-        def part(stacked: Tensor, bias: Tensor | None, Rs: Tensor) -> Tensor:
-            s = safe_div(Rs, op.map(both, stacked, bias), self.stabilizer)
-            return _times(op.adjoint(both, stacked, s), both)
-
-        boost_pos, boost_neg = _boost(g, 0.0, None), _boost(g, None, 0.0)
-        out = part(derived(w, ("gamma_stacked_up", g), _stack(boost_pos, boost_neg)), bu, _where_pos(R, z))
-        if R_dn is not None:
-            out = out.add_(part(derived(w, ("gamma_stacked_dn", g), _stack(boost_neg, boost_pos)), bd, R_dn))
-        return _merge_signs(out, dim)
-
-    def _nonneg(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, R_dn: Tensor | None) -> Tensor:
-        """The same rule for x >= 0 with one extra evaluation instead of two.
-
-        With ``P = W+ x + b+`` and the forward output ``z = W x + b``: ``z - P = W- x + b-``, so
-        ``z_up = z + gamma P`` and ``z_dn = z + gamma (z - P)``; and
-        ``(W + gW+)^T s_up + (W + gW-)^T s_dn = W^T (s_up + (1 + g) s_dn) + g W+^T (s_up - s_dn)``.
-        Without relevance on negative outputs (``R_dn`` None) that is ``(W + gW+)^T s_up``.
-        """
-        g, w, b = self.gamma, op.weight, op.bias
-        wp = pos(w)
-        P = op.map(x, wp, pos(b))
-        z_up = torch.add(z, P, alpha=g)
-        s_up = safe_div(_where_pos(R, z), z_up, self.stabilizer)
-        if R_dn is None:
-            return _times(op.adjoint(x, derived(w, ("gamma_up", g), _boost(g, 0.0, None)), s_up), x)
-        z_dn = torch.sub(z, P).mul_(g).add_(z)
-        s_dn = safe_div(R_dn, z_dn, self.stabilizer)
-        a = torch.add(s_up, s_dn, alpha=1.0 + g)
-        d = s_up.sub_(s_dn).mul_(g) if not s_up.requires_grad else (s_up - s_dn) * g
-        return _times(op.adjoint(x, w, a).add_(op.adjoint(x, wp, d)), x)
-
-
-def _boost(g: float, low: float | None, high: float | None) -> Callable[[Tensor], Tensor]:
-    """``t + g * t.clamp(low, high)``: a weight with its positive (or negative) part boosted."""
-    return lambda t: t + g * t.clamp(min=low, max=high)
+    def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
+        return fast.gamma(self, op, x, z, R, ctx)
 
 
 class AlphaBeta(Rule):
-    """LRP-alpha-beta: alpha * positive share - beta * negative share (alpha - beta = 1)."""
+    """LRP-alpha-beta (Bach et al. 2015; Montavon et al. 2019), ``alpha - beta = 1``::
+
+        R_i = sum_j ( alpha c+_ij / (sum_i' c+_i'j + b_j+ + eps)
+                     - beta c-_ij / (sum_i' c-_i'j + b_j- - eps) ) R_j
+
+    with the positive contributions ``c+_ij = x_i+ w_ij+ + x_i- w_ij-`` and the negative ones
+    ``c-_ij = x_i+ w_ij- + x_i- w_ij+``; the stabiliser ``eps`` moves each denominator away from
+    zero in the direction of its known sign (``stabilizer = 0``: a zero denominator gives zero
+    relevance). The output ``z`` is not used. :meth:`definition` computes it term by term;
+    :meth:`relevance` computes the same numbers fast (:func:`.rules_fast.alpha_beta`).
+    """
 
     name = "alpha_beta"
     uses_output = False
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> None:
         if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
-            raise OptionError(f"alpha-beta needs alpha >= 0, beta >= 0 and alpha - beta = 1; got alpha={alpha}, beta={beta}.")
+            raise OptionError(
+                f"alpha-beta needs alpha >= 0, beta >= 0 and alpha - beta = 1; got alpha={alpha}, beta={beta}."
+            )
         self.alpha, self.beta, self.stabilizer = float(alpha), float(beta), float(stabilizer)
 
-    def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
-        w, b = op.weight, op.bias
-        signed = _signed(x, ctx)  # after ReLUs the input is non-negative: skip the x- terms
-        if signed and _stackable(op):
-            return self._stacked(op, x, R)
-        wp = pos(w)
-        xp = x.clamp(min=0) if signed else x
-        xn = x.clamp(max=0) if signed else None
-        eps = self.stabilizer
-        # z+ >= 0 and z- <= 0 by construction, so the stabiliser's sign is known: z+ + eps and
-        # z- - eps (at z- = 0 every negative contribution is zero, so its sign does not matter)
-        known = eps > 0
-        z_pos = _shifted(op, xp, wp, pos(b), eps if known else 0.0)
-        if signed:
-            z_pos = z_pos.add_(op.map(xn, neg(w), None))
-        s_pos = _div_known_sign(R, z_pos) if known else safe_div(R, z_pos, eps)
-        if self.alpha != 1.0:
-            s_pos = s_pos.mul_(self.alpha) if s_pos is z_pos else s_pos * self.alpha
-        out = _times(op.adjoint(xp, wp, s_pos), xp)
-        if signed:
-            out = out.add_(_times(op.adjoint(xn, neg(w), s_pos), xn))
-        if self.beta:
-            wn = neg(w)
-            z_neg = _shifted(op, xp, wn, neg(b), -eps if known else 0.0)
-            if signed:
-                z_neg = z_neg.add_(op.map(xn, wp, None))
-            s_neg = _div_known_sign(R, z_neg) if known else safe_div(R, z_neg, eps)
-            s_neg = s_neg.mul_(-self.beta) if s_neg is z_neg else s_neg * -self.beta
-            out = out.add_(_times(op.adjoint(xp, wn, s_neg), xp))
-            if signed:
-                out = out.add_(_times(op.adjoint(xn, wp, s_neg), xn))
+    def definition(
+        self, op: AffineOp, x: Tensor, z: Tensor | None, R: Tensor, ctx: RuleContext
+    ) -> Tensor:
+        """The formula above, evaluated as written (every term, plain weights)."""
+        w, b, eps = op.weight, op.bias, self.stabilizer
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        bp = None if b is None else b.clamp(min=0)
+        bn = None if b is None else b.clamp(max=0)
+        out = torch.zeros_like(x)
+        # positive contributions (x+ w+, x- w-) weighted alpha, negative ones (x+ w-, x- w+) -beta
+        for coef, wa, wb, bias, shift in (
+            (self.alpha, wp, wn, bp, eps),
+            (-self.beta, wn, wp, bn, -eps),
+        ):
+            d = op(xp, wa, bias) + op(xn, wb, None)
+            s = coef * (R / (d + shift) if eps > 0 else safe_div(R, d, 0.0))
+            out = out + xp * op.vjp(xp, wa, s) + xn * op.vjp(xn, wb, s)
         return out
 
-
-    def _stacked(self, op: AffineOp, x: Tensor, R: Tensor) -> Tensor:
-        """The rule for an input of both signs as one map of ``[x+, x-]`` (stacked along the input
-        channels) with ``[W+, W-]`` for the positive part and ``[W-, W+]`` for the negative one.
-
-        Each part is then one convolution and one transposed convolution instead of two of each
-        plus a sum: the same arithmetic, but the layer's output-sized tensors - the convolution's
-        result and the relevance it divides - are written and read once instead of twice (on the
-        bundled model's expansion layers, whose outputs are six times their inputs, this part of
-        the rule ran about a third faster).
-        """
-        w, b, eps = op.weight, op.bias, self.stabilizer
-        both, dim = _split_signs(op, x)
-        known = eps > 0
-
-        def part(stacked: Tensor, bias: Tensor | None, shift: float, coef: float) -> Tensor:
-            z = _shifted(op, both, stacked, bias, shift if known else 0.0)
-            s = _div_known_sign(R, z) if known else safe_div(R, z, eps)
-            if coef != 1.0:
-                s = s.mul_(coef) if s is z else s * coef
-            return _times(op.adjoint(both, stacked, s), both)
-
-        out = part(derived(w, "stacked_pn", _stack(clamp_pos, clamp_neg)), pos(b), eps, self.alpha)
-        if self.beta:
-            out = out.add_(part(derived(w, "stacked_np", _stack(clamp_neg, clamp_pos)), neg(b), -eps, -self.beta))
-        return _merge_signs(out, dim)
+    def relevance(self, op: AffineOp, x: Tensor, z: Tensor, R: Tensor, ctx: RuleContext) -> Tensor:
+        return fast.alpha_beta(self, op, x, R, ctx)
 
 
 class ZPlus(AlphaBeta):
@@ -374,7 +214,9 @@ class ZBox(Rule):
     def _bound(self, given: Any, ctx_bound: Tensor | None, x: Tensor, which: str) -> Tensor:
         if given is None:
             if ctx_bound is None:
-                raise OptionError(f"the zbox rule needs {which}=... bounds for a layer that is not the first one.")
+                raise OptionError(
+                    f"the zbox rule needs {which}=... bounds for a layer that is not the first one."
+                )
             return ctx_bound.to(x)
         t = torch.as_tensor(given, dtype=x.dtype, device=x.device)
         if t.ndim == 1 and x.ndim >= 2 and t.shape[0] == x.shape[1]:
@@ -388,7 +230,9 @@ class ZBox(Rule):
         wp, wn = w.clamp(min=0), w.clamp(max=0)
         zb = op.map(x, w, None) - op.map(low, wp, None) - op.map(high, wn, None)
         s = safe_div(R, zb, self.stabilizer)
-        return x * op.adjoint(x, w, s) - low * op.adjoint(low, wp, s) - high * op.adjoint(high, wn, s)
+        return (
+            x * op.adjoint(x, w, s) - low * op.adjoint(low, wp, s) - high * op.adjoint(high, wn, s)
+        )
 
 
 class Flat(Rule):
@@ -408,10 +252,10 @@ class Flat(Rule):
         ones = ctx.ones if ctx.ones is not None else torch.ones_like(x)
         w = self._weights(op)
         if self.stabilizer > 0 and bool((w >= 0).all()):  # ones and non-negative weights: zf >= 0
-            s = _div_known_sign(R, _shifted(op, ones, w, None, self.stabilizer))
+            s = div_known_sign(R, shifted(op, ones, w, None, self.stabilizer))
         else:
             s = safe_div(R, op.map(ones, w, None), self.stabilizer)
-        return _times(op.adjoint(ones, w, s), ones)
+        return times(op.adjoint(ones, w, s), ones)
 
 
 class WSquare(Flat):
@@ -424,13 +268,25 @@ class WSquare(Flat):
 
 
 RULES: dict[str, type[Rule]] = {
-    "lrp0": LRP0, "zero": LRP0, "epsilon": Epsilon, "gamma": Gamma, "alpha_beta": AlphaBeta, "zplus": ZPlus,
-    "z_plus": ZPlus, "zbox": ZBox, "z_box": ZBox, "z_beta": ZBox, "flat": Flat, "wsquare": WSquare,
+    "lrp0": LRP0,
+    "zero": LRP0,
+    "epsilon": Epsilon,
+    "gamma": Gamma,
+    "alpha_beta": AlphaBeta,
+    "zplus": ZPlus,
+    "z_plus": ZPlus,
+    "zbox": ZBox,
+    "z_box": ZBox,
+    "z_beta": ZBox,
+    "flat": Flat,
+    "wsquare": WSquare,
     "w_square": WSquare,
 }
 
 
-def make_rule(spec: Any, *, epsilon: float = 1e-6, gamma: float = 0.25, low: Any = None, high: Any = None) -> Rule:
+def make_rule(
+    spec: Any, *, epsilon: float = 1e-6, gamma: float = 0.25, low: Any = None, high: Any = None
+) -> Rule:
     """A :class:`Rule` from a rule object or a name.
 
     Names: ``lrp0``, ``epsilon``, ``gamma``, ``alpha1_beta0``, ``alpha2_beta1`` (any
@@ -440,11 +296,13 @@ def make_rule(spec: Any, *, epsilon: float = 1e-6, gamma: float = 0.25, low: Any
     if isinstance(spec, Rule):
         return spec
     if not isinstance(spec, str):
-        raise OptionError(f"rule must be a rule name or a perspicio Rule object; got {type(spec).__name__}.")
+        raise OptionError(
+            f"rule must be a rule name or a perspicio Rule object; got {type(spec).__name__}."
+        )
     key = spec.strip().lower().replace("-", "_")
     if key.startswith("alpha") and "beta" in key:
         try:
-            a, b = (float(v.strip("_")) for v in key[len("alpha"):].split("beta"))
+            a, b = (float(v.strip("_")) for v in key[len("alpha") :].split("beta"))
         except ValueError:
             a = b = None
         if a is not None:
@@ -460,4 +318,6 @@ def make_rule(spec: Any, *, epsilon: float = 1e-6, gamma: float = 0.25, low: Any
     from ...errors import suggest
 
     names = sorted({*RULES, "alpha1_beta0", "alpha2_beta1"})
-    raise OptionError(f"unknown LRP rule {spec!r}; expected one of: {', '.join(names)}." + suggest(key, names))
+    raise OptionError(
+        f"unknown LRP rule {spec!r}; expected one of: {', '.join(names)}." + suggest(key, names)
+    )
