@@ -524,6 +524,15 @@ def test_bad_input_gives_clear_errors() -> None:
     with pytest.raises(InputError, match="labels"):
         distill_tree(model, x, labels=np.full(100, 11))
 
+    with pytest.raises(OptionError, match="unknown option 'max_dept'.*Did you mean: max_depth"):
+        distill_tree(model, x, max_dept=3)
+    with pytest.raises(
+        OptionError, match="unknown option 'max_feature'.*Did you mean: max_features"
+    ):
+        distill_linear(model, x, max_feature=3)
+    with pytest.raises(OptionError, match="unknown option 'neighbors'.*neighbours"):
+        distill_tree(model, x, neighbors=2)
+
     def nan_model(a: np.ndarray) -> np.ndarray:
         return np.full((len(a), 2), np.nan)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from ..core.guard import model_guard
 from ..core.inputs import as_batch
 from ..core.maskers import SEGMENTERS, ImageMasker, image_feature_mask
 from ..core.targets import name_to_index
-from ..errors import InputError, ModelError, OptionError, TargetError
+from ..errors import InputError, ModelError, OptionError, TargetError, suggest
 
 #: fewest rows a surrogate is fitted on, and fewest held-out rows its fidelity is measured on
 MIN_TRAIN = 10
@@ -110,6 +110,63 @@ class Task:
     names: list[str]  # class names (class) or [score name]
     y_train: np.ndarray
     y_test: np.ndarray
+
+
+class Options(TypedDict, total=False):
+    """The options every surrogate shares (documented on :func:`~perspicio.surrogates.distill_tree`)."""
+
+    features: Any
+    feature_names: Sequence[str] | None
+    target: Any
+    softmax: bool
+    task: str
+    test_data: Any
+    labels: Any
+    test_labels: Any
+    holdout: float
+    neighbours: int
+    neighbour_scale: float
+    class_names: Sequence[str] | None
+    seed: int
+    batch_size: int | None
+
+
+#: what a surrogate's provenance records, with the defaults
+RECORDED = (
+    ("target", None),
+    ("softmax", False),
+    ("holdout", 0.25),
+    ("neighbours", 0),
+    ("neighbour_scale", 0.1),
+    ("seed", 0),
+)
+
+
+def setup(
+    model: Any, data: Any, options: dict[str, Any], own: Sequence[str] = ()
+) -> tuple[Design, Task, dict[str, Any]]:
+    """The :class:`Design`, the :class:`Task` and the recorded options of one surrogate problem
+    (``own``: the calling surrogate's own option names, for the message on a misspelt one)."""
+    known = [*own, *Options.__annotations__]
+    unknown = [k for k in options if k not in Options.__annotations__]
+    if unknown:
+        raise OptionError(
+            f"unknown option {unknown[0]!r}; expected one of: {', '.join(known)}."
+            + suggest(unknown[0], known)
+        )
+    opts = dict(options)
+    target, softmax, task = (
+        opts.pop("target", None),
+        opts.pop("softmax", False),
+        opts.pop("task", "auto"),
+    )
+    design = prepare(model, data, **opts)
+    tsk = make_task(design, target, task, softmax)
+    recorded = {k: options.get(k, default) for k, default in RECORDED}
+    recorded["task"] = tsk.kind
+    if options.get("test_data") is not None or data is None:
+        recorded["holdout"] = None
+    return design, tsk, recorded
 
 
 # ----------------------------------------------------------------------------- validation

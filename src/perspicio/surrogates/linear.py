@@ -9,17 +9,19 @@ Fidelity is measured exactly as for trees (``fidelity.py``): on held-out rows on
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ModelError, OptionError
-from ._design import Design, Task, make_task, prepare, require_sklearn
+from ._design import Design, Options, Task, require_sklearn, setup
 from .fidelity import Fidelity, agreement, r2, r2_fidelity
 from .tree import _accuracy, _accuracy_text, dump_json, versions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 #: penalties tried (largest first) when ``max_features`` asks for the densest model within a size
 L1_GRID = tuple(float(v) for v in np.logspace(1, -4, 41))
@@ -164,20 +166,7 @@ def distill_linear(
     *,
     l1: float = 0.01,
     max_features: int | None = None,
-    features: Any = None,
-    feature_names: Sequence[str] | None = None,
-    target: Any = None,
-    softmax: bool = False,
-    task: str = "auto",
-    test_data: Any = None,
-    labels: Any = None,
-    test_labels: Any = None,
-    holdout: float = 0.25,
-    neighbours: int = 0,
-    neighbour_scale: float = 0.1,
-    class_names: Sequence[str] | None = None,
-    seed: int = 0,
-    batch_size: int | None = None,
+    **options: Unpack[Options],
 ) -> LinearSurrogate:
     """Fit a sparse linear model imitating ``model``; fidelity on held-out rows.
 
@@ -196,22 +185,8 @@ def distill_linear(
         isinstance(max_features, bool) or not isinstance(max_features, int) or max_features < 1
     ):
         raise OptionError(f"max_features must be an integer >= 1; got {max_features!r}.")
-    design = prepare(
-        model,
-        data,
-        features=features,
-        feature_names=feature_names,
-        test_data=test_data,
-        labels=labels,
-        test_labels=test_labels,
-        holdout=holdout,
-        neighbours=neighbours,
-        neighbour_scale=neighbour_scale,
-        class_names=class_names,
-        seed=seed,
-        batch_size=batch_size,
-    )
-    tsk = make_task(design, target, task, softmax)
+    design, tsk, recorded = setup(model, data, dict(options), ("l1", "max_features"))
+    seed = recorded["seed"]
     if tsk.kind == "class" and len(np.unique(tsk.y_train)) < 2:
         raise ModelError(
             "the model predicts one class on every training row: a linear classifier needs two; "
@@ -245,17 +220,7 @@ def distill_linear(
         train_fid = r2(pred_train, tsk.y_train[: design.n_train])
     coef = np.atleast_2d(np.asarray(est.coef_, dtype=np.float64))
     intercept = np.atleast_1d(np.asarray(est.intercept_, dtype=np.float64))
-    options = {
-        "l1": l1,
-        "max_features": max_features,
-        "target": target,
-        "softmax": softmax,
-        "task": tsk.kind,
-        "holdout": holdout if test_data is None else None,
-        "neighbours": neighbours,
-        "neighbour_scale": neighbour_scale,
-        "seed": seed,
-    }
+    recorded.update(l1=l1, max_features=max_features)
     return LinearSurrogate(
         est,
         fid,
@@ -269,7 +234,7 @@ def distill_linear(
         intercept,
         mean,
         scale,
-        options,
+        recorded,
         design,
         tsk,
     )

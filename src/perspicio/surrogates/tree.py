@@ -13,13 +13,16 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import OptionError
-from ._design import Design, Task, check_depth, label_indices, make_task, prepare, require_sklearn
+from ._design import Design, Options, Task, check_depth, label_indices, require_sklearn, setup
 from .fidelity import Fidelity, agreement, r2, r2_fidelity, wilson
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def _num(v: float) -> str:
@@ -371,21 +374,8 @@ def distill_tree(
     data: Any = None,
     *,
     max_depth: int | None = 4,
-    features: Any = None,
-    feature_names: Sequence[str] | None = None,
-    target: Any = None,
-    softmax: bool = False,
-    task: str = "auto",
-    test_data: Any = None,
-    labels: Any = None,
-    test_labels: Any = None,
-    holdout: float = 0.25,
-    neighbours: int = 0,
-    neighbour_scale: float = 0.1,
     min_samples_leaf: int = 1,
-    class_names: Sequence[str] | None = None,
-    seed: int = 0,
-    batch_size: int | None = None,
+    **options: Unpack[Options],
 ) -> TreeSurrogate:
     """Fit a decision tree that imitates ``model`` and measure how faithfully it does.
 
@@ -406,51 +396,37 @@ def distill_tree(
             the fidelity).
         neighbours: generated rows per training row (Gaussian noise of ``neighbour_scale`` x each
             column's standard deviation), labelled by the model and used for fitting only.
+        feature_names, class_names: names of the features and of the model's outputs (default:
+            from a DataFrame, a bundled model, a scikit-learn ``classes_``, else ``x0``/``class 0``).
+        min_samples_leaf: the fewest training rows a leaf may hold.
         seed: the split, the neighbours, the tree's tie-breaking and the bootstrap.
+        batch_size: rows per model call (default: the core Engine's memory budget).
+
+    Unknown option names are an error naming the ones that exist (:class:`_design.Options`).
     """
     require_sklearn()
     max_depth = check_depth(max_depth)
     _check_leaf(min_samples_leaf)
-    design = prepare(
-        model,
-        data,
-        features=features,
-        feature_names=feature_names,
-        test_data=test_data,
-        labels=labels,
-        test_labels=test_labels,
-        holdout=holdout,
-        neighbours=neighbours,
-        neighbour_scale=neighbour_scale,
-        class_names=class_names,
-        seed=seed,
-        batch_size=batch_size,
-    )
-    tsk = make_task(design, target, task, softmax)
-    options = {
-        "max_depth": max_depth,
-        "target": target,
-        "softmax": softmax,
-        "task": tsk.kind,
-        "holdout": holdout if test_data is None else None,
-        "neighbours": neighbours,
-        "neighbour_scale": neighbour_scale,
-        "min_samples_leaf": min_samples_leaf,
-        "seed": seed,
-    }
-    return _fit(design, tsk, max_depth, options)
+    design, tsk, recorded = setup(model, data, dict(options), ("max_depth", "min_samples_leaf"))
+    recorded.update(max_depth=max_depth, min_samples_leaf=min_samples_leaf)
+    return _fit(design, tsk, max_depth, recorded)
 
 
 def fidelity_curve(
-    model: Any, data: Any = None, *, depths: Iterable[int] = range(1, 9), **options: Any
+    model: Any,
+    data: Any = None,
+    *,
+    depths: Iterable[int] = range(1, 9),
+    min_samples_leaf: int = 1,
+    **options: Unpack[Options],
 ) -> FidelityCurve:
     """Held-out fidelity of trees of each depth in ``depths`` (the model runs once), to pick the
     smallest tree that is faithful enough. ``options`` are those of :func:`distill_tree`."""
-    options.pop("max_depth", None)
     depths = list(depths)
-    return distill_tree(model, data, max_depth=max(depths) if depths else 1, **options).curve(
-        depths
+    surrogate = distill_tree(
+        model, data, max_depth=max(depths, default=1), min_samples_leaf=min_samples_leaf, **options
     )
+    return surrogate.curve(depths)
 
 
 # ----------------------------------------------------------------------------- internals
