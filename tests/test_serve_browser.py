@@ -1,0 +1,166 @@
+"""perspicio serve in a real headless browser: Playwright driving the Debian chromium
+(``/usr/bin/chromium`` via ``executable_path``; nothing is downloaded).
+
+Desktop and phone width: load the page, pick a bundled sample, choose two methods, wait for both
+overlays, check they are images of the model's input size, move the opacity slider, download the
+JSON, score the methods. Screenshots go to ``$PERSPICIO_ARTIFACTS`` (default
+``test-artifacts/serve``); the README's screenshot is ``docs/img/serve.png`` (refreshed by running
+this file with ``PERSPICIO_README_SCREENSHOT=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("multipart")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[test]')")
+
+CHROMIUM = os.environ.get("PERSPICIO_CHROMIUM", "/usr/bin/chromium")
+if not Path(CHROMIUM).exists():  # .ci/run installs it (apt-get install chromium); elsewhere say why
+    pytest.skip(f"no chromium at {CHROMIUM}: install it with 'apt-get install -y chromium' (or set "
+                "PERSPICIO_CHROMIUM) to run the browser tests", allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("PERSPICIO_ARTIFACTS", ROOT / "test-artifacts")) / "serve"
+SIZES = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
+
+
+def wait_for(page, expression: str, timeout: float) -> None:
+    """Poll ``expression`` with ``page.evaluate`` (the page's CSP forbids the string evaluation
+    ``page.wait_for_function`` uses, and the test keeps the CSP on)."""
+    end = time.monotonic() + timeout
+    while not page.evaluate(f"() => Boolean({expression})"):
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for: {expression}")
+        page.wait_for_timeout(100)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    import uvicorn
+
+    from perspicio.serve.app import ServeConfig, create_app
+
+    app = create_app(ServeConfig(workers=2, time_limit=600))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(600):
+        if srv.started and app.state.pool is not None:
+            break
+        time.sleep(0.1)
+    assert app.state.pool.wait_ready(300)
+    yield f"http://127.0.0.1:{port}/"
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_page_explains_two_methods(server: str, browser, size: str, tmp_path: Path) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport=SIZES[size], accept_downloads=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    offsite: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else offsite.append(r.url))
+    page.goto(server)
+    page.wait_for_selector(".topclass", timeout=120_000)
+    page.click("label[for=sample-coffee]")
+    wait_for(page, "document.querySelector('.topclass .name') && "
+             "document.querySelector('.topclass .name').textContent === 'espresso'", 120)
+    for box in page.query_selector_all("input[name=method]:checked"):
+        box.uncheck()
+    page.check("#m-gradcam")
+    page.check("#m-input_x_gradient")
+    page.click("#explain")
+    wait_for(page, "document.querySelectorAll('.card img.heat').length === 2 && "
+             "[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)", 300)
+    sizes = page.eval_on_selector_all(".card img.heat, .card img.photo", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+    assert sizes == [[224, 224]] * 4
+    assert page.eval_on_selector_all(".card img.heat", "els => els.map(e => e.dataset.method)") == ["gradcam",
+                                                                                                     "input_x_gradient"]
+    # the shared slider sets every overlay's opacity
+    page.fill("#opacity", "25")
+    page.dispatch_event("#opacity", "input")
+    assert page.eval_on_selector_all(".card img.heat", "els => els.map(e => e.style.opacity)") == ["0.25", "0.25"]
+    assert page.text_content("#opacity-value") == "25%"
+    # keyboard: focus a map and read a value with the arrow keys
+    page.focus(".stack")
+    page.keyboard.press("ArrowRight")
+    assert page.text_content(".readout").startswith("value at (")
+    # overlay / raw switch
+    page.check("input[name=view][value=raw]")
+    assert page.eval_on_selector_all(".card img.photo", "els => els.every(e => e.hidden)")
+    page.check("input[name=view][value=overlay]")
+    assert "perspicio explain coffee" in page.input_value("#cli")
+    with page.expect_download() as info:
+        page.click("#download-json")
+    path = tmp_path / "explain.json"
+    info.value.save_as(path)
+    data = json.loads(path.read_text())
+    assert [m["method"] for m in data["methods"]] == ["gradcam", "input_x_gradient"]
+    assert len(data["methods"][0]["values"]) == 224 and len(data["methods"][0]["values"][0]) == 224
+    assert data["target"]["name"] == "espresso"
+    if size == "desktop":  # the trust table once (the phone run checks the layout of the same page)
+        page.click("#score")
+        page.wait_for_selector("table.trust tbody tr", timeout=600_000)
+        ranked = page.eval_on_selector_all("table.trust tbody th", "els => els.map(e => e.textContent)")
+        assert sorted(ranked) == ["gradcam", "input_x_gradient"]
+        assert page.locator(".curve svg polyline").count() == 4  # deletion and insertion, two methods each
+        assert page.locator(".plain li").count() == 4
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= SIZES[size]["width"], f"horizontal scrolling at {size} width: {width}px"
+    page.screenshot(path=str(ARTIFACTS / f"page-{size}.png"), full_page=True)
+    if size == "desktop" and os.environ.get("PERSPICIO_README_SCREENSHOT"):
+        from PIL import Image  # 256 colours: a third of the bytes, the same look
+
+        Image.open(ARTIFACTS / f"page-{size}.png").convert("RGB").quantize(256).save(ROOT / "docs" / "img" / "serve.png",
+                                                                                     optimize=True)
+    assert errors == [] and offsite == []
+    context.close()
+
+
+def test_upload_and_error_message(server: str, browser, tmp_path: Path) -> None:
+    page = browser.new_page(viewport=SIZES["desktop"])
+    page.goto(server)
+    page.wait_for_selector(".topclass", timeout=120_000)
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    page.set_input_files("#file", str(text))
+    page.wait_for_selector("#error:not([hidden])", timeout=60_000)
+    assert "not a PNG or JPEG" in page.text_content("#error")
+    from perspicio import zoo
+
+    real = tmp_path / "rocket.jpg"
+    zoo.sample("rocket").save(real, format="JPEG")
+    page.set_input_files("#file", str(real))
+    wait_for(page, "document.querySelector('#error').hidden && document.querySelectorAll('.topclass').length === 5",
+             120)
+    page.close()
