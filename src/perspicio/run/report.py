@@ -157,6 +157,15 @@ def _sample_grid(store: Store, rows: Any, methods: Sequence[str], indices: Seque
     return f'<img class="fig" alt="samples" src="{_fig_uri(fig)}">'
 
 
+def _direction(metric: str) -> str:
+    from ..core.registry import METRICS
+
+    try:
+        return "higher is better" if METRICS.get(metric).cls.higher_is_better else "lower is better"
+    except Exception:  # a metric no longer registered in this version: no direction shown
+        return "direction unknown"
+
+
 def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ra = np.argsort(np.argsort(a, 1, kind="stable"), 1, kind="stable").astype(np.float64)
     rb = np.argsort(np.argsort(b, 1, kind="stable"), 1, kind="stable").astype(np.float64)
@@ -249,13 +258,13 @@ def write_report(store: str | os.PathLike[str] | Store, out: str | os.PathLike[s
             if any(len(d) for d in data):
                 ax.boxplot([d if len(d) else [np.nan] for d in data], showfliers=False)
                 ax.set_xticks(range(1, len(done_methods) + 1), done_methods, rotation=30, ha="right", fontsize=8)
-            ax.set_title(metric, fontsize=9)
+            ax.set_title(f"{metric} ({_direction(metric)})", fontsize=9)
         for k in range(len(metrics), nrows * cols):
             axes[k // cols, k % cols].axis("off")
         fig.tight_layout()
         parts.append(f'<img class="fig" alt="metrics" src="{_fig_uri(fig)}">')
         table = ok_rows.groupby("method")[[f"metric:{m}" for m in metrics]].mean()
-        parts.append("<table><tr><th class='l'>method</th>" + "".join(f"<th>{_esc(m)} (mean)</th>" for m in metrics) + "</tr>"
+        parts.append("<table><tr><th class='l'>method</th>" + "".join(f"<th>{_esc(m)} (mean, {_direction(m)})</th>" for m in metrics) + "</tr>"
                      + "".join("<tr><td class='l'>" + _esc(m) + "</td>" + "".join(
                          f"<td>{v:.4g}</td>" if np.isfinite(v) else "<td>n/a</td>" for v in table.loc[m].to_numpy()) + "</tr>"
                          for m in table.index) + "</table>")
