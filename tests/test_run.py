@@ -273,6 +273,12 @@ def test_layer_resolution_maps_and_dict_item_datasets(digits, tmp_path):
     assert rows.loc[rows["index"] == 3, "error"].str.contains("missing on the server").all()
 
 
+def test_progress_lines_when_not_on_a_terminal(digits, tmp_path, capsys):
+    run(digits, digits_data("test")[0][:10], store=tmp_path / "s", chunk_size=4, progress=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and err[-1].startswith("run: 10/10 samples") and "samples/s" in err[0] and "ETA" in err[0]
+
+
 def test_bad_input_is_refused_clearly(digits, tmp_path):
     x = digits_data("test")[0][:4]
     with pytest.raises(OptionError, match="engine must be one of"):
