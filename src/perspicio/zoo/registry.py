@@ -165,6 +165,13 @@ _BUNDLED: dict[str, _Bundled] = {
         "text",
         0,
     ),
+    "digits_vit": _Bundled(
+        "tiny vision transformer (2 blocks, 4 x 4 patch grid + class token, 27k params) for scikit-learn's "
+        "8 x 8 digits; trained on first use in seconds (deterministic, cached), needs scikit-learn",
+        lambda pretrained: nn.Identity(),  # built by zoo/vit.py (train or load the cache), see load()
+        "digits",
+        8,
+    ),
 }
 
 
@@ -206,6 +213,10 @@ def load(
         from .text import load_minilm
 
         return load_minilm(dev, pretrained=bool(pretrained), make=ZooModel)
+    if entry.label_set == "digits":
+        from .vit import load_digits_vit
+
+        return load_digits_vit(device=str(dev), pretrained=bool(pretrained))
     model = entry.build(bool(pretrained)).to(dev).eval()
     return ZooModel(
         model=model,

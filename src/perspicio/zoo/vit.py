@@ -117,8 +117,9 @@ def train_digits_vit(seed: int = 0, epochs: int = 30) -> DigitsViT:
         torch.set_num_threads(threads)
 
 
-def _train(seed: int, epochs: int, batch: int = 100) -> DigitsViT:
-    g = torch.Generator().manual_seed(seed)
+def _initialised(seed: int, g: torch.Generator | None = None) -> DigitsViT:
+    """A DigitsViT with the weights training starts from (drawn from ``g``, else from ``seed``)."""
+    g = g if g is not None else torch.Generator().manual_seed(seed)
     model = _fresh()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -128,6 +129,12 @@ def _train(seed: int, epochs: int, batch: int = 100) -> DigitsViT:
                 p.copy_(torch.randn(p.shape, generator=g).clamp_(-2, 2) * std)
             elif name.endswith("bias"):
                 p.zero_()
+    return model
+
+
+def _train(seed: int, epochs: int, batch: int = 100) -> DigitsViT:
+    g = torch.Generator().manual_seed(seed)
+    model = _initialised(seed, g)
     x, y = digits_data("train", seed)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=1e-4)
     steps = epochs * -(-len(x) // batch)
@@ -148,12 +155,18 @@ def _train(seed: int, epochs: int, batch: int = 100) -> DigitsViT:
     return model
 
 
-def load_digits_vit(seed: int = 0, *, device: str = "cpu", retrain: bool = False) -> ZooModel:
-    """The digits ViT as a :class:`~perspicio.zoo.ZooModel` (trained and cached on first use)."""
+def load_digits_vit(
+    seed: int = 0, *, device: str = "cpu", retrain: bool = False, pretrained: bool = True
+) -> ZooModel:
+    """The digits ViT as a :class:`~perspicio.zoo.ZooModel` (trained and cached on first use;
+    ``pretrained=False``: the untrained model, initialised from ``seed`` as training starts)."""
     path = cache_dir() / "digits" / f"digits_vit_v{VERSION}_seed{seed}.pt"
     model = _fresh()
     state = None
-    if path.is_file() and not retrain:
+    if not pretrained:
+        model = _initialised(seed)
+        state = model.state_dict()
+    elif path.is_file() and not retrain:
         try:
             state = torch.load(path, weights_only=True, map_location="cpu")
             model.load_state_dict(state, strict=True)
