@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from conftest import hook_report
@@ -32,7 +31,10 @@ def minilm():
 
 def _stack(seed: int, layers: int = 3, heads: int = 2, t: int = 4) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.rand(1, heads, t, t, generator=g, dtype=torch.float64).softmax(-1) for _ in range(layers)]
+    return [
+        torch.rand(1, heads, t, t, generator=g, dtype=torch.float64).softmax(-1)
+        for _ in range(layers)
+    ]
 
 
 # ---------------------------------------------------------------- formulas on hand-set stacks
@@ -56,14 +58,16 @@ def test_flow_hand_computed_three_tokens() -> None:
     # one layer: the max flow from input j to output i is the edge capacity itself
     m1 = torch.tensor([[1.0, 0, 0], [0.25, 0.75, 0], [0.125, 0.125, 0.75]], dtype=torch.float64)
     assert torch.allclose(attention_flow_values(m1[None], [0, 1, 2]), m1, atol=1e-8)
-    # two layers, from input 0 to output 1: paths 0->0->1 (min(1, 0.5)=0.5 on the edge 0->1 above,
-    # capacity 0.5 - wait: the layer-2 row 1 is [0, 0.5, 0.5]) -> via token 1 (0.25 then 0.5) and
-    # via token 2 (0.125 then 0.5): flow = min(0.25, 0.5) + min(0.125, 0.5) = 0.375
+    # two layers, from input 0 to output 1 (layer-2 row 1 is [0, 0.5, 0.5], so only tokens 1 and 2
+    # feed it): via token 1 (capacity 0.25 then 0.5) and via token 2 (0.125 then 0.5):
+    # flow = min(0.25, 0.5) + min(0.125, 0.5) = 0.375
     m2 = torch.tensor([[0.5, 0.5, 0], [0, 0.5, 0.5], [0.5, 0, 0.5]], dtype=torch.float64)
     f = attention_flow_values(torch.stack([m1, m2]), [1])
     assert f[0, 0].item() == pytest.approx(0.375, abs=1e-8)
     # into output 0 (row [0.5, 0.5, 0]): from input 1 only through token 1: min(0.75, 0.5) = 0.5
-    assert attention_flow_values(torch.stack([m1, m2]), [0])[0, 1].item() == pytest.approx(0.5, abs=1e-8)
+    assert attention_flow_values(torch.stack([m1, m2]), [0])[0, 1].item() == pytest.approx(
+        0.5, abs=1e-8
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -156,7 +160,9 @@ def test_rollout_on_minilm_equals_direct(minilm) -> None:
         m = m / m.sum(-1, keepdim=True)
         r = m if r is None else m @ r
     assert torch.allclose(e.attributions[0], r[0], atol=1e-6)
-    assert e.attributions[0].sum().item() == pytest.approx(1.0, abs=1e-5)  # rows of a product of stochastic matrices
+    assert e.attributions[0].sum().item() == pytest.approx(
+        1.0, abs=1e-5
+    )  # rows of a product of stochastic matrices
 
 
 def test_transformer_attribution_equals_direct(minilm) -> None:
@@ -169,23 +175,24 @@ def test_transformer_attribution_equals_direct(minilm) -> None:
         ref_emb = model(enc2["input_ids"], enc2["attention_mask"])
     out = model.encoder(**enc, output_attentions=True)
     atts = out.attentions
-    for a in atts:
-        a.retain_grad()
     hidden = out.last_hidden_state
     m = enc["attention_mask"][..., None].float()
     emb = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=1)
     score = torch.nn.functional.cosine_similarity(emb, ref_emb, dim=1)
-    score.sum().backward()
-    r = gradient_weighted_relevance([a.detach() for a in atts], [a.grad for a in atts])
+    grads = torch.autograd.grad(
+        score.sum(), list(atts)
+    )  # (never .backward(): no parameter .grad left)
+    r = gradient_weighted_relevance([a.detach() for a in atts], list(grads))
     assert e.scores[0].item() == pytest.approx(score.item(), abs=1e-6)
     assert torch.allclose(e.attributions[0], r[0, 0], atol=1e-6)
-    assert all(p.grad is None for p in model.parameters())
 
 
 def test_flow_on_minilm_and_size_limit(minilm) -> None:
     e = perspicio.explain(minilm, "a wonderful little film", method="attention_flow", query="cls")
     assert e.attributions.shape == (1, 6)
-    assert e.attributions[0, 0].item() == pytest.approx(1.0, abs=1e-6)  # [CLS] feeds itself through the residual
+    assert e.attributions[0, 0].item() == pytest.approx(
+        1.0, abs=1e-6
+    )  # [CLS] feeds itself through the residual
     with pytest.raises(InputError, match="max_tokens=4"):
         perspicio.explain(minilm, "a wonderful little film", method="attention_flow", max_tokens=4)
 
@@ -194,8 +201,9 @@ def test_padding_does_not_change_a_text(minilm) -> None:
     for method in ("attention_rollout", "transformer_attribution"):
         target = "a great movie"
         alone = perspicio.explain(minilm, "dull", method=method, target=target)
-        batch = perspicio.explain(minilm, ["dull", "a much longer sentence than the first"], method=method,
-                                  target=target)
+        batch = perspicio.explain(
+            minilm, ["dull", "a much longer sentence than the first"], method=method, target=target
+        )
         n = alone.attributions.shape[1]
         assert torch.allclose(batch.attributions[0, :n], alone.attributions[0], atol=1e-5)
         assert batch.attributions[0, n:].abs().max().item() == 0.0
@@ -204,6 +212,7 @@ def test_padding_does_not_change_a_text(minilm) -> None:
 # ---------------------------------------------------------------- vision transformers (random weights)
 
 
+@pytest.mark.slow
 def test_timm_and_torchvision_vits() -> None:
     timm = pytest.importorskip("timm")
     tv = pytest.importorskip("torchvision")
@@ -256,7 +265,9 @@ def test_multihead_attention_with_weights_and_masks() -> None:
 
 def test_errors(minilm) -> None:
     with pytest.raises(LayerError, match="no attention module"):
-        perspicio.explain(nn.Sequential(nn.Linear(3, 3)), torch.zeros(1, 3), method="attention_rollout")
+        perspicio.explain(
+            nn.Sequential(nn.Linear(3, 3)), torch.zeros(1, 3), method="attention_rollout"
+        )
     with pytest.raises(OptionError, match="query"):
         perspicio.explain(minilm, "hi", method="attention_rollout", query="first")
     with pytest.raises(OptionError, match="out of range"):
@@ -265,15 +276,21 @@ def test_errors(minilm) -> None:
         perspicio.explain(minilm, "hi", method="attention", layer="encoder.layer.0")
 
 
+@pytest.mark.slow
 def test_lifecycle_on_minilm_even_when_the_model_raises(minilm) -> None:
     model = minilm.model
     model.train()
     hooks = hook_report(model)
     before = [(n, m.training) for n, m in model.named_modules()]
     grads = [p.requires_grad for p in model.parameters()]
-    for method in ("attention", "attention_rollout", "transformer_attribution", "integrated_gradients"):
-        perspicio.explain(minilm, "a fine day", method=method, target="a bad day", steps=4) if method == (
-            "integrated_gradients") else perspicio.explain(minilm, "a fine day", method=method, target="a bad day")
+    for method in (
+        "attention",
+        "attention_rollout",
+        "transformer_attribution",
+        "integrated_gradients",
+    ):
+        opts = {"steps": 4} if method == "integrated_gradients" else {}
+        perspicio.explain(minilm, "a fine day", method=method, target="a bad day", **opts)
         assert [(n, m.training) for n, m in model.named_modules()] == before
         assert [p.requires_grad for p in model.parameters()] == grads
         assert all(p.grad is None for p in model.parameters())
@@ -291,10 +308,13 @@ def test_lifecycle_on_minilm_even_when_the_model_raises(minilm) -> None:
     h = layer.value.register_forward_hook(explode)
     try:
         with pytest.raises(Boom):
-            perspicio.explain(minilm, "a fine day", method="transformer_attribution", target="a bad day")
+            perspicio.explain(
+                minilm, "a fine day", method="transformer_attribution", target="a bad day"
+            )
     finally:
         h.remove()
     assert hook_report(model) == hooks
     assert not torch.overrides._get_current_function_mode_stack()
-    assert math.isfinite(perspicio.explain(minilm, "ok", method="attention_rollout").attributions.sum().item())
-    assert np.isfinite(1.0)
+    assert math.isfinite(
+        perspicio.explain(minilm, "ok", method="attention_rollout").attributions.sum().item()
+    )
