@@ -186,14 +186,16 @@ class TreeSurrogate:
         """Every node: question, children, the prediction, held-out rows reaching it and their fidelity."""
         t = self.tree.tree_
         d = self._design
-        reach = self.tree.decision_path(d.z_test).toarray().astype(bool)  # (n_test, nodes)
+        reach = self.tree.decision_path(d.z_test).T.tocsr()  # (nodes, n_test), sparse
         depths = {i: len(p) for i, p in _paths(t)}
         nodes = []
         for i in range(t.node_count):
             left, right = int(t.children_left[i]), int(t.children_right[i])
             value = _leaf_value(t, i, self.kind, self.tree)
-            rows = reach[:, i]
-            n = int(rows.sum())
+            rows = reach.indices[
+                reach.indptr[i] : reach.indptr[i + 1]
+            ]  # held-out rows reaching node i
+            n = len(rows)
             node: dict[str, Any] = {
                 "id": i,
                 "depth": depths[i],
