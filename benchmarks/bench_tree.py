@@ -13,6 +13,14 @@ Run::
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \\
         python benchmarks/bench_tree.py --repeats 3 --write
+
+``--memory`` measures peak memory instead, one task at a time on the same models: the tracemalloc
+peak of perspicio's call (every array it allocates is a numpy array, which tracemalloc sees) and,
+for every contender, the peak RSS growth over the call with glibc told to return freed blocks
+(``MALLOC_MMAP_THRESHOLD_=65536``, set by re-executing the script), so the growth is what the call
+itself holds at its peak, C++ allocations included::
+
+    python benchmarks/bench_tree.py --memory [--label before|after]
 """
 
 from __future__ import annotations
@@ -77,16 +85,10 @@ def run(name: str, fn: Callable[[], object], repeats: int) -> dict[str, object]:
     return {"name": name, "seconds": statistics.median(times), "mib": max(mems) / 2**20, "out": out}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=10_000)
-    ap.add_argument("--interaction-rows", type=int, default=1_000)
-    ap.add_argument("--interventional-rows", type=int, default=1_000)
-    ap.add_argument("--background", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
-    args = ap.parse_args()
-    warnings.filterwarnings("ignore")
+def memory(args: argparse.Namespace) -> None:
+    """Peak memory of each task, one call each (see the module documentation)."""
+    import tracemalloc
+
     import numba
     import shap
     import xgboost as xgb
@@ -95,12 +97,107 @@ def main() -> None:
     from perspicio.trees import read_model, tree_shap
 
     numba.set_num_threads(THREADS)
+    x, y, yr = _data(args.rows)
+    xgbm = xgb.XGBClassifier(n_estimators=500, max_depth=6, learning_rate=0.05, n_jobs=THREADS, random_state=0)
+    xgbm.fit(x, y)
+    rf = RandomForestRegressor(n_estimators=200, max_depth=8, n_jobs=THREADS, random_state=0).fit(x, yr)
+    booster = xgbm.get_booster()
+    booster.set_param({"nthread": THREADS})
+    ens_x, ens_r = read_model(xgbm), read_model(rf)
+    xs_i, bg = x[: args.interaction_rows], x[-args.background:]
+    xs_v = x[: args.interventional_rows]
+    for ens in (ens_x, ens_r):  # compile, and build the cached path arrays, before measuring
+        tree_shap(ens, x[:8], interactions=True)
+        tree_shap(ens, x[:8])
+        tree_shap(ens, x[:8], feature_perturbation="interventional", background=bg[:4])
+    tasks = [
+        ("XGBoost 500x6", f"values, {len(x)} rows", lambda: tree_shap(ens_x, x),
+         [("xgboost pred_contribs", lambda: booster.predict(xgb.DMatrix(x, nthread=THREADS), pred_contribs=True))]),
+        ("XGBoost 500x6", f"interactions, {len(xs_i)} rows", lambda: tree_shap(ens_x, xs_i, interactions=True),
+         [("xgboost pred_interactions",
+           lambda: booster.predict(xgb.DMatrix(xs_i, nthread=THREADS), pred_interactions=True))]),
+        ("XGBoost 500x6", f"interventional ({len(bg)} bg), {len(xs_v)} rows",
+         lambda: tree_shap(ens_x, xs_v, feature_perturbation="interventional", background=bg),
+         [("shap TreeExplainer",
+           lambda: shap.TreeExplainer(xgbm, bg, feature_perturbation="interventional").shap_values(xs_v))]),
+        ("RandomForest 200x8", f"values, {len(x)} rows", lambda: tree_shap(ens_r, x),
+         [("shap TreeExplainer", lambda: shap.TreeExplainer(rf).shap_values(x))]),
+        ("RandomForest 200x8", f"interactions, {len(xs_i)} rows", lambda: tree_shap(ens_r, xs_i, interactions=True),
+         [("shap TreeExplainer", lambda: shap.TreeExplainer(rf).shap_interaction_values(xs_i))]),
+        ("RandomForest 200x8", f"interventional ({len(bg)} bg), {len(xs_v)} rows",
+         lambda: tree_shap(ens_r, xs_v, feature_perturbation="interventional", background=bg),
+         [("shap TreeExplainer",
+           lambda: shap.TreeExplainer(rf, bg, feature_perturbation="interventional").shap_values(xs_v))]),
+    ]
+    rows = []
+    for model, task, ours, others in tasks:
+        tracemalloc.start()
+        res = ours()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        out_mib = (res.values.nbytes + (res.interactions.nbytes if res.interactions is not None else 0)) / 2**20
+        del res
+        dt, grow, res = measured(ours)
+        del res
+        theirs = []
+        for name, fn in others:
+            _, g, r = measured(fn)
+            del r
+            theirs.append(f"{name} {g / 2**20:.1f}")
+        rows.append([model, task, peak / 2**20, grow / 2**20, out_mib, dt, "; ".join(theirs)])
+        print(rows[-1], flush=True)
+    out = table(["model", "task", "tracemalloc peak MiB", "RSS growth MiB", "result MiB", "seconds",
+                 "others' RSS growth MiB"], rows)
+    print(out)
+    if args.write:
+        label = args.label or "memory"
+        body = "\n".join([f"### {label}", "", f"Machine: {machine_note()}; {malloc_note()}.", "", out])
+        path = ROOT_DOC
+        text = path.read_text()
+        path.write_text(text.rstrip() + "\n\n" + body + "\n")
+        print(f"appended to {path}")
+
+
+ROOT_DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def _data(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    n, f = args.rows, 30
-    x = rng.normal(size=(n, f))
+    x = rng.normal(size=(n, 30))
     logit = x[:, 0] * x[:, 1] + np.sin(2 * x[:, 2]) + x[:, 3] ** 2 - 1 + 0.5 * x[:, 4:10].sum(1)
     y = (logit + rng.logistic(size=n) > 0).astype(int)
     yr = logit + 0.1 * rng.normal(size=n)
+    return x, y, yr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=10_000)
+    ap.add_argument("--interaction-rows", type=int, default=1_000)
+    ap.add_argument("--interventional-rows", type=int, default=1_000)
+    ap.add_argument("--background", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
+    ap.add_argument("--memory", action="store_true", help="measure peak memory per task instead of time")
+    ap.add_argument("--label", default=None, help="heading of the --memory table (with --write: appended)")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.memory:
+        if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # freed blocks go back to the OS at once
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+            os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        memory(args)
+        return
+    import numba
+    import shap
+    import xgboost as xgb
+    from sklearn.ensemble import RandomForestRegressor
+
+    from perspicio.trees import read_model, tree_shap
+
+    numba.set_num_threads(THREADS)
+    n = args.rows
+    x, y, yr = _data(n)
     note = f"{machine_note()}; {malloc_note()}; numba threads {THREADS}, xgboost nthread {THREADS}"
     print(note)
     t0 = time.perf_counter()
