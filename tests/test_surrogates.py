@@ -98,6 +98,26 @@ def test_depth3_sklearn_tree_is_recovered_exactly() -> None:
     assert s.class_names == ("0", "1", "2")  # the estimator's classes_
 
 
+def test_dataframe_and_sklearn_model_fitted_on_it() -> None:
+    pd = pytest.importorskip("pandas")
+    from sklearn.ensemble import RandomForestClassifier
+
+    rng = np.random.default_rng(0)
+    x = pd.DataFrame(rng.standard_normal((400, 3)), columns=["age", "income", "debt"])
+    y = (x.income - x.debt > 0).astype(int)
+    forest = RandomForestClassifier(n_estimators=10, random_state=0).fit(x, y)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "error"
+        )  # no 'X does not have valid feature names', no read-only tensor
+        s = distill_tree(forest, x, max_depth=2, labels=y)
+    assert s.feature_names == ("age", "income", "debt")
+    assert {c.feature for r in s.rules() for c in r.conditions} <= {"income", "debt"}
+    assert s.accuracy["model"] > 0.9 and s.fidelity.n == 100
+
+
 def test_fidelity_is_measured_on_held_out_rows_only() -> None:
     """A model with no structure (a random class per row): an unbounded tree memorises the training
     rows (training agreement 1.0) but gets chance-level credit on the held-out rows."""

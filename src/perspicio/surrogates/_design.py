@@ -191,7 +191,7 @@ def _as_table(data: Any, what: str) -> tuple[np.ndarray, list[str] | None]:
     if isinstance(data, Tensor):
         data = data.detach().cpu().numpy()
     try:
-        arr = np.asarray(data, dtype=np.float64)
+        arr = np.array(data, dtype=np.float64)  # a copy: the caller's data is never aliased
     except (TypeError, ValueError) as exc:
         raise InputError(
             f"{what} must be a numeric array of shape (rows, features); got {type(data).__name__} "
@@ -459,7 +459,7 @@ def prepare(
         raise OptionError(f"neighbour_scale must be a positive number; got {neighbour_scale!r}.")
     if test_data is None and not (isinstance(holdout, (int, float)) and 0.0 < holdout < 1.0):
         raise OptionError(f"holdout must be a fraction in (0, 1); got {holdout!r}.")
-    net, bundled_labels = unwrap_model(model)
+    net, bundled_labels = unwrap_model(_named_columns(model) if features is None else model)
     rng = np.random.default_rng(seed)
     if isinstance(features, str):
         features = SegmentPresence(features)
@@ -572,6 +572,21 @@ def prepare(
         labels_test,
         "columns" if features is None else "feature function",
     )
+
+
+def _named_columns(model: Any) -> Any:
+    """A scikit-learn model fitted on a DataFrame, called with DataFrames of its column names (it
+    warns on bare arrays); any other model as given."""
+    names = getattr(model, "feature_names_in_", None)
+    fn = getattr(model, "predict_proba", None) or getattr(model, "predict", None)
+    if names is None or isinstance(model, torch.nn.Module) or fn is None:
+        return model
+    import pandas as pd  # a model fitted on a DataFrame implies pandas
+
+    def predict(a: np.ndarray) -> Any:
+        return fn(pd.DataFrame(a, columns=names))
+
+    return predict
 
 
 def _run(net: torch.nn.Module, x: Tensor, batch_size: int | None) -> np.ndarray:
