@@ -114,6 +114,14 @@ def _epsilon_alpha2_beta1_flat(eps: float, gamma: float, low: Any, high: Any) ->
     return Composite(conv=AlphaBeta(2, 1), linear=Epsilon(eps), first=Flat(), name="epsilon_alpha2_beta1_flat")
 
 
+def _attnlrp(eps: float, gamma: float, low: Any, high: Any) -> Composite:
+    """AttnLRP (Achtibat et al., ICML 2024): epsilon on every affine operation, LayerNorm with its
+    standard deviation held constant, softmax ``R_x = x (R - s sum R)``, products split 50/50
+    (derivations and the relevance the biases absorb: ``transformer_rules.py``, docs/propagation.md)."""
+    return Composite(conv=Epsilon(eps), linear=Epsilon(eps), norm="linear", attention="uniform",
+                     stabilizer=eps, name="attnlrp")
+
+
 #: preset name -> factory(epsilon, gamma, low, high)
 PRESETS: dict[str, Callable[[float, float, Any, Any], Composite]] = {
     "epsilon_plus": _epsilon_plus,
@@ -121,6 +129,7 @@ PRESETS: dict[str, Callable[[float, float, Any, Any], Composite]] = {
     "epsilon_gamma_box": _epsilon_gamma_box,
     "epsilon_alpha2_beta1": _epsilon_alpha2_beta1,
     "epsilon_alpha2_beta1_flat": _epsilon_alpha2_beta1_flat,
+    "attnlrp": _attnlrp,
 }
 
 
