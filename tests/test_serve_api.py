@@ -31,7 +31,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def client():
-    app = create_app(ServeConfig(workers=1, max_upload_bytes=2 * 2**20, max_pixels=4_000_000, time_limit=300))
+    app = create_app(
+        ServeConfig(workers=1, max_upload_bytes=2 * 2**20, max_pixels=4_000_000, time_limit=300)
+    )
     with TestClient(app) as c:
         assert app.state.pool.wait_ready(300)
         yield c
@@ -60,7 +62,10 @@ def test_models_methods_layers_labels(client: TestClient) -> None:
     models = client.get("/api/models").json()
     assert [m["id"] for m in models["models"]] == ["efficientnet_lite0"]
     assert "chelsea" in [s["name"] for s in models["samples"]]
-    fams = {f["family"]: [m["name"] for m in f["methods"]] for f in client.get("/api/methods").json()["families"]}
+    fams = {
+        f["family"]: [m["name"] for m in f["methods"]]
+        for f in client.get("/api/methods").json()["families"]
+    }
     assert "gradcam" in fams["cam"] and "integrated_gradients" in fams["path"]
     assert "tree_shap" not in sum(fams.values(), [])  # needs a tree model, not for images
     layers = client.get("/api/layers", params={"model": "efficientnet_lite0"}).json()
@@ -88,7 +93,9 @@ def test_predict_top5_from_sample_and_upload(client: TestClient) -> None:
 
     buf = io.BytesIO()
     zoo.sample("chelsea").save(buf, format="PNG")
-    up = client.post("/api/predict", files={"file": ("anything.bin", buf.getvalue(), "text/plain")}).json()
+    up = client.post(
+        "/api/predict", files={"file": ("anything.bin", buf.getvalue(), "text/plain")}
+    ).json()
     assert [t["index"] for t in up["top"]] == [t["index"] for t in top]
     assert math.isclose(up["top"][0]["probability"], top[0]["probability"], rel_tol=1e-5)
     jpg = client.post("/api/predict", files={"file": ("x.jpg", jpeg_bytes(300, 200), "image/jpeg")})
@@ -101,15 +108,25 @@ def test_predict_top5_from_sample_and_upload(client: TestClient) -> None:
 def test_explain_equals_the_python_api(client: TestClient, zoo_model, chelsea_batch) -> None:
     import perspicio
 
-    r = client.post("/api/explain", data={"sample": "chelsea", "methods": "gradcam,input_x_gradient", "target": "281"})
+    r = client.post(
+        "/api/explain",
+        data={"sample": "chelsea", "methods": "gradcam,input_x_gradient", "target": "281"},
+    )
     assert r.status_code == 200, r.text
     res = r.json()
     assert res["target"] == {"index": 281, "name": "tabby"} and res["cached"] is False
-    assert res["cli"] == ("perspicio explain chelsea --model efficientnet_lite0 --method gradcam,input_x_gradient "
-                          "--target 281")
+    assert res["cli"] == (
+        "perspicio explain chelsea --model efficientnet_lite0 --method gradcam,input_x_gradient "
+        "--target 281"
+    )
     by = {m["method"]: m for m in res["methods"]}
     for method in ("gradcam", "input_x_gradient"):
-        ref = perspicio.explain(zoo_model, chelsea_batch, method=method, target=281).attributions[0].sum(0).numpy()
+        ref = (
+            perspicio.explain(zoo_model, chelsea_batch, method=method, target=281)
+            .attributions[0]
+            .sum(0)
+            .numpy()
+        )
         got = values_of(by[method])
         assert got.shape == ref.shape == (224, 224)
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6 * float(np.abs(ref).max()))
@@ -121,21 +138,30 @@ def test_explain_equals_the_python_api(client: TestClient, zoo_model, chelsea_ba
     heat = Image.open(io.BytesIO(base64.b64decode(by["gradcam"]["heat_png"])))
     photo = Image.open(io.BytesIO(base64.b64decode(res["image"]["png"])))
     assert heat.size == photo.size == (224, 224)
-    again = client.post("/api/explain", data={"sample": "chelsea", "methods": "gradcam,input_x_gradient", "target": "281"})
+    again = client.post(
+        "/api/explain",
+        data={"sample": "chelsea", "methods": "gradcam,input_x_gradient", "target": "281"},
+    )
     assert again.json()["cached"] is True and again.json()["methods"] == res["methods"]
     assert client.get("/api/status").json()["cache"]["hits"] >= 1
 
 
-def test_explain_with_a_layer_and_a_class_name(client: TestClient, zoo_model, chelsea_batch) -> None:
+def test_explain_with_a_layer_and_a_class_name(
+    client: TestClient, zoo_model, chelsea_batch
+) -> None:
     import perspicio
 
     layer = "_blocks.15"
-    r = client.post("/api/explain", data={"sample": "chelsea", "methods": "gradcam", "target": "tiger cat",
-                                          "layer": layer})
+    r = client.post(
+        "/api/explain",
+        data={"sample": "chelsea", "methods": "gradcam", "target": "tiger cat", "layer": layer},
+    )
     assert r.status_code == 200, r.text
     m = r.json()["methods"][0]
     assert r.json()["target"]["index"] == 282 and m["layer"] == layer
-    ref = perspicio.explain(zoo_model, chelsea_batch, method="gradcam", target=282, layer=layer).attributions[0, 0]
+    ref = perspicio.explain(
+        zoo_model, chelsea_batch, method="gradcam", target=282, layer=layer
+    ).attributions[0, 0]
     np.testing.assert_allclose(values_of(m), ref.numpy(), rtol=1e-4, atol=1e-7)
     assert "--layer _blocks.15" in r.json()["cli"]
 
@@ -147,19 +173,37 @@ def test_compare_ranks_as_the_python_api(client: TestClient, zoo_model, chelsea_
     r = client.post("/api/compare", data={"sample": "chelsea", "methods": "gradcam,hirescam"})
     assert r.status_code == 200, r.text
     res = r.json()
-    ref = compare(zoo_model, chelsea_batch, methods=["gradcam", "hirescam"], metrics=list(TRUST_METRICS),
-                  target=285, seed=0, metric_options=TRUST_METRIC_OPTIONS)
+    ref = compare(
+        zoo_model,
+        chelsea_batch,
+        methods=["gradcam", "hirescam"],
+        metrics=list(TRUST_METRICS),
+        target=285,
+        seed=0,
+        metric_options=TRUST_METRIC_OPTIONS,
+    )
     assert [row["method"] for row in res["table"]] == [row["method"] for row in ref.records()]
     for row, want in zip(res["table"], ref.records()):
         for metric in TRUST_METRICS:
-            assert math.isclose(row[metric], want[metric], rel_tol=1e-4, abs_tol=1e-6), (metric, row, want)
-    assert set(res["curves"]) == {"deletion", "insertion"} and len(res["curves"]["deletion"]["gradcam"]) == 26
+            assert math.isclose(row[metric], want[metric], rel_tol=1e-4, abs_tol=1e-6), (
+                metric,
+                row,
+                want,
+            )
+    assert (
+        set(res["curves"]) == {"deletion", "insertion"}
+        and len(res["curves"]["deletion"]["gradcam"]) == 26
+    )
     assert set(res["plain"]) == set(TRUST_METRICS) and all(res["plain"].values())
-    assert "--metric-option deletion.steps=25" in res["cli"] and res["cli"].startswith("perspicio compare chelsea")
+    assert "--metric-option deletion.steps=25" in res["cli"] and res["cli"].startswith(
+        "perspicio compare chelsea"
+    )
 
 
 def test_progress_stream_ends_with_the_result(client: TestClient) -> None:
-    r = client.post("/api/explain", data={"sample": "coffee", "methods": "gradcam,hirescam", "wait": "false"})
+    r = client.post(
+        "/api/explain", data={"sample": "coffee", "methods": "gradcam,hirescam", "wait": "false"}
+    )
     assert r.status_code == 202, r.text
     job = r.json()["job"]
     events = []
@@ -178,41 +222,93 @@ def test_progress_stream_ends_with_the_result(client: TestClient) -> None:
 
 
 def test_bad_uploads(client: TestClient) -> None:
-    assert_error(client.post("/api/predict", files={"file": ("cat.png", b"I am text, not a picture", "image/png")}),
-                 415, "not a PNG or JPEG")
-    assert_error(client.post("/api/predict", files={"file": ("bomb.png", png_bomb(20_000), "image/png")}),
-                 413, "refused before decoding")
+    assert_error(
+        client.post(
+            "/api/predict", files={"file": ("cat.png", b"I am text, not a picture", "image/png")}
+        ),
+        415,
+        "not a PNG or JPEG",
+    )
+    assert_error(
+        client.post("/api/predict", files={"file": ("bomb.png", png_bomb(20_000), "image/png")}),
+        413,
+        "refused before decoding",
+    )
     big = png_bytes(8, 8) + b"\x00" * (3 * 2**20)
-    assert_error(client.post("/api/predict", files={"file": ("big.png", big, "image/png")}), 413, "limit")
+    assert_error(
+        client.post("/api/predict", files={"file": ("big.png", big, "image/png")}), 413, "limit"
+    )
 
     def chunks():  # no Content-Length: the body is counted while it is read
-        yield (b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
-               b"Content-Type: image/png\r\n\r\n")
+        yield (
+            b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n"
+        )
         for _ in range(40):
             yield b"\x00" * 100_000
 
-    assert_error(client.post("/api/predict", content=chunks(),
-                             headers={"content-type": "multipart/form-data; boundary=xyz"}), 413, "limit")
-    assert_error(client.post("/api/predict", files={"file": ("x.png", png_bytes(10, 10)[:30], "image/png")}),
-                 400, "truncated")
+    assert_error(
+        client.post(
+            "/api/predict",
+            content=chunks(),
+            headers={"content-type": "multipart/form-data; boundary=xyz"},
+        ),
+        413,
+        "limit",
+    )
+    assert_error(
+        client.post("/api/predict", files={"file": ("x.png", png_bytes(10, 10)[:30], "image/png")}),
+        400,
+        "truncated",
+    )
     assert_error(client.post("/api/predict", data={}), 422, "either an image file")
-    assert_error(client.post("/api/predict", data={"sample": "../../etc/passwd"}), 422, "unknown sample")
+    assert_error(
+        client.post("/api/predict", data={"sample": "../../etc/passwd"}), 422, "unknown sample"
+    )
 
 
 def test_bad_names(client: TestClient) -> None:
-    assert_error(client.post("/api/explain", data={"sample": "chelsea", "methods": "gradcma"}), 422,
-                 "unknown method 'gradcma'", "gradcam")
-    assert_error(client.post("/api/explain", data={"sample": "chelsea", "methods": "gradcam", "layer": "_blocks.99"}),
-                 422, "unknown layer '_blocks.99'")
-    assert_error(client.post("/api/explain", data={"sample": "chelsea", "methods": "gradcam", "target": "1000"}),
-                 422, "out of range")
-    assert_error(client.post("/api/explain", data={"sample": "chelsea", "methods": "gradcam", "target": "tabyy"}),
-                 422, "unknown class name")
-    assert_error(client.post("/api/explain", data={"sample": "chelsea", "methods": "tree_shap"}), 422, "tree")
-    assert_error(client.post("/api/explain", data={"sample": "chelsea", "methods": ""}), 422, "at least one")
-    assert_error(client.post("/api/explain", data={"sample": "chelsea", "model": "/etc/passwd"}), 422,
-                 "unknown model")
-    assert_error(client.get("/api/layers", params={"model": "torchvision:resnet18"}), 422, "unknown model")
+    assert_error(
+        client.post("/api/explain", data={"sample": "chelsea", "methods": "gradcma"}),
+        422,
+        "unknown method 'gradcma'",
+        "gradcam",
+    )
+    assert_error(
+        client.post(
+            "/api/explain", data={"sample": "chelsea", "methods": "gradcam", "layer": "_blocks.99"}
+        ),
+        422,
+        "unknown layer '_blocks.99'",
+    )
+    assert_error(
+        client.post(
+            "/api/explain", data={"sample": "chelsea", "methods": "gradcam", "target": "1000"}
+        ),
+        422,
+        "out of range",
+    )
+    assert_error(
+        client.post(
+            "/api/explain", data={"sample": "chelsea", "methods": "gradcam", "target": "tabyy"}
+        ),
+        422,
+        "unknown class name",
+    )
+    assert_error(
+        client.post("/api/explain", data={"sample": "chelsea", "methods": "tree_shap"}), 422, "tree"
+    )
+    assert_error(
+        client.post("/api/explain", data={"sample": "chelsea", "methods": ""}), 422, "at least one"
+    )
+    assert_error(
+        client.post("/api/explain", data={"sample": "chelsea", "model": "/etc/passwd"}),
+        422,
+        "unknown model",
+    )
+    assert_error(
+        client.get("/api/layers", params={"model": "torchvision:resnet18"}), 422, "unknown model"
+    )
     assert_error(client.get("/static/..%2Fapp.py"), 404)
     assert_error(client.get("/api/samples/..%2F..%2Fsecret.png"), 422, "unknown sample")
     assert_error(client.get("/api/nothing"), 404)
@@ -221,7 +317,10 @@ def test_bad_names(client: TestClient) -> None:
 def test_cors_is_off(client: TestClient) -> None:
     r = client.get("/api/models", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in r.headers
-    pre = client.options("/api/explain", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    pre = client.options(
+        "/api/explain",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+    )
     assert "access-control-allow-origin" not in pre.headers
 
 
@@ -233,9 +332,13 @@ def test_queue_limit_answers_503_with_retry_after(client: TestClient) -> None:
     old = pool.queue_limit
     pool.queue_limit = 0
     try:
-        first = client.post("/api/explain", data={"sample": "rocket", "methods": "gradcampp", "wait": "false"})
+        first = client.post(
+            "/api/explain", data={"sample": "rocket", "methods": "gradcampp", "wait": "false"}
+        )
         assert first.status_code == 202
-        r = client.post("/api/explain", data={"sample": "rocket", "methods": "xgradcam", "wait": "false"})
+        r = client.post(
+            "/api/explain", data={"sample": "rocket", "methods": "xgradcam", "wait": "false"}
+        )
         assert_error(r, 503, "busy")
         assert int(r.headers["retry-after"]) >= 1
     finally:
@@ -247,7 +350,9 @@ def test_queue_limit_answers_503_with_retry_after(client: TestClient) -> None:
 def test_cancel_and_time_limit_replace_the_worker(client: TestClient) -> None:
     pool = client.app.state.pool
     spawned = pool.spawned
-    r = client.post("/api/explain", data={"sample": "astronaut", "methods": "scorecam", "wait": "false"})
+    r = client.post(
+        "/api/explain", data={"sample": "astronaut", "methods": "scorecam", "wait": "false"}
+    )
     job = r.json()["job"]
     for _ in range(600):  # wait until it runs
         if client.get(f"/api/jobs/{job}").json().get("state") == "running":
@@ -264,7 +369,9 @@ def test_cancel_and_time_limit_replace_the_worker(client: TestClient) -> None:
     pool.time_limit = 0.5
     try:
         t0 = time.monotonic()
-        r = client.post("/api/explain", data={"sample": "astronaut", "methods": "scorecam", "target": "1"})
+        r = client.post(
+            "/api/explain", data={"sample": "astronaut", "methods": "scorecam", "target": "1"}
+        )
         assert_error(r, 504, "time limit of 0.5 s")
         assert time.monotonic() - t0 < 120
     finally:
@@ -274,7 +381,9 @@ def test_cancel_and_time_limit_replace_the_worker(client: TestClient) -> None:
     assert ok.status_code == 200, ok.text
 
 
-def test_no_traceback_reaches_the_client(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_traceback_reaches_the_client(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from perspicio.serve import app as app_module
 
     def boom(name: str):
@@ -287,7 +396,10 @@ def test_no_traceback_reaches_the_client(client: TestClient, monkeypatch: pytest
 
 
 def test_events_are_json(client: TestClient) -> None:
-    r = client.post("/api/explain", data={"sample": "chelsea", "methods": "gradcam", "target": "281", "wait": "false"})
+    r = client.post(
+        "/api/explain",
+        data={"sample": "chelsea", "methods": "gradcam", "target": "281", "wait": "false"},
+    )
     body = r.json()
     if body.get("cached"):  # answered from the cache of the first explain test
         assert body["result"]["target"]["index"] == 281

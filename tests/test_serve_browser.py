@@ -22,12 +22,17 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("multipart")
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install '.[test]')")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install '.[test]')"
+)
 
 CHROMIUM = os.environ.get("PERSPICIO_CHROMIUM", "/usr/bin/chromium")
 if not Path(CHROMIUM).exists():  # .ci/run installs it (apt-get install chromium); elsewhere say why
-    pytest.skip(f"no chromium at {CHROMIUM}: install it with 'apt-get install -y chromium' (or set "
-                "PERSPICIO_CHROMIUM) to run the browser tests", allow_module_level=True)
+    pytest.skip(
+        f"no chromium at {CHROMIUM}: install it with 'apt-get install -y chromium' (or set "
+        "PERSPICIO_CHROMIUM) to run the browser tests",
+        allow_module_level=True,
+    )
 
 pytestmark = pytest.mark.slow
 
@@ -89,27 +94,45 @@ def test_page_explains_two_methods(server: str, browser, size: str, tmp_path: Pa
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     offsite: list[str] = []
-    page.on("request", lambda r: None if r.url.startswith((server, "data:", "blob:")) else offsite.append(r.url))
+    page.on(
+        "request",
+        lambda r: None if r.url.startswith((server, "data:", "blob:")) else offsite.append(r.url),
+    )
     page.goto(server)
     page.wait_for_selector(".topclass", timeout=120_000)
     page.click("label[for=sample-coffee]")
-    wait_for(page, "document.querySelector('.topclass .name') && "
-             "document.querySelector('.topclass .name').textContent === 'espresso'", 120)
+    wait_for(
+        page,
+        "document.querySelector('.topclass .name') && "
+        "document.querySelector('.topclass .name').textContent === 'espresso'",
+        120,
+    )
     for box in page.query_selector_all("input[name=method]:checked"):
         box.uncheck()
     page.check("#m-gradcam")
     page.check("#m-input_x_gradient")
     page.click("#explain")
-    wait_for(page, "document.querySelectorAll('.card img.heat').length === 2 && "
-             "[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)", 300)
-    sizes = page.eval_on_selector_all(".card img.heat, .card img.photo", "els => els.map(e => [e.naturalWidth, e.naturalHeight])")
+    wait_for(
+        page,
+        "document.querySelectorAll('.card img.heat').length === 2 && "
+        "[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)",
+        300,
+    )
+    sizes = page.eval_on_selector_all(
+        ".card img.heat, .card img.photo", "els => els.map(e => [e.naturalWidth, e.naturalHeight])"
+    )
     assert sizes == [[224, 224]] * 4
-    assert page.eval_on_selector_all(".card img.heat", "els => els.map(e => e.dataset.method)") == ["gradcam",
-                                                                                                     "input_x_gradient"]
+    assert page.eval_on_selector_all(".card img.heat", "els => els.map(e => e.dataset.method)") == [
+        "gradcam",
+        "input_x_gradient",
+    ]
     # the shared slider sets every overlay's opacity
     page.fill("#opacity", "25")
     page.dispatch_event("#opacity", "input")
-    assert page.eval_on_selector_all(".card img.heat", "els => els.map(e => e.style.opacity)") == ["0.25", "0.25"]
+    assert page.eval_on_selector_all(".card img.heat", "els => els.map(e => e.style.opacity)") == [
+        "0.25",
+        "0.25",
+    ]
     assert page.text_content("#opacity-value") == "25%"
     # keyboard: focus a map and read a value with the arrow keys
     page.focus(".stack")
@@ -131,9 +154,13 @@ def test_page_explains_two_methods(server: str, browser, size: str, tmp_path: Pa
     if size == "desktop":  # the trust table once (the phone run checks the layout of the same page)
         page.click("#score")
         page.wait_for_selector("table.trust tbody tr", timeout=600_000)
-        ranked = page.eval_on_selector_all("table.trust tbody th", "els => els.map(e => e.textContent)")
+        ranked = page.eval_on_selector_all(
+            "table.trust tbody th", "els => els.map(e => e.textContent)"
+        )
         assert sorted(ranked) == ["gradcam", "input_x_gradient"]
-        assert page.locator(".curve svg polyline").count() == 4  # deletion and insertion, two methods each
+        assert (
+            page.locator(".curve svg polyline").count() == 4
+        )  # deletion and insertion, two methods each
         assert page.locator(".plain li").count() == 4
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= SIZES[size]["width"], f"horizontal scrolling at {size} width: {width}px"
@@ -141,8 +168,9 @@ def test_page_explains_two_methods(server: str, browser, size: str, tmp_path: Pa
     if size == "desktop" and os.environ.get("PERSPICIO_README_SCREENSHOT"):
         from PIL import Image  # 256 colours: a third of the bytes, the same look
 
-        Image.open(ARTIFACTS / f"page-{size}.png").convert("RGB").quantize(256).save(ROOT / "docs" / "img" / "serve.png",
-                                                                                     optimize=True)
+        Image.open(ARTIFACTS / f"page-{size}.png").convert("RGB").quantize(256).save(
+            ROOT / "docs" / "img" / "serve.png", optimize=True
+        )
     assert errors == [] and offsite == []
     context.close()
 
@@ -161,6 +189,9 @@ def test_upload_and_error_message(server: str, browser, tmp_path: Path) -> None:
     real = tmp_path / "rocket.jpg"
     zoo.sample("rocket").save(real, format="JPEG")
     page.set_input_files("#file", str(real))
-    wait_for(page, "document.querySelector('#error').hidden && document.querySelectorAll('.topclass').length === 5",
-             120)
+    wait_for(
+        page,
+        "document.querySelector('#error').hidden && document.querySelectorAll('.topclass').length === 5",
+        120,
+    )
     page.close()

@@ -88,6 +88,13 @@ def model_table(specs: tuple[str, ...]) -> dict[str, str]:
     help="Largest image (width x height), checked before decoding.",
 )
 @click.option(
+    "--cache-mb",
+    type=float,
+    default=128.0,
+    show_default=True,
+    help="Result cache for identical requests, in MiB of JSON (0: off).",
+)
+@click.option(
     "--allow-remote",
     is_flag=True,
     help="Allow --host to be a non-loopback address (the app has no authentication).",
@@ -107,6 +114,7 @@ def serve_cmd(
     time_limit: float,
     max_upload_mb: float,
     max_megapixels: float,
+    cache_mb: float,
     allow_remote: bool,
     cors: tuple[str, ...],
 ) -> None:
@@ -146,6 +154,8 @@ def serve_cmd(
         max_upload_bytes=int(max_upload_mb * 2**20),
         max_pixels=int(max_megapixels * 1e6),
         cors_origins=cors,
+        cache_bytes=int(max(0.0, cache_mb) * 2**20),
+        cache_entries=64 if cache_mb > 0 else 0,
     )
     app = create_app(config)
     shown = f"[{host}]" if ":" in host else host
