@@ -630,8 +630,10 @@ def test_cli_surrogate_tree_and_linear(tmp_path: Path, monkeypatch) -> None:
     assert data["feature_names"] == ["a", "b", "c", "d", "e"] and data["accuracy"]["model"] == 1.0
 
 
-def test_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
+def test_cli_errors_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
     from perspicio.cli import main
+
+    monkeypatch.setenv("PERSPICIO_CACHE", str(tmp_path / "cache"))
 
     out = str(tmp_path / "o")
     assert main(["surrogate", "tree", "--max-depth", "0", "--depths", "none", "-o", out]) == 2

@@ -111,7 +111,9 @@ def tree_cmd(max_depth: int, depths: str, **kw: Any) -> None:
     fidelity), OUT/fidelity_curve.png and OUT/tree.json.
     """
     from ..surrogates import distill_tree
+    from ..surrogates._design import check_depth
 
+    check_depth(max_depth)  # before the model is loaded
     depth_list = _parse_depths(depths)
     model, args, out = _setup(kw)
     s = distill_tree(model, max_depth=max_depth, **args)
