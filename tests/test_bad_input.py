@@ -141,7 +141,7 @@ def test_input_errors_in_python(tiny_cnn, tiny_input) -> None:
 
 
 def test_option_errors_in_python(tiny_cnn, tiny_input) -> None:
-    with pytest.raises(OptionError, match="batch_size must be a positive integer; got 0"):
+    with pytest.raises(OptionError, match="batch_size must be an integer >= 1 or None; got 0"):
         perspicio.explain(tiny_cnn, tiny_input, method="scorecam", batch_size=0)
     with pytest.raises(OptionError, match="memory_budget must be a positive"):
         perspicio.explain(tiny_cnn, tiny_input, method="ablationcam", memory_budget=-5)
@@ -284,7 +284,7 @@ def test_cli_image_errors(files, tmp_path, capsys, case: str, fragments: list[st
         (["--method", "gradcam", "--target", "1000"], ["out of range"]),
         (["--method", "gradcam", "--target", "Egyptian kat"], ["unknown class name", "egyptian cat"]),
         (["--method", "gradcam", "--steps", "5"], ["--steps"]),
-        (["--method", "scorecam", "--batch-size", "0"], ["batch_size must be a positive integer"]),
+        (["--method", "scorecam", "--batch-size", "0"], ["batch_size must be an integer >= 1"]),
         (["nosuchsample"], ["not found", "chelsea"]),
     ],
 )

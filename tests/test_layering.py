@@ -94,3 +94,31 @@ def test_library_packages_do_not_import_the_facade() -> None:
                 if module == "perspicio" and (not names or set(names) & facade):  # `import perspicio`, `from .. import explain`
                     bad.add(_name(path))
     assert bad == set(), bad
+
+
+#: the one home of each shared helper of issue 15's "one vocabulary"; a function of that name
+#: anywhere else is a second copy (None: the name must not exist at all any more)
+ONE_HOME: dict[str, str | None] = {
+    "check_int": "core/options.py",
+    "check_float": "core/options.py",
+    "check_choice": "core/options.py",
+    "check_positive_int": None,
+    "check_fraction": None,
+    "to_jsonable": "core/jsonable.py",
+    "_jsonable": None,
+    "_plain": None,
+}
+#: copies in packages being written in parallel, with their owner; the test fails once one is gone
+KNOWN_COPIES: dict[tuple[str, str], str] = {("check_int", "concepts/_common.py"): "concepts (own argument order)"}
+
+
+def test_shared_helpers_have_one_home() -> None:
+    found: dict[str, list[str]] = {}
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef) and node.name in ONE_HOME:
+                found.setdefault(node.name, []).append(_name(path))
+    copies = {(name, f) for name, files in found.items() for f in files if f != ONE_HOME[name]}
+    missing = [name for name, home in ONE_HOME.items() if home is not None and home not in found.get(name, [])]
+    assert copies - set(KNOWN_COPIES) == set() and missing == [], (copies, missing)
+    assert set(KNOWN_COPIES) <= copies, "a known copy is gone: remove it from KNOWN_COPIES"

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from ..core.jsonable import to_jsonable
 from .common import load_model, out_dir_option, parse_target, split_list
 
 DIGITS = ("digits", "digits_cnn")
@@ -96,19 +97,9 @@ def _write(out: Path, name: str, fig: Any, numbers: dict[str, Any]) -> list[Path
     png = out / f"{name}.png"
     fig.savefig(png, dpi=110)
     js = out / f"{name}.json"
-    js.write_text(json.dumps(numbers, indent=2, default=_jsonable))
+    js.write_text(json.dumps(to_jsonable(numbers), indent=2, allow_nan=False))
     click.echo(f"wrote {png} and {js.name}")
     return [png, js]
-
-
-def _jsonable(v: Any) -> Any:
-    import torch
-
-    if isinstance(v, torch.Tensor):
-        return v.tolist()
-    if isinstance(v, Path):
-        return str(v)
-    return str(v)
 
 
 def _unit(target: str | None) -> Any:

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..errors import OptionError
 from . import incremental
 from .allocator import allocator_tuned
 from .caches import Cache
 from .fold import compiled_outputs, inference_twin
 from .fuse import fused_twin
 from .incremental import IncrementalEvaluator
+from .options import check_float, check_int
 
 #: default memory budget for one chunk (bytes); override per call or with PERSPICIO_MEMORY_BUDGET
 DEFAULT_MEMORY_BUDGET = int(float(os.environ.get("PERSPICIO_MEMORY_BUDGET", 1.5 * 2**30)))
@@ -124,10 +124,8 @@ class Engine:
     _boxes: IncrementalEvaluator | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise OptionError(f"batch_size must be a positive integer; got {self.batch_size!r}.")
-        if self.memory_budget is not None and self.memory_budget <= 0:
-            raise OptionError(f"memory_budget must be a positive number of bytes; got {self.memory_budget!r}.")
+        check_int("batch_size", self.batch_size, minimum=1, allow_none=True)
+        check_float("memory_budget", self.memory_budget, minimum=0, strict=True, allow_none=True, hint="bytes")
 
     def chunk_size(self, sample: Tensor, *, grad: bool = False, local: bool = False) -> int:
         """Samples per chunk. ``local``: copies that differ from one sample inside small boxes

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError, OptionError
+from .options import check_choice
 
 _INPUT_KINDS = ("numpy", "torch")
 _ONNX_TYPES = {
@@ -105,8 +106,7 @@ class BlackBox(nn.Module):
             fn = fn.fn
         if isinstance(fn, nn.Module):
             raise ModelError("BlackBox wraps callables; an nn.Module can be used directly.")
-        if inputs not in _INPUT_KINDS:
-            raise OptionError(f"inputs must be one of {', '.join(_INPUT_KINDS)}; got {inputs!r}.")
+        check_choice("inputs", inputs, _INPUT_KINDS)
         self.fn, self.description, np_dtype = _as_callable(fn)
         #: (channels, ndim) of the inputs, where the callable declares them (ONNX sessions): checked
         #: at the boundary (core/inputs.py) instead of failing inside the runtime

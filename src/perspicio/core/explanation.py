@@ -16,8 +16,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
 from torch import Tensor
+
+from .jsonable import to_jsonable
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -106,8 +107,8 @@ class Explanation:
             "scores": self.scores.tolist(),
             "base_value": self.base_value.tolist() if isinstance(self.base_value, Tensor) else self.base_value,
             "shape": list(self.attributions.shape),
-            "options": {k: _jsonable(v) for k, v in self.options.items()},
-            "provenance": {k: _jsonable(v) for k, v in self.provenance.items()},
+            "options": to_jsonable(dict(self.options), max_elements=64),
+            "provenance": to_jsonable(dict(self.provenance), max_elements=64),
         }
 
     # ------------------------------------------------------------------ display and I/O
@@ -225,17 +226,3 @@ def display() -> Display:
     if not _DISPLAY:  # pragma: no cover - perspicio/__init__ always registers one
         raise RuntimeError("no display layer registered: import perspicio (it registers perspicio.viz).")
     return _DISPLAY[0]
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, Tensor):
-        return v.tolist() if v.numel() <= 64 else f"Tensor{tuple(v.shape)}"
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, torch.dtype | torch.device):
-        return str(v)
-    return getattr(v, "__name__", None) or type(v).__name__

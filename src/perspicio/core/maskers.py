@@ -34,6 +34,7 @@ from ..errors import InputError, OptionError
 from . import incremental
 from .baselines import BASELINES, check_baseline, make_baseline
 from .batching import Engine
+from .options import check_int
 
 SEGMENTERS = ("slic", "quickshift", "felzenszwalb")
 IMAGE_FEATURES = ("pixel", "patch", "grid", *SEGMENTERS)
@@ -350,8 +351,7 @@ def as_background(background: Any, n_columns: int, *, background_size: int | Non
     if not torch.isfinite(bg).all():
         raise OptionError("background contains NaN/Inf values.")
     if background_size is not None:
-        if not isinstance(background_size, int) or background_size < 1:
-            raise OptionError(f"background_size must be a positive integer or None; got {background_size!r}.")
+        check_int("background_size", background_size, minimum=1)
         if bg.shape[0] > background_size:
             rng = np.random.default_rng(seed)
             keep = np.sort(rng.choice(bg.shape[0], size=background_size, replace=False))

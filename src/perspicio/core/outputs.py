@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ModelError, OptionError
+from .options import check_int
 
 #: what ``output=`` accepts
 OutputSpec = "str | int | Sequence[str | int] | Callable[[Any], Tensor] | None"
@@ -200,8 +201,7 @@ class Detections:
     """
 
     def __init__(self, max_detections: int = 100) -> None:
-        if isinstance(max_detections, bool) or not isinstance(max_detections, int) or max_detections < 1:
-            raise OptionError(f"max_detections must be a positive integer; got {max_detections!r}.")
+        check_int("max_detections", max_detections, minimum=1)
         self.max_detections = max_detections
         self.__name__ = "detections"
 

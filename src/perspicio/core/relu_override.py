@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ..errors import OptionError
+from .options import check_choice
 
 RULES = ("guided", "deconv")
 
@@ -140,8 +140,7 @@ class RectifierOverride(TorchFunctionMode):
 
     def __init__(self, rule: str) -> None:
         super().__init__()
-        if rule not in RULES:
-            raise OptionError(f"rule must be one of {', '.join(RULES)}; got {rule!r}.")
+        check_choice("rule", rule, RULES)
         self.rule = rule
         self.calls = 0
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.capture import Capture, StopForward, resolve_layer
+from ..core.options import check_int
 from ..errors import InputError, LayerError, ModelError, OptionError
 
 
@@ -81,30 +82,13 @@ def unwrap(model: Any) -> ModelBundle:
     return ModelBundle(model, None, InputSpace(), None, type(model).__name__)
 
 
-def check_int(value: Any, name: str, *, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"{name} must be an integer >= {minimum}; got {value!r}.")
-    return int(value)
-
-
-def check_float(value: Any, name: str, *, minimum: float = 0.0, strict: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"{name} must be a number; got {value!r}.") from None
-    if not torch.isfinite(torch.tensor(v)) or v < minimum or (strict and v == minimum):
-        rel = ">" if strict else ">="
-        raise OptionError(f"{name} must be a finite number {rel} {minimum}; got {value!r}.")
-    return v
-
-
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """A local generator (never the global RNG); ``None`` draws a fresh seed from the OS."""
     g = torch.Generator(device=device)
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(check_int(seed, "seed"))
+        g.manual_seed(check_int("seed", seed, minimum=0))
     return g
 
 
@@ -175,9 +159,9 @@ def parse_unit(unit: Any) -> Unit:
     if isinstance(unit, bool):
         raise OptionError(f"unit must be a channel index or (channel, row, col); got {unit!r}.")
     if isinstance(unit, int):
-        return Unit(check_int(unit, "unit (channel index)"))
+        return Unit(check_int("unit (channel index)", unit, minimum=0))
     if isinstance(unit, (tuple, list)) and len(unit) == 3 and all(isinstance(u, int) and not isinstance(u, bool) for u in unit):
-        c, i, j = (check_int(u, "unit index") for u in unit)
+        c, i, j = (check_int("unit index", u, minimum=0) for u in unit)
         return Unit(c, (i, j))
     if isinstance(unit, (tuple, list)) and len(unit) == 1:
         return parse_unit(unit[0])

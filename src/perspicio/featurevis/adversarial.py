@@ -23,11 +23,12 @@ from torch import Tensor
 
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
+from ..core.options import check_choice, check_float, check_int
 from ..core.registry import METHODS as METHOD_REGISTRY
 from ..core.targets import resolve_target
 from ..errors import OptionError, TargetError
 from ..methods.base import build
-from ._common import ModelBundle, check_float, check_int, make_generator, unwrap
+from ._common import ModelBundle, make_generator, unwrap
 
 NORMS = ("linf", "l2")
 METHODS = ("fgsm", "pgd")
@@ -129,13 +130,11 @@ def attack(
     """
     bundle = unwrap(model)
     net = bundle.model
-    if method not in METHODS:
-        raise OptionError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
-    if norm not in NORMS:
-        raise OptionError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}.")
-    eps = check_float(epsilon, "epsilon")
-    steps = 1 if method == "fgsm" else check_int(steps, "steps", minimum=1)
-    alpha = eps if method == "fgsm" else check_float(step_size, "step_size", strict=True) if step_size is not None else 2.5 * eps / steps
+    check_choice("method", method, METHODS)
+    check_choice("norm", norm, NORMS)
+    eps = check_float("epsilon", epsilon, minimum=0)
+    steps = 1 if method == "fgsm" else check_int("steps", steps, minimum=1)
+    alpha = eps if method == "fgsm" else check_float("step_size", step_size, minimum=0, strict=True) if step_size is not None else 2.5 * eps / steps
     if targeted and target is None:
         raise TargetError("a targeted attack needs target=<class index or name>.")
     x = as_batch(inputs, net)

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
+from ..core.options import check_int
 from ..errors import LayerError, OptionError
-from ._common import LayerGrab, check_int, resolve, unwrap
+from ._common import LayerGrab, resolve, unwrap
 from .receptive_field import ReceptiveField, receptive_field
 
 
@@ -81,7 +82,7 @@ def feature_maps(
     net = bundle.model
     name, module = resolve(net, layer)
     x = as_batch(inputs, net)
-    index = check_int(index, "index")
+    index = check_int("index", index, minimum=0)
     if index >= x.shape[0]:
         raise OptionError(f"index {index} is out of range for {x.shape[0]} input(s).")
     x = x[index:index + 1]
@@ -100,7 +101,7 @@ def feature_maps(
             raise OptionError(f"channel {bad[0] if bad else '(none)'} is out of range: layer {name!r} has {c} channels (0..{c - 1}).")
         idx = torch.tensor(chosen, dtype=torch.long)
     else:
-        k = min(check_int(top_k, "top_k", minimum=1), c)
+        k = min(check_int("top_k", top_k, minimum=1), c)
         idx = torch.sort(means, descending=True, stable=True).indices[:k].cpu()
     maps = act[idx.to(act.device)]
     try:

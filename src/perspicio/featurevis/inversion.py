@@ -22,7 +22,8 @@ from torch import Tensor
 from ..core.batching import progress_bar
 from ..core.guard import model_device, model_guard
 from ..core.inputs import as_batch
-from ._common import LayerGrab, check_float, check_int, make_generator, resolve, unwrap
+from ..core.options import check_float, check_int
+from ._common import LayerGrab, make_generator, resolve, unwrap
 from .maximize import ImageParam, total_variation
 
 
@@ -65,10 +66,10 @@ def invert(
     net = bundle.model
     name, module = resolve(net, layer)
     x = as_batch(inputs, net)
-    steps = check_int(steps, "steps", minimum=1)
-    lr = check_float(lr, "lr", strict=True)
-    tv = check_float(tv, "tv")
-    l2 = check_float(l2, "l2")
+    steps = check_int("steps", steps, minimum=1)
+    lr = check_float("lr", lr, minimum=0, strict=True)
+    tv = check_float("tv", tv, minimum=0)
+    l2 = check_float("l2", l2, minimum=0)
     gen = make_generator(seed)
     image = ImageParam(tuple(x.shape), param, gen, device=model_device(net))
     opt = torch.optim.Adam(image.parameters(), lr=lr)

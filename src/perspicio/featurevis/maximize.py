@@ -24,13 +24,12 @@ from torch import Tensor, nn
 
 from ..core.batching import progress_bar
 from ..core.guard import model_device, model_guard
+from ..core.options import check_choice, check_float, check_int
 from ..errors import OptionError, TargetError
 from ._common import (
     LayerGrab,
     ModelBundle,
     Unit,
-    check_float,
-    check_int,
     check_unit,
     make_generator,
     resolve,
@@ -144,7 +143,7 @@ class Channel(Objective):
 
     def __init__(self, layer: Any, channel: int) -> None:
         self.layers = (layer,)
-        self.channel = check_int(channel, "channel")
+        self.channel = check_int("channel", channel, minimum=0)
 
     def __call__(self, acts: dict[Any, Tensor], output: Tensor | None) -> Tensor:
         a = acts[self.layers[0]]
@@ -160,7 +159,7 @@ class Neuron(Objective):
 
     def __init__(self, layer: Any, channel: int, row: int | None = None, col: int | None = None) -> None:
         self.layers = (layer,)
-        self.channel = check_int(channel, "channel")
+        self.channel = check_int("channel", channel, minimum=0)
         self.row, self.col = row, col
 
     def __call__(self, acts: dict[Any, Tensor], output: Tensor | None) -> Tensor:
@@ -218,8 +217,7 @@ class ImageParam(nn.Module):
 
     def __init__(self, shape: Sequence[int], kind: str, generator: torch.Generator, *, scale: float = 0.01, decay: float = 1.0, device: Any = "cpu") -> None:
         super().__init__()
-        if kind not in PARAMETERISATIONS:
-            raise OptionError(f"param must be one of {', '.join(PARAMETERISATIONS)}; got {kind!r}.")
+        check_choice("param", kind, PARAMETERISATIONS)
         n, c, h, w = shape
         self.kind, self.shape = kind, tuple(shape)
         if kind == "pixel":
@@ -348,13 +346,13 @@ def maximize(
     bundle = unwrap(model)
     net = bundle.model
     obj = as_objective(objective)
-    steps = check_int(steps, "steps", minimum=1)
-    batch = check_int(batch, "batch", minimum=1)
-    jitter = check_int(jitter, "jitter")
-    lr = check_float(lr, "lr", strict=True)
-    tv = check_float(tv, "tv")
-    l2 = check_float(l2, "l2")
-    scales = [check_float(s, "scales", strict=True) for s in scales]
+    steps = check_int("steps", steps, minimum=1)
+    batch = check_int("batch", batch, minimum=1)
+    jitter = check_int("jitter", jitter, minimum=0)
+    lr = check_float("lr", lr, minimum=0, strict=True)
+    tv = check_float("tv", tv, minimum=0)
+    l2 = check_float("l2", l2, minimum=0)
+    scales = [check_float("scales", s, minimum=0, strict=True) for s in scales]
     angles = [float(a) for a in angles]
     if shape is None:
         size = bundle.space.size or (224, 224)

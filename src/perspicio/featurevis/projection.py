@@ -20,8 +20,9 @@ from torch import Tensor
 
 from ..core.batching import Engine
 from ..core.guard import model_guard
-from ..errors import LayerError, ModelError, OptionError
-from ._common import LayerGrab, check_int, resolve, unwrap
+from ..core.options import check_choice, check_int
+from ..errors import LayerError, ModelError
+from ._common import LayerGrab, resolve, unwrap
 from ._data import scan
 
 PROJECTIONS = ("pca", "tsne", "umap")
@@ -93,11 +94,9 @@ def project(
     net = bundle.model
     name, module = resolve(net, layer)
     method = str(method).lower()
-    if method not in PROJECTIONS:
-        raise OptionError(f"method must be one of {', '.join(PROJECTIONS)}; got {method!r}.")
-    if pool not in POOLS:
-        raise OptionError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}.")
-    thumbnails = check_int(thumbnails, "thumbnails")
+    check_choice("method", method, PROJECTIONS)
+    check_choice("pool", pool, POOLS)
+    thumbnails = check_int("thumbnails", thumbnails, minimum=0)
     engine = Engine(net, batch_size=batch_size, memory_budget=memory_budget, progress=progress)
     feats: list[Tensor] = []
     preds: list[Tensor] = []

@@ -22,9 +22,10 @@ from torch import Tensor
 from ..core.batching import Engine
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
+from ..core.options import check_float, check_int
 from ..core.targets import ResolvedTarget, resolve_target
 from ..errors import OptionError
-from ._common import check_float, check_int, unwrap
+from ._common import unwrap
 
 DEFAULT_SCALES = (0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 1.75, 2.0)
 DEFAULT_SHIFTS = (-0.5, -0.375, -0.25, -0.125, 0.0, 0.125, 0.25, 0.375, 0.5)
@@ -136,12 +137,12 @@ def sensitivity(
     x = as_batch(inputs, net)[:1]
     H, W = x.shape[-2:]
     side = min(H, W)
-    window = check_int(window if window is not None else max(1, side // 7), "window", minimum=1)
-    stride = check_int(stride if stride is not None else max(1, side // 14), "stride", minimum=1)
+    window = check_int("window", window if window is not None else max(1, side // 7), minimum=1)
+    stride = check_int("stride", stride if stride is not None else max(1, side // 14), minimum=1)
     if window > side:
         raise OptionError(f"window ({window}) must not exceed the image side ({side}).")
     fill = float(fill)
-    scales = [check_float(s, "scales", strict=True) for s in scales]
+    scales = [check_float("scales", s, minimum=0, strict=True) for s in scales]
     shifts = [float(s) for s in shifts]
     angles = [float(a) for a in angles]
     engine = Engine(net, batch_size=batch_size, memory_budget=memory_budget, progress=progress)

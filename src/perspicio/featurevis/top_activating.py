@@ -21,8 +21,9 @@ from torch import Tensor
 
 from ..core.batching import Engine
 from ..core.guard import model_guard
-from ..errors import InputError, LayerError, OptionError
-from ._common import LayerGrab, Unit, check_int, check_unit, parse_unit, resolve, unwrap
+from ..core.options import check_choice, check_int
+from ..errors import InputError, LayerError
+from ._common import LayerGrab, Unit, check_unit, parse_unit, resolve, unwrap
 from ._data import scan
 from .receptive_field import ReceptiveField, receptive_field
 
@@ -117,9 +118,8 @@ def top_activating(
     net = bundle.model
     name, module = resolve(net, layer)
     u = parse_unit(unit)
-    k = check_int(k, "k", minimum=1)
-    if reduce not in REDUCTIONS:
-        raise OptionError(f"reduce must be one of {', '.join(REDUCTIONS)}; got {reduce!r}.")
+    k = check_int("k", k, minimum=1)
+    check_choice("reduce", reduce, REDUCTIONS)
     engine = Engine(net, batch_size=batch_size, memory_budget=memory_budget, progress=progress)
     running = _Running(k)
     checked = [False]

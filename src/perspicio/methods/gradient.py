@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..core.batching import Engine
 from ..core.capture import Capture, StopForward, auto_layer, resolve_layer
 from ..core.explanation import Explanation
+from ..core.options import check_choice
 from ..core.registry import register_method
 from ..core.relu_override import rectifier_override
 from ..core.targets import ResolvedTarget, resolve_target, target_names
@@ -279,8 +280,7 @@ class Saliency(GradientBase):
 
     def __init__(self, model: nn.Module, *, absolute: bool = True, reduce: str | None = None, **common: Any) -> None:
         super().__init__(model, **common)
-        if reduce not in REDUCTIONS:
-            raise OptionError(f"reduce must be one of None, 'sum', 'mean', 'max', 'l2'; got {reduce!r}.")
+        check_choice("reduce", reduce, REDUCTIONS)
         self.absolute = bool(absolute)
         self.reduce = reduce
 
@@ -335,8 +335,7 @@ class GuidedGradCAM(GradientBase):
         super().__init__(model, **common)
         from .cam import UPSAMPLE_MODES
 
-        if upsample not in UPSAMPLE_MODES:
-            raise OptionError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}; got {upsample!r}.")
+        check_choice("upsample", upsample, UPSAMPLE_MODES)
         self.layer_spec = layer
         self.upsample = upsample
         if layer not in (None, "auto"):

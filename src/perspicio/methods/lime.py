@@ -27,9 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core.maskers import MaskedGame
+from ..core.options import check_choice, check_float, check_int
 from ..core.registry import register_method
 from ..errors import OptionError
-from .perturbation import FeatureMethod, FeatureResult, check_int
+from .perturbation import FeatureMethod, FeatureResult
 
 SELECTIONS = ("auto", "none", "forward_selection", "highest_weights")
 SAMPLINGS = ("count", "bernoulli")
@@ -75,18 +76,14 @@ class LIME(FeatureMethod):
                  num_features: int | None = None, feature_selection: str = "auto", sampling: str = "count",
                  **common: Any) -> None:
         super().__init__(model, **common)
-        if not isinstance(kernel_width, (int, float)) or kernel_width <= 0:
-            raise OptionError(f"kernel_width must be a positive number; got {kernel_width!r}.")
-        if not isinstance(alpha, (int, float)) or alpha < 0:
-            raise OptionError(f"alpha (ridge penalty) must be a number >= 0; got {alpha!r}.")
-        if feature_selection not in SELECTIONS:
-            raise OptionError(f"feature_selection must be one of {', '.join(SELECTIONS)}; got {feature_selection!r}.")
-        if sampling not in SAMPLINGS:
-            raise OptionError(f"sampling must be one of {', '.join(SAMPLINGS)}; got {sampling!r}.")
+        check_float("kernel_width", kernel_width, minimum=0, strict=True)
+        check_float("alpha", alpha, minimum=0, hint="ridge penalty")
+        check_choice("feature_selection", feature_selection, SELECTIONS)
+        check_choice("sampling", sampling, SAMPLINGS)
         self.sampling = sampling
         self.kernel_width = float(kernel_width)
         self.alpha = float(alpha)
-        self.num_features = check_int("num_features", num_features, 1)
+        self.num_features = check_int("num_features", num_features, minimum=1, allow_none=True)
         self.feature_selection = feature_selection
 
     def sample(self, m: int, n: int, generator: torch.Generator) -> Tensor:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..core.batching import Engine
 from ..core.explanation import Explanation
+from ..core.options import check_choice, check_float, check_int
 from ..core.registry import METHODS, register_method
 from ..core.targets import resolve_target, target_names
 from ..errors import InputError, OptionError
@@ -59,15 +60,11 @@ class SmoothGrad(Method):
         **common: Any,
     ) -> None:
         super().__init__(model, **common)
-        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-            raise OptionError(f"samples must be an integer >= 1; got {samples!r}.")
-        if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not noise >= 0:
-            raise OptionError(f"noise must be a number >= 0 (relative to the input range); got {noise!r}.")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise OptionError(f"seed must be an integer; got {seed!r}.")
+        check_int("samples", samples, minimum=1)
+        check_float("noise", noise, minimum=0, hint="relative to the input range")
+        check_int("seed", seed)
         variant = self.default_variant if variant is None else variant
-        if variant not in VARIANTS:
-            raise OptionError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}.")
+        check_choice("variant", variant, VARIANTS)
         if base_options is not None and not isinstance(base_options, dict):
             raise OptionError(f"base_options must be a dict of options for {base!r}; got {type(base_options).__name__}.")
         self.base_method, self.base = self._base_method(base, base_options)

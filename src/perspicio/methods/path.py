@@ -51,6 +51,7 @@ from ..core.capture import Capture, auto_layer, resolve_layer
 from ..core.explanation import Explanation
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
+from ..core.options import check_choice, check_float, check_int
 from ..core.outputs import OutputSelector
 from ..core.registry import register_method
 from ..core.targets import ResolvedTarget, resolve_target, target_names
@@ -90,8 +91,7 @@ MAX_STEPS = 100_000
 def check_steps(steps: Any, rule: str = "left") -> int:
     """``steps`` as validated by every path method: an integer in 1..:data:`MAX_STEPS`
     (1..:data:`MAX_GAUSS_LEGENDRE_STEPS` for ``rule="gauss_legendre"``)."""
-    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
-        raise OptionError(f"steps must be an integer >= 1; got {steps!r}.")
+    check_int("steps", steps, minimum=1)
     if rule == "gauss_legendre" and steps > MAX_GAUSS_LEGENDRE_STEPS:
         raise OptionError(f"steps={steps} is above the limit of {MAX_GAUSS_LEGENDRE_STEPS} Gauss-Legendre nodes "
                           "(more gain nothing on a network's integrand); use fewer, or quadrature='adaptive' / "
@@ -169,9 +169,7 @@ def quadrature_nodes(rule: str, steps: int) -> tuple[Tensor, Tensor]:
 def normalize_rule(rule: str) -> str:
     key = str(rule).strip().lower().replace(" ", "_")
     key = _ALIASES.get(key, key)
-    if key not in QUADRATURES:
-        raise OptionError(f"quadrature must be one of {', '.join(QUADRATURES)}; got {rule!r}.")
-    return key
+    return check_choice("quadrature", key, QUADRATURES)
 
 
 def _generator(seed: Any) -> torch.Generator:
@@ -179,9 +177,7 @@ def _generator(seed: Any) -> torch.Generator:
 
 
 def _check_seed(seed: Any) -> int:
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise OptionError(f"seed must be an integer; got {seed!r}.")
-    return seed
+    return check_int("seed", seed)
 
 
 # ============================================================================ completeness
@@ -624,10 +620,8 @@ class GradientSHAP(Method):
         black = black_value(model)
         super().__init__(model, **common)
         check_baseline(baseline)
-        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-            raise OptionError(f"samples must be an integer >= 1; got {samples!r}.")
-        if not isinstance(noise, (int, float)) or isinstance(noise, bool) or not noise >= 0:
-            raise OptionError(f"noise must be a number >= 0 (relative to the input range); got {noise!r}.")
+        check_int("samples", samples, minimum=1)
+        check_float("noise", noise, minimum=0, hint="relative to the input range")
         self.baseline = baseline
         self.samples = samples
         self.noise = float(noise)

@@ -39,19 +39,11 @@ from ..core.maskers import (
     constant_baseline,
     image_baseline,
 )
+from ..core.options import check_float, check_int
 from ..core.registry import register_method
 from ..core.targets import ResolvedTarget, resolve_target, target_names
 from ..errors import InputError, OptionError
 from .base import Method
-
-
-def check_int(name: str, value: Any, minimum: int, *, allow_none: bool = True) -> int | None:
-    """Validate an integer option (>= ``minimum``) with a message naming it."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise OptionError(f"{name} must be an integer >= {minimum}; got {value!r}.")
-    return int(value)
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -130,12 +122,12 @@ class FeatureMethod(Method):
         self.feature_mask = feature_mask
         self.baseline = baseline
         self.background = background
-        self.background_size = check_int("background_size", background_size, 1)
+        self.background_size = check_int("background_size", background_size, minimum=1, allow_none=True)
         self.feature_names = list(feature_names) if feature_names is not None else None
         self.tokenizer = tokenizer
         self.mask_token = mask_token
-        self.budget = check_int("budget", budget, 1)
-        self.seed = check_int("seed", seed, 0, allow_none=False)
+        self.budget = check_int("budget", budget, minimum=1, allow_none=True)
+        self.seed = check_int("seed", seed, minimum=0)
         if background is not None and baseline is not None:
             raise OptionError("pass either background (reference rows) or baseline (one replacement), not both.")
         if tokenizer is not None and not callable(tokenizer):
@@ -419,13 +411,12 @@ class RISE(Method):
     def __init__(self, model: nn.Module, *, budget: int = 1000, cells: int = 7, p: float = 0.5,
                  baseline: Any = None, seed: int = 0, **common: Any) -> None:
         super().__init__(model, **common)
-        self.budget = check_int("budget", budget, 1, allow_none=False)
-        self.cells = check_int("cells", cells, 1, allow_none=False)
-        if not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise OptionError(f"p (probability of keeping a cell) must be in (0, 1]; got {p!r}.")
+        self.budget = check_int("budget", budget, minimum=1)
+        self.cells = check_int("cells", cells, minimum=1)
+        check_float("p", p, minimum=0, maximum=1, strict=True, hint="probability of keeping a cell")
         self.p = float(p)
         self.baseline = baseline
-        self.seed = check_int("seed", seed, 0, allow_none=False)
+        self.seed = check_int("seed", seed, minimum=0)
 
     def masks(self, start: int, stop: int, grids: Tensor, shifts: Tensor, size: tuple[int, int]) -> Tensor:
         """Smooth masks (stop - start, 1, H, W) from the pre-drawn grids and shifts."""

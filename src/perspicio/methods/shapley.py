@@ -22,9 +22,10 @@ from torch import Tensor, nn
 
 from ..core.explanation import Explanation
 from ..core.maskers import MaskedGame
+from ..core.options import check_float, check_int
 from ..core.registry import register_method
 from ..errors import OptionError
-from .perturbation import FeatureMethod, FeatureResult, check_int
+from .perturbation import FeatureMethod, FeatureResult
 
 #: largest number of features shapley_exact enumerates (2^20 coalitions)
 MAX_EXACT_FEATURES = 20
@@ -117,10 +118,9 @@ class ShapleySampling(FeatureMethod):
     def __init__(self, model: nn.Module, *, tolerance: float | None = None, round_pairs: int | None = None,
                  **common: Any) -> None:
         super().__init__(model, **common)
-        if tolerance is not None and (not isinstance(tolerance, (int, float)) or tolerance <= 0):
-            raise OptionError(f"tolerance must be a positive number (standard error); got {tolerance!r}.")
+        check_float("tolerance", tolerance, minimum=0, strict=True, allow_none=True, hint="standard error")
         self.tolerance = tolerance
-        self.round_pairs = check_int("round_pairs", round_pairs, 2)
+        self.round_pairs = check_int("round_pairs", round_pairs, minimum=2, allow_none=True)
 
     def solve(self, game: MaskedGame, generator: torch.Generator) -> FeatureResult:
         m = game.n_features

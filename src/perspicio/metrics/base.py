@@ -37,7 +37,8 @@ from ..core.blackbox import unwrap_model
 from ..core.explanation import Explanation
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
-from ..core.options import RecordsOptions
+from ..core.jsonable import to_jsonable
+from ..core.options import RecordsOptions, check_int
 from ..core.outputs import OutputSelector
 from ..core.targets import ResolvedTarget, resolve_target
 from ..errors import InputError, ModelError, OptionError, PerspicioError
@@ -85,32 +86,16 @@ class MetricResult:
         """JSON-friendly: value, per-sample scores and (with ``arrays``) every detail as lists."""
         out: dict[str, Any] = {
             "metric": self.metric,
-            "value": _num(self.value),
+            "value": to_jsonable(None if self.value is None else float(self.value)),
             "higher_is_better": self.higher_is_better,
-            "scores": [_num(v) for v in self.scores.tolist()],
-            "options": {k: _plain(v) for k, v in self.options.items()},
+            "scores": to_jsonable(self.scores.double()),
+            "options": to_jsonable(dict(self.options)),
         }
         if arrays:
-            out["details"] = {k: _plain(v) for k, v in self.details.items() if not k.startswith("_")}
+            out["details"] = to_jsonable({k: v for k, v in self.details.items() if not k.startswith("_")})
         return out
 
 
-def _num(v: float) -> float | None:
-    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, Tensor):
-        return _plain(v.detach().cpu().tolist())
-    if isinstance(v, float):
-        return _num(v)
-    if isinstance(v, (str, int, bool)) or v is None:
-        return v
-    if isinstance(v, Mapping):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return str(v)
 
 
 # ----------------------------------------------------------------------------- models
@@ -358,8 +343,7 @@ class Metric(RecordsOptions):
         returns a dict, tuple or ``ModelOutput`` (see :mod:`perspicio.core.outputs`; default: the
         ``output`` option recorded in the explanation, if any)."""
         Engine(nn.Identity(), batch_size=batch_size, memory_budget=memory_budget)  # validates both
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise OptionError(f"seed must be an integer; got {seed!r}.")
+        check_int("seed", seed)
         OutputSelector(output)  # validates the spec
         self.batch_size = batch_size
         self.memory_budget = memory_budget
@@ -474,24 +458,6 @@ class _nullcontext:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise OptionError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}.")
-
-
-def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"{name} must be an integer >= {minimum}; got {value!r}.")
-    return value
-
-
-def check_fraction(name: str, value: Any, *, low: float = 0.0, high: float = 1.0, open_low: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > low if open_low else value >= low) and value <= high
-    if not ok:
-        raise OptionError(f"{name} must be a number in {'(' if open_low else '['}{low}, {high}]; got {value!r}.")
-    return float(value)
 
 
 def randn(gen: torch.Generator, shape: Sequence[int], device: torch.device) -> Tensor:

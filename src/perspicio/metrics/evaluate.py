@@ -10,7 +10,6 @@ DataFrame).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,11 +22,12 @@ from torch import Tensor
 
 from ..core.batching import progress_bar
 from ..core.explanation import Explanation
+from ..core.jsonable import to_jsonable, write_json
 from ..core.outputs import OutputSelector
 from ..core.registry import METHODS, METRICS
 from ..core.targets import resolve_target, target_names
 from ..errors import OptionError, PerspicioError, UnknownNameError, suggest
-from .base import MetricResult, NotApplicable, _plain, prepare_model
+from .base import MetricResult, NotApplicable, prepare_model
 
 #: metrics run by ``metrics="default"``: cheap enough for every method, no ground truth needed
 DEFAULT_METRICS = (
@@ -183,7 +183,7 @@ class Comparison:
             "methods": self.methods,
             "metrics": {m: {"higher_is_better": self.higher_is_better(m), "family": METRICS.get(m).family,
                             "summary": METRICS.get(m).summary} for m in self.metrics},
-            "table": [{k: _plain(v) for k, v in r.items()} for r in self.records()],
+            "table": to_jsonable(self.records()),
             "ranks": self.ranks(),
             "best": self.best(),
             "results": {m: {k: r.summary() for k, r in per.items()} for m, per in self.results.items()},
@@ -194,12 +194,7 @@ class Comparison:
         }
 
     def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
-        tmp.replace(path)
-        return path
+        return write_json(path, self.to_dict())
 
     def __repr__(self) -> str:
         return f"Comparison(methods={self.methods}, metrics={self.metrics})\n" + format_table(self)

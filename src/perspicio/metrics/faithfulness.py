@@ -20,20 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.baselines import gaussian_blur, make_baseline
+from ..core.options import check_choice, check_float, check_int
 from ..core.registry import register_metric
 from ..errors import OptionError
-from .base import (
-    SCORES,
-    Context,
-    Metric,
-    MetricResult,
-    attributions_like_input,
-    check_choice,
-    check_fraction,
-    check_positive_int,
-    rand,
-    randn,
-)
+from .base import SCORES, Context, Metric, MetricResult, attributions_like_input, rand, randn
 
 REPLACEMENTS = ("zero", "blur", "mean")
 ORDERS = ("morf", "lerf")
@@ -98,9 +88,9 @@ def _check_common(score: str, order: str, unit: str, patch_size: int, replacemen
     check_choice("order", order, ORDERS)
     check_choice("unit", unit, UNITS)
     check_choice("replacement", replacement, REPLACEMENTS)
-    check_positive_int("patch_size", patch_size)
+    check_int("patch_size", patch_size, minimum=1)
     if steps is not None:
-        check_positive_int("steps", steps)
+        check_int("steps", steps, minimum=1)
 
 
 # ----------------------------------------------------------------------------- deletion / insertion
@@ -126,8 +116,7 @@ class _Curve(Metric):
         super().__init__(**common)
         replacement = replacement or ("blur" if self.insertion else "zero")
         _check_common(score, order, unit, patch_size, replacement, steps)
-        if not isinstance(sigma, (int, float)) or sigma <= 0:
-            raise OptionError(f"sigma must be a positive number (blur width in pixels); got {sigma!r}.")
+        check_float("sigma", sigma, minimum=0, strict=True, hint="blur width in pixels")
         self.steps, self.order, self.unit, self.patch_size = steps, order, unit, patch_size
         self.replacement, self.sigma, self.score = replacement, float(sigma), score
         # MoRF deletion wants a fast drop (low area); LeRF deletion wants the score to stay (high area)
@@ -346,8 +335,7 @@ class ROAD(Metric):
         check_choice("order", order, ORDERS)
         if not percentages or not all(isinstance(p, (int, float)) and 0 < p < 1 for p in percentages):
             raise OptionError(f"percentages must be fractions in (0, 1); got {percentages!r}.")
-        if not isinstance(noise, (int, float)) or noise < 0:
-            raise OptionError(f"noise must be a number >= 0; got {noise!r}.")
+        check_float("noise", noise, minimum=0)
         self.percentages, self.order, self.noise, self.score = tuple(float(p) for p in percentages), order, float(noise), score
         self.higher_is_better = order != "morf"
 
@@ -396,10 +384,9 @@ class Infidelity(Metric):
     def __init__(self, *, samples: int = 32, noise: float = 0.1, normalize: bool = True,
                  score: str = "logit", **common: Any) -> None:
         super().__init__(**common)
-        check_positive_int("samples", samples)
+        check_int("samples", samples, minimum=1)
         check_choice("score", score, SCORES)
-        if not isinstance(noise, (int, float)) or noise <= 0:
-            raise OptionError(f"noise must be a positive number (std of the perturbation); got {noise!r}.")
+        check_float("noise", noise, minimum=0, strict=True, hint="std of the perturbation")
         self.samples, self.noise, self.normalize, self.score = samples, float(noise), bool(normalize), score
 
     def _compute(self, ctx: Context) -> MetricResult:
@@ -441,8 +428,8 @@ class FaithfulnessCorrelation(Metric):
     def __init__(self, *, runs: int = 50, fraction: float = 0.1, unit: str = "patch", patch_size: int = 16,
                  replacement: str = "zero", sigma: float = 5.0, score: str = "logit", **common: Any) -> None:
         super().__init__(**common)
-        check_positive_int("runs", runs, 2)
-        check_fraction("fraction", fraction)
+        check_int("runs", runs, minimum=2)
+        check_float("fraction", fraction, minimum=0, maximum=1, strict=True)
         _check_common(score, "morf", unit, patch_size, replacement)
         self.runs, self.fraction, self.unit, self.patch_size = runs, float(fraction), unit, patch_size
         self.replacement, self.sigma, self.score = replacement, float(sigma), score

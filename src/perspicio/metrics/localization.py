@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.options import check_int
 from ..core.registry import register_metric
-from ..errors import OptionError
 from .base import Context, Metric, MetricResult
 
 
@@ -51,8 +51,7 @@ class PointingGame(_Localization):
 
     def __init__(self, *, tolerance: int = 15, **common: Any) -> None:
         super().__init__(**common)
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
-            raise OptionError(f"tolerance must be an integer >= 0 (pixels); got {tolerance!r}.")
+        check_int("tolerance", tolerance, minimum=0, hint="pixels")
         self.tolerance = tolerance
 
     def _compute(self, ctx: Context) -> MetricResult:

@@ -12,7 +12,6 @@ too. Method calls go through the batching engine in chunks.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.batching import DEFAULT_MEMORY_BUDGET, Engine
+from ..core.jsonable import write_json
+from ..core.options import check_int
 from ..errors import InputError, OptionError
 from .base import relevance_map
 from .localization import cell_energy
@@ -104,12 +105,7 @@ class PointingGameResult:
         }
 
     def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        return write_json(path, self.to_dict())
 
 
 def photo_confidences(zm: Any, threshold: float = DEFAULT_THRESHOLD,
@@ -201,8 +197,7 @@ def pointing_game_benchmark(
 
     if isinstance(size, bool) or not isinstance(size, int) or size < 32 or size % 2:
         raise OptionError(f"size must be an even integer >= 32 (grid side in pixels); got {size!r}.")
-    if max_grids is not None and (not isinstance(max_grids, int) or not 1 <= max_grids <= 24):
-        raise OptionError(f"max_grids must be an integer in 1..24; got {max_grids!r}.")
+    check_int("max_grids", max_grids, minimum=1, maximum=24, allow_none=True)
     if isinstance(orders, str):
         if orders not in ("all", "latin"):
             raise OptionError(f"orders must be 'all', 'latin' or indices in 0..23; got {orders!r}.")

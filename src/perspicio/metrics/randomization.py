@@ -32,17 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.options import check_choice, check_float, check_int
 from ..core.registry import register_metric
 from ..errors import ModelError, OptionError
-from .base import (
-    Context,
-    Metric,
-    MetricResult,
-    check_choice,
-    check_fraction,
-    check_positive_int,
-    relevance_map,
-)
+from .base import Context, Metric, MetricResult, relevance_map
 
 MODES = ("cascading", "independent", "both")
 SIMILARITIES = ("spearman", "ssim", "topk")
@@ -163,8 +156,8 @@ class Randomization(Metric):
         super().__init__(**common)
         check_choice("mode", mode, MODES)
         check_choice("similarity", similarity, SIMILARITIES)
-        check_positive_int("steps", steps)
-        check_fraction("topk", topk)
+        check_int("steps", steps, minimum=1)
+        check_float("topk", topk, minimum=0, maximum=1, strict=True)
         self.mode, self.steps, self.similarity = mode, steps, similarity
         self.absolute, self.topk, self.keep_maps = bool(absolute), float(topk), bool(keep_maps)
 

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.options import check_float, check_int
 from ..core.registry import register_metric
 from ..core.targets import ResolvedTarget
 from ..errors import OptionError
-from .base import Context, Metric, MetricResult, check_positive_int, rand
+from .base import Context, Metric, MetricResult, rand
 
 
 class _Sensitivity(Metric):
@@ -26,9 +27,8 @@ class _Sensitivity(Metric):
 
     def __init__(self, *, samples: int = 10, radius: float = 0.02, **common: Any) -> None:
         super().__init__(**common)
-        check_positive_int("samples", samples)
-        if not isinstance(radius, (int, float)) or isinstance(radius, bool) or radius <= 0:
-            raise OptionError(f"radius must be a positive number (L-inf noise bound in input units); got {radius!r}.")
+        check_int("samples", samples, minimum=1)
+        check_float("radius", radius, minimum=0, strict=True, hint="L-inf noise bound in input units")
         self.samples, self.radius = samples, float(radius)
 
     def _compute(self, ctx: Context) -> MetricResult:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from ..core.jsonable import write_json
 from .overlay import overlay
 
 if TYPE_CHECKING:
@@ -261,16 +262,12 @@ def write_report(comp: Comparison, path: str | Path, images: Sequence[Any] | Non
     tmp_html = path.with_name(path.name + ".tmp")
     tmp_html.write_text(text, encoding="utf-8")
     try:
-        import json
-
         data = comp.to_dict()
         if sources:
             data["inputs"] = list(sources)
-        tmp_json = json_path.with_name(json_path.name + ".tmp")
-        tmp_json.write_text(json.dumps(data, indent=1, allow_nan=False), encoding="utf-8")
+        write_json(json_path, data)
     except BaseException:
         tmp_html.unlink(missing_ok=True)
         raise
     tmp_html.replace(path)
-    tmp_json.replace(json_path)
     return path, json_path

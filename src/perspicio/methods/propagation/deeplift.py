@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ...core.baselines import black_value, check_baseline, make_baseline
 from ...core.batching import Engine
 from ...core.explanation import Explanation
+from ...core.options import check_choice, check_int
 from ...core.registry import register_method
 from ...core.targets import ResolvedTarget, resolve_target
 from ...errors import ModelError, OptionError
@@ -124,9 +125,7 @@ def _score_fn(tgt: ResolvedTarget, idx: Tensor | None) -> Any:
 
 
 def _check_rule(rule: str) -> str:
-    if not isinstance(rule, str) or rule.strip().lower().replace("-", "_") not in RULES:
-        raise OptionError(f"rule must be one of {', '.join(RULES)}; got {rule!r}.")
-    return rule.strip().lower().replace("-", "_")
+    return check_choice("rule", rule.strip().lower().replace("-", "_") if isinstance(rule, str) else rule, RULES)
 
 
 @register_method("deeplift", family="propagation", needs_gradients=True,
@@ -237,8 +236,7 @@ class DeepShap(Method):
         check_baseline(background, "background", allow_callable=False)
         self._black = black_value(model)
         self.cache_reference = bool(cache_reference)
-        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-            raise OptionError(f"samples must be a positive integer; got {samples!r}.")
+        check_int("samples", samples, minimum=1)
         self.background = background
         self.samples = samples
         self.rule = _check_rule(rule)
