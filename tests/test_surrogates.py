@@ -504,6 +504,23 @@ def test_no_side_effects_on_a_torch_model(assert_no_hooks) -> None:
     assert_no_hooks(model)
 
 
+def test_model_state_restored_when_the_model_raises(assert_no_hooks) -> None:
+    class Flaky(TreeNet):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("boom")
+            return super().forward(x)
+
+    model = Flaky().double().train()
+    with pytest.raises(RuntimeError, match="boom"):
+        distill_tree(model, _grid(200, 24), batch_size=16)
+    assert model.training and model.thresholds.requires_grad and model.thresholds.grad is None
+    assert_no_hooks(model)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
