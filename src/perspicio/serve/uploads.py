@@ -23,7 +23,9 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 #: JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic ...): they
 #: carry the frame's height and width; 0xC4 (DHT), 0xC8 (JPG) and 0xCC (DAC) are not frames
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+SOF_MARKERS = frozenset(
+    {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+)
 
 
 class UploadError(InputError):
@@ -77,7 +79,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         (length,) = struct.unpack(">H", data[i + 2 : i + 4])
         if length < 2:
             raise UploadError("the JPEG file is corrupt (segment length < 2).")
-        if marker in _SOF:
+        if marker in SOF_MARKERS:
             if i + 9 > n:
                 break
             height, width = struct.unpack(">HH", data[i + 5 : i + 9])

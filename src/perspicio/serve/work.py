@@ -394,7 +394,7 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-_PLAIN: dict[str, Callable[[float], str]] = {
+PLAIN_SENTENCES: dict[str, Callable[[float], str]] = {
     "deletion": lambda v: (
         f"Deleting the pixels it marks as most important first, the model's confidence "
         f"averages {v:.2f} along the way: the lower, the more the marked pixels are what "
@@ -426,7 +426,7 @@ def plain_language(comp: Any, metrics: Sequence[str]) -> dict[str, str]:
             out[metric] = "Not defined for the chosen methods."
             continue
         value = comp.value(winners[0], metric)
-        text = _PLAIN.get(metric)
+        text = PLAIN_SENTENCES.get(metric)
         sentence = text(value) if text else f"{metric}: {value:.3g}."
         out[metric] = f"Best: {', '.join(winners)}. {sentence}"
     return out
