@@ -175,3 +175,18 @@ def test_cli_writes_the_pictures(tmp_path) -> None:
     lines = (out / "text1_attention_lines.html").read_text()
     assert "<script src" not in lines and "http" not in lines  # self-contained
     assert "wonderful" in (out / "text1_attention_rollout.html").read_text()
+
+
+def test_token_perturbations(minilm) -> None:
+    e = perspicio.explain(
+        minilm, ["a wonderful film", "dull"], method="kernel_shap", target="a great movie"
+    )
+    assert e.attributions.shape == (2, 5)
+    for i, n in enumerate((5, 3)):
+        a = e.attributions[i]
+        assert a[0].item() == pytest.approx(0.0, abs=1e-9) and a[n - 1].item() == pytest.approx(
+            0.0, abs=1e-9
+        )
+        # efficiency: the token values sum to the score minus the score of the [PAD] baseline
+        assert a.sum().item() == pytest.approx((e.scores[i] - e.base_value[i]).item(), abs=1e-5)
+    assert e.attributions[1, 3:].abs().max().item() == 0.0  # padding

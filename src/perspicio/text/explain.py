@@ -139,6 +139,58 @@ def _select_method(method: str) -> Any:
     )
 
 
+def _per_text(
+    cls: Any,
+    tm: TokenModel,
+    labels: Any,
+    x: Tensor,
+    special: Tensor,
+    target: Any,
+    token_id: int,
+    options: dict[str, Any],
+) -> Explanation:
+    """Token perturbations (feature ablation, Shapley values, LIME), one text at a time: a token
+    position (its id, mask and type entries) is one feature, replaced by ``token_id``; the mask and
+    special tokens equal the input at the baseline, so they never move the score."""
+    from ..methods.base import build
+    from ..methods.gradient import check_target_count, slice_target
+
+    check_target_count(target, len(x))
+    parts = []
+    for i in range(len(x)):
+        xi = x[i : i + 1]
+        n_real = int((xi[0, 1] != 0).sum())
+        xi = xi[:, :, :n_real]  # the text's own tokens: padding is not a feature
+        base = token_baseline(xi, special[i : i + 1, :n_real], token_id)[0]
+        groups = torch.arange(n_real, device=x.device).expand(x.shape[1], n_real)
+        opts = {**options, "baseline": base, "feature_mask": groups}
+        e = build(cls, tm, labels=labels, **opts)(xi, target=slice_target(target, i, i + 1, len(x)))
+        a = torch.zeros(1, x.shape[-1], dtype=e.attributions.dtype)
+        a[0, :n_real] = e.attributions[0, 0]
+        parts.append((e, a))
+    first = parts[0][0]
+
+    def cat(name: str) -> Any:
+        vals = [getattr(e, name) for e, _ in parts]
+        if any(v is None for v in vals):
+            return None
+        return torch.cat([torch.as_tensor(v).reshape(-1) for v in vals])
+
+    names = (
+        None
+        if first.target_names is None
+        else tuple(n for e, _ in parts for n in (e.target_names or ()))
+    )
+    return first.replace(
+        attributions=torch.cat([a for _, a in parts]),
+        scores=cat("scores"),
+        targets=cat("targets"),
+        base_value=cat("base_value"),
+        target_names=names,
+        inputs=x,
+    )
+
+
 def explain_text(
     model: Any,
     inputs: str | Sequence[str] | Mapping[str, Any],
@@ -234,16 +286,15 @@ def explain_text(
         cls = METHODS.get("layer_integrated_gradients").cls
         options["layer"] = layer if layer is not None else embedding_layer(inner)
         options["baseline"] = token_baseline(x, special, _baseline_id(tok, baseline_token))
-    elif entry.name in TOKEN_PERTURBATION_METHODS:
-        options.setdefault(
-            "baseline", token_baseline(x, special, _baseline_id(tok, baseline_token))
-        )
-        if layer is not None:
-            options["layer"] = layer
     elif layer is not None:
         options["layer"] = layer
     with model_lock(inner):
-        e = build(cls, tm, labels=labels, **options)(x, target=target)
+        if entry.name in TOKEN_PERTURBATION_METHODS:
+            e = _per_text(
+                cls, tm, labels, x, special, target, _baseline_id(tok, baseline_token), options
+            )
+        else:
+            e = build(cls, tm, labels=labels, **options)(x, target=target)
     attr = e.attributions
     if attr.ndim == 3 and entry.name in EMBEDDING_METHODS:
         attr = attr.sum(dim=-1)  # per token: the sum over the embedding dimensions
