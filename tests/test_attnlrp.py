@@ -285,3 +285,33 @@ def test_minilm_agrees_with_lxt(minilm, monkeypatch) -> None:
     assert float((tokens_ours - tokens_theirs).abs().max()) < 3e-3 * float(
         tokens_theirs.abs().max()
     )
+
+
+# ---------------------------------------------------------------------------- the tiny digits ViT
+
+
+@pytest.mark.slow
+def test_digits_vit_conservation() -> None:
+    pytest.importorskip("sklearn")
+    from perspicio.zoo.digits import digits_data
+
+    demo = perspicio.zoo.load("digits_vit")
+    x, y = digits_data("test")
+    x, y = x[:4].double(), y[:4]
+    model = copy.deepcopy(demo.model).double()
+    with torch.no_grad():  # no biases, no class token or position embeddings (constants)
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or name in ("cls_token", "pos_embed"):
+                p.zero_()
+    e = _lrp(model, x, y, attention="constant", epsilon=1e-12)
+    torch.testing.assert_close(e.attributions.flatten(1).sum(1), e.scores, rtol=1e-9, atol=1e-12)
+    e = _lrp(model, x, y, epsilon=1e-12, record_layers=True)
+    budget = relevance_budget(e)
+    assert float(budget.absorbed["softmax"].abs().min()) > 1e-6  # AttnLRP's softmax keeps some ...
+    others = [float(v.abs().max()) for k, v in budget.absorbed.items() if k != "softmax"]
+    assert (
+        max(others) < 1e-9 and float(budget.residual.abs().max()) < 1e-9
+    )  # ... and nothing else does
+    # the trained model, float32: explained per class, finite, on the 8 x 8 grid
+    e = _lrp(demo.model, x.float(), y)
+    assert e.attributions.shape == (4, 1, 8, 8) and bool(torch.isfinite(e.attributions).all())
