@@ -187,30 +187,38 @@ class BodyLimit:
                     )
                     return
         seen = 0
+        exceeded = False
         response_started = False
+        message_413 = f"the request body is over the limit of {self.max_bytes} bytes."
 
         async def limited_receive() -> dict[str, Any]:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    exceeded = True
                     raise _TooLarge()
             return message
 
-        async def tracking_send(message: dict[str, Any]) -> None:
+        async def guarded_send(message: dict[str, Any]) -> None:
+            # once the body went over the limit, whatever the app answers (a form parser turns any
+            # exception into 400) is replaced by the 413
             nonlocal response_started
+            if exceeded:
+                if message["type"] == "http.response.start" and not response_started:
+                    response_started = True
+                    await _send_json(send, 413, message_413)
+                return
             if message["type"] == "http.response.start":
                 response_started = True
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, guarded_send)
         except _TooLarge:
             if not response_started:
-                await _send_json(
-                    send, 413, f"the request body is over the limit of {self.max_bytes} bytes."
-                )
+                await _send_json(send, 413, message_413)
 
 
 class _TooLarge(Exception):
@@ -575,7 +583,7 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
     @app.post("/api/explain", summary="Explain the image with one or more methods")
     async def explain(
         model: FormStr = "efficientnet_lite0",
-        methods: FormStr = "gradcam",
+        methods: FormStr = None,
         target: FormStr = None,
         layer: FormStr = None,
         sample: FormStr = None,
@@ -613,7 +621,7 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
     )
     async def compare(
         model: FormStr = "efficientnet_lite0",
-        methods: FormStr = "gradcam",
+        methods: FormStr = None,
         target: FormStr = None,
         layer: FormStr = None,
         sample: FormStr = None,
