@@ -495,3 +495,58 @@ def test_option_errors():
     with pytest.raises(OptionError, match="no known link"):
         perspicio.explain(mr, xr[:2], method="tree_shap", feature_perturbation="interventional", background=xr[:5],
                           model_output="probability")
+
+
+@pytest.mark.parametrize("task", ["bin", "multi"])
+def test_xgboost_early_stopping_uses_the_best_iteration_like_predict(task):
+    """A wrapper fitted with early stopping predicts with the rounds up to best_iteration
+    (iteration_range): so do the values; a Booster (or a model file) predicts with every tree."""
+    x, _, yb, y3 = data(True, seed=1)
+    y = yb if task == "bin" else y3
+    m = xgb.XGBClassifier(n_estimators=200, max_depth=3, learning_rate=0.5, early_stopping_rounds=3, n_jobs=1,
+                          num_parallel_tree=2).fit(x[:200], y[:200], eval_set=[(x[200:], y[200:])], verbose=False)
+    b = m.get_booster()
+    best = m.best_iteration
+    assert 0 < best + 1 < b.num_boosted_rounds()  # early stopping did cut rounds
+    res = tree_shap(read_model(m), x)
+    dm = xgb.DMatrix(x)
+    assert rel(res.output, m.predict(x, output_margin=True).reshape(len(x), -1)) < 2e-6
+    contrib = b.predict(dm, pred_contribs=True, iteration_range=(0, best + 1))
+    contrib = contrib[:, None] if contrib.ndim == 2 else contrib  # (N, K, F + 1)
+    assert rel(res.values, np.moveaxis(contrib[:, :, :-1], 1, 2)) < 1e-6
+    full = tree_shap(read_model(b), x)  # the Booster: every tree, as Booster.predict
+    all_trees = b.predict(dm, pred_contribs=True)
+    all_trees = all_trees[:, None] if all_trees.ndim == 2 else all_trees
+    assert rel(full.values, np.moveaxis(all_trees[:, :, :-1], 1, 2)) < 1e-6
+    e = perspicio.explain(m, x[:5], method="tree_shap")
+    assert e.provenance["efficiency_error"] < 1e-9
+
+
+def test_xgboost_vector_leaf_trees_are_one_tree_per_output():
+    """multi_strategy='multi_output_tree': each tree holds a vector per leaf; XGBoost has no
+    pred_contribs for them (nor shap): checked against the margins and enumeration of both games."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 4))
+    x[rng.random(x.shape) < 0.1] = np.nan
+    z = np.nan_to_num(x)
+    y = np.stack([z[:, 0] * z[:, 2], z[:, 1] - z[:, 3], z[:, 0]], 1)
+    m = xgb.XGBRegressor(n_estimators=8, max_depth=3, tree_method="hist", multi_strategy="multi_output_tree",
+                         n_jobs=1).fit(x, y)
+    ens = read_model(m)
+    assert ens.n_outputs == 3
+    res = tree_shap(ens, x[:6], interactions=True)
+    assert rel(res.output, m.predict(x[:6], output_margin=True)) < 2e-6
+    assert np.abs(res.values.sum(1) + res.base - res.output).max() < 1e-9
+    ref = np.stack([_path_dependent_enumeration(ens, row) for row in x[:3]])
+    assert rel(res.values[:3], ref) < 1e-9
+    assert np.abs(res.interactions.sum(2) - res.values).max() < 1e-12
+    bg = np.nan_to_num(x[-10:])
+    iv = tree_shap(ens, x[:2], feature_perturbation="interventional", background=bg)
+    for r in range(2):
+        vals = {}
+        for mask in range(16):
+            keep = ((mask >> np.arange(4)) & 1).astype(bool)
+            vals[mask] = m.predict(np.where(keep[None, :], x[r][None, :], bg), output_margin=True).mean(0)
+        for k in range(3):
+            ref_k = _interaction_index({s: float(v[k]) for s, v in vals.items()}, 4).sum(1)
+            assert rel(iv.values[r, :, k], ref_k) < 2e-6

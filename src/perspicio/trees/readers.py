@@ -135,7 +135,12 @@ def _read_file(path: Path) -> TreeEnsemble:
 
 
 def read_xgboost(model: Any, source: str | None = None) -> TreeEnsemble:
-    """Read an XGBoost ``Booster`` or scikit-learn wrapper from its JSON model."""
+    """Read an XGBoost ``Booster`` or scikit-learn wrapper from its JSON model.
+
+    The trees used are those XGBoost's own ``predict`` uses: a scikit-learn wrapper fitted with
+    early stopping predicts with the rounds up to ``best_iteration`` (``iteration_range``), so only
+    those are read; a ``Booster`` (or a model file) predicts with every tree.
+    """
     booster = model.get_booster() if hasattr(model, "get_booster") else model
     doc = json.loads(bytes(booster.save_raw("json")).decode())
     classes = getattr(model, "classes_", None)
@@ -144,16 +149,24 @@ def read_xgboost(model: Any, source: str | None = None) -> TreeEnsemble:
         missing = float(missing) if missing is not None else float("nan")
     except (TypeError, ValueError):
         missing = float("nan")
+    rounds = None
+    if hasattr(model, "get_booster"):
+        try:
+            best = model.best_iteration
+        except AttributeError:  # not fitted with early stopping
+            best = None
+        if best is not None:
+            rounds = int(best) + 1
     ens = _xgb_from_json(doc, source=source or f"xgboost.{type(model).__name__}", classes=classes,
-                         feature_names=booster.feature_names, missing=missing)
+                         feature_names=booster.feature_names, missing=missing, rounds=rounds)
     # the base score's link depends on the objective: check it against XGBoost's own margin
     import xgboost
 
     probe = np.full((1, ens.n_features), np.nan, dtype=np.float32)
     dm = xgboost.DMatrix(probe, missing=np.nan, feature_names=booster.feature_names,
                          feature_types=booster.feature_types)
-    theirs = np.asarray(booster.predict(dm, output_margin=True, validate_features=False),
-                        dtype=np.float64).reshape(1, -1)
+    theirs = np.asarray(booster.predict(dm, output_margin=True, validate_features=False,
+                                        iteration_range=(0, rounds or 0)), dtype=np.float64).reshape(1, -1)
     ours = ens.predict(probe)
     if theirs.shape == ours.shape and not np.allclose(theirs, ours, rtol=1e-5, atol=1e-5):
         ens.base_offset[:] += (theirs - ours)[0]
@@ -161,7 +174,7 @@ def read_xgboost(model: Any, source: str | None = None) -> TreeEnsemble:
 
 
 def _xgb_from_json(doc: dict[str, Any], *, source: str, classes: Any = None, feature_names: Any = None,
-                   missing: float = float("nan")) -> TreeEnsemble:
+                   missing: float = float("nan"), rounds: int | None = None) -> TreeEnsemble:
     try:
         learner = doc["learner"]
         params = learner["learner_model_param"]
@@ -178,6 +191,15 @@ def _xgb_from_json(doc: dict[str, Any], *, source: str, classes: Any = None, fea
     model = gb["model"]
     trees_json = model["trees"]
     info = model.get("tree_info", [0] * len(trees_json))
+    if rounds is not None:  # the trees of the first `rounds` boosting rounds (iteration_range=(0, rounds))
+        indptr = model.get("iteration_indptr")
+        if indptr is None:
+            per_round = int(model.get("gbtree_model_param", {}).get("num_parallel_tree", 1) or 1) * max(
+                1, int(learner["learner_model_param"].get("num_class", 0) or 0))
+            end = rounds * per_round
+        else:
+            end = int(indptr[min(rounds, len(indptr) - 1)])
+        trees_json, info = trees_json[:end], info[:end]
     n_features = int(params.get("num_feature", 0))
     n_out = max(int(params.get("num_class", 0) or 0), int(params.get("num_target", 1) or 1), 1)
     objective = learner.get("objective", {}).get("name", "")
@@ -191,17 +213,22 @@ def _xgb_from_json(doc: dict[str, Any], *, source: str, classes: Any = None, fea
     trees = []
     for i, t in enumerate(trees_json):
         tp = t.get("tree_param", {})
-        if int(tp.get("size_leaf_vector", "1") or 1) > 1:
-            raise ModelError(f"{source} has vector-leaf trees (multi_strategy='multi_output_tree'), which "
-                             "tree_shap does not read yet.")
+        width = int(tp.get("size_leaf_vector", "1") or 1)
         left = np.asarray(t["left_children"], dtype=np.int64)
         right = np.asarray(t["right_children"], dtype=np.int64)
         dl = np.asarray(t["default_left"], dtype=bool)
         cond = np.asarray(t["split_conditions"], dtype=np.float32).astype(np.float64)
         n = len(left)
-        value = np.where(left < 0, cond, 0.0)
+        is_leaf = left < 0
+        if width > 1:  # vector leaf (multi_strategy="multi_output_tree"): one leaf value per output
+            if width != n_out:
+                raise ModelError(f"{source}: vector leaves of size {width} for {n_out} outputs.")
+            weights_v = np.asarray(t["base_weights"], dtype=np.float32).astype(np.float64).reshape(n, width)
+            values = [np.where(is_leaf, weights_v[:, k], 0.0) for k in range(width)]
+        else:
+            values = [np.where(is_leaf, cond, 0.0)]
         if weights is not None:
-            value = value * float(weights[i])
+            values = [v * float(weights[i]) for v in values]
         stype = np.asarray(t.get("split_type", [0] * n), dtype=np.int64)
         flags = np.zeros(n, dtype=np.uint8)
         cats: list[Any] = [None] * n
@@ -213,12 +240,15 @@ def _xgb_from_json(doc: dict[str, Any], *, source: str, classes: Any = None, fea
             for nd, s0, sz in zip(nodes, segs, sizes):
                 cats[int(nd)] = (bitset(allc[int(s0):int(s0) + int(sz)]), None)
                 flags[int(nd)] = CAT_RIGHT  # XGBoost: categories in the set go right
-        trees.append({
-            "left": left, "right": right, "default": np.where(dl, left, right),
+        structure = {
+            "left": left, "right": np.where(is_leaf, -1, right), "default": np.where(dl, left, right),
             "feature": np.asarray(t["split_indices"], dtype=np.int64), "threshold": cond, "flags": flags,
-            "value": value, "cover": np.asarray(t["sum_hessian"], dtype=np.float64), "cats": cats,
-            "output": int(info[i]) if n_out > 1 else 0,
-        })
+            "cover": np.asarray(t["sum_hessian"], dtype=np.float64), "cats": cats,
+        }
+        if width > 1:  # the tree adds one scalar tree per output, all with the same structure and covers
+            trees.extend({**structure, "value": values[k], "output": k} for k in range(width))
+        else:
+            trees.append({**structure, "value": values[0], "output": int(info[i]) if n_out > 1 else 0})
     transform = "logistic" if objective in ("binary:logistic", "reg:logistic", "binary:logitraw") else \
         "softmax" if objective in ("multi:softprob", "multi:softmax") else None
     names = tuple(str(c) for c in classes) if classes is not None else None
