@@ -20,7 +20,7 @@ for every contender, the peak RSS growth over the call with glibc told to return
 (``MALLOC_MMAP_THRESHOLD_=65536``, set by re-executing the script), so the growth is what the call
 itself holds at its peak, C++ allocations included::
 
-    python benchmarks/bench_tree.py --memory [--label before|after]
+    python benchmarks/bench_tree.py --memory [--others] [--label before|after]
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def memory(args: argparse.Namespace) -> None:
         dt, grow, res = measured(ours)
         del res
         theirs = []
-        for name, fn in others:
+        for name, fn in others if args.others else []:
             _, g, r = measured(fn)
             del r
             theirs.append(f"{name} {g / 2**20:.1f}")
@@ -180,6 +180,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
     ap.add_argument("--memory", action="store_true", help="measure peak memory per task instead of time")
     ap.add_argument("--label", default=None, help="heading of the --memory table (with --write: appended)")
+    ap.add_argument("--others", action="store_true", help="with --memory: also XGBoost's and shap's RSS growth")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.memory:
