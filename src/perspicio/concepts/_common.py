@@ -95,21 +95,21 @@ def image_set(spec: Any, bundle: Bundle, what: str, *, minimum: int = MIN_SET_SI
     if isinstance(spec, Tensor):
         x = as_batch(spec, bundle.model)
     else:
-        if isinstance(spec, (str, os.PathLike)):
-            items: list[Any] = list(list_images(Path(spec)))
-        elif isinstance(spec, Sequence) and not isinstance(spec, (str, bytes)):
-            items = list(spec)
-        else:
+        if not isinstance(spec, (str, os.PathLike, Sequence)) or isinstance(spec, bytes):
             raise InputError(
-                f"{what}: expected a tensor of model inputs, a folder or a list of images; got {type(spec).__name__}."
+                f"{what}: expected a tensor of model inputs, a folder or a list of images; "
+                f"got {type(spec).__name__}."
             )
-        if not items:
-            raise InputError(f"{what} is empty.")
         if bundle.preprocess is None:
             raise OptionError(
-                f"{what} is given as image files; pass preprocess= (a callable from images to a model-input "
-                "batch) or a bundled zoo model, which brings its own."
+                f"{what} is given as image files; pass preprocess= (a callable from images to a "
+                "model-input batch) or a bundled zoo model, which brings its own."
             )
+        items: list[Any] = (
+            list(list_images(Path(spec))) if isinstance(spec, (str, os.PathLike)) else list(spec)
+        )
+        if not items:
+            raise InputError(f"{what} is empty.")
         try:
             x = bundle.preprocess(items)
         except InputError as exc:

@@ -1,9 +1,10 @@
 """Concept activation vectors (Kim et al., ICML 2018): the normal of a linear classifier that
 separates a layer's activations for a concept's images from those for a random set.
 
-The classifier is scikit-learn's: ``"logistic"`` (L2-regularised logistic regression, L-BFGS,
-deterministic) or ``"sgd"`` (``SGDClassifier(alpha=0.01, max_iter=1000, tol=1e-3)`` as in the
-TCAV reference code, seeded), or any callable ``fit(X, y, seed) -> weight vector``. The CAV is
+The classifier is ``"logistic"`` (L2-regularised logistic regression with scikit-learn's objective,
+C = 1, solved by Newton's method here: deterministic) or ``"sgd"`` (scikit-learn's
+``SGDClassifier(alpha=0.01, max_iter=1000, tol=1e-3)`` as in the TCAV reference code, seeded),
+or any callable ``fit(X, y, seed) -> weight vector``. The CAV is
 the weight vector scaled to unit length and oriented from the random set towards the concept.
 """
 
@@ -80,17 +81,18 @@ def fit_cav(
                 f"the CAV classifier must return a finite weight vector of length {X.shape[1]}; got shape {w.shape}."
             )
     else:
-        lm = _sklearn()
-        if classifier == "logistic":
-            clf = lm.LogisticRegression(C=C, max_iter=5000, tol=1e-10)
-        else:
-            clf = lm.SGDClassifier(alpha=0.01, max_iter=1000, tol=1e-3, random_state=seed)
         # the L2-regularised solution (and every SGD iterate) lies in the span of the rows of X: fit in
         # the coordinates of that span (at most as many as samples) instead of the layer's dimension
         basis = _row_space(X)
-        clf.fit(X @ basis, y)
-        w = basis @ np.asarray(clf.coef_, dtype=np.float64).reshape(-1)
-        intercept = float(np.asarray(clf.intercept_).reshape(-1)[0])
+        Z = X @ basis
+        if classifier == "logistic":
+            beta, intercept = logistic_regression(Z, y, C=C)
+        else:
+            clf = _sklearn().SGDClassifier(alpha=0.01, max_iter=1000, tol=1e-3, random_state=seed)
+            clf.fit(Z, y)
+            beta = np.asarray(clf.coef_, dtype=np.float64).reshape(-1)
+            intercept = float(np.asarray(clf.intercept_).reshape(-1)[0])
+        w = basis @ beta
     norm = float(np.linalg.norm(w))
     if norm == 0.0:
         raise OptionError(
@@ -107,3 +109,38 @@ def _row_space(X: np.ndarray) -> np.ndarray:
     _, s, vt = np.linalg.svd(X, full_matrices=False)
     r = int(np.sum(s > s[0] * max(X.shape) * np.finfo(np.float64).eps)) if s[0] > 0 else 1
     return vt[:r].T
+
+
+def logistic_regression(
+    Z: np.ndarray, y: np.ndarray, *, C: float = 1.0, tol: float = 1e-10, max_iter: int = 100
+) -> tuple[np.ndarray, float]:
+    """L2-regularised logistic regression, ``min sum log(1 + exp(-s_i (z_i.b + c))) + |b|^2 / (2C)``
+    with an unpenalised intercept (scikit-learn's objective), solved by Newton's method with
+    backtracking: deterministic and exact to ``tol`` on the gradient. Returns (weights, intercept)."""
+    n, d = Z.shape
+    A = np.concatenate([Z, np.ones((n, 1))], axis=1)
+    reg = np.full(d + 1, 1.0 / C)
+    reg[-1] = 0.0
+    theta = np.zeros(d + 1)
+
+    def objective(t: np.ndarray) -> float:
+        m = A @ t
+        return float(np.sum(np.logaddexp(0.0, m) - y * m) + 0.5 * np.sum(reg * t * t))
+
+    f = objective(theta)
+    for _ in range(max_iter):
+        p = 0.5 * (1.0 + np.tanh(0.5 * (A @ theta)))  # sigmoid without overflow
+        grad = A.T @ (p - y) + reg * theta
+        if np.max(np.abs(grad)) < tol:
+            break
+        hess = (A * (p * (1 - p))[:, None]).T @ A + np.diag(reg)
+        step = np.linalg.solve(hess + 1e-12 * np.eye(d + 1), grad)
+        t = 1.0
+        while True:
+            cand = theta - t * step
+            fc = objective(cand)
+            if fc <= f - 1e-4 * t * float(grad @ step) or t < 1e-10:
+                break
+            t *= 0.5
+        theta, f = cand, fc
+    return theta[:-1], float(theta[-1])

@@ -2,10 +2,18 @@
 
 For each concept and each of N random sets a CAV is fitted (:mod:`.cav`); the TCAV score of a
 concept against one random set is the fraction of the target-class inputs whose directional
-derivative of the target score along the CAV is positive. The N scores of a concept are compared
-with N scores of random-vs-random CAVs (random set i as the "concept" against random set i+1,
-cyclically) by a two-sided t-test; a concept is significant when its p-value is below
-``alpha / number of concepts`` (Bonferroni).
+derivative of the target score along the CAV is positive. Significance, two tests:
+
+- ``test="paper"`` (Kim et al.): the N scores of a concept against N scores of random-vs-random
+  CAVs (random set i as the "concept" against set i+1, cyclically), two-sample two-sided t-test.
+  Its samples are not independent (the concept's N scores share one concept set), so it declares
+  random concepts significant far more often than ``alpha`` (docs/concepts.md).
+- ``test="exchangeable"`` (default): the concept's mean score against the mean scores of each
+  random set taken as a pseudo-concept against the N - 1 other random sets and the concept's set.
+  Under the null the N + 1 sets are exchangeable, so the concept's mean is one more draw from the
+  pseudo-concepts' distribution: two-sided prediction t-test with N - 1 degrees of freedom.
+
+A concept is significant when its p-value is below ``alpha / number of concepts`` (Bonferroni).
 
 Activations are computed once per image and layer: the concept sets, the random images (each
 pool image once, however many sets it is drawn into) and the inputs (with the gradient of the
@@ -47,8 +55,10 @@ class TCAVResult:
     """TCAV scores and their significance for each concept at one layer and target.
 
     ``scores[c]`` is the mean over the random sets; ``concept_scores[c]`` the N scores (one per
-    random set) and ``random_scores`` the N random-vs-random scores they are tested against.
-    ``p_values`` are the t-test's (uncorrected); ``significant[c]`` is ``p < alpha / len(concepts)``.
+    random set); ``random_scores`` the random-vs-random baseline (``test="paper"``: the N cyclic
+    pair scores; ``"exchangeable"``: each random set's mean score against the other sets) and
+    ``null_scores[c]`` the sample concept ``c`` was tested against. ``p_values`` are uncorrected;
+    ``significant[c]`` is ``p < alpha / len(concepts)`` (Bonferroni).
     """
 
     layer: str
@@ -57,6 +67,7 @@ class TCAVResult:
     scores: dict[str, float]
     concept_scores: dict[str, np.ndarray]
     random_scores: np.ndarray
+    null_scores: dict[str, np.ndarray]
     p_values: dict[str, float]
     significant: dict[str, bool]
     alpha: float
@@ -93,6 +104,7 @@ class TCAVResult:
                     "score_std": float(np.std(self.concept_scores[c])),
                     "scores_per_random_set": self.concept_scores[c].tolist(),
                     "p_value": self.p_values[c],
+                    "null_scores": self.null_scores[c].tolist(),
                     "p_value_bonferroni": corrected[c],
                     "significant": self.significant[c],
                     "cav_accuracy": self.cav_accuracy[c],
@@ -134,6 +146,32 @@ class TCAVResult:
             plt.close(fig)
         js.write_text(self.to_json())
         return [png, js]
+
+
+TESTS = ("exchangeable", "paper")
+
+
+def null_pairs(n_sets: int, test: str) -> list[tuple[int, int]]:
+    """(pseudo-concept, counterpart) random-set pairs of the null: ``"paper"`` i vs i+1 (cyclic);
+    ``"exchangeable"`` every ordered pair i != j, grouped by i."""
+    if test == "paper":
+        return [(i, (i + 1) % n_sets) for i in range(n_sets)]
+    return [(i, j) for i in range(n_sets) for j in range(n_sets) if j != i]
+
+
+def prediction_t_test(value: float, sample: np.ndarray) -> float:
+    """Two-sided p-value of ``value`` as one more draw from the normal population ``sample`` came
+    from: ``t = (value - mean) / (sd * sqrt(1 + 1/n))`` with n - 1 degrees of freedom."""
+    from scipy import stats
+
+    sample = np.asarray(sample, dtype=np.float64)
+    n = len(sample)
+    sd = float(np.std(sample, ddof=1))
+    diff = value - float(np.mean(sample))
+    if sd == 0:
+        return 1.0 if diff == 0 else 0.0
+    t = diff / (sd * np.sqrt(1 + 1 / n))
+    return float(2 * stats.t.sf(abs(t), df=n - 1))
 
 
 def t_test(a: np.ndarray, b: np.ndarray) -> float:
@@ -184,6 +222,7 @@ def tcav(
     set_size: int | None = None,
     classifier: str | Callable[[np.ndarray, np.ndarray, int], np.ndarray] = "logistic",
     alpha: float = 0.05,
+    test: str = "exchangeable",
     seed: int = 0,
     preprocess: Callable[[Any], Tensor] | None = None,
 ) -> TCAVResult:
@@ -193,12 +232,15 @@ def tcav(
     ``{name: images}``. ``random_sets``: a list of random image sets, or a count of sets of
     ``set_size`` images (default: the smallest concept set) drawn without replacement from the
     ``random=`` pool. ``classifier``: ``"logistic"``, ``"sgd"`` or ``fit(X, y, seed) -> w``
-    (:func:`~perspicio.concepts.cav.fit_cav`). Seeded: the same call gives the same result.
+    (:func:`~perspicio.concepts.cav.fit_cav`). ``test``: ``"exchangeable"`` (calibrated) or
+    ``"paper"`` (Kim et al.'s t-test). Seeded: the same call gives the same result.
     """
     t0 = time.perf_counter()
     bundle = unwrap(model, preprocess)
     seed = check_seed(seed)
     classifier = check_classifier(classifier)
+    if test not in TESTS:
+        raise OptionError(f"test must be one of {', '.join(TESTS)}; got {test!r}.")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < 1:
         raise OptionError(f"alpha must be a number in (0, 1); got {alpha!r}.")
     if not isinstance(concepts, Mapping) or not concepts:
@@ -253,17 +295,43 @@ def tcav(
             c: tuple(fit_cav(a, r, classifier=classifier, seed=seed) for r in random_acts)
             for c, a in concept_acts.items()
         }
+        pairs = null_pairs(n_sets, test)
         random_cavs = tuple(
-            fit_cav(random_acts[i], random_acts[(i + 1) % n_sets], classifier=classifier, seed=seed)
-            for i in range(n_sets)
+            fit_cav(random_acts[i], random_acts[j], classifier=classifier, seed=seed)
+            for i, j in pairs
         )
     t3 = time.perf_counter()
     concept_scores = {
         c: directional_scores(grads, torch.stack([v.vector for v in cs])).numpy()
         for c, cs in cavs.items()
     }
-    random_scores = directional_scores(grads, torch.stack([v.vector for v in random_cavs])).numpy()
-    p_values = {c: t_test(s, random_scores) for c, s in concept_scores.items()}
+    pair_scores = directional_scores(grads, torch.stack([v.vector for v in random_cavs])).numpy()
+    if test == "paper":
+        random_scores = pair_scores
+        null_scores = {c: pair_scores for c in concept_scores}
+        p_values = {c: t_test(s, random_scores) for c, s in concept_scores.items()}
+    else:
+        # each random set as a pseudo-concept against the N - 1 other sets and the concept's set:
+        # under the null the N + 1 sets are exchangeable, and so are their N + 1 mean scores
+        with small_blas():
+            reverse = {
+                c: tuple(fit_cav(r, a, classifier=classifier, seed=seed) for r in random_acts)
+                for c, a in concept_acts.items()
+            }
+        per_set = pair_scores.reshape(n_sets, n_sets - 1)
+        random_scores = per_set.mean(axis=1)
+        null_scores = {
+            c: (
+                per_set.sum(axis=1)
+                + directional_scores(grads, torch.stack([v.vector for v in cs])).numpy()
+            )
+            / n_sets
+            for c, cs in reverse.items()
+        }
+        p_values = {
+            c: prediction_t_test(float(np.mean(s)), null_scores[c])
+            for c, s in concept_scores.items()
+        }
     threshold = alpha / len(concept_x)
     significant = {c: bool(p < threshold) for c, p in p_values.items()}
     t4 = time.perf_counter()
@@ -281,6 +349,7 @@ def tcav(
         scores={c: float(np.mean(s)) for c, s in concept_scores.items()},
         concept_scores=concept_scores,
         random_scores=random_scores,
+        null_scores=null_scores,
         p_values=p_values,
         significant=significant,
         alpha=float(alpha),
@@ -293,6 +362,7 @@ def tcav(
             if isinstance(classifier, str)
             else getattr(classifier, "__name__", "callable"),
             "random_sets": n_sets,
+            "test": test,
             "seed": seed,
             "model": bundle.name,
             "random_set_sizes": [int(len(r)) for r in random_acts],
