@@ -584,3 +584,20 @@ def test_bundled_example_on_efficientnet(zoo_model) -> None:
     assert r.target == "285 (Egyptian cat)"
     assert r.scores["gravel"] > 0.8 and r.scores["grass"] < 0.2, r.scores
     assert r.significant["gravel"] and r.significant["grass"], r.p_values
+
+
+def test_concepts_package_layering() -> None:
+    """concepts/ imports core, errors and viz only (no methods, metrics, cli, zoo, facade)."""
+    import ast
+    from pathlib import Path
+
+    import perspicio.concepts
+
+    root = Path(perspicio.concepts.__file__).parent
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:
+                top = (node.module or "").split(".")[0]
+                assert top in ("core", "errors", "viz"), (path.name, node.module)
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                assert not node.module.startswith("perspicio"), (path.name, node.module)
