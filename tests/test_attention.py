@@ -236,7 +236,9 @@ def test_timm_and_torchvision_vits() -> None:
     assert e.raw.shape == (1, 1, 14, 14) and e.attributions.shape == (1, 1, 224, 224)
     assert e.provenance["extra_tokens"] == 1
     torch.manual_seed(0)
-    tvit = tv.models.VisionTransformer(224, 16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64).eval()
+    tvit = tv.models.VisionTransformer(
+        224, 16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+    ).eval()
     with AttentionCapture(tvit) as cap, torch.no_grad():
         out = tvit(x)
     with torch.no_grad():
@@ -320,3 +322,25 @@ def test_lifecycle_on_minilm_even_when_the_model_raises(minilm) -> None:
     assert math.isfinite(
         perspicio.explain(minilm, "ok", method="attention_rollout").attributions.sum().item()
     )
+
+
+def test_non_square_vit_grid() -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    m = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=(32, 48),
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=5,
+    ).eval()
+    x = torch.randn(1, 3, 32, 48)
+    e = perspicio.explain(m, x, method="attention_rollout")
+    assert e.raw.shape == (1, 1, 4, 6) and e.attributions.shape == (1, 1, 32, 48)
+    # the class token's rollout row over the 24 patch tokens, in row-major grid order
+    assert torch.allclose(e.raw.flatten(), e.extras["relevance_matrix"][0, 0, 1:], atol=1e-7)
+    with pytest.raises(LayerError, match="extra_tokens"):
+        perspicio.explain(m, x, method="attention_rollout", extra_tokens=3)

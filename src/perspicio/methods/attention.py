@@ -52,10 +52,12 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..core.batching import Engine
+from ..core.capture import token_grid
 from ..core.explanation import Explanation
 from ..core.inputs import as_batch
 from ..core.registry import register_method
 from ..core.targets import resolve_target, target_names
+from ..core.tokens import Layout, check_extra_tokens, token_map
 from ..errors import InputError, LayerError, ModelError, OptionError
 from .base import Method
 from .gradient import check_target_count, row_scores, slice_target
@@ -468,11 +470,6 @@ def _check_query(query: Any) -> None:
     raise OptionError(f"query must be 'auto', 'cls', 'mean' or a token index; got {query!r}.")
 
 
-def _square_extra(tokens: int) -> int:
-    side = math.isqrt(tokens)
-    return tokens - side * side
-
-
 class _AttentionMethod(Method):
     """Shared capture, query selection and output shaping; subclasses override :meth:`relevance`."""
 
@@ -491,17 +488,7 @@ class _AttentionMethod(Method):
     ) -> None:
         super().__init__(model, **common)
         _check_query(query)
-        if not (
-            extra_tokens == "auto"
-            or (
-                isinstance(extra_tokens, int)
-                and not isinstance(extra_tokens, bool)
-                and extra_tokens >= 0
-            )
-        ):
-            raise OptionError(
-                f"extra_tokens must be 'auto' or a non-negative integer; got {extra_tokens!r}."
-            )
+        check_extra_tokens(extra_tokens)
         self.query = query
         self.extra_tokens = extra_tokens
         self.attention_modules = attention_modules
@@ -531,17 +518,11 @@ class _AttentionMethod(Method):
             return mask
         return torch.ones(len(x), t, dtype=torch.bool, device=x.device)
 
-    def _extra(self, x: Tensor, t: int) -> int:
+    def _layout(self, x: Tensor, t: int) -> Layout | None:
+        """Images: how the T tokens lie on the patch grid (core's token_grid); tokens: None."""
         if x.ndim != 4 or not x.is_floating_point():
-            return 0
-        k = _square_extra(t) if self.extra_tokens == "auto" else int(self.extra_tokens)
-        side = math.isqrt(t - k) if t > k else 0
-        if side * side != t - k or side < 1:
-            raise InputError(
-                f"the attention has {t} tokens; after {k} extra token(s) the rest is not a square patch "
-                "grid: pass extra_tokens=<number of class/distillation/register tokens>."
-            )
-        return k
+            return None
+        return token_grid(self.model, x, t, extra_tokens=check_extra_tokens(self.extra_tokens))
 
     def _query_weights(self, mask: Tensor, extra: int, image: bool) -> Tensor:
         n, t = mask.shape
@@ -623,7 +604,8 @@ class _AttentionMethod(Method):
                 + "."
             )
         image = x.ndim == 4 and x.is_floating_point()
-        extra = self._extra(x, t)
+        layout = self._layout(x, t)
+        extra = layout.extra if layout is not None else 0
         mask = self._token_mask(x, t)
         weights = self._query_weights(mask, extra, image)
         rel, matrix = self.relevance(attn, grads, mask, weights)
@@ -637,10 +619,9 @@ class _AttentionMethod(Method):
             extras["relevance_matrix"] = matrix
         extras.update(self._extras(attn))
         raw = None
-        if image:
-            side = math.isqrt(t - extra)
-            raw = rel[:, extra:].reshape(n, 1, side, side)
-            rel = F.interpolate(raw, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+        if layout is not None:
+            raw = token_map(rel, layout)  # (N, 1, h, w) patch grid, upsampled like CAMs below
+            rel = token_map(rel, layout, tuple(x.shape[-2:]))
         idx = torch.cat(indices) if len(indices) == len(chunks) and indices else None
         sc = torch.cat(scores) if len(scores) == len(chunks) else torch.full((n,), float("nan"))
         if resolved and idx is None and resolved[0].indices is None:
