@@ -58,7 +58,7 @@ def main() -> None:
     target = perspicio.EmbeddingSimilarity(ref_emb)
     word = model.get_input_embeddings()
     rows = []
-    for tokens, batch in ((16, 1), (64, 1), (64, 8), (256, 1)):
+    for tokens, batch in ((16, 1), (64, 1), (64, 8), (128, 1)):
         tb = encode(tok, texts(tokens, batch))
         keys = tuple(tb.tensors())
         x = pack(tb.tensors(), keys)
