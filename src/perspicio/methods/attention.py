@@ -77,7 +77,7 @@ __all__ = [
 ]
 
 #: the functions whose result, inside an attention module, is taken as its attention probabilities
-_SOFTMAX = (F.softmax, torch.softmax, Tensor.softmax)
+SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, Tensor.softmax)
 
 #: attention_flow refuses inputs with more tokens than this unless ``max_tokens`` is raised
 FLOW_MAX_TOKENS = 64
@@ -159,7 +159,7 @@ class _AttentionMode(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             return self.capture._sdpa(*args, **kwargs)
         out = func(*args, **kwargs)
-        if func in _SOFTMAX and isinstance(out, Tensor):
+        if func in SOFTMAX_FUNCTIONS and isinstance(out, Tensor):
             return self.capture._record(out)
         return out
 

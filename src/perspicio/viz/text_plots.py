@@ -31,7 +31,12 @@ __all__ = [
 ]
 
 #: attribution methods whose maps are non-negative relevance with a floor (shown min-max scaled)
-_NONNEGATIVE = ("attention", "attention_rollout", "attention_flow", "transformer_attribution")
+NONNEGATIVE_METHODS = (
+    "attention",
+    "attention_rollout",
+    "attention_flow",
+    "transformer_attribution",
+)
 
 
 def token_values(exp: Explanation, index: int = 0) -> tuple[list[str], np.ndarray]:
@@ -43,7 +48,7 @@ def token_values(exp: Explanation, index: int = 0) -> tuple[list[str], np.ndarra
         )
     toks = list(tokens[index])
     a = exp.attributions[index, : len(toks)].detach().double().cpu().numpy()
-    if exp.method in _NONNEGATIVE:
+    if exp.method in NONNEGATIVE_METHODS:
         lo, hi = a.min(), a.max()
         v = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
     else:
@@ -142,7 +147,7 @@ def token_heatmap_figure(exp: Explanation, index: int = 0, *, per_row: int = 10)
         cax=cax,
         orientation="horizontal",
     )
-    scaled = "min-max scaled" if exp.method in _NONNEGATIVE else "/ max |value|"
+    scaled = "min-max scaled" if exp.method in NONNEGATIVE_METHODS else "/ max |value|"
     bar.set_label(f"attribution ({scaled})", fontsize=8)
     bar.set_ticks([-1, -0.5, 0, 0.5, 1])
     bar.ax.tick_params(labelsize=7)
