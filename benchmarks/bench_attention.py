@@ -37,7 +37,9 @@ from perspicio.core.registry import METHODS  # noqa: E402
 from perspicio.methods.base import build  # noqa: E402
 from perspicio.text import TokenModel, encode, pack, token_baseline  # noqa: E402
 
-SENTENCE = "the film is a quiet, beautifully acted story about two brothers who meet again after years"
+SENTENCE = (
+    "the film is a quiet, beautifully acted story about two brothers who meet again after years"
+)
 
 
 def texts(tokens: int, batch: int) -> list[str]:
@@ -53,8 +55,10 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     zm = perspicio.zoo.load("minilm")
     model, tok = zm.model, zm.preprocess.tokenizer
-    ref_emb = perspicio.text.targets.embed(TokenModel(model), pack(encode(tok, "a great movie").tensors(),
-                                                                   ("input_ids", "attention_mask")))[0]
+    ref_emb = perspicio.text.targets.embed(
+        TokenModel(model),
+        pack(encode(tok, "a great movie").tensors(), ("input_ids", "attention_mask")),
+    )[0]
     target = perspicio.EmbeddingSimilarity(ref_emb)
     word = model.get_input_embeddings()
     rows = []
@@ -65,11 +69,11 @@ def main() -> None:
         tm = TokenModel(model, keys)
         kw = tb.tensors()
 
-        def forward() -> None:
+        def forward(kw: dict = kw) -> None:
             with torch.no_grad():
                 model(kw["input_ids"], kw["attention_mask"])
 
-        def forward_backward() -> None:
+        def forward_backward(kw: dict = kw) -> None:
             leaf: list[torch.Tensor] = []
 
             def hook(m: torch.nn.Module, a: object, out: torch.Tensor) -> torch.Tensor:
@@ -83,23 +87,48 @@ def main() -> None:
                 h.remove()
             torch.autograd.grad(s.sum(), leaf[0])
 
-        methods = {m: build(METHODS.get(m).cls, tm, batch_size=len(x)) for m in
-                   ("attention", "attention_rollout", "transformer_attribution")}
+        methods = {
+            m: build(METHODS.get(m).cls, tm, batch_size=len(x))
+            for m in ("attention", "attention_rollout", "transformer_attribution")
+        }
         fns = {"forward": forward, "forward+backward": forward_backward}
-        fns.update({m: (lambda meth=meth: meth(x, target=target)) for m, meth in methods.items()})
+        fns.update(
+            {m: (lambda meth=meth, x=x: meth(x, target=target)) for m, meth in methods.items()}
+        )
         if batch == 1:
             text = tb.texts[0]
             fns["rollout (explain, strings)"] = lambda text=text: perspicio.explain(
-                zm, text, method="attention_rollout")
+                zm, text, method="attention_rollout"
+            )
         t = interleaved(fns, repeats=args.repeats, warmup=2)
         f, fb = t["forward"], t["forward+backward"]
         n_tok = int(tb.attention_mask.sum(1).max())
         for name in ("attention", "attention_rollout", "rollout (explain, strings)"):
             if name in t:
-                rows.append((f"{n_tok} x {batch}", name, t[name] * 1e3, f * 1e3, ratio(t[name], f), "<= 1.1"))
-        rows.append((f"{n_tok} x {batch}", "transformer_attribution", t["transformer_attribution"] * 1e3, fb * 1e3,
-                     ratio(t["transformer_attribution"], fb), "<= 1.5"))
-        print(table(["tokens x batch", "method", "ms", "reference ms", "ratio", "target"], rows[-4:]), flush=True)
+                rows.append(
+                    (
+                        f"{n_tok} x {batch}",
+                        name,
+                        t[name] * 1e3,
+                        f * 1e3,
+                        ratio(t[name], f),
+                        "<= 1.1",
+                    )
+                )
+        rows.append(
+            (
+                f"{n_tok} x {batch}",
+                "transformer_attribution",
+                t["transformer_attribution"] * 1e3,
+                fb * 1e3,
+                ratio(t["transformer_attribution"], fb),
+                "<= 1.5",
+            )
+        )
+        print(
+            table(["tokens x batch", "method", "ms", "reference ms", "ratio", "target"], rows[-4:]),
+            flush=True,
+        )
 
     # layer IG beside Captum's LayerIntegratedGradients, 50 steps, [PAD] baseline, one 16-token text
     lig_rows = []
@@ -112,34 +141,45 @@ def main() -> None:
     x = pack(tb.tensors(), keys)
     tm = TokenModel(model, keys)
     base = token_baseline(x, tb.special, tok.pad_token_id)
-    ours = build(METHODS.get("layer_integrated_gradients").cls, tm, layer=word, baseline=base, steps=50)
+    ours = build(
+        METHODS.get("layer_integrated_gradients").cls, tm, layer=word, baseline=base, steps=50
+    )
     fns = {"perspicio layer_integrated_gradients": lambda: ours(x, target=target)}
     if CaptumLIG is not None:
+
         def f(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             return target(model(ids, mask))
 
         lig = CaptumLIG(f, word)
         fns["captum LayerIntegratedGradients"] = lambda: lig.attribute(
-            x[:, 0], baselines=base[:, 0], additional_forward_args=(x[:, 1],), n_steps=50, method="gausslegendre")
+            x[:, 0],
+            baselines=base[:, 0],
+            additional_forward_args=(x[:, 1],),
+            n_steps=50,
+            method="gausslegendre",
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = interleaved(fns, repeats=max(3, args.repeats // 2), warmup=1)
     for k, v in t.items():
         lig_rows.append((k, v * 1e3))
-    body = "\n".join([
-        "`python benchmarks/bench_attention.py` - MiniLM-L6 (6 layers, 12 heads, 384-d), texts of the given "
-        "length in tokens (longest of the batch); medians of round-robin runs in one process. " + machine_note()
-        + " The machine is shared with other jobs and noisy: read the ratios, not the milliseconds.",
-        "",
-        table(["tokens x batch", "method", "ms", "reference ms", "ratio", "target"], rows),
-        "",
-        "Reference: one forward pass for attention/rollout, one forward + backward (to the word embeddings) "
-        "for transformer attribution. 'explain, strings' includes tokenization and the wrapper.",
-        "",
-        "Layer Integrated Gradients on the word embeddings, 50 Gauss-Legendre steps, [PAD] baseline, one text:",
-        "",
-        table(["implementation", "ms"], lig_rows),
-    ])
+    body = "\n".join(
+        [
+            "`python benchmarks/bench_attention.py` - MiniLM-L6 (6 layers, 12 heads, 384-d), texts of the given "
+            "length in tokens (longest of the batch); medians of round-robin runs in one process. "
+            + machine_note()
+            + " The machine is shared with other jobs and noisy: read the ratios, not the milliseconds.",
+            "",
+            table(["tokens x batch", "method", "ms", "reference ms", "ratio", "target"], rows),
+            "",
+            "Reference: one forward pass for attention/rollout, one forward + backward (to the word embeddings) "
+            "for transformer attribution. 'explain, strings' includes tokenization and the wrapper.",
+            "",
+            "Layer Integrated Gradients on the word embeddings, 50 Gauss-Legendre steps, [PAD] baseline, one text:",
+            "",
+            table(["implementation", "ms"], lig_rows),
+        ]
+    )
     print(body)
     if args.write:
         write_section("Attention methods and token attributions (issue 16)", body)

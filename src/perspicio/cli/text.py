@@ -26,7 +26,9 @@ def is_text_model(model_spec: str) -> bool:
     """True when ``model_spec`` names a bundled text model (its inputs are sentences, not images)."""
     from ..zoo.text import TEXT_MODELS
 
-    return isinstance(model_spec, str) and model_spec.strip().lower().replace("-", "_") in TEXT_MODELS
+    return (
+        isinstance(model_spec, str) and model_spec.strip().lower().replace("-", "_") in TEXT_MODELS
+    )
 
 
 def _target(value: str | None) -> Any:
