@@ -12,7 +12,6 @@ found.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -26,6 +25,7 @@ from ..core.blackbox import unwrap_model
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
 from ..core.maskers import SEGMENTERS, ImageMasker, image_feature_mask
+from ..core.options import check_choice, check_float, check_int
 from ..core.targets import name_to_index
 from ..errors import InputError, ModelError, OptionError, TargetError, suggest
 
@@ -63,13 +63,10 @@ class SegmentPresence:
 
     def __post_init__(self) -> None:
         ImageMasker(self.segments, self.baseline)  # validates the spec and the baseline
-        if not isinstance(self.samples, int) or isinstance(self.samples, bool) or self.samples < 2:
+        check_int("SegmentPresence samples", self.samples, minimum=2)
+        if check_float("SegmentPresence keep", self.keep, minimum=0, maximum=1, strict=True) == 1:
             raise OptionError(
-                f"SegmentPresence samples must be an integer >= 2; got {self.samples!r}."
-            )
-        if not 0.0 < float(self.keep) < 1.0:
-            raise OptionError(
-                f"SegmentPresence keep must be a probability in (0, 1); got {self.keep!r}."
+                "SegmentPresence keep must be below 1 (some segments must be removed); got 1."
             )
 
     @property
@@ -173,13 +170,8 @@ def setup(
 
 
 def check_depth(max_depth: Any, name: str = "max_depth") -> int | None:
-    if max_depth is None:
-        return None
-    if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) or max_depth < 1:
-        raise OptionError(
-            f"{name} must be an integer >= 1 (or None for an unbounded tree); got {max_depth!r}."
-        )
-    return int(max_depth)
+    """A tree depth: an integer >= 1, or None (unbounded)."""
+    return check_int(name, max_depth, minimum=1, allow_none=True, hint="None: unbounded")
 
 
 def _as_table(data: Any, what: str) -> tuple[np.ndarray, list[str] | None]:
@@ -335,10 +327,8 @@ def output_names(
 def make_task(design: Design, target: Any, task: str, softmax: bool = False) -> Task:
     """Classes (argmax of the outputs) or one score column, from ``target`` and ``task``;
     ``softmax``: scores are the softmax of the outputs (probabilities from logits)."""
-    if task not in ("auto", "class", "score"):
-        raise OptionError(f"task must be 'auto', 'class' or 'score'; got {task!r}.")
-    if not isinstance(softmax, bool):
-        raise OptionError(f"softmax must be True or False; got {softmax!r}.")
+    check_choice("task", task, ("auto", "class", "score"))
+    check_choice("softmax", softmax, (False, True))
     if softmax:
         if design.out_train.shape[1] < 2:
             raise OptionError("softmax=True needs a model with several outputs (class logits).")
@@ -445,20 +435,15 @@ def prepare(
         data, test_data = model.X_train, model.X_test if test_data is None else test_data
         labels = model.y_train if labels is None else labels
         test_labels = model.y_test if test_labels is None else test_labels
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise OptionError(f"seed must be an integer; got {seed!r}.")
-    if not isinstance(neighbours, int) or isinstance(neighbours, bool) or neighbours < 0:
-        raise OptionError(
-            f"neighbours must be an integer >= 0 (generated rows per training row); got {neighbours!r}."
+    seed = check_int("seed", seed, minimum=0)
+    neighbours = check_int(
+        "neighbours", neighbours, minimum=0, hint="generated rows per training row"
+    )
+    neighbour_scale = check_float("neighbour_scale", neighbour_scale, minimum=0, strict=True)
+    if test_data is None:
+        holdout = check_float(
+            "holdout", holdout, minimum=0, maximum=1, strict=True, hint="a fraction of the rows"
         )
-    if not (
-        isinstance(neighbour_scale, (int, float))
-        and neighbour_scale > 0
-        and math.isfinite(neighbour_scale)
-    ):
-        raise OptionError(f"neighbour_scale must be a positive number; got {neighbour_scale!r}.")
-    if test_data is None and not (isinstance(holdout, (int, float)) and 0.0 < holdout < 1.0):
-        raise OptionError(f"holdout must be a fraction in (0, 1); got {holdout!r}.")
     net, bundled_labels = unwrap_model(_named_columns(model) if features is None else model)
     rng = np.random.default_rng(seed)
     if isinstance(features, str):

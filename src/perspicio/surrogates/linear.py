@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..core.options import check_float, check_int
 from ..errors import ModelError, OptionError
 from ._design import Design, Options, Task, require_sklearn, setup
 from .fidelity import Fidelity, agreement, r2, r2_fidelity
@@ -177,14 +178,9 @@ def distill_linear(
     :func:`~perspicio.surrogates.distill_tree`.
     """
     require_sklearn()
-    if max_features is None and not (
-        isinstance(l1, (int, float)) and not isinstance(l1, bool) and l1 > 0
-    ):
-        raise OptionError(f"l1 must be a positive number; got {l1!r}.")
-    if max_features is not None and (
-        isinstance(max_features, bool) or not isinstance(max_features, int) or max_features < 1
-    ):
-        raise OptionError(f"max_features must be an integer >= 1; got {max_features!r}.")
+    max_features = check_int("max_features", max_features, minimum=1, allow_none=True)
+    if max_features is None:
+        l1 = check_float("l1", l1, minimum=0, strict=True)
     design, tsk, recorded = setup(model, data, dict(options), ("l1", "max_features"))
     seed = recorded["seed"]
     if tsk.kind == "class" and len(np.unique(tsk.y_train)) < 2:

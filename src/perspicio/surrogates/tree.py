@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..core.jsonable import to_jsonable, write_json
+from ..core.options import check_choice, check_int
 from ..errors import OptionError
 from ._design import Design, Options, Task, check_depth, label_indices, require_sklearn, setup
 from .fidelity import Fidelity, agreement, r2, r2_fidelity, wilson
@@ -326,8 +328,7 @@ class FidelityCurve:
     def smallest(self, at_least: float = 0.95, *, by: str = "value") -> int | None:
         """The smallest depth whose held-out fidelity (``by="value"``, or its interval's lower
         bound ``by="low"``) reaches ``at_least``; None if none does."""
-        if by not in ("value", "low"):
-            raise OptionError(f"by must be 'value' or 'low'; got {by!r}.")
+        check_choice("by", by, ("value", "low"))
         for p in self.points:
             v = getattr(p.fidelity, by)
             if not math.isnan(v) and v >= at_least:
@@ -435,12 +436,7 @@ def fidelity_curve(
 
 
 def _check_leaf(min_samples_leaf: Any) -> None:
-    if (
-        isinstance(min_samples_leaf, bool)
-        or not isinstance(min_samples_leaf, int)
-        or min_samples_leaf < 1
-    ):
-        raise OptionError(f"min_samples_leaf must be an integer >= 1; got {min_samples_leaf!r}.")
+    check_int("min_samples_leaf", min_samples_leaf, minimum=1)
 
 
 def _fit(
@@ -578,24 +574,8 @@ def versions() -> dict[str, str]:
 
 
 def dump_json(data: dict[str, Any], path: str | Path | None) -> str:
-    """JSON text of ``data`` (non-finite numbers become null); written to ``path`` if given."""
-    text = json.dumps(_clean(data), indent=2, allow_nan=False)
+    """JSON text of ``data`` (``core.jsonable``: non-finite numbers become null); written
+    atomically to ``path`` if given."""
     if path is not None:
-        Path(path).write_text(text)
-    return text
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, range)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, str):
-        return obj
-    return str(obj)
+        write_json(path, data, indent=2)
+    return json.dumps(to_jsonable(data), indent=2, allow_nan=False)
