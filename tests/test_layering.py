@@ -105,6 +105,11 @@ ONE_HOME: dict[str, str | None] = {
     "check_positive_int": None,
     "check_fraction": None,
     "to_jsonable": "core/jsonable.py",
+    "slice_target": "core/targets.py",
+    "row_scores": "core/targets.py",
+    "target_names": "core/targets.py",
+    "chunk_target": None,
+    "_score_fn": None,
     "_jsonable": None,
     "_plain": None,
 }

@@ -46,7 +46,50 @@ class ClassScore:
         if len(idx) != output.shape[0]:
             # batched perturbation copies of one sample: repeat the index
             idx = idx.repeat_interleave(output.shape[0] // len(idx))
-        return output.reshape(output.shape[0], -1).gather(1, idx[:, None]).squeeze(1)
+        return pick(output, idx)
+
+
+def pick(output: Tensor, indices: Tensor) -> Tensor:
+    """``output[r, indices[r]]`` for every row ``r`` (the output flattened per row): the one
+    place a class score is read from an output."""
+    return output.reshape(output.shape[0], -1).gather(1, indices.to(output.device)[:, None]).squeeze(1)
+
+
+def row_scores(target: ResolvedTarget, output: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Target score of each output row; row ``r`` belongs to input sample ``rows[r]`` (default: row
+    ``r`` is sample ``r``).
+
+    Class targets read ``output[r, indices[rows[r]]]``; a callable target is applied to the whole
+    output and must return one score per row.
+    """
+    if target.indices is not None:
+        idx = target.indices.to(output.device)
+        return pick(output, idx[rows.to(output.device)] if rows is not None else idx)
+    scores = target.fn(output)
+    if not isinstance(scores, Tensor) or scores.shape != (output.shape[0],):
+        raise TargetError(f"a callable target must return one scalar per row, shape ({output.shape[0]},).")
+    return scores
+
+
+def check_target_count(target: Any, n: int) -> None:
+    """A list/tensor target must hold one entry per input or a single one."""
+    if isinstance(target, Tensor) and target.ndim == 0:
+        return
+    if isinstance(target, (list, tuple, Tensor)) and len(target) not in (1, n):
+        raise TargetError(f"got {len(target)} targets for {n} inputs; give one per input or a single one.")
+
+
+def slice_target(target: Any, start: int, stop: int, n: int) -> Any:
+    """The part of a per-input target spec that belongs to inputs ``start:stop`` of ``n``.
+
+    A list, tuple or tensor with one entry per input (``n > 1``) is sliced; anything else (one
+    target for all, a 0-d tensor, a name, a callable) applies to every chunk unchanged.
+    """
+    if isinstance(target, Tensor) and target.ndim == 0:
+        return target
+    if isinstance(target, (list, tuple, Tensor)) and n > 1 and len(target) == n:
+        return target[start:stop]
+    return target
 
 
 class RegionTarget:

@@ -23,7 +23,7 @@ from ..core.batching import Engine
 from ..core.guard import model_guard
 from ..core.inputs import as_batch
 from ..core.options import check_float, check_int
-from ..core.targets import ResolvedTarget, resolve_target
+from ..core.targets import ResolvedTarget, resolve_target, row_scores
 from ..errors import OptionError
 from ._common import unwrap
 
@@ -95,7 +95,7 @@ class _Scorer:
 
         def run(start: int, stop: int) -> Tensor:
             out = self.engine.forward(make(start, stop))
-            s = self.tgt.fn(out) if idx is None else out.gather(1, idx[:1].expand(out.shape[0])[:, None])[:, 0]
+            s = row_scores(self.tgt, out, torch.zeros(out.shape[0], dtype=torch.long))  # copies of sample 0
             parts["s"].append(s)
             if out.ndim == 2:
                 parts["c"].append(out.argmax(dim=1))

@@ -24,7 +24,7 @@ from ..core.guard import model_guard
 from ..core.inputs import as_batch, check_model_usable
 from ..core.options import RecordsOptions
 from ..core.outputs import OutputSelector
-from ..core.targets import normalize_target, split_multi_target
+from ..core.targets import normalize_target, split_multi_target, target_names
 from ..errors import ModelError, OptionError
 
 
@@ -38,6 +38,9 @@ class Method(RecordsOptions):
     #: with ONE forward pass per input and T backward passes: their ``_explain`` is then called
     #: with ``targets_per_input=T`` (the input still repeated T times, rows input-major)
     shares_forward_across_targets: ClassVar[bool] = False
+    #: False for methods whose ``targets`` are not classes of the output (the neuron methods
+    #: report the explained channel there): ``__call__`` then gives them no class names
+    targets_are_classes: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -127,7 +130,10 @@ class Method(RecordsOptions):
         }
         if multi is not None:
             provenance["targets_per_input"] = per_input
-        return result.replace(method=self.name, options=self.options, provenance=provenance,
+        names = result.target_names  # the one place class names are given (a method may set better ones)
+        if names is None and self.targets_are_classes and isinstance(result.targets, Tensor):
+            names = target_names(self.labels, result.targets)
+        return result.replace(method=self.name, options=self.options, provenance=provenance, target_names=names,
                               inputs=x if isinstance(x, Tensor) else result.inputs)
 
     def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:

@@ -11,8 +11,9 @@ computed in chunks through the shared :class:`~perspicio.core.batching.Engine`
   ``"deconv"``, see :mod:`perspicio.core.relu_override`);
 * how the gradient becomes an attribution (:meth:`GradientBase.finish`).
 
-The helpers here (:func:`row_scores`, :class:`NeuronObjective`) are shared by the
-path methods (:mod:`perspicio.methods.path`).
+The helpers here (:class:`NeuronObjective`, :func:`target_grads`) are shared by the
+path methods (:mod:`perspicio.methods.path`); target slicing and row scoring are in
+:mod:`perspicio.core.targets`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from ..core.explanation import Explanation
 from ..core.options import check_choice
 from ..core.registry import register_method
 from ..core.relu_override import rectifier_override
-from ..core.targets import ResolvedTarget, resolve_target, target_names
+from ..core.targets import (
+    ResolvedTarget,
+    check_target_count,
+    resolve_target,
+    row_scores,
+    slice_target,
+)
 from ..errors import ModelError, OptionError, TargetError
 from .base import Method
 
@@ -36,37 +43,6 @@ REDUCTIONS = (None, "sum", "mean", "max", "l2")
 
 
 # ============================================================================ shared helpers
-
-
-def check_target_count(target: Any, n: int) -> None:
-    """A list/tensor target must hold one entry per input or a single one."""
-    if isinstance(target, Tensor) and target.ndim == 0:
-        return
-    if isinstance(target, (list, tuple, Tensor)) and len(target) not in (1, n):
-        raise TargetError(f"got {len(target)} targets for {n} inputs; give one per input or a single one.")
-
-
-def slice_target(target: Any, start: int, stop: int, n: int) -> Any:
-    """The part of a per-input target list that belongs to inputs ``start:stop``."""
-    if isinstance(target, Tensor) and target.ndim == 0:
-        return target
-    if isinstance(target, (list, tuple, Tensor)) and n > 1 and len(target) == n:
-        return target[start:stop]
-    return target
-
-
-def row_scores(tgt: ResolvedTarget, out: Tensor, rows: Tensor) -> Tensor:
-    """Target score of each output row; ``rows[i]`` is the input sample row ``i`` belongs to.
-
-    Class targets pick ``out[i, indices[rows[i]]]``; callable targets are applied row-wise.
-    """
-    if tgt.indices is not None:
-        idx = tgt.indices.to(out.device)[rows]
-        return out.reshape(out.shape[0], -1).gather(1, idx[:, None]).squeeze(1)
-    scores = tgt.fn(out)
-    if not isinstance(scores, Tensor) or scores.shape != (out.shape[0],):
-        raise TargetError(f"a callable target must return one scalar per row, shape ({out.shape[0]},).")
-    return scores
 
 
 def input_grad(engine: Engine, scores: Tensor, inputs: Tensor) -> Tensor:
@@ -249,8 +225,7 @@ class GradientBase(Method):
     def _explain(self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1) -> Explanation:
         grads, scores, idx, prov = self.gradients(x, target, engine, targets_per_input)
         return Explanation(
-            attributions=self.finish(x, grads).detach(), method=self.name, scores=scores, targets=idx,
-            target_names=target_names(self.labels, idx), provenance=prov,
+            attributions=self.finish(x, grads).detach(), method=self.name, scores=scores, targets=idx, provenance=prov,
         )
 
 
@@ -351,7 +326,7 @@ class GuidedGradCAM(GradientBase):
         grads, scores, idx, prov = self.gradients(x, same, engine)
         return Explanation(
             attributions=(grads * cam.attributions).detach(), method=self.name, scores=scores, targets=idx,
-            target_names=target_names(self.labels, idx), layer=cam.layer, raw=cam.raw,
+            layer=cam.layer, raw=cam.raw,
             provenance=prov, extras={"gradcam": cam.attributions, "guided_backprop": grads.detach()},
         )
 
@@ -364,6 +339,7 @@ class NeuronGradient(GradientBase):
     the model is run only up to that layer. ``target`` must be None."""
 
     shares_forward_across_targets = False
+    targets_are_classes = False  # targets are the explained channels
 
     def __init__(self, model: nn.Module, layer: Any = None, *, neuron: Any = None, absolute: bool = False,
                  **common: Any) -> None:

@@ -25,10 +25,10 @@ from ..core.batching import Engine
 from ..core.explanation import Explanation
 from ..core.options import check_choice, check_float, check_int
 from ..core.registry import METHODS, register_method
-from ..core.targets import resolve_target, target_names
+from ..core.targets import check_target_count, resolve_target, row_scores
 from ..errors import InputError, OptionError
 from .base import Method, build
-from .gradient import check_target_count, resolve_on_output, row_scores
+from .gradient import resolve_on_output
 
 VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -171,7 +171,7 @@ class SmoothGrad(Method):
         indices = tgt.indices if tgt is not None else None
         return Explanation(
             attributions=attr.detach(), method=self.name, scores=scores, targets=indices,
-            target_names=target_names(self.labels, indices), layer=res.layer, provenance=prov,
+            layer=res.layer, provenance=prov,
             extras={"base_provenance": dict(res.provenance)},
         )
 

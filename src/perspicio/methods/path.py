@@ -54,16 +54,10 @@ from ..core.inputs import as_batch
 from ..core.options import check_choice, check_float, check_int
 from ..core.outputs import OutputSelector
 from ..core.registry import register_method
-from ..core.targets import ResolvedTarget, resolve_target, target_names
+from ..core.targets import ResolvedTarget, check_target_count, resolve_target, row_scores
 from ..errors import ConvergenceWarning, LayerError, OptionError
 from .base import Method
-from .gradient import (
-    NeuronObjective,
-    check_target_count,
-    no_target,
-    row_scores,
-    target_grads,
-)
+from .gradient import NeuronObjective, no_target, target_grads
 
 #: quadrature rule names (Captum's spellings are accepted as aliases)
 QUADRATURES = ("gauss_legendre", "left", "right", "middle", "trapezoid", "adaptive")
@@ -352,7 +346,6 @@ class IntegratedGradients(_PathBase):
             prov["neuron"] = tgt.describe()
         return Explanation(
             attributions=attr, method=self.name, scores=fx, base_value=fb, targets=indices,
-            target_names=target_names(self.labels, indices) if isinstance(tgt, ResolvedTarget) else None,
             layer=tgt.layer_name if not isinstance(tgt, ResolvedTarget) else None,
             provenance=prov, extras=extras,
         )
@@ -483,6 +476,8 @@ class NeuronIntegratedGradients(IntegratedGradients):
     :class:`~perspicio.methods.gradient.NeuronObjective`); the model runs only up to
     the layer. Completeness holds for the neuron's value. ``target`` must be None."""
 
+    targets_are_classes = False  # targets are the explained channels
+
     def __init__(self, model: nn.Module, layer: Any = None, *, neuron: Any = None, **options: Any) -> None:
         super().__init__(model, **options)
         self._neuron = NeuronObjective(self.model, layer, neuron)
@@ -583,7 +578,7 @@ class LayerIntegratedGradients(_PathBase):
             extras["target_fn"] = tgt.fn
         return Explanation(
             attributions=attr, method=self.name, scores=fx, base_value=fb, targets=tgt.indices,
-            target_names=target_names(self.labels, tgt.indices), layer=name,
+            layer=name,
             provenance={**self._provenance(),
                         **_completeness_provenance(attr, fx, fb, method=self.name, steps=self.steps)}, extras=extras,
         )
@@ -715,5 +710,5 @@ class GradientSHAP(Method):
                 **_completeness_provenance(mean, fx, fb)}
         return Explanation(
             attributions=mean.detach(), method=self.name, scores=fx, base_value=fb, targets=tgt.indices,
-            target_names=target_names(self.labels, tgt.indices), provenance=prov, extras=extras,
+            provenance=prov, extras=extras,
         )

@@ -41,7 +41,7 @@ from ..core.maskers import (
 )
 from ..core.options import check_float, check_int
 from ..core.registry import register_method
-from ..core.targets import ResolvedTarget, resolve_target, target_names
+from ..core.targets import ResolvedTarget, resolve_target
 from ..errors import InputError, OptionError
 from .base import Method
 
@@ -239,7 +239,6 @@ class FeatureMethod(Method):
             scores=scores,
             targets=tgt.indices,
             base_value=base_value,
-            target_names=target_names(self.labels, tgt.indices),
             extras=extras,
             provenance=provenance,
         )
@@ -385,7 +384,6 @@ class Occlusion(Method):
             attributions[i] = total / count.clamp_min(1)
         return Explanation(
             attributions=attributions, method=self.name, scores=scores, targets=tgt.indices,
-            target_names=target_names(self.labels, tgt.indices),
             provenance={"evaluations": len(slices) * len(x), "window": window, "stride": stride},
         )
 
@@ -458,6 +456,6 @@ class RISE(Method):
         attributions = saliency.to(x.dtype).expand(-1, x.shape[1], -1, -1).clone()
         return Explanation(
             attributions=attributions, method=self.name, scores=scores, targets=tgt.indices,
-            raw=saliency.to(x.dtype), target_names=target_names(self.labels, tgt.indices),
+            raw=saliency.to(x.dtype),
             provenance={"evaluations": self.budget * n},
         )

@@ -40,7 +40,7 @@ from ..core.inputs import as_batch
 from ..core.jsonable import to_jsonable
 from ..core.options import RecordsOptions, check_int
 from ..core.outputs import OutputSelector
-from ..core.targets import ResolvedTarget, resolve_target
+from ..core.targets import ResolvedTarget, resolve_target, row_scores
 from ..errors import InputError, ModelError, OptionError, PerspicioError
 
 SCORES = ("probability", "logit")
@@ -234,12 +234,8 @@ class Context:
 
     def scores(self, out: Tensor, rows: Tensor, kind: str) -> Tensor:
         """Score of the explained target for outputs ``out`` whose row r belongs to sample ``rows[r]``."""
-        idx = self.target.indices
-        if idx is not None and out.ndim == 2:
-            idx = idx.to(out.device)[rows.to(out.device)]
-            if kind == "probability":
-                out = out.float().softmax(dim=1)
-            return out.gather(1, idx[:, None]).squeeze(1)
+        if self.target.indices is not None and out.ndim == 2:
+            return row_scores(self.target, out.float().softmax(dim=1) if kind == "probability" else out, rows)
         if kind == "probability" and self.target.indices is not None:
             raise OptionError("score='probability' needs a (N, classes) output; use score='logit'.")
         return self.target.fn(out)

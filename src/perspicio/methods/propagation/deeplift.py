@@ -33,14 +33,13 @@ from ...core.batching import Engine
 from ...core.explanation import Explanation
 from ...core.options import check_choice, check_int
 from ...core.registry import register_method
-from ...core.targets import ResolvedTarget, resolve_target
+from ...core.targets import resolve_target, row_scores, slice_target
 from ...errors import ModelError, OptionError
 from ..base import Method
 from .canonizers import model_state, propagation_module
 from .deeplift_propagators import DeepLiftPropagator, RevealCancelPropagator
 from .deeplift_reference import REFERENCE_CACHE
 from .engine import propagating
-from .lrp import chunk_target
 
 RULES = ("rescale", "reveal_cancel")
 
@@ -115,15 +114,6 @@ def deeplift_pairs(
     return attr.detach(), s.detach(), base, prop.fallbacks, cached is not None
 
 
-def _score_fn(tgt: ResolvedTarget, idx: Tensor | None) -> Any:
-    def score(out: Tensor, which: str) -> Tensor:
-        if idx is not None:
-            return out.reshape(out.shape[0], -1).gather(1, idx[:, None].to(out.device)).squeeze(1)
-        return tgt.fn(out)
-
-    return score
-
-
 def _check_rule(rule: str) -> str:
     return check_choice("rule", rule.strip().lower().replace("-", "_") if isinstance(rule, str) else rule, RULES)
 
@@ -176,9 +166,8 @@ class DeepLift(Method):
 
             def score(out: Tensor, which: str) -> Tensor:
                 if holder["tgt"] is None:  # the first call is on f(x): "predicted class" means x's
-                    holder["tgt"] = resolve_target(chunk_target(target, start, stop, n), out.detach(), self.labels)
-                t = holder["tgt"]
-                return _score_fn(t, t.indices)(out, which)
+                    holder["tgt"] = resolve_target(slice_target(target, start, stop, n), out.detach(), self.labels)
+                return row_scores(holder["tgt"], out)
 
             attr, s, base, fb, hit = deeplift_pairs(module, xs, x0[start:stop], score, engine, self.rule,
                                                     self.gradient_fallback, state if self.cache_reference else None,
@@ -193,11 +182,9 @@ class DeepLift(Method):
         with propagation_module(self.model, x, state) as (module, _, fused):
             attributions = engine.map(run, n, sample=x[:1], grad=True, description="DeepLIFT")
         targets = torch.cat(indices) if all(i is not None for i in indices) else None
-        names = (tuple(self.labels[i] for i in targets.tolist())
-                 if self.labels is not None and targets is not None else None)
         return Explanation(
             attributions=attributions, method=self.name, scores=torch.cat(scores), targets=targets,
-            base_value=torch.cat(bases), target_names=names,
+            base_value=torch.cat(bases),
             provenance={"rule": self.rule, "gradient_fallback": tuple(fallbacks), "cached_references": hits[0],
                         "convolutions_fused": fused},
             extras={"baseline": x0},
@@ -272,7 +259,6 @@ class DeepShap(Method):
         tgt = resolve_target(target, out, self.labels)
         scores_x = tgt(out).detach()
         idx = tgt.indices
-        pair_idx = idx.repeat_interleave(B) if idx is not None else None
         sample_of = torch.arange(n, device=x.device).repeat_interleave(B)
         bases, fallbacks = [], []
         state = model_state(self.model)
@@ -282,8 +268,10 @@ class DeepShap(Method):
             rows = sample_of[start:stop]
             xs = x[rows]
             x0s = bg[torch.arange(start, stop, device=x.device) % B]
-            sel = pair_idx[start:stop] if pair_idx is not None else None
-            score = _score_fn(tgt, sel)
+
+            def score(out: Tensor, which: str, rows: Tensor = rows) -> Tensor:
+                return row_scores(tgt, out, rows)
+
             attr, _, base, fb, hit = deeplift_pairs(module, xs, x0s, score, engine, self.rule,
                                                     self.gradient_fallback, state if self.cache_reference else None,
                                                     self.model)
@@ -296,10 +284,8 @@ class DeepShap(Method):
             attr = engine.map(run, n * B, sample=x[:1], grad=True, description="DeepSHAP", multiple=B)
         attributions = attr.reshape(n, B, *x.shape[1:]).mean(1)
         base_value = torch.cat(bases).reshape(n, B).mean(1)
-        names = (tuple(self.labels[i] for i in idx.tolist()) if self.labels is not None and idx is not None else None)
         return Explanation(
             attributions=attributions, method=self.name, scores=scores_x, targets=idx, base_value=base_value,
-            target_names=names,
             provenance={"rule": self.rule, "background_size": B, "gradient_fallback": tuple(fallbacks),
                         "cached_references": hits[0], "convolutions_fused": fused},
             extras={"background": bg},

@@ -20,7 +20,7 @@ from ...core import kernels
 from ...core.batching import Engine
 from ...core.explanation import Explanation
 from ...core.registry import register_method
-from ...core.targets import resolve_target
+from ...core.targets import resolve_target, slice_target
 from ...errors import ModelError, OptionError
 from ..base import Method
 from .affine import affine_op
@@ -512,15 +512,6 @@ def _bound(value: Any, x: Tensor, name: str) -> Tensor:
         raise OptionError(f"{name} of shape {tuple(t.shape)} does not broadcast to the input {tuple(x.shape)}.") from exc
 
 
-def chunk_target(target: Any, start: int, stop: int, n: int) -> Any:
-    """The part of a per-sample target spec that belongs to samples [start, stop)."""
-    if isinstance(target, Tensor) and target.ndim == 1 and len(target) == n and n > 1:
-        return target[start:stop]
-    if isinstance(target, (list, tuple)) and len(target) == n and n > 1:
-        return list(target[start:stop])
-    return target
-
-
 @register_method("lrp", family="propagation", needs_gradients=True,
                  summary="LRP: relevance propagated back with per-operation rules (composites, canonizers)",
                  paper="Bach et al., PLOS ONE 2015; Montavon et al., 2019")
@@ -585,7 +576,7 @@ class LRP(Method):
                                      gradient_fallback=self.gradient_fallback, record_layers=self.record_layers)
                 with propagating(module, prop):
                     out = engine.forward(xc, module=module)
-                tgt = resolve_target(chunk_target(target, start, stop, n), out.detach(), self.labels)
+                tgt = resolve_target(slice_target(target, start, stop, n), out.detach(), self.labels)
                 s = tgt(out)
                 if not out.requires_grad:
                     raise ModelError("the model output does not depend on the input: nothing to propagate.")
@@ -605,14 +596,11 @@ class LRP(Method):
 
             attributions = engine.map(run, n, sample=x[:1], grad=True, description="LRP")
         targets = torch.cat(indices) if all(i is not None for i in indices) else None
-        names = (tuple(self.labels[i] for i in targets.tolist())
-                 if self.labels is not None and targets is not None else None)
         return Explanation(
             attributions=attributions,
             method=self.name,
             scores=torch.cat(scores),
             targets=targets,
-            target_names=names,
             provenance={
                 "composite": self.composite.describe(),
                 "batchnorm_merged": merged,
