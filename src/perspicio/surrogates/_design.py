@@ -171,7 +171,7 @@ def setup(
 
 def check_depth(max_depth: Any, name: str = "max_depth") -> int | None:
     """A tree depth: an integer >= 1, or None (unbounded)."""
-    return check_int(name, max_depth, minimum=1, allow_none=True, hint="None: unbounded")
+    return check_int(name, max_depth, minimum=1, allow_none=True)
 
 
 def _as_table(data: Any, what: str) -> tuple[np.ndarray, list[str] | None]:
