@@ -19,7 +19,7 @@ from ..core.options import check_float, check_int
 from ..errors import ModelError, OptionError
 from ._design import Design, Options, Task, require_sklearn, setup
 from .fidelity import Fidelity, agreement, r2, r2_fidelity
-from .tree import _accuracy, _accuracy_text, dump_json, versions
+from .tree import _accuracy, dump_json, summary_lines, versions
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -151,14 +151,7 @@ class LinearSurrogate:
         return dump_json(self.to_dict(), path)
 
     def __str__(self) -> str:
-        lines = [
-            self.title().split("\n")[0],
-            f"fidelity {self.fidelity}",
-            f"training fidelity {self.train_fidelity:.3f}",
-        ]
-        if self.accuracy:
-            lines.append(_accuracy_text(self.accuracy))
-        return "\n".join([*lines, self.equation()])
+        return "\n".join([*summary_lines(self), self.equation()])
 
 
 def distill_linear(

@@ -299,14 +299,7 @@ class TreeSurrogate:
         return dump_json(self.to_dict(), path)
 
     def __str__(self) -> str:
-        lines = [
-            self.title().split("\n")[0],
-            f"fidelity {self.fidelity}",
-            f"training fidelity {self.train_fidelity:.3f}",
-        ]
-        if self.accuracy:
-            lines.append(_accuracy_text(self.accuracy))
-        return "\n".join(lines)
+        return "\n".join(summary_lines(self))
 
 
 @dataclass(frozen=True)
@@ -497,6 +490,18 @@ def _accuracy(design: Design, tsk: Task, pred_test: np.ndarray) -> dict[str, Any
             "n": len(y),
         }
     return None
+
+
+def summary_lines(s: Any) -> list[str]:
+    """The first title line, the fidelity, the training fidelity and the accuracy of a surrogate."""
+    lines = [
+        s.title().split("\n")[0],
+        f"fidelity {s.fidelity}",
+        f"training fidelity {s.train_fidelity:.3f}",
+    ]
+    if s.accuracy:
+        lines.append(_accuracy_text(s.accuracy))
+    return lines
 
 
 def _accuracy_text(acc: dict[str, Any]) -> str:
