@@ -207,7 +207,7 @@ def test_cache_lru_eviction_weak_keys_and_threads() -> None:
             assert set(cache._owners) == {k[0] for k in cache._entries}
     finally:
         cache.clear()
-        del caches._REGISTRY["test lru"]
+        caches.unregister("test lru")
 
 
 # ------------------------------------------------------------------------------------ completeness
@@ -216,7 +216,7 @@ def test_cache_lru_eviction_weak_keys_and_threads() -> None:
 NOT_CACHES = {
     "perspicio.core.guard._LOCKS": "per-model locks of core/guard.py (weak keys, no bytes; not a cache)",
     "perspicio.core.relu_override._TABLE": "constant table of ReLU-like functions",
-    "perspicio.core.incremental._HANDLERS": "constant table of interpreted functions",
+    "perspicio.core.ops.WINDOWS": "the shared table of convolution/pooling/padding geometry (extended only by register_operation)",
     "perspicio.core.calls.INPLACE": "constant table of in-place spellings",
     "perspicio.core.ops.KINDS": "the shared operation table (extended only by register_operation)",
     "perspicio.methods.propagation.rules.RULES": "constant rule registry",

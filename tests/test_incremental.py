@@ -13,6 +13,7 @@ from torch import nn
 
 import perspicio.core.incremental as inc
 from perspicio import explain
+from perspicio.core import caches
 from perspicio.core.batching import Engine
 
 
@@ -133,12 +134,19 @@ def test_engine_evaluate_around_and_verification(monkeypatch) -> None:
 
     # an interpreter that got a model wrong is caught on its first batch and switched off
     wrong = Net().eval()
-    monkeypatch.setitem(inc._HANDLERS, F.hardswish, lambda f, a, k: inc._pointwise(torch.sigmoid, a, {}))
+    right = inc.handler
+
+    def wrong_handler(func):
+        if func is F.hardswish:
+            return lambda f, a, k: inc._pointwise(torch.sigmoid, a, {})
+        return right(func)
+
+    monkeypatch.setattr(inc, "handler", wrong_handler)
     with torch.no_grad():
         ref = wrong(batch)
         eng = Engine(wrong, batch_size=6)
         torch.testing.assert_close(eng.evaluate(batch, around=(x,)), ref, atol=1e-6, rtol=1e-6)
-    assert inc._VERIFIED[wrong] is False and "incremental_samples" not in eng.stats()
+    assert caches.entry("incremental verification", wrong) is False and "incremental_samples" not in eng.stats()
 
 
 def test_occlusion_and_ablation_on_bundled_model(zoo_model, chelsea_batch, monkeypatch) -> None:
@@ -230,5 +238,5 @@ def test_slower_interpreter_is_measured_and_dropped(monkeypatch) -> None:
         ref = net(inc.Boxes(x[None], data, [0, 8, 16, 24], [0, 8, 16, 24], inc.BaseCache()).dense())
     for out in outs:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert inc._FASTER.get(net, ((1, 3, 64, 64), (8, 8))) is False
+    assert caches.entry("incremental timing", net, ((1, 3, 64, 64), (8, 8))) is False
     assert eng.stats()["incremental_samples"] == 8  # batches 1 and 3 only

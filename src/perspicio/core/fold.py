@@ -6,8 +6,7 @@ in hundreds of forward passes. In an eval-mode network every BatchNorm that
 directly follows a convolution or linear layer is an affine map that can be folded
 into that layer's weights (``W' = W * s``, ``b' = (b - mean) * s + beta`` with
 ``s = gamma / sqrt(var + eps)``); the folded network computes the same function
-with one fewer pass over every feature map (1.2-1.3x faster forwards on the
-bundled EfficientNet-Lite0, see docs/benchmarks.md).
+with one fewer pass over every feature map (faster forwards: docs/benchmarks.md).
 
 The user's model is never touched: the twin is a deep copy, built once per model
 and weight state (cached on a weak reference and rebuilt when any parameter or
@@ -254,8 +253,7 @@ def compiled_outputs(module: nn.Module, x: Tensor) -> Tensor | None:
 
             fn = torch.compile(module, dynamic=False)
             # freezing: the twin's weights are constants (private, never written), so inductor may
-            # fold and pre-pack them for oneDNN - 1.42x over eager vs 1.30x without, batch 16 of
-            # the bundled model, outputs within 5e-7
+            # fold and pre-pack them for oneDNN (measured in docs/benchmarks.md, "Speed-layer notes")
             with inductor_config.patch(freezing=True):
                 got = fn(x)
             if not outputs_match(got, module(x)):

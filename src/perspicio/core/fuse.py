@@ -45,15 +45,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from . import kernels
+from . import kernels, ops
 from .caches import Cache, nbytes
 from .fold import outputs_match
 
 #: fuse convolutions with their activations for output-only passes (PERSPICIO_FUSE=0: off)
 FUSE = os.environ.get("PERSPICIO_FUSE", "1") not in ("0", "false", "no")
 
-_CONV = (F.conv2d, torch.conv2d)
-_PAD = (F.pad, torch.constant_pad_nd)
 
 
 def _post_op(act: nn.Module) -> tuple[str, list[float], str | None] | None:
@@ -188,7 +186,7 @@ def _plan(twin: nn.Module, sample: Tensor) -> list[tuple[str, str | None, dict[s
             continue
         inp, out = seen[id(m)][0][:2]
         call = made_by.get(id(out))
-        if call is None or call[0] not in _CONV:
+        if call is None or ops.window(call[0]) != ("conv", 2):
             continue
         parsed = _conv_args(call[1], call[2])
         if parsed is None or parsed[1] is not m.weight:
@@ -197,9 +195,10 @@ def _plan(twin: nn.Module, sample: Tensor) -> list[tuple[str, str | None, dict[s
         pads = [padding[1], padding[1], padding[0], padding[0]]  # left, right, top, bottom
         if x is not inp:  # a zero padding of the module's input in between, used by nothing else
             pad = made_by.get(id(x))
-            if pad is None or pad[0] not in _PAD or len(tracer.uses.get(id(x), ())) != 1:
+            if pad is None or ops.window(pad[0]) != ("pad", 0) or len(tracer.uses.get(id(x), ())) != 1:
                 continue
-            pargs = dict(zip(("input", "pad", "mode", "value"), pad[1]), **pad[2])
+            names = ("input", "pad", "value") if pad[0] is torch.constant_pad_nd else ("input", "pad", "mode", "value")
+            pargs = dict(zip(names, pad[1]), **pad[2])
             p = pargs.get("pad")
             if (pargs.get("input") is not inp or pargs.get("mode", "constant") != "constant"
                     or pargs.get("value") not in (None, 0, 0.0) or not isinstance(p, (list, tuple)) or len(p) != 4):

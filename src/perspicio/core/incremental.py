@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ops
 from .caches import Cache
 from .calls import out_of_place
 from .fold import outputs_match
-from .ops import METADATA, functions
+from .ops import METADATA
 
 #: incremental occlusion on/off (PERSPICIO_INCREMENTAL=0: always dense batches)
 INCREMENTAL = os.environ.get("PERSPICIO_INCREMENTAL", "1") not in ("0", "false", "no")
@@ -47,9 +48,8 @@ DENSE_FRACTION = 0.5
 #: a copy is evaluated incrementally only if its box covers at most this fraction of the input
 #: (larger boxes reach DENSE_FRACTION within a layer or two, and splitting the batch costs more;
 #: whether a box size pays off is also measured per model, see IncrementalEvaluator). Against the
-#: fused twin's dense batches (core/fuse.py), single superpixels of a ~40-segment SLIC mask no
-#: longer pay off (KernelSHAP, 37 superpixels, 300 evaluations: 1.76-1.78 s with them at 0.1,
-#: 1.64-1.66 s dense); occlusion windows and 16-px patches still do (1.2-1.35x)
+#: fused twin's dense batches (core/fuse.py) single superpixels of a ~40-segment SLIC mask no longer
+#: pay off, occlusion windows and 16-px patches still do (docs/benchmarks.md, "Perturbation")
 LOCAL_FRACTION = 0.03
 #: and only in groups of at least this many copies (a group runs as its own, smaller batch)
 MIN_GROUP = 4
@@ -178,9 +178,9 @@ class BoxTensor(torch.Tensor):
         if func in METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        handler = _HANDLERS.get(func)
-        if handler is not None:
-            return handler(func, args, kwargs)
+        run = handler(func)
+        if run is not None:
+            return run(func, args, kwargs)
         if _mutates(func, kwargs):
             raise Unsupported(f"in-place {getattr(func, '__name__', func)}")
         return _dense_call(func, args, kwargs)
@@ -266,14 +266,16 @@ def _conv2d(func: Any, args: tuple, kwargs: dict) -> Any:
 def _pad(func: Any, args: tuple, kwargs: dict) -> Any:
     """Constant padding of the two spatial dims (TensorFlow-style 'same' convolutions): the boxes
     move by the top/left pad; the padded border is the same in every copy."""
-    bound = dict(zip(("input", "pad", "mode", "value"), args)) | kwargs
+    names = ("input", "pad", "value") if func is torch.constant_pad_nd else ("input", "pad", "mode", "value")
+    bound = dict(zip(names, args)) | kwargs
     x, pad, mode = bound["input"], tuple(bound["pad"]), bound.get("mode", "constant")
     if not isinstance(x, BoxTensor) or mode != "constant" or len(pad) not in (2, 4) or min(pad) < 0 or x.ndim != 4:
         return _dense_call(func, args, kwargs)
     b = x.boxes
     left, top = pad[0], (pad[2] if len(pad) == 4 else 0)
-    base = b.cache.get(func, (tuple(b.base.shape), pad, bound.get("value")),
-                       lambda: func(b.base, pad, mode, bound.get("value")))
+    value = bound.get("value")
+    base = b.cache.get(func, (tuple(b.base.shape), pad, value),
+                       lambda: F.pad(b.base, pad, "constant", value))
     return BoxTensor.wrap(Boxes(base, b.data, [r + top for r in b.rows], [c + left for c in b.cols], b.cache))
 
 
@@ -323,18 +325,6 @@ def _pointwise(func: Any, args: tuple, kwargs: dict) -> Any:
     return BoxTensor.wrap(Boxes(base, data, rows, cols, first.cache))
 
 
-_POINTWISE_NAMES = ("relu", "relu6", "hardtanh", "clamp", "clip", "sigmoid", "tanh", "silu", "gelu", "elu", "selu",
-                    "celu", "leaky_relu", "hardswish", "hardsigmoid", "mish", "softplus", "abs", "neg", "exp",
-                    "add", "sub", "mul", "div", "true_divide", "square", "sqrt", "rsqrt", "pow", "maximum", "minimum",
-                    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
-                    "__rtruediv__", "__neg__", "__pow__")
-_HANDLERS: dict[Any, Callable[[Any, tuple, dict], Any]] = {torch.conv2d: _conv2d, F.conv2d: _conv2d, F.pad: _pad}
-for _f in functions(_POINTWISE_NAMES, (torch, F, Tensor)):
-    _HANDLERS.setdefault(_f, _pointwise)
-for _f in functions(("contiguous",), (Tensor,)):
-    _HANDLERS[_f] = _pointwise
-
-
 def _dropout_eval(func: Any, args: tuple, kwargs: dict) -> Any:
     training = kwargs.get("training", args[2] if len(args) > 2 else True)
     if training:
@@ -342,8 +332,24 @@ def _dropout_eval(func: Any, args: tuple, kwargs: dict) -> Any:
     return args[0]
 
 
-for _f in functions(("dropout", "alpha_dropout", "dropout2d", "dropout3d", "feature_alpha_dropout"), (F,)):
-    _HANDLERS[_f] = _dropout_eval
+def _inplace_spelling(func: Any) -> bool:
+    """``x.add_(y)``, ``x += y``: the caller may rely on the write (an interpreter that returns a new
+    value instead would change the program) - these run densely, or not at all."""
+    name = getattr(func, "__name__", "")
+    return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i")
+
+
+def handler(func: Any) -> Callable[[Any, tuple, dict], Any] | None:
+    """How the evaluator runs ``func`` on carried boxes, from the shared operation table
+    (:mod:`perspicio.core.ops`); None: on materialised, dense values."""
+    window = ops.window(func)
+    if window is not None:
+        return _conv2d if window == ("conv", 2) else _pad if window[0] == "pad" else None
+    if func in ops.DROPOUTS:
+        return _dropout_eval
+    if ops.elementwise(func) and not _inplace_spelling(func):
+        return _pointwise
+    return None
 
 
 # ============================================================================ entry point

@@ -114,6 +114,8 @@ KIND_NAMES = (
     SDPA,
     FUSED,
 )
+#: kinds whose output element depends only on the input elements at the same position
+ELEMENTWISE_KINDS = frozenset({ACT, ELEMWISE, ARITH, BINARY})
 
 #: names of the functions of each kind, looked up on ``torch.Tensor`` and ``torch`` (``T``: only
 #: Tensor; ``F``: only ``torch.nn.functional``)
@@ -134,15 +136,20 @@ STRUCT_TORCH_NAMES = (
     "broadcast_tensors",
     "atleast_1d",
     "atleast_2d",
+    "constant_pad_nd",
 )
-STRUCT_F_NAMES = (
-    "pad",
+#: dropouts (identities in eval mode)
+DROPOUT_F_NAMES = (
     "dropout",
     "dropout1d",
     "dropout2d",
     "dropout3d",
     "alpha_dropout",
     "feature_alpha_dropout",
+)
+STRUCT_F_NAMES = (
+    "pad",
+    *DROPOUT_F_NAMES,
     "unfold",
     "fold",
     "pixel_shuffle",
@@ -265,6 +272,7 @@ def _build_kinds() -> dict[Any, str]:
     add(ACT, ACT_F_NAMES, (F,))
     add(ACT, ACT_NAMES, (Tensor, torch))
     add(ELEMWISE, ELEMWISE_NAMES, (Tensor, torch))
+    add(BINARY, BINARY_NAMES, (Tensor, torch))
     add(NORM, NORM_F_NAMES, (F,))
     add(NORM, NORM_TORCH_NAMES, (torch,))
     add(SOFTMAX, SOFTMAX_NAMES, (F, torch, Tensor))
@@ -288,12 +296,98 @@ def kind(func: Any) -> str | None:
         return None
 
 
-def register_operation(func: Any, kind_name: str) -> None:
+#: functions that return their input's values as a copy in another memory layout
+COPY_NAMES = ("contiguous",)
+
+#: sliding-window and padding operations by geometry: ``(window, spatial dims)`` with window one of
+#: ``conv``, ``max_pool``, ``avg_pool``, ``adaptive_pool`` (any pooling to a given output size) and
+#: ``pad`` (constant padding; dims 0: as many as the padding tuple names)
+WINDOW_NAMES: dict[str, tuple[str, ...]] = {
+    "conv": ("conv{n}d",),
+    "max_pool": ("max_pool{n}d", "max_pool{n}d_with_indices"),
+    "avg_pool": ("avg_pool{n}d",),
+    "adaptive_pool": (
+        "adaptive_avg_pool{n}d",
+        "adaptive_max_pool{n}d",
+        "adaptive_max_pool{n}d_with_indices",
+    ),
+}
+
+
+def _build_windows() -> dict[Any, tuple[str, int]]:
+    import torch
+    import torch.nn.functional as F
+
+    table: dict[Any, tuple[str, int]] = {}
+    for window, patterns in WINDOW_NAMES.items():
+        for n in (1, 2, 3):
+            for pattern in patterns:
+                for owner in (torch, F):
+                    f = getattr(owner, pattern.format(n=n), None)
+                    if f is not None:
+                        table[f] = (window, n)
+    for f in (F.pad, torch.constant_pad_nd):
+        table[f] = ("pad", 0)
+    return table
+
+
+#: torch function -> ``(window, spatial dims)`` for convolutions, poolings and paddings (the
+#: receptive-field tracer, the fuse tracer and the incremental evaluator read their geometry)
+WINDOWS: dict[Any, tuple[str, int]] = _build_windows()
+
+
+def _functions_of(names: Sequence[str], owners: Sequence[Any]) -> frozenset:
+    return frozenset(functions(names, owners))
+
+
+def _dropouts() -> frozenset:
+    import torch.nn.functional as F
+
+    return _functions_of(DROPOUT_F_NAMES, (F,))
+
+
+#: the dropout functions (identities in eval mode)
+DROPOUTS: frozenset = _dropouts()
+#: layout copies (``x.contiguous()``): same values, so element-wise for every interpreter
+COPIES: frozenset = _functions_of(COPY_NAMES, (Tensor,))
+
+
+def window(func: Any) -> tuple[str, int] | None:
+    """``(window, spatial dims)`` of a convolution, pooling or padding (None: none of those)."""
+    try:
+        return WINDOWS.get(func)
+    except TypeError:  # an unhashable callable
+        return None
+
+
+def elementwise(func: Any) -> bool:
+    """Does each output element of ``func`` depend only on the input elements at its position?"""
+    return kind(func) in ELEMENTWISE_KINDS or func in COPIES
+
+
+def register_operation(
+    func: Any, kind_name: str, window_spec: tuple[str, int] | None = None
+) -> None:
     """Declare the kind of a torch function that is not in the table (e.g. a new activation), so
     that every interpreter treats it as that kind: the propagation rules, the incremental evaluator
-    and the tracers. ``kind_name`` is one of :data:`KIND_NAMES`."""
+    and the tracers. ``kind_name`` is one of :data:`KIND_NAMES`; ``window_spec`` the geometry of a
+    convolution, pooling or padding (as in :data:`WINDOWS`)."""
     if kind_name not in KIND_NAMES:
         raise ValueError(
             f"unknown operation kind {kind_name!r}; expected one of: {', '.join(KIND_NAMES)}"
         )
+    if window_spec is not None and (
+        window_spec[0] not in (*WINDOW_NAMES, "pad") or len(window_spec) != 2
+    ):
+        raise ValueError(
+            f"unknown window {window_spec!r}; expected ({'|'.join((*WINDOW_NAMES, 'pad'))}, dims)"
+        )
     KINDS[func] = kind_name
+    if window_spec is not None:
+        WINDOWS[func] = (str(window_spec[0]), int(window_spec[1]))
+
+
+def unregister_operation(func: Any) -> None:
+    """Remove a function added by :func:`register_operation` (a no-op for functions never added)."""
+    KINDS.pop(func, None)
+    WINDOWS.pop(func, None)

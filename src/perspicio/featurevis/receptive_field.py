@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ..core import ops
 from ..core.caches import Cache
 from ..core.capture import StopForward
 from ..core.guard import model_device, model_dtype, model_guard
@@ -127,7 +128,7 @@ class _Tracer(TorchFunctionMode):
             return result
         name = getattr(func, "__name__", str(func))
         try:
-            new = self._rule(name, args, kwargs, tracked, outs[0])
+            new = self._rule(func, name, args, kwargs, tracked, outs[0])
         except Exception as exc:  # an op we cannot describe: the field below it is undefined
             new = _Unknown(f"{name} ({exc})")
         for o in outs[:1]:
@@ -136,14 +137,14 @@ class _Tracer(TorchFunctionMode):
             self.track(o, new)
         return result
 
-    def _rule(self, name: str, args: tuple, kwargs: dict, tracked: list, out: Tensor) -> _Field | _Unknown:
+    def _rule(self, func: Any, name: str, args: tuple, kwargs: dict, tracked: list, out: Tensor) -> _Field | _Unknown:
         unknown = [f for _, f in tracked if isinstance(f, _Unknown)]
         if unknown:
             return unknown[0]
         src, field = tracked[0]
         nd = len(field)
-        base = name.rstrip("_")
-        if base.startswith("conv") and base[4:] in ("1d", "2d", "3d") and tracked[0][0] is args[0]:
+        window = (ops.window(func) or ("", 0))[0]  # the geometry of the operation: core/ops.py
+        if window == "conv" and tracked[0][0] is args[0]:
             w = _arg(args, kwargs, 1, "weight", None)
             k = tuple(w.shape[2:])
             stride = _pairs(_arg(args, kwargs, 3, "stride", 1), nd)
@@ -156,20 +157,20 @@ class _Tracer(TorchFunctionMode):
             else:
                 pads = _pairs(pad, nd)
             return self._window(field, k, stride, pads, dil, out)
-        if "max_pool" in base and "adaptive" not in base:
+        if window == "max_pool":
             k = _pairs(_arg(args, kwargs, 1, "kernel_size", None), nd)
             s = _arg(args, kwargs, 2, "stride", None)
             stride = k if s is None or (not isinstance(s, int) and len(s) == 0) else _pairs(s, nd)
             pads = _pairs(_arg(args, kwargs, 3, "padding", 0), nd)
             dil = _pairs(_arg(args, kwargs, 4, "dilation", 1), nd)
             return self._window(field, k, stride, pads, dil, out)
-        if "avg_pool" in base and "adaptive" not in base:
+        if window == "avg_pool":
             k = _pairs(_arg(args, kwargs, 1, "kernel_size", None), nd)
             s = _arg(args, kwargs, 2, "stride", None)
             stride = k if s is None or (not isinstance(s, int) and len(s) == 0) else _pairs(s, nd)
             pads = _pairs(_arg(args, kwargs, 3, "padding", 0), nd)
             return self._window(field, k, stride, pads, (1,) * nd, out)
-        if "adaptive" in base and "pool" in base:
+        if window == "adaptive_pool":
             dims = []
             for axis in range(nd):
                 n_in = src.shape[src.ndim - nd + axis]
@@ -183,7 +184,7 @@ class _Tracer(TorchFunctionMode):
                 else:
                     return _Unknown(f"{name} from {n_in} to {n_out} (bins of unequal size)")
             return tuple(dims)
-        if base == "pad":
+        if window == "pad":
             pad = tuple(int(p) for p in _arg(args, kwargs, 1, "pad", ()))
             dims = list(field)
             for axis in range(nd):

@@ -27,6 +27,7 @@ from ...core.ops import (  # noqa: F401 - the kinds of the shared table, re-expo
     ACT,
     AFFINE,
     ARITH,
+    BINARY,
     ELEMWISE,
     FUSED,
     MAXPOOL,

@@ -40,6 +40,7 @@ from .operations import (
     ACT,
     AFFINE,
     ARITH,
+    BINARY,
     DIV,
     ELEMWISE,
     FUSED,
@@ -228,7 +229,7 @@ class Propagator:
         kind = op_kind(func)
         if not self.any_var(args, kwargs):
             return self.on_constant(func, args, kwargs)
-        if kind is None:
+        if kind is None or kind == BINARY:  # no rule (maximum, minimum: none yet)
             return self._unknown(func, args, kwargs)
         func, args, kwargs = out_of_place(func, args, kwargs)
         call = Call(func, args, kwargs, op_name(func), kind)
