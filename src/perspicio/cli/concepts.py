@@ -239,8 +239,6 @@ def discover_cmd(
 
     IMAGES: a folder or image files of the class (default: views of the bundled 'chelsea' photo).
     """
-    import matplotlib.pyplot as plt
-
     from ..concepts import discover
 
     zm = load_model(model_spec, device, random_init)
@@ -264,21 +262,10 @@ def discover_cmd(
         designs=designs,
         seed=seed,
     )
-    out = Path(out_dir)
-    fig = result.gallery(k=top)
-    try:
-        fig.savefig(out / "concepts_gallery.png", dpi=110)
-    finally:
-        plt.close(fig)
-    fig = result.maps_figure()
-    try:
-        fig.savefig(out / "concepts_maps.png", dpi=110)
-    finally:
-        plt.close(fig)
-    (out / "concepts.json").write_text(result.to_json())
+    paths = result.save(out_dir, "concepts", k=top)
     for i in range(result.n_concepts):
         click.echo(f"concept {i}: importance {float(result.importance[i]):.3g}")
-    click.echo(f"wrote {out / 'concepts_gallery.png'}, concepts_maps.png and concepts.json")
+    click.echo(f"wrote {paths[0]}, {paths[1].name} and {paths[2].name}")
 
 
 @concepts.command("example-sets")

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..core.capture import Capture, resolve_layer, run_until
 from ..core.guard import model_device, model_guard
 from ..core.inputs import as_batch
-from ..core.targets import ResolvedTarget, resolve_target
+from ..core.targets import ResolvedTarget, resolve_target, target_names
 from ..errors import InputError, ModelError, OptionError
 
 #: smallest concept or random set accepted (a linear classifier on fewer images is noise)
@@ -200,6 +200,15 @@ def small_blas() -> Iterator[None]:
         return
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+def describe_target(bundle: Bundle, resolved: ResolvedTarget) -> str:
+    """'285 (Egyptian cat)' when every input has the same class, else the target's description."""
+    idx = resolved.indices
+    if idx is not None and bool((idx == idx[0]).all()):
+        names = target_names(bundle.labels, idx[:1])
+        return f"{int(idx[0])}" + (f" ({names[0]})" if names else "")
+    return resolved.description
 
 
 def to_pixels(bundle: Bundle, x: Tensor) -> Tensor:

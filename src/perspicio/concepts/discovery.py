@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..core.capture import Capture
 from ..core.guard import model_device, model_guard
-from ..core.targets import resolve_target, target_names
+from ..core.targets import resolve_target
 from ..errors import LayerError, OptionError
 from ._common import (
     Bundle,
@@ -39,6 +39,7 @@ from ._common import (
     activations,
     check_int,
     check_seed,
+    describe_target,
     image_set,
     layer_module,
     small_blas,
@@ -150,14 +151,15 @@ class ConceptDiscovery:
 
         return maps_figure(self, images=images, **kw)
 
-    def save(self, directory: str | Path, name: str = "concepts") -> list[Path]:
-        """Write ``name_gallery.png``, ``name_maps.png`` and ``name.json``; returns the paths."""
+    def save(self, directory: str | Path, name: str = "concepts", *, k: int = 8) -> list[Path]:
+        """Write ``name_gallery.png`` (``k`` crops per concept), ``name_maps.png`` and
+        ``name.json``; returns the paths."""
         import matplotlib.pyplot as plt
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
-        for suffix, make in (("gallery", self.gallery), ("maps", self.maps_figure)):
+        for suffix, make in (("gallery", lambda: self.gallery(k=k)), ("maps", self.maps_figure)):
             fig = make()
             p = out / f"{name}_{suffix}.png"
             try:
@@ -427,14 +429,9 @@ def discover(
     crop_pixels = torch.stack(
         [pixels[i, :, t : t + s, lf : lf + s] for i, t, lf, s in boxes.tolist()]
     )
-    names = target_names(bundle.labels, resolved.indices)
-    if resolved.indices is not None and bool((resolved.indices == resolved.indices[0]).all()):
-        target_str = f"{int(resolved.indices[0])}" + (f" ({names[0]})" if names else "")
-    else:
-        target_str = resolved.description
     return ConceptDiscovery(
         layer=layer_name,
-        target=target_str,
+        target=describe_target(bundle, resolved),
         basis=basis[order],
         crop_coefficients=coeffs[:, order],
         crops=crop_pixels,

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.targets import target_names
 from ..errors import InputError, OptionError
 from ._common import (
     MIN_SET_SIZE,
@@ -42,6 +41,7 @@ from ._common import (
     activations_and_gradients,
     check_int,
     check_seed,
+    describe_target,
     image_set,
     layer_module,
     small_blas,
@@ -336,15 +336,9 @@ def tcav(
     significant = {c: bool(p < threshold) for c, p in p_values.items()}
     t4 = time.perf_counter()
 
-    names = target_names(bundle.labels, resolved.indices)
-    if resolved.indices is not None and bool((resolved.indices == resolved.indices[0]).all()):
-        i = int(resolved.indices[0])
-        target_str = f"{i}" + (f" ({names[0]})" if names else "")
-    else:
-        target_str = resolved.description
     return TCAVResult(
         layer=layer_name,
-        target=target_str,
+        target=describe_target(bundle, resolved),
         concepts=tuple(concept_x),
         scores={c: float(np.mean(s)) for c, s in concept_scores.items()},
         concept_scores=concept_scores,
