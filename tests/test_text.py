@@ -190,3 +190,46 @@ def test_token_perturbations(minilm) -> None:
         # efficiency: the token values sum to the score minus the score of the [PAD] baseline
         assert a.sum().item() == pytest.approx((e.scores[i] - e.base_value[i]).item(), abs=1e-5)
     assert e.attributions[1, 3:].abs().max().item() == 0.0  # padding
+
+
+def test_hugging_face_classifier_with_class_names(minilm) -> None:
+    tr = pytest.importorskip("transformers")
+    config = tr.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    clf = tr.BertForSequenceClassification(config).eval()
+    tok = minilm.preprocess.tokenizer
+    e = perspicio.explain(
+        clf,
+        ["a fine film", "bad"],
+        method="transformer_attribution",
+        target="positive",
+        output="logits",
+        tokenizer=tok,
+    )
+    assert e.target_names == ("positive", "positive") and e.targets.tolist() == [1, 1]
+    with torch.no_grad():
+        logits = clf(**tok(["a fine film", "bad"], padding=True, return_tensors="pt")).logits
+    assert torch.allclose(e.scores, logits[:, 1], atol=1e-6)
+    ig = perspicio.explain(
+        clf,
+        "a fine film",
+        method="integrated_gradients",
+        target="positive",
+        output="logits",
+        tokenizer=tok,
+        steps=32,
+    )
+    # completeness through the word embeddings: the token values sum to f(x) - f(baseline)
+    assert ig.attributions.sum().item() == pytest.approx(
+        (ig.scores - ig.base_value).item(), abs=2e-3
+    )

@@ -234,6 +234,10 @@ def explain_text(
             "model-agnostic method (occlusion, lime, kernel_shap) through perspicio.explain."
         )
     entry = _select_method(method)
+    if labels is None:  # Hugging Face classifiers name their classes in the config
+        id2label = getattr(getattr(inner, "config", None), "id2label", None)
+        if isinstance(id2label, Mapping) and id2label and all(isinstance(k, int) for k in id2label):
+            labels = [str(id2label[i]) for i in range(max(id2label) + 1) if i in id2label] or None
     batch: TokenBatch | None = None
     if is_text(inputs):
         tok = find_tokenizer(model, tokenizer)
