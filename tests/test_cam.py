@@ -687,13 +687,14 @@ class ViewNet(nn.Module):
 def test_channels_last_engine_matches_contiguous(monkeypatch, method: str, tiny_cnn, tiny_input) -> None:
     """The engine feeds conv models channels-last inputs (faster on CPU); results are the
     same as in the contiguous layout, and models that .view() their feature maps fall back."""
-    from perspicio.core import batching
+    from perspicio.core import batching, caches
 
     x6 = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(9))
     view_net = ViewNet()
     fast = [perspicio.explain(tiny_cnn, tiny_input, method=method, target=[0, 3]),
             perspicio.explain(view_net, x6, method=method, target=[0, 2])]
-    assert batching._CL_OK.get(tiny_cnn) is True and batching._CL_OK.get(view_net) is False
+    assert caches.entry("channels-last support", tiny_cnn) is True
+    assert caches.entry("channels-last support", view_net) is False
     monkeypatch.setattr(batching, "CHANNELS_LAST", False)
     slow = [perspicio.explain(tiny_cnn, tiny_input, method=method, target=[0, 3]),
             perspicio.explain(ViewNet(), x6, method=method, target=[0, 2])]

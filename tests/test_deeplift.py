@@ -434,9 +434,7 @@ def bn_cnn() -> nn.Module:
 
 @pytest.mark.parametrize("rule", ["rescale", "reveal_cancel"])
 def test_reference_cache_reuses_and_equals_a_fresh_pass(rule: str) -> None:
-    from perspicio.methods.propagation.deeplift import REFERENCE_CACHE
-
-    REFERENCE_CACHE.clear()
+    perspicio.clear_caches()  # no reference pass recorded yet
     net, x = bn_cnn(), randn(2, 3, 8, 8)
     cold = DeepLift(net, rule=rule, cache_reference=False)(x, target=1)
     first = DeepLift(net, rule=rule)(x, target=1)
@@ -449,9 +447,7 @@ def test_reference_cache_reuses_and_equals_a_fresh_pass(rule: str) -> None:
 
 
 def test_reference_cache_sees_weight_attribute_baseline_and_mode_changes() -> None:
-    from perspicio.methods.propagation.deeplift import REFERENCE_CACHE
-
-    REFERENCE_CACHE.clear()
+    perspicio.clear_caches()  # no reference pass recorded yet
     net, x = bn_cnn(), randn(1, 3, 8, 8)
 
     def run(**kw):
@@ -476,9 +472,7 @@ def test_reference_cache_sees_weight_attribute_baseline_and_mode_changes() -> No
 
 
 def test_deep_shap_chunks_hold_whole_backgrounds_and_reuse_the_reference() -> None:
-    from perspicio.methods.propagation.deeplift import REFERENCE_CACHE
-
-    REFERENCE_CACHE.clear()
+    perspicio.clear_caches()  # no reference pass recorded yet
     net = bn_cnn()
     x, bg = randn(4, 3, 8, 8), randn(3, 3, 8, 8, seed=8)
     e = DeepShap(net, background=bg, batch_size=7)(x, target=0)  # 12 pairs in chunks of 6
@@ -508,14 +502,15 @@ def test_propagation_leaves_the_model_untouched_and_runs_on_the_folded_twin() ->
 
 
 def test_no_twin_is_copied_while_the_weights_change_every_call() -> None:
-    from perspicio.core import fold
+    from perspicio.core import caches
 
     net, x = bn_cnn(), randn(1, 3, 8, 8)
     for _ in range(3):  # a training loop explaining after every optimizer step
         with torch.no_grad():
             net.conv1.weight.mul_(1.01)
         e = DeepLift(net)(x, target=0)
-        assert fold._TWINS.get(net) is None  # merged in place for the call, restored, nothing copied
+        assert caches.entry("inference twins", net) is None  # merged in place for the call, restored, nothing copied
         assert delta_error(e) < 1e-4
     DeepLift(net)(x, target=0)  # the same weights twice: a sweep, worth a twin
-    assert fold._TWINS.get(net) is not None and fold._TWINS[net].module is not None
+    twin = caches.entry("inference twins", net)
+    assert twin is not None and twin.module is not None

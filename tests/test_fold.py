@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import perspicio
-from perspicio.core import fold
+from perspicio.core import caches, fold
 from perspicio.core.batching import Engine
 from perspicio.errors import OptionError
 
@@ -80,10 +80,10 @@ def test_user_model_untouched_and_cache_is_weak():
     fold.inference_twin(model, _x())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert isinstance(model.bn1, nn.BatchNorm2d) and model.conv1.bias is None
-    assert model in fold._TWINS
+    assert caches.entry("inference twins", model) is not None
     del model
     gc.collect()
-    assert len([m for m in fold._TWINS.owners() if isinstance(m, ConvBN)]) == 0
+    assert len([m for m in caches.owners("inference twins") if isinstance(m, ConvBN)]) == 0
 
 
 def test_twin_rebuilt_after_weights_change():

@@ -175,7 +175,7 @@ def test_compare_with_output(x: torch.Tensor) -> None:
 def test_output_selection_keeps_the_inference_twin_cache(x: torch.Tensor) -> None:
     """The model is not wrapped per call: output-only passes of a tuple model with BatchNorm reuse
     one cached twin across calls (keyed by the model), and layer hooks see the user's modules."""
-    from perspicio.core import fold
+    from perspicio.core import caches
 
     class BNTuple(TupleNet):
         def __init__(self) -> None:
@@ -186,7 +186,7 @@ def test_output_selection_keeps_the_inference_twin_cache(x: torch.Tensor) -> Non
     a = perspicio.explain(model, x, "occlusion", window=4, stride=4, output=1)
     b = perspicio.explain(model, x, "occlusion", window=4, stride=4, output=1)
     torch.testing.assert_close(a.attributions, b.attributions)
-    assert model in fold._TWINS  # keyed by the user's model, not a per-call wrapper
+    assert caches.entry("inference twins", model) is not None  # keyed by the user's model, not a per-call wrapper
 
 
 def test_completeness_recomputed_on_the_explained_output(x: torch.Tensor) -> None:

@@ -440,6 +440,31 @@ def _enforce_total() -> None:
             break
 
 
+def unregister(name: str) -> None:
+    """Remove the cache ``name`` from the registry (a cache made for a test; a no-op if absent)."""
+    with _REGISTRY_LOCK:
+        _REGISTRY.pop(name, None)
+
+
+# ---------------------------------------------------------------------------- testing hooks
+# Tests check *that* a cache was used or bypassed (a twin built, a fallback remembered) through
+# these two functions and the public cache names of cache_info(), never through module globals.
+
+
+def entry(name: str, owner: Any, sub: Any = _NO_SUB, default: Any = None) -> Any:
+    """Testing hook: what the registered cache ``name`` (a :func:`cache_info` key) holds for
+    ``owner`` (and ``sub``), or ``default``. Counts as a use (the entry becomes the most recent)."""
+    caches = registered()
+    if name not in caches:
+        raise KeyError(f"no cache named {name!r}; caches: {', '.join(sorted(caches))}")
+    return caches[name].get(owner, sub, default)
+
+
+def owners(name: str) -> list:
+    """Testing hook: the live keys of the registered cache ``name``."""
+    return registered()[name].owners()
+
+
 def cache_info() -> dict[str, CacheInfo]:
     """Per cache: what it holds, its key, entries, bytes, budget and eviction rule."""
     return {name: c.info() for name, c in sorted(registered().items())}
