@@ -38,6 +38,10 @@ class Completeness(Metric):
             raise OptionError(f"baseline must be None, 'zero' or a tensor; got {baseline!r}.")
         self.baseline, self.relative = baseline, bool(relative)
 
+    def cost(self) -> tuple[int, int]:
+        """(forward passes, re-explanations) per scored sample: the baseline's pass when one is given."""
+        return (1 if self.baseline is not None else 0), 0
+
     def _compute(self, ctx: Context) -> MetricResult:
         x = ctx.x
         n = x.shape[0]

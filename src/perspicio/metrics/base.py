@@ -348,6 +348,12 @@ class Metric(RecordsOptions):
         self.output = output
         self.options: dict[str, Any] = {}
 
+    def cost(self) -> tuple[int, int]:
+        """(forward passes, re-explanations) per scored sample beyond the one forward of the inputs
+        every metric makes: what :func:`~perspicio.metrics.compare` plans with. Metrics that only
+        read the attributions cost nothing."""
+        return 0, 0
+
     def __call__(
         self,
         model: Any,

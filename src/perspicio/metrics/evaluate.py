@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.batching import progress_bar
 from ..core.explanation import Explanation
 from ..core.jsonable import to_jsonable, write_json
 from ..core.outputs import OutputSelector
@@ -28,12 +27,15 @@ from ..core.registry import METHODS, METRICS
 from ..core.targets import resolve_target, target_names
 from ..errors import OptionError, PerspicioError, UnknownNameError, suggest
 from .base import MetricResult, NotApplicable, prepare_model
+from .plan import PassTimes, Reporter, format_seconds, measure_pass_times, method_passes, plan_text
 
-#: metrics run by ``metrics="default"``: cheap enough for every method, no ground truth needed
-DEFAULT_METRICS = (
-    "deletion", "insertion", "average_drop", "faithfulness_correlation",
-    "max_sensitivity", "randomization", "sparseness", "entropy", "completeness",
-)
+#: metrics run by ``metrics="default"``: cheap for every method - forward passes only, no
+#: re-explanation, no ground truth (deletion and insertion: 100 passes per method and sample each,
+#: average_drop 1, completeness 0 (the explanation's base value), sparseness and entropy 0)
+DEFAULT_METRICS = ("deletion", "insertion", "average_drop", "sparseness", "entropy", "completeness")
+#: metrics that cost many passes (re-explanations or many perturbations): run only when named
+EXPENSIVE_METRICS = ("faithfulness_correlation", "max_sensitivity", "avg_sensitivity", "randomization",
+                     "infidelity", "road")
 
 
 def resolve_methods(spec: str | Sequence[str] | None) -> list[str]:
@@ -311,7 +313,9 @@ def compare(
         method_options / metric_options: per-name option dicts, e.g. ``{"deletion": {"steps": 50}}``.
         seed: seed of every randomized metric (each uses its own generator).
         batch_size: chunk size for the methods and metrics (default: from the memory budget).
-        progress: show a progress bar over methods x metrics.
+        progress: print the plan (passes and estimated seconds per method and metric, from the
+            model's measured pass times), then one line per finished step on stderr (a bar naming
+            the current step on a terminal).
         output: for models that return a dict, tuple or ``ModelOutput``: the key, index or callable
             selecting the tensor to explain and score (every method's and metric's ``output=``).
 
@@ -346,8 +350,8 @@ def compare(
                       targets=tgt.indices.tolist() if tgt.indices is not None else None,
                       target_names=target_names(labels, tgt.indices),
                       model_name=getattr(model, "name", type(module).__name__))
-    total = len(method_names) * (1 + len(metric_names))
-    with progress_bar(progress, total, "compare") as advance:
+    reporter = _plan(comp, module, x, select, m_opts, k_opts, seed, batch_size, output, progress)
+    try:
         for mname in method_names:
             cls = METHODS.get(mname).cls
             opts = dict(m_opts.get(mname, {}))
@@ -357,6 +361,7 @@ def compare(
                 opts.setdefault("labels", labels)
             if output is not None:
                 opts.setdefault("output", output)
+            reporter.start(f"{mname}: explaining")
             t0 = time.perf_counter()
             try:
                 exp = build(cls, module, **opts)(x, target=tgt)
@@ -364,27 +369,74 @@ def compare(
                 if isinstance(exc, OptionError) and mname in m_opts:
                     raise
                 comp.errors[mname] = str(exc)
-                advance(1 + len(metric_names))
+                reporter.finish(f"{mname}: failed ({exc})", reporter.estimates[mname])
+                for metric in metric_names:
+                    reporter.finish(f"{mname} {metric}: skipped", reporter.estimates[(mname, metric)])
                 continue
             comp.explanations[mname] = exp
-            comp.seconds[mname] = {"explain": round(time.perf_counter() - t0, 4)}
+            took = time.perf_counter() - t0
+            comp.seconds[mname] = {"explain": round(took, 4)}
             comp.results[mname] = {}
-            advance(1)
+            reporter.finish(f"{mname}: explained in {format_seconds(took)}", reporter.estimates[mname])
             for metric in metric_names:
+                reporter.start(f"{mname}: {metric}")
                 t0 = time.perf_counter()
                 scorer = _make_metric(metric, k_opts.get(metric, {}), seed, batch_size, output)
                 try:
                     res = scorer(module, x, exp, target=tgt, masks=masks)
                 except NotApplicable as exc:
                     comp.not_applicable.setdefault(mname, {})[metric] = str(exc)
+                    line = f"{mname} {metric}: n/a"
                 else:
                     comp.results[mname][metric] = res
-                comp.seconds[mname][metric] = round(time.perf_counter() - t0, 4)
-                advance(1)
+                    line = f"{mname} {metric} = {res.value:.4g}"
+                took = time.perf_counter() - t0
+                comp.seconds[mname][metric] = round(took, 4)
+                reporter.finish(f"{line} ({format_seconds(took)})", reporter.estimates[(mname, metric)])
+    finally:
+        reporter.close()
+    reporter.say(f"compare: done in {format_seconds(time.perf_counter() - reporter.t0)}")
     if not comp.explanations and comp.errors:
         first = next(iter(comp.errors.items()))
         raise OptionError(f"every method failed; {first[0]}: {first[1]}")
     return comp
+
+
+def _plan(comp: Comparison, module: Any, x: Tensor, select: Any, m_opts: Mapping[str, Mapping[str, Any]],
+          k_opts: Mapping[str, Mapping[str, Any]], seed: int, batch_size: int | None, output: Any,
+          progress: bool) -> Reporter:
+    """Estimate every step's seconds from the model's measured pass times, print the plan, and
+    return the reporter that shows the run's progress (silent without ``progress``)."""
+    n = len(x)
+    estimates: dict[Any, float] = {}
+    method_cost: dict[str, tuple[int, int]] = {}
+    metric_cost: dict[str, tuple[int, int]] = {}
+    if progress:
+        from ..core.guard import model_guard
+
+        with model_guard(module):
+            times = measure_pass_times(module, x, select)
+    else:
+        times = PassTimes(0.0, 0.0)
+    for mname in comp.methods:
+        entry = METHODS.get(mname)
+        f, b = method_cost[mname] = method_passes(entry.cls, entry.family, m_opts.get(mname, {}), x)
+        estimates[mname] = n * (f * times.forward + b * times.backward)
+    for metric in comp.metrics:
+        scorer = _make_metric(metric, dict(k_opts.get(metric, {})), seed, batch_size, output)
+        metric_cost[metric] = scorer.cost() if hasattr(scorer, "cost") else (0, 0)
+    for mname in comp.methods:
+        for metric in comp.metrics:
+            f, again = metric_cost[metric]
+            estimates[(mname, metric)] = n * f * times.forward + again * estimates[mname]
+    method_s = {m: estimates[m] for m in comp.methods}
+    metric_s = {k: sum(estimates[(m, k)] for m in comp.methods) for k in comp.metrics}
+    reporter = Reporter(progress, sum(estimates.values()), len(estimates))
+    reporter.estimates = estimates
+    opt_in = [k for k in EXPENSIVE_METRICS if k not in comp.metrics and k in METRICS]
+    reporter.say(plan_text(comp.model_name, n, times, comp.methods, method_cost, method_s, comp.metrics, metric_cost,
+                           metric_s, opt_in))
+    return reporter
 
 
 def _make_metric(name: str, opts: dict[str, Any], seed: int, batch_size: int | None, output: Any = None) -> Any:

@@ -123,6 +123,10 @@ class _Curve(Metric):
         base = type(self).higher_is_better
         self.higher_is_better = base if order == "morf" else not base
 
+    def cost(self) -> tuple[int, int]:
+        """(forward passes, re-explanations) per scored sample: one pass per curve step."""
+        return self.steps, 0
+
     def _compute(self, ctx: Context) -> MetricResult:
         x = ctx.x
         n = x.shape[0]
@@ -339,6 +343,10 @@ class ROAD(Metric):
         self.percentages, self.order, self.noise, self.score = tuple(float(p) for p in percentages), order, float(noise), score
         self.higher_is_better = order != "morf"
 
+    def cost(self) -> tuple[int, int]:
+        """(forward passes, re-explanations) per scored sample: one pass per removal fraction."""
+        return len(self.percentages), 0
+
     def _compute(self, ctx: Context) -> MetricResult:
         x = ctx.x
         n = x.shape[0]
@@ -389,6 +397,10 @@ class Infidelity(Metric):
         check_float("noise", noise, minimum=0, strict=True, hint="std of the perturbation")
         self.samples, self.noise, self.normalize, self.score = samples, float(noise), bool(normalize), score
 
+    def cost(self) -> tuple[int, int]:
+        """(forward passes, re-explanations) per scored sample: one pass per perturbation."""
+        return self.samples, 0
+
     def _compute(self, ctx: Context) -> MetricResult:
         x = ctx.x
         n, s = x.shape[0], self.samples
@@ -433,6 +445,10 @@ class FaithfulnessCorrelation(Metric):
         _check_common(score, "morf", unit, patch_size, replacement)
         self.runs, self.fraction, self.unit, self.patch_size = runs, float(fraction), unit, patch_size
         self.replacement, self.sigma, self.score = replacement, float(sigma), score
+
+    def cost(self) -> tuple[int, int]:
+        """(forward passes, re-explanations) per scored sample: one pass per random subset."""
+        return self.runs, 0
 
     def _features(self, rel: Tensor) -> tuple[Tensor, Tensor]:
         """Feature id per pixel (H, W) and relevance per feature (N, F)."""
@@ -497,6 +513,10 @@ class AverageDrop(Metric):
         check_choice("replacement", replacement, REPLACEMENTS)
         check_choice("score", score, SCORES)
         self.replacement, self.sigma, self.score = replacement, float(sigma), score
+
+    def cost(self) -> tuple[int, int]:
+        """(forward passes, re-explanations) per scored sample: the masked input once."""
+        return 1, 0
 
     def _compute(self, ctx: Context) -> MetricResult:
         x = ctx.x

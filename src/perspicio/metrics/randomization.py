@@ -161,6 +161,11 @@ class Randomization(Metric):
         self.mode, self.steps, self.similarity = mode, steps, similarity
         self.absolute, self.topk, self.keep_maps = bool(absolute), float(topk), bool(keep_maps)
 
+    def cost(self) -> tuple[int, int]:
+        """(forward passes, re-explanations) per scored sample: the method re-run on each randomized
+        copy (``steps`` layer groups, per mode)."""
+        return 0, self.steps * (2 if self.mode == "both" else 1)
+
     def _maps(self, attr: Tensor, x: Tensor) -> Tensor:
         m = relevance_map(attr, x)
         return m.abs() if self.absolute else m

@@ -31,6 +31,10 @@ class _Sensitivity(Metric):
         check_float("radius", radius, minimum=0, strict=True, hint="L-inf noise bound in input units")
         self.samples, self.radius = samples, float(radius)
 
+    def cost(self) -> tuple[int, int]:
+        """(forward passes, re-explanations) per scored sample: the method re-run per perturbation."""
+        return 0, self.samples
+
     def _compute(self, ctx: Context) -> MetricResult:
         x = ctx.x
         n, s = x.shape[0], self.samples
