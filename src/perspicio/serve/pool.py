@@ -11,6 +11,9 @@ interrupted any other way, and a killed process cannot leave a half-changed mode
 Why processes and not threads: requests must not depend on each other (perspicio's per-model lock
 would serialise threads sharing a model anyway), a runaway job must be stoppable, and the memory a
 job allocated is returned when its worker is replaced.
+
+``spawn`` re-imports the parent's ``__main__`` in each worker: a script that creates a pool must
+do so under ``if __name__ == "__main__":`` (the ``perspicio`` command and ``python -c`` need nothing).
 """
 
 from __future__ import annotations
