@@ -135,12 +135,17 @@ def logistic_regression(
             break
         hess = (A * (p * (1 - p))[:, None]).T @ A + np.diag(reg)
         step = np.linalg.solve(hess + 1e-12 * np.eye(d + 1), grad)
+        decrement = float(grad @ step)  # Newton decrement squared: twice the predicted decrease
+        if decrement < 1e-24:
+            break
         t = 1.0
-        while True:
+        while t >= 1e-8:
             cand = theta - t * step
             fc = objective(cand)
-            if fc <= f - 1e-4 * t * float(grad @ step) or t < 1e-10:
+            if fc <= f - 1e-4 * t * decrement:
                 break
             t *= 0.5
+        else:  # no decrease left at this precision: converged
+            break
         theta, f = cand, fc
     return theta[:-1], float(theta[-1])
