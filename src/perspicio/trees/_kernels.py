@@ -49,8 +49,9 @@ from .ensemble import CAT_LEFT, CAT_RIGHT, LE, NAN_AS_ZERO, ZERO_MISSING
 
 #: longest distinct-feature path the kernels handle (patterns are int64 bit masks)
 MAX_PATH_FEATURES = 62
-#: table memory per chunk of trees (bytes)
-TABLE_BUDGET = 64 << 20
+#: table memory per chunk of trees (bytes); every table is built once whatever the budget, so a
+#: smaller budget costs only more passes of the rows over fewer trees each
+TABLE_BUDGET = 16 << 20
 #: table memory per tree (bytes): a row looks up one pattern per leaf, so a tree's tables must stay in
 #: the core's cache while a block of rows passes; beyond this, the deepest leaves compute per row
 TREE_TABLE_BUDGET = 512 << 10
@@ -583,27 +584,29 @@ def _apply(x, trees, ni, thr, bits, tree_start, tree_leaf, leaf_node, node_bit,
 
 
 @njit(cache=False, parallel=True)
-def _patterns(x, ni, thr, bits, tree_start, tree_leaf, leaf_node, node_bit, leaf_d, max_tree_nodes, out):
-    """Pattern of every leaf for every row: (N, L) int64."""
+def _patterns(x, ni, thr, bits, tree_start, tree_leaf, leaf_node, node_bit, leaf_d, max_tree_nodes, t0, t1, out):
+    """Pattern of every leaf of trees t0..t1-1 for every row: out (N, leaves of those trees) int64."""
+    l0 = tree_leaf[t0]
     for row in prange(x.shape[0]):
         dec = np.zeros(max_tree_nodes, np.int64)
         xr = x[row]
-        for t in range(len(tree_start) - 1):
+        for t in range(t0, t1):
             ts = tree_start[t]
             _fail_masks(xr, ts, tree_start[t + 1], ni, thr, bits, node_bit, dec)
             for lf in range(tree_leaf[t], tree_leaf[t + 1]):
                 d = leaf_d[lf]
-                out[row, lf] = ((np.int64(1) << d) - 1) & ~dec[leaf_node[lf] - ts]
+                out[row, lf - l0] = ((np.int64(1) << d) - 1) & ~dec[leaf_node[lf] - ts]
 
 
 @njit(cache=False)
-def _histograms(pat, weights, z_start, zpat, zcnt):
-    """Per leaf, the distinct background patterns and their weights (sorted)."""
+def _histograms(pat, weights, l0, pos, z_start, zpat, zcnt, count_only):
+    """Per leaf (columns of ``pat``, leaves l0, l0 + 1, ...), the distinct background patterns and
+    their summed weights, sorted, written from ``pos`` on; returns the next free position.
+    ``count_only`` only counts them (to size zpat/zcnt exactly before filling them)."""
     n_bg, n_leaves = pat.shape
-    pos = 0
     col = np.zeros(n_bg, np.int64)
     for lf in range(n_leaves):
-        z_start[lf] = pos
+        z_start[l0 + lf] = pos
         for b in range(n_bg):
             col[b] = pat[b, lf]
         order = np.argsort(col)
@@ -612,13 +615,13 @@ def _histograms(pat, weights, z_start, zpat, zcnt):
             b = order[bi]
             v = col[b]
             if bi == 0 or v != prev:
-                zpat[pos] = v
-                zcnt[pos] = weights[b]
+                if not count_only:
+                    zpat[pos] = v
+                    zcnt[pos] = weights[b]
                 pos += 1
                 prev = v
-            else:
+            elif not count_only:
                 zcnt[pos - 1] += weights[b]
-    z_start[n_leaves] = pos
     return pos
 
 

@@ -135,13 +135,12 @@ def tree_shap(ens: TreeEnsemble, x: Any, *, feature_perturbation: str = "tree_pa
     if interventional:
         bg = ens.prepare(background, "background")
         stats["background_rows"] = int(bg.shape[0])
-        bgpat = np.empty((bg.shape[0], len(paths.leaf_node)), np.int64)
-        K._patterns(bg, ni, ens.threshold, ens.cat_bits, ens.tree_start, paths.tree_leaf, paths.leaf_node,
-                    paths.node_bit, paths.leaf_d, paths.max_tree_nodes, bgpat)
         full = (np.int64(1) << paths.leaf_d.astype(np.int64)) - 1
-        reach = (bgpat == full[None, :]).mean(axis=0)
         mb = K.predict_margin(ens, bg)
         if transform:
+            bgpat = np.empty((bg.shape[0], len(paths.leaf_node)), np.int64)
+            K._patterns(bg, ni, ens.threshold, ens.cat_bits, ens.tree_start, paths.tree_leaf, paths.leaf_node,
+                        paths.node_bit, paths.leaf_d, paths.max_tree_nodes, 0, ens.n_trees, bgpat)
             phi = np.zeros((n, f, k_out))
             from numpy.polynomial.legendre import leggauss
 
@@ -152,11 +151,7 @@ def tree_shap(ens: TreeEnsemble, x: Any, *, feature_perturbation: str = "tree_pa
             prob = _link(output, transform)
             base = _link(mb, transform).mean(axis=0)
             return TreeShapResult(phi, None, base, prob, stats)
-        z_start = np.zeros(len(paths.leaf_node) + 1, np.int64)
-        zpat = np.zeros(bgpat.size, np.int64)
-        zcnt = np.zeros(bgpat.size)
-        used = K._histograms(bgpat, np.full(bg.shape[0], 1.0 / bg.shape[0]), z_start, zpat, zcnt)
-        zpat, zcnt = zpat[:used], zcnt[:used]
+        z_start, zpat, zcnt, reach = _background_histograms(ens, paths, ni, bg, full)
         base = ens.base_offset + reach @ leaf_vals
     else:
         base = ens.base_offset + paths.reach @ leaf_vals
@@ -184,6 +179,54 @@ def tree_shap(ens: TreeEnsemble, x: Any, *, feature_perturbation: str = "tree_pa
         values = phi2.sum(axis=2)
         return TreeShapResult(values, phi2, base, output, stats)
     return TreeShapResult(phi, None, base, output, stats)
+
+
+def _background_histograms(ens: TreeEnsemble, paths: Any, ni: np.ndarray, bg: np.ndarray,
+                           full: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per leaf, the distinct patterns of the background rows and their weights (z_start, zpat,
+    zcnt), and the fraction of background rows reaching each leaf.
+
+    Trees are taken in chunks whose (rows, leaves) pattern block stays under PATTERN_BUDGET; a first
+    pass counts the distinct patterns, so zpat/zcnt are allocated at their exact size (the
+    full (rows, leaves) matrix and its upper-bound-sized histograms are never held).
+    """
+    from . import _kernels as K
+
+    n_bg, n_leaves = bg.shape[0], len(paths.leaf_node)
+    weights = np.full(n_bg, 1.0 / n_bg)
+    per_tree = np.diff(paths.tree_leaf)
+    chunks: list[tuple[int, int]] = []
+    t0 = 0
+    while t0 < ens.n_trees:
+        t1, cols = t0, 0
+        while t1 < ens.n_trees and (t1 == t0 or (cols + per_tree[t1]) * n_bg * 8 <= PATTERN_BUDGET):
+            cols += int(per_tree[t1])
+            t1 += 1
+        chunks.append((t0, t1))
+        t0 = t1
+    z_start = np.zeros(n_leaves + 1, np.int64)
+    reach = np.empty(n_leaves)
+    zpat = np.zeros(1, np.int64)
+    zcnt = np.zeros(1)
+    for count_only in (True, False):
+        pos = 0
+        for t0, t1 in chunks:
+            l0, l1 = int(paths.tree_leaf[t0]), int(paths.tree_leaf[t1])
+            pat = np.empty((n_bg, l1 - l0), np.int64)
+            K._patterns(bg, ni, ens.threshold, ens.cat_bits, ens.tree_start, paths.tree_leaf, paths.leaf_node,
+                        paths.node_bit, paths.leaf_d, paths.max_tree_nodes, t0, t1, pat)
+            if count_only:
+                reach[l0:l1] = (pat == full[None, l0:l1]).mean(axis=0)
+            pos = K._histograms(pat, weights, l0, pos, z_start, zpat, zcnt, count_only)
+        if count_only:
+            zpat = np.empty(pos, np.int64)
+            zcnt = np.empty(pos)
+    z_start[n_leaves] = pos
+    return z_start, zpat, zcnt, reach
+
+
+#: bytes of one chunk's (background rows, leaves) pattern block
+PATTERN_BUDGET = 4 << 20
 
 
 def _link(margin: np.ndarray, code: int) -> np.ndarray:
