@@ -81,7 +81,9 @@ def run(name: str, fn: Callable[[], object], repeats: int) -> dict[str, object]:
     dt, mem, out = measured(fn)
     times.append(dt)
     mems.append(mem)
-    print(f"  {name}: {statistics.median(times):.3f} s, peak +{max(mems) / 2**20:.0f} MiB", flush=True)
+    print(
+        f"  {name}: {statistics.median(times):.3f} s, peak +{max(mems) / 2**20:.0f} MiB", flush=True
+    )
     return {"name": name, "seconds": statistics.median(times), "mib": max(mems) / 2**20, "out": out}
 
 
@@ -98,36 +100,85 @@ def memory(args: argparse.Namespace) -> None:
 
     numba.set_num_threads(THREADS)
     x, y, yr = _data(args.rows)
-    xgbm = xgb.XGBClassifier(n_estimators=500, max_depth=6, learning_rate=0.05, n_jobs=THREADS, random_state=0)
+    xgbm = xgb.XGBClassifier(
+        n_estimators=500, max_depth=6, learning_rate=0.05, n_jobs=THREADS, random_state=0
+    )
     xgbm.fit(x, y)
-    rf = RandomForestRegressor(n_estimators=200, max_depth=8, n_jobs=THREADS, random_state=0).fit(x, yr)
+    rf = RandomForestRegressor(n_estimators=200, max_depth=8, n_jobs=THREADS, random_state=0).fit(
+        x, yr
+    )
     booster = xgbm.get_booster()
     booster.set_param({"nthread": THREADS})
     ens_x, ens_r = read_model(xgbm), read_model(rf)
-    xs_i, bg = x[: args.interaction_rows], x[-args.background:]
+    xs_i, bg = x[: args.interaction_rows], x[-args.background :]
     xs_v = x[: args.interventional_rows]
     for ens in (ens_x, ens_r):  # compile, and build the cached path arrays, before measuring
         tree_shap(ens, x[:8], interactions=True)
         tree_shap(ens, x[:8])
         tree_shap(ens, x[:8], feature_perturbation="interventional", background=bg[:4])
     tasks = [
-        ("XGBoost 500x6", f"values, {len(x)} rows", lambda: tree_shap(ens_x, x),
-         [("xgboost pred_contribs", lambda: booster.predict(xgb.DMatrix(x, nthread=THREADS), pred_contribs=True))]),
-        ("XGBoost 500x6", f"interactions, {len(xs_i)} rows", lambda: tree_shap(ens_x, xs_i, interactions=True),
-         [("xgboost pred_interactions",
-           lambda: booster.predict(xgb.DMatrix(xs_i, nthread=THREADS), pred_interactions=True))]),
-        ("XGBoost 500x6", f"interventional ({len(bg)} bg), {len(xs_v)} rows",
-         lambda: tree_shap(ens_x, xs_v, feature_perturbation="interventional", background=bg),
-         [("shap TreeExplainer",
-           lambda: shap.TreeExplainer(xgbm, bg, feature_perturbation="interventional").shap_values(xs_v))]),
-        ("RandomForest 200x8", f"values, {len(x)} rows", lambda: tree_shap(ens_r, x),
-         [("shap TreeExplainer", lambda: shap.TreeExplainer(rf).shap_values(x))]),
-        ("RandomForest 200x8", f"interactions, {len(xs_i)} rows", lambda: tree_shap(ens_r, xs_i, interactions=True),
-         [("shap TreeExplainer", lambda: shap.TreeExplainer(rf).shap_interaction_values(xs_i))]),
-        ("RandomForest 200x8", f"interventional ({len(bg)} bg), {len(xs_v)} rows",
-         lambda: tree_shap(ens_r, xs_v, feature_perturbation="interventional", background=bg),
-         [("shap TreeExplainer",
-           lambda: shap.TreeExplainer(rf, bg, feature_perturbation="interventional").shap_values(xs_v))]),
+        (
+            "XGBoost 500x6",
+            f"values, {len(x)} rows",
+            lambda: tree_shap(ens_x, x),
+            [
+                (
+                    "xgboost pred_contribs",
+                    lambda: booster.predict(xgb.DMatrix(x, nthread=THREADS), pred_contribs=True),
+                )
+            ],
+        ),
+        (
+            "XGBoost 500x6",
+            f"interactions, {len(xs_i)} rows",
+            lambda: tree_shap(ens_x, xs_i, interactions=True),
+            [
+                (
+                    "xgboost pred_interactions",
+                    lambda: booster.predict(
+                        xgb.DMatrix(xs_i, nthread=THREADS), pred_interactions=True
+                    ),
+                )
+            ],
+        ),
+        (
+            "XGBoost 500x6",
+            f"interventional ({len(bg)} bg), {len(xs_v)} rows",
+            lambda: tree_shap(ens_x, xs_v, feature_perturbation="interventional", background=bg),
+            [
+                (
+                    "shap TreeExplainer",
+                    lambda: shap.TreeExplainer(
+                        xgbm, bg, feature_perturbation="interventional"
+                    ).shap_values(xs_v),
+                )
+            ],
+        ),
+        (
+            "RandomForest 200x8",
+            f"values, {len(x)} rows",
+            lambda: tree_shap(ens_r, x),
+            [("shap TreeExplainer", lambda: shap.TreeExplainer(rf).shap_values(x))],
+        ),
+        (
+            "RandomForest 200x8",
+            f"interactions, {len(xs_i)} rows",
+            lambda: tree_shap(ens_r, xs_i, interactions=True),
+            [("shap TreeExplainer", lambda: shap.TreeExplainer(rf).shap_interaction_values(xs_i))],
+        ),
+        (
+            "RandomForest 200x8",
+            f"interventional ({len(bg)} bg), {len(xs_v)} rows",
+            lambda: tree_shap(ens_r, xs_v, feature_perturbation="interventional", background=bg),
+            [
+                (
+                    "shap TreeExplainer",
+                    lambda: shap.TreeExplainer(
+                        rf, bg, feature_perturbation="interventional"
+                    ).shap_values(xs_v),
+                )
+            ],
+        ),
     ]
     rows = []
     for model, task, ours, others in tasks:
@@ -135,7 +186,9 @@ def memory(args: argparse.Namespace) -> None:
         res = ours()
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        out_mib = (res.values.nbytes + (res.interactions.nbytes if res.interactions is not None else 0)) / 2**20
+        out_mib = (
+            res.values.nbytes + (res.interactions.nbytes if res.interactions is not None else 0)
+        ) / 2**20
         del res
         dt, grow, res = measured(ours)
         del res
@@ -146,12 +199,24 @@ def memory(args: argparse.Namespace) -> None:
             theirs.append(f"{name} {g / 2**20:.1f}")
         rows.append([model, task, peak / 2**20, grow / 2**20, out_mib, dt, "; ".join(theirs)])
         print(rows[-1], flush=True)
-    out = table(["model", "task", "tracemalloc peak MiB", "RSS growth MiB", "result MiB", "seconds",
-                 "others' RSS growth MiB"], rows)
+    out = table(
+        [
+            "model",
+            "task",
+            "tracemalloc peak MiB",
+            "RSS growth MiB",
+            "result MiB",
+            "seconds",
+            "others' RSS growth MiB",
+        ],
+        rows,
+    )
     print(out)
     if args.write:
         label = args.label or "memory"
-        body = "\n".join([f"### {label}", "", f"Machine: {machine_note()}; {malloc_note()}.", "", out])
+        body = "\n".join(
+            [f"### {label}", "", f"Machine: {machine_note()}; {malloc_note()}.", "", out]
+        )
         path = ROOT_DOC
         text = path.read_text()
         path.write_text(text.rstrip() + "\n\n" + body + "\n")
@@ -178,13 +243,21 @@ def main() -> None:
     ap.add_argument("--background", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
-    ap.add_argument("--memory", action="store_true", help="measure peak memory per task instead of time")
-    ap.add_argument("--label", default=None, help="heading of the --memory table (with --write: appended)")
-    ap.add_argument("--others", action="store_true", help="with --memory: also XGBoost's and shap's RSS growth")
+    ap.add_argument(
+        "--memory", action="store_true", help="measure peak memory per task instead of time"
+    )
+    ap.add_argument(
+        "--label", default=None, help="heading of the --memory table (with --write: appended)"
+    )
+    ap.add_argument(
+        "--others", action="store_true", help="with --memory: also XGBoost's and shap's RSS growth"
+    )
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.memory:
-        if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # freed blocks go back to the OS at once
+        if (
+            os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536"
+        ):  # freed blocks go back to the OS at once
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
             os.execve(sys.executable, [sys.executable, *sys.argv], env)
         memory(args)
@@ -202,9 +275,13 @@ def main() -> None:
     note = f"{machine_note()}; {malloc_note()}; numba threads {THREADS}, xgboost nthread {THREADS}"
     print(note)
     t0 = time.perf_counter()
-    xgbm = xgb.XGBClassifier(n_estimators=500, max_depth=6, learning_rate=0.05, n_jobs=THREADS, random_state=0)
+    xgbm = xgb.XGBClassifier(
+        n_estimators=500, max_depth=6, learning_rate=0.05, n_jobs=THREADS, random_state=0
+    )
     xgbm.fit(x, y)
-    rf = RandomForestRegressor(n_estimators=200, max_depth=8, n_jobs=THREADS, random_state=0).fit(x, yr)
+    rf = RandomForestRegressor(n_estimators=200, max_depth=8, n_jobs=THREADS, random_state=0).fit(
+        x, yr
+    )
     print(f"trained in {time.perf_counter() - t0:.1f} s")
     booster = xgbm.get_booster()
     booster.set_param({"nthread": THREADS})
@@ -222,21 +299,36 @@ def main() -> None:
     tree_shap(ens_x, x[:8], interactions=True)
     tree_shap(ens_x, x[:8], feature_perturbation="interventional", background=x[:4])
     compile_rest = time.perf_counter() - t0
-    print(f"numba compile: {compile_values:.1f} s (values), {compile_rest:.1f} s more (interactions, interventional)")
+    print(
+        f"numba compile: {compile_values:.1f} s (values), {compile_rest:.1f} s more (interactions, interventional)"
+    )
     rows: list[list[object]] = []
     checks: list[str] = []
 
-    def section(title: str, contenders: list[tuple[str, Callable[[], object]]], ref: str,
-                cmp: Callable[[object, object], float] | None = None) -> None:
+    def section(
+        title: str,
+        contenders: list[tuple[str, Callable[[], object]]],
+        ref: str,
+        cmp: Callable[[object, object], float] | None = None,
+    ) -> None:
         print(title)
         res = [run(name, fn, args.repeats) for name, fn in contenders]
         ours = res[0]
         for r in res:
-            rows.append([title, r["name"], r["seconds"], r["mib"],
-                         None if r is ours else r["seconds"] / ours["seconds"]])
+            rows.append(
+                [
+                    title,
+                    r["name"],
+                    r["seconds"],
+                    r["mib"],
+                    None if r is ours else r["seconds"] / ours["seconds"],
+                ]
+            )
         if cmp is not None:
             for r in res[1:]:
-                checks.append(f"{title}: max relative difference to {r['name']} {cmp(ours['out'], r['out']):.1e}")
+                checks.append(
+                    f"{title}: max relative difference to {r['name']} {cmp(ours['out'], r['out']):.1e}"
+                )
 
     def rel(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.abs(a - b).max() / np.abs(b).max())
@@ -244,60 +336,108 @@ def main() -> None:
     xs_i = x[: args.interaction_rows]
     dm_i = xgb.DMatrix(xs_i, nthread=THREADS)
     xs_v = x[: args.interventional_rows]
-    bg = x[-args.background:]
+    bg = x[-args.background :]
     ex_x = shap.TreeExplainer(xgbm)
     ex_r = shap.TreeExplainer(rf)
     ex_xi = shap.TreeExplainer(xgbm, bg, feature_perturbation="interventional")
     ex_ri = shap.TreeExplainer(rf, bg, feature_perturbation="interventional")
 
-    section(f"XGBoost 500x depth 6, SHAP values, {n} rows", [
-        ("perspicio tree_shap", lambda: tree_shap(ens_x, x).values[:, :, 0]),
-        ("xgboost pred_contribs", lambda: booster.predict(dm, pred_contribs=True)[:, :-1]),
-        ("shap TreeExplainer (calls pred_contribs)", lambda: ex_x.shap_values(x)),
-    ], "", rel)
-    section(f"XGBoost 500x depth 6, interaction values, {len(xs_i)} rows", [
-        ("perspicio tree_shap", lambda: tree_shap(ens_x, xs_i, interactions=True).interactions[..., 0]),
-        ("xgboost pred_interactions (what shap's TreeExplainer calls)",
-         lambda: booster.predict(dm_i, pred_interactions=True)[:, :-1, :-1]),
-    ], "", rel)
-    section(f"XGBoost 500x depth 6, interventional ({args.background} background rows), {len(xs_v)} rows", [
-        ("perspicio tree_shap", lambda: tree_shap(ens_x, xs_v, feature_perturbation="interventional",
-                                                  background=bg).values[:, :, 0]),
-        ("shap TreeExplainer", lambda: ex_xi.shap_values(xs_v)),
-    ], "", rel)
-    section(f"RandomForest 200x depth 8, SHAP values, {n} rows", [
-        ("perspicio tree_shap", lambda: tree_shap(ens_r, x).values[:, :, 0]),
-        ("shap TreeExplainer", lambda: ex_r.shap_values(x)),
-    ], "", rel)
-    section(f"RandomForest 200x depth 8, interaction values, {len(xs_i)} rows", [
-        ("perspicio tree_shap", lambda: tree_shap(ens_r, xs_i, interactions=True).interactions[..., 0]),
-        ("shap TreeExplainer", lambda: ex_r.shap_interaction_values(xs_i)),
-    ], "", rel)
-    section(f"RandomForest 200x depth 8, interventional ({args.background} background rows), {len(xs_v)} rows", [
-        ("perspicio tree_shap", lambda: tree_shap(ens_r, xs_v, feature_perturbation="interventional",
-                                                  background=bg).values[:, :, 0]),
-        ("shap TreeExplainer", lambda: ex_ri.shap_values(xs_v)),
-    ], "", rel)
+    section(
+        f"XGBoost 500x depth 6, SHAP values, {n} rows",
+        [
+            ("perspicio tree_shap", lambda: tree_shap(ens_x, x).values[:, :, 0]),
+            ("xgboost pred_contribs", lambda: booster.predict(dm, pred_contribs=True)[:, :-1]),
+            ("shap TreeExplainer (calls pred_contribs)", lambda: ex_x.shap_values(x)),
+        ],
+        "",
+        rel,
+    )
+    section(
+        f"XGBoost 500x depth 6, interaction values, {len(xs_i)} rows",
+        [
+            (
+                "perspicio tree_shap",
+                lambda: tree_shap(ens_x, xs_i, interactions=True).interactions[..., 0],
+            ),
+            (
+                "xgboost pred_interactions (what shap's TreeExplainer calls)",
+                lambda: booster.predict(dm_i, pred_interactions=True)[:, :-1, :-1],
+            ),
+        ],
+        "",
+        rel,
+    )
+    section(
+        f"XGBoost 500x depth 6, interventional ({args.background} background rows), {len(xs_v)} rows",
+        [
+            (
+                "perspicio tree_shap",
+                lambda: tree_shap(
+                    ens_x, xs_v, feature_perturbation="interventional", background=bg
+                ).values[:, :, 0],
+            ),
+            ("shap TreeExplainer", lambda: ex_xi.shap_values(xs_v)),
+        ],
+        "",
+        rel,
+    )
+    section(
+        f"RandomForest 200x depth 8, SHAP values, {n} rows",
+        [
+            ("perspicio tree_shap", lambda: tree_shap(ens_r, x).values[:, :, 0]),
+            ("shap TreeExplainer", lambda: ex_r.shap_values(x)),
+        ],
+        "",
+        rel,
+    )
+    section(
+        f"RandomForest 200x depth 8, interaction values, {len(xs_i)} rows",
+        [
+            (
+                "perspicio tree_shap",
+                lambda: tree_shap(ens_r, xs_i, interactions=True).interactions[..., 0],
+            ),
+            ("shap TreeExplainer", lambda: ex_r.shap_interaction_values(xs_i)),
+        ],
+        "",
+        rel,
+    )
+    section(
+        f"RandomForest 200x depth 8, interventional ({args.background} background rows), {len(xs_v)} rows",
+        [
+            (
+                "perspicio tree_shap",
+                lambda: tree_shap(
+                    ens_r, xs_v, feature_perturbation="interventional", background=bg
+                ).values[:, :, 0],
+            ),
+            ("shap TreeExplainer", lambda: ex_ri.shap_values(xs_v)),
+        ],
+        "",
+        rel,
+    )
 
     out = table(["task", "contender", "median s", "peak RSS growth MiB", "their time / ours"], rows)
     print(out)
     print("\n".join(checks))
     if args.write:
-        body = "\n".join([
-            "`benchmarks/bench_tree.py` (one process, same rows for every contender; times are medians of "
-            f"{args.repeats + 1} warm runs).",
-            "",
-            f"Machine: {note}.",
-            "",
-            f"numba compile time (cold first call, not in the table): {compile_values:.1f} s for the SHAP-value "
-            f"kernels, {compile_rest:.1f} s more for the interaction and interventional kernels; once per process.",
-            "",
-            out,
-            "",
-            "Agreement of the results (same rows):",
-            "",
-            *[f"- {c}" for c in checks],
-        ])
+        body = "\n".join(
+            [
+                "`benchmarks/bench_tree.py` (one process, same rows for every contender; times are medians of "
+                f"{args.repeats + 1} warm runs).",
+                "",
+                f"Machine: {note}.",
+                "",
+                f"numba compile time (cold first call, not in the table): {compile_values:.1f} s for the SHAP-value "
+                f"kernels, {compile_rest:.1f} s more for the interaction and interventional kernels; once per process.",
+                "",
+                out,
+                "",
+                "Agreement of the results (same rows):",
+                "",
+                *[f"- {c}" for c in checks],
+            ]
+        )
         write_section("Tree models (issue 17)", body)
         print("wrote docs/benchmarks.md")
 

@@ -42,7 +42,9 @@ def test_hand_computed_two_features():
     e = perspicio.explain(model, x, method="linear_shap", background=bg)
     assert e.attributions[0].tolist() == pytest.approx([4.0, -6.0])
     assert float(e.base_value[0]) == pytest.approx(9.0)
-    e = perspicio.explain(model, x, method="linear_shap", background=bg, feature_perturbation="correlation_dependent")
+    e = perspicio.explain(
+        model, x, method="linear_shap", background=bg, feature_perturbation="correlation_dependent"
+    )
     assert e.attributions[0].tolist() == pytest.approx([6.5, -8.5], abs=1e-12)
     assert float(e.base_value[0] + e.attributions.sum()) == pytest.approx(7.0)  # f(x) = 6 + 0 + 1
 
@@ -55,7 +57,9 @@ def test_interventional_equals_shap_regression(cls):
     e = perspicio.explain(m, x[:20], method="linear_shap", background=x[-100:])
     ref = shap.LinearExplainer(m, x[-100:]).shap_values(x[:20])
     assert np.abs(e.attributions.numpy() - ref).max() < 1e-10
-    torch.testing.assert_close(e.base_value + e.attributions.sum(1), torch.from_numpy(m.predict(x[:20])))
+    torch.testing.assert_close(
+        e.base_value + e.attributions.sum(1), torch.from_numpy(m.predict(x[:20]))
+    )
 
 
 def test_logistic_multiclass_interventional_equals_shap_and_targets():
@@ -80,10 +84,14 @@ def test_correlation_dependent_exact_transform_agrees_with_shap_sampling():
     bg = x[-200:]
     ex = shap.LinearExplainer(m, bg, feature_perturbation="correlation_dependent", nsamples=20000)
     ref = ex.shap_values(x[:10])
-    e = perspicio.explain(m, x[:10], method="linear_shap", background=bg, feature_perturbation="correlation_dependent")
+    e = perspicio.explain(
+        m, x[:10], method="linear_shap", background=bg, feature_perturbation="correlation_dependent"
+    )
     ours = e.attributions.numpy()
     assert np.abs(ours - ref).max() < 1e-2 * np.abs(ref).max()
-    torch.testing.assert_close(e.base_value + e.attributions.sum(1), torch.from_numpy(m.predict(x[:10])))
+    torch.testing.assert_close(
+        e.base_value + e.attributions.sum(1), torch.from_numpy(m.predict(x[:10]))
+    )
 
 
 def test_sampled_transform_converges_to_the_exact_one_and_is_efficient():
@@ -98,7 +106,9 @@ def test_sampled_transform_converges_to_the_exact_one_and_is_efficient():
     old = L.EXACT_MAX_FEATURES
     L.EXACT_MAX_FEATURES = 3  # force sampling
     try:
-        est, is_exact = correlation_transform(cov, w, nsamples=4000, generator=np.random.default_rng(0))
+        est, is_exact = correlation_transform(
+            cov, w, nsamples=4000, generator=np.random.default_rng(0)
+        )
     finally:
         L.EXACT_MAX_FEATURES = old
     assert not is_exact

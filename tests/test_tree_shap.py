@@ -60,13 +60,27 @@ def fit(kind: str, task: str, missing: bool):
         return cls(n_estimators=25, max_depth=4, learning_rate=0.3, n_jobs=1).fit(x, y), x
     if kind == "lgb":
         cls = lgb.LGBMRegressor if task == "reg" else lgb.LGBMClassifier
-        return cls(n_estimators=25, num_leaves=12, min_child_samples=5, verbose=-1, n_jobs=1).fit(x, y), x
+        return cls(n_estimators=25, num_leaves=12, min_child_samples=5, verbose=-1, n_jobs=1).fit(
+            x, y
+        ), x
     sk = {
         "dt": (T.DecisionTreeRegressor, T.DecisionTreeClassifier, {"max_depth": 5}),
-        "rf": (E.RandomForestRegressor, E.RandomForestClassifier, {"n_estimators": 15, "max_depth": 6}),
+        "rf": (
+            E.RandomForestRegressor,
+            E.RandomForestClassifier,
+            {"n_estimators": 15, "max_depth": 6},
+        ),
         "et": (E.ExtraTreesRegressor, E.ExtraTreesClassifier, {"n_estimators": 15, "max_depth": 6}),
-        "gb": (E.GradientBoostingRegressor, E.GradientBoostingClassifier, {"n_estimators": 15, "max_depth": 3}),
-        "hgb": (E.HistGradientBoostingRegressor, E.HistGradientBoostingClassifier, {"max_iter": 15, "max_depth": 4}),
+        "gb": (
+            E.GradientBoostingRegressor,
+            E.GradientBoostingClassifier,
+            {"n_estimators": 15, "max_depth": 3},
+        ),
+        "hgb": (
+            E.HistGradientBoostingRegressor,
+            E.HistGradientBoostingClassifier,
+            {"max_iter": 15, "max_depth": 4},
+        ),
     }[kind]
     cls = sk[0] if task == "reg" else sk[1]
     return cls(random_state=0, **sk[2]).fit(x, y), x
@@ -92,10 +106,18 @@ def library_margin(m, x: np.ndarray) -> np.ndarray:
     return out[:, None] if out.ndim == 1 else out
 
 
-CASES = [(k, t, miss) for k in ("xgb", "lgb") for t in ("reg", "bin", "multi") for miss in (False, True)]
+CASES = [
+    (k, t, miss) for k in ("xgb", "lgb") for t in ("reg", "bin", "multi") for miss in (False, True)
+]
 CASES += [(k, t, False) for k in ("dt", "rf", "et", "gb") for t in ("reg", "bin", "multi")]
-CASES += [("dt", "multi", True), ("rf", "reg", True), ("hgb", "reg", False), ("hgb", "bin", True),
-          ("hgb", "reg", True), ("hgb", "multi", True)]
+CASES += [
+    ("dt", "multi", True),
+    ("rf", "reg", True),
+    ("hgb", "reg", False),
+    ("hgb", "bin", True),
+    ("hgb", "reg", True),
+    ("hgb", "multi", True),
+]
 
 
 @pytest.mark.parametrize("kind,task,missing", CASES)
@@ -106,7 +128,9 @@ def test_path_dependent_equals_shap_and_efficiency(kind, task, missing):
     # our margin is the library's (XGBoost sums in float32, hence the tolerance)
     assert rel(res.output, library_margin(m, x)) < 2e-6
     # efficiency to float64 rounding
-    assert np.abs(res.values.sum(1) + res.base - res.output).max() < 1e-9 * max(1.0, np.abs(res.output).max())
+    assert np.abs(res.values.sum(1) + res.base - res.output).max() < 1e-9 * max(
+        1.0, np.abs(res.output).max()
+    )
     if (kind, task) == ("gb", "multi"):  # shap supports binary GradientBoostingClassifier only
         ref = np.stack([_path_dependent_enumeration(ens, row) for row in x[:5]])
         assert rel(res.values[:5], ref) < 1e-9
@@ -118,6 +142,7 @@ def test_path_dependent_equals_shap_and_efficiency(kind, task, missing):
 def _path_dependent_enumeration(ens, row: np.ndarray) -> np.ndarray:
     """Shapley values (F, K) of the tree-path-dependent game by enumerating coalitions, with the game
     evaluated by a plain recursion over the ensemble's arrays (covers weight the unknown branches)."""
+
     def expect(n: int, s: int, t: int) -> np.ndarray:
         if ens.left[n] < 0:
             out = np.zeros(ens.n_outputs)
@@ -134,14 +159,21 @@ def _path_dependent_enumeration(ens, row: np.ndarray) -> np.ndarray:
         return (ens.cover[cl] * expect(cl, s, t) + ens.cover[cr] * expect(cr, s, t)) / ens.cover[n]
 
     f = ens.n_features
-    vals = {s: ens.base_offset + sum(expect(ens.tree_start[t], s, t) for t in range(ens.n_trees))
-            for s in range(1 << f)}
+    vals = {
+        s: ens.base_offset + sum(expect(ens.tree_start[t], s, t) for t in range(ens.n_trees))
+        for s in range(1 << f)
+    }
     phi = np.zeros((f, ens.n_outputs))
     for i in range(f):
         for s in range(1 << f):
             if not s >> i & 1:
                 k = bin(s).count("1")
-                phi[i] += math.factorial(k) * math.factorial(f - k - 1) / math.factorial(f) * (vals[s | 1 << i] - vals[s])
+                phi[i] += (
+                    math.factorial(k)
+                    * math.factorial(f - k - 1)
+                    / math.factorial(f)
+                    * (vals[s | 1 << i] - vals[s])
+                )
     return phi
 
 
@@ -166,8 +198,17 @@ def test_equals_lightgbm_pred_contrib_multiclass_with_missing():
     assert rel(res.base, pc[0, :, -1]) < 1e-9
 
 
-@pytest.mark.parametrize("kind,task,missing", [("xgb", "bin", True), ("xgb", "multi", False), ("lgb", "reg", True),
-                                               ("rf", "multi", False), ("gb", "bin", False), ("dt", "reg", False)])
+@pytest.mark.parametrize(
+    "kind,task,missing",
+    [
+        ("xgb", "bin", True),
+        ("xgb", "multi", False),
+        ("lgb", "reg", True),
+        ("rf", "multi", False),
+        ("gb", "bin", False),
+        ("dt", "reg", False),
+    ],
+)
 def test_path_dependent_interactions_equal_shap(kind, task, missing):
     m, x = fit(kind, task, missing)
     res = tree_shap(read_model(m), x[:60], interactions=True)
@@ -179,9 +220,20 @@ def test_path_dependent_interactions_equal_shap(kind, task, missing):
     assert np.abs(res.interactions.sum(2) - res.values).max() < 1e-9
 
 
-@pytest.mark.parametrize("kind,task,missing", [("xgb", "bin", True), ("xgb", "multi", True), ("xgb", "reg", False),
-                                               ("lgb", "bin", True), ("lgb", "multi", False), ("rf", "multi", False),
-                                               ("et", "reg", False), ("gb", "bin", False), ("dt", "bin", True)])
+@pytest.mark.parametrize(
+    "kind,task,missing",
+    [
+        ("xgb", "bin", True),
+        ("xgb", "multi", True),
+        ("xgb", "reg", False),
+        ("lgb", "bin", True),
+        ("lgb", "multi", False),
+        ("rf", "multi", False),
+        ("et", "reg", False),
+        ("gb", "bin", False),
+        ("dt", "bin", True),
+    ],
+)
 def test_interventional_equals_shap(kind, task, missing):
     m, x = fit(kind, task, missing)
     bg = x[-40:]
@@ -189,17 +241,28 @@ def test_interventional_equals_shap(kind, task, missing):
     ref = as3(shap.TreeExplainer(m, bg, feature_perturbation="interventional").shap_values(x[:60]))
     assert rel(res.values, ref) < 1e-6
     # base value: the mean background margin; efficiency against the library's margin
-    assert np.abs(res.base - library_margin(m, bg).mean(0)).max() < 1e-6 * max(1.0, np.abs(res.base).max())
-    assert np.abs(res.values.sum(1) + res.base - res.output).max() < 1e-9 * max(1.0, np.abs(res.output).max())
+    assert np.abs(res.base - library_margin(m, bg).mean(0)).max() < 1e-6 * max(
+        1.0, np.abs(res.base).max()
+    )
+    assert np.abs(res.values.sum(1) + res.base - res.output).max() < 1e-9 * max(
+        1.0, np.abs(res.output).max()
+    )
 
 
 @pytest.mark.parametrize("kind", ["xgb", "lgb", "gb"])
 def test_interventional_probability_equals_shap_binary(kind):
     m, x = fit(kind, "bin", kind != "gb")
     bg = x[-30:]
-    res = tree_shap(read_model(m), x[:40], feature_perturbation="interventional", background=bg,
-                    model_output="probability")
-    ex = shap.TreeExplainer(m, bg, feature_perturbation="interventional", model_output="probability")
+    res = tree_shap(
+        read_model(m),
+        x[:40],
+        feature_perturbation="interventional",
+        background=bg,
+        model_output="probability",
+    )
+    ex = shap.TreeExplainer(
+        m, bg, feature_perturbation="interventional", model_output="probability"
+    )
     assert rel(res.values[:, :, 0], ex.shap_values(x[:40])) < 1e-6
     prob = m.predict_proba(x[:40])[:, 1]
     assert np.abs(res.values.sum(1)[:, 0] + res.base[0] - prob).max() < 1e-6
@@ -208,8 +271,13 @@ def test_interventional_probability_equals_shap_binary(kind):
 def test_interventional_probability_softmax_is_efficient():
     m, x = fit("xgb", "multi", True)
     bg = x[-20:]
-    res = tree_shap(read_model(m), x[:20], feature_perturbation="interventional", background=bg,
-                    model_output="probability")
+    res = tree_shap(
+        read_model(m),
+        x[:20],
+        feature_perturbation="interventional",
+        background=bg,
+        model_output="probability",
+    )
     prob = m.predict_proba(x[:20])
     assert np.abs(res.values.sum(1) + res.base - prob).max() < 1e-6
     assert np.abs(res.values.sum(1) + res.base - res.output).max() < 1e-9
@@ -219,8 +287,16 @@ def _margin_fn(m):
     return lambda a: library_margin(m, np.asarray(a))
 
 
-@pytest.mark.parametrize("kind,task,missing", [("gb", "multi", False), ("rf", "multi", False), ("hgb", "bin", False),
-                                               ("hgb", "multi", True), ("hgb", "reg", True)])
+@pytest.mark.parametrize(
+    "kind,task,missing",
+    [
+        ("gb", "multi", False),
+        ("rf", "multi", False),
+        ("hgb", "bin", False),
+        ("hgb", "multi", True),
+        ("hgb", "reg", True),
+    ],
+)
 def test_interventional_equals_shapley_exact_on_the_same_game(kind, task, missing):
     """Also where shap's TreeExplainer fails (multi-class GradientBoosting, HistGradientBoosting with NaN)."""
     m, x = fit(kind, task, missing)
@@ -233,9 +309,14 @@ def test_interventional_equals_shapley_exact_on_the_same_game(kind, task, missin
                 keep = ((mask >> np.arange(F)) & 1).astype(bool)
                 vals[mask] = library_margin(m, np.where(keep[None, :], x[r][None, :], bg)).mean(0)
             for k in range(res.values.shape[2]):
-                ref = np.diag(_interaction_index({s: float(v[k]) for s, v in vals.items()}, F)).copy()
-                ref += [_interaction_index({s: float(v[k]) for s, v in vals.items()}, F)[i].sum()
-                        - _interaction_index({s: float(v[k]) for s, v in vals.items()}, F)[i, i] for i in range(F)]
+                ref = np.diag(
+                    _interaction_index({s: float(v[k]) for s, v in vals.items()}, F)
+                ).copy()
+                ref += [
+                    _interaction_index({s: float(v[k]) for s, v in vals.items()}, F)[i].sum()
+                    - _interaction_index({s: float(v[k]) for s, v in vals.items()}, F)[i, i]
+                    for i in range(F)
+                ]
                 assert rel(res.values[r, :, k], ref) < 1e-9
         return
     for k in range(res.values.shape[2]):
@@ -254,8 +335,12 @@ def _interaction_index(values_of: dict[int, float], m: int) -> np.ndarray:
             if mask >> i & 1:
                 continue
             s = bin(mask).count("1")
-            sv[i] += math.factorial(s) * math.factorial(m - s - 1) / math.factorial(m) * (
-                values_of[mask | 1 << i] - values_of[mask])
+            sv[i] += (
+                math.factorial(s)
+                * math.factorial(m - s - 1)
+                / math.factorial(m)
+                * (values_of[mask | 1 << i] - values_of[mask])
+            )
     for i, j in itertools.combinations(range(m), 2):
         tot = 0.0
         for mask in range(1 << m):
@@ -263,8 +348,12 @@ def _interaction_index(values_of: dict[int, float], m: int) -> np.ndarray:
                 continue
             s = bin(mask).count("1")
             w = math.factorial(s) * math.factorial(m - s - 2) / (2 * math.factorial(m - 1))
-            tot += w * (values_of[mask | 1 << i | 1 << j] - values_of[mask | 1 << i] - values_of[mask | 1 << j]
-                        + values_of[mask])
+            tot += w * (
+                values_of[mask | 1 << i | 1 << j]
+                - values_of[mask | 1 << i]
+                - values_of[mask | 1 << j]
+                + values_of[mask]
+            )
         phi[i, j] = phi[j, i] = tot
     for i in range(m):
         phi[i, i] = sv[i] - phi[i].sum() + phi[i, i]
@@ -276,7 +365,13 @@ def test_interventional_interactions_equal_enumeration(kind):
     """shap has no interventional interaction values: check against the definition, enumerated."""
     m, x = fit(kind, "reg", True)
     bg = np.nan_to_num(x[-12:])
-    res = tree_shap(read_model(m), x[:4], feature_perturbation="interventional", background=bg, interactions=True)
+    res = tree_shap(
+        read_model(m),
+        x[:4],
+        feature_perturbation="interventional",
+        background=bg,
+        interactions=True,
+    )
     for r in range(4):
         vals = {}
         for mask in range(1 << F):
@@ -291,15 +386,23 @@ def test_interventional_interactions_equal_enumeration(kind):
 def _hand_tree():
     """Depth-2 tree on x0, x1 (XGBoost-style `<` splits, NaN goes left at the root, right below):
 
-        node0: x0 < 0.5 (cover 10)
-          node1: x1 < 0.5 (cover 4) -> leaf3 = 1 (cover 1), leaf4 = 3 (cover 3)
-          node2: x1 < 0.5 (cover 6) -> leaf5 = 5 (cover 3), leaf6 = 9 (cover 3)
+    node0: x0 < 0.5 (cover 10)
+      node1: x1 < 0.5 (cover 4) -> leaf3 = 1 (cover 1), leaf4 = 3 (cover 3)
+      node2: x1 < 0.5 (cover 6) -> leaf5 = 5 (cover 3), leaf6 = 9 (cover 3)
     """
-    tree = {"left": [1, 3, 5, -1, -1, -1, -1], "right": [2, 4, 6, -1, -1, -1, -1],
-            "default": [1, 4, 6, -1, -1, -1, -1], "feature": [0, 1, 1, -1, -1, -1, -1],
-            "threshold": [0.5, 0.5, 0.5, 0, 0, 0, 0], "value": [0, 0, 0, 1.0, 3.0, 5.0, 9.0],
-            "cover": [10, 4, 6, 1, 3, 3, 3], "output": 0}
-    return build_ensemble([tree], n_features=2, n_outputs=1, base_offset=0.0, source="hand-made tree")
+    tree = {
+        "left": [1, 3, 5, -1, -1, -1, -1],
+        "right": [2, 4, 6, -1, -1, -1, -1],
+        "default": [1, 4, 6, -1, -1, -1, -1],
+        "feature": [0, 1, 1, -1, -1, -1, -1],
+        "threshold": [0.5, 0.5, 0.5, 0, 0, 0, 0],
+        "value": [0, 0, 0, 1.0, 3.0, 5.0, 9.0],
+        "cover": [10, 4, 6, 1, 3, 3, 3],
+        "output": 0,
+    }
+    return build_ensemble(
+        [tree], n_features=2, n_outputs=1, base_offset=0.0, source="hand-made tree"
+    )
 
 
 def test_hand_computed_depth_two_tree():
@@ -315,7 +418,9 @@ def test_hand_computed_depth_two_tree():
     #   phi01 = (3 - 2.5 - 6.6 + 5.2) / 2 = -0.45; diagonals -3.15 + 0.45 = -2.7 and 0.95 + 0.45 = 1.4
     assert res.base[0] == pytest.approx(5.2, abs=1e-12)
     assert res.values[0, :, 0] == pytest.approx([-3.15, 0.95], abs=1e-12)
-    assert res.interactions[0, :, :, 0] == pytest.approx(np.array([[-2.7, -0.45], [-0.45, 1.4]]), abs=1e-12)
+    assert res.interactions[0, :, :, 0] == pytest.approx(
+        np.array([[-2.7, -0.45], [-0.45, 1.4]]), abs=1e-12
+    )
     # interventional with one background row b = (1, 0) -> leaf5 = 5:
     #   v({}) = 5, v({0}) = f(0, 0) = 1, v({1}) = f(1, 1) = 9, v({0,1}) = 3
     #   phi0 = ((1 - 5) + (3 - 9)) / 2 = -5;  phi1 = ((9 - 5) + (3 - 1)) / 2 = 3
@@ -323,7 +428,9 @@ def test_hand_computed_depth_two_tree():
     assert iv.base[0] == pytest.approx(5.0)
     assert iv.values[0, :, 0] == pytest.approx([-5.0, 3.0], abs=1e-12)
     # missing x0 follows the default (left) branch: same leaf as x0 = 0
-    assert tree_shap(ens, np.array([[np.nan, 1.0]])).values[0, :, 0] == pytest.approx([-3.15, 0.95], abs=1e-12)
+    assert tree_shap(ens, np.array([[np.nan, 1.0]])).values[0, :, 0] == pytest.approx(
+        [-3.15, 0.95], abs=1e-12
+    )
 
 
 def test_hand_tree_le_splits_route_ties_left():
@@ -346,8 +453,15 @@ def test_lightgbm_categorical_equals_pred_contrib():
     x[:, 1] = rng.integers(0, 12, size=400)
     x[rng.random(400) < 0.1, 1] = np.nan
     y = np.nan_to_num(x[:, 0]) + np.isin(x[:, 1], [1, 4, 7, 9]) * 2.0 + 0.1 * rng.normal(size=400)
-    m = lgb.LGBMRegressor(n_estimators=20, num_leaves=8, min_child_samples=5, min_data_per_group=5,
-                          cat_smooth=1, verbose=-1, n_jobs=1).fit(x, y, categorical_feature=[1])
+    m = lgb.LGBMRegressor(
+        n_estimators=20,
+        num_leaves=8,
+        min_child_samples=5,
+        min_data_per_group=5,
+        cat_smooth=1,
+        verbose=-1,
+        n_jobs=1,
+    ).fit(x, y, categorical_feature=[1])
     ens = read_model(m)
     assert (ens.cat_len > 0).any()
     xt = x.copy()
@@ -363,11 +477,22 @@ def test_xgboost_categorical_equals_pred_contribs():
     rng = np.random.default_rng(4)
     n = 400
     cat = rng.integers(0, 8, size=n)
-    df = pd.DataFrame({"a": rng.normal(size=n), "c": pd.Categorical(cat, categories=list(range(8))),
-                       "b": rng.normal(size=n)})
+    df = pd.DataFrame(
+        {
+            "a": rng.normal(size=n),
+            "c": pd.Categorical(cat, categories=list(range(8))),
+            "b": rng.normal(size=n),
+        }
+    )
     y = df["a"] + np.isin(cat, [2, 5, 6]) * 2.0 + 0.1 * rng.normal(size=n)
-    m = xgb.XGBRegressor(n_estimators=20, max_depth=3, enable_categorical=True, tree_method="hist",
-                         max_cat_to_onehot=1, n_jobs=1).fit(df, y)
+    m = xgb.XGBRegressor(
+        n_estimators=20,
+        max_depth=3,
+        enable_categorical=True,
+        tree_method="hist",
+        max_cat_to_onehot=1,
+        n_jobs=1,
+    ).fit(df, y)
     ens = read_model(m)
     assert (ens.cat_len > 0).any()
     codes = df.assign(c=df["c"].cat.codes.astype(float)).to_numpy(dtype=np.float64)
@@ -385,11 +510,19 @@ def test_hist_gradient_boosting_categorical_routes_like_sklearn_and_is_exact():
     x = rng.normal(size=(400, 3))
     x[:, 2] = rng.integers(0, 6, size=400)
     y = x[:, 0] + np.isin(x[:, 2], [1, 3]) * 2.0
-    m = E.HistGradientBoostingRegressor(max_iter=15, categorical_features=[2], random_state=0).fit(x, y)
+    m = E.HistGradientBoostingRegressor(max_iter=15, categorical_features=[2], random_state=0).fit(
+        x, y
+    )
     ens = read_model(m)
     assert (ens.cat_len > 0).any()
     xt = x[:40].copy()
-    xt[:5, 2] = [np.nan, -1, 17, 2, 2.5]  # missing, negative, unknown and fractional: missing_go_to_left
+    xt[:5, 2] = [
+        np.nan,
+        -1,
+        17,
+        2,
+        2.5,
+    ]  # missing, negative, unknown and fractional: missing_go_to_left
     res = tree_shap(ens, xt, feature_perturbation="interventional", background=x[-10:])
     assert rel(res.output[:, 0], m.predict(xt)) < 1e-12
     e = perspicio.explain(m.predict, xt[1:6], method="shapley_exact", background=x[-10:])
@@ -409,7 +542,10 @@ def test_model_files_read_without_unpickling(tmp_path):
     ml, xl = fit("lgb", "bin", True)
     path = tmp_path / "model.txt"
     ml.booster_.save_model(str(path))
-    assert rel(tree_shap(read_model(str(path)), xl).values, tree_shap(read_model(ml), xl).values) < 1e-12
+    assert (
+        rel(tree_shap(read_model(str(path)), xl).values, tree_shap(read_model(ml), xl).values)
+        < 1e-12
+    )
     (tmp_path / "model.pkl").write_bytes(b"not read")
     with pytest.raises(ModelError, match="Pickled models are never read"):
         read_model(tmp_path / "model.pkl")
@@ -427,7 +563,9 @@ def test_registered_method_targets_names_and_interactions():
     torch.testing.assert_close(e.base_value + e.attributions.sum(1), e.scores, rtol=0, atol=1e-12)
     e2 = perspicio.explain(m.predict_proba, x[:5], method="tree_shap", target=2, interactions=True)
     assert e2.targets.tolist() == [2] * 5
-    torch.testing.assert_close(e2.extras["interactions"].sum(2), e2.attributions, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        e2.extras["interactions"].sum(2), e2.attributions, rtol=0, atol=1e-12
+    )
     assert e2.extras["all_values"].shape == (5, F, 3)
     # a perspicio BlackBox around predict_proba, and the tabular demo, are read through to the estimator
     from perspicio.core.blackbox import BlackBox
@@ -442,7 +580,9 @@ def test_tabular_demo_gbm_is_read_through():
     from perspicio.zoo.tabular import load_tabular
 
     demo = load_tabular("breast_cancer", "gbm")
-    e = perspicio.explain(demo, demo.X_test[:4], method="tree_shap", feature_names=list(demo.feature_names))
+    e = perspicio.explain(
+        demo, demo.X_test[:4], method="tree_shap", feature_names=list(demo.feature_names)
+    )
     assert e.attributions.shape == (4, 30)
     raw = demo.estimator.decision_function(demo.X_test[:4])
     torch.testing.assert_close(e.scores, torch.from_numpy(raw), rtol=0, atol=1e-9)
@@ -463,7 +603,9 @@ def test_unreadable_model_names_the_supported_ones():
     from sklearn.svm import SVR
 
     x, yr, *_ = data(False)
-    with pytest.raises(ModelError, match="cannot read a sklearn.svm.*XGBClassifier.*LGBMRegressor.*RandomForest"):
+    with pytest.raises(
+        ModelError, match="cannot read a sklearn.svm.*XGBClassifier.*LGBMRegressor.*RandomForest"
+    ):
         perspicio.explain(SVR().fit(x, yr), x[:2], method="tree_shap")
     with pytest.raises(ModelError, match="supported tree models"):
         perspicio.explain(torch.nn.Linear(F, 1), x[:2], method="tree_shap")
@@ -478,9 +620,17 @@ def test_feature_count_mismatch_and_nan_the_model_cannot_route():
     with pytest.raises(InputError, match="cannot route missing values"):
         perspicio.explain(m, bad, method="tree_shap")
     with pytest.raises(InputError, match="background rows.*cannot route missing values"):
-        perspicio.explain(m, x[:2], method="tree_shap", feature_perturbation="interventional", background=bad)
+        perspicio.explain(
+            m, x[:2], method="tree_shap", feature_perturbation="interventional", background=bad
+        )
     with pytest.raises(InputError, match="background rows have 5 columns"):
-        perspicio.explain(m, x[:2], method="tree_shap", feature_perturbation="interventional", background=x[:3, :5])
+        perspicio.explain(
+            m,
+            x[:2],
+            method="tree_shap",
+            feature_perturbation="interventional",
+            background=x[:3, :5],
+        )
 
 
 def test_option_errors():
@@ -493,8 +643,14 @@ def test_option_errors():
         perspicio.explain(m, x[:2], method="tree_shap", feature_perturbation="independent")
     mr, xr = fit("xgb", "reg", False)
     with pytest.raises(OptionError, match="no known link"):
-        perspicio.explain(mr, xr[:2], method="tree_shap", feature_perturbation="interventional", background=xr[:5],
-                          model_output="probability")
+        perspicio.explain(
+            mr,
+            xr[:2],
+            method="tree_shap",
+            feature_perturbation="interventional",
+            background=xr[:5],
+            model_output="probability",
+        )
 
 
 @pytest.mark.parametrize("task", ["bin", "multi"])
@@ -503,8 +659,14 @@ def test_xgboost_early_stopping_uses_the_best_iteration_like_predict(task):
     (iteration_range): so do the values; a Booster (or a model file) predicts with every tree."""
     x, _, yb, y3 = data(True, seed=1)
     y = yb if task == "bin" else y3
-    m = xgb.XGBClassifier(n_estimators=200, max_depth=3, learning_rate=0.5, early_stopping_rounds=3, n_jobs=1,
-                          num_parallel_tree=2).fit(x[:200], y[:200], eval_set=[(x[200:], y[200:])], verbose=False)
+    m = xgb.XGBClassifier(
+        n_estimators=200,
+        max_depth=3,
+        learning_rate=0.5,
+        early_stopping_rounds=3,
+        n_jobs=1,
+        num_parallel_tree=2,
+    ).fit(x[:200], y[:200], eval_set=[(x[200:], y[200:])], verbose=False)
     b = m.get_booster()
     best = m.best_iteration
     assert 0 < best + 1 < b.num_boosted_rounds()  # early stopping did cut rounds
@@ -530,8 +692,13 @@ def test_xgboost_vector_leaf_trees_are_one_tree_per_output():
     x[rng.random(x.shape) < 0.1] = np.nan
     z = np.nan_to_num(x)
     y = np.stack([z[:, 0] * z[:, 2], z[:, 1] - z[:, 3], z[:, 0]], 1)
-    m = xgb.XGBRegressor(n_estimators=8, max_depth=3, tree_method="hist", multi_strategy="multi_output_tree",
-                         n_jobs=1).fit(x, y)
+    m = xgb.XGBRegressor(
+        n_estimators=8,
+        max_depth=3,
+        tree_method="hist",
+        multi_strategy="multi_output_tree",
+        n_jobs=1,
+    ).fit(x, y)
     ens = read_model(m)
     assert ens.n_outputs == 3
     res = tree_shap(ens, x[:6], interactions=True)
@@ -546,7 +713,9 @@ def test_xgboost_vector_leaf_trees_are_one_tree_per_output():
         vals = {}
         for mask in range(16):
             keep = ((mask >> np.arange(4)) & 1).astype(bool)
-            vals[mask] = m.predict(np.where(keep[None, :], x[r][None, :], bg), output_margin=True).mean(0)
+            vals[mask] = m.predict(
+                np.where(keep[None, :], x[r][None, :], bg), output_margin=True
+            ).mean(0)
         for k in range(3):
             ref_k = _interaction_index({s: float(v[k]) for s, v in vals.items()}, 4).sum(1)
             assert rel(iv.values[r, :, k], ref_k) < 2e-6

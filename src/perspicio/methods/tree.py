@@ -68,12 +68,18 @@ class _StructuredSHAP(Method):
     _options_exclude = ("self", "model")
 
     def _names(self, n_features: int, stored: Sequence[str] | None) -> tuple[str, ...] | None:
-        names = self.feature_names if self.feature_names is not None else getattr(self, "_columns", None) or stored
+        names = (
+            self.feature_names
+            if self.feature_names is not None
+            else getattr(self, "_columns", None) or stored
+        )
         if names is None:
             return None
         names = tuple(str(v) for v in names)
         if len(names) != n_features:
-            raise OptionError(f"feature_names has {len(names)} names; the model has {n_features} features.")
+            raise OptionError(
+                f"feature_names has {len(names)} names; the model has {n_features} features."
+            )
         return names
 
     def _prepare_inputs(self, inputs: Any) -> Tensor:
@@ -87,13 +93,23 @@ class _StructuredSHAP(Method):
     def _prepare_rows(self, inputs: Any) -> np.ndarray:
         raise NotImplementedError  # abstract
 
-    def _build(self, x: Tensor, target: Any, values: np.ndarray, base: np.ndarray, output: np.ndarray,
-               names: tuple[str, ...] | None, stats: dict[str, Any],
-               interactions: np.ndarray | None = None) -> Explanation:
+    def _build(
+        self,
+        x: Tensor,
+        target: Any,
+        values: np.ndarray,
+        base: np.ndarray,
+        output: np.ndarray,
+        names: tuple[str, ...] | None,
+        stats: dict[str, Any],
+        interactions: np.ndarray | None = None,
+    ) -> Explanation:
         out_t = torch.from_numpy(np.ascontiguousarray(output))
         if callable(target) and not isinstance(target, (Tensor, str)):
-            raise TargetError(f"{self.name} explains the model's outputs one at a time: pass a class index, a name or "
-                              "None (the predicted class), not a callable.")
+            raise TargetError(
+                f"{self.name} explains the model's outputs one at a time: pass a class index, a name or "
+                "None (the predicted class), not a callable."
+            )
         tgt = resolve_target(target, out_t, self.labels)
         idx = tgt.indices
         rows = torch.arange(len(x))
@@ -103,20 +119,35 @@ class _StructuredSHAP(Method):
         eff = float((vals.sum(dim=1) + base_t - scores).abs().max())
         stored = tuple(names) if names is not None else None
         extras: dict[str, Any] = {
-            "values": tuple(vals), "feature_names": tuple(stored for _ in range(len(x))),
-            "feature_values": tuple(x.double()), "all_values": torch.from_numpy(np.ascontiguousarray(values)),
+            "values": tuple(vals),
+            "feature_names": tuple(stored for _ in range(len(x))),
+            "feature_values": tuple(x.double()),
+            "all_values": torch.from_numpy(np.ascontiguousarray(values)),
             "all_base_values": torch.from_numpy(np.ascontiguousarray(base)),
         }
         if interactions is not None:
-            extras["interactions"] = torch.from_numpy(np.ascontiguousarray(interactions))[rows, :, :, idx]
-        return Explanation(attributions=vals.clone(), method=self.name, scores=scores, targets=idx, base_value=base_t,
-                           target_names=target_names(self.labels, idx), extras=extras,
-                           provenance={"efficiency_error": eff, **stats})
+            extras["interactions"] = torch.from_numpy(np.ascontiguousarray(interactions))[
+                rows, :, :, idx
+            ]
+        return Explanation(
+            attributions=vals.clone(),
+            method=self.name,
+            scores=scores,
+            targets=idx,
+            base_value=base_t,
+            target_names=target_names(self.labels, idx),
+            extras=extras,
+            provenance={"efficiency_error": eff, **stats},
+        )
 
 
-@register_method("tree_shap", family="tree", needs="tree model",
-                 summary="TreeSHAP: exact Shapley (and interaction) values of tree ensembles, path-dependent or interventional",
-                 paper="Lundberg et al., Nature MI 2020; Yang, 2021 (Fast TreeSHAP)")
+@register_method(
+    "tree_shap",
+    family="tree",
+    needs="tree model",
+    summary="TreeSHAP: exact Shapley (and interaction) values of tree ensembles, path-dependent or interventional",
+    paper="Lundberg et al., Nature MI 2020; Yang, 2021 (Fast TreeSHAP)",
+)
 class TreeSHAP(_StructuredSHAP):
     """Exact SHAP values of XGBoost, LightGBM and scikit-learn tree ensembles, read from the trees.
 
@@ -137,29 +168,49 @@ class TreeSHAP(_StructuredSHAP):
     ``base_value + attributions.sum(1) == scores`` to float64 rounding.
     """
 
-    def __init__(self, model: Any, *, feature_perturbation: str = "tree_path_dependent", model_output: str = "raw",
-                 interactions: bool = False, background: Any = None, feature_names: Sequence[str] | None = None,
-                 **common: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        feature_perturbation: str = "tree_path_dependent",
+        model_output: str = "raw",
+        interactions: bool = False,
+        background: Any = None,
+        feature_names: Sequence[str] | None = None,
+        **common: Any,
+    ) -> None:
         from ..trees.readers import read_model
         from ..trees.treeshap import OUTPUTS, PERTURBATIONS
 
         if feature_perturbation not in PERTURBATIONS:
-            raise OptionError(f"feature_perturbation must be one of {', '.join(PERTURBATIONS)}; "
-                              f"got {feature_perturbation!r}.")
+            raise OptionError(
+                f"feature_perturbation must be one of {', '.join(PERTURBATIONS)}; "
+                f"got {feature_perturbation!r}."
+            )
         if model_output not in OUTPUTS:
-            raise OptionError(f"model_output must be one of {', '.join(OUTPUTS)}; got {model_output!r}.")
+            raise OptionError(
+                f"model_output must be one of {', '.join(OUTPUTS)}; got {model_output!r}."
+            )
         if not isinstance(interactions, bool):
             raise OptionError(f"interactions must be True or False; got {interactions!r}.")
         ens = read_model(model)
         if feature_perturbation == "interventional" and background is None:
-            raise OptionError("feature_perturbation='interventional' needs background= rows (K, features).")
+            raise OptionError(
+                "feature_perturbation='interventional' needs background= rows (K, features)."
+            )
         if feature_perturbation == "tree_path_dependent" and background is not None:
-            raise OptionError("background= is used only with feature_perturbation='interventional'.")
+            raise OptionError(
+                "background= is used only with feature_perturbation='interventional'."
+            )
         if model_output == "probability" and feature_perturbation != "interventional":
-            raise OptionError("model_output='probability' needs feature_perturbation='interventional' (the path-dependent "
-                              "game is defined on the additive margin).")
+            raise OptionError(
+                "model_output='probability' needs feature_perturbation='interventional' (the path-dependent "
+                "game is defined on the additive margin)."
+            )
         self.ensemble = ens
-        self.background_rows = ens.prepare(background, "background rows") if background is not None else None
+        self.background_rows = (
+            ens.prepare(background, "background rows") if background is not None else None
+        )
         common.setdefault("labels", ens.output_names)
         super().__init__(TreeOutput(ens, model_output), **common)
         self.feature_perturbation = feature_perturbation
@@ -169,24 +220,39 @@ class TreeSHAP(_StructuredSHAP):
         self.feature_names = list(feature_names) if feature_names is not None else None
 
     def _prepare_rows(self, inputs: Any) -> np.ndarray:
-        if isinstance(inputs, (str, list)) and inputs and all(isinstance(s, str) for s in np.ravel(inputs)):
+        if (
+            isinstance(inputs, (str, list))
+            and inputs
+            and all(isinstance(s, str) for s in np.ravel(inputs))
+        ):
             raise InputError("tree_shap explains tabular rows (N, features), not text.")
         return self.ensemble.prepare(inputs)
 
     def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
         from ..trees.treeshap import tree_shap
 
-        res = tree_shap(self.ensemble, x.numpy(), feature_perturbation=self.feature_perturbation,
-                        background=self.background_rows, interactions=self.interactions,
-                        model_output=self.model_output)
+        res = tree_shap(
+            self.ensemble,
+            x.numpy(),
+            feature_perturbation=self.feature_perturbation,
+            background=self.background_rows,
+            interactions=self.interactions,
+            model_output=self.model_output,
+        )
         names = self._names(self.ensemble.n_features, self.ensemble.feature_names)
         stats = {"model": self.ensemble.source, **res.stats}
-        return self._build(x, target, res.values, res.base, res.output, names, stats, res.interactions)
+        return self._build(
+            x, target, res.values, res.base, res.output, names, stats, res.interactions
+        )
 
 
-@register_method("linear_shap", family="tree", needs="linear model",
-                 summary="LinearSHAP: closed-form Shapley values of linear/logistic models, interventional or correlation-aware",
-                 paper="Lundberg & Lee, NeurIPS 2017; Strumbelj & Kononenko, KAIS 2014")
+@register_method(
+    "linear_shap",
+    family="tree",
+    needs="linear model",
+    summary="LinearSHAP: closed-form Shapley values of linear/logistic models, interventional or correlation-aware",
+    paper="Lundberg & Lee, NeurIPS 2017; Strumbelj & Kononenko, KAIS 2014",
+)
 class LinearSHAP(_StructuredSHAP):
     """Exact SHAP values of a linear model's margin (scikit-learn ``coef_``/``intercept_`` or ``nn.Linear``).
 
@@ -199,17 +265,29 @@ class LinearSHAP(_StructuredSHAP):
         feature_names: column names.
     """
 
-    def __init__(self, model: Any, *, background: Any = None, feature_perturbation: str = "interventional",
-                 nsamples: int = 1000, seed: int = 0, feature_names: Sequence[str] | None = None,
-                 **common: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        background: Any = None,
+        feature_perturbation: str = "interventional",
+        nsamples: int = 1000,
+        seed: int = 0,
+        feature_names: Sequence[str] | None = None,
+        **common: Any,
+    ) -> None:
         from ..trees.linear import PERTURBATIONS, read_linear
 
         if feature_perturbation not in PERTURBATIONS:
-            raise OptionError(f"feature_perturbation must be one of {', '.join(PERTURBATIONS)}; "
-                              f"got {feature_perturbation!r}.")
+            raise OptionError(
+                f"feature_perturbation must be one of {', '.join(PERTURBATIONS)}; "
+                f"got {feature_perturbation!r}."
+            )
         if background is None:
-            raise OptionError("linear_shap needs background= rows (K, features): the base value is the output at "
-                              "their mean.")
+            raise OptionError(
+                "linear_shap needs background= rows (K, features): the base value is the output at "
+                "their mean."
+            )
         if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 2:
             raise OptionError(f"nsamples must be an integer >= 2; got {nsamples!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -233,14 +311,20 @@ class LinearSHAP(_StructuredSHAP):
         try:
             a = np.asarray(a, dtype=np.float64)
         except (TypeError, ValueError) as exc:
-            raise InputError(f"{what} must be a numeric array (N, {self.linear.n_features}).") from exc
+            raise InputError(
+                f"{what} must be a numeric array (N, {self.linear.n_features})."
+            ) from exc
         if a.ndim == 1:
             a = a[None]
         f = self.linear.n_features
         if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] != f:
-            raise InputError(f"{what} must have shape (N, {f}) for this {self.linear.source}; got {a.shape}.")
+            raise InputError(
+                f"{what} must have shape (N, {f}) for this {self.linear.source}; got {a.shape}."
+            )
         if not np.isfinite(a).all():
-            raise InputError(f"{what} contain NaN/Inf; a linear model has no route for missing values.")
+            raise InputError(
+                f"{what} contain NaN/Inf; a linear model has no route for missing values."
+            )
         return np.ascontiguousarray(a)
 
     def _prepare_rows(self, inputs: Any) -> np.ndarray:
@@ -250,9 +334,21 @@ class LinearSHAP(_StructuredSHAP):
         from ..trees.linear import linear_shap
 
         xs = x.numpy()
-        values, base, stats = linear_shap(self.linear, xs, self.background_rows,
-                                          feature_perturbation=self.feature_perturbation, nsamples=self.nsamples,
-                                          generator=np.random.default_rng(self.seed))
+        values, base, stats = linear_shap(
+            self.linear,
+            xs,
+            self.background_rows,
+            feature_perturbation=self.feature_perturbation,
+            nsamples=self.nsamples,
+            generator=np.random.default_rng(self.seed),
+        )
         names = self._names(self.linear.n_features, self.linear.feature_names)
-        return self._build(x, target, values, base, self.linear.predict(xs), names,
-                           {"model": self.linear.source, **stats})
+        return self._build(
+            x,
+            target,
+            values,
+            base,
+            self.linear.predict(xs),
+            names,
+            {"model": self.linear.source, **stats},
+        )

@@ -42,8 +42,10 @@ from ..errors import ModelError
 try:
     from numba import njit, prange
 except ImportError as exc:  # pragma: no cover - exercised only without numba
-    raise ModelError("the exact tree explainer needs numba: pip install 'perspicio[trees]' "
-                     "(or pip install numba).") from exc
+    raise ModelError(
+        "the exact tree explainer needs numba: pip install 'perspicio[trees]' "
+        "(or pip install numba)."
+    ) from exc
 
 from .ensemble import CAT_LEFT, CAT_RIGHT, LE, NAN_AS_ZERO, ZERO_MISSING
 
@@ -135,17 +137,39 @@ def _predict(x, ni, thr, bits, tree_start, tree_output, value, base, out):
 def node_table(ens: Any) -> np.ndarray:
     """The per-node integer columns packed as one (n_nodes, 9) int32 array (cached)."""
     if "ni" not in ens._cache:
-        ens._cache["ni"] = np.ascontiguousarray(np.stack(
-            [ens.left, ens.right, ens.default, ens.feature, ens.flags.astype(np.int32), ens.cat_start, ens.cat_len,
-             ens.known_start, ens.known_len], axis=1).astype(np.int32))
+        ens._cache["ni"] = np.ascontiguousarray(
+            np.stack(
+                [
+                    ens.left,
+                    ens.right,
+                    ens.default,
+                    ens.feature,
+                    ens.flags.astype(np.int32),
+                    ens.cat_start,
+                    ens.cat_len,
+                    ens.known_start,
+                    ens.known_len,
+                ],
+                axis=1,
+            ).astype(np.int32)
+        )
     return ens._cache["ni"]
 
 
 def predict_margin(ens: Any, x: np.ndarray) -> np.ndarray:
     """Margin output (N, n_outputs) of prepared rows ``x``."""
     out = np.empty((x.shape[0], ens.n_outputs))
-    _predict(x, node_table(ens), ens.threshold, ens.cat_bits, ens.tree_start, ens.tree_output, ens.value,
-             ens.base_offset, out)
+    _predict(
+        x,
+        node_table(ens),
+        ens.threshold,
+        ens.cat_bits,
+        ens.tree_start,
+        ens.tree_output,
+        ens.value,
+        ens.base_offset,
+        out,
+    )
     return out
 
 
@@ -156,18 +180,20 @@ def predict_margin(ens: Any, x: np.ndarray) -> np.ndarray:
 class Paths:
     """Root-to-leaf paths of every leaf, as flat arrays (leaves are numbered tree by tree)."""
 
-    leaf_node: np.ndarray    # (L,) node id of each leaf
-    tree_leaf: np.ndarray    # (T + 1,) first leaf of each tree
-    step_start: np.ndarray   # (L + 1,) first step of each leaf's path
-    step_node: np.ndarray    # internal node of each step
-    step_child: np.ndarray   # child taken at that step
-    step_bit: np.ndarray     # position of the step's feature among the leaf's distinct features
-    uf_start: np.ndarray     # (L + 1,) first distinct feature of each leaf
-    uf_feat: np.ndarray      # distinct features of each path, in order of first split
-    uf_p: np.ndarray         # product of the cover fractions of the path's splits on that feature
-    leaf_d: np.ndarray       # (L,) number of distinct features on each path
-    node_bit: np.ndarray     # (n_nodes,) bit of an internal node's feature in the patterns of the leaves below
-    reach: np.ndarray        # (L,) product of all cover fractions (probability of reaching the leaf)
+    leaf_node: np.ndarray  # (L,) node id of each leaf
+    tree_leaf: np.ndarray  # (T + 1,) first leaf of each tree
+    step_start: np.ndarray  # (L + 1,) first step of each leaf's path
+    step_node: np.ndarray  # internal node of each step
+    step_child: np.ndarray  # child taken at that step
+    step_bit: np.ndarray  # position of the step's feature among the leaf's distinct features
+    uf_start: np.ndarray  # (L + 1,) first distinct feature of each leaf
+    uf_feat: np.ndarray  # distinct features of each path, in order of first split
+    uf_p: np.ndarray  # product of the cover fractions of the path's splits on that feature
+    leaf_d: np.ndarray  # (L,) number of distinct features on each path
+    node_bit: (
+        np.ndarray
+    )  # (n_nodes,) bit of an internal node's feature in the patterns of the leaves below
+    reach: np.ndarray  # (L,) product of all cover fractions (probability of reaching the leaf)
     max_steps: int
     max_d: int
     max_tree_nodes: int
@@ -199,8 +225,28 @@ def _count_paths(left, right, tree_start):
 
 
 @njit(cache=False)
-def _fill_paths(left, right, feature, cover, tree_start, n_leaves, n_steps, max_steps, leaf_node, tree_leaf,
-                step_start, step_node, step_child, step_bit, uf_start, uf_feat, uf_p, leaf_d, reach, node_bit):
+def _fill_paths(
+    left,
+    right,
+    feature,
+    cover,
+    tree_start,
+    n_leaves,
+    n_steps,
+    max_steps,
+    leaf_node,
+    tree_leaf,
+    step_start,
+    step_node,
+    step_child,
+    step_bit,
+    uf_start,
+    uf_feat,
+    uf_p,
+    leaf_d,
+    reach,
+    node_bit,
+):
     path_node = np.zeros(max_steps + 1, np.int64)
     path_child = np.zeros(max_steps + 1, np.int64)
     feats = np.zeros(max_steps + 1, np.int64)
@@ -247,7 +293,9 @@ def _fill_paths(left, right, feature, cover, tree_start, n_leaves, n_steps, max_
                     step_node[si] = a
                     step_child[si] = c
                     step_bit[si] = pos
-                    node_bit[a] = pos  # the same for every leaf below a: positions follow first appearance
+                    node_bit[a] = (
+                        pos  # the same for every leaf below a: positions follow first appearance
+                    )
                     si += 1
                 for q in range(d):
                     uf_feat[ui] = feats[q]
@@ -287,13 +335,46 @@ def leaf_paths(ens: Any) -> Paths:
     leaf_d = np.zeros(n_leaves, np.int32)
     reach = np.zeros(n_leaves)
     node_bit = np.zeros(len(left), np.int64)
-    used = _fill_paths(left, right, ens.feature.astype(np.int64), ens.cover, ens.tree_start.astype(np.int64),
-                       n_leaves, n_steps, max_steps, leaf_node, tree_leaf, step_start, step_node, step_child,
-                       step_bit, uf_start, uf_feat, uf_p, leaf_d, reach, node_bit)
+    used = _fill_paths(
+        left,
+        right,
+        ens.feature.astype(np.int64),
+        ens.cover,
+        ens.tree_start.astype(np.int64),
+        n_leaves,
+        n_steps,
+        max_steps,
+        leaf_node,
+        tree_leaf,
+        step_start,
+        step_node,
+        step_child,
+        step_bit,
+        uf_start,
+        uf_feat,
+        uf_p,
+        leaf_d,
+        reach,
+        node_bit,
+    )
     sizes = np.diff(ens.tree_start)
-    return Paths(leaf_node, tree_leaf, step_start, step_node, step_child, step_bit, uf_start, uf_feat[:used].copy(),
-                 uf_p[:used].copy(), leaf_d, node_bit, reach, int(max_steps), int(leaf_d.max(initial=0)),
-                 int(sizes.max(initial=1)))
+    return Paths(
+        leaf_node,
+        tree_leaf,
+        step_start,
+        step_node,
+        step_child,
+        step_bit,
+        uf_start,
+        uf_feat[:used].copy(),
+        uf_p[:used].copy(),
+        leaf_d,
+        node_bit,
+        reach,
+        int(max_steps),
+        int(leaf_d.max(initial=0)),
+        int(sizes.max(initial=1)),
+    )
 
 
 def shapley_weights(max_players: int) -> np.ndarray:
@@ -466,14 +547,27 @@ def _iv_leaf(o, d, zs, ze, zpat, zcnt, w, inter, vals, out2):
 
 
 @njit(cache=False, parallel=True)
-def _build_tables(leaves, tab_start, leaf_d, uf_start, uf_p, w, inter, interventional, z_start, zpat, zcnt, tab,
-                  max_d):
+def _build_tables(
+    leaves,
+    tab_start,
+    leaf_d,
+    uf_start,
+    uf_p,
+    w,
+    inter,
+    interventional,
+    z_start,
+    zpat,
+    zcnt,
+    tab,
+    max_d,
+):
     for ii in prange(len(leaves)):
         lf = leaves[ii]
         d = leaf_d[lf]
         if d == 0:
             continue
-        p = uf_p[uf_start[lf]:uf_start[lf] + d]
+        p = uf_p[uf_start[lf] : uf_start[lf] + d]
         q = np.zeros(max_d + 2)
         r = np.zeros(max_d + 2)
         r2 = np.zeros(max_d + 2)
@@ -501,9 +595,37 @@ def _build_tables(leaves, tab_start, leaf_d, uf_start, uf_p, w, inter, intervent
 
 
 @njit(cache=False, parallel=True)
-def _apply(x, trees, ni, thr, bits, tree_start, tree_leaf, leaf_node, node_bit,
-           uf_start, uf_feat, uf_p, leaf_d, use_tab, tab_start, tab, value, tree_output, w, inter, interventional,
-           z_start, zpat, zcnt, max_d, max_tree_nodes, block, phi, phi2):
+def _apply(
+    x,
+    trees,
+    ni,
+    thr,
+    bits,
+    tree_start,
+    tree_leaf,
+    leaf_node,
+    node_bit,
+    uf_start,
+    uf_feat,
+    uf_p,
+    leaf_d,
+    use_tab,
+    tab_start,
+    tab,
+    value,
+    tree_output,
+    w,
+    inter,
+    interventional,
+    z_start,
+    zpat,
+    zcnt,
+    max_d,
+    max_tree_nodes,
+    block,
+    phi,
+    phi2,
+):
     n_rows = x.shape[0]
     n_out = value.shape[1]
     n_blocks = (n_rows + block - 1) // block
@@ -554,9 +676,11 @@ def _apply(x, trees, ni, thr, bits, tree_start, tree_leaf, leaf_node, node_bit,
                                     for kk in range(n_out):
                                         phi[row, fj, kk] += value[node, kk] * c
                         continue
-                    p = uf_p[u0:u0 + d]
+                    p = uf_p[u0 : u0 + d]
                     if interventional:
-                        _iv_leaf(s, d, z_start[lf], z_start[lf + 1], zpat, zcnt, w, inter, vals, out2)
+                        _iv_leaf(
+                            s, d, z_start[lf], z_start[lf + 1], zpat, zcnt, w, inter, vals, out2
+                        )
                     else:
                         _pd_values(s, d, p, w, vals, q, r)
                         if inter:
@@ -584,7 +708,21 @@ def _apply(x, trees, ni, thr, bits, tree_start, tree_leaf, leaf_node, node_bit,
 
 
 @njit(cache=False, parallel=True)
-def _patterns(x, ni, thr, bits, tree_start, tree_leaf, leaf_node, node_bit, leaf_d, max_tree_nodes, t0, t1, out):
+def _patterns(
+    x,
+    ni,
+    thr,
+    bits,
+    tree_start,
+    tree_leaf,
+    leaf_node,
+    node_bit,
+    leaf_d,
+    max_tree_nodes,
+    t0,
+    t1,
+    out,
+):
     """Pattern of every leaf of trees t0..t1-1 for every row: out (N, leaves of those trees) int64."""
     l0 = tree_leaf[t0]
     for row in prange(x.shape[0]):
@@ -626,9 +764,31 @@ def _histograms(pat, weights, l0, pos, z_start, zpat, zcnt, count_only):
 
 
 @njit(cache=False, parallel=True)
-def _iv_pairs(x, mx, ni, thr, bits, tree_start, tree_leaf, leaf_node, node_bit,
-              uf_start, uf_feat, leaf_d, value, tree_output, w, bgpat, mb, transform, gl_t, gl_w, max_tree_nodes,
-              n_features, phi):
+def _iv_pairs(
+    x,
+    mx,
+    ni,
+    thr,
+    bits,
+    tree_start,
+    tree_leaf,
+    leaf_node,
+    node_bit,
+    uf_start,
+    uf_feat,
+    leaf_d,
+    value,
+    tree_output,
+    w,
+    bgpat,
+    mb,
+    transform,
+    gl_t,
+    gl_w,
+    max_tree_nodes,
+    n_features,
+    phi,
+):
     """Interventional values of a transformed output (per background row: the margin game's values
     rescaled by the secant of the link; softmax: by the path-averaged Jacobian)."""
     n_rows = x.shape[0]

@@ -132,24 +132,34 @@ class TreeEnsemble:
         try:
             a = np.asarray(x, dtype=np.float64)
         except (TypeError, ValueError) as exc:
-            raise InputError(f"{what} must be a numeric array of shape (N, {self.n_features}); "
-                             f"got {type(x).__name__}.") from exc
+            raise InputError(
+                f"{what} must be a numeric array of shape (N, {self.n_features}); "
+                f"got {type(x).__name__}."
+            ) from exc
         if a.ndim == 1:
             a = a[None]
         if a.ndim != 2 or a.shape[0] == 0:
-            raise InputError(f"{what} must be a 2-D array (N, {self.n_features}) with at least one row; "
-                             f"got shape {a.shape}.")
+            raise InputError(
+                f"{what} must be a 2-D array (N, {self.n_features}) with at least one row; "
+                f"got shape {a.shape}."
+            )
         if a.shape[1] != self.n_features:
-            raise InputError(f"{what} have {a.shape[1]} columns; the model ({self.source}) was trained on "
-                             f"{self.n_features} features.")
+            raise InputError(
+                f"{what} have {a.shape[1]} columns; the model ({self.source}) was trained on "
+                f"{self.n_features} features."
+            )
         a = np.ascontiguousarray(a.astype(self.input_dtype).astype(np.float64))
         if not np.isnan(self.missing_value):
             a[a == self.missing_value] = np.nan
         if np.isinf(a).any():
-            raise InputError(f"{what} contain Inf values; tree models route finite values and NaN only.")
+            raise InputError(
+                f"{what} contain Inf values; tree models route finite values and NaN only."
+            )
         if not self.nan_routing and np.isnan(a).any():
-            raise InputError(f"{what} contain {int(np.isnan(a).sum())} NaN value(s), but {self.source} cannot route "
-                             "missing values (the library itself refuses them). Impute them first.")
+            raise InputError(
+                f"{what} contain {int(np.isnan(a).sum())} NaN value(s), but {self.source} cannot route "
+                "missing values (the library itself refuses them). Impute them first."
+            )
         return a
 
     def predict(self, x: Any) -> np.ndarray:
@@ -161,16 +171,36 @@ class TreeEnsemble:
     def validate(self) -> TreeEnsemble:
         """Check array shapes and child ids; returns self."""
         n = self.n_nodes
-        for name in ("right", "default", "feature", "threshold", "flags", "cat_start", "cat_len",
-                     "known_start", "known_len", "cover"):
+        for name in (
+            "right",
+            "default",
+            "feature",
+            "threshold",
+            "flags",
+            "cat_start",
+            "cat_len",
+            "known_start",
+            "known_len",
+            "cover",
+        ):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"TreeEnsemble.{name} has {len(getattr(self, name))} entries for {n} nodes")
+                raise ValueError(
+                    f"TreeEnsemble.{name} has {len(getattr(self, name))} entries for {n} nodes"
+                )
         internal = self.left >= 0
-        if (self.left[internal] >= n).any() or (self.right[internal] >= n).any() or (self.right[internal] < 0).any():
+        if (
+            (self.left[internal] >= n).any()
+            or (self.right[internal] >= n).any()
+            or (self.right[internal] < 0).any()
+        ):
             raise ValueError("TreeEnsemble child ids out of range")
         ids = np.arange(n)
-        if (self.left[internal] <= ids[internal]).any() or (self.right[internal] <= ids[internal]).any():
-            raise ValueError("TreeEnsemble nodes must come after their parents (children ids > parent id)")
+        if (self.left[internal] <= ids[internal]).any() or (
+            self.right[internal] <= ids[internal]
+        ).any():
+            raise ValueError(
+                "TreeEnsemble nodes must come after their parents (children ids > parent id)"
+            )
         if (self.feature[internal] >= self.n_features).any() or (self.feature[internal] < 0).any():
             raise ValueError("TreeEnsemble split features out of range")
         if len(self.tree_output) != self.n_trees or len(self.base_offset) != self.n_outputs:
@@ -178,8 +208,9 @@ class TreeEnsemble:
         return self
 
 
-def build_ensemble(trees: list[dict[str, Any]], *, n_features: int, n_outputs: int, base_offset: Any,
-                   **meta: Any) -> TreeEnsemble:
+def build_ensemble(
+    trees: list[dict[str, Any]], *, n_features: int, n_outputs: int, base_offset: Any, **meta: Any
+) -> TreeEnsemble:
     """Concatenate per-tree dicts into one :class:`TreeEnsemble`.
 
     Each tree dict holds per-node arrays with tree-local child ids: ``left``, ``right``,
@@ -188,9 +219,23 @@ def build_ensemble(trees: list[dict[str, Any]], *, n_features: int, n_outputs: i
     (set_bits, known_bits) pair of uint32 arrays), and ``output`` (the tree's output column, -1 for
     vector leaves).
     """
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("left", "right", "default", "feature", "threshold",
-                                                          "flags", "value", "cover", "cat_start", "cat_len",
-                                                          "known_start", "known_len")}
+    parts: dict[str, list[np.ndarray]] = {
+        k: []
+        for k in (
+            "left",
+            "right",
+            "default",
+            "feature",
+            "threshold",
+            "flags",
+            "value",
+            "cover",
+            "cat_start",
+            "cat_len",
+            "known_start",
+            "known_len",
+        )
+    }
     bits: list[np.ndarray] = []
     nbits = 0
     starts = [0]
@@ -203,7 +248,9 @@ def build_ensemble(trees: list[dict[str, Any]], *, n_features: int, n_outputs: i
         for k in ("left", "right", "default"):
             a = np.asarray(t[k], dtype=np.int64)
             parts[k].append(np.where(leaf, -1, a + off).astype(np.int32))
-        parts["feature"].append(np.where(leaf, -1, np.asarray(t["feature"], dtype=np.int64)).astype(np.int32))
+        parts["feature"].append(
+            np.where(leaf, -1, np.asarray(t["feature"], dtype=np.int64)).astype(np.int32)
+        )
         parts["threshold"].append(np.asarray(t["threshold"], dtype=np.float64))
         parts["flags"].append(np.asarray(t.get("flags", np.zeros(n)), dtype=np.uint8))
         v = np.asarray(t["value"], dtype=np.float64)
@@ -238,14 +285,24 @@ def build_ensemble(trees: list[dict[str, Any]], *, n_features: int, n_outputs: i
         outputs.append(int(t.get("output", -1)))
     cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
     return TreeEnsemble(
-        left=cat["left"], right=cat["right"], default=cat["default"], feature=cat["feature"],
-        threshold=cat["threshold"], flags=cat["flags"], cat_start=cat["cat_start"], cat_len=cat["cat_len"],
-        known_start=cat["known_start"], known_len=cat["known_len"],
+        left=cat["left"],
+        right=cat["right"],
+        default=cat["default"],
+        feature=cat["feature"],
+        threshold=cat["threshold"],
+        flags=cat["flags"],
+        cat_start=cat["cat_start"],
+        cat_len=cat["cat_len"],
+        known_start=cat["known_start"],
+        known_len=cat["known_len"],
         cat_bits=np.concatenate(bits).astype(np.uint32) if bits else np.zeros(0, dtype=np.uint32),
-        value=np.ascontiguousarray(cat["value"].reshape(-1, n_outputs)), cover=cat["cover"],
-        tree_start=np.asarray(starts, dtype=np.int32), tree_output=np.asarray(outputs, dtype=np.int32),
+        value=np.ascontiguousarray(cat["value"].reshape(-1, n_outputs)),
+        cover=cat["cover"],
+        tree_start=np.asarray(starts, dtype=np.int32),
+        tree_output=np.asarray(outputs, dtype=np.int32),
         base_offset=np.broadcast_to(np.asarray(base_offset, dtype=np.float64), (n_outputs,)).copy(),
-        n_features=int(n_features), **meta,
+        n_features=int(n_features),
+        **meta,
     ).validate()
 
 

@@ -54,7 +54,11 @@ def read_linear(model: Any) -> LinearModel:
 
         if isinstance(model, nn.Linear):
             w = model.weight.detach().cpu().double().numpy()
-            b = model.bias.detach().cpu().double().numpy() if model.bias is not None else np.zeros(w.shape[0])
+            b = (
+                model.bias.detach().cpu().double().numpy()
+                if model.bias is not None
+                else np.zeros(w.shape[0])
+            )
             return LinearModel(w, b, "torch.nn.Linear")
         if isinstance(model, nn.Sequential) and len(model) == 1 and isinstance(model[0], nn.Linear):
             return read_linear(model[0])
@@ -62,15 +66,19 @@ def read_linear(model: Any) -> LinearModel:
         pass
     coef = getattr(model, "coef_", None)
     if coef is None:
-        raise ModelError(f"linear_shap needs a linear model: a scikit-learn estimator with coef_ and intercept_ "
-                         f"(LinearRegression, Ridge, Lasso, ElasticNet, LogisticRegression, SGD*, LinearSVC ...) or "
-                         f"a torch nn.Linear; got {type(model).__module__}.{type(model).__name__}.")
+        raise ModelError(
+            f"linear_shap needs a linear model: a scikit-learn estimator with coef_ and intercept_ "
+            f"(LinearRegression, Ridge, Lasso, ElasticNet, LogisticRegression, SGD*, LinearSVC ...) or "
+            f"a torch nn.Linear; got {type(model).__module__}.{type(model).__name__}."
+        )
     w = np.atleast_2d(np.asarray(coef, dtype=np.float64))
     b = np.asarray(getattr(model, "intercept_", 0.0), dtype=np.float64).reshape(-1)
     if b.size == 1 and w.shape[0] > 1:
         b = np.repeat(b, w.shape[0])
     if b.size != w.shape[0]:
-        raise ModelError(f"{type(model).__name__}: intercept_ has {b.size} values for {w.shape[0]} outputs.")
+        raise ModelError(
+            f"{type(model).__name__}: intercept_ has {b.size} values for {w.shape[0]} outputs."
+        )
     classes = getattr(model, "classes_", None)
     names = None
     if classes is not None:
@@ -78,8 +86,13 @@ def read_linear(model: Any) -> LinearModel:
         if w.shape[0] == 1 and len(names) == 2:
             names = (names[1],)
     fnames = getattr(model, "feature_names_in_", None)
-    return LinearModel(w, b, f"{type(model).__module__.split('.')[0]}.{type(model).__name__}", names,
-                       tuple(str(n) for n in fnames) if fnames is not None else None)
+    return LinearModel(
+        w,
+        b,
+        f"{type(model).__module__.split('.')[0]}.{type(model).__name__}",
+        names,
+        tuple(str(n) for n in fnames) if fnames is not None else None,
+    )
 
 
 def _coalition_vector(cov: np.ndarray, w: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -91,8 +104,13 @@ def _coalition_vector(cov: np.ndarray, w: np.ndarray, s: np.ndarray) -> np.ndarr
     return c
 
 
-def correlation_transform(cov: np.ndarray, w: np.ndarray, *, nsamples: int = 1000,
-                          generator: np.random.Generator | None = None) -> tuple[np.ndarray, bool]:
+def correlation_transform(
+    cov: np.ndarray,
+    w: np.ndarray,
+    *,
+    nsamples: int = 1000,
+    generator: np.random.Generator | None = None,
+) -> tuple[np.ndarray, bool]:
     """T (F, F) with phi = T (x - mean) for weights ``w`` (F,); (T, exact)."""
     f = len(w)
     if f <= EXACT_MAX_FEATURES:
@@ -130,12 +148,20 @@ def correlation_transform(cov: np.ndarray, w: np.ndarray, *, nsamples: int = 100
     return t / (2 * pairs), False
 
 
-def linear_shap(model: LinearModel, x: np.ndarray, background: np.ndarray, *,
-                feature_perturbation: str = "interventional", nsamples: int = 1000,
-                generator: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def linear_shap(
+    model: LinearModel,
+    x: np.ndarray,
+    background: np.ndarray,
+    *,
+    feature_perturbation: str = "interventional",
+    nsamples: int = 1000,
+    generator: np.random.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(values (N, F, K), base (K,), stats) of a linear model's margins."""
     if feature_perturbation not in PERTURBATIONS:
-        raise OptionError(f"feature_perturbation must be one of {', '.join(PERTURBATIONS)}; got {feature_perturbation!r}.")
+        raise OptionError(
+            f"feature_perturbation must be one of {', '.join(PERTURBATIONS)}; got {feature_perturbation!r}."
+        )
     mean = background.mean(axis=0)
     base = model.predict(mean[None])[0]
     centred = x - mean
@@ -143,15 +169,25 @@ def linear_shap(model: LinearModel, x: np.ndarray, background: np.ndarray, *,
     if feature_perturbation == "interventional":
         return centred[:, :, None] * model.weight.T[None], base, stats
     if len(background) < 2:
-        raise OptionError("feature_perturbation='correlation_dependent' needs at least 2 background rows (a covariance).")
+        raise OptionError(
+            "feature_perturbation='correlation_dependent' needs at least 2 background rows (a covariance)."
+        )
     cov = np.cov(background, rowvar=False).reshape(model.n_features, model.n_features)
     values = np.empty((len(x), model.n_features, model.weight.shape[0]))
     exact = True
     for k, w in enumerate(model.weight):
         t, exact = correlation_transform(cov, w, nsamples=nsamples, generator=generator)
         values[:, :, k] = centred @ t.T
-    stats["transform"] = "exact" if exact else f"sampled ({nsamples // 2} antithetic permutation pairs)"
+    stats["transform"] = (
+        "exact" if exact else f"sampled ({nsamples // 2} antithetic permutation pairs)"
+    )
     return values, base, stats
 
 
-__all__ = ["EXACT_MAX_FEATURES", "LinearModel", "correlation_transform", "linear_shap", "read_linear"]
+__all__ = [
+    "EXACT_MAX_FEATURES",
+    "LinearModel",
+    "correlation_transform",
+    "linear_shap",
+    "read_linear",
+]

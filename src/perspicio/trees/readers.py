@@ -62,7 +62,14 @@ def read_model(model: Any) -> TreeEnsemble:
     mod = cls.__module__ or ""
     name = cls.__name__
     if mod.startswith("xgboost"):
-        if name in ("Booster", "XGBClassifier", "XGBRegressor", "XGBModel", "XGBRFClassifier", "XGBRFRegressor"):
+        if name in (
+            "Booster",
+            "XGBClassifier",
+            "XGBRegressor",
+            "XGBModel",
+            "XGBRFClassifier",
+            "XGBRFRegressor",
+        ):
             return read_xgboost(inner)
     elif mod.startswith("lightgbm"):
         if name in ("Booster", "LGBMClassifier", "LGBMRegressor", "LGBMModel"):
@@ -72,7 +79,9 @@ def read_model(model: Any) -> TreeEnsemble:
         if reader is not None:
             _check_fitted(inner)
             return reader(inner)
-    raise ModelError(f"tree_shap cannot read a {mod}.{name}; supported tree models: {supported_models()}.")
+    raise ModelError(
+        f"tree_shap cannot read a {mod}.{name}; supported tree models: {supported_models()}."
+    )
 
 
 def _unwrap(model: Any) -> Any:
@@ -108,9 +117,13 @@ def _read_file(path: Path) -> TreeEnsemble:
             import xgboost
         except ImportError:
             if suffix == ".ubj":
-                raise ModelError(f"reading the UBJSON model {path.name} needs xgboost (pip install xgboost); "
-                                 "or save it as JSON.") from None
-            return _xgb_from_json(json.loads(path.read_text()), source=f"XGBoost model file {path.name}")
+                raise ModelError(
+                    f"reading the UBJSON model {path.name} needs xgboost (pip install xgboost); "
+                    "or save it as JSON."
+                ) from None
+            return _xgb_from_json(
+                json.loads(path.read_text()), source=f"XGBoost model file {path.name}"
+            )
         booster = xgboost.Booster()
         try:
             booster.load_model(str(path))
@@ -121,14 +134,18 @@ def _read_file(path: Path) -> TreeEnsemble:
         try:
             import lightgbm
         except ImportError:
-            raise ModelError(f"reading the LightGBM model {path.name} needs lightgbm (pip install lightgbm).") from None
+            raise ModelError(
+                f"reading the LightGBM model {path.name} needs lightgbm (pip install lightgbm)."
+            ) from None
         try:
             booster = lightgbm.Booster(model_file=str(path))
         except Exception as exc:  # noqa: BLE001 - lightgbm raises its own error types
             raise ModelError(f"{path.name} is not a LightGBM text model: {exc}") from exc
         return read_lightgbm(booster, source=f"LightGBM model file {path.name}")
-    raise ModelError(f"cannot tell the format of {path.name}: expected an XGBoost .json/.ubj or a LightGBM .txt model "
-                     "file. Pickled models are never read (unpickling runs code); load them yourself if you trust them.")
+    raise ModelError(
+        f"cannot tell the format of {path.name}: expected an XGBoost .json/.ubj or a LightGBM .txt model "
+        "file. Pickled models are never read (unpickling runs code); load them yourself if you trust them."
+    )
 
 
 # ============================================================================ XGBoost
@@ -157,45 +174,73 @@ def read_xgboost(model: Any, source: str | None = None) -> TreeEnsemble:
             best = None
         if best is not None:
             rounds = int(best) + 1
-    ens = _xgb_from_json(doc, source=source or f"xgboost.{type(model).__name__}", classes=classes,
-                         feature_names=booster.feature_names, missing=missing, rounds=rounds)
+    ens = _xgb_from_json(
+        doc,
+        source=source or f"xgboost.{type(model).__name__}",
+        classes=classes,
+        feature_names=booster.feature_names,
+        missing=missing,
+        rounds=rounds,
+    )
     # the base score's link depends on the objective: check it against XGBoost's own margin
     import xgboost
 
     probe = np.full((1, ens.n_features), np.nan, dtype=np.float32)
-    dm = xgboost.DMatrix(probe, missing=np.nan, feature_names=booster.feature_names,
-                         feature_types=booster.feature_types)
-    theirs = np.asarray(booster.predict(dm, output_margin=True, validate_features=False,
-                                        iteration_range=(0, rounds or 0)), dtype=np.float64).reshape(1, -1)
+    dm = xgboost.DMatrix(
+        probe,
+        missing=np.nan,
+        feature_names=booster.feature_names,
+        feature_types=booster.feature_types,
+    )
+    theirs = np.asarray(
+        booster.predict(
+            dm, output_margin=True, validate_features=False, iteration_range=(0, rounds or 0)
+        ),
+        dtype=np.float64,
+    ).reshape(1, -1)
     ours = ens.predict(probe)
     if theirs.shape == ours.shape and not np.allclose(theirs, ours, rtol=1e-5, atol=1e-5):
         ens.base_offset[:] += (theirs - ours)[0]
     return ens
 
 
-def _xgb_from_json(doc: dict[str, Any], *, source: str, classes: Any = None, feature_names: Any = None,
-                   missing: float = float("nan"), rounds: int | None = None) -> TreeEnsemble:
+def _xgb_from_json(
+    doc: dict[str, Any],
+    *,
+    source: str,
+    classes: Any = None,
+    feature_names: Any = None,
+    missing: float = float("nan"),
+    rounds: int | None = None,
+) -> TreeEnsemble:
     try:
         learner = doc["learner"]
         params = learner["learner_model_param"]
         gb = learner["gradient_booster"]
     except (KeyError, TypeError) as exc:
-        raise ModelError(f"{source} is not an XGBoost JSON model (no learner/gradient_booster).") from exc
+        raise ModelError(
+            f"{source} is not an XGBoost JSON model (no learner/gradient_booster)."
+        ) from exc
     kind = gb.get("name")
     weights = None
     if kind == "dart":
         weights = gb.get("weight_drop")
         gb = gb["gbtree"]
     elif kind != "gbtree":
-        raise ModelError(f"{source} uses the {kind!r} booster; only tree boosters (gbtree, dart) are tree models.")
+        raise ModelError(
+            f"{source} uses the {kind!r} booster; only tree boosters (gbtree, dart) are tree models."
+        )
     model = gb["model"]
     trees_json = model["trees"]
     info = model.get("tree_info", [0] * len(trees_json))
-    if rounds is not None:  # the trees of the first `rounds` boosting rounds (iteration_range=(0, rounds))
+    if (
+        rounds is not None
+    ):  # the trees of the first `rounds` boosting rounds (iteration_range=(0, rounds))
         indptr = model.get("iteration_indptr")
         if indptr is None:
-            per_round = int(model.get("gbtree_model_param", {}).get("num_parallel_tree", 1) or 1) * max(
-                1, int(learner["learner_model_param"].get("num_class", 0) or 0))
+            per_round = int(
+                model.get("gbtree_model_param", {}).get("num_parallel_tree", 1) or 1
+            ) * max(1, int(learner["learner_model_param"].get("num_class", 0) or 0))
             end = rounds * per_round
         else:
             end = int(indptr[min(rounds, len(indptr) - 1)])
@@ -223,7 +268,9 @@ def _xgb_from_json(doc: dict[str, Any], *, source: str, classes: Any = None, fea
         if width > 1:  # vector leaf (multi_strategy="multi_output_tree"): one leaf value per output
             if width != n_out:
                 raise ModelError(f"{source}: vector leaves of size {width} for {n_out} outputs.")
-            weights_v = np.asarray(t["base_weights"], dtype=np.float32).astype(np.float64).reshape(n, width)
+            weights_v = (
+                np.asarray(t["base_weights"], dtype=np.float32).astype(np.float64).reshape(n, width)
+            )
             values = [np.where(is_leaf, weights_v[:, k], 0.0) for k in range(width)]
         else:
             values = [np.where(is_leaf, cond, 0.0)]
@@ -238,25 +285,49 @@ def _xgb_from_json(doc: dict[str, Any], *, source: str, classes: Any = None, fea
             sizes = t["categories_sizes"]
             allc = t["categories"]
             for nd, s0, sz in zip(nodes, segs, sizes):
-                cats[int(nd)] = (bitset(allc[int(s0):int(s0) + int(sz)]), None)
+                cats[int(nd)] = (bitset(allc[int(s0) : int(s0) + int(sz)]), None)
                 flags[int(nd)] = CAT_RIGHT  # XGBoost: categories in the set go right
         structure = {
-            "left": left, "right": np.where(is_leaf, -1, right), "default": np.where(dl, left, right),
-            "feature": np.asarray(t["split_indices"], dtype=np.int64), "threshold": cond, "flags": flags,
-            "cover": np.asarray(t["sum_hessian"], dtype=np.float64), "cats": cats,
+            "left": left,
+            "right": np.where(is_leaf, -1, right),
+            "default": np.where(dl, left, right),
+            "feature": np.asarray(t["split_indices"], dtype=np.int64),
+            "threshold": cond,
+            "flags": flags,
+            "cover": np.asarray(t["sum_hessian"], dtype=np.float64),
+            "cats": cats,
         }
-        if width > 1:  # the tree adds one scalar tree per output, all with the same structure and covers
+        if (
+            width > 1
+        ):  # the tree adds one scalar tree per output, all with the same structure and covers
             trees.extend({**structure, "value": values[k], "output": k} for k in range(width))
         else:
-            trees.append({**structure, "value": values[0], "output": int(info[i]) if n_out > 1 else 0})
-    transform = "logistic" if objective in ("binary:logistic", "reg:logistic", "binary:logitraw") else \
-        "softmax" if objective in ("multi:softprob", "multi:softmax") else None
+            trees.append(
+                {**structure, "value": values[0], "output": int(info[i]) if n_out > 1 else 0}
+            )
+    transform = (
+        "logistic"
+        if objective in ("binary:logistic", "reg:logistic", "binary:logitraw")
+        else "softmax"
+        if objective in ("multi:softprob", "multi:softmax")
+        else None
+    )
     names = tuple(str(c) for c in classes) if classes is not None else None
     if names is not None and n_out == 1 and len(names) == 2:
         names = (names[1],)
-    return build_ensemble(trees, n_features=n_features, n_outputs=n_out, base_offset=base, input_dtype="float32",
-                          transform=transform, nan_routing=True, missing_value=missing, source=source,
-                          feature_names=tuple(feature_names) if feature_names else None, output_names=names)
+    return build_ensemble(
+        trees,
+        n_features=n_features,
+        n_outputs=n_out,
+        base_offset=base,
+        input_dtype="float32",
+        transform=transform,
+        nan_routing=True,
+        missing_value=missing,
+        source=source,
+        feature_names=tuple(feature_names) if feature_names else None,
+        output_names=names,
+    )
 
 
 def _parse_floats(s: Any) -> list[float]:
@@ -290,7 +361,15 @@ def read_lightgbm(model: Any, source: str | None = None) -> TreeEnsemble:
     objective = str(dump.get("objective", "")).split()
     head = objective[0] if objective else ""
     transform = None
-    if head in ("binary", "cross_entropy", "xentropy", "multiclassova", "multiclass_ova", "ova", "ovr"):
+    if head in (
+        "binary",
+        "cross_entropy",
+        "xentropy",
+        "multiclassova",
+        "multiclass_ova",
+        "ova",
+        "ovr",
+    ):
         sigmoid = [o for o in objective if o.startswith("sigmoid:")]
         if not sigmoid or float(sigmoid[0].split(":")[1]) == 1.0:
             transform = "logistic"
@@ -301,13 +380,32 @@ def read_lightgbm(model: Any, source: str | None = None) -> TreeEnsemble:
     if names is not None and n_out == 1 and len(names) == 2:
         names = (names[1],)
     fnames = dump.get("feature_names")
-    return build_ensemble(trees, n_features=n_features, n_outputs=n_out, base_offset=0.0, input_dtype="float64",
-                          transform=transform, nan_routing=True, source=source,
-                          feature_names=tuple(fnames) if fnames else None, output_names=names)
+    return build_ensemble(
+        trees,
+        n_features=n_features,
+        n_outputs=n_out,
+        base_offset=0.0,
+        input_dtype="float64",
+        transform=transform,
+        nan_routing=True,
+        source=source,
+        feature_names=tuple(fnames) if fnames else None,
+        output_names=names,
+    )
 
 
 def _lgb_tree(root: dict[str, Any], source: str) -> dict[str, Any]:
-    left, right, default, feature, thr, flags, value, cover, cats = [], [], [], [], [], [], [], [], []
+    left, right, default, feature, thr, flags, value, cover, cats = (
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+    )
     stack = [(root, -1, False)]
     # iterative pre-order: each node gets the next id; children ids are patched into the parent
     while stack:
@@ -315,15 +413,26 @@ def _lgb_tree(root: dict[str, Any], source: str) -> dict[str, Any]:
         i = len(left)
         if parent >= 0:
             (left if is_left else right)[parent] = i
-        for arr, v in ((left, -1), (right, -1), (default, -1), (feature, -1), (thr, 0.0), (flags, 0), (value, 0.0),
-                       (cover, 0.0), (cats, None)):
+        for arr, v in (
+            (left, -1),
+            (right, -1),
+            (default, -1),
+            (feature, -1),
+            (thr, 0.0),
+            (flags, 0),
+            (value, 0.0),
+            (cover, 0.0),
+            (cats, None),
+        ):
             arr.append(v)
         if "split_index" not in node:
             value[i] = float(node.get("leaf_value", 0.0))
             cover[i] = float(node.get("leaf_count", 0.0))
             continue
         if node.get("is_linear"):
-            raise ModelError(f"{source} has linear trees (linear_tree=True), which are not piecewise-constant.")
+            raise ModelError(
+                f"{source} has linear trees (linear_tree=True), which are not piecewise-constant."
+            )
         feature[i] = int(node["split_feature"])
         cover[i] = float(node.get("internal_count", 0.0))
         dt = node.get("decision_type", "<=")
@@ -346,9 +455,17 @@ def _lgb_tree(root: dict[str, Any], source: str) -> dict[str, Any]:
     right_a = np.asarray(right)
     default_a = np.asarray(default)
     default_a = np.where(default_a == -3, left_a, np.where(default_a == -2, right_a, -1))
-    return {"left": left_a, "right": right_a, "default": default_a, "feature": np.asarray(feature),
-            "threshold": np.asarray(thr), "flags": np.asarray(flags, dtype=np.uint8), "value": np.asarray(value),
-            "cover": np.asarray(cover), "cats": cats}
+    return {
+        "left": left_a,
+        "right": right_a,
+        "default": default_a,
+        "feature": np.asarray(feature),
+        "threshold": np.asarray(thr),
+        "flags": np.asarray(flags, dtype=np.uint8),
+        "value": np.asarray(value),
+        "cover": np.asarray(cover),
+        "cats": cats,
+    }
 
 
 # ============================================================================ scikit-learn
@@ -363,8 +480,14 @@ def _nan_routing(est: Any, n_features: int) -> bool:
     return True
 
 
-def _sk_tree(tree: Any, *, values: np.ndarray, scale: float = 1.0, output: int = -1,
-             features: np.ndarray | None = None) -> dict[str, Any]:
+def _sk_tree(
+    tree: Any,
+    *,
+    values: np.ndarray,
+    scale: float = 1.0,
+    output: int = -1,
+    features: np.ndarray | None = None,
+) -> dict[str, Any]:
     left = np.asarray(tree.children_left, dtype=np.int64)
     right = np.asarray(tree.children_right, dtype=np.int64)
     mgl = getattr(tree, "missing_go_to_left", None)
@@ -375,10 +498,17 @@ def _sk_tree(tree: Any, *, values: np.ndarray, scale: float = 1.0, output: int =
     feat = np.asarray(tree.feature, dtype=np.int64)
     if features is not None:
         feat = np.where(feat >= 0, np.asarray(features)[np.maximum(feat, 0)], feat)
-    return {"left": left, "right": right, "default": default, "feature": feat,
-            "threshold": np.asarray(tree.threshold, dtype=np.float64),
-            "flags": np.full(len(left), LE, dtype=np.uint8), "value": values * scale,
-            "cover": np.asarray(tree.weighted_n_node_samples, dtype=np.float64), "output": output}
+    return {
+        "left": left,
+        "right": right,
+        "default": default,
+        "feature": feat,
+        "threshold": np.asarray(tree.threshold, dtype=np.float64),
+        "flags": np.full(len(left), LE, dtype=np.uint8),
+        "value": values * scale,
+        "cover": np.asarray(tree.weighted_n_node_samples, dtype=np.float64),
+        "output": output,
+    }
 
 
 def _classifier_values(tree: Any) -> np.ndarray:
@@ -404,11 +534,18 @@ def _read_sk_single(est: Any) -> TreeEnsemble:
     vals = _classifier_values(est.tree_) if is_clf else _regressor_values(est.tree_)
     n_out = vals.shape[1]
     f = int(est.n_features_in_)
-    return build_ensemble([_sk_tree(est.tree_, values=vals)], n_features=f, n_outputs=n_out, base_offset=0.0,
-                          input_dtype="float32", transform="identity" if is_clf else None,
-                          nan_routing=_nan_routing(est, f), source=f"sklearn.{type(est).__name__}",
-                          feature_names=_sk_names(est),
-                          output_names=tuple(str(c) for c in est.classes_) if is_clf else None)
+    return build_ensemble(
+        [_sk_tree(est.tree_, values=vals)],
+        n_features=f,
+        n_outputs=n_out,
+        base_offset=0.0,
+        input_dtype="float32",
+        transform="identity" if is_clf else None,
+        nan_routing=_nan_routing(est, f),
+        source=f"sklearn.{type(est).__name__}",
+        feature_names=_sk_names(est),
+        output_names=tuple(str(c) for c in est.classes_) if is_clf else None,
+    )
 
 
 def _read_sk_forest(est: Any) -> TreeEnsemble:
@@ -420,18 +557,30 @@ def _read_sk_forest(est: Any) -> TreeEnsemble:
         trees.append(_sk_tree(e.tree_, values=vals, scale=scale))
     n_out = trees[0]["value"].shape[1]
     f = int(est.n_features_in_)
-    return build_ensemble(trees, n_features=f, n_outputs=n_out, base_offset=0.0, input_dtype="float32",
-                          transform="identity" if is_clf else None, nan_routing=_nan_routing(est, f),
-                          source=f"sklearn.{type(est).__name__}", feature_names=_sk_names(est),
-                          output_names=tuple(str(c) for c in est.classes_) if is_clf else None)
+    return build_ensemble(
+        trees,
+        n_features=f,
+        n_outputs=n_out,
+        base_offset=0.0,
+        input_dtype="float32",
+        transform="identity" if is_clf else None,
+        nan_routing=_nan_routing(est, f),
+        source=f"sklearn.{type(est).__name__}",
+        feature_names=_sk_names(est),
+        output_names=tuple(str(c) for c in est.classes_) if is_clf else None,
+    )
 
 
 def _read_sk_gb(est: Any) -> TreeEnsemble:
     init = est.init_
-    if not (isinstance(init, str) and init == "zero") and type(init).__name__ not in ("DummyRegressor",
-                                                                                        "DummyClassifier"):
-        raise ModelError(f"{type(est).__name__} with init={type(init).__name__}: the initial prediction is not a "
-                         "constant, so the model is not a sum of trees plus a base value.")
+    if not (isinstance(init, str) and init == "zero") and type(init).__name__ not in (
+        "DummyRegressor",
+        "DummyClassifier",
+    ):
+        raise ModelError(
+            f"{type(est).__name__} with init={type(init).__name__}: the initial prediction is not a "
+            "constant, so the model is not a sum of trees plus a base value."
+        )
     is_clf = hasattr(est, "classes_")
     lr = float(est.learning_rate)
     ests = est.estimators_
@@ -440,15 +589,27 @@ def _read_sk_gb(est: Any) -> TreeEnsemble:
     trees = []
     for row in ests:
         for k, e in enumerate(row):
-            trees.append(_sk_tree(e.tree_, values=_regressor_values(e.tree_)[:, :1], scale=lr, output=k))
-    ens = build_ensemble(trees, n_features=f, n_outputs=n_out, base_offset=0.0, input_dtype="float32",
-                         transform=("logistic" if n_out == 1 else "softmax") if is_clf else None,
-                         nan_routing=False, source=f"sklearn.{type(est).__name__}", feature_names=_sk_names(est),
-                         output_names=_class_names(est, n_out))
+            trees.append(
+                _sk_tree(e.tree_, values=_regressor_values(e.tree_)[:, :1], scale=lr, output=k)
+            )
+    ens = build_ensemble(
+        trees,
+        n_features=f,
+        n_outputs=n_out,
+        base_offset=0.0,
+        input_dtype="float32",
+        transform=("logistic" if n_out == 1 else "softmax") if is_clf else None,
+        nan_routing=False,
+        source=f"sklearn.{type(est).__name__}",
+        feature_names=_sk_names(est),
+        output_names=_class_names(est, n_out),
+    )
     # the constant initial raw prediction: the model's raw output minus the trees on one row
     probe = np.zeros((1, f))
     raw = est.decision_function(probe) if is_clf else est.predict(probe)
-    ens.base_offset[:] = np.asarray(raw, dtype=np.float64).reshape(-1)[:n_out] - ens.predict(probe)[0]
+    ens.base_offset[:] = (
+        np.asarray(raw, dtype=np.float64).reshape(-1)[:n_out] - ens.predict(probe)[0]
+    )
     return ens
 
 
@@ -473,25 +634,37 @@ def _hgb_column_map(est: Any) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     num_cols: list[int] = []
     encoder = None
     for name, trans, cols in pre.transformers_:
-        idx = np.flatnonzero(np.asarray(cols)) if np.asarray(cols).dtype == bool else np.asarray(cols, dtype=int)
+        idx = (
+            np.flatnonzero(np.asarray(cols))
+            if np.asarray(cols).dtype == bool
+            else np.asarray(cols, dtype=int)
+        )
         if name == "encoder":
             cat_cols, encoder = list(idx), trans
         elif name == "numerical":
             num_cols = list(idx)
         elif trans != "drop" and len(idx):
-            raise ModelError(f"{type(est).__name__}: unexpected internal column transformer {name!r}.")
+            raise ModelError(
+                f"{type(est).__name__}: unexpected internal column transformer {name!r}."
+            )
     cats: dict[int, np.ndarray] = {}
     for j, c in enumerate(getattr(encoder, "categories_", [])):
         raw = np.asarray(c)
-        if raw.dtype.kind not in "iuf" or (raw.dtype.kind == "f" and not np.all(np.isnan(raw) | (raw == np.round(raw)))):
-            raise ModelError(f"{type(est).__name__}: categorical column {cat_cols[j]} has non-integer categories "
-                             f"({raw[:3].tolist()} ...); encode them as non-negative integers before fitting.")
+        if raw.dtype.kind not in "iuf" or (
+            raw.dtype.kind == "f" and not np.all(np.isnan(raw) | (raw == np.round(raw)))
+        ):
+            raise ModelError(
+                f"{type(est).__name__}: categorical column {cat_cols[j]} has non-integer categories "
+                f"({raw[:3].tolist()} ...); encode them as non-negative integers before fitting."
+            )
         cats[j] = raw
     return np.asarray(cat_cols + num_cols, dtype=np.int64), cats
 
 
 def _codes_to_raw(words: np.ndarray, raw: np.ndarray) -> np.ndarray:
-    codes = [c for c in range(len(raw)) if c < 32 * len(words) and (int(words[c >> 5]) >> (c & 31)) & 1]
+    codes = [
+        c for c in range(len(raw)) if c < 32 * len(words) and (int(words[c >> 5]) >> (c & 31)) & 1
+    ]
     values = [int(raw[c]) for c in codes if not np.isnan(raw[c]) and raw[c] >= 0]
     return bitset(values)
 
@@ -520,29 +693,52 @@ def _read_sk_hgb(est: Any) -> TreeEnsemble:
             feat = nodes["feature_idx"].astype(np.int64)
             if "is_categorical" in nodes.dtype.names:
                 for i in np.flatnonzero(nodes["is_categorical"].astype(bool) & ~is_leaf):
-                    words = np.asarray(pred.raw_left_cat_bitsets[nodes["bitset_idx"][i]], dtype=np.uint32)
+                    words = np.asarray(
+                        pred.raw_left_cat_bitsets[nodes["bitset_idx"][i]], dtype=np.uint32
+                    )
                     kn = None
                     if known is not None:
                         kn = np.asarray(known[fmap[feat[i]]], dtype=np.uint32)
                     if raw_cats:  # codes of the internal encoder -> the raw category values
                         raw = raw_cats[int(feat[i])]
                         words = _codes_to_raw(words, raw)
-                        kn = _codes_to_raw(np.full(len(raw) // 32 + 1, 0xFFFFFFFF, dtype=np.uint32), raw)
+                        kn = _codes_to_raw(
+                            np.full(len(raw) // 32 + 1, 0xFFFFFFFF, dtype=np.uint32), raw
+                        )
                     cats[i] = (words, kn)
                     flags[i] = CAT_LEFT
             feat = np.where(is_leaf, -1, columns[np.maximum(feat, 0)])
-            trees.append({"left": left, "right": right, "default": default, "feature": feat,
-                          "threshold": nodes[thr_field].astype(np.float64), "flags": flags,
-                          "value": np.where(is_leaf, nodes["value"], 0.0).astype(np.float64),
-                          "cover": nodes["count"].astype(np.float64), "cats": cats, "output": k})
+            trees.append(
+                {
+                    "left": left,
+                    "right": right,
+                    "default": default,
+                    "feature": feat,
+                    "threshold": nodes[thr_field].astype(np.float64),
+                    "flags": flags,
+                    "value": np.where(is_leaf, nodes["value"], 0.0).astype(np.float64),
+                    "cover": nodes["count"].astype(np.float64),
+                    "cats": cats,
+                    "output": k,
+                }
+            )
     base = np.asarray(est._baseline_prediction, dtype=np.float64).reshape(-1)
     loss = getattr(getattr(est, "_loss", None), "__class__", type(None)).__name__
     transform = None
     if is_clf:
         transform = "logistic" if n_out == 1 else "softmax"
-    return build_ensemble(trees, n_features=f, n_outputs=n_out, base_offset=base, input_dtype="float64",
-                          transform=transform, nan_routing=True, source=f"sklearn.{type(est).__name__} ({loss})",
-                          feature_names=_sk_names(est), output_names=_class_names(est, n_out))
+    return build_ensemble(
+        trees,
+        n_features=f,
+        n_outputs=n_out,
+        base_offset=base,
+        input_dtype="float64",
+        transform=transform,
+        nan_routing=True,
+        source=f"sklearn.{type(est).__name__} ({loss})",
+        feature_names=_sk_names(est),
+        output_names=_class_names(est, n_out),
+    )
 
 
 def _avg_path_length(n: np.ndarray) -> np.ndarray:
@@ -570,18 +766,33 @@ def _read_sk_iforest(est: Any) -> TreeEnsemble:
         vals = (depth + _avg_path_length(t.n_node_samples))[:, None]
         trees.append(_sk_tree(t, values=vals, scale=scale, features=np.asarray(feats)))
     f = int(est.n_features_in_)
-    return build_ensemble(trees, n_features=f, n_outputs=1, base_offset=0.0, input_dtype="float32", transform=None,
-                          nan_routing=_nan_routing(est, f), source="sklearn.IsolationForest (mean path length)",
-                          feature_names=_sk_names(est), output_names=("path_length",))
+    return build_ensemble(
+        trees,
+        n_features=f,
+        n_outputs=1,
+        base_offset=0.0,
+        input_dtype="float32",
+        transform=None,
+        nan_routing=_nan_routing(est, f),
+        source="sklearn.IsolationForest (mean path length)",
+        feature_names=_sk_names(est),
+        output_names=("path_length",),
+    )
 
 
 _SKLEARN = {
-    "DecisionTreeClassifier": _read_sk_single, "DecisionTreeRegressor": _read_sk_single,
-    "ExtraTreeClassifier": _read_sk_single, "ExtraTreeRegressor": _read_sk_single,
-    "RandomForestClassifier": _read_sk_forest, "RandomForestRegressor": _read_sk_forest,
-    "ExtraTreesClassifier": _read_sk_forest, "ExtraTreesRegressor": _read_sk_forest,
-    "GradientBoostingClassifier": _read_sk_gb, "GradientBoostingRegressor": _read_sk_gb,
-    "HistGradientBoostingClassifier": _read_sk_hgb, "HistGradientBoostingRegressor": _read_sk_hgb,
+    "DecisionTreeClassifier": _read_sk_single,
+    "DecisionTreeRegressor": _read_sk_single,
+    "ExtraTreeClassifier": _read_sk_single,
+    "ExtraTreeRegressor": _read_sk_single,
+    "RandomForestClassifier": _read_sk_forest,
+    "RandomForestRegressor": _read_sk_forest,
+    "ExtraTreesClassifier": _read_sk_forest,
+    "ExtraTreesRegressor": _read_sk_forest,
+    "GradientBoostingClassifier": _read_sk_gb,
+    "GradientBoostingRegressor": _read_sk_gb,
+    "HistGradientBoostingClassifier": _read_sk_hgb,
+    "HistGradientBoostingRegressor": _read_sk_hgb,
     "IsolationForest": _read_sk_iforest,
 }
 

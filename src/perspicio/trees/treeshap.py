@@ -32,8 +32,9 @@ class TreeShapResult:
     stats: dict[str, Any]
 
 
-def _table_plan(ens: TreeEnsemble, paths: Any, n_rows: int, inter: bool) -> tuple[np.ndarray, list[np.ndarray],
-                                                                                    np.ndarray, list[int]]:
+def _table_plan(
+    ens: TreeEnsemble, paths: Any, n_rows: int, inter: bool
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, list[int]]:
     """Which leaves get a pattern table, and chunks of trees whose tables fit the budget."""
     from . import _kernels
 
@@ -52,7 +53,9 @@ def _table_plan(ens: TreeEnsemble, paths: Any, n_rows: int, inter: bool) -> tupl
     for t in range(ens.n_trees):
         a, b = paths.tree_leaf[t], paths.tree_leaf[t + 1]
         tb = int(size[a:b].sum())
-        if tb > tree_budget:  # a tree's tables must stay in cache: its largest become per-row computations
+        if (
+            tb > tree_budget
+        ):  # a tree's tables must stay in cache: its largest become per-row computations
             order = np.argsort(-size[a:b], kind="stable")
             for i in order:
                 if tb <= tree_budget:
@@ -72,9 +75,16 @@ def _table_plan(ens: TreeEnsemble, paths: Any, n_rows: int, inter: bool) -> tupl
     return use, chunks, size // 8, sizes
 
 
-def tree_shap(ens: TreeEnsemble, x: Any, *, feature_perturbation: str = "tree_path_dependent",
-              background: Any = None, interactions: bool = False, model_output: str = "raw",
-              block: int = 64) -> TreeShapResult:
+def tree_shap(
+    ens: TreeEnsemble,
+    x: Any,
+    *,
+    feature_perturbation: str = "tree_path_dependent",
+    background: Any = None,
+    interactions: bool = False,
+    model_output: str = "raw",
+    block: int = 64,
+) -> TreeShapResult:
     """SHAP values (and optionally interaction values) of every row of ``x`` for every output.
 
     Args:
@@ -92,33 +102,49 @@ def tree_shap(ens: TreeEnsemble, x: Any, *, feature_perturbation: str = "tree_pa
     from . import _kernels as K
 
     if feature_perturbation not in PERTURBATIONS:
-        raise OptionError(f"feature_perturbation must be one of {', '.join(PERTURBATIONS)}; got {feature_perturbation!r}.")
+        raise OptionError(
+            f"feature_perturbation must be one of {', '.join(PERTURBATIONS)}; got {feature_perturbation!r}."
+        )
     if model_output not in OUTPUTS:
-        raise OptionError(f"model_output must be one of {', '.join(OUTPUTS)}; got {model_output!r}.")
+        raise OptionError(
+            f"model_output must be one of {', '.join(OUTPUTS)}; got {model_output!r}."
+        )
     interventional = feature_perturbation == "interventional"
     if interventional and background is None:
-        raise OptionError("feature_perturbation='interventional' needs background= rows (K, features).")
+        raise OptionError(
+            "feature_perturbation='interventional' needs background= rows (K, features)."
+        )
     if not interventional and background is not None:
-        raise OptionError("background= is used only with feature_perturbation='interventional'; the path-dependent "
-                          "algorithm uses the training covers stored in the trees.")
+        raise OptionError(
+            "background= is used only with feature_perturbation='interventional'; the path-dependent "
+            "algorithm uses the training covers stored in the trees."
+        )
     transform = 0
     if model_output == "probability":
         if not interventional:
-            raise OptionError("model_output='probability' needs feature_perturbation='interventional' (the "
-                              "path-dependent game is defined on the additive margin only).")
+            raise OptionError(
+                "model_output='probability' needs feature_perturbation='interventional' (the "
+                "path-dependent game is defined on the additive margin only)."
+            )
         if ens.transform not in _TRANSFORM_CODES:
-            raise OptionError(f"model_output='probability' is not defined for {ens.source}: its objective has no "
-                              "known link to probabilities (binary logistic, multi-class softmax, or a forest of "
-                              "class probabilities).")
+            raise OptionError(
+                f"model_output='probability' is not defined for {ens.source}: its objective has no "
+                "known link to probabilities (binary logistic, multi-class softmax, or a forest of "
+                "class probabilities)."
+            )
         if interactions:
-            raise OptionError("interaction values are computed for model_output='raw' only (the probability output "
-                              "is not additive over trees).")
+            raise OptionError(
+                "interaction values are computed for model_output='raw' only (the probability output "
+                "is not additive over trees)."
+            )
         transform = _TRANSFORM_CODES[ens.transform]
     xs = ens.prepare(x)
     paths = ens.paths()
     if paths.max_d > K.MAX_PATH_FEATURES:
-        raise OptionError(f"a path of this model splits on {paths.max_d} distinct features; the exact tree explainer "
-                          f"handles up to {K.MAX_PATH_FEATURES}.")
+        raise OptionError(
+            f"a path of this model splits on {paths.max_d} distinct features; the exact tree explainer "
+            f"handles up to {K.MAX_PATH_FEATURES}."
+        )
     ni = K.node_table(ens)
     n, f, k_out = xs.shape[0], ens.n_features, ens.n_outputs
     w = K.shapley_weights(paths.max_d + 1)
@@ -128,7 +154,11 @@ def tree_shap(ens: TreeEnsemble, x: Any, *, feature_perturbation: str = "tree_pa
     cols = ens.tree_output[leaf_tree]
     mask = np.where(cols[:, None] >= 0, np.arange(k_out)[None, :] == cols[:, None], True)
     leaf_vals = leaf_vals * mask
-    stats: dict[str, Any] = {"trees": ens.n_trees, "leaves": int(len(paths.leaf_node)), "max_depth": paths.max_steps}
+    stats: dict[str, Any] = {
+        "trees": ens.n_trees,
+        "leaves": int(len(paths.leaf_node)),
+        "max_depth": paths.max_steps,
+    }
     z_start = np.zeros(1, np.int64)
     zpat = np.zeros(1, np.int64)
     zcnt = np.zeros(1)
@@ -139,15 +169,50 @@ def tree_shap(ens: TreeEnsemble, x: Any, *, feature_perturbation: str = "tree_pa
         mb = K.predict_margin(ens, bg)
         if transform:
             bgpat = np.empty((bg.shape[0], len(paths.leaf_node)), np.int64)
-            K._patterns(bg, ni, ens.threshold, ens.cat_bits, ens.tree_start, paths.tree_leaf, paths.leaf_node,
-                        paths.node_bit, paths.leaf_d, paths.max_tree_nodes, 0, ens.n_trees, bgpat)
+            K._patterns(
+                bg,
+                ni,
+                ens.threshold,
+                ens.cat_bits,
+                ens.tree_start,
+                paths.tree_leaf,
+                paths.leaf_node,
+                paths.node_bit,
+                paths.leaf_d,
+                paths.max_tree_nodes,
+                0,
+                ens.n_trees,
+                bgpat,
+            )
             phi = np.zeros((n, f, k_out))
             from numpy.polynomial.legendre import leggauss
 
             t_nodes, t_w = leggauss(64)
-            K._iv_pairs(xs, output, ni, ens.threshold, ens.cat_bits, ens.tree_start, paths.tree_leaf,
-                        paths.leaf_node, paths.node_bit, paths.uf_start, paths.uf_feat, paths.leaf_d, ens.value, ens.tree_output, w, bgpat, mb,
-                        transform, (t_nodes + 1) / 2, t_w / 2, paths.max_tree_nodes, f, phi)
+            K._iv_pairs(
+                xs,
+                output,
+                ni,
+                ens.threshold,
+                ens.cat_bits,
+                ens.tree_start,
+                paths.tree_leaf,
+                paths.leaf_node,
+                paths.node_bit,
+                paths.uf_start,
+                paths.uf_feat,
+                paths.leaf_d,
+                ens.value,
+                ens.tree_output,
+                w,
+                bgpat,
+                mb,
+                transform,
+                (t_nodes + 1) / 2,
+                t_w / 2,
+                paths.max_tree_nodes,
+                f,
+                phi,
+            )
             prob = _link(output, transform)
             base = _link(mb, transform).mean(axis=0)
             return TreeShapResult(phi, None, base, prob, stats)
@@ -162,27 +227,69 @@ def tree_shap(ens: TreeEnsemble, x: Any, *, feature_perturbation: str = "tree_pa
     phi2 = np.zeros((n, f, f, k_out)) if interactions else np.zeros((1, 1, 1, 1))
     tab_start = np.zeros(len(paths.leaf_node), np.int64)
     for trees in chunks:
-        leaves = np.concatenate([np.arange(paths.tree_leaf[t], paths.tree_leaf[t + 1]) for t in trees])
+        leaves = np.concatenate(
+            [np.arange(paths.tree_leaf[t], paths.tree_leaf[t + 1]) for t in trees]
+        )
         tabbed = leaves[use[leaves]]
         offs = np.cumsum(sizes[tabbed]) - sizes[tabbed]
         tab_start[tabbed] = offs
         tab = np.empty(int(sizes[tabbed].sum()) or 1)
         if len(tabbed):
-            K._build_tables(tabbed, tab_start, paths.leaf_d, paths.uf_start, paths.uf_p, w, interactions,
-                            interventional, z_start, zpat, zcnt, tab, paths.max_d)
-        K._apply(xs, trees, ni, ens.threshold, ens.cat_bits, ens.tree_start, paths.tree_leaf, paths.leaf_node,
-                 paths.node_bit, paths.uf_start,
-                 paths.uf_feat, paths.uf_p, paths.leaf_d, use, tab_start, tab, ens.value, ens.tree_output, w,
-                 interactions, interventional, z_start, zpat, zcnt, paths.max_d, paths.max_tree_nodes, block,
-                 phi, phi2)
+            K._build_tables(
+                tabbed,
+                tab_start,
+                paths.leaf_d,
+                paths.uf_start,
+                paths.uf_p,
+                w,
+                interactions,
+                interventional,
+                z_start,
+                zpat,
+                zcnt,
+                tab,
+                paths.max_d,
+            )
+        K._apply(
+            xs,
+            trees,
+            ni,
+            ens.threshold,
+            ens.cat_bits,
+            ens.tree_start,
+            paths.tree_leaf,
+            paths.leaf_node,
+            paths.node_bit,
+            paths.uf_start,
+            paths.uf_feat,
+            paths.uf_p,
+            paths.leaf_d,
+            use,
+            tab_start,
+            tab,
+            ens.value,
+            ens.tree_output,
+            w,
+            interactions,
+            interventional,
+            z_start,
+            zpat,
+            zcnt,
+            paths.max_d,
+            paths.max_tree_nodes,
+            block,
+            phi,
+            phi2,
+        )
     if interactions:
         values = phi2.sum(axis=2)
         return TreeShapResult(values, phi2, base, output, stats)
     return TreeShapResult(phi, None, base, output, stats)
 
 
-def _background_histograms(ens: TreeEnsemble, paths: Any, ni: np.ndarray, bg: np.ndarray,
-                           full: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _background_histograms(
+    ens: TreeEnsemble, paths: Any, ni: np.ndarray, bg: np.ndarray, full: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per leaf, the distinct patterns of the background rows and their weights (z_start, zpat,
     zcnt), and the fraction of background rows reaching each leaf.
 
@@ -213,8 +320,21 @@ def _background_histograms(ens: TreeEnsemble, paths: Any, ni: np.ndarray, bg: np
         for t0, t1 in chunks:
             l0, l1 = int(paths.tree_leaf[t0]), int(paths.tree_leaf[t1])
             pat = np.empty((n_bg, l1 - l0), np.int64)
-            K._patterns(bg, ni, ens.threshold, ens.cat_bits, ens.tree_start, paths.tree_leaf, paths.leaf_node,
-                        paths.node_bit, paths.leaf_d, paths.max_tree_nodes, t0, t1, pat)
+            K._patterns(
+                bg,
+                ni,
+                ens.threshold,
+                ens.cat_bits,
+                ens.tree_start,
+                paths.tree_leaf,
+                paths.leaf_node,
+                paths.node_bit,
+                paths.leaf_d,
+                paths.max_tree_nodes,
+                t0,
+                t1,
+                pat,
+            )
             if count_only:
                 reach[l0:l1] = (pat == full[None, l0:l1]).mean(axis=0)
             pos = K._histograms(pat, weights, l0, pos, z_start, zpat, zcnt, count_only)
@@ -236,4 +356,3 @@ def _link(margin: np.ndarray, code: int) -> np.ndarray:
         e = np.exp(margin - margin.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
     return margin
-
