@@ -182,6 +182,8 @@ def memory(args: argparse.Namespace) -> None:
     ]
     rows = []
     for model, task, ours, others in tasks:
+        if args.xgboost_only and not model.startswith("XGBoost"):
+            continue
         tracemalloc.start()
         res = ours()
         _, peak = tracemalloc.get_traced_memory()

@@ -281,6 +281,7 @@ def tree_shap(
             phi,
             phi2,
         )
+        del tab  # before the next chunk allocates its own: one chunk of tables alive at a time
     if interactions:
         values = phi2.sum(axis=2)
         return TreeShapResult(values, phi2, base, output, stats)
