@@ -15,7 +15,7 @@ from perspicio.metrics.evaluate import (
     _make_metric,
     resolve_metrics,
 )
-from perspicio.metrics.plan import method_passes
+from perspicio.metrics.plan import AUTO_STEPS_ESTIMATE, method_passes
 
 
 def test_default_metrics_are_cheap_and_expensive_ones_are_opt_in():
@@ -56,7 +56,7 @@ def test_method_pass_estimates_follow_their_options(tiny_input):
         return method_passes(e.cls, e.family, opts, tiny_input)
 
     assert passes("gradcam") == (1, 1)
-    assert passes("integrated_gradients") == (50, 50)
+    assert passes("integrated_gradients") == (AUTO_STEPS_ESTIMATE, AUTO_STEPS_ESTIMATE)  # steps="auto"
     assert passes("integrated_gradients", steps=8) == (8, 8)
     assert passes("rise", budget=300) == (300, 0)
     h, w = tiny_input.shape[-2:]

@@ -227,10 +227,14 @@ def _recompute_scores(explanation: Explanation, model: Any) -> tuple[Tensor, Ten
 
 #: relative completeness error above which IG warns (ConvergenceWarning)
 COMPLETENESS_TOLERANCE = 0.01
+#: ``steps="auto"`` (Integrated Gradients' default): the adaptive rule refines the path until every
+#: relative completeness error is at most ``tolerance`` or this many nodes are used
+AUTO_MAX_STEPS = 256
 
 
 def _completeness_provenance(attr: Tensor, fx: Tensor, fb: Tensor, *, method: str | None = None,
-                             steps: int | None = None) -> dict[str, Any]:
+                             steps: int | None = None, tolerance: float = COMPLETENESS_TOLERANCE,
+                             auto: bool = False) -> dict[str, Any]:
     """Completeness errors per sample; with ``method``, warn when one exceeds 1% of |f(x) - f(b)|:
     the path integral was not resolved by the chosen steps (the attributions are then not what
     the paper defines, however plausible they look)."""
@@ -239,11 +243,15 @@ def _completeness_provenance(attr: Tensor, fx: Tensor, fb: Tensor, *, method: st
     err = (total - gap).abs()
     rel = (err / gap.abs().clamp_min(1e-12)).tolist()
     worst = max(rel, default=0.0)
-    if method is not None and worst > COMPLETENESS_TOLERANCE:
+    if method is not None and worst > tolerance:
+        remedy = (f"steps='auto' stopped at its cap of {steps} path nodes - pass steps=1024 (with "
+                  "quadrature='adaptive') or a baseline closer to the input (e.g. 'blur')" if auto else
+                  "use steps='auto' (refines until the error is below the tolerance), raise steps, or use a "
+                  "baseline closer to the input (e.g. 'blur')")
         warnings.warn(
-            f"{method}: relative completeness error {worst:.2%} (> {COMPLETENESS_TOLERANCE:.0%}) with {steps} steps; "
-            "the path integral is not resolved - raise steps, or use quadrature='adaptive' or a baseline closer to "
-            "the input (e.g. 'blur'). Per-sample errors: provenance['relative_completeness_error'].",
+            f"{method}: relative completeness error {worst:.2%} (> {tolerance * 100:.3g}%) with {steps} steps; "
+            f"the path integral is not resolved: {remedy}. Per-sample errors: "
+            "provenance['relative_completeness_error'].",
             ConvergenceWarning, stacklevel=5)  # the caller of perspicio.explain
     return {"completeness_error": err.tolist(), "relative_completeness_error": rel}
 
@@ -295,9 +303,15 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
                  paper="Sundararajan et al., ICML 2017")
 class IntegratedGradients(_PathBase):
     """IG with the baselines of :mod:`perspicio.core.baselines` and quadrature rules
-    left/right/middle Riemann, trapezoid, Gauss-Legendre (default, as in Captum) or
+    left/right/middle Riemann, trapezoid, Gauss-Legendre (as in Captum) or
     ``"adaptive"`` (nodes refined where the integrand is rough, see the module notes;
     its final mesh is in ``provenance["nodes"]``).
+
+    ``steps="auto"`` (the default) refines the adaptive rule until every relative
+    completeness error is at most ``tolerance`` (default 1%) or :data:`AUTO_MAX_STEPS`
+    nodes are used; the error reached and the nodes spent are in the provenance, and a
+    :class:`~perspicio.errors.ConvergenceWarning` is raised only when the cap is hit first.
+    An integer ``steps`` uses that many nodes of ``quadrature`` (default Gauss-Legendre).
 
     ``base_value`` is f(baseline); provenance records the completeness error.
     Several targets per input share the path: one forward pass per path point and
@@ -305,6 +319,23 @@ class IntegratedGradients(_PathBase):
     """
 
     shares_forward_across_targets = True
+
+    def __init__(self, model: nn.Module, *, steps: int | str = "auto", quadrature: str | None = None,
+                 tolerance: float = COMPLETENESS_TOLERANCE, **options: Any) -> None:
+        self.auto = isinstance(steps, str)
+        if self.auto:
+            if str(steps).strip().lower() != "auto":
+                raise OptionError(f"steps must be a positive integer or 'auto'; got {steps!r}.")
+            if quadrature is not None and normalize_rule(quadrature) != "adaptive":
+                raise OptionError(f"steps='auto' refines the adaptive rule; quadrature={quadrature!r} needs an "
+                                  "integer steps (e.g. steps=50).")
+            steps, quadrature = AUTO_MAX_STEPS, "adaptive"
+        check_float("tolerance", tolerance, minimum=0.0)
+        self.tolerance = float(tolerance)
+        super().__init__(model, steps=steps, quadrature=quadrature or "gauss_legendre", **options)
+
+    def _provenance(self) -> dict[str, Any]:
+        return {**super()._provenance(), **({"steps": "auto", "max_steps": self.steps} if self.auto else {})}
 
     def _explain(self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1) -> Explanation:
         per = targets_per_input
@@ -338,10 +369,13 @@ class IntegratedGradients(_PathBase):
             extras["target_fn"] = tgt.fn
         if not isinstance(tgt, ResolvedTarget):
             extras["neuron_objective"] = tgt
+        used = max(len(m) for m in mesh) if self.quadrature == "adaptive" else self.steps
         prov = {**self._provenance(),
-                **_completeness_provenance(attr, fx, fb, method=self.name, steps=self.steps)}
+                **_completeness_provenance(attr, fx, fb, method=self.name, steps=used,
+                                           tolerance=self.tolerance, auto=self.auto)}
         if self.quadrature == "adaptive":
             prov["nodes"] = mesh
+            prov["nodes_used"] = [len(m) for m in mesh]
         if not isinstance(tgt, ResolvedTarget):
             prov["neuron"] = tgt.describe()
         return Explanation(
@@ -410,13 +444,25 @@ class IntegratedGradients(_PathBase):
             err = ((sv[1:] + sv[:-1]) / 2 * torch.from_numpy(h)[:, None] - (fv[1:] - fv[:-1])).abs() / gap[i]
             return a, h, err.sum(1)
 
+        def completeness(i: int) -> Tensor:
+            """Signed relative completeness error of the composite trapezoid on input ``i``'s mesh,
+            per target (the same sum the final attributions have)."""
+            a = sorted(nodes[i])
+            sv = torch.stack([svals[i][v] for v in a])
+            fv = torch.stack([fvals[i][v] for v in a])
+            h = torch.from_numpy(np.diff(a))[:, None]
+            return (((sv[1:] + sv[:-1]) / 2 * h).sum(0) - (fv[-1] - fv[0])) / gap[i]
+
         new = [list(a) for a in nodes]
+        done = [False] * n  # steps="auto": the input's completeness error is within the tolerance
         while any(new):
             evaluate([(i, a, None) for i in range(n) for a in new[i]])
             new = [[] for _ in range(n)]
             for i in range(n):
+                if self.auto:
+                    done[i] = float(completeness(i).abs().max()) <= self.tolerance
                 room = cap - len(nodes[i])
-                if room > 0:
+                if room > 0 and not done[i]:
                     a, _, err = panel_errors(i)
                     worst = torch.argsort(err, descending=True, stable=True)[:min(per_round, room)].tolist()
                     new[i] = [(a[k] + a[k + 1]) / 2 for k in worst]
@@ -425,7 +471,7 @@ class IntegratedGradients(_PathBase):
         for i in range(n):
             a, h, err = panel_errors(i)
             extra = np.zeros(len(h), dtype=np.int64)
-            if steps > len(a):  # the last round: the remaining nodes in proportion to the panel errors
+            if steps > len(a) and not done[i]:  # the last round: the remaining nodes in proportion to the panel errors
                 share = (err / err.sum()).numpy() * (steps - len(a)) if float(err.sum()) > 0 else np.full(len(h), (steps - len(a)) / len(h))
                 extra = np.floor(share).astype(np.int64)
                 extra[np.argsort(-(share - extra), kind="stable")[: steps - len(a) - int(extra.sum())]] += 1

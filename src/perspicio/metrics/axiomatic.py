@@ -1,10 +1,12 @@
 """Axiomatic checks: completeness (conservation) of attributions.
 
-Methods such as Integrated Gradients, DeepLIFT, LRP (epsilon/z rules) and Shapley
-estimators promise sum_i phi_i = f(x) - f(baseline). Their :class:`~perspicio.Explanation`
-carries ``base_value`` = f(baseline) per sample. Methods without that promise (CAMs,
-plain gradients) make the metric :class:`~perspicio.metrics.base.NotApplicable`
-unless a ``baseline`` is given explicitly.
+Methods such as Integrated Gradients, DeepLIFT and Shapley estimators promise
+sum_i phi_i = f(x) - f(baseline); their :class:`~perspicio.Explanation` carries ``base_value`` =
+f(baseline) per sample. LRP has no baseline (no ``base_value``): it conserves the relevance it
+starts from at the output (``extras["output_relevance"]``, the logit for class targets), and its
+completeness error is measured against that. Methods without either promise (CAMs, plain
+gradients) make the metric :class:`~perspicio.metrics.base.NotApplicable` unless a ``baseline``
+is given explicitly.
 """
 
 from __future__ import annotations
@@ -54,11 +56,15 @@ class Completeness(Metric):
         elif ctx.explanation is not None and ctx.explanation.base_value is not None:
             bv = torch.as_tensor(ctx.explanation.base_value).to(x.device).double().flatten()
             base = bv.expand(n) if bv.numel() == 1 else bv
+        relevance = ctx.explanation.extras.get("output_relevance") if ctx.explanation is not None else None
+        if base is None and relevance is not None:  # LRP: conservation of the output relevance, no baseline
+            start = torch.as_tensor(relevance).to(x.device).double().flatten()
+            base = fx - (start.expand(n) if start.numel() == 1 else start)
         if base is None:
             method = ctx.explanation.method if ctx.explanation is not None else "these attributions"
             raise NotApplicable(
-                f"completeness is not defined for {method}: the explanation has no base_value "
-                "(only conserving methods such as IG, DeepLIFT, LRP, Shapley set it); pass baseline='zero' to force it."
+                f"completeness is not defined for {method}: the explanation has no base_value (IG, DeepLIFT and "
+                "Shapley methods set it) nor output relevance (LRP); pass baseline='zero' to force it."
             )
         if base.shape != (n,):
             raise OptionError(f"base_value must hold one value per sample ({n}); got shape {tuple(base.shape)}.")

@@ -23,6 +23,7 @@ batch tensor to outputs (a black box). Metrics that need gradients of a black bo
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -41,7 +42,7 @@ from ..core.jsonable import to_jsonable
 from ..core.options import RecordsOptions, check_int
 from ..core.outputs import OutputSelector
 from ..core.targets import ResolvedTarget, resolve_target, row_scores
-from ..errors import InputError, ModelError, OptionError, PerspicioError
+from ..errors import ConvergenceWarning, InputError, ModelError, OptionError, PerspicioError
 
 SCORES = ("probability", "logit")
 
@@ -150,6 +151,9 @@ class Explainer:
                 f"fn(model, x, target) -> attributions; got {type(spec).__name__}."
             )
         self.needs_gradients = False
+        #: relative completeness errors of every re-explanation that recorded one (path methods):
+        #: the metric reports their worst in ``details["re_explanation_completeness_error"]``
+        self.completeness_errors: list[float] = []
         if self.cls is not None:
             entry = METHODS.get(self.name) if self.name in METHODS else None
             self.needs_gradients = bool(entry.needs_gradients) if entry is not None else True
@@ -191,8 +195,13 @@ class Explainer:
         opts.pop("progress", None)
         if "labels" in (self.cls.option_names() if self.cls else []) and opts.get("labels") is None and labels is not None:
             opts["labels"] = labels
-        exp = build(self.cls, model, **opts)(x, target=target)  # type: ignore[arg-type]
+        with warnings.catch_warnings():  # a re-explanation's convergence is recorded, not warned about
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            exp = build(self.cls, model, **opts)(x, target=target)  # type: ignore[arg-type]
         prov = exp.provenance
+        rel = prov.get("relative_completeness_error")
+        if rel:
+            self.completeness_errors.extend(float(v) for v in rel)
         return exp.attributions.detach(), {"forward_samples": int(prov.get("forward_samples", 0)),
                                            "backward_samples": int(prov.get("backward_samples", 0))}
 
@@ -384,6 +393,8 @@ class Metric(RecordsOptions):
                 result = self._compute(ctx)
         details = dict(result.details)
         details.setdefault("passes", ctx.engine.stats())
+        if ctx.explainer is not None and ctx.explainer.completeness_errors:
+            details.setdefault("re_explanation_completeness_error", max(ctx.explainer.completeness_errors))
         return MetricResult(self.name, result.scores.detach().double().cpu(), self.higher_is_better, details, self.options)
 
     # ------------------------------------------------------------------ boundary

@@ -26,6 +26,9 @@ from torch import Tensor, nn
 
 #: method options that set the number of model passes per sample, in the order they are looked up
 PASS_OPTIONS = ("steps", "samples", "budget")
+#: path nodes assumed for ``steps="auto"`` (integrated gradients on the bundled model used 21-45 nodes
+#: to reach a 1% completeness error on four sample images; docs/benchmarks.md)
+AUTO_STEPS_ESTIMATE = 32
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ def method_passes(cls: type, family: str, options: Mapping[str, Any], x: Tensor)
         return n + 1, 0
     for name in PASS_OPTIONS:
         v = option(name)
+        if v == "auto":  # refined until converged: a typical count (the run reports the measured time)
+            return AUTO_STEPS_ESTIMATE, AUTO_STEPS_ESTIMATE
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             backward = family in ("path", "noise")
             return v, (v if backward else 0)
