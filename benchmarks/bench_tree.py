@@ -104,7 +104,8 @@ def memory(args: argparse.Namespace) -> None:
         n_estimators=500, max_depth=6, learning_rate=0.05, n_jobs=THREADS, random_state=0
     )
     xgbm.fit(x, y)
-    rf = RandomForestRegressor(n_estimators=200, max_depth=8, n_jobs=THREADS, random_state=0).fit(
+    n_rf = 1 if args.xgboost_only else 200
+    rf = RandomForestRegressor(n_estimators=n_rf, max_depth=8, n_jobs=THREADS, random_state=0).fit(
         x, yr
     )
     booster = xgbm.get_booster()
@@ -253,6 +254,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--others", action="store_true", help="with --memory: also XGBoost's and shap's RSS growth"
+    )
+    ap.add_argument(
+        "--xgboost-only", action="store_true", help="with --memory: the XGBoost tasks only"
     )
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
