@@ -49,8 +49,8 @@ def _scoped_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict[str, An
 @click.command("compare")
 @click.argument("images", nargs=-1)
 @model_options
-@click.option("--methods", "methods", multiple=True, help="Methods: names (repeat or comma-separate), a family as family:NAME, or 'all'. Default: the CAM family.")
-@click.option("--metrics", "metrics", multiple=True, help="Metrics: names, a family, 'default' or 'all'. Default: default.")
+@click.option("--methods", "--method", "methods", multiple=True, help="Methods: names (repeat or comma-separate), a family as family:NAME, or 'all'. Default: the CAM family.")
+@click.option("--metrics", "--metric", "metrics", multiple=True, help="Metrics: names, a family, 'default' or 'all'. Default: default.")
 @click.option("--target", "-t", default=None, help="Class index or name to explain (default: the predicted class).")
 @click.option("--out", "-o", "out", default="perspicio-compare.html", show_default=True, type=click.Path(dir_okay=False), callback=out_file_option, help="HTML report; the JSON goes next to it (its directory is checked before any work).")
 @click.option("--output", "output", default=None, metavar="KEY|INDEX", help="For models that return a dict, tuple or ModelOutput: the key or index of the tensor to explain.")
@@ -110,7 +110,7 @@ def benchmark_group() -> None:
 
 
 @benchmark_group.command("pointing-game")
-@click.option("--methods", "methods", multiple=True, help="Methods (names, a family or 'all'). Default: the CAM family.")
+@click.option("--methods", "--method", "methods", multiple=True, help="Methods (names, a family or 'all'). Default: the CAM family.")
 @click.option("--model", "-m", "model_spec", default="efficientnet_lite0", show_default=True, help="Bundled model.")
 @click.option("--out", "-o", "out_dir", default=None, type=click.Path(file_okay=False), callback=out_dir_option, help="Directory for pointing_game.json.")
 @click.option("--size", default=448, show_default=True, help="Grid side in pixels (each cell is half of it).")

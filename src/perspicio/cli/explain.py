@@ -35,7 +35,7 @@ def register(group: click.Group) -> None:
 @click.command("explain")
 @click.argument("images", nargs=-1)
 @model_options
-@click.option("--method", "methods", multiple=True, help="Method name(s); repeat or comma-separate; 'all', or a family as family:NAME (e.g. family:cam). Default: the CAM family.")
+@click.option("--method", "--methods", "methods", multiple=True, help="Method name(s); repeat or comma-separate; 'all', or a family as family:NAME (e.g. family:cam). Default: the CAM family.")
 @click.option("--target", "-t", default=None, help="Class index or name to explain (default: the predicted class).")
 @click.option("--layer", "-l", default=None, help="Layer for layer methods (dotted name; default: auto).")
 @click.option("--out", "-o", "out_dir", default="perspicio-out", show_default=True, type=click.Path(file_okay=False), callback=out_dir_option, help="Output directory (created and test-written before any work).")

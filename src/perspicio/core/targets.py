@@ -239,6 +239,11 @@ def name_to_index(name: str, labels: Sequence[str] | None) -> int:
         return lowered.index(key)
     if key.isdigit():
         return int(key)
+    words = [label for label in labels if key in str(label).lower().replace(",", " ").replace("-", " ").split()]
+    if words:  # the name is a word of some labels ("cat" -> "tabby cat", "Egyptian cat")
+        more = f" (and {len(words) - 5} more)" if len(words) > 5 else ""
+        raise TargetError(f"unknown class name {name!r}. Classes with that word: "
+                          f"{', '.join(map(str, words[:5]))}{more}.")
     raise TargetError(f"unknown class name {name!r}." + suggest(key, lowered))
 
 

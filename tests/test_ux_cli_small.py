@@ -1,0 +1,50 @@
+"""Small command-line points of issue 19: both spellings of --method/--methods (and
+--metric/--metrics) everywhere, and class-name suggestions that match words inside labels."""
+
+from __future__ import annotations
+
+import pytest
+
+from perspicio.cli import cli
+from perspicio.core.targets import name_to_index
+from perspicio.errors import TargetError
+
+
+@pytest.mark.parametrize("command", ["explain", "compare", "benchmark pointing-game", "run"])
+@pytest.mark.parametrize("spelling", ["--method", "--methods"])
+def test_method_and_methods_are_both_accepted(command, spelling) -> None:
+    cmd = cli
+    for part in command.split():
+        cmd = cmd.commands[part]
+    ctx = cmd.make_context(command, [spelling, "saliency,gradcam"], resilient_parsing=True)
+    assert "saliency,gradcam" in ctx.params["methods"]
+
+
+@pytest.mark.parametrize("spelling", ["--metric", "--metrics"])
+def test_metric_and_metrics_are_both_accepted(spelling) -> None:
+    ctx = cli.commands["compare"].make_context(
+        "compare", [spelling, "deletion"], resilient_parsing=True
+    )
+    assert ctx.params["metrics"] == ("deletion",)
+
+
+def test_class_name_suggestions_match_words_inside_labels() -> None:
+    labels = [
+        "crate",
+        "oxcart",
+        "castle",
+        "tabby cat",
+        "tiger cat",
+        "Egyptian cat",
+        "hot pot, hotpot",
+        "cab",
+    ]
+    with pytest.raises(TargetError) as err:
+        name_to_index("cat", labels)
+    msg = str(err.value)
+    assert (
+        "tabby cat" in msg and "Egyptian cat" in msg and "crate" not in msg and "oxcart" not in msg
+    )
+    assert name_to_index("Tabby Cat", labels) == 3
+    with pytest.raises(TargetError, match="Did you mean: castle"):
+        name_to_index("castel", labels)  # no label has the word: closest spellings
