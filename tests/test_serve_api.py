@@ -32,7 +32,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def client():
     app = create_app(
-        ServeConfig(workers=1, max_upload_bytes=2 * 2**20, max_pixels=4_000_000, time_limit=300)
+        ServeConfig(
+            workers=1,
+            max_upload_bytes=2 * 2**20,
+            max_pixels=4_000_000,
+            time_limit=300,
+            tabular=False,  # the tabular tab has its own tests (test_serve_tabular.py)
+        )
     )
     with TestClient(app) as c:
         assert app.state.pool.wait_ready(300)

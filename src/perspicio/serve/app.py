@@ -68,6 +68,8 @@ class ServeConfig:
     cache_bytes: int = 128 * 2**20
     cors_origins: Sequence[str] = ()
     preload: bool = True
+    #: the tabular tab; its worker processes compile the TreeSHAP kernels at start, in the background
+    tabular: bool = True
 
 
 class ResultCache:
@@ -292,6 +294,7 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
                 queue_limit=cfg.queue_limit,
                 time_limit=cfg.time_limit,
                 preload=preload,
+                warm_tree=cfg.tabular and bool(tabular_models()),
             )
         try:
             yield
@@ -306,7 +309,8 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        description="Explain image classifiers and score the explanations. Every error is "
+        description="Explain image classifiers (and the bundled tabular models) and score the "
+        "explanations. Every error is "
         '`{"error": "<one line>"}`.',
     )
     app.state.pool = pool
@@ -712,6 +716,78 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
         if not job.terminal:
             the_pool().cancel(job)
         return {"job": job.id, "state": "cancelling" if not job.terminal else job.state}
+
+    # ------------------------------------------------------------------ tabular tab
+
+    def check_tabular(model: str) -> str:
+        from ..errors import suggest
+
+        models = tabular_models()
+        if model not in models:
+            raise ServeError(
+                422,
+                f"unknown tabular model {model!r}; this server has: {', '.join(models) or 'none'}."
+                + suggest(model, models),
+            )
+        return model
+
+    def tabular_models() -> list[str]:
+        from .tabular import available_models
+
+        return available_models() if cfg.tabular else []
+
+    @app.get(
+        "/api/tabular/models",
+        summary="The bundled tabular models, and whether the TreeSHAP kernels are compiled",
+    )
+    async def tabular_models_api() -> Any:
+        """``tree_kernels.state`` is the state in one worker: ``compiling``, ``ready`` or
+        ``failed`` (each worker compiles its own copy at start)."""
+        from .tabular import DESCRIPTIONS, TABULAR_MODELS
+
+        ids = tabular_models()
+        kernels: dict[str, Any] = {"state": "unavailable"}
+        if ids:
+            job = submit("tabular_status", {})
+            await finished(job)
+            if job.state == "done" and job.result is not None:
+                kernels = job.result["tree_kernels"]
+        return {
+            "models": [
+                {
+                    "id": k,
+                    "description": DESCRIPTIONS[k],
+                    "method": TABULAR_MODELS[k][2],
+                    "default": i == 0,
+                }
+                for i, k in enumerate(ids)
+            ],
+            "tree_kernels": kernels,
+        }
+
+    @app.get("/api/tabular/rows", summary="The test rows of a tabular model, with their labels")
+    async def tabular_rows(model: str = "breast_cancer_xgb") -> Any:
+        check_tabular(model)
+        return await run("tabular_rows", {"model": model}, key_of("tabular_rows", None, m=model))
+
+    @app.post("/api/tabular/explain", summary="One test row: prediction, attributions and plots")
+    async def tabular_explain(
+        model: FormStr = "breast_cancer_xgb",
+        row: FormStr = None,
+        wait: FormBool = True,
+    ) -> Any:
+        """The row's class probabilities, every feature's value and attribution, the waterfall,
+        force and global beeswarm plots (base64 PNG) and the CLI line. Tree models use
+        ``tree_shap``: a request made while a worker still compiles its kernels waits for them
+        (progress events say so); the MLP uses ``deeplift``. With ``wait=false``: 202 and a job."""
+        check_tabular(model)
+        text = (row or "").strip()
+        if not text.lstrip("-").isdigit():
+            raise ServeError(422, f"row must be a whole number (a test-row index); got {row!r}.")
+        payload = {"model": model, "row": int(text)}
+        return await run(
+            "tabular_explain", payload, key_of("tabular_explain", None, **payload), wait
+        )
 
     @app.get("/api/status", summary="Queue, workers and cache")
     async def status() -> Any:

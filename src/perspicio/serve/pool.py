@@ -139,7 +139,13 @@ class _Slot:
         self.ready.clear()
         self.process = ctx.Process(
             target=worker_main,
-            args=(child, self.pool.models, self.pool.threads, self.pool.preload),
+            args=(
+                child,
+                self.pool.models,
+                self.pool.threads,
+                self.pool.preload,
+                self.pool.warm_tree,
+            ),
             name=f"perspicio-worker-{self.index}",
             daemon=True,
         )
@@ -273,6 +279,7 @@ class WorkerPool:
         queue_limit: jobs that may wait; one more raises :class:`Busy`.
         time_limit: default seconds a job may run once started.
         preload: model ids every worker loads at start.
+        warm_tree: compile the TreeSHAP kernels in each worker at start, in the background.
     """
 
     def __init__(
@@ -284,12 +291,14 @@ class WorkerPool:
         time_limit: float = 120.0,
         preload: Sequence[str] = (),
         startup_limit: float = 300.0,
+        warm_tree: bool = False,
     ) -> None:
         cores = os.cpu_count() or 1
         self.workers = max(1, int(workers or cores))
         self.threads = max(1, cores // self.workers)
         self.models = dict(models)
         self.preload = list(preload)
+        self.warm_tree = bool(warm_tree)
         self.queue_limit = max(0, int(queue_limit))
         self.time_limit = float(time_limit)
         self.startup_limit = float(startup_limit)

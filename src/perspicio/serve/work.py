@@ -84,10 +84,13 @@ def cli_line(
 class WorkerState:
     """The models of one worker, each loaded once on first use (and kept for the process)."""
 
-    def __init__(self, models: dict[str, str]) -> None:
+    def __init__(self, models: dict[str, str], warmup: Any = None) -> None:
+        from .tabular import TabularWork, TreeWarmup
+
         self.specs = dict(models)
         self.loaded: dict[str, Any] = {}
         self.layer_lists: dict[str, dict[str, Any]] = {}
+        self.tabular = TabularWork(warmup if warmup is not None else TreeWarmup())
 
     def model(self, model_id: str) -> Any:
         if model_id not in self.specs:
@@ -110,6 +113,9 @@ class WorkerState:
             "explain": self.explain,
             "compare": self.compare,
             "labels": self.labels,
+            "tabular_status": self.tabular.status,
+            "tabular_rows": self.tabular.rows,
+            "tabular_explain": self.tabular.explain,
         }.get(kind)
         if handler is None:
             raise InputError(f"unknown job kind {kind!r}")
@@ -432,18 +438,30 @@ def plain_language(comp: Any, metrics: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def worker_main(conn: Any, models: dict[str, str], threads: int, preload: Sequence[str]) -> None:
+def worker_main(
+    conn: Any,
+    models: dict[str, str],
+    threads: int,
+    preload: Sequence[str],
+    warm_tree: bool = False,
+) -> None:
     """Entry point of a worker process: answer jobs from ``conn`` until it closes.
 
     Messages in: ``("job", id, kind, payload)``; out: ``("ready",)``, ``("started", id)``,
     ``("progress", id, dict)``, ``("done", id, result)``, ``("error", id, status, message)``.
+    ``warm_tree`` starts compiling the TreeSHAP kernels in a background thread at once.
     Errors the user can fix go back as their one-line message; anything else as a generic line
     (the traceback goes to this process's stderr, the server log, never to a client).
     """
     import torch
 
+    from .tabular import TreeWarmup
+
     torch.set_num_threads(max(1, int(threads)))
-    state = WorkerState(models)
+    warmup = TreeWarmup()
+    if warm_tree:
+        warmup.start()
+    state = WorkerState(models, warmup)
     for model_id in preload:
         try:
             state.model(model_id)
