@@ -114,19 +114,25 @@ class ImageFiles(Source):
         ok: list[int] = []
         hashes: list[str | None] = []
         errors: dict[int, str] = {}
+        # a bundled preprocessing splits into per-image resizing and one normalisation of the batch
+        unit = getattr(preprocess, "to_unit_tensor", None)
+        normalize = getattr(preprocess, "normalize", None)
+        split = callable(unit) and callable(normalize)
         for k, i in enumerate(indices):
             p = self.paths[i]
             try:
                 data = p.read_bytes()
                 hashes.append(_sha(data))
                 image = load_image(data)
-                tensors.append(preprocess(image))
+                tensors.append(unit(image) if split else preprocess(image))
                 ok.append(k)
             except (OSError, PerspicioError, Image.DecompressionBombError, ValueError) as exc:
                 if len(hashes) == k:
                     hashes.append(None)
                 errors[k] = f"cannot read {self._rel(p)}: {exc}"
         x = torch.cat(tensors) if tensors else None
+        if x is not None and split:
+            x = normalize(x)
         return Chunk(list(indices), x, ok, [self._rel(self.paths[i]) for i in indices],
                      [str(self.paths[i]) for i in indices], hashes, [self.labels[i] for i in indices], errors)
 

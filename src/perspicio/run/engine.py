@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import OptionError, PerspicioError
-from .data import Source
+from .data import Chunk, Source
 from .store import Store
 
 #: target per sample: the model's prediction, the data set's label, or one class index
@@ -125,8 +126,40 @@ def _finite(v: float) -> float | None:
     return float(v) if v is not None and math.isfinite(v) else None
 
 
-def compute_chunk(ctx: RunContext, chunk: int, start: int, stop: int) -> ChunkResult:
-    """Compute chunk ``chunk`` (samples ``start..stop-1``) of the run described by ``ctx``."""
+class _OutputTap:
+    """Keeps the model's output on the chunk's own inputs when a method computes it anyway (CAMs,
+    gradients, LRP, Shapley's v(all) run the unperturbed batch, often as a channels-last copy),
+    so the predictions cost no pass of their own. A forward hook that lives only for one call; it
+    matches the batch by shape and values, never by identity."""
+
+    def __init__(self, module: torch.nn.Module, x: Tensor, select: Callable[[Any, int], Tensor]) -> None:
+        self.module, self.x, self.select = module, x, select
+        self.out: Tensor | None = None
+
+    def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.out is not None or not args or not isinstance(args[0], Tensor):
+            return
+        a = args[0]
+        if a.shape == self.x.shape and a.dtype == self.x.dtype and torch.equal(a.detach(), self.x):
+            self.out = self.select(output, len(a)).detach().float()
+
+    def __enter__(self) -> _OutputTap:
+        self.handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def load_chunk(ctx: RunContext, start: int, stop: int) -> Chunk:
+    """Read and preprocess samples ``start..stop-1`` (unreadable ones are recorded, not raised)."""
+    return ctx.source.load(list(range(start, stop)), ctx.preprocess)
+
+
+def compute_chunk(ctx: RunContext, chunk: int, start: int, stop: int, data: Chunk | None = None) -> ChunkResult:
+    """Compute chunk ``chunk`` (samples ``start..stop-1``) of the run described by ``ctx``;
+    ``data``: the chunk already loaded by :func:`load_chunk` (the local engine prefetches)."""
+    from ..core.batching import Engine
     from ..core.guard import model_guard
     from ..core.outputs import OutputSelector
     from ..core.registry import METHODS, METRICS
@@ -135,106 +168,127 @@ def compute_chunk(ctx: RunContext, chunk: int, start: int, stop: int) -> ChunkRe
 
     t_start = time.perf_counter()
     cfg = ctx.config
+    select = OutputSelector(cfg.output)
     indices = list(range(start, stop))
-    data = ctx.source.load(indices, ctx.preprocess)
+    if data is None:
+        data = load_chunk(ctx, start, stop)
     n_chunk = len(indices)
     errors: dict[int, str] = dict(data.errors)
-    pred = [None] * n_chunk
     tgt: list[int | None] = [None] * n_chunk
+    ok = list(data.ok)
+    x = data.x
+    # targets known before any pass (labels, one class); 'predicted' comes from the first pass
+    if x is not None and ok and cfg.target != "predicted":
+        n_out = len(ctx.labels) if ctx.labels else None
+        keep = []
+        for row, k in enumerate(ok):
+            t = data.labels[k] if cfg.target == "label" else int(cfg.target)
+            if t is None:
+                errors[k] = "no label for this sample (target='label')"
+            elif n_out is not None and not 0 <= t < n_out:
+                errors[k] = f"target {t} is not an output of the model ({n_out} outputs)"
+            else:
+                tgt[k] = t
+                keep.append(row)
+        if len(keep) < len(ok):
+            x = x[keep] if keep else None
+            ok = [ok[r] for r in keep]
+    out: Tensor | None = None
+    explanations: dict[str, Any] = {}
+    method_errors: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    for mname, mopts in cfg.methods.items():
+        if x is None or not ok:
+            break
+        t0 = time.perf_counter()
+        cls = METHODS.get(mname).cls
+        opts = dict(mopts)
+        if cfg.batch_size is not None and "batch_size" in cls.option_names():
+            opts.setdefault("batch_size", cfg.batch_size)
+        if ctx.labels is not None and "labels" in cls.option_names():
+            opts.setdefault("labels", ctx.labels)
+        if cfg.output is not None:
+            opts.setdefault("output", cfg.output)
+        targets: Any = None if out is None and cfg.target == "predicted" else [tgt[k] for k in ok]
+        try:
+            with _OutputTap(ctx.module, x, select) as tap:
+                explanations[mname] = build(cls, ctx.module, **opts)(x, target=targets)
+        except OptionError:
+            raise
+        except Exception as exc:  # one failing method must not stop the data set
+            method_errors[mname] = str(exc) if isinstance(exc, PerspicioError) else f"{type(exc).__name__}: {exc}"
+        seconds[mname] = time.perf_counter() - t0
+        if out is None:
+            out = tap.out
+            if out is None:  # the method never ran the plain batch: one pass of our own
+                engine = Engine(ctx.module, batch_size=cfg.batch_size, output=select)
+                with torch.no_grad(), model_guard(ctx.module):
+                    out = engine.evaluate(x).float()
+            if out.ndim != 2:
+                raise OptionError(f"a run needs one score per class, (N, classes); the model's output has shape "
+                                  f"{tuple(out.shape)} (select one with output=).")
+            if cfg.target == "predicted":
+                pred_idx = out.argmax(1) if out.shape[1] > 1 else torch.zeros(len(out), dtype=torch.long)
+                for row, k in enumerate(ok):
+                    tgt[k] = int(pred_idx[row])
+    pred: list[int | None] = [None] * n_chunk
     score: list[float | None] = [None] * n_chunk
     p_tgt: list[float | None] = [None] * n_chunk
     p_pred: list[float | None] = [None] * n_chunk
     top_c: list[list[int] | None] = [None] * n_chunk
     top_p: list[list[float] | None] = [None] * n_chunk
-    ok = list(data.ok)
-    x = data.x
-    if x is not None and ok:
-        with torch.no_grad(), model_guard(ctx.module):
-            out = OutputSelector(cfg.output)(ctx.module(x), len(x)).float()
-        if out.ndim != 2:
-            raise OptionError(f"a run needs one score per class, (N, classes); the model's output has shape "
-                              f"{tuple(out.shape)} (select one with output=).")
+    if out is not None:
         probs = out.softmax(1) if out.shape[1] > 1 else None
         predicted = out.argmax(1) if out.shape[1] > 1 else torch.zeros(len(out), dtype=torch.long)
-        keep: list[int] = []
         for row, k in enumerate(ok):
             pred[k] = int(predicted[row])
-            if cfg.target == "predicted":
-                tgt[k] = pred[k]
-            elif cfg.target == "label":
-                tgt[k] = data.labels[k]
-                if tgt[k] is None:
-                    errors[k] = "no label for this sample (target='label')"
-                    continue
-            else:
-                tgt[k] = int(cfg.target)
-            if not 0 <= tgt[k] < out.shape[1]:
-                errors[k] = f"target {tgt[k]} is not an output of the model ({out.shape[1]} outputs)"
+            t = tgt[k]
+            if t is None or not 0 <= t < out.shape[1]:
+                errors[k] = f"target {t} is not an output of the model ({out.shape[1]} outputs)"
                 continue
-            score[k] = float(out[row, tgt[k]])
+            score[k] = float(out[row, t])
             if probs is not None:
-                p_tgt[k] = float(probs[row, tgt[k]])
-                p_pred[k] = float(probs[row, pred[k]])
-                kk = min(cfg.top_k, out.shape[1])
-                v, c = probs[row].topk(kk)
+                p_tgt[k], p_pred[k] = float(probs[row, t]), float(probs[row, pred[k]])
+                v, c = probs[row].topk(min(cfg.top_k, out.shape[1]))
                 top_c[k], top_p[k] = c.tolist(), [float(p) for p in v]
-            keep.append(row)
-        if len(keep) < len(ok):
-            x = x[keep]
-            ok = [ok[r] for r in keep]
     attributions: dict[str, np.ndarray] = {}
     rows: list[dict[str, Any]] = []
-    for mname, mopts in cfg.methods.items():
-        t0 = time.perf_counter()
+    targets_ok = [tgt[k] for k in ok]
+    for mname in cfg.methods:
         shape = ctx.shapes.get(mname)
         values = np.full((n_chunk, *shape), np.nan, np.float32) if shape is not None else None
         metric_scores: dict[str, list[float | None]] = {m: [None] * n_chunk for m in cfg.metrics}
-        method_error: str | None = None
-        if x is not None and ok:
-            cls = METHODS.get(mname).cls
-            opts = dict(mopts)
-            if cfg.batch_size is not None and "batch_size" in cls.option_names():
-                opts.setdefault("batch_size", cfg.batch_size)
-            if ctx.labels is not None and "labels" in cls.option_names():
-                opts.setdefault("labels", ctx.labels)
-            if cfg.output is not None:
-                opts.setdefault("output", cfg.output)
-            targets = [tgt[k] for k in ok]
-            try:
-                exp = build(cls, ctx.module, **opts)(x, target=targets)
-            except OptionError:
-                raise
-            except Exception as exc:  # one failing method must not stop the data set
-                method_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, PerspicioError) else str(exc)
-            else:
-                kept = exp.raw if cfg.maps == "layer" and exp.raw is not None else exp.attributions
-                a = kept.detach().float().cpu().numpy()
-                if values is None:
-                    shape = ctx.shapes[mname] = tuple(a.shape[1:])
-                    values = np.full((n_chunk, *shape), np.nan, np.float32)
-                if tuple(a.shape[1:]) != tuple(values.shape[1:]):
-                    raise OptionError(f"{mname} returned attributions of shape {tuple(a.shape[1:])}; the store "
-                                      f"holds {tuple(values.shape[1:])} (inputs of different sizes?).")
-                values[ok] = a
-                for metric, kopts in cfg.metrics.items():
-                    mcls = METRICS.get(metric).cls
-                    o = dict(kopts)
-                    o.setdefault("seed", cfg.seed)
-                    if cfg.batch_size is not None and "batch_size" in mcls.option_names():
-                        o.setdefault("batch_size", cfg.batch_size)
-                    if cfg.output is not None:
-                        o.setdefault("output", cfg.output)
-                    try:
-                        res = mcls(**o)(ctx.module, x, exp, target=targets)
-                    except NotApplicable:
-                        continue
-                    for r, k in enumerate(ok):
-                        metric_scores[metric][k] = _finite(float(res.scores[r]))
+        exp = explanations.get(mname)
+        t0 = time.perf_counter()
+        if exp is not None:
+            kept = exp.raw if cfg.maps == "layer" and exp.raw is not None else exp.attributions
+            a = kept.detach().float().cpu().numpy()
+            if values is None:
+                shape = ctx.shapes[mname] = tuple(a.shape[1:])
+                values = np.full((n_chunk, *shape), np.nan, np.float32)
+            if tuple(a.shape[1:]) != tuple(values.shape[1:]):
+                raise OptionError(f"{mname} returned attributions of shape {tuple(a.shape[1:])}; the store "
+                                  f"holds {tuple(values.shape[1:])} (inputs of different sizes?).")
+            values[ok] = a
+            for metric, kopts in cfg.metrics.items():
+                mcls = METRICS.get(metric).cls
+                o = dict(kopts)
+                o.setdefault("seed", cfg.seed)
+                if cfg.batch_size is not None and "batch_size" in mcls.option_names():
+                    o.setdefault("batch_size", cfg.batch_size)
+                if cfg.output is not None:
+                    o.setdefault("output", cfg.output)
+                try:
+                    res = mcls(**o)(ctx.module, x, exp, target=targets_ok)
+                except NotApplicable:
+                    continue
+                for r, k in enumerate(ok):
+                    metric_scores[metric][k] = _finite(float(res.scores[r]))
         if values is not None:
             attributions[mname] = values
-        seconds = (time.perf_counter() - t0) / max(1, n_chunk)
+        per_sample = (seconds.get(mname, 0.0) + time.perf_counter() - t0) / max(1, n_chunk)
         for k, i in enumerate(indices):
-            err = errors.get(k) or (method_error if k in ok else None)
+            err = errors.get(k) or (method_errors.get(mname) if k in ok else None)
             failed = err is not None or k not in ok
             row = {
                 "index": i, "sample_id": data.ids[k], "path": data.paths[k], "sha256": data.hashes[k],
@@ -243,12 +297,12 @@ def compute_chunk(ctx: RunContext, chunk: int, start: int, stop: int) -> ChunkRe
                 "correct": (pred[k] == data.labels[k]) if pred[k] is not None and data.labels[k] is not None else None,
                 "target": tgt[k], "target_name": _name(ctx.labels, tgt[k]), "score": score[k],
                 "prob_target": p_tgt[k], "prob_predicted": p_pred[k], "top_classes": top_c[k], "top_probs": top_p[k],
-                "seconds": seconds, "provenance": _provenance(),
+                "seconds": per_sample, "provenance": _provenance(),
             }
             for metric in cfg.metrics:
                 row[f"metric:{metric}"] = metric_scores[metric][k]
             rows.append(row)
-    failed_samples = n_chunk - len(ok)
+    failed_samples = sum(1 for k in range(n_chunk) if k not in ok or k in errors)
     return ChunkResult(chunk, start, attributions, rows, time.perf_counter() - t_start, failed_samples,
                        sum(r["status"] == "failed" for r in rows))
 
@@ -353,17 +407,23 @@ def run_local(ctx: RunContext, store: Store, pending: Sequence[int], progress: P
     thread = threading.Thread(target=writer, name="perspicio-run-writer", daemon=True)
     thread.start()
     failed_samples = failed_rows = 0
+    # the next chunk is read and decoded while this one computes
+    loader = ThreadPoolExecutor(1, thread_name_prefix="perspicio-run-loader")
+    ahead = loader.submit(load_chunk, ctx, *bounds[pending[0]]) if pending else None
     try:
-        for c in pending:
+        for i, c in enumerate(pending):
             if failure:
                 break
             start, stop = bounds[c]
-            res = compute_chunk(ctx, c, start, stop)
+            data = ahead.result() if ahead is not None else None
+            ahead = loader.submit(load_chunk, ctx, *bounds[pending[i + 1]]) if i + 1 < len(pending) else None
+            res = compute_chunk(ctx, c, start, stop, data)
             failed_samples += res.failed_samples
             failed_rows += res.failed_rows
             q.put(res)
             progress.advance(stop - start)
     finally:
+        loader.shutdown(wait=True, cancel_futures=True)
         q.put(None)
         thread.join()
     if failure:
