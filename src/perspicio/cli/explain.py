@@ -21,6 +21,11 @@ from .common import (
 )
 
 DEFAULT_IMAGES = ("chelsea",)
+#: methods of ``perspicio explain`` without --method: one of each family that differ (a CAM,
+#: the gradient-free Score-CAM, a path integral, a propagation rule, perturbation, Shapley)
+DEMO_METHODS = ("gradcam", "scorecam", "integrated_gradients", "lrp", "occlusion", "kernel_shap")
+#: cosine similarity above which two maps of one input are reported as the same map
+SAME_MAP_COSINE = 0.9999
 
 #: CLI options forwarded to methods that accept them (same names as the Python keywords)
 
@@ -35,7 +40,7 @@ def register(group: click.Group) -> None:
 @click.command("explain")
 @click.argument("images", nargs=-1)
 @model_options
-@click.option("--method", "--methods", "methods", multiple=True, help="Method name(s); repeat or comma-separate; 'all', or a family as family:NAME (e.g. family:cam). Default: the CAM family.")
+@click.option("--method", "--methods", "methods", multiple=True, help="Method name(s); repeat or comma-separate; 'all', or a family as family:NAME (e.g. family:cam). Default: one method of each of six families (gradcam, scorecam, integrated_gradients, lrp, occlusion, kernel_shap).")
 @click.option("--target", "-t", default=None, help="Class index or name to explain (default: the predicted class).")
 @click.option("--layer", "-l", default=None, help="Layer for layer methods (dotted name; default: auto).")
 @click.option("--out", "-o", "out_dir", default="perspicio-out", show_default=True, type=click.Path(file_okay=False), callback=out_dir_option, help="Output directory (created and test-written before any work).")
@@ -80,7 +85,7 @@ def explain_cmd(
                  METHODS.select(split_list(methods), default=list(TEXT_DEFAULT_METHODS)), target, out_dir,
                  {k: v for k, v in opts.items() if v is not None})
         return
-    chosen = METHODS.select(split_list(methods), default=["family:cam"])
+    chosen = METHODS.select(split_list(methods), default=list(DEMO_METHODS))
     sources = list(images) or list(DEFAULT_IMAGES)
     pil_images = [load_image(s) for s in sources]  # validate every file before any work
     zm = load_model(model_spec, device, random_init)
@@ -99,11 +104,12 @@ def explain_cmd(
         x = zm.preprocess(pil).to(device)
         with torch.no_grad():
             logits = select(zm.model(x), len(x))
-        if logits.ndim == 2:  # a classifier: its top-5
-            top = logits.softmax(dim=1)[0].topk(min(5, logits.shape[1]))
-            click.echo(f"{source}: top-{len(top.indices)} of {zm.name}")
+        probs = logits.softmax(dim=1)[0] if logits.ndim == 2 else None
+        if probs is not None:  # a classifier: its top-5
+            top = probs.topk(min(5, logits.shape[1]))
+            click.echo(f"{source}: top-{len(top.indices)} of {zm.name} (probability, logit)")
             for p, i in zip(top.values.tolist(), top.indices.tolist()):
-                click.echo(f"  {i:>5}  {zm.labels[i]:<32} {p:.4f}")
+                click.echo(f"  {i:>5}  {zm.labels[i]:<32} {p:.4f}  {float(logits[0, i]):8.3f}")
         else:
             click.echo(f"{source}: {zm.name} output {tuple(logits.shape)}")
         exps = []
@@ -114,9 +120,12 @@ def explain_cmd(
                 opts["progress"] = progress
             t0 = time.perf_counter()
             e = run_explain(zm, x, method=m, target=tgt, **opts)
-            click.echo(f"  {m:<22} target {e.target_names[0] if e.target_names else e.targets}  "
+            click.echo(f"  {m:<22} {describe_target(e, probs)}  "
                        f"{time.perf_counter() - t0:6.2f} s" + (f"  layer {e.layer}" if e.layer else ""))
             exps.append(e)
+        for a, b in coinciding(exps):
+            click.echo(f"  note: {a} and {b} give the same map on this model (cosine > {SAME_MAP_COSINE}); "
+                       "e.g. Grad-CAM = CAM x 1/HW when global average pooling feeds a linear head.")
         results.append((source, pil, exps))
     # write everything only after every explanation succeeded
     out = Path(out_dir)
@@ -139,6 +148,34 @@ def explain_cmd(
                if Path(src).stem != name and Path(src).suffix]
     click.echo(f"wrote {len(files)} files to {out}/ (comparison: {comparisons[-1].name})"
                + (f"; inputs sharing a name: {', '.join(renamed)}" if renamed else ""))
+
+
+def describe_target(e: Any, probs: Any) -> str:
+    """'target tabby cat (logit 11.2, probability 0.80)', or the channel a neuron method explained."""
+    from ..core.registry import METHODS
+
+    targets = e.targets.tolist() if e.targets is not None else None
+    if not getattr(METHODS.get(e.method).cls, "targets_are_classes", True):
+        neuron = dict(e.provenance.get("neuron") or {}).get("neuron")
+        channel = neuron if neuron is not None else (targets[0] if targets else "?")
+        return f"channel {channel} of layer {e.layer}"
+    name = e.target_names[0] if e.target_names else (targets[0] if targets else "callable")
+    parts = [f"logit {float(e.scores[0]):.4g}"] if e.scores is not None else []
+    if probs is not None and targets:
+        parts.append(f"probability {float(probs[targets[0]]):.3f}")
+    return f"target {name}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def coinciding(exps: list[Any]) -> list[tuple[str, str]]:
+    """Pairs of methods whose first maps are equal up to a positive factor (same shape)."""
+    maps = [(e.method, e.attributions[0].detach().double().flatten()) for e in exps]
+    out = []
+    for i, (a, u) in enumerate(maps):
+        for b, v in maps[i + 1:]:
+            if u.shape == v.shape and float(u.norm()) > 0 and float(v.norm()) > 0:
+                if float(u @ v / (u.norm() * v.norm())) > SAME_MAP_COSINE:
+                    out.append((a, b))
+    return out
 
 
 @click.command("methods")

@@ -396,5 +396,10 @@ class _RichBar:
 
 
 def progress_bar(enabled: bool, total: int, description: str) -> _NoBar | _RichBar:
-    """A rich progress bar context yielding ``advance(k)``, or a no-op one."""
+    """A rich progress bar context yielding ``advance(k)``, or a no-op one (also when the output is
+    not a terminal: a transient bar there would only leave a blank line behind)."""
+    if enabled:
+        from rich.console import Console
+
+        enabled = Console().is_terminal
     return _RichBar(total, description) if enabled else _NoBar()
