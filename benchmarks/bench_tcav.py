@@ -9,7 +9,8 @@ Captum runs twice: with its default classifier (its torch SGD; the usual call) a
 classifier that fits perspicio's CAV (the same vectors, so the scores must agree - checked).
 Captum computes activations per concept object, so each random set's images go through the model
 again; perspicio computes each pool image once. Medians of ``--repeats`` runs in one process,
-alternating; the machine is shared, so absolute seconds are noisy.
+alternating; wall and process CPU seconds (the machine is shared: wall time depends on the load,
+CPU time less so).
 
     python benchmarks/bench_tcav.py [--repeats 3]
 """
@@ -50,8 +51,16 @@ def main() -> None:
     target = 285
 
     def ours() -> object:
-        return tcav(bundle, x, layer=layer, concepts=concepts, target=target, random_sets=n_sets,
-                    random=pool, seed=seed)
+        return tcav(
+            bundle,
+            x,
+            layer=layer,
+            concepts=concepts,
+            target=target,
+            random_sets=n_sets,
+            random=pool,
+            seed=seed,
+        )
 
     class SameCAV:
         """Captum Classifier fitting perspicio's CAV (concept = first concept of the set)."""
@@ -74,21 +83,33 @@ def main() -> None:
     def captum(classifier: object | None) -> dict:
         cc = [Concept(i, name, [t]) for i, (name, t) in enumerate(concepts.items())]
         rc = [Concept(10 + i, f"random{i}", [t]) for i, t in enumerate(random_sets)]
-        sets = [[c, r] for c in cc for r in rc] + [[rc[i], rc[(i + 1) % n_sets]] for i in range(n_sets)]
+        sets = [[c, r] for c in cc for r in rc] + [
+            [rc[i], rc[(i + 1) % n_sets]] for i in range(n_sets)
+        ]
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             kw = {} if classifier is None else {"classifier": classifier}
             t = TCAV(bundle.model, layers=[layer], save_path=tmp, **kw)
             return t.interpret(x, sets, target=target)
 
-    runs: dict[str, list[float]] = {"perspicio": [], "captum (same CAVs)": [], "captum (default SGD)": []}
+    runs: dict[str, list[float]] = {
+        "perspicio": [],
+        "captum (same CAVs)": [],
+        "captum (default SGD)": [],
+    }
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
     result = ref = None
     for _ in range(args.repeats):
-        for name, fn in (("perspicio", ours), ("captum (same CAVs)", lambda: captum(SameCAV())),
-                         ("captum (default SGD)", lambda: captum(None))):
-            t0 = time.perf_counter()
+        for name, fn in (
+            ("perspicio", ours),
+            ("captum (same CAVs)", lambda: captum(SameCAV())),
+            ("captum (default SGD)", lambda: captum(None)),
+        ):
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn()
             runs[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+            print(f"{name}: {runs[name][-1]:.1f} s wall, {cpu[name][-1]:.1f} s CPU", flush=True)
             if name == "perspicio":
                 result = out
             elif name == "captum (same CAVs)":
@@ -96,12 +117,16 @@ def main() -> None:
     # the same scores (counts of inputs with a positive directional derivative)
     for i, c in enumerate(concepts):
         theirs = [float(ref[f"{i}-{10 + j}"][layer]["sign_count"][0]) for j in range(n_sets)]
-        assert np.array_equal(np.round(np.array(theirs) * 12), np.round(result.concept_scores[c] * 12)), c
+        assert np.array_equal(
+            np.round(np.array(theirs) * 12), np.round(result.concept_scores[c] * 12)
+        ), c
     print(f"scores: {result.scores}, p-values: {result.p_values}")
-    base = statistics.median(runs["perspicio"])
+    base, base_cpu = statistics.median(runs["perspicio"]), statistics.median(cpu["perspicio"])
     for name, ts in runs.items():
-        med = statistics.median(ts)
-        print(f"{name:24s} median {med:7.1f} s  ({', '.join(f'{t:.1f}' for t in ts)})  x{med / base:.2f}")
+        med, med_cpu = statistics.median(ts), statistics.median(cpu[name])
+        print(
+            f"{name:24s} median wall {med:7.1f} s (x{med / base:.2f}), CPU {med_cpu:7.1f} s (x{med_cpu / base_cpu:.2f})"
+        )
 
 
 if __name__ == "__main__":
