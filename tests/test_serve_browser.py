@@ -195,3 +195,50 @@ def test_upload_and_error_message(server: str, browser, tmp_path: Path) -> None:
         120,
     )
     page.close()
+
+
+@pytest.mark.parametrize(
+    ("size", "model"), [("desktop", "breast_cancer_xgb"), ("phone", "breast_cancer_mlp")]
+)
+def test_tabular_tab(server: str, browser, size: str, model: str, tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    from perspicio.serve.tabular import available_models
+
+    if model not in available_models():
+        pytest.skip(f"{model} needs a package that is not installed")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport=SIZES[size], accept_downloads=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server)
+    page.wait_for_selector("#tab-btn-tabular:not([hidden])", timeout=300_000)
+    page.focus("#tab-btn-images")
+    page.keyboard.press("ArrowRight")  # the tabs work with the keyboard
+    assert page.get_attribute("#tab-btn-tabular", "aria-selected") == "true"
+    assert page.is_hidden("#tab-images") and page.is_visible("#tab-tabular")
+    page.select_option("#tab-model", model)
+    wait_for(page, "document.querySelectorAll('#tab-row option').length === 114", 300)
+    page.select_option("#tab-row", "7")
+    page.click("#tab-explain")
+    wait_for(
+        page,
+        "document.querySelectorAll('#tab-out img[data-plot]').length === 3 && "
+        "[...document.querySelectorAll('#tab-out img')].every(i => i.complete && i.naturalWidth > 0)",
+        600,
+    )
+    plots = page.eval_on_selector_all("#tab-out img", "els => els.map(e => e.dataset.plot)")
+    assert plots == ["force", "waterfall", "beeswarm"]
+    assert page.locator(".featuretable tbody tr").count() == 8
+    assert f"--model {model}" in page.input_value("#tab-cli")
+    with page.expect_download() as info:
+        page.click("#tab-out button:text('Download JSON')")
+    path = tmp_path / "row.json"
+    info.value.save_as(path)
+    data = json.loads(path.read_text())
+    assert data["row"] == 7 and len(data["features"]) == 30 and "images" not in data
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= SIZES[size]["width"], f"horizontal scrolling at {size} width: {width}px"
+    page.screenshot(path=str(ARTIFACTS / f"tabular-{size}.png"), full_page=True)
+    assert errors == []
+    context.close()

@@ -78,6 +78,7 @@ async function init() {
     $("copy-cli").addEventListener("click", () => { $("cli").select(); navigator.clipboard && navigator.clipboard.writeText($("cli").value); });
     $("target-name").addEventListener("change", onTypedTarget);
     applyOpacity();
+    setupTabs();
     await loadModelInfo();
     await predict();
   } catch (e) {
@@ -185,19 +186,20 @@ function chosenMethods() {
 
 // ------------------------------------------------------------------ jobs with progress
 
-function runJob(path, form, progressEl) {
+function runJob(path, form, progressEl, cancelBtn = $("cancel")) {
   form.append("wait", "false");
   return new Promise((resolve, reject) => {
     api(path, { method: "POST", body: form }).then((start) => {
       if (start.cached) { resolve(start.result); return; }
       state.job = start.job;
-      $("cancel").hidden = false;
+      cancelBtn.hidden = false;
       const source = new EventSource(start.events);
-      const finish = () => { source.close(); state.job = null; $("cancel").hidden = true; };
+      const finish = () => { source.close(); state.job = null; cancelBtn.hidden = true; };
       source.addEventListener("progress", (ev) => {
         const p = JSON.parse(ev.data);
         progressEl.textContent = p.method ? `running ${p.method} (${p.done + 1} of ${p.total})...` :
-          p.stage === "compare" ? `scoring ${p.methods.length} methods with ${p.metrics.join(", ")}...` : "working...";
+          p.stage === "compare" ? `scoring ${p.methods.length} methods with ${p.metrics.join(", ")}...` :
+          p.stage ? `${p.stage}${p.seconds !== undefined ? ` (${p.seconds} s)` : ""}...` : "working...";
       });
       source.addEventListener("state", (ev) => {
         const p = JSON.parse(ev.data);
@@ -447,6 +449,146 @@ function curveChart(metric, per) {
     return el("li", {}, sw, m);
   }));
   return el("figure", { class: "curve" }, svg, legend);
+}
+
+// ------------------------------------------------------------------ tabs
+
+const tabs = { images: null, tabular: null };
+
+function setupTabs() {
+  const buttons = [...document.querySelectorAll("[role=tab]")];
+  for (const b of buttons) {
+    b.addEventListener("click", () => selectTab(b));
+    b.addEventListener("keydown", (ev) => {
+      if (ev.key !== "ArrowRight" && ev.key !== "ArrowLeft") return;
+      const shown = buttons.filter((x) => !x.hidden);
+      const i = shown.indexOf(b) + (ev.key === "ArrowRight" ? 1 : -1);
+      const next = shown[(i + shown.length) % shown.length];
+      selectTab(next); next.focus();
+    });
+  }
+  api("/api/tabular/models").then((res) => {
+    tabs.tabular = res;
+    if (res.models.length) $("tab-btn-tabular").hidden = false;
+  }, () => {});
+}
+
+function selectTab(button) {
+  for (const b of document.querySelectorAll("[role=tab]")) {
+    const on = b === button;
+    b.setAttribute("aria-selected", on ? "true" : "false");
+    b.tabIndex = on ? 0 : -1;
+    $(b.getAttribute("aria-controls")).hidden = !on;
+  }
+  if (button.id === "tab-btn-tabular") initTabular();
+}
+
+// ------------------------------------------------------------------ tabular tab
+
+const tab = { ready: false, rows: null, result: null };
+
+function kernelText(k) {
+  if (!k) return "";
+  if (k.state === "compiling") return `TreeSHAP kernels: compiling in the background (${k.seconds} s so far; once per worker). A tree model's first row waits for them.`;
+  if (k.state === "ready") return `TreeSHAP kernels: ready (compiled in ${k.seconds} s).`;
+  if (k.state === "failed") return `TreeSHAP is unavailable: ${k.error}`;
+  return "";
+}
+
+async function initTabular() {
+  if (tab.ready) return;
+  tab.ready = true;
+  const sel = $("tab-model");
+  const res = tabs.tabular || await api("/api/tabular/models");
+  for (const m of res.models) sel.append(el("option", { value: m.id, text: `${m.id} - ${m.method}`, title: m.description }));
+  $("tab-kernels").textContent = kernelText(res.tree_kernels);
+  sel.addEventListener("change", loadRows);
+  $("tab-explain").addEventListener("click", explainRow);
+  $("tab-cancel").addEventListener("click", cancel);
+  await loadRows();
+}
+
+async function loadRows() {
+  showError("");
+  const rowSel = $("tab-row");
+  const model = $("tab-model").value;
+  tab.loading = model;
+  $("tab-progress").textContent = "loading the rows...";
+  try {
+    const res = await api(`/api/tabular/rows?model=${encodeURIComponent(model)}`);
+    if (tab.loading !== model || $("tab-model").value !== model) return;  // a newer choice won
+    tab.rows = res;
+    rowSel.replaceChildren();
+    for (const r of res.rows) {
+      rowSel.append(el("option", { value: r.row, text: `row ${r.row}: true ${r.true}, predicted ${r.predicted}` }));
+    }
+    $("tab-progress").textContent = "";
+  } catch (e) {
+    $("tab-progress").textContent = "";
+    showError(e.message);
+  }
+}
+
+async function explainRow() {
+  showError("");
+  const button = $("tab-explain");
+  button.disabled = true;
+  $("tab-progress").textContent = "sending...";
+  const form = new FormData();
+  form.append("model", $("tab-model").value);
+  form.append("row", $("tab-row").value);
+  try {
+    const res = await runJob("/api/tabular/explain", form, $("tab-progress"), $("tab-cancel"));
+    tab.result = res;
+    renderTabular(res);
+    $("tab-progress").textContent = `done: row ${res.row} with ${res.method}.`;
+    if (res.method === "tree_shap") $("tab-kernels").textContent = kernelText({ state: "ready", seconds: res.waited_for_compile ? `${res.waited_for_compile} (waited)` : "earlier" });
+    $("tab-results").focus();
+  } catch (e) {
+    $("tab-progress").textContent = "";
+    showError(e.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function pngBlob(b64) {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  return new Blob([bytes], { type: "image/png" });
+}
+
+function renderTabular(res) {
+  const out = $("tab-out");
+  const probs = el("fieldset", { class: "top5" }, el("legend", { text: `Prediction (true class: ${res.true})` }));
+  for (const [label, p] of Object.entries(res.probabilities)) {
+    const bar = el("span", { class: "bar" });
+    bar.style.width = `${Math.max(1, p * 100).toFixed(1)}%`;
+    probs.append(el("div", { class: "topclass" }, el("span"), el("span", { class: "name", text: label }),
+      el("span", { class: "prob", text: `${(100 * p).toFixed(1)}%` }), el("span", { class: "barbox" }, bar)));
+  }
+  const top = [...res.features].sort((a, b) => Math.abs(b.attribution) - Math.abs(a.attribution)).slice(0, 8);
+  const table = el("table", { class: "featuretable" },
+    el("caption", { class: "hint", text: `Largest contributions to the ${res.explained} (base ${fmt(res.base_value)} -> ${fmt(res.score)})` }),
+    el("thead", {}, el("tr", {}, el("th", { text: "feature" }), el("th", { text: "value" }), el("th", { text: res.method }))),
+    el("tbody", {}, ...top.map((f) => el("tr", {}, el("td", { text: f.name }), el("td", { text: fmt(f.value) }),
+      el("td", { class: f.attribution >= 0 ? "pos" : "neg", text: (f.attribution >= 0 ? "+" : "") + fmt(f.attribution) })))));
+  const figure = (name, caption, wide) => {
+    const img = el("img", { src: `data:image/png;base64,${res.images[name]}`, alt: `${caption} for row ${res.row}`, "data-plot": name });
+    const dl = el("button", { type: "button", class: "small", text: "PNG",
+      onclick: () => downloadBlob(pngBlob(res.images[name]), `perspicio-${res.model}-row${res.row}-${name}.png`) });
+    return el("figure", { class: wide ? "wide" : "" }, el("figcaption", {}, el("span", { text: caption }), dl), img);
+  };
+  const plots = el("div", { class: "tab-plots" },
+    figure("force", "Force plot: what pushes this row up or down", true),
+    figure("waterfall", "Waterfall: from the base value to this row"),
+    figure("beeswarm", "Global summary: every test row"));
+  const numbers = el("button", { type: "button", text: "Download JSON", onclick: () => {
+    const { images, ...rest } = res;
+    downloadJson(rest, `perspicio-${res.model}-row${res.row}.json`);
+  } });
+  const cli = el("div", { class: "cli" }, el("label", { for: "tab-cli", text: "Reproduce from the command line" }),
+    el("div", { class: "cli-row" }, el("input", { id: "tab-cli", readonly: true, value: res.cli })));
+  out.replaceChildren(el("div", { class: "pred" }, probs, table), el("div", { class: "row" }, numbers), plots, cli);
 }
 
 document.addEventListener("DOMContentLoaded", init);
