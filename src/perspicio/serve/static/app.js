@@ -542,7 +542,11 @@ async function explainRow() {
     tab.result = res;
     renderTabular(res);
     $("tab-progress").textContent = `done: row ${res.row} with ${res.method}.`;
-    if (res.method === "tree_shap") $("tab-kernels").textContent = kernelText({ state: "ready", seconds: res.waited_for_compile ? `${res.waited_for_compile} (waited)` : "earlier" });
+    if (res.method === "tree_shap" && res.waited_for_compile) {
+      $("tab-kernels").textContent = `TreeSHAP kernels: ready (this row waited ${res.waited_for_compile} s for them to compile).`;
+    } else if (res.method === "tree_shap") {
+      $("tab-kernels").textContent = "TreeSHAP kernels: ready.";
+    }
     $("tab-results").focus();
   } catch (e) {
     $("tab-progress").textContent = "";
