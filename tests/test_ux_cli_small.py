@@ -48,3 +48,14 @@ def test_class_name_suggestions_match_words_inside_labels() -> None:
     assert name_to_index("Tabby Cat", labels) == 3
     with pytest.raises(TargetError, match="Did you mean: castle"):
         name_to_index("castel", labels)  # no label has the word: closest spellings
+
+
+def test_methods_table_columns_hold_long_names() -> None:
+    from perspicio.methods import methods_table
+
+    lines = methods_table().splitlines()
+    rows = [ln for ln in lines if not ln.startswith(" ")]
+    starts = {
+        ln.index(ln.split()[1], len(ln.split()[0])) for ln in rows
+    }  # where the family column starts
+    assert len(starts) == 1  # one column for every name, the longest included

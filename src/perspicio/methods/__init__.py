@@ -77,4 +77,12 @@ def methods_table(family: str | None = None, *, markdown: bool = False) -> str:
                 n for n, f in (("gradients", e.needs_gradients), ("layer", e.needs_layer)) if f) or "outputs only"
             lines.append(f"| `{e.name}` | {e.family} | {needs} | {e.summary} | {e.paper} |")
         return "\n".join(lines)
-    return "\n".join(f"{e.name:<22} {e.family:<12} {e.summary}" for e in rows)
+    import shutil
+    import textwrap
+
+    wn = max((len(e.name) for e in rows), default=0)  # columns as wide as the longest entry
+    wf = max((len(e.family) for e in rows), default=0)
+    width = max(40, shutil.get_terminal_size((120, 24)).columns - wn - wf - 2)
+    indent = " " * (wn + wf + 2)
+    return "\n".join(f"{e.name:<{wn}} {e.family:<{wf}} " + f"\n{indent}".join(textwrap.wrap(e.summary, width) or [""])
+                     for e in rows)
