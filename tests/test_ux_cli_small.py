@@ -59,3 +59,13 @@ def test_methods_table_columns_hold_long_names() -> None:
         ln.index(ln.split()[1], len(ln.split()[0])) for ln in rows
     }  # where the family column starts
     assert len(starts) == 1  # one column for every name, the longest included
+
+
+def test_a_second_maximize_run_does_not_overwrite_the_first(tmp_path) -> None:
+    from perspicio.cli.features import free_stem
+
+    assert free_stem(tmp_path, "maximize") == "maximize"
+    (tmp_path / "maximize.png").write_bytes(b"")
+    assert free_stem(tmp_path, "maximize") == "maximize-2"
+    (tmp_path / "maximize-2.json").write_text("{}")
+    assert free_stem(tmp_path, "maximize") == "maximize-3"

@@ -92,6 +92,15 @@ def _dataset(zm: Any, data: str | None) -> tuple[Any, Any, str]:
     return x, names, f"{len(names)} crops of the sample photos"
 
 
+def free_stem(out: Path, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``, ... : the first whose .png and .json are not in ``out``."""
+    k, name = 1, stem
+    while (out / f"{name}.png").exists() or (out / f"{name}.json").exists():
+        k += 1
+        name = f"{stem}-{k}"
+    return name
+
+
 def _write(out: Path, name: str, fig: Any, numbers: dict[str, Any]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"{name}.png"
@@ -265,12 +274,13 @@ def maximize_cmd(model_spec: str, device: str, random_init: bool, seed: int, out
         numbers["predicted"] = res.probabilities.argmax(1)
         click.echo("target probability: " + ", ".join(f"{p:.4f}" for p in numbers["target_probability"]))
     out = Path(out_dir)
-    _write(out, "maximize", maximize_figure(res, bundle.labels), numbers)
+    name = free_stem(out, "maximize")  # a second run writes maximize-2.*, not over the first
+    _write(out, name, maximize_figure(res, bundle.labels), numbers)
     from PIL import Image
 
     for i, px in enumerate(res.pixels):
         arr = (px.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).round().astype("uint8")
-        Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(out / f"maximize_{i}.png")
+        Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(out / f"{name}_{i}.png")
 
 
 @features.command("invert")
