@@ -100,7 +100,7 @@ def test_unknown_names_in_python(tiny_cnn, tiny_input) -> None:
 def test_layer_errors_in_python(zoo_model, chelsea_batch, tiny_cnn, tiny_input) -> None:
     with pytest.raises(LayerError, match=r"'_act_haed' not found.*Did you mean: .*_act_head"):
         perspicio.explain(zoo_model, chelsea_batch, method="gradcam", layer="_act_haed")
-    with pytest.raises(LayerError, match=r"layer 'fc'.*shape \(2, 5\).*spatial output"):
+    with pytest.raises(LayerError, match=r"layer 'fc'.*output \(2, 5\).*spatial output"):
         perspicio.explain(tiny_cnn, tiny_input, method="gradcam", layer="fc")
     with pytest.raises(LayerError, match=r"layer 'pool' has no spatial extent.*\(2, 8, 1, 1\)"):
         perspicio.explain(tiny_cnn, tiny_input, method="scorecam", layer="pool")
