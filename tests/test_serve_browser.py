@@ -218,7 +218,12 @@ def test_tabular_tab(server: str, browser, size: str, model: str, tmp_path: Path
     assert page.get_attribute("#tab-btn-tabular", "aria-selected") == "true"
     assert page.is_hidden("#tab-images") and page.is_visible("#tab-tabular")
     page.select_option("#tab-model", model)
-    wait_for(page, "document.querySelectorAll('#tab-row option').length === 114", 300)
+    wait_for(  # the rows of the chosen model (the default model's may arrive first)
+        page,
+        f"document.querySelector('#tab-row').dataset.model === '{model}' && "
+        "document.querySelectorAll('#tab-row option').length === 114",
+        300,
+    )
     page.select_option("#tab-row", "7")
     page.click("#tab-explain")
     wait_for(
@@ -236,7 +241,12 @@ def test_tabular_tab(server: str, browser, size: str, model: str, tmp_path: Path
     path = tmp_path / "row.json"
     info.value.save_as(path)
     data = json.loads(path.read_text())
-    assert data["row"] == 7 and len(data["features"]) == 30 and "images" not in data
+    assert (
+        data["model"] == model
+        and data["row"] == 7
+        and len(data["features"]) == 30
+        and "images" not in data
+    )
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= SIZES[size]["width"], f"horizontal scrolling at {size} width: {width}px"
     page.screenshot(path=str(ARTIFACTS / f"tabular-{size}.png"), full_page=True)

@@ -519,6 +519,7 @@ async function loadRows() {
     if (tab.loading !== model || $("tab-model").value !== model) return;  // a newer choice won
     tab.rows = res;
     rowSel.replaceChildren();
+    rowSel.dataset.model = model;
     for (const r of res.rows) {
       rowSel.append(el("option", { value: r.row, text: `row ${r.row}: true ${r.true}, predicted ${r.predicted}` }));
     }
