@@ -49,3 +49,16 @@ def test_neuron_maps_are_titled_by_channel(tiny_cnn, tiny_input) -> None:
     titles = " ".join(ax.get_title() for ax in fig.axes)
     assert "channel 3 of conv2" in titles and "class" not in titles
     assert torch.is_tensor(n.attributions)
+
+
+def test_overlay_keeps_negative_evidence_of_signed_maps() -> None:
+    import numpy as np
+
+    from perspicio.viz.overlay import overlay
+
+    attr = torch.tensor([[[-1.0, 0.0, 1.0]]])
+    px = np.asarray(overlay(attr))[0]
+    assert not np.array_equal(px[0], px[1])  # -1 and 0 differ (a clipped scale paints both alike)
+    assert px[0][2] > px[0][0] and px[2][0] > px[2][2]  # negative blue, positive red
+    cam = torch.tensor([[[0.0, 0.5, 1.0]]])
+    assert np.asarray(overlay(cam)).shape == (1, 3, 3)

@@ -30,7 +30,7 @@ class _VizDisplay:
         return normalize_map(attributions, positive=positive)
 
     @staticmethod
-    def overlay(attributions: Any, image: Any, *, cmap: str, alpha: float) -> Any:
+    def overlay(attributions: Any, image: Any, *, cmap: str | None, alpha: float) -> Any:
         from .viz.overlay import overlay
 
         return overlay(attributions, image, cmap=cmap, alpha=alpha)

@@ -117,8 +117,9 @@ class Explanation:
         """True when attributions are image-shaped (N, C, H, W) and can be drawn as overlays."""
         return self.attributions.ndim == 4
 
-    def overlay(self, image: Any = None, index: int = 0, *, cmap: str = "jet", alpha: float = 0.5) -> Image.Image:
-        """Heatmap of sample ``index`` blended over ``image`` (PIL, array, or tensor in [0, 1]).
+    def overlay(self, image: Any = None, index: int = 0, *, cmap: str | None = None, alpha: float = 0.5) -> Image.Image:
+        """Heatmap of sample ``index`` blended over ``image`` (PIL, array, or tensor in [0, 1]);
+        ``cmap=None``: diverging around 0 for signed maps, sequential for unsigned ones.
 
         Without ``image`` the explained input, min-max scaled, is used as background.
         """
@@ -208,7 +209,7 @@ class Display(Protocol):
 
     def normalize_map(self, attributions: Tensor, *, positive: bool = True) -> Tensor: ...
 
-    def overlay(self, attributions: Tensor, image: Any, *, cmap: str, alpha: float) -> Image.Image: ...
+    def overlay(self, attributions: Tensor, image: Any, *, cmap: str | None, alpha: float) -> Image.Image: ...
 
     def explanation_figure(self, explanation: Explanation, *, image: Any, index: int, **kw: Any) -> Figure: ...
 

@@ -82,12 +82,33 @@ def colorize(heat: np.ndarray, cmap: str = "jet") -> np.ndarray:
     return colormaps[cmap](np.clip(heat, 0, 1))[..., :3]
 
 
-def overlay(attr: Tensor, image: Any = None, *, cmap: str = "jet", alpha: float = 0.5, positive: bool = True) -> Image.Image:
+#: colour maps: signed maps (negative evidence kept) diverge around zero, unsigned ones are sequential
+SIGNED_CMAP = "RdBu_r"
+UNSIGNED_CMAP = "inferno"
+
+
+def is_signed(attr: Any) -> bool:
+    """True when the channel-summed map has negative values of consequence (above 1e-3 of its
+    largest magnitude): IG, LRP, DeepLIFT, Shapley and LIME maps; CAMs and |gradient| maps are not."""
+    a = attr.detach().float()
+    a = a.sum(0) if a.ndim == 3 else a
+    big = float(a.abs().max())
+    return big > 0 and float(a.min()) < -1e-3 * big
+
+
+def overlay(attr: Tensor, image: Any = None, *, cmap: str | None = None, alpha: float = 0.5,
+            positive: bool | None = None) -> Image.Image:
     """Blend the display-normalised map ``attr`` ((C, H, W) or (H, W)) over ``image``.
 
     The map is resized to the image (bilinear) when their sizes differ; with no
-    image the coloured heatmap alone is returned.
+    image the coloured heatmap alone is returned. ``positive=None`` and ``cmap=None`` follow the
+    map: signed maps keep their negative evidence on a diverging scale centred at 0
+    (:data:`SIGNED_CMAP`), unsigned ones use :data:`UNSIGNED_CMAP`.
     """
+    if positive is None:
+        positive = not is_signed(attr)
+    if cmap is None:
+        cmap = UNSIGNED_CMAP if positive else SIGNED_CMAP
     a = attr if attr.ndim == 3 else attr[None]
     heat_t = normalize_map(a, positive=positive)
     if image is not None:

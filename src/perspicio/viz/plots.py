@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .overlay import normalize_map, overlay, to_image_array
+from .overlay import SIGNED_CMAP, UNSIGNED_CMAP, is_signed, normalize_map, overlay, to_image_array
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -21,20 +21,6 @@ def _figure(rows: int, cols: int, size: float = 3.0) -> tuple[Figure, Any]:
     for ax in axes.flat:
         ax.set_axis_off()
     return fig, axes
-
-
-#: colour maps: signed maps (negative evidence kept) diverge around zero, unsigned ones are sequential
-SIGNED_CMAP = "RdBu_r"
-UNSIGNED_CMAP = "inferno"
-
-
-def is_signed(attr: Any) -> bool:
-    """True when the channel-summed map has negative values of consequence (above 1e-3 of its
-    largest magnitude): IG, LRP, DeepLIFT, Shapley and LIME maps; CAMs and |gradient| maps are not."""
-    a = attr.detach().float()
-    a = a.sum(0) if a.ndim == 3 else a
-    big = float(a.abs().max())
-    return big > 0 and float(a.min()) < -1e-3 * big
 
 
 def _title(exp: Explanation, index: int) -> str:
