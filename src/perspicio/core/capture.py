@@ -500,6 +500,8 @@ def layer_layout(
         side, extra = _square_tokens(shape[1])
         return Layout("tokens", (side, side), extra)
     size = f" of the {tuple(x.shape[-2:])} input" if x.ndim == 4 else ""
+    if len(shape) == 4 and shape[2] * shape[3] == 1:  # globally pooled: the method says it has no extent
+        return Layout("nchw", (1, 1))
     if len(shape) == 4:
         raise LayerError(
             f"{where} is not a feature map{size}: neither (N, C, H, W) nor channels-last (N, H, W, C) with "
