@@ -18,6 +18,9 @@ import perspicio
 from perspicio.errors import ConvergenceWarning, OptionError
 from perspicio.methods.path import AUTO_MAX_STEPS
 
+# adaptive rounds on a kinked MLP: seconds per test on a loaded 2-core VM
+pytestmark = pytest.mark.slow
+
 
 def kinked_net() -> nn.Module:
     """A ReLU MLP with large biases: its IG integrand jumps many times along the path."""
