@@ -114,7 +114,7 @@ ONE_HOME: dict[str, str | None] = {
     "_plain": None,
 }
 #: copies in packages being written in parallel, with their owner; the test fails once one is gone
-KNOWN_COPIES: dict[tuple[str, str], str] = {("check_int", "concepts/_common.py"): "concepts (own argument order)"}
+KNOWN_COPIES: dict[tuple[str, str], str] = {}
 
 
 def test_shared_helpers_have_one_home() -> None:

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from ..core.capture import Capture, resolve_layer, run_until
 from ..core.guard import model_device, model_guard
 from ..core.inputs import as_batch
-from ..core.targets import ResolvedTarget, resolve_target, target_names
+from ..core.options import check_int
+from ..core.targets import ResolvedTarget, resolve_target, slice_target, target_names
 from ..errors import InputError, ModelError, OptionError
 
 #: smallest concept or random set accepted (a linear classifier on fewer images is noise)
@@ -63,14 +64,8 @@ def unwrap(model: Any, preprocess: Callable[[Any], Tensor] | None = None) -> Bun
     return Bundle(model, None, preprocess, type(model).__name__)
 
 
-def check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"{name} must be an integer >= {minimum}; got {value!r}.")
-    return int(value)
-
-
 def check_seed(seed: Any) -> int:
-    return check_int(seed, "seed", 0)
+    return check_int("seed", seed, minimum=0)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -159,7 +154,7 @@ def activations_and_gradients(
             with torch.enable_grad(), Capture([module], grad=True) as cap:
                 out = model(xb)
                 act = cap.last()
-                resolved = resolve_target(_chunk_target(target, start, xb.shape[0]), out, labels)
+                resolved = resolve_target(slice_target(target, start, start + xb.shape[0], x.shape[0]), out, labels)
                 score = resolved(out)
                 (g,) = torch.autograd.grad(score.sum(), act)
             acts.append(act.detach())
@@ -178,15 +173,6 @@ def activations_and_gradients(
 def _fast_layout(x: Tensor) -> Tensor:
     """Images in channels-last memory (faster convolutions on CPU; values unchanged)."""
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
-
-
-def _chunk_target(target: Any, start: int, n: int) -> Any:
-    """The part of a per-input target list that belongs to one chunk."""
-    if isinstance(target, Tensor) and target.ndim == 1 and target.numel() > 1:
-        return target[start : start + n]
-    if isinstance(target, (list, tuple)) and len(target) > 1:
-        return list(target[start : start + n])
-    return target
 
 
 @contextmanager

@@ -96,7 +96,7 @@ class ConceptDiscovery:
 
     def top_crops(self, k: int = 8) -> Tensor:
         """(concepts, k) indices of each concept's most representative crops (largest coefficient)."""
-        k = min(check_int(k, "k", 1), self.crop_coefficients.shape[0])
+        k = min(check_int("k", k, minimum=1), self.crop_coefficients.shape[0])
         return self.crop_coefficients.topk(k, dim=0).indices.T
 
     def upsampled_maps(self) -> Tensor:
@@ -359,12 +359,12 @@ def discover(
     t0 = time.perf_counter()
     bundle = unwrap(model, preprocess)
     seed = check_seed(seed)
-    k = check_int(n_concepts, "n_concepts", 1)
-    per = check_int(crops_per_image, "crops_per_image", 1)
-    chunk = check_int(batch_size, "batch_size", 1)
+    k = check_int("n_concepts", n_concepts, minimum=1)
+    per = check_int("crops_per_image", crops_per_image, minimum=1)
+    chunk = check_int("batch_size", batch_size, minimum=1)
     if importance not in IMPORTANCE:
         raise OptionError(f"importance must be one of {', '.join(IMPORTANCE)}; got {importance!r}.")
-    designs = check_int(designs, "designs", 2)
+    designs = check_int("designs", designs, minimum=2)
     if designs & (designs - 1):
         raise OptionError(
             f"designs must be a power of two (balanced Sobol sequence); got {designs}."
@@ -376,7 +376,7 @@ def discover(
             f"concept discovery needs image inputs (N, C, H, W); got shape {tuple(x.shape)}."
         )
     h, w = x.shape[-2:]
-    size = max(8, min(h, w) // 4) if crop_size is None else check_int(crop_size, "crop_size", 2)
+    size = max(8, min(h, w) // 4) if crop_size is None else check_int("crop_size", crop_size, minimum=2)
     if size > min(h, w):
         raise OptionError(f"crop_size {size} is larger than the images ({h} x {w}).")
     if per * x.shape[0] < k:

@@ -251,14 +251,14 @@ def tcav(
 
     # random sets: explicit sets, or index sets into one pool (each pool image computed once)
     if isinstance(random_sets, int) and not isinstance(random_sets, bool):
-        n_sets = check_int(random_sets, "random_sets", 2)
+        n_sets = check_int("random_sets", random_sets, minimum=2)
         if random is None:
             raise OptionError("random_sets is a count: pass the pool of random images as random=.")
         pool = image_set(random, bundle, "random pool")
         size = (
             min(len(v) for v in concept_x.values())
             if set_size is None
-            else check_int(set_size, "set_size", MIN_SET_SIZE)
+            else check_int("set_size", set_size, minimum=MIN_SET_SIZE)
         )
         if size > len(pool):
             raise InputError(

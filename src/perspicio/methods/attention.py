@@ -56,11 +56,16 @@ from ..core.capture import token_grid
 from ..core.explanation import Explanation
 from ..core.inputs import as_batch
 from ..core.registry import register_method
-from ..core.targets import resolve_target, target_names
+from ..core.targets import (
+    check_target_count,
+    resolve_target,
+    row_scores,
+    slice_target,
+    target_names,
+)
 from ..core.tokens import Layout, check_extra_tokens, token_map
 from ..errors import InputError, LayerError, ModelError, OptionError
 from .base import Method
-from .gradient import check_target_count, row_scores, slice_target
 
 __all__ = [
     "AttentionCapture",
