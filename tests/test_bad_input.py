@@ -304,27 +304,29 @@ def test_cli_converts_unusual_images(files, tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_cli_explain_default_run(tmp_path, capsys) -> None:
-    """`perspicio explain` with no arguments: the bundled model, chelsea, every CAM."""
-    from perspicio.methods import names
+    """`perspicio explain` with no arguments: the bundled model, chelsea, one method of each of six
+    families (the demo set); the top-5 shows probability then logit."""
+    from perspicio.cli.explain import DEMO_METHODS
 
     out = tmp_path / "out"
     code, stdout, err = run_cli(["explain", "--out", str(out), "--no-progress"], capsys)
     assert code == 0, err
     top5 = stdout.split("top-5")[1].splitlines()[1:6]
     assert "285" in top5[0] and "Egyptian cat" in top5[0]
-    assert float(top5[0].split()[-1]) == pytest.approx(0.80, abs=0.02)
-    for m in names("cam"):
+    assert float(top5[0].split()[-2]) == pytest.approx(0.80, abs=0.02)  # probability
+    assert float(top5[0].split()[-1]) == pytest.approx(11.04, abs=0.05)  # logit
+    for m in DEMO_METHODS:
         for ext in ("png", "npy", "json"):
             assert (out / f"chelsea_{m}.{ext}").is_file(), (m, ext)
-        assert np.load(out / f"chelsea_{m}.npy").shape == (1, 1, 224, 224)
         meta = json.loads((out / f"chelsea_{m}.json").read_text())
         assert meta["method"] == m and meta["targets"] == [285]
-        with Image.open(out / f"chelsea_{m}.png") as im:
-            assert im.size == (224, 224)
+    assert np.load(out / "chelsea_gradcam.npy").shape == (1, 1, 224, 224)
+    with Image.open(out / "chelsea_gradcam.png") as im:
+        assert im.size[0] >= 224
     with Image.open(out / "chelsea_comparison.png") as im:
         assert im.size[0] > 224
     summary = json.loads((out / "summary.json").read_text())
-    assert {e["method"] for e in summary["chelsea"]} == set(names("cam"))
+    assert {e["method"] for e in summary["chelsea"]} == set(DEMO_METHODS)
     assert not list(out.glob("*.tmp"))
 
 
