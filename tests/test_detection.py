@@ -95,13 +95,19 @@ def test_box_score_target_scores_the_matching_detection(detector) -> None:
 
 
 def test_a_cam_layer_without_one_row_per_input_is_refused(detector) -> None:
-    """The automatic CAM layer of a detector is its ROI pooling (one row per proposal): refused with a
-    suggestion instead of returning one map per proposal."""
+    """A detector's ROI pooling (one row per proposal) is never the automatic CAM layer: layers
+    without one row per input are not maps of it. The automatic layer is then the RPN head's last
+    map, which the box scores do not depend on (proposals are detached): refused with a suggestion
+    instead of returning a map of zeros; an explicit per-proposal layer is refused as before."""
     model, x, det = detector
     target = perspicio.BoxScoreTarget(det["boxes"][0], det["labels"][0])
-    with pytest.raises(LayerError, match=r"automatic CAM layer 'roi_heads.box_roi_pool' outputs \d+ rows of shape "
-                                         r"\(256, 7, 7\) for 1 input\(s\).*Pass layer=\.\.\. with one row per input"):
+    with pytest.raises(ModelError, match=r"does not depend on the automatic CAM layer 'rpn\.head\.bbox_pred'.*"
+                                         r"Pass layer=\.\.\. with a layer the score is computed from"):
         perspicio.explain(model, x, "gradcam", output=perspicio.detections, target=target)
+    with pytest.raises(LayerError, match=r"layer 'roi_heads.box_roi_pool' outputs \d+ rows of shape "
+                                         r"\(256, 7, 7\) for 1 input\(s\).*Pass layer=\.\.\. with one row per input"):
+        perspicio.explain(model, x, "gradcam", output=perspicio.detections, target=target,
+                          layer="roi_heads.box_roi_pool")
 
 
 def test_gradcam_of_a_box_matches_pytorch_grad_cam(detector) -> None:

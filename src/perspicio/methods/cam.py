@@ -120,7 +120,10 @@ class CAMBase(Method):
             acts_raw = [cap.last(i) for i in range(len(modules))]
             if grad:
                 if not scores.requires_grad:
-                    raise ModelError("the target score does not depend on the layer: no gradient path.")
+                    which = "the automatic CAM layer" if self._layers is None else "layer"
+                    raise ModelError(f"the target score does not depend on {which} {', '.join(n for n, _ in layers)!r}: "
+                                     "no gradient path. Pass layer=... with a layer the score is computed from "
+                                     "(e.g. the backbone's last block; see `perspicio layers`).")
                 grads_raw = engine.grad(scores.sum(), acts_raw, len(x))
             else:
                 grads_raw = [None] * len(modules)
