@@ -159,7 +159,6 @@ ALLOWED = {
     "methods/propagation/lrp.py:_ZERO_PADS": "to read ops.window (lrp.py: one edit at a time)",
     "methods/propagation/lrp.py:_NONNEG_ACTS": "activations with non-negative outputs (to move to core/ops.py)",
     "methods/propagation/lrp.py:_MOVING": "structural ops that may write new values (to move to core/ops.py)",
-    "methods/attention.py:_SOFTMAX": "the softmax functions (to read ops.kind(func) == ops.SOFTMAX)",
 }
 
 _TORCH_NAMES = {n for n in dir(F) if not n.startswith("_")} | {

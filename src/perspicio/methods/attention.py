@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ..core import ops
 from ..core.batching import Engine
 from ..core.capture import token_grid
 from ..core.explanation import Explanation
@@ -80,9 +81,6 @@ __all__ = [
     "gradient_weighted_relevance",
     "rollout",
 ]
-
-#: the functions whose result, inside an attention module, is taken as its attention probabilities
-SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, Tensor.softmax)
 
 #: attention_flow refuses inputs with more tokens than this unless ``max_tokens`` is raised
 FLOW_MAX_TOKENS = 64
@@ -164,7 +162,7 @@ class _AttentionMode(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             return self.capture._sdpa(*args, **kwargs)
         out = func(*args, **kwargs)
-        if func in SOFTMAX_FUNCTIONS and isinstance(out, Tensor):
+        if ops.kind(func) == ops.SOFTMAX and isinstance(out, Tensor):
             return self.capture._record(out)
         return out
 
