@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,21 +45,22 @@ class Chunk:
     errors: dict[int, str] = field(default_factory=dict)
 
 
-class Source:
+class Source(ABC):
     """Base class: ``len(source)`` samples, loaded chunk by chunk."""
 
     kind = "source"
     class_names: Sequence[str] | None = None
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
+    @abstractmethod
     def fingerprint(self) -> str:
         """Changes when the data changes (file listing with sizes and times, or content)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load(self, indices: Sequence[int], preprocess: Callable[[Any], Tensor] | None) -> Chunk:
-        raise NotImplementedError
+        """Read and preprocess the samples at ``indices`` (unreadable ones recorded in the chunk)."""
 
     def describe(self) -> str:
         return f"{self.kind} of {len(self)} samples"

@@ -14,6 +14,7 @@ The CNN is trained on first use in a few seconds, deterministically from ``seed`
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,25 +173,30 @@ def train_digits_cnn(seed: int = 0, epochs: int = 10) -> DigitsCNN:
 def load_digits_cnn(seed: int = 0, *, device: str = "cpu", retrain: bool = False) -> ZooModel:
     """The digits CNN as a :class:`~perspicio.zoo.ZooModel` (trained and cached on first use)."""
     path = cache_dir() / "digits" / f"digits_cnn_v{VERSION}_seed{seed}.pt"
-    model = _fresh()
-    state = None
-    if path.is_file() and not retrain:
-        try:
-            state = torch.load(path, weights_only=True, map_location="cpu")
-            model.load_state_dict(state, strict=True)
-        except Exception:  # a corrupt or stale cache file is simply rebuilt
-            state = None
-    if state is None:
-        model = train_digits_cnn(seed)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            torch.save(model.state_dict(), tmp)
-            tmp.replace(path)
-        except OSError:
-            pass  # read-only cache: keep the model in memory
+    model = cached_weights(path, _fresh(), lambda: train_digits_cnn(seed), retrain=retrain)
     return ZooModel(model=model.to(device).eval(), preprocess=DigitsPreprocess(), labels=[str(i) for i in range(10)],  # type: ignore[arg-type]
                     name="digits_cnn")
+
+
+def cached_weights(path: Path, model: nn.Module, train: Callable[[], nn.Module], *, retrain: bool = False) -> nn.Module:
+    """``model`` with the weights cached at ``path`` (plain tensors, ``weights_only`` loading), or
+    ``train()``'s model, whose weights are then written atomically; a corrupt or stale cache file is
+    rebuilt and a read-only cache keeps the model in memory."""
+    if path.is_file() and not retrain:
+        try:
+            model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"), strict=True)
+            return model
+        except Exception:  # a corrupt or stale cache file is simply rebuilt
+            pass
+    model = train()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+    except OSError:
+        pass  # read-only cache: keep the model in memory
+    return model
 
 
 def accuracy(demo: ZooModel, split: str = "test", seed: int = 0) -> float:

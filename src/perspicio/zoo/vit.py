@@ -19,13 +19,11 @@ on the class token. Module names follow timm (``blocks.0.attn.qkv``, ``blocks.1.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .digits import DigitsPreprocess, cache_dir, digits_data
+from .digits import DigitsPreprocess, cache_dir, cached_weights, digits_data
 from .registry import ZooModel
 
 #: bump when the architecture or the training recipe changes (invalidates the cache)
@@ -161,26 +159,10 @@ def load_digits_vit(
     """The digits ViT as a :class:`~perspicio.zoo.ZooModel` (trained and cached on first use;
     ``pretrained=False``: the untrained model, initialised from ``seed`` as training starts)."""
     path = cache_dir() / "digits" / f"digits_vit_v{VERSION}_seed{seed}.pt"
-    model = _fresh()
-    state = None
-    if not pretrained:
+    if pretrained:
+        model = cached_weights(path, _fresh(), lambda: train_digits_vit(seed), retrain=retrain)
+    else:
         model = _initialised(seed)
-        state = model.state_dict()
-    elif path.is_file() and not retrain:
-        try:
-            state = torch.load(path, weights_only=True, map_location="cpu")
-            model.load_state_dict(state, strict=True)
-        except Exception:  # a corrupt or stale cache file is simply rebuilt
-            state = None
-    if state is None:
-        model = train_digits_vit(seed)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            torch.save(model.state_dict(), tmp)
-            tmp.replace(path)
-        except OSError:
-            pass  # read-only cache: keep the model in memory
     return ZooModel(
         model=model.to(device).eval(),
         preprocess=DigitsPreprocess(),  # type: ignore[arg-type]
