@@ -86,6 +86,20 @@ def browser():
         b.close()
 
 
+def method_labels_overflowing(page) -> list[str]:
+    """Method names in the picker that leave their family's box or break over more than one line
+    (the registry's longest names, e.g. neuron_integrated_gradients, at desktop and phone width)."""
+    return page.evaluate(
+        """() => [...document.querySelectorAll('.family label')].filter((label) => {
+          const name = label.querySelector('.mname');
+          const n = name.getBoundingClientRect();
+          const box = label.closest('fieldset').getBoundingClientRect();
+          const lines = n.height / parseFloat(getComputedStyle(name).fontSize);
+          return n.width === 0 || n.left < box.left || n.right > box.right || lines > 2;
+        }).map((label) => label.textContent.trim())"""
+    )
+
+
 @pytest.mark.parametrize("size", list(SIZES))
 def test_page_explains_two_methods(server: str, browser, size: str, tmp_path: Path) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -100,6 +114,7 @@ def test_page_explains_two_methods(server: str, browser, size: str, tmp_path: Pa
     )
     page.goto(server)
     page.wait_for_selector(".topclass", timeout=120_000)
+    assert method_labels_overflowing(page) == []
     page.click("label[for=sample-coffee]")
     wait_for(
         page,

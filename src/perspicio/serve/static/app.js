@@ -107,10 +107,21 @@ function renderMethods(data) {
       const id = `m-${m.name}`;
       fs.append(el("label", { for: id, title: m.summary },
         el("input", { type: "checkbox", id, value: m.name, name: "method", checked: chosen.has(m.name) }),
-        ` ${m.name}`));
+        methodName(m.name)));
     }
     box.append(fs);
   }
+}
+
+// a method's name; it may break only after an underscore, and only when its box is narrower than
+// the name (every family box is as wide as its longest name where the screen allows)
+function methodName(name) {
+  const span = el("span", { class: "mname" });
+  name.split("_").forEach((part, i, all) => {
+    span.append(part + (i < all.length - 1 ? "_" : ""));
+    if (i < all.length - 1) span.append(el("wbr"));
+  });
+  return span;
 }
 
 async function loadModelInfo() {
