@@ -1,9 +1,10 @@
-"""Readers: XGBoost, LightGBM and scikit-learn tree models -> :class:`TreeEnsemble`.
+"""Readers: XGBoost, LightGBM, scikit-learn and ONNX tree models -> :class:`TreeEnsemble`.
 
 Each reader works from the library's documented model description - XGBoost's JSON model
 (``Booster.save_raw("json")``, or a ``.json``/``.ubj`` file), LightGBM's ``dump_model()``, and
-scikit-learn's public tree arrays (``tree_``; HistGradientBoosting's predictor nodes) - never by
-unpickling and never through shap. Nothing here imports xgboost, lightgbm or scikit-learn at
+scikit-learn's public tree arrays (``tree_``; HistGradientBoosting's predictor nodes), ONNX
+tree-ensemble operators (:mod:`perspicio.trees.onnx_reader`) - never by unpickling and never
+through shap. Nothing here imports xgboost, lightgbm or scikit-learn at
 module level.
 """
 
@@ -36,6 +37,7 @@ SUPPORTED = (
     "GradientBoostingClassifier/Regressor",
     "HistGradientBoostingClassifier/Regressor",
     "IsolationForest",
+    "ONNX TreeEnsembleRegressor / TreeEnsembleClassifier / TreeEnsemble (an .onnx file or onnx.ModelProto)",
 )
 
 _XGB_LOGISTIC = ("binary:logistic", "reg:logistic", "binary:logitraw")
@@ -61,6 +63,10 @@ def read_model(model: Any) -> TreeEnsemble:
     cls = type(inner)
     mod = cls.__module__ or ""
     name = cls.__name__
+    if mod.startswith("onnx") and name == "ModelProto":
+        from .onnx_reader import read_onnx
+
+        return read_onnx(inner)
     if mod.startswith("xgboost"):
         if name in (
             "Booster",
@@ -112,6 +118,10 @@ def _read_file(path: Path) -> TreeEnsemble:
     if not path.is_file():
         raise ModelError(f"model file {str(path)!r} does not exist.")
     suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        from .onnx_reader import read_onnx
+
+        return read_onnx(path)
     if suffix in (".json", ".ubj"):
         try:
             import xgboost
@@ -143,8 +153,8 @@ def _read_file(path: Path) -> TreeEnsemble:
             raise ModelError(f"{path.name} is not a LightGBM text model: {exc}") from exc
         return read_lightgbm(booster, source=f"LightGBM model file {path.name}")
     raise ModelError(
-        f"cannot tell the format of {path.name}: expected an XGBoost .json/.ubj or a LightGBM .txt model "
-        "file. Pickled models are never read (unpickling runs code); load them yourself if you trust them."
+        f"cannot tell the format of {path.name}: expected an XGBoost .json/.ubj, a LightGBM .txt or an "
+        ".onnx model file. Pickled models are never read (unpickling runs code); load them yourself if you trust them."
     )
 
 

@@ -119,6 +119,12 @@ def tree_shap(
             "background= is used only with feature_perturbation='interventional'; the path-dependent "
             "algorithm uses the training covers stored in the trees."
         )
+    if not interventional and not np.isfinite(ens.cover).all():
+        raise OptionError(
+            f"{ens.source} stores no node covers (ONNX trees carry no training counts), so the "
+            "path-dependent game is undefined: use feature_perturbation='interventional' with "
+            "background= rows (command line: --background N)."
+        )
     transform = 0
     if model_output == "probability":
         if not interventional:
