@@ -70,6 +70,13 @@ class ServeConfig:
     preload: bool = True
     #: the tabular tab; its worker processes compile the TreeSHAP kernels at start, in the background
     tabular: bool = True
+    #: the text tab (the bundled MiniLM, when transformers and its package are installed)
+    text: bool = True
+    #: longest text accepted, in characters (a longer one is refused; one over the model's token
+    #: limit but under this is truncated with a warning shown in the page)
+    max_text_chars: int = 10_000
+    #: most zero-shot labels per request
+    max_labels: int = 16
 
 
 class ResultCache:
@@ -309,8 +316,8 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        description="Explain image classifiers (and the bundled tabular models) and score the "
-        "explanations. Every error is "
+        description="Explain image classifiers (and the bundled tabular and text models) and "
+        "score the explanations. Every error is "
         '`{"error": "<one line>"}`.',
     )
     app.state.pool = pool
@@ -474,6 +481,18 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
         if job.state != "done":
             raise ServeError(job.status, job.message)
         return JSONResponse({**job.result, "cached": False})
+
+    async def compute(kind: str, payload: dict[str, Any], key: str) -> dict[str, Any]:
+        """A job's result (from the cache when an identical request was answered), waiting for it."""
+        cached = cache.get(key)
+        if cached is not None:
+            return cached
+        job = submit(kind, payload)
+        await finished(job)
+        if job.state != "done" or job.result is None:
+            raise ServeError(job.status, job.message)
+        cache.put(key, job.result)
+        return job.result
 
     # ------------------------------------------------------------------ page
 
@@ -787,6 +806,164 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
         payload = {"model": model, "row": int(text)}
         return await run(
             "tabular_explain", payload, key_of("tabular_explain", None, **payload), wait
+        )
+
+    # ------------------------------------------------------------------ text tab
+
+    def text_model_ids() -> list[str]:
+        from .text import available_models
+
+        return available_models() if cfg.text else []
+
+    def check_text_model(model: str) -> str:
+        from ..errors import suggest
+
+        ids = text_model_ids()
+        if model not in ids:
+            raise ServeError(
+                422,
+                f"unknown text model {model!r}; this server has: {', '.join(ids) or 'none'}."
+                + suggest(model, ids),
+            )
+        return model
+
+    def check_text(text: str | None) -> str:
+        value = (text or "").strip()
+        if not value:
+            raise ServeError(422, "the text is empty: type a sentence to explain.")
+        if len(value) > cfg.max_text_chars:
+            raise ServeError(
+                422,
+                f"the text has {len(value)} characters; the limit is {cfg.max_text_chars}.",
+            )
+        return value
+
+    def check_text_methods(methods: str | None) -> list[str]:
+        from ..core.registry import METHODS
+        from .text import text_methods
+
+        names = [m.strip() for m in (methods or "").split(",") if m.strip()]
+        if not names:
+            raise ServeError(422, "choose at least one method.")
+        allowed = [e.name for e in text_methods()]
+        out = []
+        for n in names:
+            entry = METHODS.get(n)  # UnknownNameError -> 422 with suggestions
+            if entry.name not in allowed:
+                raise ServeError(
+                    422,
+                    f"method {entry.name!r} does not take text; methods for text: "
+                    f"{', '.join(allowed)}.",
+                )
+            out.append(entry.name)
+        out = list(dict.fromkeys(out))
+        if len(out) > cfg.max_methods:
+            raise ServeError(422, f"at most {cfg.max_methods} methods per request; got {len(out)}.")
+        return out
+
+    @app.get(
+        "/api/text/models",
+        summary="The bundled text models and the registered methods that take text",
+    )
+    async def text_models_api() -> Any:
+        """``families``: the methods :func:`perspicio.text.explain_text` accepts, grouped by family
+        (read from the text entry point, so new ones appear by themselves)."""
+        from .text import DEFAULT_TEXT_METHODS, MAX_VIEW_TOKENS, TEXT_MODELS, text_methods
+
+        ids = text_model_ids()
+        entries = await asyncio.to_thread(text_methods) if ids else []
+        families: dict[str, list[dict[str, Any]]] = {}
+        for e in entries:
+            families.setdefault(e.family, []).append(
+                {"name": e.name, "summary": e.summary, "paper": e.paper}
+            )
+        names = {e.name for e in entries}
+        return {
+            "models": [
+                {
+                    "id": k,
+                    "description": TEXT_MODELS[k][0],
+                    "max_tokens": TEXT_MODELS[k][1],
+                    "default": i == 0,
+                }
+                for i, k in enumerate(ids)
+            ],
+            "families": [{"family": f, "methods": ms} for f, ms in families.items()],
+            "default": [m for m in DEFAULT_TEXT_METHODS if m in names],
+            "limits": {
+                "max_text_chars": cfg.max_text_chars,
+                "max_labels": cfg.max_labels,
+                "max_methods": cfg.max_methods,
+                "max_view_tokens": MAX_VIEW_TOKENS,
+            },
+        }
+
+    @app.post("/api/text/explain", summary="Explain a sentence: token heatmaps, attention views")
+    async def text_explain(
+        model: FormStr = "minilm",
+        text: FormStr = None,
+        methods: FormStr = None,
+        target: FormStr = None,
+        labels: FormStr = None,
+        merge_words: FormBool = False,
+        wait: FormBool = True,
+    ) -> Any:
+        """``target``: another sentence (the cosine similarity of the embeddings is explained) or
+        ``labels``: zero-shot label sentences separated by '|' or new lines (the most similar one
+        is explained). Per method: tokens, raw values, display values and colours, the heatmap as
+        PNG (base64) and HTML; the similarities; the attention matrices (PNG) when an attention
+        method is chosen; the truncation warning of a text over the model's limit; the CLI line.
+        With ``wait=false``: 202 and a job whose progress streams at ``/api/jobs/{id}/events``."""
+        from .text import split_labels
+
+        check_text_model(model)
+        value = check_text(text)
+        names = check_text_methods(methods)
+        sentence = (target or "").strip() or None
+        label_list = split_labels(labels)
+        if sentence and label_list:
+            raise ServeError(422, "give either a target sentence or zero-shot labels, not both.")
+        if not sentence and not label_list:
+            raise ServeError(
+                422, "give a target: another sentence (target) or zero-shot labels (labels)."
+            )
+        if label_list and len(label_list) < 2:
+            raise ServeError(
+                422, "give at least two zero-shot labels, separated by '|' or new lines."
+            )
+        if len(label_list) > cfg.max_labels:
+            raise ServeError(
+                422, f"at most {cfg.max_labels} zero-shot labels; got {len(label_list)}."
+            )
+        if sentence and len(sentence) > cfg.max_text_chars:
+            raise ServeError(422, f"the target sentence is over {cfg.max_text_chars} characters.")
+        payload = {
+            "model": model,
+            "text": value,
+            "methods": names,
+            "sentence": sentence,
+            "labels": label_list,
+            "merge_words": bool(merge_words),
+        }
+        return await run("text_explain", payload, key_of("text_explain", None, **payload), wait)
+
+    @app.get(
+        "/api/text/lines",
+        summary="The lines view of a text's attention: a self-contained HTML page",
+    )
+    async def text_lines(model: str = "minilm", text: str = "") -> Any:
+        """Served with its own Content-Security-Policy: the page's inline script and style allowed
+        by hash, nothing else, sandboxed; only the app's page may frame it."""
+        from .text import lines_csp
+
+        check_text_model(model)
+        value = check_text(text)
+        payload = {"model": model, "text": value}
+        result = await compute("text_lines", payload, key_of("text_lines", None, **payload))
+        document = result["html"]
+        return HTMLResponse(
+            document,
+            headers={"Content-Security-Policy": lines_csp(document), "Cache-Control": "no-cache"},
         )
 
     @app.get("/api/status", summary="Queue, workers and cache")

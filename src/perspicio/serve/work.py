@@ -86,11 +86,13 @@ class WorkerState:
 
     def __init__(self, models: dict[str, str], warmup: Any = None) -> None:
         from .tabular import TabularWork, TreeWarmup
+        from .text import TextWork
 
         self.specs = dict(models)
         self.loaded: dict[str, Any] = {}
         self.layer_lists: dict[str, dict[str, Any]] = {}
         self.tabular = TabularWork(warmup if warmup is not None else TreeWarmup())
+        self.text = TextWork()
 
     def model(self, model_id: str) -> Any:
         if model_id not in self.specs:
@@ -116,6 +118,8 @@ class WorkerState:
             "tabular_status": self.tabular.status,
             "tabular_rows": self.tabular.rows,
             "tabular_explain": self.tabular.explain,
+            "text_explain": self.text.explain,
+            "text_lines": self.text.lines,
         }.get(kind)
         if handler is None:
             raise InputError(f"unknown job kind {kind!r}")

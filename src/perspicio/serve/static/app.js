@@ -98,15 +98,14 @@ function renderSamples(samples) {
   }
 }
 
-function renderMethods(data) {
-  const box = $("families");
+function renderMethods(data, box = $("families"), prefix = "m-", field = "method") {
   const chosen = new Set(data.default);
   for (const fam of data.families) {
     const fs = el("fieldset", { class: "family" }, el("legend", { text: fam.family }));
     for (const m of fam.methods) {
-      const id = `m-${m.name}`;
+      const id = `${prefix}${m.name}`;
       fs.append(el("label", { for: id, title: m.summary },
-        el("input", { type: "checkbox", id, value: m.name, name: "method", checked: chosen.has(m.name) }),
+        el("input", { type: "checkbox", id, value: m.name, name: field, checked: chosen.has(m.name) }),
         methodName(m.name)));
     }
     box.append(fs);
@@ -464,7 +463,7 @@ function curveChart(metric, per) {
 
 // ------------------------------------------------------------------ tabs
 
-const tabs = { images: null, tabular: null };
+const tabs = { images: null, tabular: null, text: null };
 
 function setupTabs() {
   const buttons = [...document.querySelectorAll("[role=tab]")];
@@ -482,6 +481,10 @@ function setupTabs() {
     tabs.tabular = res;
     if (res.models.length) $("tab-btn-tabular").hidden = false;
   }, () => {});
+  api("/api/text/models").then((res) => {
+    tabs.text = res;
+    if (res.models.length) $("tab-btn-text").hidden = false;
+  }, () => {});
 }
 
 function selectTab(button) {
@@ -492,6 +495,7 @@ function selectTab(button) {
     $(b.getAttribute("aria-controls")).hidden = !on;
   }
   if (button.id === "tab-btn-tabular") initTabular();
+  if (button.id === "tab-btn-text") initText().catch((e) => showError(e.message));
 }
 
 // ------------------------------------------------------------------ tabular tab
@@ -605,6 +609,164 @@ function renderTabular(res) {
   const cli = el("div", { class: "cli" }, el("label", { for: "tab-cli", text: "Reproduce from the command line" }),
     el("div", { class: "cli-row" }, el("input", { id: "tab-cli", readonly: true, value: res.cli })));
   out.replaceChildren(el("div", { class: "pred" }, probs, table), el("div", { class: "row" }, numbers), plots, cli);
+}
+
+// ------------------------------------------------------------------ text tab
+
+const text = { ready: false, info: null, result: null };
+
+async function initText() {
+  if (text.ready) return;
+  text.ready = true;
+  const info = tabs.text || await api("/api/text/models");
+  text.info = info;
+  const sel = $("text-model");
+  for (const m of info.models) sel.append(el("option", { value: m.id, text: m.id, title: m.description }));
+  const showLimits = () => {
+    const m = info.models.find((x) => x.id === sel.value) || info.models[0];
+    const lim = info.limits;
+    $("text-limits").textContent = `${m.description}. It reads the first ${m.max_tokens} tokens (a longer ` +
+      `text is cut, with a warning); up to ${lim.max_text_chars} characters. Attention views for texts up to ` +
+      `${lim.max_view_tokens} tokens.`;
+  };
+  sel.addEventListener("change", showLimits);
+  showLimits();
+  renderMethods(info, $("text-families"), "tm-", "text-method");
+  $("text-explain").addEventListener("click", explainText);
+  $("text-cancel").addEventListener("click", cancel);
+  for (const r of document.querySelectorAll("input[name=text-target]")) r.addEventListener("change", syncTargetKind);
+  syncTargetKind();
+}
+
+function targetKind() {
+  return document.querySelector("input[name=text-target]:checked").value;
+}
+
+function syncTargetKind() {
+  const zs = targetKind() === "zeroshot";
+  $("text-target").disabled = zs;
+  $("text-labels").disabled = !zs;
+}
+
+async function explainText() {
+  showError("");
+  const methods = [...document.querySelectorAll("input[name=text-method]:checked")].map((c) => c.value);
+  if (!methods.length) { showError("choose at least one method."); return; }
+  const form = new FormData();
+  form.append("model", $("text-model").value);
+  form.append("text", $("text-input").value);
+  form.append("methods", methods.join(","));
+  if (targetKind() === "zeroshot") form.append("labels", $("text-labels").value);
+  else form.append("target", $("text-target").value);
+  if ($("text-merge").checked) form.append("merge_words", "true");
+  const button = $("text-explain");
+  button.disabled = true;
+  $("text-progress").textContent = "sending...";
+  try {
+    const res = await runJob("/api/text/explain", form, $("text-progress"), $("text-cancel"));
+    text.result = res;
+    renderText(res);
+    $("text-progress").textContent = `done: ${res.methods.length} method(s), target ${res.target.explained}.`;
+    $("text-results").focus();
+  } catch (e) {
+    $("text-progress").textContent = "";
+    showError(e.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function renderText(res) {
+  const warn = $("text-warning");
+  warn.textContent = res.warnings.join(" ");
+  warn.hidden = !res.warnings.length;
+  const parts = [];
+  if (res.similarities.length) {
+    const box = el("fieldset", { class: "top5 sims" }, el("legend", {
+      text: res.target.kind === "zeroshot" ? "Zero-shot labels: cosine similarity to the sentence" : "Cosine similarity to the target sentence" }));
+    for (const sim of res.similarities) {
+      const bar = el("span", { class: "bar" });
+      bar.style.width = `${Math.max(1, Math.max(0, sim.similarity) * 100).toFixed(1)}%`;
+      box.append(el("div", { class: "topclass" }, el("span"), el("span", { class: "name", text: sim.sentence }),
+        el("span", { class: "prob", text: sim.similarity.toFixed(3) }), el("span", { class: "barbox" }, bar)));
+    }
+    parts.push(box);
+  }
+  const cards = el("div", { class: "cards text-cards" });
+  for (const m of res.methods) {
+    if (m.error) {
+      cards.append(el("article", { class: "card failed" }, el("h3", { text: m.method }), el("p", { class: "error-inline", text: m.error })));
+      continue;
+    }
+    cards.append(tokenCard(m));
+  }
+  parts.push(cards);
+  const numbers = el("button", { type: "button", id: "text-download-json", text: "Download JSON", onclick: () => {
+    const { attention, methods, ...rest } = res;
+    downloadJson({ ...rest, methods: methods.map(({ png, html, colors, ...m }) => m) }, "perspicio-text.json");
+  } });
+  parts.push(el("div", { class: "row" }, numbers));
+  if (res.attention) parts.push(attentionViews(res));
+  parts.push(el("div", { class: "cli" }, el("label", { for: "text-cli", text: "Reproduce from the command line" }),
+    el("div", { class: "cli-row" }, el("input", { id: "text-cli", readonly: true, value: res.cli }))));
+  $("text-out").replaceChildren(...parts);
+}
+
+function tokenCard(m) {
+  const readout = el("p", { class: "readout", "aria-live": "polite", text: "hover or focus the tokens for values" });
+  const strip = el("div", { class: "tokens", tabindex: 0, role: "group", "data-method": m.method,
+    "aria-label": `${m.method}: tokens coloured by attribution (red for, blue against); arrow keys read values` });
+  const spans = m.tokens.map((t, i) => {
+    const span = el("span", { class: "tok", text: t, title: `${t}: ${fmt(m.values[i])}` });
+    span.style.backgroundColor = m.colors[i];
+    span.addEventListener("mouseenter", () => show(i));
+    strip.append(span);
+    return span;
+  });
+  let current = 0;
+  const show = (i) => {
+    current = Math.max(0, Math.min(spans.length - 1, i));
+    spans.forEach((s, k) => s.classList.toggle("current", k === current));
+    readout.textContent = `token ${current} '${m.tokens[current]}': ${fmt(m.values[current])}`;
+  };
+  strip.addEventListener("focus", () => show(current));
+  strip.addEventListener("keydown", (ev) => {
+    const step = { ArrowLeft: -1, ArrowRight: 1, Home: -spans.length, End: spans.length }[ev.key];
+    if (step === undefined) return;
+    ev.preventDefault();
+    show(current + step);
+  });
+  strip.addEventListener("mouseleave", () => spans.forEach((s) => s.classList.remove("current")));
+  const target = m.target ? `target: ${m.target}${m.score !== null ? ` = ${fmt(m.score)}` : ""}` : "";
+  const png = el("button", { type: "button", class: "small", text: "PNG",
+    onclick: () => downloadBlob(pngBlob(m.png), `perspicio-text-${m.method}.png`) });
+  const page = el("button", { type: "button", class: "small", text: "HTML",
+    onclick: () => downloadBlob(new Blob([m.html], { type: "text/html" }), `perspicio-text-${m.method}.html`) });
+  return el("article", { class: "card" },
+    el("h3", {}, m.method, el("span", { class: "meta", text: ` ${m.family} - ${m.seconds.toFixed(2)} s` })),
+    el("p", { class: "target-line", text: target }), strip, readout, el("div", { class: "buttons" }, png, page));
+}
+
+function attentionViews(res) {
+  const a = res.attention;
+  const head = el("h3", { text: "Attention" });
+  if (a.note) return el("div", {}, head, el("p", { class: "hint", text: a.note }));
+  const figure = (key, caption, name) => {
+    const img = el("img", { src: `data:image/png;base64,${a[key]}`, alt: caption, "data-plot": name });
+    const dl = el("button", { type: "button", class: "small", text: "PNG",
+      onclick: () => downloadBlob(pngBlob(a[key]), `perspicio-text-${name}.png`) });
+    return el("figure", { class: "wide" }, el("figcaption", {}, el("span", { text: caption }), dl), img);
+  };
+  const src = `/api/text/lines?model=${encodeURIComponent(res.model)}&text=${encodeURIComponent(res.text)}`;
+  const frame = el("iframe", { id: "text-lines", class: "lines-frame", src, sandbox: "allow-scripts",
+    title: "attention lines view: query tokens left, attended tokens right" });
+  frame.style.height = `${Math.min(1800, 200 + 22 * a.tokens)}px`;
+  const lines = el("figure", { class: "wide" }, el("figcaption", {},
+    el("span", { text: "Lines view: hover a query token (left) to see where it attends" }),
+    el("a", { href: src, target: "_blank", rel: "noopener", text: "open alone" })), frame);
+  return el("div", { class: "text-views" }, head, el("div", { class: "tab-plots" },
+    figure("layers_png", "Every layer (mean of heads): rows attend to columns", "attention_layers"),
+    figure("heads_png", "Every head of the last layer", "attention_heads"), lines));
 }
 
 document.addEventListener("DOMContentLoaded", init);
