@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..core.batching import Engine
 from ..core.explanation import Explanation
 from ..core.registry import register_method
-from ..core.targets import resolve_target, target_names
+from ..core.targets import resolve_target
 from ..errors import InputError, OptionError, TargetError
 from .base import Method
 
@@ -135,7 +135,6 @@ class _StructuredSHAP(Method):
             scores=scores,
             targets=idx,
             base_value=base_t,
-            target_names=target_names(self.labels, idx),
             extras=extras,
             provenance={"efficiency_error": eff, **stats},
         )
