@@ -91,7 +91,7 @@ ACT = "activation"
 ELEMWISE = "elementwise"
 #: element-wise functions of two tensors that are neither arithmetic nor activations
 BINARY = "binary"
-#: batch_norm (eval), layer_norm, group_norm, rms_norm
+#: batch_norm (eval), layer_norm, group_norm, rms_norm; ``F.normalize`` (division by an Lp norm)
 NORM = "norm"
 SOFTMAX = "softmax"
 MAXPOOL = "maxpool"
@@ -228,7 +228,7 @@ ELEMWISE_NAMES = (
     "reciprocal_ log1p expm1 pow pow_ __pow__ __rpow__ __ipow__ exp2 sinh cosh atan asin acos"
 ).split()
 BINARY_NAMES = ("maximum", "minimum")
-NORM_F_NAMES = ("batch_norm", "layer_norm", "group_norm", "rms_norm")
+NORM_F_NAMES = ("batch_norm", "layer_norm", "group_norm", "rms_norm", "normalize")
 NORM_TORCH_NAMES = ("batch_norm", "layer_norm", "group_norm")
 SOFTMAX_NAMES = ("softmax",)
 MAXPOOL_F_NAMES = (

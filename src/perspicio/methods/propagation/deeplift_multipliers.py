@@ -16,9 +16,13 @@ Rules, each chosen so that contributions sum exactly to the output difference
   two-player Shapley split ``d(ab) = da (b + b0)/2 + (a + a0)/2 db`` (exact for any
   bilinear map);
 * division ``a / b``: ``da (1/b + 1/b0)/2 - db (a + a0) / (2 b b0)`` (exact);
-* softmax: exp (Rescale), the sum (linear) and the division (above), composed;
+* softmax: ``exp(x - logsumexp(x))`` - the exps and the log (Rescale), the sum and the
+  subtraction (linear), composed (bounded multipliers; :class:`SoftmaxNode`);
 * LayerNorm / GroupNorm / RMSNorm: centring (linear), the squares (``c^2 - c0^2 = (c +
   c0)(c - c0)``), the square root (Rescale) and the division (above), composed;
+* ``F.normalize`` (``y = x / max(||x||_p, eps)``): the powers ``|x|^p`` (``x + x0`` for p = 2,
+  Rescale otherwise), their sum (linear), ``q -> 1 / max(q^(1/p), eps)`` (Rescale) and the
+  product with x split in the order that keeps its terms bounded (:class:`LpNormalizeNode`);
 * max pooling: the output difference lies between ``dx`` at the input's argmax and
   at the reference's argmax; it is split between the two as the convex
   combination that reproduces it exactly.
@@ -257,6 +261,13 @@ class DivideNode:
 
 
 class SoftmaxNode:
+    """softmax as ``exp(x - logsumexp(x))``, composed from exact rules: Rescale on the outer exp, the
+    subtraction (linear), Rescale on the log and on the exps of ``logsumexp`` (after a common shift),
+    the sum (linear). Every multiplier is bounded (secant slopes of exp below the maximum, of log
+    between the two sums), so the contributions stay of the size of the output change even when
+    the input's and the reference's logits are far apart; the split of a division ``e / sum(e)``
+    (the same total) has terms of size ``e / sum(e0)`` there, which cancel only in exact arithmetic."""
+
     def __init__(self, call: Call, dim: int, x0: Tensor) -> None:
         self.call, self.dim, self.x0 = call, dim, x0
 
@@ -266,17 +277,30 @@ class SoftmaxNode:
     def backward(self, ins: list[Tensor], y: Tensor, m: Tensor) -> tuple[Tensor]:
         x, x0, d = ins[0], self.x0, self.dim
         finite = torch.isfinite(x) & torch.isfinite(x0)
-        xs, x0s = torch.where(finite, x, torch.zeros_like(x)), torch.where(finite, x0, torch.zeros_like(x0))
+        zero = torch.zeros_like(x)
+        xs, x0s = torch.where(finite, x, zero), torch.where(finite, x0, zero)
         shift = torch.maximum(x.amax(d, keepdim=True), x0.amax(d, keepdim=True))
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-        e = torch.where(finite | torch.isfinite(x), torch.exp(x - shift), torch.zeros_like(x))
-        e0 = torch.where(finite | torch.isfinite(x0), torch.exp(x0 - shift), torch.zeros_like(x0))
+        e = torch.where(finite, torch.exp(xs - shift), zero)
+        e0 = torch.where(finite, torch.exp(x0s - shift), zero)
         S, S0 = e.sum(d, keepdim=True), e0.sum(d, keepdim=True)
-        me = m * 0.5 * (1.0 / S + 1.0 / S0) + (m * (-0.5) * (e + e0)).sum(d, keepdim=True) / (S * S0)
+        lse, lse0 = S.log(), S0.log()  # logsumexp - shift
+        u, u0 = xs - shift - lse, x0s - shift - lse0  # log softmax
+        s, s0 = torch.exp(u), torch.exp(u0)
+        # outer exp: s - s0 = r (u - u0)
+        du = u - u0
+        small = du.abs() <= tiny_step(u)
+        r = torch.where(small, s, (s - s0) / torch.where(small, torch.ones_like(du), du))
+        mu = torch.where(finite, m * r, zero)
+        # u = x - lse: lse - lse0 = rho (S - S0) (log), S - S0 = sum_i eps_i (x_i - x0_i) (exps)
+        dS = S - S0
+        small = dS.abs() <= tiny_step(S)
+        rho = torch.where(small, 1.0 / S, (lse - lse0) / torch.where(small, torch.ones_like(dS), dS))
+        rho = torch.where(S > 0, rho, torch.zeros_like(rho))  # a row masked entirely: nothing to split
         dx = xs - x0s
         small = dx.abs() <= tiny_step(xs)
-        r = torch.where(small, e, (e - e0) / torch.where(small, torch.ones_like(dx), dx))
-        return (torch.where(finite, me * r, torch.zeros_like(me)),)
+        eps = torch.where(small, e, (e - e0) / torch.where(small, torch.ones_like(dx), dx))
+        return (mu - (mu.sum(d, keepdim=True) * rho) * eps,)
 
 
 class NormalizeNode:
@@ -309,6 +333,47 @@ class NormalizeNode:
         if sp["center"]:
             mc = mc - mc.mean(-1, keepdim=True)
         return (mc.reshape(x.shape),)
+
+
+class LpNormalizeNode:
+    """``F.normalize``: ``y = x h`` with ``h = 1 / max(q^(1/p), eps)``, ``q = sum |x|^p`` along ``dim``,
+    composed from exact rules so that contributions sum to ``y - y0``.
+
+    The product ``x h`` is split in the order that keeps every term bounded: with the smaller
+    ``h`` (the longer of the two vectors) on ``dx`` - ``dy = dx h + x0 dh`` when ``|x| >= |x0|``,
+    ``dy = dx h0 + x dh`` otherwise - so ``|x0 dh| <= |x0| h0 = |y0|`` (or ``|y|``). The symmetric
+    two-player split ``dx (h + h0)/2 + (x + x0)/2 dh`` is as exact but has terms of size
+    ``x / eps`` against a zero reference (``h0 = 1 / eps``), which cancel only in exact arithmetic.
+    ``dh`` is Rescale of ``q -> h`` times the linear sum of the powers ``|x|^p`` (``x + x0`` for
+    p = 2, Rescale otherwise)."""
+
+    def __init__(self, call: Call, p: float, dim: int, eps: float, x0: Tensor) -> None:
+        self.call, self.p, self.dim, self.eps, self.x0 = call, p, dim, eps, x0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.call.run()
+
+    def backward(self, ins: list[Tensor], y: Tensor, m: Tensor) -> tuple[Tensor]:
+        p, d = self.p, self.dim
+        X, X0, M = ins[0].movedim(d, -1), self.x0.movedim(d, -1), m.movedim(d, -1)
+        if p == 2.0:
+            dpow = X + X0  # x^2 - x0^2 = (x + x0)(x - x0)
+            q, q0 = (X * X).sum(-1, keepdim=True), (X0 * X0).sum(-1, keepdim=True)
+        else:
+            powered = X.abs().pow(p), X0.abs().pow(p)
+            dpow = rescale_multiplier(lambda t: t.abs().pow(p), X, X0, *powered)
+            q, q0 = powered[0].sum(-1, keepdim=True), powered[1].sum(-1, keepdim=True)
+        n, n0 = X.norm(p, dim=-1, keepdim=True), X0.norm(p, dim=-1, keepdim=True)
+        h, h0 = 1.0 / n.clamp_min(self.eps), 1.0 / n0.clamp_min(self.eps)
+        longer = h <= h0
+        mx = M * torch.where(longer, h, h0)
+        mh = (M * torch.where(longer, X0, X)).sum(-1, keepdim=True)
+        # h as one element-wise function of q: Rescale (its derivative where q == q0)
+        dq = q - q0
+        small = dq.abs() <= tiny_step(q)
+        slope = torch.where(n > self.eps, -h / (p * q), torch.zeros_like(n))
+        rq = torch.where(small, slope, (h - h0) / torch.where(small, torch.ones_like(dq), dq))
+        return ((mx + (mh * rq) * dpow).movedim(-1, d),)
 
 
 def pool_with_indices(call: Call, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,7 @@ shadow tensors through every operation.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from .affine import affine_op
 from .deeplift_multipliers import (
     BilinearNode,
     DivideNode,
+    LpNormalizeNode,
     MaxPoolNode,
     NormalizeNode,
     RescaleNode,
@@ -32,7 +34,7 @@ from .deeplift_multipliers import (
 )
 from .derived import derived, neg, pos
 from .fused import fused_call
-from .lrp import dim_arg, merged_batchnorm, substitute
+from .lrp import dim_arg, lp_normalize_args, merged_batchnorm, substitute
 from .nodes import apply_node
 from .operations import (
     ACT,
@@ -207,6 +209,16 @@ class DeepLiftPropagator(Propagator):
 
     def on_norm(self, call: Call) -> Any:
         x = call.args[0] if call.args else call.kwargs["input"]
+        lp = lp_normalize_args(call)
+        if lp is not None:
+            if not (math.isfinite(lp[0]) and lp[0] > 0):
+                return self._unknown(call.func, call.args, call.kwargs, reason=f"F.normalize with p={lp[0]:g}")
+            if self.mode == "record":
+                out = call.run()
+                self.pair(call, [x], out)
+                return out
+            rec = self.pair(call, [x], None)
+            return apply_node(LpNormalizeNode(call, *lp, rec["ins"][0]), x)
         if merged_batchnorm(call):
             return x  # merged into the preceding layer: an exact identity
         if op_name(call.func).endswith("batch_norm"):
@@ -387,7 +399,7 @@ class RevealCancelPropagator(DeepLiftPropagator):
             return call.args[0]
         if not op_name(call.func).endswith("batch_norm"):
             self.pair(call, [call.args[0]], None)
-            return self._unknown(call.func, call.args, call.kwargs, reason="no RevealCancel rule for layer norms")
+            return self._unknown(call.func, call.args, call.kwargs, reason="no RevealCancel rule for layer norms or F.normalize")
         from .lrp import norm_linear_part
 
         x = call.args[0]

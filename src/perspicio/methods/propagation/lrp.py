@@ -128,6 +128,18 @@ def norm_linear_part(call: Call, x: Tensor) -> Any:
     raise ModelError(f"no linear form known for {call.name}.")
 
 
+def lp_normalize_args(call: Call) -> tuple[float, int, float] | None:
+    """``(p, dim, eps)`` of an ``F.normalize`` call (``x / max(||x||_p, eps)`` along ``dim``); None
+    for any other call. A call writing into ``out=`` is refused."""
+    if op_name(call.func) != "torch.nn.functional.normalize":
+        return None
+    bound = dict(zip(("input", "p", "dim", "eps", "out"), call.args))
+    bound.update(call.kwargs)
+    if bound.get("out") is not None:
+        raise ModelError("F.normalize(..., out=...) is not supported on the explained path.")
+    return float(bound.get("p", 2.0)), int(bound.get("dim", 1)), float(bound.get("eps", 1e-12))
+
+
 def merged_batchnorm(call: Call) -> bool:
     """True for a ``batch_norm`` call of a BatchNorm currently merged by the canonizer."""
     from .canonizers import is_identity_batchnorm
@@ -461,6 +473,10 @@ class LRPPropagator(Propagator):
 
     def on_norm(self, call: Call) -> Any:
         x = call.args[0] if call.args else call.kwargs["input"]
+        if lp_normalize_args(call) is not None:
+            # x / ||x||_p with the norm held constant is x times a constant: the identity rule
+            # (AttnLRP's rule for 1/std), in every composite - relevance is conserved exactly
+            return apply_node(_Pass(self, call, self.op_label(call.name)), x)
         if merged_batchnorm(call):
             return x  # merged into the preceding layer: an exact identity
         if self.composite.norm == "identity":

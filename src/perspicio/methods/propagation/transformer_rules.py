@@ -9,6 +9,9 @@
   centring, identity on the scale ``w``, epsilon on the shift ``b`` - composed, that is the epsilon
   rule of this one linear map); the shift keeps ``sum_j b_j R_j / y_j``.
 * **GELU and other element-wise nonlinearities**: identity, ``R_x = R_y``.
+* **F.normalize** (a sentence embedding's L2 normalisation): the norm is held constant like the
+  LayerNorm's standard deviation, so ``y = x * (1 / ||x||)`` is a multiplication by a constant and
+  the identity rule passes relevance through, ``R_x = R_y`` (conserved; in every composite).
 * **products of two input-dependent tensors** (``q @ k^T``, ``A @ v``, gates): epsilon over the
   inner sum, then half of each term's relevance to each operand - ``R_a = 1/2 a * ((R / z) b^T)``,
   ``R_b = 1/2 b * (a^T (R / z))`` (the paper's uniform rule); conserving up to epsilon.
