@@ -41,6 +41,24 @@ class _VizDisplay:
 
         return explanation_figure(explanation, image=image, index=index, **kw)
 
+    @staticmethod
+    def method_figure(explanation: Any, *, image: Any, index: int) -> Any:
+        from .viz.plots import method_figure
+
+        return method_figure(explanation, image=image, index=index)
+
+    @staticmethod
+    def explanation_html(explanation: Any) -> str:
+        from .viz.notebook import explanation_html
+
+        return explanation_html(explanation)
+
+    @staticmethod
+    def comparison_html(comparison: Any) -> str:
+        from .viz.notebook import comparison_html
+
+        return comparison_html(comparison)
+
 
 _set_display(_VizDisplay())
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core.explanation import Explanation
+from ..core.explanation import Explanation, classify_output, display
 from ..core.jsonable import to_jsonable, write_json
 from ..core.outputs import OutputSelector
 from ..core.registry import METHODS, METRICS
@@ -34,8 +34,14 @@ from .plan import PassTimes, Reporter, format_seconds, measure_pass_times, metho
 #: average_drop 1, completeness 0 (the explanation's base value), sparseness and entropy 0)
 DEFAULT_METRICS = ("deletion", "insertion", "average_drop", "sparseness", "entropy", "completeness")
 #: metrics that cost many passes (re-explanations or many perturbations): run only when named
-EXPENSIVE_METRICS = ("faithfulness_correlation", "max_sensitivity", "avg_sensitivity", "randomization",
-                     "infidelity", "road")
+EXPENSIVE_METRICS = (
+    "faithfulness_correlation",
+    "max_sensitivity",
+    "avg_sensitivity",
+    "randomization",
+    "infidelity",
+    "road",
+)
 
 
 def resolve_methods(spec: str | Sequence[str] | None) -> list[str]:
@@ -60,7 +66,11 @@ def resolve_metrics(spec: str | Sequence[str] | None, *, have_masks: bool = Fals
         if key == "default":
             out += list(DEFAULT_METRICS) + (metric_names("localization") if have_masks else [])
         elif key == "all":
-            out += [m for m in metric_names() if have_masks or "masks" not in METRICS.get(m).extra.get("needs", ())]
+            out += [
+                m
+                for m in metric_names()
+                if have_masks or "masks" not in METRICS.get(m).extra.get("needs", ())
+            ]
         elif key in families and key not in METRICS:
             out += metric_names(key)
         else:
@@ -81,14 +91,20 @@ def _split(spec: str | Sequence[str] | None) -> list[str]:
     return out
 
 
-def _check_options(kind: str, options: Mapping[str, Mapping[str, Any]] | None, known: Sequence[str]) -> dict[str, dict[str, Any]]:
+def _check_options(
+    kind: str, options: Mapping[str, Mapping[str, Any]] | None, known: Sequence[str]
+) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, opts in (options or {}).items():
         if name not in known:
-            raise UnknownNameError(f"{kind}_options names {name!r}, which is not among the chosen {kind}s "
-                                   f"({', '.join(known)})." + suggest(name, known))
+            raise UnknownNameError(
+                f"{kind}_options names {name!r}, which is not among the chosen {kind}s "
+                f"({', '.join(known)})." + suggest(name, known)
+            )
         if not isinstance(opts, Mapping):
-            raise OptionError(f"{kind}_options[{name!r}] must be a dict of options; got {type(opts).__name__}.")
+            raise OptionError(
+                f"{kind}_options[{name!r}] must be a dict of options; got {type(opts).__name__}."
+            )
         out[name] = dict(opts)
     return out
 
@@ -135,7 +151,7 @@ class Comparison:
                 j = i
                 while j + 1 < len(ordered) and ordered[j + 1][1] == ordered[i][1]:
                     j += 1
-                for m, _ in ordered[i:j + 1]:
+                for m, _ in ordered[i : j + 1]:
                     out[m][metric] = (i + j) / 2 + 1
                 i = j + 1
         return out
@@ -149,8 +165,15 @@ class Comparison:
         ranks = self.ranks()
         out: dict[str, list[str]] = {}
         for metric in self.metrics:
-            winners = [m for m in self.ok_methods if ranks[m].get(metric) is not None
-                       and ranks[m][metric] == min((ranks[k][metric] for k in self.ok_methods if metric in ranks[k]), default=None)]
+            winners = [
+                m
+                for m in self.ok_methods
+                if ranks[m].get(metric) is not None
+                and ranks[m][metric]
+                == min(
+                    (ranks[k][metric] for k in self.ok_methods if metric in ranks[k]), default=None
+                )
+            ]
             out[metric] = winners
         return out
 
@@ -183,12 +206,20 @@ class Comparison:
             "targets": self.targets,
             "target_names": self.target_names,
             "methods": self.methods,
-            "metrics": {m: {"higher_is_better": self.higher_is_better(m), "family": METRICS.get(m).family,
-                            "summary": METRICS.get(m).summary} for m in self.metrics},
+            "metrics": {
+                m: {
+                    "higher_is_better": self.higher_is_better(m),
+                    "family": METRICS.get(m).family,
+                    "summary": METRICS.get(m).summary,
+                }
+                for m in self.metrics
+            },
             "table": to_jsonable(self.records()),
             "ranks": self.ranks(),
             "best": self.best(),
-            "results": {m: {k: r.summary() for k, r in per.items()} for m, per in self.results.items()},
+            "results": {
+                m: {k: r.summary() for k, r in per.items()} for m, per in self.results.items()
+            },
             "not_applicable": self.not_applicable,
             "errors": self.errors,
             "seconds": self.seconds,
@@ -200,6 +231,19 @@ class Comparison:
 
     def __repr__(self) -> str:
         return f"Comparison(methods={self.methods}, metrics={self.metrics})\n" + format_table(self)
+
+    def _repr_html_(self) -> str:
+        """Notebook display: the methods x metrics table and the comparison figure of the first input
+        (drawn by the display layer); never raises (falls back to the text table)."""
+        try:
+            return display().comparison_html(self)
+        except Exception as exc:  # a notebook display must never raise
+            import html
+
+            return (
+                f"<pre>{html.escape(repr(self))}</pre>"
+                f"<p><small>(display failed: {html.escape(str(exc))})</small></p>"
+            )
 
 
 class Table:
@@ -234,8 +278,10 @@ class Table:
             for r in self.records:
                 if r["method"] == key:
                     return r
-            raise UnknownNameError(f"no method {key!r} in the table; it has: {', '.join(self.methods)}."
-                                   + suggest(key, self.methods))
+            raise UnknownNameError(
+                f"no method {key!r} in the table; it has: {', '.join(self.methods)}."
+                + suggest(key, self.methods)
+            )
         return self.records[key]
 
     def to_pandas(self) -> Any:
@@ -243,7 +289,9 @@ class Table:
         try:
             import pandas as pd
         except ImportError:
-            raise PerspicioError("Table.to_pandas() needs pandas: pip install pandas (or use .records).") from None
+            raise PerspicioError(
+                "Table.to_pandas() needs pandas: pip install pandas (or use .records)."
+            ) from None
         return pd.DataFrame(self.records, columns=["method", *self.columns]).set_index("method")
 
     def __repr__(self) -> str:
@@ -258,15 +306,23 @@ class Table:
             return escape(str(v))
 
         head = "".join(f"<th>{escape(c)}</th>" for c in ["method", *self.columns])
-        body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in ["method", *self.columns]) + "</tr>"
-                       for r in self.records)
+        body = "".join(
+            "<tr>"
+            + "".join(f"<td>{cell(r.get(c))}</td>" for c in ["method", *self.columns])
+            + "</tr>"
+            for r in self.records
+        )
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def format_table(comp: Comparison, *, digits: int = 4) -> str:
     """Plain-text methods x metrics table, best per column marked with '*'."""
     best = comp.best()
-    head = ["method"] + [f"{m}{'^' if comp.higher_is_better(m) else 'v'}" for m in comp.metrics] + ["rank"]
+    head = (
+        ["method"]
+        + [f"{m}{'^' if comp.higher_is_better(m) else 'v'}" for m in comp.metrics]
+        + ["rank"]
+    )
     rows = [head]
     for rec in comp.records():
         row = [rec["method"]]
@@ -334,8 +390,10 @@ def compare(
     if black_box:
         from ..errors import ModelError
 
-        raise ModelError("compare/evaluate run registered methods, which need a torch nn.Module; "
-                         "score a black-box explanation with a metric class directly.")
+        raise ModelError(
+            "compare/evaluate run registered methods, which need a torch nn.Module; "
+            "score a black-box explanation with a metric class directly."
+        )
     select = OutputSelector(output)
     for name in metric_names:  # validate every metric's options before any work
         _make_metric(name, k_opts.get(name, {}), seed, batch_size, output)
@@ -346,10 +404,22 @@ def compare(
         with model_guard(module):
             out = select(module(x), len(x))
     tgt = resolve_target(target, out, labels)
-    comp = Comparison(method_names, metric_names, {}, {}, inputs=x,
-                      targets=tgt.indices.tolist() if tgt.indices is not None else None,
-                      target_names=target_names(labels, tgt.indices),
-                      model_name=getattr(model, "name", type(module).__name__))
+    unit, probs = classify_output(out) if tgt.indices is not None else ("output", None)
+    target_probs = (
+        probs.gather(1, tgt.indices.to(probs.device).view(-1, 1).long())[:, 0]
+        if probs is not None and tgt.indices is not None
+        else None
+    )
+    comp = Comparison(
+        method_names,
+        metric_names,
+        {},
+        {},
+        inputs=x,
+        targets=tgt.indices.tolist() if tgt.indices is not None else None,
+        target_names=target_names(labels, tgt.indices),
+        model_name=getattr(model, "name", type(module).__name__),
+    )
     reporter = _plan(comp, module, x, select, m_opts, k_opts, seed, batch_size, output, progress)
     try:
         for mname in method_names:
@@ -371,13 +441,23 @@ def compare(
                 comp.errors[mname] = str(exc)
                 reporter.finish(f"{mname}: failed ({exc})", reporter.estimates[mname])
                 for metric in metric_names:
-                    reporter.finish(f"{mname} {metric}: skipped", reporter.estimates[(mname, metric)])
+                    reporter.finish(
+                        f"{mname} {metric}: skipped", reporter.estimates[(mname, metric)]
+                    )
                 continue
+            if (
+                unit != "output"
+                and getattr(cls, "targets_are_classes", True)
+                and len(exp) == len(x)
+            ):
+                exp = exp.with_score_unit(unit, target_probs)
             comp.explanations[mname] = exp
             took = time.perf_counter() - t0
             comp.seconds[mname] = {"explain": round(took, 4)}
             comp.results[mname] = {}
-            reporter.finish(f"{mname}: explained in {format_seconds(took)}", reporter.estimates[mname])
+            reporter.finish(
+                f"{mname}: explained in {format_seconds(took)}", reporter.estimates[mname]
+            )
             for metric in metric_names:
                 reporter.start(f"{mname}: {metric}")
                 t0 = time.perf_counter()
@@ -392,7 +472,9 @@ def compare(
                     line = f"{mname} {metric} = {res.value:.4g}"
                 took = time.perf_counter() - t0
                 comp.seconds[mname][metric] = round(took, 4)
-                reporter.finish(f"{line} ({format_seconds(took)})", reporter.estimates[(mname, metric)])
+                reporter.finish(
+                    f"{line} ({format_seconds(took)})", reporter.estimates[(mname, metric)]
+                )
     finally:
         reporter.close()
     reporter.say(f"compare: done in {format_seconds(time.perf_counter() - reporter.t0)}")
@@ -402,9 +484,18 @@ def compare(
     return comp
 
 
-def _plan(comp: Comparison, module: Any, x: Tensor, select: Any, m_opts: Mapping[str, Mapping[str, Any]],
-          k_opts: Mapping[str, Mapping[str, Any]], seed: int, batch_size: int | None, output: Any,
-          progress: bool) -> Reporter:
+def _plan(
+    comp: Comparison,
+    module: Any,
+    x: Tensor,
+    select: Any,
+    m_opts: Mapping[str, Mapping[str, Any]],
+    k_opts: Mapping[str, Mapping[str, Any]],
+    seed: int,
+    batch_size: int | None,
+    output: Any,
+    progress: bool,
+) -> Reporter:
     """Estimate every step's seconds from the model's measured pass times, print the plan, and
     return the reporter that shows the run's progress (silent without ``progress``)."""
     n = len(x)
@@ -434,20 +525,36 @@ def _plan(comp: Comparison, module: Any, x: Tensor, select: Any, m_opts: Mapping
     reporter = Reporter(progress, sum(estimates.values()), len(estimates))
     reporter.estimates = estimates
     opt_in = [k for k in EXPENSIVE_METRICS if k not in comp.metrics and k in METRICS]
-    reporter.say(plan_text(comp.model_name, n, times, comp.methods, method_cost, method_s, comp.metrics, metric_cost,
-                           metric_s, opt_in))
+    reporter.say(
+        plan_text(
+            comp.model_name,
+            n,
+            times,
+            comp.methods,
+            method_cost,
+            method_s,
+            comp.metrics,
+            metric_cost,
+            metric_s,
+            opt_in,
+        )
+    )
     return reporter
 
 
-def _make_metric(name: str, opts: dict[str, Any], seed: int, batch_size: int | None, output: Any = None) -> Any:
+def _make_metric(
+    name: str, opts: dict[str, Any], seed: int, batch_size: int | None, output: Any = None
+) -> Any:
     from .base import Metric
 
     cls: type[Metric] = METRICS.get(name).cls
     allowed = cls.option_names()
     unknown = [k for k in opts if k not in allowed]
     if unknown:
-        raise OptionError(f"metric {name!r} has no option {unknown[0]!r}; its options are: {', '.join(allowed)}."
-                          + suggest(unknown[0], allowed))
+        raise OptionError(
+            f"metric {name!r} has no option {unknown[0]!r}; its options are: {', '.join(allowed)}."
+            + suggest(unknown[0], allowed)
+        )
     opts = dict(opts)
     opts.setdefault("seed", seed)
     if batch_size is not None:
