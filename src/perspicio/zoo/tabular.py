@@ -11,8 +11,9 @@ boosting model is retrained on every call (under a second) and never cached: sci
 only serialise through pickle, and unpickling a file from a cache directory runs whatever code
 whoever can write there put in it. Nothing downloads: both data sets ship with scikit-learn.
 
-Also here: :func:`read_table` (CSV/Parquet rows for the command line) and
-:func:`load_model_file` (a user's model file, never unpickled unless asked to).
+Also here: :func:`read_table` (CSV/Parquet rows for the command line),
+:func:`load_model_file` (a user's model file, never unpickled unless asked to) and
+:class:`OnnxModel` (an ONNX model run with onnxruntime).
 
     from perspicio.zoo.tabular import load_tabular
     demo = load_tabular("breast_cancer", "gbm")
@@ -435,10 +436,11 @@ def read_table(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str]]:
 
 
 def load_model_file(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Any:
-    """A user's model file for tree_shap: XGBoost ``.json``/``.ubj`` and LightGBM text models are
-    read as data (a :class:`~perspicio.trees.TreeEnsemble`); a pickle (``.pkl``, ``.joblib``...)
-    only with ``trust_pickle=True`` (unpickling runs code stored in the file), with a warning;
-    ONNX is not supported (ModelError)."""
+    """A user's model file: XGBoost ``.json``/``.ubj``, LightGBM text models and ONNX tree ensembles
+    are read as data (a :class:`~perspicio.trees.TreeEnsemble`, explained exactly by tree_shap);
+    any other ``.onnx`` model becomes an :class:`OnnxModel` (run with onnxruntime, a black box for
+    the sampling methods); a pickle (``.pkl``, ``.joblib``...) is loaded only with
+    ``trust_pickle=True`` (unpickling runs code stored in the file), with a warning."""
     import warnings
 
     from ..trees.readers import read_model
@@ -448,10 +450,9 @@ def load_model_file(path: str | os.PathLike[str], *, trust_pickle: bool = False)
         raise ModelError(f"model file {str(p)!r} does not exist.")
     suffix = p.suffix.lower()
     if suffix == ".onnx":
-        raise ModelError(
-            f"{p.name}: ONNX models are not supported by explain-tabular (perspicio reads tree models "
-            "from XGBoost JSON/UBJSON and LightGBM text files); export the model in one of those formats."
-        )
+        from ..trees.onnx_reader import is_tree_model, read_onnx
+
+        return read_onnx(p) if is_tree_model(p) else OnnxModel(p)
     if suffix in PICKLE_SUFFIXES:
         if not trust_pickle:
             raise ModelError(
@@ -473,3 +474,83 @@ def load_model_file(path: str | os.PathLike[str], *, trust_pickle: bool = False)
         with p.open("rb") as fh:
             return pickle.load(fh)  # noqa: S301 - explicitly trusted by the user (--trust-pickle)
     return read_model(p)
+
+
+_ORT_FLOATS = {"tensor(float)": np.float32, "tensor(double)": np.float64}
+
+
+class OnnxModel:
+    """An ONNX model run with onnxruntime on the CPU, as a callable on (N, F) rows returning the
+    explained output (N, K) as float64 - a black box for kernel_shap, LIME and the other sampling
+    methods (tree ensembles are read exactly instead: :func:`perspicio.trees.onnx_reader.read_onnx`).
+
+    The explained output is the graph's floating-point tensor output, preferring one whose name
+    contains "prob"; a ZipMap (scikit-learn converters' list of {class: probability} dicts) is
+    replaced by the tensor it is built from, and its class labels become :attr:`labels`.
+
+    Attributes:
+        n_features: the input's declared column count (None if not declared).
+        labels: class labels from a ZipMap, else None.
+        output_name: the graph output that is explained.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from ..trees.onnx_reader import INSTALL, load_proto
+
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ModelError(f"running ONNX models needs onnxruntime: {INSTALL}.") from None
+        import onnx
+
+        model, name = load_proto(path)
+        self.name = name
+        self.labels: tuple[str, ...] | None = None
+        graph = model.graph
+        for node in graph.node:
+            if node.op_type == "ZipMap" and node.output[0] in {o.name for o in graph.output}:
+                graph.output.append(onnx.ValueInfoProto(name=node.input[0]))
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                raw = attrs.get("classlabels_int64s") or attrs.get("classlabels_strings") or []
+                self.labels = tuple(v.decode() if isinstance(v, bytes) else str(v) for v in raw)
+        try:
+            self.session = onnxruntime.InferenceSession(
+                model.SerializeToString(), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types
+            raise ModelError(
+                f"onnxruntime cannot load {name}: {str(exc).splitlines()[0][:300]}"
+            ) from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ModelError(
+                f"{name} has {len(inputs)} inputs; a tabular model takes one (N, features) input."
+            )
+        inp = inputs[0]
+        if inp.type not in _ORT_FLOATS or len(inp.shape) != 2:
+            raise ModelError(
+                f"{name}: the input {inp.name!r} is {inp.type} of shape {inp.shape}; a tabular model "
+                "takes a float or double (N, features) tensor."
+            )
+        self.input_name = inp.name
+        self.input_dtype = _ORT_FLOATS[inp.type]
+        f = inp.shape[1]
+        self.n_features: int | None = f if isinstance(f, int) and f > 0 else None
+        floats = [o for o in self.session.get_outputs() if o.type in _ORT_FLOATS]
+        if not floats:
+            raise ModelError(f"{name} has no floating-point tensor output to explain.")
+        prob = [o for o in floats if "prob" in o.name.lower()]
+        self.output_name = (prob or floats)[0].name
+        if self.labels is not None and not prob:
+            self.labels = None
+
+    def __call__(self, rows: Any) -> np.ndarray:
+        x = np.asarray(rows, dtype=self.input_dtype)
+        if x.ndim == 1:
+            x = x[None]
+        out = self.session.run([self.output_name], {self.input_name: x})[0]
+        out = np.asarray(out, dtype=np.float64)
+        return out.reshape(len(x), -1)
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({self.name}, output {self.output_name!r})"
