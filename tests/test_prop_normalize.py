@@ -55,9 +55,7 @@ def test_lrp_normalize_is_the_identity_rule_closed_form(p: float) -> None:
     AttnLRP gives 1/std) - then the epsilon rule of W: R_x = x * W^T (R_z / z)."""
     net = LinearNormalize(W, p)
     for kw in ({"composite": "attnlrp"}, {"rule": "epsilon"}):
-        e = perspicio.explain(
-            net, torch.from_numpy(X), method="lrp", target=1, epsilon=1e-12, **kw
-        )
+        e = perspicio.explain(net, torch.from_numpy(X), method="lrp", target=1, epsilon=1e-12, **kw)
         z = W @ X[0]
         y = z / (np.abs(z) ** p).sum() ** (1 / p)
         r_z = np.array([0.0, y[1], 0.0])  # R = out * dT/dout at the target
@@ -79,13 +77,20 @@ def test_lrp_normalize_conserves_in_every_composite(composite: str) -> None:
             prm.copy_(torch.randn(prm.shape, generator=g, dtype=prm.dtype))
     x = torch.rand(3, 5, generator=g, dtype=torch.float64) + 0.1  # positive: z^B, flat bounds
     e = perspicio.explain(
-        net, x, method="lrp", composite=composite, epsilon=1e-12, target=[0, 2, 3],
+        net,
+        x,
+        method="lrp",
+        composite=composite,
+        epsilon=1e-12,
+        target=[0, 2, 3],
         record_layers=True,
     )
     # conserved up to the first-layer rules' own stabilisers (flat, z^B, alpha-beta: 1e-6 each)
     torch.testing.assert_close(e.attributions.sum(1), e.scores, rtol=1e-4, atol=1e-12)
     budget = relevance_budget(e)
-    assert "normalize" not in budget.absorbed or float(budget.absorbed["normalize"].abs().max()) == 0
+    assert (
+        "normalize" not in budget.absorbed or float(budget.absorbed["normalize"].abs().max()) == 0
+    )
     # exactly the relevance of the unnormalised coordinate divided by the norm (the rules are
     # linear in the relevance they receive)
     plain = perspicio.explain(
@@ -207,15 +212,24 @@ def test_minilm_normalised_output_lrp_conserves(minilm) -> None:
     # bias-free float64 copy, constant softmax (CP-LRP): every rule conserves, F.normalize too
     model = SentenceOnEmbeddings(_bias_free(enc)).eval()
     e = perspicio.explain(
-        model, embeds.double(), method="lrp", composite="attnlrp", attention="constant",
-        epsilon=1e-12, target=DIM,
+        model,
+        embeds.double(),
+        method="lrp",
+        composite="attnlrp",
+        attention="constant",
+        epsilon=1e-12,
+        target=DIM,
     )
     score = float(e.scores[0])
     assert abs(score) > 1e-3
     assert abs(float(e.attributions.sum()) - score) < 1e-9 * abs(score)
     # the real MiniLM, AttnLRP: the budget closes, and the normalisation keeps nothing
     e = perspicio.explain(
-        SentenceOnEmbeddings(enc).eval(), embeds, method="lrp", composite="attnlrp", target=DIM,
+        SentenceOnEmbeddings(enc).eval(),
+        embeds,
+        method="lrp",
+        composite="attnlrp",
+        target=DIM,
         record_layers=True,
     )
     budget = relevance_budget(e)
@@ -238,9 +252,10 @@ def test_minilm_normalised_output_lrp_conserves(minilm) -> None:
 
     plain = perspicio.explain(Unnormalised(), embeds, method="lrp", composite="attnlrp", target=DIM)
     torch.testing.assert_close(
-        e.attributions, plain.attributions / h.norm(), rtol=1e-4, atol=1e-7 * float(
-            plain.attributions.abs().max()
-        )
+        e.attributions,
+        plain.attributions / h.norm(),
+        rtol=1e-4,
+        atol=1e-7 * float(plain.attributions.abs().max()),
     )
 
 
@@ -254,7 +269,8 @@ def test_minilm_normalised_output_deeplift_sums_to_delta(minilm) -> None:
     e32 = DeepLift(SentenceOnEmbeddings(enc).eval(), baseline="zero")(embeds, target=DIM)
     assert conservation(e32).max_rel_error < 1e-3
     torch.testing.assert_close(
-        e32.attributions.double(), e.attributions, rtol=0, atol=1e-3 * float(
-            e.attributions.abs().max()
-        )
+        e32.attributions.double(),
+        e.attributions,
+        rtol=0,
+        atol=1e-3 * float(e.attributions.abs().max()),
     )

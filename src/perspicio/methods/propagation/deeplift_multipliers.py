@@ -78,7 +78,9 @@ def clamp_bounds(call: Call) -> tuple[float | None, float | None] | None:
         lo, hi = None, (a[1] if len(a) > 1 else kw.get("max"))
     else:
         return None
-    if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in (lo, hi)):
+    if not all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in (lo, hi)
+    ):
         return None
     return (None if lo is None else float(lo)), (None if hi is None else float(hi))
 
@@ -92,8 +94,14 @@ def clamp_derivative(bounds: tuple[float | None, float | None], x: Tensor) -> Te
     return torch.ones_like(x) if inside is None else inside.to(x.dtype)
 
 
-def clamp_rescale_backward(bounds: tuple[float | None, float | None], x: Tensor, x0: Tensor, y: Tensor,
-                           y0: Tensor, m: Tensor) -> Tensor:
+def clamp_rescale_backward(
+    bounds: tuple[float | None, float | None],
+    x: Tensor,
+    x0: Tensor,
+    y: Tensor,
+    y0: Tensor,
+    m: Tensor,
+) -> Tensor:
     """``m * (y - y0) / (x - x0)`` for a clamp ``y = clamp(x, lo, hi)``, ``m * clamp'(x)`` where x == x0.
 
     The same values as ``m * rescale_multiplier(...)`` with float arithmetic only: on CPU,
@@ -117,8 +125,14 @@ def clamp_rescale_backward(bounds: tuple[float | None, float | None], x: Tensor,
     return add_where_equal(r, grad, dx)  # the gradient where x == x0
 
 
-def rescale_multiplier(fn: Any, x: Tensor, x0: Tensor, y: Tensor, y0: Tensor,
-                       bounds: tuple[float | None, float | None] | None = None) -> Tensor:
+def rescale_multiplier(
+    fn: Any,
+    x: Tensor,
+    x0: Tensor,
+    y: Tensor,
+    y0: Tensor,
+    bounds: tuple[float | None, float | None] | None = None,
+) -> Tensor:
     """``(y - y0) / (x - x0)``, the derivative at x where x equals x0.
 
     A tiny non-zero ``x - x0`` is kept: the multiplier stays bounded for Lipschitz
@@ -135,8 +149,9 @@ def rescale_multiplier(fn: Any, x: Tensor, x0: Tensor, y: Tensor, y0: Tensor,
     return m
 
 
-def reveal_cancel_multipliers(fn: Any, call: Call, x: Tensor, x0: Tensor, y0: Tensor, Pd: Tensor, Nd: Tensor
-                              ) -> tuple[Tensor, Tensor]:
+def reveal_cancel_multipliers(
+    fn: Any, call: Call, x: Tensor, x0: Tensor, y0: Tensor, Pd: Tensor, Nd: Tensor
+) -> tuple[Tensor, Tensor]:
     """RevealCancel multipliers ``(mP, mN)`` of the positive and negative parts ``Pd``, ``Nd`` of
     ``x - x0`` through the element-wise ``fn`` of ``call`` (Shrikumar et al. 2017, eq. 4-5); the
     derivative at x where a part vanishes."""
@@ -177,7 +192,12 @@ def norm_spec(call: Call, x: Tensor) -> dict[str, Any]:
             return t.reshape(-1, 1, m)
 
         wfull = None if w is None else w.reshape(1, 1, m)
-        return {"view": view, "w": lambda t: wfull, "eps": float(eps), "center": name == "layer_norm"}
+        return {
+            "view": view,
+            "w": lambda t: wfull,
+            "eps": float(eps),
+            "center": name == "layer_norm",
+        }
     if name == "group_norm":
         groups = int(a.get("p1", kw.get("num_groups")))
         w = a.get("p2", kw.get("weight"))
@@ -209,7 +229,10 @@ class RescaleNode:
 
     def backward(self, ins: list[Tensor], y: Tensor, m: Tensor) -> tuple[Tensor]:
         x = ins[0]
-        if self.bounds is not None and m.shape == x.shape == y.shape == self.y0.shape == self.x0.shape:
+        if (
+            self.bounds is not None
+            and m.shape == x.shape == y.shape == self.y0.shape == self.x0.shape
+        ):
             return (clamp_rescale_backward(self.bounds, x, self.x0, y, self.y0, m),)
         r = rescale_multiplier(self.fn, x, self.x0, y, self.y0, self.bounds)
         if r.shape == x.shape and m.shape == x.shape and not m.requires_grad:
@@ -230,10 +253,14 @@ class BilinearNode:
         ia, ib = self.ids
         with torch.enable_grad():
             ai, bi = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
-            za = self.call.func(*substitute(self.call.args, {ia: ai, ib: bbar}),
-                                **substitute(self.call.kwargs, {ia: ai, ib: bbar}))
-            zb = self.call.func(*substitute(self.call.args, {ia: abar, ib: bi}),
-                                **substitute(self.call.kwargs, {ia: abar, ib: bi}))
+            za = self.call.func(
+                *substitute(self.call.args, {ia: ai, ib: bbar}),
+                **substitute(self.call.kwargs, {ia: ai, ib: bbar}),
+            )
+            zb = self.call.func(
+                *substitute(self.call.args, {ia: abar, ib: bi}),
+                **substitute(self.call.kwargs, {ia: abar, ib: bi}),
+            )
             ga, gb = torch.autograd.grad((za, zb), (ai, bi), (m, m))
         return ga, gb
 
@@ -295,8 +322,12 @@ class SoftmaxNode:
         # u = x - lse: lse - lse0 = rho (S - S0) (log), S - S0 = sum_i eps_i (x_i - x0_i) (exps)
         dS = S - S0
         small = dS.abs() <= tiny_step(S)
-        rho = torch.where(small, 1.0 / S, (lse - lse0) / torch.where(small, torch.ones_like(dS), dS))
-        rho = torch.where(S > 0, rho, torch.zeros_like(rho))  # a row masked entirely: nothing to split
+        rho = torch.where(
+            small, 1.0 / S, (lse - lse0) / torch.where(small, torch.ones_like(dS), dS)
+        )
+        rho = torch.where(
+            S > 0, rho, torch.zeros_like(rho)
+        )  # a row masked entirely: nothing to split
         dx = xs - x0s
         small = dx.abs() <= tiny_step(xs)
         eps = torch.where(small, e, (e - e0) / torch.where(small, torch.ones_like(dx), dx))
@@ -320,7 +351,10 @@ class NormalizeNode:
             c, c0 = X - X.mean(-1, keepdim=True), X0 - X0.mean(-1, keepdim=True)
         else:
             c, c0 = X, X0
-        q, q0 = (c * c).mean(-1, keepdim=True) + sp["eps"], (c0 * c0).mean(-1, keepdim=True) + sp["eps"]
+        q, q0 = (
+            (c * c).mean(-1, keepdim=True) + sp["eps"],
+            (c0 * c0).mean(-1, keepdim=True) + sp["eps"],
+        )
         sig, sig0 = q.sqrt(), q0.sqrt()
         w = sp["w"](x)
         mu = M * w if w is not None else M
@@ -328,7 +362,9 @@ class NormalizeNode:
         msig = (mu * (-0.5) * (c + c0)).sum(-1, keepdim=True) / (sig * sig0)
         dq = q - q0
         small = dq.abs() <= tiny_step(q)
-        rs = torch.where(small, 0.5 / sig, (sig - sig0) / torch.where(small, torch.ones_like(dq), dq))
+        rs = torch.where(
+            small, 0.5 / sig, (sig - sig0) / torch.where(small, torch.ones_like(dq), dq)
+        )
         mc = mc + (msig * rs) * (c + c0) / c.shape[-1]
         if sp["center"]:
             mc = mc - mc.mean(-1, keepdim=True)
@@ -382,7 +418,9 @@ def pool_with_indices(call: Call, t: Tensor) -> tuple[Tensor, Tensor]:
     return call.func(*args, **kwargs, return_indices=True)
 
 
-def maxpool_split(x: Tensor, x0: Tensor, y: Tensor, y0: Tensor, idx: Tensor, idx0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def maxpool_split(
+    x: Tensor, x0: Tensor, y: Tensor, y0: Tensor, idx: Tensor, idx0: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Flattened indices of both argmaxes and the weight t of the input's argmax.
 
     ``y - y0 = t (x - x0)[argmax x] + (1 - t) (x - x0)[argmax x0]`` with t in [0, 1].
@@ -395,7 +433,9 @@ def maxpool_split(x: Tensor, x0: Tensor, y: Tensor, y0: Tensor, idx: Tensor, idx
     dy = (y - y0).reshape(n, c, -1)
     gap = di - dj
     ok = gap.abs() > tiny_step(y.reshape(n, c, -1))
-    t = torch.where(ok, (dy - dj) / torch.where(ok, gap, torch.ones_like(gap)), torch.full_like(gap, 0.5))
+    t = torch.where(
+        ok, (dy - dj) / torch.where(ok, gap, torch.ones_like(gap)), torch.full_like(gap, 0.5)
+    )
     return i, j, t.clamp(0.0, 1.0)
 
 
@@ -416,5 +456,3 @@ class MaxPoolNode:
         out.scatter_add_(2, i, t * mf)
         out.scatter_add_(2, j, (1 - t) * mf)
         return (out.reshape(x.shape),)
-
-

@@ -65,10 +65,18 @@ class DeepLiftPropagator(Propagator):
     """Reference pass (``mode="record"``) or input pass (``mode="replay"``) of DeepLIFT-Rescale."""
 
     method = "deeplift"
-    supported = frozenset({STRUCT, SCALE, SUM, REDUCE, AFFINE, PRODUCT, DIV, ACT, ELEMWISE, NORM, SOFTMAX, MAXPOOL})
+    supported = frozenset(
+        {STRUCT, SCALE, SUM, REDUCE, AFFINE, PRODUCT, DIV, ACT, ELEMWISE, NORM, SOFTMAX, MAXPOOL}
+    )
 
-    def __init__(self, model: nn.Module, *, mode: str, refs: list[dict[str, Any]] | None = None,
-                 gradient_fallback: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mode: str,
+        refs: list[dict[str, Any]] | None = None,
+        gradient_fallback: bool = False,
+    ) -> None:
         super().__init__(model, gradient_fallback=gradient_fallback)
         self.mode = mode
         self.refs: list[dict[str, Any]] = [] if refs is None else refs
@@ -116,16 +124,24 @@ class DeepLiftPropagator(Propagator):
         return out
 
     # ------------------------------------------------------------------ pairing
-    def pair(self, call: Call, variables: list[Tensor], out: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def pair(
+        self, call: Call, variables: list[Tensor], out: Any, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Record (reference pass) or fetch (input pass) the reference of one nonlinear operation."""
         if self.mode == "record":
-            rec = {"name": call.name, "ins": [v.detach() for v in variables],
-                   "out": out.detach() if isinstance(out, Tensor) else None, **(extra or {})}
+            rec = {
+                "name": call.name,
+                "ins": [v.detach() for v in variables],
+                "out": out.detach() if isinstance(out, Tensor) else None,
+                **(extra or {}),
+            }
             self.refs.append(rec)
             return rec
         if self.k >= len(self.refs):
-            raise ModelError(f"deeplift: the input pass runs more nonlinear operations than the reference pass "
-                             f"({call.name} in {self.site()}); the model's control flow depends on its input.")
+            raise ModelError(
+                f"deeplift: the input pass runs more nonlinear operations than the reference pass "
+                f"({call.name} in {self.site()}); the model's control flow depends on its input."
+            )
         rec = self.refs[self.k]
         self.k += 1
         shapes = [tuple(v.shape) for v in variables]
@@ -140,7 +156,9 @@ class DeepLiftPropagator(Propagator):
     def _elementwise(self, call: Call) -> Any:
         x = next(t for t in call.args if self.is_var(t))
         if sum(1 for t in iter_tensors((call.args, call.kwargs)) if self.is_var(t)) != 1:
-            return self._unknown(call.func, call.args, call.kwargs, reason="element-wise op of several inputs")
+            return self._unknown(
+                call.func, call.args, call.kwargs, reason="element-wise op of several inputs"
+            )
         if self.mode == "record":
             out = call.run()
             self.pair(call, [x], out)
@@ -157,7 +175,9 @@ class DeepLiftPropagator(Propagator):
             f = fused_call(call)
             packed = kernels.packed_kernel(f.weight) if f is not None else None
             if packed is not None and len(call.args) >= 2 and call.args[1] is f.weight:
-                z = call.func(f.x, packed, f.bias, f.padding, f.stride, f.dilation, f.groups, "none", [], None)
+                z = call.func(
+                    f.x, packed, f.bias, f.padding, f.stride, f.dilation, f.groups, "none", [], None
+                )
                 self.tracked[id(z)] = z
                 return z if f.act is None else self.dispatch(f.act, (z, *f.act_args), f.act_kwargs)
         return super().on_fused(call)
@@ -174,8 +194,12 @@ class DeepLiftPropagator(Propagator):
             if self.is_var(t) and all(t is not v for v in variables):
                 variables.append(t)
         if len(variables) != 2:
-            return self._unknown(call.func, call.args, call.kwargs,
-                                 reason="a product needs exactly two distinct input-dependent operands")
+            return self._unknown(
+                call.func,
+                call.args,
+                call.kwargs,
+                reason="a product needs exactly two distinct input-dependent operands",
+            )
         if self.mode == "record":
             out = call.run()
             self.pair(call, variables, out)
@@ -212,7 +236,9 @@ class DeepLiftPropagator(Propagator):
         lp = lp_normalize_args(call)
         if lp is not None:
             if not (math.isfinite(lp[0]) and lp[0] > 0):
-                return self._unknown(call.func, call.args, call.kwargs, reason=f"F.normalize with p={lp[0]:g}")
+                return self._unknown(
+                    call.func, call.args, call.kwargs, reason=f"F.normalize with p={lp[0]:g}"
+                )
             if self.mode == "record":
                 out = call.run()
                 self.pair(call, [x], out)
@@ -224,7 +250,9 @@ class DeepLiftPropagator(Propagator):
         if op_name(call.func).endswith("batch_norm"):
             training = call.args[5] if len(call.args) > 5 else call.kwargs.get("training", False)
             if training:
-                return self._unknown(call.func, call.args, call.kwargs, reason="batch_norm in training mode")
+                return self._unknown(
+                    call.func, call.args, call.kwargs, reason="batch_norm in training mode"
+                )
             return call.run()  # eval-mode BatchNorm is affine: the gradient is the linear rule
         if self.mode == "record":
             out = call.run()
@@ -276,9 +304,13 @@ class RevealCancelPropagator(DeepLiftPropagator):
     linear_fast_path = False  # its linear operations map the shadow streams
     # products, divisions, softmax and layer norms are accepted only to keep the pairing aligned:
     # their handlers raise (or fall back to the Jacobian) after consuming the reference record
-    supported = frozenset({STRUCT, SCALE, SUM, REDUCE, AFFINE, ACT, ELEMWISE, NORM, MAXPOOL, PRODUCT, DIV, SOFTMAX})
+    supported = frozenset(
+        {STRUCT, SCALE, SUM, REDUCE, AFFINE, ACT, ELEMWISE, NORM, MAXPOOL, PRODUCT, DIV, SOFTMAX}
+    )
 
-    def __init__(self, model: nn.Module, *, refs: list[dict[str, Any]], gradient_fallback: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, *, refs: list[dict[str, Any]], gradient_fallback: bool = False
+    ) -> None:
         super().__init__(model, mode="replay", refs=refs, gradient_fallback=gradient_fallback)
         self.shadow: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # id -> (tensor, P, N)
 
@@ -303,7 +335,9 @@ class RevealCancelPropagator(DeepLiftPropagator):
         """
         P, N = self.parts(t)
         d = P + N
-        pos = torch.relu(d)  # d * (d > 0) with that mask held constant by autograd; one float kernel
+        pos = torch.relu(
+            d
+        )  # d * (d > 0) with that mask held constant by autograd; one float kernel
         return pos, d - pos
 
     def _stream(self, obj: Any, which: int, zero_scalars: bool = False) -> Any:
@@ -322,19 +356,28 @@ class RevealCancelPropagator(DeepLiftPropagator):
 
     def on_struct(self, call: Call) -> Any:
         if op_name(call.func).endswith("__setitem__"):
-            return self._unknown(call.func, call.args, call.kwargs, reason="in-place item assignment")
+            return self._unknown(
+                call.func, call.args, call.kwargs, reason="in-place item assignment"
+            )
         out = call.run()
         kwargs = dict(call.kwargs)
         args = call.args
         name = op_name(call.func).rsplit(".", 1)[-1]
-        if name in ("pad", "masked_fill", "where"):  # fill values are constants: their difference is zero
+        if name in (
+            "pad",
+            "masked_fill",
+            "where",
+        ):  # fill values are constants: their difference is zero
             if "value" in kwargs:
                 kwargs["value"] = 0.0
             zero = True
         else:
             zero = False
         with torch.enable_grad():
-            shadows = [call.func(*self._stream(args, w, zero), **self._stream(kwargs, w, zero)) for w in (0, 1)]
+            shadows = [
+                call.func(*self._stream(args, w, zero), **self._stream(kwargs, w, zero))
+                for w in (0, 1)
+            ]
         if isinstance(out, Tensor):
             self.set(out, *shadows)
         elif isinstance(out, (tuple, list)):
@@ -354,8 +397,11 @@ class RevealCancelPropagator(DeepLiftPropagator):
             cp, cn = max(float(c), 0.0), min(float(c), 0.0)
         with torch.enable_grad():
             P, N = self.split(x)
-            return self.set(out, torch.broadcast_to(cp * P + cn * N, out.shape),
-                            torch.broadcast_to(cp * N + cn * P, out.shape))
+            return self.set(
+                out,
+                torch.broadcast_to(cp * P + cn * N, out.shape),
+                torch.broadcast_to(cp * N + cn * P, out.shape),
+            )
 
     def on_sum(self, call: Call, ar: Arith) -> Any:
         out = call.run()
@@ -375,7 +421,9 @@ class RevealCancelPropagator(DeepLiftPropagator):
         rest = call.args[1:]
         with torch.enable_grad():
             P, N = self.split(x)  # non-negative weights: the parts keep their sign
-            return self.set(out, call.func(P, *rest, **call.kwargs), call.func(N, *rest, **call.kwargs))
+            return self.set(
+                out, call.func(P, *rest, **call.kwargs), call.func(N, *rest, **call.kwargs)
+            )
 
     def on_affine(self, call: Call) -> Any:
         out = call.run()
@@ -389,17 +437,28 @@ class RevealCancelPropagator(DeepLiftPropagator):
                 # with [W+, W-] / [W- , W+] stacked likewise: no batch slicing (whose backward
                 # zero-fills and copies a full buffer per slice), one concatenation
                 both = torch.cat([P, N], dim=1 if op.conv is not None else -1)
-                w_pn = derived(op.weight, "reveal_cancel_pn", lambda w: torch.cat([pos(w), neg(w)], dim=1))
-                w_np = derived(op.weight, "reveal_cancel_np", lambda w: torch.cat([neg(w), pos(w)], dim=1))
+                w_pn = derived(
+                    op.weight, "reveal_cancel_pn", lambda w: torch.cat([pos(w), neg(w)], dim=1)
+                )
+                w_np = derived(
+                    op.weight, "reveal_cancel_np", lambda w: torch.cat([neg(w), pos(w)], dim=1)
+                )
                 return self.set(out, op(both, w_pn, None), op(both, w_np, None))
-            return self.set(out, op(P, wp, None) + op(N, wn, None), op(N, wp, None) + op(P, wn, None))
+            return self.set(
+                out, op(P, wp, None) + op(N, wn, None), op(N, wp, None) + op(P, wn, None)
+            )
 
     def on_norm(self, call: Call) -> Any:
         if merged_batchnorm(call):
             return call.args[0]
         if not op_name(call.func).endswith("batch_norm"):
             self.pair(call, [call.args[0]], None)
-            return self._unknown(call.func, call.args, call.kwargs, reason="no RevealCancel rule for layer norms or F.normalize")
+            return self._unknown(
+                call.func,
+                call.args,
+                call.kwargs,
+                reason="no RevealCancel rule for layer norms or F.normalize",
+            )
         from .lrp import norm_linear_part
 
         x = call.args[0]
@@ -416,7 +475,9 @@ class RevealCancelPropagator(DeepLiftPropagator):
         out = call.run()
         fn = _unary(call, x)
         P, N = self.parts(x)
-        mP, mN = reveal_cancel_multipliers(fn, call, x, rec["ins"][0], rec["out"], P.detach(), N.detach())
+        mP, mN = reveal_cancel_multipliers(
+            fn, call, x, rec["ins"][0], rec["out"], P.detach(), N.detach()
+        )
         with torch.enable_grad():
             return self.set(out, mP * P, mN * N)
 
@@ -440,15 +501,21 @@ class RevealCancelPropagator(DeepLiftPropagator):
     def on_product(self, call: Call) -> Any:
         variables = [t for t in iter_tensors((call.args, call.kwargs)) if self.is_var(t)]
         self.pair(call, variables, None)
-        return self._unknown(call.func, call.args, call.kwargs, reason="no RevealCancel rule for products")
+        return self._unknown(
+            call.func, call.args, call.kwargs, reason="no RevealCancel rule for products"
+        )
 
     def on_div(self, call: Call, ar: Arith) -> Any:
         self.pair(call, [t for t in (ar.a, ar.b) if self.is_var(t)], None)
-        return self._unknown(call.func, call.args, call.kwargs, reason="no RevealCancel rule for divisions")
+        return self._unknown(
+            call.func, call.args, call.kwargs, reason="no RevealCancel rule for divisions"
+        )
 
     def on_softmax(self, call: Call) -> Any:
         self.pair(call, [call.args[0]], None)
-        return self._unknown(call.func, call.args, call.kwargs, reason="no RevealCancel rule for softmax")
+        return self._unknown(
+            call.func, call.args, call.kwargs, reason="no RevealCancel rule for softmax"
+        )
 
     def fallback(self, func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
         """Map the shadows with the operation's Jacobian at the input (forward-mode AD)."""
@@ -457,21 +524,29 @@ class RevealCancelPropagator(DeepLiftPropagator):
         streams = []
         for which in (0, 1):
             with torch.enable_grad(), fwAD.dual_level():
-                mapping = {id(v): fwAD.make_dual(v.detach(), self.shadow[id(v)][1 + which]) for v in variables}
+                mapping = {
+                    id(v): fwAD.make_dual(v.detach(), self.shadow[id(v)][1 + which])
+                    for v in variables
+                }
                 res = func(*substitute(args, mapping), **substitute(kwargs, mapping))
-                res = [res] if isinstance(res, Tensor) else [r for r in res if isinstance(r, Tensor)]
+                res = (
+                    [res] if isinstance(res, Tensor) else [r for r in res if isinstance(r, Tensor)]
+                )
                 tangents = [fwAD.unpack_dual(r).tangent for r in res]
-            streams.append([tg if tg is not None else torch.zeros_like(o) for tg, o in zip(tangents, outs)])
+            streams.append(
+                [tg if tg is not None else torch.zeros_like(o) for tg, o in zip(tangents, outs)]
+            )
         for o, p, n in zip(outs, streams[0], streams[1]):
             self.set(o, p, n)
         return out
 
-    unknown_hint = ("Use rule='rescale', rewrite it with supported operations, or pass gradient_fallback=True "
-                    "(recorded in the explanation's provenance).")
+    unknown_hint = (
+        "Use rule='rescale', rewrite it with supported operations, or pass gradient_fallback=True "
+        "(recorded in the explanation's provenance)."
+    )
 
     def _on_path(self, args: tuple, kwargs: dict, out: Any) -> bool:
         # RevealCancel tracks its variables itself (outputs do not require grad here)
         return any(self.is_var(t) for t in iter_tensors((args, kwargs))) and any(
-            t.is_floating_point() for t in iter_tensors(out))
-
-
+            t.is_floating_point() for t in iter_tensors(out)
+        )

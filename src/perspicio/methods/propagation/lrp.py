@@ -84,7 +84,9 @@ def norm_linear_part(call: Call, x: Tensor) -> Any:
         training = a.get("p5", kw.get("training", False))
         eps = a.get("p7", kw.get("eps", 1e-5))
         if training or rm is None:
-            raise ModelError("batch_norm with batch statistics (training mode) is not an affine map; use eval mode.")
+            raise ModelError(
+                "batch_norm with batch statistics (training mode) is not an affine map; use eval mode."
+            )
         scale = torch.rsqrt(rv + eps)
         if w is not None:
             scale = scale * w
@@ -94,7 +96,9 @@ def norm_linear_part(call: Call, x: Tensor) -> Any:
         shape = a.get("p1", kw.get("normalized_shape"))
         w = a.get("p2", kw.get("weight"))
         eps = a.get("p4", kw.get("eps", 1e-5))
-        dims = tuple(range(x.ndim - len(tuple(shape) if not isinstance(shape, int) else (shape,)), x.ndim))
+        dims = tuple(
+            range(x.ndim - len(tuple(shape) if not isinstance(shape, int) else (shape,)), x.ndim)
+        )
         inv = torch.rsqrt(x.var(dim=dims, unbiased=False, keepdim=True) + eps)
 
         def ln(t: Tensor) -> Tensor:
@@ -122,7 +126,9 @@ def norm_linear_part(call: Call, x: Tensor) -> Any:
         w = a.get("p2", kw.get("weight"))
         eps = a.get("p3", kw.get("eps"))
         eps = torch.finfo(x.dtype).eps if eps is None else eps
-        dims = tuple(range(x.ndim - len(tuple(shape) if not isinstance(shape, int) else (shape,)), x.ndim))
+        dims = tuple(
+            range(x.ndim - len(tuple(shape) if not isinstance(shape, int) else (shape,)), x.ndim)
+        )
         inv = torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
         return lambda t: t * inv * w if w is not None else t * inv
     raise ModelError(f"no linear form known for {call.name}.")
@@ -143,6 +149,7 @@ def lp_normalize_args(call: Call) -> tuple[float, int, float] | None:
 def merged_batchnorm(call: Call) -> bool:
     """True for a ``batch_norm`` call of a BatchNorm currently merged by the canonizer."""
     from .canonizers import is_identity_batchnorm
+
     if not op_name(call.func).endswith("batch_norm"):
         return False
     rm = call.args[1] if len(call.args) > 1 else call.kwargs.get("running_mean")
@@ -151,7 +158,9 @@ def merged_batchnorm(call: Call) -> bool:
 
 _ZERO_PADS = frozenset({F.pad, torch.constant_pad_nd})
 _NONNEG_ACTS = frozenset({"relu", "relu6", "sigmoid", "hardsigmoid"})
-_MOVING = frozenset({"masked_fill", "where", "__setitem__", "index_put", "scatter"})  # may write new values
+_MOVING = frozenset(
+    {"masked_fill", "where", "__setitem__", "index_put", "scatter"}
+)  # may write new values
 
 
 def nonneg_activation(call: Call) -> bool:
@@ -161,7 +170,11 @@ def nonneg_activation(call: Call) -> bool:
         return True
     if short in ("hardtanh", "clamp", "clip", "clamp_min"):
         key = "min_val" if short == "hardtanh" else "min"
-        low = call.args[1] if len(call.args) > 1 else call.kwargs.get(key, -1.0 if short == "hardtanh" else None)
+        low = (
+            call.args[1]
+            if len(call.args) > 1
+            else call.kwargs.get(key, -1.0 if short == "hardtanh" else None)
+        )
         return isinstance(low, (int, float)) and not isinstance(low, bool) and low >= 0
     return False
 
@@ -201,8 +214,17 @@ class _Linear:
 
 
 class _Affine:
-    def __init__(self, prop: LRPPropagator, call: Call, op: Any, rule: Any, ctx: RuleContext, label: str) -> None:
-        self.prop, self.call, self.op, self.rule, self.ctx, self.label = prop, call, op, rule, ctx, label
+    def __init__(
+        self, prop: LRPPropagator, call: Call, op: Any, rule: Any, ctx: RuleContext, label: str
+    ) -> None:
+        self.prop, self.call, self.op, self.rule, self.ctx, self.label = (
+            prop,
+            call,
+            op,
+            rule,
+            ctx,
+            label,
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.call.run()
@@ -224,7 +246,9 @@ class _Sum:
 
     def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor, ...]:
         s = safe_div(R, out, self.prop.composite.stabilizer)
-        rel = tuple(sum_to(t * s if c == 1.0 else c * t * s, t.shape) for c, t in zip(self.coefs, ins))
+        rel = tuple(
+            sum_to(t * s if c == 1.0 else c * t * s, t.shape) for c, t in zip(self.coefs, ins)
+        )
         self.prop.record(self.label, R, rel)
         return rel
 
@@ -232,8 +256,14 @@ class _Sum:
 class _Product:
     """Bilinear ``z = f(a, b)``: epsilon on the sum inside f, then 50/50 (or all to the non-gate)."""
 
-    def __init__(self, prop: LRPPropagator, call: Call, ids: tuple[int, int], gates: tuple[bool, bool],
-                 label: str) -> None:
+    def __init__(
+        self,
+        prop: LRPPropagator,
+        call: Call,
+        ids: tuple[int, int],
+        gates: tuple[bool, bool],
+        label: str,
+    ) -> None:
         self.prop, self.call, self.ids, self.gates, self.label = prop, call, ids, gates, label
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
@@ -245,8 +275,10 @@ class _Product:
         va, vb = self.ids
         with torch.enable_grad():
             ai, bi = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
-            zi = self.call.func(*substitute(self.call.args, {va: ai, vb: bi}),
-                                **substitute(self.call.kwargs, {va: ai, vb: bi}))
+            zi = self.call.func(
+                *substitute(self.call.args, {va: ai, vb: bi}),
+                **substitute(self.call.kwargs, {va: ai, vb: bi}),
+            )
             ga, gb = torch.autograd.grad(zi, (ai, bi), s)
         if self.prop.composite.attention == "constant" and self.gates[0] != self.gates[1]:
             Ra = torch.zeros_like(a) if self.gates[0] else a * ga
@@ -278,7 +310,9 @@ class LRPPropagator(Propagator):
     """Relevance propagation with the rules of a :class:`Composite`."""
 
     method = "lrp"
-    supported = frozenset({STRUCT, SCALE, SUM, REDUCE, AFFINE, PRODUCT, ACT, NORM, SOFTMAX, MAXPOOL})
+    supported = frozenset(
+        {STRUCT, SCALE, SUM, REDUCE, AFFINE, PRODUCT, ACT, NORM, SOFTMAX, MAXPOOL}
+    )
 
     def __init__(
         self,
@@ -317,7 +351,11 @@ class LRPPropagator(Propagator):
     def record(self, label: str, R: Tensor, rel: tuple[Tensor, ...]) -> None:
         if not self.record_layers:
             return
-        if R.ndim == 0 or R.shape[0] != self.n or any(r.ndim == 0 or r.shape[0] != self.n for r in rel):
+        if (
+            R.ndim == 0
+            or R.shape[0] != self.n
+            or any(r.ndim == 0 or r.shape[0] != self.n for r in rel)
+        ):
             return
         with torch.no_grad():
             out_sum = R.sum(dim=tuple(range(1, R.ndim))) if R.ndim > 1 else R
@@ -347,7 +385,11 @@ class LRPPropagator(Propagator):
             self.gates[id(out)] = out
         if self.nonneg and tensors and all(id(a) in self.nonneg for a in tensors):
             short = call.name.rsplit(".", 1)[-1]
-            value = call.kwargs.get("value", call.args[3] if len(call.args) > 3 else 0.0) if short == "pad" else 0.0
+            value = (
+                call.kwargs.get("value", call.args[3] if len(call.args) > 3 else 0.0)
+                if short == "pad"
+                else 0.0
+            )
             value = 0.0 if value is None else value
             if short not in _MOVING and isinstance(value, (int, float)) and value >= 0:
                 self.nonneg[id(out)] = out
@@ -386,8 +428,11 @@ class LRPPropagator(Propagator):
         bound = dict(zip(("input", "pad", "mode", "value"), call.args))
         bound.update(call.kwargs)
         src = bound.get("input")
-        if (not isinstance(src, Tensor) or bound.get("mode", "constant") != "constant"
-                or bound.get("value") not in (None, 0, 0.0)):
+        if (
+            not isinstance(src, Tensor)
+            or bound.get("mode", "constant") != "constant"
+            or bound.get("value") not in (None, 0, 0.0)
+        ):
             return
         func, args, kwargs = call.func, call.args, call.kwargs
 
@@ -405,7 +450,9 @@ class LRPPropagator(Propagator):
         x = next(t for t in iter_tensors(call.args) if self.is_var(t))
         first = id(x) in self.derived
         module = self.param_names.get(id(op.weight))
-        if module is None:  # a weight that is not a parameter of the model: the module calling the op
+        if (
+            module is None
+        ):  # a weight that is not a parameter of the model: the module calling the op
             current = self.current_module()
             module = current[0] if current is not None else ""
         rule = self.composite.rule_for(op.name, module, first)
@@ -429,16 +476,19 @@ class LRPPropagator(Propagator):
         rule = self.composite.rule_for("conv2d", module, first)
         if rule.uses_output:
             return super().on_fused(call)
-        conv = Call(F.conv2d, f.conv_args(), {},
-                    "torch.nn.functional.conv2d", AFFINE)
+        conv = Call(F.conv2d, f.conv_args(), {}, "torch.nn.functional.conv2d", AFFINE)
         op = affine_op(conv, self.is_var)
         label = f"{op.name} @ {module or '<model>'}"
         self.rules_used[label] = repr(rule)
         packed = kernels.packed_kernel(f.weight)
-        if packed is not None and len(call.args) >= 2 and call.args[1] is f.weight:  # run on the packed kernel
+        if (
+            packed is not None and len(call.args) >= 2 and call.args[1] is f.weight
+        ):  # run on the packed kernel
             call = Call(call.func, (x, packed, *call.args[2:]), call.kwargs, call.name, call.kind)
         out = apply_node(_Affine(self, call, op, rule, self._context(x, rule), label), x)
-        if f.act is not None and nonneg_activation(Call(f.act, (x, *f.act_args), f.act_kwargs, op_name(f.act), ACT)):
+        if f.act is not None and nonneg_activation(
+            Call(f.act, (x, *f.act_args), f.act_kwargs, op_name(f.act), ACT)
+        ):
             self.nonneg[id(out)] = out
         return out
 
@@ -465,11 +515,25 @@ class LRPPropagator(Propagator):
         x = call.args[0]
         rest, kw = call.args[1:], call.kwargs
         func = call.func
-        out = apply_node(_Linear(self, call, lambda t: func(t, *rest, **kw), self.op_label(call.name)), x)
+        out = apply_node(
+            _Linear(self, call, lambda t: func(t, *rest, **kw), self.op_label(call.name)), x
+        )
         short = call.name.rsplit(".", 1)[-1]
-        return self._nonneg_if(x, out) if short in ("sum", "mean", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-                                                    "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-                                                    "adaptive_avg_pool3d") else out
+        return (
+            self._nonneg_if(x, out)
+            if short
+            in (
+                "sum",
+                "mean",
+                "avg_pool1d",
+                "avg_pool2d",
+                "avg_pool3d",
+                "adaptive_avg_pool1d",
+                "adaptive_avg_pool2d",
+                "adaptive_avg_pool3d",
+            )
+            else out
+        )
 
     def on_norm(self, call: Call) -> Any:
         x = call.args[0] if call.args else call.kwargs["input"]
@@ -496,11 +560,20 @@ class LRPPropagator(Propagator):
             if self.is_var(t) and all(t is not v for v in variables):
                 variables.append(t)
         if len(variables) != 2:
-            return self._unknown(call.func, call.args, call.kwargs,
-                                 reason="a product needs exactly two distinct input-dependent operands")
+            return self._unknown(
+                call.func,
+                call.args,
+                call.kwargs,
+                reason="a product needs exactly two distinct input-dependent operands",
+            )
         a, b = variables
-        node = _Product(self, call, (id(a), id(b)), (id(a) in self.gates, id(b) in self.gates),
-                        self.op_label(call.name))
+        node = _Product(
+            self,
+            call,
+            (id(a), id(b)),
+            (id(a) in self.gates, id(b) in self.gates),
+            self.op_label(call.name),
+        )
         return apply_node(node, a, b)
 
 
@@ -519,18 +592,26 @@ def _bound(value: Any, x: Tensor, name: str) -> Tensor:
     try:
         t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise OptionError(f"{name} must be a number or a tensor; got {type(value).__name__}.") from exc
+        raise OptionError(
+            f"{name} must be a number or a tensor; got {type(value).__name__}."
+        ) from exc
     if t.ndim == 1 and x.ndim >= 2 and t.shape[0] == x.shape[1]:
         t = t.view(1, -1, *([1] * (x.ndim - 2)))
     try:
         return t.expand_as(x)
     except RuntimeError as exc:
-        raise OptionError(f"{name} of shape {tuple(t.shape)} does not broadcast to the input {tuple(x.shape)}.") from exc
+        raise OptionError(
+            f"{name} of shape {tuple(t.shape)} does not broadcast to the input {tuple(x.shape)}."
+        ) from exc
 
 
-@register_method("lrp", family="propagation", needs_gradients=True,
-                 summary="LRP: relevance propagated back with per-operation rules (composites, canonizers)",
-                 paper="Bach et al., PLOS ONE 2015; Montavon et al., 2019")
+@register_method(
+    "lrp",
+    family="propagation",
+    needs_gradients=True,
+    summary="LRP: relevance propagated back with per-operation rules (composites, canonizers)",
+    paper="Bach et al., PLOS ONE 2015; Montavon et al., 2019",
+)
 class LRP(Method):
     """Layer-wise Relevance Propagation, operation by operation.
 
@@ -568,8 +649,16 @@ class LRP(Method):
     ) -> None:
         super().__init__(model, **common)
         self.record_layers = bool(record_layers)
-        self.composite = make_composite(composite, rule, epsilon=epsilon, gamma=gamma, low=low, high=high,
-                                        norm=norm, attention=attention)
+        self.composite = make_composite(
+            composite,
+            rule,
+            epsilon=epsilon,
+            gamma=gamma,
+            low=low,
+            high=high,
+            norm=norm,
+            attention=attention,
+        )
         self.low, self.high = low, high
         self.gradient_fallback = bool(gradient_fallback)
 
@@ -582,26 +671,42 @@ class LRP(Method):
         rules_used: dict[str, str] = {}
         with ExitStack() as stack:
             module, merged, fused = self.model, 0, 0
-            if self.composite.merge_batchnorm:  # the folded (and fused) twin, or the model with BatchNorms merged
+            if (
+                self.composite.merge_batchnorm
+            ):  # the folded (and fused) twin, or the model with BatchNorms merged
                 module, merged, fused = stack.enter_context(
-                    propagation_module(self.model, x, model_state(self.model)))
+                    propagation_module(self.model, x, model_state(self.model))
+                )
 
             def run(start: int, stop: int) -> Tensor:
                 xc = x[start:stop].detach().clone().requires_grad_(True)
-                prop = LRPPropagator(module, self.composite, xc, low=low[start:stop], high=high[start:stop],
-                                     gradient_fallback=self.gradient_fallback, record_layers=self.record_layers)
+                prop = LRPPropagator(
+                    module,
+                    self.composite,
+                    xc,
+                    low=low[start:stop],
+                    high=high[start:stop],
+                    gradient_fallback=self.gradient_fallback,
+                    record_layers=self.record_layers,
+                )
                 with propagating(module, prop):
                     out = engine.forward(xc, module=module)
-                tgt = resolve_target(slice_target(target, start, stop, n), out.detach(), self.labels)
+                tgt = resolve_target(
+                    slice_target(target, start, stop, n), out.detach(), self.labels
+                )
                 s = tgt(out)
                 if not out.requires_grad:
-                    raise ModelError("the model output does not depend on the input: nothing to propagate.")
+                    raise ModelError(
+                        "the model output does not depend on the input: nothing to propagate."
+                    )
                 g = torch.autograd.grad(s.sum(), out, retain_graph=True)[0]
                 R = (out * g).detach()
                 try:
                     rel = engine.grad((out * R).sum(), [xc], stop - start)[0]
                 except RuntimeError as exc:
-                    raise ModelError(f"relevance could not be propagated to the input: {exc}") from exc
+                    raise ModelError(
+                        f"relevance could not be propagated to the input: {exc}"
+                    ) from exc
                 scores.append(s.detach())
                 indices.append(tgt.indices)
                 out_rel.append(R.reshape(R.shape[0], -1).sum(1))
@@ -641,6 +746,11 @@ def merge_records(chunks: list[list[tuple[str, Tensor, Tensor]]]) -> tuple[dict[
     out = []
     for i in range(length):
         label = chunks[0][i][0]
-        out.append({"op": label, "output": torch.cat([c[i][1] for c in chunks]),
-                    "input": torch.cat([c[i][2] for c in chunks])})
+        out.append(
+            {
+                "op": label,
+                "output": torch.cat([c[i][1] for c in chunks]),
+                "input": torch.cat([c[i][2] for c in chunks]),
+            }
+        )
     return tuple(out)
