@@ -49,20 +49,80 @@ def _scoped_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict[str, An
 @click.command("compare")
 @click.argument("images", nargs=-1)
 @model_options
-@click.option("--methods", "--method", "methods", multiple=True, help="Methods: names (repeat or comma-separate), a family as family:NAME, or 'all'. Default: the CAM family.")
-@click.option("--metrics", "--metric", "metrics", multiple=True, help="Metrics: names, a family, 'default' or 'all'. Default: default.")
-@click.option("--target", "-t", default=None, help="Class index or name to explain (default: the predicted class).")
-@click.option("--out", "-o", "out", default="perspicio-compare.html", show_default=True, type=click.Path(dir_okay=False), callback=out_file_option, help="HTML report; the JSON goes next to it (its directory is checked before any work).")
-@click.option("--output", "output", default=None, metavar="KEY|INDEX", help="For models that return a dict, tuple or ModelOutput: the key or index of the tensor to explain.")
-@click.option("--metric-option", "metric_opts", multiple=True, help="Metric option as metric.key=value, e.g. deletion.steps=50 (repeatable).")
-@click.option("--method-option", "method_opts", multiple=True, help="Method option as method.key=value, e.g. gradcam.relu=False (repeatable).")
-@click.option("--batch-size", type=int, default=None, help="Chunk size for methods and metrics (default: from the memory budget).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized metrics.")
+@click.option(
+    "--methods",
+    "--method",
+    "methods",
+    multiple=True,
+    help="Methods: names (repeat or comma-separate), a family as family:NAME, or 'all'. Default: the CAM family.",
+)
+@click.option(
+    "--metrics",
+    "--metric",
+    "metrics",
+    multiple=True,
+    help="Metrics: names, a family, 'default' or 'all'. Default: default.",
+)
+@click.option(
+    "--target",
+    "-t",
+    default=None,
+    help="Class index or name to explain (default: the predicted class).",
+)
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    default="perspicio-compare.html",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    callback=out_file_option,
+    help="HTML report; the JSON goes next to it (its directory is checked before any work).",
+)
+@click.option(
+    "--output",
+    "output",
+    default=None,
+    metavar="KEY|INDEX",
+    help="For models that return a dict, tuple or ModelOutput: the key or index of the tensor to explain.",
+)
+@click.option(
+    "--metric-option",
+    "metric_opts",
+    multiple=True,
+    help="Metric option as metric.key=value, e.g. deletion.steps=50 (repeatable).",
+)
+@click.option(
+    "--method-option",
+    "method_opts",
+    multiple=True,
+    help="Method option as method.key=value, e.g. gradcam.relu=False (repeatable).",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="Chunk size for methods and metrics (default: from the memory budget).",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the randomized metrics."
+)
 @click.option("--progress/--no-progress", default=True, help="Progress bar.")
 def compare_cmd(
-    images: tuple[str, ...], model_spec: str, device: str, random_init: bool, methods: tuple[str, ...],
-    metrics: tuple[str, ...], target: str | None, out: str, metric_opts: tuple[str, ...],
-    method_opts: tuple[str, ...], batch_size: int | None, seed: int, progress: bool, output: str | None,
+    images: tuple[str, ...],
+    model_spec: str,
+    device: str,
+    random_init: bool,
+    methods: tuple[str, ...],
+    metrics: tuple[str, ...],
+    target: str | None,
+    out: str,
+    metric_opts: tuple[str, ...],
+    method_opts: tuple[str, ...],
+    batch_size: int | None,
+    seed: int,
+    progress: bool,
+    output: str | None,
 ) -> None:
     """Explain IMAGES with several methods, score every explanation, rank the methods and
     write one self-contained HTML report (plus a JSON file with every number)."""
@@ -79,15 +139,30 @@ def compare_cmd(
     zm = load_model(model_spec, device, random_init)
     x = torch.cat([zm.preprocess(p) for p in pil_images]).to(device)
     comp = compare(
-        zm, x, methods=method_names, metrics=metric_names, target=parse_target(target),
+        zm,
+        x,
+        methods=method_names,
+        metrics=metric_names,
+        target=parse_target(target),
         method_options=_scoped_options(method_opts, "--method-option"),
         metric_options=_scoped_options(metric_opts, "--metric-option"),
-        seed=seed, batch_size=batch_size, progress=progress, output=parse_output(output),
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+        output=parse_output(output),
     )
-    size = tuple(x.shape[-2:])
-    display = [p.resize((size[1], size[0])) for p in pil_images]
-    html_path, json_path = write_report(comp, Path(out), display, sources=sources,
-                                        title=f"perspicio compare: {getattr(zm, 'name', model_spec)}")
+    from .explain import model_display
+
+    display = [
+        model_display(zm, x[i : i + 1], p) for i, p in enumerate(pil_images)
+    ]  # the model's view, not squashed
+    html_path, json_path = write_report(
+        comp,
+        Path(out),
+        display,
+        sources=sources,
+        title=f"perspicio compare: {getattr(zm, 'name', model_spec)}",
+    )
     click.echo(format_table(comp))
     for m, msg in comp.errors.items():
         click.echo(f"  {m}: skipped ({msg})")
@@ -110,19 +185,65 @@ def benchmark_group() -> None:
 
 
 @benchmark_group.command("pointing-game")
-@click.option("--methods", "--method", "methods", multiple=True, help="Methods (names, a family or 'all'). Default: the CAM family.")
-@click.option("--model", "-m", "model_spec", default="efficientnet_lite0", show_default=True, help="Bundled model.")
-@click.option("--out", "-o", "out_dir", default=None, type=click.Path(file_okay=False), callback=out_dir_option, help="Directory for pointing_game.json.")
-@click.option("--size", default=448, show_default=True, help="Grid side in pixels (each cell is half of it).")
-@click.option("--orders", default="all", show_default=True,
-              help="Cell orders to use: 'all' 24, 'latin' (4 orders, every photo once in every cell) or "
-                   "comma-separated indices 0..23 of the lexicographic permutations.")
-@click.option("--max-grids", type=int, default=None, help="Use only the first N of the chosen cell orders (quick run).")
-@click.option("--threshold", default=0.4, show_default=True, help="Minimum top-1 probability for a photo to be used.")
+@click.option(
+    "--methods",
+    "--method",
+    "methods",
+    multiple=True,
+    help="Methods (names, a family or 'all'). Default: the CAM family.",
+)
+@click.option(
+    "--model",
+    "-m",
+    "model_spec",
+    default="efficientnet_lite0",
+    show_default=True,
+    help="Bundled model.",
+)
+@click.option(
+    "--out",
+    "-o",
+    "out_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    callback=out_dir_option,
+    help="Directory for pointing_game.json.",
+)
+@click.option(
+    "--size", default=448, show_default=True, help="Grid side in pixels (each cell is half of it)."
+)
+@click.option(
+    "--orders",
+    default="all",
+    show_default=True,
+    help="Cell orders to use: 'all' 24, 'latin' (4 orders, every photo once in every cell) or "
+    "comma-separated indices 0..23 of the lexicographic permutations.",
+)
+@click.option(
+    "--max-grids",
+    type=int,
+    default=None,
+    help="Use only the first N of the chosen cell orders (quick run).",
+)
+@click.option(
+    "--threshold",
+    default=0.4,
+    show_default=True,
+    help="Minimum top-1 probability for a photo to be used.",
+)
 @click.option("--batch-size", type=int, default=None, help="Explanations per chunk.")
 @click.option("--progress/--no-progress", default=True)
-def pointing_game_cmd(methods: tuple[str, ...], model_spec: str, out_dir: str | None, size: int, orders: str,
-                      max_grids: int | None, threshold: float, batch_size: int | None, progress: bool) -> None:
+def pointing_game_cmd(
+    methods: tuple[str, ...],
+    model_spec: str,
+    out_dir: str | None,
+    size: int,
+    orders: str,
+    max_grids: int | None,
+    threshold: float,
+    batch_size: int | None,
+    progress: bool,
+) -> None:
     """2x2 grids of bundled photos the model classifies confidently, in all 24 cell orders:
     the share of positive attribution inside the cell of each explained class (chance 0.25)."""
     from ..errors import OptionError
@@ -133,17 +254,32 @@ def pointing_game_cmd(methods: tuple[str, ...], model_spec: str, out_dir: str | 
         try:
             order_spec = [int(v) for v in split_list(orders)]
         except ValueError:
-            raise OptionError(f"--orders must be 'all', 'latin' or comma-separated integers 0..23; got {orders!r}.") from None
+            raise OptionError(
+                f"--orders must be 'all', 'latin' or comma-separated integers 0..23; got {orders!r}."
+            ) from None
     path = Path(out_dir) / "pointing_game.json" if out_dir is not None else None
 
-    def save(res: PointingGameResult) -> None:  # after every method, so a long run keeps what it measured
+    def save(
+        res: PointingGameResult,
+    ) -> None:  # after every method, so a long run keeps what it measured
         if path is not None:
             res.save_json(path)
 
     zm = load_model(model_spec, "cpu", False)
-    res = pointing_game_benchmark(zm, split_list(methods) or None, size=size, threshold=threshold, orders=order_spec,
-                                  max_grids=max_grids, batch_size=batch_size, progress=progress, on_method=save)
-    click.echo(f"grid pointing game: {res.grids} grids of {res.size}x{res.size} (orders {res.orders})")
+    res = pointing_game_benchmark(
+        zm,
+        split_list(methods) or None,
+        size=size,
+        threshold=threshold,
+        orders=order_spec,
+        max_grids=max_grids,
+        batch_size=batch_size,
+        progress=progress,
+        on_method=save,
+    )
+    click.echo(
+        f"grid pointing game: {res.grids} grids of {res.size}x{res.size} (orders {res.orders})"
+    )
     click.echo(res.describe_photos())
     click.echo(res.table())
     if path is not None:
