@@ -91,6 +91,7 @@ def method_labels_overflowing(page) -> list[str]:
     (the registry's longest names, e.g. neuron_integrated_gradients, at desktop and phone width)."""
     return page.evaluate(
         """() => [...document.querySelectorAll('.family label')].filter((label) => {
+          if (label.offsetParent === null) return false;  // in a hidden tab
           const name = label.querySelector('.mname');
           const n = name.getBoundingClientRect();
           const box = label.closest('fieldset').getBoundingClientRect();
@@ -265,5 +266,78 @@ def test_tabular_tab(server: str, browser, size: str, model: str, tmp_path: Path
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= SIZES[size]["width"], f"horizontal scrolling at {size} width: {width}px"
     page.screenshot(path=str(ARTIFACTS / f"tabular-{size}.png"), full_page=True)
+    assert errors == []
+    context.close()
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_text_tab(server: str, browser, size: str, tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from perspicio.serve.text import available_models
+
+    if not available_models():
+        pytest.skip("the bundled text model needs the 'text' extra")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport=SIZES[size], accept_downloads=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server)
+    page.wait_for_selector("#tab-btn-text:not([hidden])", timeout=120_000)
+    page.click("#tab-btn-text")
+    page.wait_for_selector("#tm-integrated_gradients", timeout=60_000)
+    assert page.is_hidden("#tab-images") and page.is_visible("#tab-text")
+    assert method_labels_overflowing(page) == []
+    page.fill("#text-input", "a wonderful little film")
+    for box in page.query_selector_all("input[name=text-method]:checked"):
+        box.uncheck()
+    page.check("#tm-attention_rollout")
+    page.check("#tm-integrated_gradients")
+    page.fill("#text-target", "a great movie")
+    page.click("#text-explain")
+    page.wait_for_selector("#text-out .tokens", timeout=600_000)
+    strips = page.eval_on_selector_all(
+        "#text-out .tokens",
+        "els => els.map(e => [e.dataset.method, [...e.children].map(c => c.textContent), "
+        "[...e.children].map(c => c.style.backgroundColor)])",
+    )
+    assert [s[0] for s in strips] == ["integrated_gradients", "attention_rollout"]  # page order
+    for _, tokens, colors in strips:
+        assert tokens == ["[CLS]", "a", "wonderful", "little", "film", "[SEP]"]
+        assert all(c.startswith("rgb") for c in colors)  # coloured through the CSSOM (CSP-safe)
+    page.focus("#text-out .tokens >> nth=1")
+    page.keyboard.press("ArrowRight")
+    assert page.text_content("#text-out .readout >> nth=1").startswith("token 1 'a': ")
+    wait_for(  # the attention matrices and the lines view in its sandboxed frame
+        page,
+        "document.querySelectorAll('#text-out img[data-plot]').length === 2 && "
+        "[...document.querySelectorAll('#text-out img')].every(i => i.complete && i.naturalWidth > 0)",
+        120,
+    )
+    frame = page.frame_locator("#text-lines")
+    frame.locator("svg line").first.wait_for(state="attached", timeout=120_000)
+    assert frame.locator("svg text.q").count() == 6  # one query label per token
+    assert "--model minilm" in page.input_value("#text-cli")
+    with page.expect_download() as info:
+        page.click("#text-download-json")
+    path = tmp_path / "text.json"
+    info.value.save_as(path)
+    data = json.loads(path.read_text())
+    assert [m["method"] for m in data["methods"]] == ["integrated_gradients", "attention_rollout"]
+    assert data["methods"][0]["tokens"][2] == "wonderful" and "png" not in data["methods"][0]
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= SIZES[size]["width"], f"horizontal scrolling at {size} width: {width}px"
+    page.screenshot(path=str(ARTIFACTS / f"text-{size}.png"), full_page=True)
+    if size == "desktop":  # bad input: the one-line error; a long text: the truncation warning
+        page.fill("#text-input", "   ")
+        page.click("#text-explain")
+        page.wait_for_selector("#error:not([hidden])", timeout=60_000)
+        assert "the text is empty" in page.text_content("#error")
+        page.fill("#text-input", "word " * 300)
+        page.uncheck("#tm-integrated_gradients")
+        page.click("#text-explain")
+        page.wait_for_selector("#text-warning:not([hidden])", timeout=300_000)
+        assert "46 token(s) were dropped" in page.text_content("#text-warning")
+        assert page.is_hidden("#error")
     assert errors == []
     context.close()
