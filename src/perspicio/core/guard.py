@@ -37,7 +37,9 @@ def model_lock(model: nn.Module) -> threading.RLock:
 
 
 @contextmanager
-def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True) -> Iterator[nn.Module]:
+def model_guard(
+    model: nn.Module, *, eval_mode: bool = True, freeze: bool = True
+) -> Iterator[nn.Module]:
     """Run the body with ``model`` in eval mode and frozen parameters; restore on exit.
 
     Entered on every call of every method, so it touches only what differs: a model already in
@@ -48,11 +50,59 @@ def model_guard(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True
         yield model
 
 
+#: nn.Module's traversal: a model whose modules override none of it is walked through the
+#: ``_modules`` / ``_parameters`` dicts directly - the same modules and parameters in the same order
+#: as the generators, about 3x faster (MiniLM: 122 modules, 80 us instead of 230 us); a model that
+#: overrides any of it is walked by the generators
+_NAMED_MODULES = nn.Module.named_modules
+_MODULES = nn.Module.modules
+_ROOT_PARAMETERS = ("parameters", "named_parameters", "_named_members")
+
+
+def module_tree(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``list(model.named_modules())``: every module once (the first name it is reached by),
+    pre-order."""
+    out: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, m = stack.pop()
+        if id(m) in seen:
+            continue
+        if type(m).named_modules is not _NAMED_MODULES:  # a module that walks its own way
+            return list(model.named_modules())
+        seen.add(id(m))
+        out.append((name, m))
+        prefix = name + "." if name else ""
+        children = [(prefix + k, c) for k, c in m._modules.items() if c is not None]
+        children.reverse()
+        stack.extend(children)
+    return out
+
+
+def _modules_and_parameters(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """``list(model.modules())`` and ``list(model.parameters())`` (every parameter once, in module
+    order)."""
+    root = type(model)
+    if root.modules is not _MODULES or any(
+        getattr(root, n) is not getattr(nn.Module, n) for n in _ROOT_PARAMETERS
+    ):
+        return list(model.modules()), list(model.parameters())
+    mods = [m for _, m in module_tree(model)]
+    params: list[nn.Parameter] = []
+    held: set[int] = set()
+    for m in mods:
+        for p in m._parameters.values():
+            if p is not None and id(p) not in held:
+                held.add(id(p))
+                params.append(p)
+    return mods, params
+
+
 @contextmanager
 def _guarded(model: nn.Module, *, eval_mode: bool, freeze: bool) -> Iterator[None]:
-    mods = list(model.modules())
+    mods, params = _modules_and_parameters(model)
     training = [m.training for m in mods]
-    params = list(model.parameters())
     requires = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
     try:
@@ -89,7 +139,8 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     for t in model.parameters():
         if t.is_floating_point():
             return t.dtype
-    for t in model.buffers():  # parameter-free models (e.g. a BlackBox) declare theirs with a buffer
+    # parameter-free models (e.g. a BlackBox) declare theirs with a buffer
+    for t in model.buffers():
         if t.is_floating_point():
             return t.dtype
     return torch.get_default_dtype()

@@ -55,6 +55,7 @@ from ..core import ops
 from ..core.batching import Engine
 from ..core.capture import token_grid
 from ..core.explanation import Explanation
+from ..core.guard import module_tree
 from ..core.inputs import as_batch
 from ..core.registry import register_method
 from ..core.targets import (
@@ -103,7 +104,7 @@ class AttentionRecord:
 
 def attention_modules(model: nn.Module, spec: Any = None) -> list[tuple[str, nn.Module]]:
     """The attention modules of ``model`` (see the module docstring for ``spec``)."""
-    named = list(model.named_modules())
+    named = module_tree(model)
     if spec is None or spec == "auto":
         cands = [
             (n, m)
@@ -114,8 +115,7 @@ def attention_modules(model: nn.Module, spec: Any = None) -> list[tuple[str, nn.
         found = [
             (n, m)
             for n, m in cands
-            if isinstance(m, nn.MultiheadAttention)
-            or not any(id(c) in ids for c in m.modules() if c is not m)
+            if isinstance(m, nn.MultiheadAttention) or not _holds_any(m, ids)
         ]
         if not found:
             raise LayerError(
@@ -145,6 +145,13 @@ def attention_modules(model: nn.Module, spec: Any = None) -> list[tuple[str, nn.
     return [resolve_layer(model, s) for s in items]
 
 
+def _holds_any(module: nn.Module, ids: set[int]) -> bool:
+    """Whether a module below ``module`` (not itself) has its id in ``ids``."""
+    if type(module).modules is not nn.Module.modules:  # a module that walks its own way
+        return any(id(c) in ids for c in module.modules() if c is not module)
+    return any(id(c) in ids for _, c in module_tree(module)[1:])
+
+
 _find_modules = attention_modules  # the methods' option of the same name shadows it
 
 
@@ -158,11 +165,16 @@ class _AttentionMode(TorchFunctionMode):
     def __torch_function__(
         self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
+        # every torch call inside an attention module passes here (20 per BERT layer): the common
+        # case - neither softmax nor sdpa - is one table look-up and the call
+        what = ops.kind(func)
+        if what is None or (what != ops.SOFTMAX and what != ops.SDPA):
+            return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return self.capture._sdpa(*args, **kwargs)
         out = func(*args, **kwargs)
-        if ops.kind(func) == ops.SOFTMAX and isinstance(out, Tensor):
+        if what == ops.SOFTMAX and isinstance(out, Tensor):
             return self.capture._record(out)
         return out
 

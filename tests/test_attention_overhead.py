@@ -1,0 +1,202 @@
+"""The per-call work of the attention methods made cheaper without changing what it computes:
+the model guard and the attention-module search walk the module tree through ``_modules`` /
+``_parameters`` (``core.guard.module_tree``) and must give exactly what nn.Module's generators give -
+shared and tied modules and parameters, None children and parameters, and models that override the
+traversal (which keep the generators) - and the guard must restore the same state as before."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from perspicio.core.guard import _modules_and_parameters, model_guard, module_tree
+from perspicio.methods.attention import AttentionCapture, attention_modules
+
+
+class Attention(nn.Module):
+    """A self-attention block whose softmax the capture reads (class name contains 'Attention')."""
+
+    def __init__(self, d: int = 4, heads: int = 2) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+        return (a @ v).transpose(1, 2).reshape(n, t, d)
+
+
+class OuterAttention(nn.Module):
+    """An 'Attention' module holding an inner one: only the inner one is an attention module."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.inner(x))
+
+
+class Tangled(nn.Module):
+    """Shared and tied modules and parameters, None children and parameters, a nested container."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        shared = Attention()
+        self.a = OuterAttention(shared)
+        self.b = nn.Sequential(
+            nn.Linear(4, 4), shared, nn.Sequential(nn.ReLU(), OuterAttention(Attention()))
+        )
+        self.tied = nn.Linear(4, 4, bias=False)
+        self.head = nn.Linear(4, 4)
+        self.head.weight = self.tied.weight  # the same Parameter in two modules
+        self.register_module("nothing", None)
+        self.register_parameter("scale", None)
+        self.bias = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tied(self.b(self.a(x)))) + self.bias
+
+
+class Hiding(nn.Sequential):
+    """A module whose ``named_modules`` hides its second child: the walk must follow it."""
+
+    def named_modules(self, memo=None, prefix="", remove_duplicate=True):  # noqa: ANN001, ANN201
+        for name, m in super().named_modules(memo, prefix, remove_duplicate):
+            if not name.endswith(".1"):
+                yield name, m
+
+
+class HidingParameters(nn.Sequential):
+    """A model whose ``parameters`` leaves out its last layer's (a wrapper exposing a subset)."""
+
+    def parameters(self, recurse: bool = True):  # noqa: ANN201
+        yield from self[0].parameters()
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _same_named(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(n == m and x is y for (n, x), (m, y) in zip(a, b))
+
+
+def _models() -> list[nn.Module]:
+    return [
+        Tangled(),
+        nn.Sequential(Tangled(), Hiding(nn.Linear(4, 4), nn.Linear(4, 4), Attention())),
+        nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2, enable_nested_tensor=False
+        ),
+        nn.Linear(3, 3),
+    ]
+
+
+@pytest.mark.parametrize(
+    "model", _models(), ids=["tangled", "hiding-child", "torch-encoder", "leaf"]
+)
+def test_module_tree_and_guard_walk_equal_the_generators(model: nn.Module) -> None:
+    assert _same_named(module_tree(model), list(model.named_modules()))
+    mods, params = _modules_and_parameters(model)
+    assert _same(mods, list(model.modules()))
+    assert _same(params, list(model.parameters()))
+
+
+def test_tangled_walk_counts() -> None:
+    """Exact names and counts on the hand-built model: 15 modules (the shared one once, under its
+    first name; the None child skipped) and 13 parameters (the tied weight once, None skipped)."""
+    model = Tangled()
+    names = [n for n, _ in module_tree(model)]
+    assert names == [
+        "",
+        "a",
+        "a.inner",
+        "a.inner.qkv",
+        "a.out",
+        "b",
+        "b.0",
+        "b.2",
+        "b.2.0",
+        "b.2.1",
+        "b.2.1.inner",
+        "b.2.1.inner.qkv",
+        "b.2.1.out",
+        "tied",
+        "head",
+    ]
+    _, params = _modules_and_parameters(model)
+    # bias; a.inner.qkv, a.out, b.0, b.2.1.inner.qkv, b.2.1.out: weight and bias; tied.weight; head.bias
+    assert len(params) == 1 + 5 * 2 + 1 + 1
+    assert sum(p is model.tied.weight for p in params) == 1
+
+
+def test_overridden_traversal_keeps_the_generators() -> None:
+    hiding = nn.Sequential(Hiding(nn.Linear(2, 2), nn.Linear(2, 2)))
+    assert [n for n, _ in module_tree(hiding)] == ["", "0", "0.0"]  # the override's answer
+    wrapper = HidingParameters(nn.Linear(2, 2), nn.Linear(2, 2))
+    mods, params = _modules_and_parameters(wrapper)
+    assert _same(params, list(wrapper[0].parameters()))
+    # the guard freezes and restores exactly the parameters the model exposes, as before
+    wrapper[1].weight.requires_grad_(True)
+    with model_guard(wrapper):
+        assert not wrapper[0].weight.requires_grad
+        assert wrapper[1].weight.requires_grad
+
+
+def _attention_modules_reference(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The original search: every MultiheadAttention, and every '*Attention*' module holding no
+    other such module (``m.modules()`` walks)."""
+    named = list(model.named_modules())
+    cands = [
+        (n, m)
+        for n, m in named
+        if isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
+    ]
+    ids = {id(m) for _, m in cands}
+    return [
+        (n, m)
+        for n, m in cands
+        if isinstance(m, nn.MultiheadAttention)
+        or not any(id(c) in ids for c in m.modules() if c is not m)
+    ]
+
+
+@pytest.mark.parametrize("model", _models()[:3], ids=["tangled", "hiding-child", "torch-encoder"])
+def test_attention_search_equals_the_original(model: nn.Module) -> None:
+    got = attention_modules(model)
+    assert _same_named(got, _attention_modules_reference(model))
+    assert got  # every model here has attention
+
+
+def test_shared_attention_module_is_captured_at_each_call() -> None:
+    """The shared inner attention runs twice per forward (under a and under b): two records, the
+    outer 'Attention' wrappers none; the hooks are gone afterwards."""
+    model = Tangled().eval()
+    x = torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), AttentionCapture(model) as cap:
+        model(x)
+    assert [r.name for r in cap.records] == ["a.inner", "a.inner", "b.2.1.inner"]
+    assert all(r.weights.shape == (1, 2, 3, 3) for r in cap.records)
+    assert all(torch.allclose(r.weights.sum(-1), torch.ones(1, 2, 3)) for r in cap.records)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_guard_restores_training_flags_grads_and_requires_grad() -> None:
+    model = Tangled().train()
+    model.a.eval()  # mixed flags
+    model.tied.weight.grad = g = torch.ones(4, 4)
+    model.bias.requires_grad_(False)
+    before = ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()])
+    with model_guard(model):
+        assert not any(m.training for m in model.modules())
+        assert not any(p.requires_grad for p in model.parameters())
+        model.tied.weight.grad = None
+        model.a.train()
+    after = ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()])
+    assert after == before
+    assert model.tied.weight.grad is g
