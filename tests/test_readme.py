@@ -35,7 +35,7 @@ def test_method_selection_is_shared_and_family_default_is_the_whole_family():
     from perspicio.metrics.evaluate import resolve_methods
 
     cams = METHODS.names("cam")
-    assert len(cams) == 9
+    assert len(cams) == 10
     assert resolve_methods(None) == cams
     assert resolve_methods("cam") == ["cam"]
     assert resolve_methods("family:cam,saliency") == [*cams, "saliency"]

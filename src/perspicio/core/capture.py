@@ -10,7 +10,9 @@ the module's output is handed on as a copy, so in-place operations downstream
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -143,7 +145,19 @@ def named_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
-    """Return ``(dotted_name, module)`` for a name or a module of ``model``."""
+    """Return ``(dotted_name, module)`` for a name or a module of ``model``.
+
+    A name is either the dotted name of ``model.named_modules()`` (``"layer4.1.conv2"``,
+    ``"features.8"``) or the expression a user writes in Python to reach the module:
+    ``"layer4[-1]"``, ``"layer4[1].conv2"``, ``"features[8]"``, ``"blocks[-1].norm1"``,
+    ``'stages["s1"]'``. ``[i]`` indexes a ``Sequential``/``ModuleList`` by position (negative
+    from the end, as in Python); ``["key"]`` picks a child by name (``ModuleDict``). A leading
+    ``model.`` (``"model.layer4[-1]"``, copied from code where the network is called ``model``)
+    is read as the model itself when the model has no submodule called ``model`` (when it has
+    one, e.g. a Hugging Face wrapper, the name is read literally). The returned name is always
+    the canonical dotted one (``"layer4.1"``). A mistake raises :class:`LayerError` saying which
+    step failed, with the close names and the submodules at that step.
+    """
     mods = named_modules(model)
     if isinstance(layer, nn.Module):
         for name, m in mods.items():
@@ -160,9 +174,157 @@ def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mod
         )
     if layer in mods:
         return layer, mods[layer]
-    raise LayerError(
-        f"layer {layer!r} not found in {type(model).__name__}." + suggest(layer, mods, n=5)
+    if len(_split_layers(layer)) > 1:
+        raise LayerError(
+            f"layer {layer!r} names several layers; this method takes one (the CAMs fuse several "
+            "layers given as 'a,b' or a list)."
+        )
+    steps = _parse_layer(layer)
+    if steps is None:
+        raise LayerError(
+            f"layer {layer!r} not found in {type(model).__name__}: not a module name. Write the dotted "
+            "name of `perspicio layers` (layer4.1.conv2) or the Python form (layer4[-1].conv2)."
+            + suggest(layer, mods, n=5)
+        )
+    if steps and steps[0] == "model" and "model" not in model._modules:
+        steps = steps[1:]
+    if not steps:
+        raise LayerError(
+            "the layer is the whole model; pick an inner layer (see `perspicio layers`)."
+        )
+    path, found = _walk(model, steps, layer, mods)
+    # the canonical name: a module registered at two paths is named by its first, as named_modules does
+    return next((n for n, m in mods.items() if m is found), path), found
+
+
+def resolve_layers(
+    model: nn.Module, layer: str | nn.Module | Sequence[str | nn.Module]
+) -> list[tuple[str, nn.Module]]:
+    """Several layers: a list of names/modules, or one string of names separated by commas
+    (``"layer3,layer4[-1]"``, as the command line's ``--layer a,b`` passes them); each is resolved
+    by :func:`resolve_layer`. The same layer given twice is an error."""
+    if isinstance(layer, str):
+        specs: list[str | nn.Module] = list(_split_layers(layer))
+        if not specs:
+            raise LayerError(f"layer {layer!r} names no layer.")
+    elif isinstance(layer, (list, tuple)):
+        specs = list(layer)
+        if not specs:
+            raise LayerError(
+                "layer is an empty list; give at least one layer (or None for the automatic one)."
+            )
+    else:
+        specs = [layer]  # type: ignore[list-item]
+    out = [resolve_layer(model, spec) for spec in specs]
+    names = [n for n, _ in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise LayerError(
+            f"layer {', '.join(map(repr, twice))} is given more than once in {layer!r}."
+        )
+    return out
+
+
+def _split_layers(text: str) -> list[str]:
+    """``"a, b[0]"`` -> ``["a", "b[0]"]``: commas outside brackets and quotes separate layers."""
+    parts, depth, quote, cur = [], 0, "", []
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(cur).strip())
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur).strip())
+    return [p for p in parts if p] if len(parts) > 1 else parts
+
+
+_STEP = re.compile(
+    r"""\.?(?P<name>[A-Za-z_0-9]+)"""  # a name (or a Sequential key such as 8)
+    r"""|\[\s*(?P<index>[+-]?\d+)\s*\]"""  # [i], [-1]
+    r"""|\[\s*(?P<q>['"])(?P<key>[^'"]*)(?P=q)\s*\]"""  # ["key"]
+)
+
+
+def _parse_layer(text: str) -> list[str | int] | None:
+    """The steps of a Python-style module path (names and ``[i]`` indices), None if it is not one."""
+    # spaces around dots and brackets carry no meaning ("layer4 [ -1 ]"); inside a name they do
+    parts = re.split(r"""(['"][^'"]*['"])""", text.strip())
+    text = "".join(
+        p if i % 2 else re.sub(r"\s*([.\[\]])\s*", r"\1", p) for i, p in enumerate(parts)
     )
+    steps: list[str | int] = []
+    pos = 0
+    while pos < len(text):
+        m = _STEP.match(text, pos)
+        if m is None or (m.group("name") is not None and pos > 0 and text[pos] != "."):
+            return None
+        if m.group("name") is not None and pos == 0 and text[0] == ".":
+            return None
+        if m.group("index") is not None:
+            steps.append(int(m.group("index")))
+        else:
+            steps.append(m.group("name") if m.group("name") is not None else m.group("key"))
+        pos = m.end()
+    return steps or None
+
+
+def _walk(
+    model: nn.Module, steps: list[str | int], text: str, mods: dict[str, nn.Module]
+) -> tuple[str, nn.Module]:
+    """Follow ``steps`` from ``model`` as Python would: ``(dotted path, module)``; a LayerError names
+    the step that failed."""
+    cur, path = model, []
+    for step in steps:
+        children = [(k, m) for k, m in cur._modules.items() if m is not None]
+        where = (
+            f"{'.'.join(path)!r} ({type(cur).__name__})"
+            if path
+            else f"the model ({type(cur).__name__})"
+        )
+        kids = [k for k, _ in children]
+        listing = (
+            f" Its submodules: {', '.join(kids[:12])}{', ...' if len(kids) > 12 else ''}."
+            if kids
+            else " It has no submodules."
+        )
+        if isinstance(step, int):
+            if not isinstance(cur, (nn.Sequential, nn.ModuleList)):
+                raise LayerError(
+                    f"layer {text!r} not found in {type(model).__name__}: {where} is not a Sequential "
+                    f"or ModuleList, so [{step}] does not index it.{listing}"
+                )
+            if not -len(children) <= step < len(children):
+                raise LayerError(
+                    f"layer {text!r} not found in {type(model).__name__}: {where} has "
+                    f"{len(children)} modules, so [{step}] is out of range "
+                    f"({-len(children)}..{len(children) - 1})."
+                )
+            key, cur = children[step]
+        else:
+            lookup = dict(children)
+            if step not in lookup:
+                prefix = ".".join(path) + "." if path else ""
+                close = difflib.get_close_matches(step, kids, n=5, cutoff=0.5)
+                hint = (
+                    f" Did you mean: {', '.join(prefix + c for c in close)}?"
+                    if close
+                    else suggest(prefix + step, mods, n=5)
+                )
+                raise LayerError(
+                    f"layer {text!r} not found in {type(model).__name__}: {where} has no "
+                    f"submodule {step!r}.{hint}{listing}"
+                )
+            key, cur = step, lookup[step]
+        path.append(key)
+    return ".".join(path), cur
 
 
 @dataclass(frozen=True)
@@ -500,7 +662,8 @@ def layer_layout(
         side, extra = _square_tokens(shape[1])
         return Layout("tokens", (side, side), extra)
     size = f" of the {tuple(x.shape[-2:])} input" if x.ndim == 4 else ""
-    if len(shape) == 4 and shape[2] * shape[3] == 1:  # globally pooled: the method says it has no extent
+    # globally pooled: the method says it has no extent
+    if len(shape) == 4 and shape[2] * shape[3] == 1:
         return Layout("nchw", (1, 1))
     if len(shape) == 4:
         raise LayerError(
