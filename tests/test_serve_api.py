@@ -38,6 +38,7 @@ def client():
             max_pixels=4_000_000,
             time_limit=300,
             tabular=False,  # the tabular tab has its own tests (test_serve_tabular.py)
+            cached_models=False,  # cached torchvision/timm models: test_serve_models.py
         )
     )
     with TestClient(app) as c:

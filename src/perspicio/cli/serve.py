@@ -95,6 +95,12 @@ def model_table(specs: tuple[str, ...]) -> dict[str, str]:
     help="Result cache for identical requests, in MiB of JSON (0: off).",
 )
 @click.option(
+    "--cached-models/--no-cached-models",
+    default=True,
+    show_default=True,
+    help="Also offer every torchvision:/timm: classifier whose weights are in the local caches (never downloads).",
+)
+@click.option(
     "--allow-remote",
     is_flag=True,
     help="Allow --host to be a non-loopback address (the app has no authentication).",
@@ -115,6 +121,7 @@ def serve_cmd(
     max_upload_mb: float,
     max_megapixels: float,
     cache_mb: float,
+    cached_models: bool,
     allow_remote: bool,
     cors: tuple[str, ...],
 ) -> None:
@@ -156,6 +163,7 @@ def serve_cmd(
         cors_origins=cors,
         cache_bytes=int(max(0.0, cache_mb) * 2**20),
         cache_entries=64 if cache_mb > 0 else 0,
+        cached_models=cached_models,
     )
     app = create_app(config)
     shown = f"[{host}]" if ":" in host else host

@@ -70,6 +70,9 @@ class ServeConfig:
     preload: bool = True
     #: the tabular tab; its worker processes compile the TreeSHAP kernels at start, in the background
     tabular: bool = True
+    #: also offer every ``torchvision:``/``timm:`` classifier whose weights are in the local caches
+    #: (found when the app starts; nothing is downloaded; see :mod:`perspicio.serve.cached`)
+    cached_models: bool = True
     #: the text tab (the bundled MiniLM, when transformers and its package are installed)
     text: bool = True
     #: longest text accepted, in characters (a longer one is refused; one over the model's token
@@ -289,14 +292,25 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
     index_html = _static("index.html")
     docs_html = _static("docs.html")
     own_pool = pool is None
+    #: model id -> spec: the configured models, then (at start) the cached torchvision/timm ones
+    table: dict[str, str] = dict(cfg.models)
+    cached_descriptions: dict[str, str] = {}
 
     @asynccontextmanager
     async def lifespan(app: Any) -> Any:
         if app.state.pool is None:
-            preload = list(cfg.models)[:1] if cfg.preload else []
+            if cfg.cached_models:
+                from .cached import cached_models
+
+                found = await asyncio.to_thread(cached_models)
+                for key, description in found.items():
+                    if key not in table:
+                        table[key] = key
+                        cached_descriptions[key] = description
+            preload = list(table)[:1] if cfg.preload else []
             app.state.pool = await asyncio.to_thread(
                 WorkerPool,
-                cfg.models,
+                table,
                 workers=cfg.workers,
                 queue_limit=cfg.queue_limit,
                 time_limit=cfg.time_limit,
@@ -383,13 +397,13 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
         return p
 
     def check_model(model: str) -> str:
-        if model not in cfg.models:
+        if model not in table:
             from ..errors import suggest
 
             raise ServeError(
                 422,
-                f"unknown model {model!r}; this server has: {', '.join(cfg.models)}."
-                + suggest(model, list(cfg.models)),
+                f"unknown model {model!r}; this server has: {', '.join(table)}."
+                + suggest(model, list(table)),
             )
         return model
 
@@ -539,12 +553,12 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
             "models": [
                 {
                     "id": k,
-                    "description": desc.get(
-                        v, "TorchScript file given at start" if k != v else f"model {v}"
-                    ),
+                    "description": cached_descriptions.get(k)
+                    or desc.get(v, "TorchScript file given at start" if k != v else f"model {v}"),
+                    "cached": k in cached_descriptions,
                     "default": i == 0,
                 }
-                for i, (k, v) in enumerate(cfg.models.items())
+                for i, (k, v) in enumerate(table.items())
             ],
             "samples": [
                 {"name": s, "description": SAMPLE_DESCRIPTIONS.get(s, "")} for s in SAMPLES
