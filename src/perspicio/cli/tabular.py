@@ -203,7 +203,57 @@ def explain_tabular_cmd(
     if labels is not None:
         opts.setdefault("labels", labels)
     e = explain(job["model"], x, method=name, target=parse_target(target), **opts)
+    e = _with_unit(e, job, name, x)
     _report(e, idx, job, name, model_spec, data_spec, Path(out_dir), max_display)
+
+
+def _with_unit(e: Any, job: dict[str, Any], name: str, x: Any) -> Any:
+    """The explanation with what its scores are: the margin (log-odds) of a tree or linear model
+    (and the probability its logistic link gives), the logit or probability of a model's outputs
+    (read from them), or the prediction of a regression model."""
+    import numpy as np
+    import torch
+
+    from ..core.explanation import classify_output
+
+    classification = job["labels"] is not None
+    if name in STRUCTURED:
+        if str(e.options.get("model_output", "raw")) == "probability":
+            return e.with_score_unit("probability")
+        if not classification:
+            return e.with_score_unit("prediction" if _is_demo(job) else "margin")
+        probs = None
+        try:
+            from ..trees.readers import read_model
+
+            ens = read_model(job["model"])
+            if ens.transform == "logistic" and ens.n_outputs == 1:
+                probs = 1.0 / (1.0 + np.exp(-e.scores.double().numpy()))
+            elif ens.transform == "softmax" and e.targets is not None:
+                m = torch.as_tensor(ens.predict(np.asarray(x))).double().softmax(1)
+                probs = m.gather(1, e.targets.view(-1, 1).long())[:, 0].numpy()
+        except Exception:  # a linear model or an unread link: the margin alone
+            probs = None
+        return e.with_score_unit("margin (log-odds)", probs)
+    if not classification:
+        return e.with_score_unit("prediction") if _is_demo(job) else e
+    try:
+        from ..core.blackbox import unwrap_model
+
+        module, _ = unwrap_model(job["model"])
+        with torch.no_grad():
+            out = module(torch.as_tensor(np.asarray(x, dtype=np.float32)))
+        unit, probs = classify_output(out)
+    except Exception:  # the outputs could not be read again: say nothing we do not know
+        return e
+    if unit == "output" or e.targets is None:
+        return e.with_score_unit(unit)
+    chosen = probs.gather(1, e.targets.view(-1, 1).long().to(probs.device))[:, 0]
+    return e.with_score_unit(unit, chosen)
+
+
+def _is_demo(job: dict[str, Any]) -> bool:
+    return hasattr(job["model"], "X_train")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -408,10 +458,13 @@ def _report(
             else ""
         )
         base = float(e.base_value[k]) if e.base_value is not None else None
+        probs = e.probabilities
+        prob = probs[k] if probs is not None and e.score_unit != "probability" else None
         if k < ROW_PLOTS:
             top = np.argsort(-np.abs(v))[:3]
             click.echo(
-                f"  row {r}: {label} score {float(e.scores[k]):.4g}"
+                f"  row {r}: {label} {e.score_unit} {float(e.scores[k]):.4g}"
+                + (f", probability {prob:.3f}" if prob is not None else "")
                 + (f" (base {base:.4g})" if base is not None else "")
                 + "  top: "
                 + ", ".join(f"{names[j]} {v[j]:+.3g}" for j in top)
@@ -426,6 +479,8 @@ def _report(
                 "row": r,
                 "target": label,
                 "prediction": float(e.scores[k]),
+                "prediction_unit": e.score_unit,
+                "probability": prob,
                 "base_value": base,
                 "values": {n: float(val) for n, val in zip(names, v)},
             }

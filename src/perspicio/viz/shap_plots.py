@@ -68,6 +68,13 @@ def _base(exp: Explanation, index: int) -> float | None:
     return float(b[index]) if isinstance(b, Tensor) and b.ndim else float(b)
 
 
+def _output_name(exp: Explanation) -> str:
+    """What f(x) is, for axis labels: the explanation's score unit (logit, probability, margin
+    (log-odds), prediction), or "model output" when it is not known."""
+    unit = exp.score_unit
+    return "model output" if unit == "output" else unit
+
+
 def _fit_texts(fig: Figure, ax: Any) -> None:
     """Widen the x-limits so the axes' own texts (value labels at bar ends) stay inside the axes."""
     renderer = fig.canvas.get_renderer()
@@ -130,7 +137,7 @@ def waterfall(
     ax.axvline(start, color="grey", lw=0.8, ls="--")
     ax.axvline(cum, color="black", lw=0.8)
     target = f" ({exp.target_names[index]})" if exp.target_names else ""
-    ax.set_xlabel(f"model output{target}")
+    ax.set_xlabel(f"{_output_name(exp)}{target}")
     title = f"f(x) = {cum:.4g}" + (f"   E[f(X)] = {start:.4g}" if base is not None else "")
     ax.set_title(f"{exp.method}: {title}", fontsize=10)
     fig.tight_layout()
@@ -525,7 +532,7 @@ def force(
     )
     target = f" ({exp.target_names[index]})" if exp.target_names else ""
     ax.set_title(
-        f"{exp.method}{target}: red pushes the output higher, blue lower",
+        f"{exp.method}{target}, {_output_name(exp)}: red pushes it higher, blue lower",
         fontsize=9,
         color="#333333",
         loc="left",
@@ -1084,7 +1091,7 @@ def decision(
                     va="bottom",
                     color="#444444",
                 )
-    ax.set_xlabel("model output value")
+    ax.set_xlabel(f"{_output_name(exp)} value")
     ax.margins(x=0.08)
     if len(sel) > 1:
         sm = cm.ScalarMappable(norm=norm, cmap=cmap)

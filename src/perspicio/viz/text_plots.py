@@ -68,7 +68,8 @@ def _title(exp: Explanation, index: int) -> str:
     elif "target_fn" in exp.extras:
         target = f" - target {getattr(exp.extras['target_fn'], 'name', '') or ''}".rstrip()
     score = float(exp.scores[index]) if exp.scores.numel() > index else float("nan")
-    return f"{exp.method}{target}" + ("" if np.isnan(score) else f" (score {score:.3f})")
+    unit = exp.score_unit if exp.score_unit != "output" else "model output"
+    return f"{exp.method}{target}" + ("" if np.isnan(score) else f" ({unit} {score:.3f})")
 
 
 def token_heatmap_html(exp: Explanation, index: int = 0, *, full_page: bool = True) -> str:
