@@ -1,11 +1,12 @@
-"""perspicio serve offers the torchvision classifiers whose weights are cached, and loads them
-with ``weights_only=True`` only.
+"""perspicio serve offers the torchvision (and timm) classifiers whose weights are cached, and
+loads them with ``weights_only=True`` only.
 
 A temporary ``TORCH_HOME`` holds two planted checkpoints under torchvision's hub file names: a
 randomly initialised ResNet-18 state dict (plain tensors) and, for ResNet-34, a pickle that would
 create a file if it were ever unpickled with code. Both are listed (the app looks at file names,
-never at contents); ResNet-18 predicts and explains exactly as the Python API does; ResNet-34 is
-refused with a one-line JSON error and the pickle never runs.
+never at contents), and so are timm's ``.tv_in1k`` tags, which read the same files; ResNet-18
+predicts and explains exactly as the Python API does (timm's too); ResNet-34 is refused with a
+one-line JSON error, as torchvision's and as timm's model, and the pickle never runs.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def test_cached_torchvision_models_are_listed(client: TestClient, torch_home) ->
     assert list(models)[0] == "efficientnet_lite0"
     assert {"torchvision:resnet18", "torchvision:resnet34"} <= set(models)
     assert "torchvision:resnet50" not in models  # not cached: never offered, never fetched
+    # timm's torchvision-weight tags read the same hub files (timm's cfg url is torchvision's)
+    assert {"timm:resnet18.tv_in1k", "timm:resnet34.tv_in1k"} <= set(models)
     assert models["torchvision:resnet18"]["cached"] is True
     assert "IMAGENET1K_V1" in models["torchvision:resnet18"]["description"]
     assert str(torch_home[0]) not in str(models)  # no path reaches the page
@@ -117,12 +120,21 @@ def test_cached_model_predicts_and_explains_as_the_python_api(client: TestClient
         values_of(r["methods"][0]), e.attributions[0].sum(0).numpy(), rtol=1e-4, atol=1e-6
     )
     assert "--model torchvision:resnet18" in r["cli"]
+    tm = resolve_model("timm:resnet18.tv_in1k", device="cpu")
+    with torch.no_grad():
+        tprobs = tm.model(tm.preprocess(zoo.sample("chelsea"))).softmax(dim=1)[0]
+    ttop = client.post(
+        "/api/predict", data={"model": "timm:resnet18.tv_in1k", "sample": "chelsea"}
+    ).json()["top"]
+    assert [t["index"] for t in ttop] == tprobs.topk(5).indices.tolist()
 
 
 def test_a_checkpoint_that_is_not_plain_tensors_is_refused(client: TestClient, torch_home) -> None:
     _, marker = torch_home
     r = client.post("/api/predict", data={"model": "torchvision:resnet34", "sample": "chelsea"})
     assert_error(r, 422, "could not be read as plain tensors", "weights_only=True")
+    r = client.post("/api/predict", data={"model": "timm:resnet34.tv_in1k", "sample": "chelsea"})
+    assert_error(r, 422, "could not be read as plain tensors")
     assert not marker.exists()
 
 
