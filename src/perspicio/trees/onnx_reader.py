@@ -312,6 +312,11 @@ def _parse_v1(a: dict[str, Any], classifier: bool, name: str) -> _Trees:
         )
         children.setdefault(tid, set()).update((int(tru[i]), int(fal[i])))
     for tid in keys:  # the root: the tree's one node that is nobody's child
+        missing = children.get(tid, set()) - set(keys[tid])
+        if missing:
+            raise ModelError(
+                f"{name}: a split of tree {tid} points to node {min(missing)}, which does not exist."
+            )
         roots = [nid for nid in keys[tid] if nid not in children.get(tid, set())]
         if len(roots) != 1:
             raise ModelError(f"{name}: tree {tid} has {len(roots)} root nodes; expected one.")
@@ -544,6 +549,24 @@ def _covers_ok(low: _Lowered) -> bool:
     return bool(np.allclose(c[internal], s, rtol=1e-4, atol=0.0))
 
 
+def _check_regressor_base(trees: _Trees, base: np.ndarray, name: str) -> None:
+    """onnxruntime's TreeEnsembleRegressor writes 0, not the base value, for an output that no leaf
+    the row reaches carries a weight for. That is a sum of trees only if each output with a non-zero
+    base is carried by every leaf of some tree (then every row gets a weight for it)."""
+    for k in np.flatnonzero(base):
+        covered = False
+        for root in trees.roots:
+            tree_leaves = [key for key in trees.leaves if key[0] == root[0]]
+            if tree_leaves and all(k in trees.leaves[key] for key in tree_leaves):
+                covered = True
+                break
+        if not covered:
+            raise ModelError(
+                f"{name}: output {k} has base value {base[k]:g} but some rows reach no leaf weighted "
+                "for it, where onnxruntime writes 0 instead of the base: not a sum of trees."
+            )
+
+
 def read_onnx(src: Any, *, cover_rows: Any = None) -> TreeEnsemble:
     """The :class:`TreeEnsemble` of an ONNX model (path, bytes or ``onnx.ModelProto``) whose graph is
     one tree-ensemble operator (with Cast/Identity before it and shape-only ops after it).
@@ -650,6 +673,8 @@ def read_onnx(src: Any, *, cover_rows: Any = None) -> TreeEnsemble:
             "SOFTMAX": "softmax",
         }[post]
     base_vec = np.zeros(n_targets) if len(base) == 0 else np.asarray(base, dtype=np.float64)
+    if op == "TreeEnsembleRegressor":
+        _check_regressor_base(trees, base_vec, name)
     scale = 1.0 / len(trees.roots) if agg == "AVERAGE" else 1.0
     budget = [0]
     tree_dicts = []
