@@ -1,7 +1,7 @@
 """`perspicio explain-tabular` with tree models: the seed's XGBoost example end to end (cached as
 verified UBJSON, never pickled), the user's own model files (XGBoost JSON, LightGBM text, pickles
-only with --trust-pickle, ONNX refused), one-line errors, and the message naming the extra when
-scikit-learn or xgboost is missing."""
+only with --trust-pickle, a broken ONNX file refused), one-line errors, and the message naming the
+extra when scikit-learn or xgboost is missing."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def test_pickles_need_trust_and_onnx_is_refused(user_files, tmp_path, capsys):
     assert err.count("\n") == 0 and "--trust-pickle" in err and "runs" in err
     assert main([*base, "--model", str(user_files / "model.onnx")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "ONNX models are not supported" in err
+    assert err.count("\n") == 0 and "not an ONNX model" in err  # ONNX: tests/test_tree_onnx.py
 
 
 @pytest.mark.slow
