@@ -177,9 +177,21 @@ def test_compare_ranks_as_the_python_api(client: TestClient, zoo_model, chelsea_
     from perspicio.metrics.evaluate import compare
     from perspicio.serve.work import TRUST_METRIC_OPTIONS, TRUST_METRICS
 
-    r = client.post("/api/compare", data={"sample": "chelsea", "methods": "gradcam,hirescam"})
-    assert r.status_code == 200, r.text
-    res = r.json()
+    r = client.post(
+        "/api/compare",
+        data={"sample": "chelsea", "methods": "gradcam,hirescam", "wait": "false"},
+    )
+    assert r.status_code == 202, r.text
+    with client.stream("GET", r.json()["events"]) as s:
+        data = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    res = data[-1]["result"]
+    # progress per step of the comparison: each method explained, then scored by each metric
+    steps = [d for d in data if d["type"] == "progress" and "done" in d]
+    assert [d["done"] for d in steps] == list(range(1, 11))
+    assert all(d["total"] == 10 and d["estimate"] for d in steps)  # 2 x (1 + 4 metrics)
+    assert steps[0]["step"].startswith("gradcam: explained in ")
+    assert steps[1]["step"].startswith("gradcam deletion = ")
+    assert steps[5]["step"].startswith("hirescam: explained in ")
     ref = compare(
         zoo_model,
         chelsea_batch,
@@ -437,3 +449,37 @@ def test_models_table_from_the_command_line(tmp_path) -> None:
     assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
     res = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0"])
     assert res.exit_code != 0 and "--allow-remote" in str(res.exception or res.output)
+
+
+def test_compare_steps_turn_lines_into_progress_events() -> None:
+    from perspicio.serve.work import CompareSteps
+
+    events: list[dict] = []
+    other = io.StringIO()
+    steps = CompareSteps(events.append, {"stage": "compare"})
+    steps.stderr = other
+    steps.write("compare: 1 methods x 1 metrics on 1 input (m: 1 ms per forward)\n  methods ")
+    steps.write("(passes per sample): gradcam 1f+1b  -> est. 5 ms\n")
+    steps.write("  estimated total 1.2 s; expensive metrics not chosen (opt in by name): x\n")
+    steps.write("compare [1/2] gradcam: explained in 10 ms\ncompare [2/2] gradcam del")
+    assert [e.get("done") for e in events] == [None, 1]
+    steps.write("etion = 0.1 (5 ms)\nsome warning from another thread\n")
+    steps.flush()
+    assert events == [
+        {"stage": "compare", "estimate": "1.2 s"},
+        {
+            "stage": "compare",
+            "done": 1,
+            "total": 2,
+            "step": "gradcam: explained in 10 ms",
+            "estimate": "1.2 s",
+        },
+        {
+            "stage": "compare",
+            "done": 2,
+            "total": 2,
+            "step": "gradcam deletion = 0.1 (5 ms)",
+            "estimate": "1.2 s",
+        },
+    ]
+    assert other.getvalue() == "some warning from another thread\n"

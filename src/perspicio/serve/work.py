@@ -9,8 +9,10 @@ answers are plain JSON-ready dicts (images as base64 PNG, maps as base64 float32
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import math
+import re
 import shlex
 import sys
 import time
@@ -285,16 +287,23 @@ class WorkerState:
             m: {"layer": layer} for m in methods if layer and METHODS.get(m).needs_layer
         }
         metric_options = {k: v for k, v in TRUST_METRIC_OPTIONS.items() if k in metrics}
-        comp = compare(
-            zm,
-            x,
-            methods=methods,
-            metrics=metrics,
-            target=index,
-            seed=0,
-            method_options=method_options,
-            metric_options=metric_options,
-        )
+        # compare(progress=True) prints its plan and one line per finished step (explaining a
+        # method, scoring it with a metric) to stderr when that is not a terminal: those lines,
+        # read here, are the progress events of the page
+        steps = CompareSteps(progress, {"stage": "compare", "methods": methods, "metrics": metrics})
+        with contextlib.redirect_stderr(steps):
+            comp = compare(
+                zm,
+                x,
+                methods=methods,
+                metrics=metrics,
+                target=index,
+                seed=0,
+                method_options=method_options,
+                metric_options=metric_options,
+                progress=True,
+            )
+        steps.flush()
         records = comp.records()
         curves: dict[str, dict[str, Any]] = {}
         for m, per in comp.results.items():
@@ -341,6 +350,58 @@ class WorkerState:
                 method_options,
             ),
         }
+
+
+class CompareSteps(io.TextIOBase):
+    """A text stream for :func:`perspicio.metrics.compare`'s progress lines: ``compare [k/n] step``
+    becomes a progress event ``{done: k, total: n, step}``, the plan's ``estimated total`` an event
+    ``{estimate}``; any other line (another thread's warning) goes on to the real stderr."""
+
+    STEP = re.compile(r"^compare \[(\d+)/(\d+)\] (.*)$")
+    ESTIMATE = re.compile(r"^\s*estimated total ([^;]+)")
+
+    def __init__(self, progress: Progress, base: dict[str, Any]) -> None:
+        super().__init__()
+        self.progress = progress
+        self.base = base
+        self.buffer = ""
+        self.estimate: str | None = None
+        self.stderr = sys.stderr
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        while "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            self.line(line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.buffer:
+            line, self.buffer = self.buffer, ""
+            self.line(line)
+
+    def line(self, line: str) -> None:
+        step = self.STEP.match(line)
+        estimate = self.ESTIMATE.match(line)
+        if step:
+            done, total, what = int(step.group(1)), int(step.group(2)), step.group(3)
+            event = {**self.base, "done": done, "total": total, "step": what}
+            if self.estimate:
+                event["estimate"] = self.estimate
+            self.progress(event)
+        elif estimate:
+            self.estimate = estimate.group(1).strip()
+            self.progress({**self.base, "estimate": self.estimate})
+        elif line.startswith("compare") or line.startswith("  "):
+            return  # the rest of the plan and the closing line: nothing for the page
+        elif line.strip():
+            print(line, file=self.stderr)
 
 
 def one_line(exc: BaseException) -> str:

@@ -207,9 +207,7 @@ function runJob(path, form, progressEl, cancelBtn = $("cancel")) {
       const finish = () => { source.close(); state.job = null; cancelBtn.hidden = true; };
       source.addEventListener("progress", (ev) => {
         const p = JSON.parse(ev.data);
-        progressEl.textContent = p.method ? `running ${p.method} (${p.done + 1} of ${p.total})...` :
-          p.stage === "compare" ? `scoring ${p.methods.length} methods with ${p.metrics.join(", ")}...` :
-          p.stage ? `${p.stage}${p.seconds !== undefined ? ` (${p.seconds} s)` : ""}...` : "working...";
+        progressEl.textContent = progressText(p);
       });
       source.addEventListener("state", (ev) => {
         const p = JSON.parse(ev.data);
@@ -223,6 +221,19 @@ function runJob(path, form, progressEl, cancelBtn = $("cancel")) {
       });
     }, reject);
   });
+}
+
+// one progress event as a line: the method running (k of n), the comparison's step k of n with
+// the last one finished and the plan's estimate, or the stage
+function progressText(p) {
+  if (p.method) return `running ${p.method} (${p.done + 1} of ${p.total})...`;
+  if (p.stage === "compare") {
+    const est = p.estimate ? ` (estimated ${p.estimate} in all)` : "";
+    if (p.total) return `scoring: ${p.done} of ${p.total} steps done - ${p.step}${est}...`;
+    return `scoring ${p.methods.length} method(s) with ${p.metrics.join(", ")}${est}...`;
+  }
+  if (p.stage) return `${p.stage}${p.seconds !== undefined ? ` (${p.seconds} s)` : ""}...`;
+  return "working...";
 }
 
 async function cancel() {
