@@ -28,14 +28,18 @@ from ..core.registry import METHODS, register_method
 from ..core.targets import check_target_count, resolve_target, row_scores
 from ..errors import InputError, OptionError
 from .base import Method, build
-from .gradient import resolve_on_output
+from .gradient import gradient_inputs, resolve_on_output
 
 VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
-@register_method("smoothgrad", family="noise", needs_gradients=True,
-                 summary="SmoothGrad: any attribution method averaged over noisy copies of the input",
-                 paper="Smilkov et al., 2017")
+@register_method(
+    "smoothgrad",
+    family="noise",
+    needs_gradients=True,
+    summary="SmoothGrad: any attribution method averaged over noisy copies of the input",
+    paper="Smilkov et al., 2017",
+)
 class SmoothGrad(Method):
     """Noise tunnel around the method ``base`` (default: signed saliency): a registered name, a
     :class:`Method` class, or a Method instance constructed on the same model (used as it is).
@@ -46,6 +50,10 @@ class SmoothGrad(Method):
     """
 
     default_variant = "smoothgrad"
+    input_ndim = None  # any float batch (N, ...) the base method takes
+
+    def _prepare_inputs(self, inputs: Any) -> Any:
+        return gradient_inputs(self, inputs)
 
     def __init__(
         self,
@@ -66,7 +74,9 @@ class SmoothGrad(Method):
         variant = self.default_variant if variant is None else variant
         check_choice("variant", variant, VARIANTS)
         if base_options is not None and not isinstance(base_options, dict):
-            raise OptionError(f"base_options must be a dict of options for {base!r}; got {type(base_options).__name__}.")
+            raise OptionError(
+                f"base_options must be a dict of options for {base!r}; got {type(base_options).__name__}."
+            )
         self.base_method, self.base = self._base_method(base, base_options)
         self.samples = samples
         self.noise = float(noise)
@@ -77,20 +87,28 @@ class SmoothGrad(Method):
         """The base method (built, or the given instance) and its name."""
         if isinstance(base, Method):
             if base_options:
-                raise OptionError("base_options apply to a base given by name or class; "
-                                  f"the {base.name!r} instance passed as base is already constructed.")
+                raise OptionError(
+                    "base_options apply to a base given by name or class; "
+                    f"the {base.name!r} instance passed as base is already constructed."
+                )
             if base.model is not self.model:
-                raise OptionError(f"the base method instance ({base.name!r}) explains another model than this one.")
+                raise OptionError(
+                    f"the base method instance ({base.name!r}) explains another model than this one."
+                )
             cls = type(base)
         elif isinstance(base, type) and issubclass(base, Method):
             cls = base
         elif isinstance(base, str):
             cls = METHODS.get(base).cls
         else:
-            raise OptionError("base must be a method name, a Method class or a Method instance; "
-                              f"got {type(base).__name__}.")
+            raise OptionError(
+                "base must be a method name, a Method class or a Method instance; "
+                f"got {type(base).__name__}."
+            )
         if issubclass(cls, SmoothGrad):
-            raise OptionError(f"base must be an attribution method, not another noise wrapper ({cls.name!r}).")
+            raise OptionError(
+                f"base must be an attribution method, not another noise wrapper ({cls.name!r})."
+            )
         if isinstance(base, Method):
             return base, cls.name
         opts = {"absolute": False} if cls.name == "saliency" else {}
@@ -120,13 +138,19 @@ class SmoothGrad(Method):
         """Noise for the ``N * samples`` copies (row ``i * samples + s`` belongs to input ``i``)."""
         shape = (len(x) * self.samples, *x.shape[1:])
         eps = torch.randn(shape, generator=generator, dtype=x.dtype)
-        return eps.to(x.device) * sigma.repeat_interleave(self.samples).view(-1, *[1] * (x.ndim - 1))
+        return eps.to(x.device) * sigma.repeat_interleave(self.samples).view(
+            -1, *[1] * (x.ndim - 1)
+        )
 
     shares_forward_across_targets = True
 
-    def _explain(self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1) -> Explanation:
+    def _explain(
+        self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1
+    ) -> Explanation:
         if not x.is_floating_point():
-            raise InputError("noise tunnelling needs float inputs; for token ids use a layer method on the embedding.")
+            raise InputError(
+                "noise tunnelling needs float inputs; for token ids use a layer method on the embedding."
+            )
         takes_target = "neuron" not in type(self.base_method).option_names()
         per = targets_per_input if takes_target else 1
         # several targets per input: the same noisy copies serve all of them (row (i, t) equals a
@@ -135,13 +159,17 @@ class SmoothGrad(Method):
         n, S = len(x), self.samples
         flat = x.reshape(n, -1)
         sigma = self.noise * (flat.max(1).values - flat.min(1).values)
-        noisy = x.repeat_interleave(S, dim=0) + self._noise(x, sigma, torch.Generator().manual_seed(self.seed))
+        noisy = x.repeat_interleave(S, dim=0) + self._noise(
+            x, sigma, torch.Generator().manual_seed(self.seed)
+        )
         tgt = None
         scores = torch.full((len(xr),), float("nan"), device=x.device)
         rows_target = target
         if takes_target and per > 1:
             check_target_count(target, n * per)
-            out = engine.map(lambda s, e: engine.forward(x[s:e]), n, sample=x[:1], description="scores")
+            out = engine.map(
+                lambda s, e: engine.forward(x[s:e]), n, sample=x[:1], description="scores"
+            )
             out = out.repeat_interleave(per, dim=0)
             tgt = resolve_target(target, out, self.labels)
             scores = row_scores(tgt, out, torch.arange(len(out), device=out.device)).detach()
@@ -162,7 +190,11 @@ class SmoothGrad(Method):
         if not takes_target:
             scores = res.scores.reshape(n, S).mean(1)
         prov = {
-            "base": self.base, "variant": self.variant, "samples": S, "noise": self.noise, "seed": self.seed,
+            "base": self.base,
+            "variant": self.variant,
+            "samples": S,
+            "noise": self.noise,
+            "seed": self.seed,
             "noise_sigma": sigma.tolist(),
             "forward_samples": engine.forwards + res.provenance.get("forward_samples", 0),
             "backward_samples": engine.backwards + res.provenance.get("backward_samples", 0),
@@ -170,24 +202,36 @@ class SmoothGrad(Method):
         }
         indices = tgt.indices if tgt is not None else None
         return Explanation(
-            attributions=attr.detach(), method=self.name, scores=scores, targets=indices,
-            layer=res.layer, provenance=prov,
+            attributions=attr.detach(),
+            method=self.name,
+            scores=scores,
+            targets=indices,
+            layer=res.layer,
+            provenance=prov,
             extras={"base_provenance": dict(res.provenance)},
         )
 
 
-@register_method("smoothgrad_sq", family="noise", needs_gradients=True,
-                 summary="SmoothGrad-squared: mean of squared attributions over noisy copies",
-                 paper="Hooker et al., NeurIPS 2019")
+@register_method(
+    "smoothgrad_sq",
+    family="noise",
+    needs_gradients=True,
+    summary="SmoothGrad-squared: mean of squared attributions over noisy copies",
+    paper="Hooker et al., NeurIPS 2019",
+)
 class SmoothGradSquared(SmoothGrad):
     """SmoothGrad with ``variant="smoothgrad_sq"``: mean_s A(x + e_s)^2."""
 
     default_variant = "smoothgrad_sq"
 
 
-@register_method("vargrad", family="noise", needs_gradients=True,
-                 summary="VarGrad: variance of attributions over noisy copies",
-                 paper="Adebayo et al., 2018")
+@register_method(
+    "vargrad",
+    family="noise",
+    needs_gradients=True,
+    summary="VarGrad: variance of attributions over noisy copies",
+    paper="Adebayo et al., 2018",
+)
 class VarGrad(SmoothGrad):
     """SmoothGrad with ``variant="vargrad"``: var_s A(x + e_s)."""
 

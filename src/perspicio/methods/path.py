@@ -57,7 +57,7 @@ from ..core.registry import register_method
 from ..core.targets import ResolvedTarget, check_target_count, resolve_target, row_scores
 from ..errors import ConvergenceWarning, LayerError, OptionError
 from .base import Method
-from .gradient import NeuronObjective, no_target, target_grads
+from .gradient import NeuronObjective, gradient_inputs, no_target, target_grads
 
 #: quadrature rule names (Captum's spellings are accepted as aliases)
 QUADRATURES = ("gauss_legendre", "left", "right", "middle", "trapezoid", "adaptive")
@@ -65,9 +65,14 @@ QUADRATURES = ("gauss_legendre", "left", "right", "middle", "trapezoid", "adapti
 ADAPTIVE_START_PANELS = 4
 ADAPTIVE_PER_ROUND = (4, 8)  # (min, max); a round fills one engine chunk when there are few inputs
 _ALIASES = {
-    "gausslegendre": "gauss_legendre", "gauss-legendre": "gauss_legendre", "gl": "gauss_legendre",
-    "riemann_left": "left", "riemann_right": "right", "riemann_middle": "middle",
-    "riemann_trapezoid": "trapezoid", "trapezoidal": "trapezoid",
+    "gausslegendre": "gauss_legendre",
+    "gauss-legendre": "gauss_legendre",
+    "gl": "gauss_legendre",
+    "riemann_left": "left",
+    "riemann_right": "right",
+    "riemann_middle": "middle",
+    "riemann_trapezoid": "trapezoid",
+    "trapezoidal": "trapezoid",
 }
 
 
@@ -87,12 +92,16 @@ def check_steps(steps: Any, rule: str = "left") -> int:
     (1..:data:`MAX_GAUSS_LEGENDRE_STEPS` for ``rule="gauss_legendre"``)."""
     check_int("steps", steps, minimum=1)
     if rule == "gauss_legendre" and steps > MAX_GAUSS_LEGENDRE_STEPS:
-        raise OptionError(f"steps={steps} is above the limit of {MAX_GAUSS_LEGENDRE_STEPS} Gauss-Legendre nodes "
-                          "(more gain nothing on a network's integrand); use fewer, or quadrature='adaptive' / "
-                          "'middle' for a dense path.")
+        raise OptionError(
+            f"steps={steps} is above the limit of {MAX_GAUSS_LEGENDRE_STEPS} Gauss-Legendre nodes "
+            "(more gain nothing on a network's integrand); use fewer, or quadrature='adaptive' / "
+            "'middle' for a dense path."
+        )
     if steps > MAX_STEPS:
-        raise OptionError(f"steps={steps} is above the limit of {MAX_STEPS} path nodes (each node is a forward and "
-                          f"backward pass per input); use at most {MAX_STEPS}.")
+        raise OptionError(
+            f"steps={steps} is above the limit of {MAX_STEPS} path nodes (each node is a forward and "
+            f"backward pass per input); use at most {MAX_STEPS}."
+        )
     return int(steps)
 
 
@@ -124,8 +133,8 @@ def gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
     w = 2 / ((1 - x * x) * dp * dp)
     if n % 2:  # the middle root is 0 exactly
         x[-1] = 0.0
-    nodes = np.concatenate([-x, x[::-1][n % 2:]])
-    weights = np.concatenate([w, w[::-1][n % 2:]])
+    nodes = np.concatenate([-x, x[::-1][n % 2 :]])
+    weights = np.concatenate([w, w[::-1][n % 2 :]])
     return nodes, weights
 
 
@@ -157,7 +166,9 @@ def quadrature_nodes(rule: str, steps: int) -> tuple[Tensor, Tensor]:
         alphas = k / (steps - 1)
         weights = np.full(steps, 1 / (steps - 1))
         weights[0] = weights[-1] = 0.5 / (steps - 1)
-    return torch.from_numpy(np.ascontiguousarray(alphas)), torch.from_numpy(np.ascontiguousarray(weights))
+    return torch.from_numpy(np.ascontiguousarray(alphas)), torch.from_numpy(
+        np.ascontiguousarray(weights)
+    )
 
 
 def normalize_rule(rule: str) -> str:
@@ -177,7 +188,9 @@ def _check_seed(seed: Any) -> int:
 # ============================================================================ completeness
 
 
-def completeness_error(explanation: Explanation, model: Any = None, *, relative: bool = False) -> Tensor:
+def completeness_error(
+    explanation: Explanation, model: Any = None, *, relative: bool = False
+) -> Tensor:
     """Per-sample |sum(attributions) - (f(x) - f(baseline))|, the IG completeness gap.
 
     Without ``model`` the scores recorded in the explanation are used; with it, f(x)
@@ -186,12 +199,14 @@ def completeness_error(explanation: Explanation, model: Any = None, *, relative:
     """
     base = explanation.base_value
     if base is None:
-        raise OptionError(f"explanation of method {explanation.method!r} has no base value (not a path method).")
+        raise OptionError(
+            f"explanation of method {explanation.method!r} has no base value (not a path method)."
+        )
     fx, fb = explanation.scores, base
     if model is not None:
         fx, fb = _recompute_scores(explanation, model)
     total = explanation.attributions.detach().reshape(len(explanation), -1).sum(1).double()
-    gap = (fx.double() - fb.double())
+    gap = fx.double() - fb.double()
     err = (total - gap).abs()
     if relative:
         err = err / gap.abs().clamp_min(1e-12)
@@ -202,9 +217,13 @@ def _recompute_scores(explanation: Explanation, model: Any) -> tuple[Tensor, Ten
     net, labels = unwrap_model(model)
     baseline = explanation.extras.get("baseline")
     if baseline is None or explanation.inputs is None:
-        raise OptionError("the explanation does not carry its inputs and baseline; call without model=.")
+        raise OptionError(
+            "the explanation does not carry its inputs and baseline; call without model=."
+        )
     if explanation.extras.get("background") is not None:
-        raise OptionError("GradientSHAP's base value is an average over a background set; call without model=.")
+        raise OptionError(
+            "GradientSHAP's base value is an average over a background set; call without model=."
+        )
     x = explanation.inputs
     neuron = explanation.extras.get("neuron_objective")
     with model_guard(net), torch.no_grad():
@@ -212,14 +231,18 @@ def _recompute_scores(explanation: Explanation, model: Any) -> tuple[Tensor, Ten
             eng = Engine(net)
             rows = torch.arange(len(x))
             return neuron.scores(x, rows, eng).detach(), neuron.scores(baseline, rows, eng).detach()
-        select = OutputSelector(explanation.options.get("output"))  # the tensor the method explained
+        select = OutputSelector(
+            explanation.options.get("output")
+        )  # the tensor the method explained
         out_x, out_b = select(net(x), len(x)), select(net(baseline))
     if explanation.targets is not None:
         tgt = ResolvedTarget(fn=lambda o: o, indices=explanation.targets, description="")
     else:
         fn = explanation.extras.get("target_fn")
         if fn is None:
-            raise OptionError("the explanation's callable target was not recorded; call without model=.")
+            raise OptionError(
+                "the explanation's callable target was not recorded; call without model=."
+            )
         tgt = ResolvedTarget(fn=fn, indices=None, description="")
     rows = torch.arange(len(x))
     return row_scores(tgt, out_x, rows), row_scores(tgt, out_b, rows)
@@ -232,9 +255,16 @@ COMPLETENESS_TOLERANCE = 0.01
 AUTO_MAX_STEPS = 256
 
 
-def _completeness_provenance(attr: Tensor, fx: Tensor, fb: Tensor, *, method: str | None = None,
-                             steps: int | None = None, tolerance: float = COMPLETENESS_TOLERANCE,
-                             auto: bool = False) -> dict[str, Any]:
+def _completeness_provenance(
+    attr: Tensor,
+    fx: Tensor,
+    fb: Tensor,
+    *,
+    method: str | None = None,
+    steps: int | None = None,
+    tolerance: float = COMPLETENESS_TOLERANCE,
+    auto: bool = False,
+) -> dict[str, Any]:
     """Completeness errors per sample; with ``method``, warn when one exceeds 1% of |f(x) - f(b)|:
     the path integral was not resolved by the chosen steps (the attributions are then not what
     the paper defines, however plausible they look)."""
@@ -244,15 +274,20 @@ def _completeness_provenance(attr: Tensor, fx: Tensor, fb: Tensor, *, method: st
     rel = (err / gap.abs().clamp_min(1e-12)).tolist()
     worst = max(rel, default=0.0)
     if method is not None and worst > tolerance:
-        remedy = (f"steps='auto' stopped at its cap of {steps} path nodes - pass steps=1024 (with "
-                  "quadrature='adaptive') or a baseline closer to the input (e.g. 'blur')" if auto else
-                  "use steps='auto' (refines until the error is below the tolerance), raise steps, or use a "
-                  "baseline closer to the input (e.g. 'blur')")
+        remedy = (
+            f"steps='auto' stopped at its cap of {steps} path nodes - pass steps=1024 (with "
+            "quadrature='adaptive') or a baseline closer to the input (e.g. 'blur')"
+            if auto
+            else "use steps='auto' (refines until the error is below the tolerance), raise steps, or use a "
+            "baseline closer to the input (e.g. 'blur')"
+        )
         warnings.warn(
             f"{method}: relative completeness error {worst:.2%} (> {tolerance * 100:.3g}%) with {steps} steps; "
             f"the path integral is not resolved: {remedy}. Per-sample errors: "
             "provenance['relative_completeness_error'].",
-            ConvergenceWarning, stacklevel=5)  # the caller of perspicio.explain
+            ConvergenceWarning,
+            stacklevel=5,
+        )  # the caller of perspicio.explain
     return {"completeness_error": err.tolist(), "relative_completeness_error": rel}
 
 
@@ -260,7 +295,12 @@ def _completeness_provenance(attr: Tensor, fx: Tensor, fb: Tensor, *, method: st
 
 
 class _PathBase(Method):
-    """Options and baseline handling shared by the IG variants."""
+    """Options and baseline handling shared by the IG variants: any float batch (N, ...)."""
+
+    input_ndim = None
+
+    def _prepare_inputs(self, inputs: Any) -> Any:
+        return gradient_inputs(self, inputs)
 
     def __init__(
         self,
@@ -298,9 +338,13 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.view(-1, *[1] * (like.ndim - 1))
 
 
-@register_method("integrated_gradients", family="path", needs_gradients=True,
-                 summary="Integrated Gradients: path integral of gradients from a baseline (completeness checked)",
-                 paper="Sundararajan et al., ICML 2017")
+@register_method(
+    "integrated_gradients",
+    family="path",
+    needs_gradients=True,
+    summary="Integrated Gradients: path integral of gradients from a baseline (completeness checked)",
+    paper="Sundararajan et al., ICML 2017",
+)
 class IntegratedGradients(_PathBase):
     """IG with the baselines of :mod:`perspicio.core.baselines` and quadrature rules
     left/right/middle Riemann, trapezoid, Gauss-Legendre (as in Captum) or
@@ -320,24 +364,38 @@ class IntegratedGradients(_PathBase):
 
     shares_forward_across_targets = True
 
-    def __init__(self, model: nn.Module, *, steps: int | str = "auto", quadrature: str | None = None,
-                 tolerance: float = COMPLETENESS_TOLERANCE, **options: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        steps: int | str = "auto",
+        quadrature: str | None = None,
+        tolerance: float = COMPLETENESS_TOLERANCE,
+        **options: Any,
+    ) -> None:
         self.auto = isinstance(steps, str)
         if self.auto:
             if str(steps).strip().lower() != "auto":
                 raise OptionError(f"steps must be a positive integer or 'auto'; got {steps!r}.")
             if quadrature is not None and normalize_rule(quadrature) != "adaptive":
-                raise OptionError(f"steps='auto' refines the adaptive rule; quadrature={quadrature!r} needs an "
-                                  "integer steps (e.g. steps=50).")
+                raise OptionError(
+                    f"steps='auto' refines the adaptive rule; quadrature={quadrature!r} needs an "
+                    "integer steps (e.g. steps=50)."
+                )
             steps, quadrature = AUTO_MAX_STEPS, "adaptive"
         check_float("tolerance", tolerance, minimum=0.0)
         self.tolerance = float(tolerance)
         super().__init__(model, steps=steps, quadrature=quadrature or "gauss_legendre", **options)
 
     def _provenance(self) -> dict[str, Any]:
-        return {**super()._provenance(), **({"steps": "auto", "max_steps": self.steps} if self.auto else {})}
+        return {
+            **super()._provenance(),
+            **({"steps": "auto", "max_steps": self.steps} if self.auto else {}),
+        }
 
-    def _explain(self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1) -> Explanation:
+    def _explain(
+        self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1
+    ) -> Explanation:
         per = targets_per_input
         # rows come in groups of `per` copies of one input: one path per input, `per` backward passes
         xu = x[::per] if per > 1 else x
@@ -370,22 +428,39 @@ class IntegratedGradients(_PathBase):
         if not isinstance(tgt, ResolvedTarget):
             extras["neuron_objective"] = tgt
         used = max(len(m) for m in mesh) if self.quadrature == "adaptive" else self.steps
-        prov = {**self._provenance(),
-                **_completeness_provenance(attr, fx, fb, method=self.name, steps=used,
-                                           tolerance=self.tolerance, auto=self.auto)}
+        prov = {
+            **self._provenance(),
+            **_completeness_provenance(
+                attr, fx, fb, method=self.name, steps=used, tolerance=self.tolerance, auto=self.auto
+            ),
+        }
         if self.quadrature == "adaptive":
             prov["nodes"] = mesh
             prov["nodes_used"] = [len(m) for m in mesh]
         if not isinstance(tgt, ResolvedTarget):
             prov["neuron"] = tgt.describe()
         return Explanation(
-            attributions=attr, method=self.name, scores=fx, base_value=fb, targets=indices,
+            attributions=attr,
+            method=self.name,
+            scores=fx,
+            base_value=fb,
+            targets=indices,
             layer=tgt.layer_name if not isinstance(tgt, ResolvedTarget) else None,
-            provenance=prov, extras=extras,
+            provenance=prov,
+            extras=extras,
         )
 
-    def _adaptive_path(self, x: Tensor, bu: Tensor, du: Tensor, tgt: Any, fx: Tensor, fb: Tensor,
-                       engine: Engine, per: int) -> tuple[Tensor, list[list[float]]]:
+    def _adaptive_path(
+        self,
+        x: Tensor,
+        bu: Tensor,
+        du: Tensor,
+        tgt: Any,
+        fx: Tensor,
+        fb: Tensor,
+        engine: Engine,
+        per: int,
+    ) -> tuple[Tensor, list[list[float]]]:
         """The adaptive rule: composite trapezoid on a mesh refined where the integrand is rough.
 
         Every node is a gradient evaluation whose forward pass also gives ``f`` at the node,
@@ -432,7 +507,7 @@ class IntegratedGradients(_PathBase):
                     if w is None:
                         grads[i][a], fvals[i][a], svals[i][a] = g[j], fv[j], sv[j]
                     else:
-                        total[i * per:(i + 1) * per] += w * g[j]
+                        total[i * per : (i + 1) * per] += w * g[j]
 
             engine.run(chunk, len(todo), sample=x[:1], grad=True, description=self.name)
 
@@ -441,7 +516,9 @@ class IntegratedGradients(_PathBase):
             sv = torch.stack([svals[i][v] for v in a])
             fv = torch.stack([fvals[i][v] for v in a])
             h = np.diff(a)
-            err = ((sv[1:] + sv[:-1]) / 2 * torch.from_numpy(h)[:, None] - (fv[1:] - fv[:-1])).abs() / gap[i]
+            err = (
+                (sv[1:] + sv[:-1]) / 2 * torch.from_numpy(h)[:, None] - (fv[1:] - fv[:-1])
+            ).abs() / gap[i]
             return a, h, err.sum(1)
 
         def completeness(i: int) -> Tensor:
@@ -464,23 +541,33 @@ class IntegratedGradients(_PathBase):
                 room = cap - len(nodes[i])
                 if room > 0 and not done[i]:
                     a, _, err = panel_errors(i)
-                    worst = torch.argsort(err, descending=True, stable=True)[:min(per_round, room)].tolist()
+                    worst = torch.argsort(err, descending=True, stable=True)[
+                        : min(per_round, room)
+                    ].tolist()
                     new[i] = [(a[k] + a[k + 1]) / 2 for k in worst]
                     nodes[i].extend(new[i])
         last: list[tuple[int, float, float | None]] = []
         for i in range(n):
             a, h, err = panel_errors(i)
             extra = np.zeros(len(h), dtype=np.int64)
-            if steps > len(a) and not done[i]:  # the last round: the remaining nodes in proportion to the panel errors
-                share = (err / err.sum()).numpy() * (steps - len(a)) if float(err.sum()) > 0 else np.full(len(h), (steps - len(a)) / len(h))
+            if (
+                steps > len(a) and not done[i]
+            ):  # the last round: the remaining nodes in proportion to the panel errors
+                share = (
+                    (err / err.sum()).numpy() * (steps - len(a))
+                    if float(err.sum()) > 0
+                    else np.full(len(h), (steps - len(a)) / len(h))
+                )
                 extra = np.floor(share).astype(np.int64)
-                extra[np.argsort(-(share - extra), kind="stable")[: steps - len(a) - int(extra.sum())]] += 1
+                extra[
+                    np.argsort(-(share - extra), kind="stable")[: steps - len(a) - int(extra.sum())]
+                ] += 1
             sub = h / (extra + 1)
             w = np.zeros(len(a))
             w[:-1] += sub / 2
             w[1:] += sub / 2
             for k, v in enumerate(a):
-                total[i * per:(i + 1) * per] += float(w[k]) * grads[i][v]
+                total[i * per : (i + 1) * per] += float(w[k]) * grads[i][v]
             for k in range(len(h)):
                 last += [(i, a[k] + j * sub[k], float(sub[k])) for j in range(1, int(extra[k]) + 1)]
                 nodes[i] += [a[k] + j * sub[k] for j in range(1, int(extra[k]) + 1)]
@@ -489,16 +576,21 @@ class IntegratedGradients(_PathBase):
             evaluate(last)
         return total, [sorted(m) for m in nodes]
 
-    def _endpoints(self, x: Tensor, b: Tensor, target: Any, engine: Engine,
-                   per: int = 1) -> tuple[Any, Tensor, Tensor]:
+    def _endpoints(
+        self, x: Tensor, b: Tensor, target: Any, engine: Engine, per: int = 1
+    ) -> tuple[Any, Tensor, Tensor]:
         """Resolve the target and compute f(x), f(baseline) in one chunked no-grad pass
         (``per`` targets per input: the target and the scores have ``len(x) * per`` rows)."""
         n = len(x)
         check_target_count(target, n * per)
         both = torch.cat([x, b])
-        out = engine.map(lambda s, e: engine.forward(both[s:e]), 2 * n, sample=x[:1], description="endpoints")
+        out = engine.map(
+            lambda s, e: engine.forward(both[s:e]), 2 * n, sample=x[:1], description="endpoints"
+        )
         if per > 1:
-            out = torch.cat([out[:n].repeat_interleave(per, dim=0), out[n:].repeat_interleave(per, dim=0)])
+            out = torch.cat(
+                [out[:n].repeat_interleave(per, dim=0), out[n:].repeat_interleave(per, dim=0)]
+            )
         m = n * per
         tgt = resolve_target(target, out[:m], self.labels)
         rows = torch.arange(m, device=out.device)
@@ -514,9 +606,14 @@ class IntegratedGradients(_PathBase):
         return row_scores(tgt, out, rows)
 
 
-@register_method("neuron_integrated_gradients", family="path", needs_gradients=True, needs_layer=True,
-                 summary="Neuron Integrated Gradients: IG of one unit/channel of a layer w.r.t. the input",
-                 paper="Sundararajan et al., ICML 2017; Dhamdhere et al., ICLR 2019")
+@register_method(
+    "neuron_integrated_gradients",
+    family="path",
+    needs_gradients=True,
+    needs_layer=True,
+    summary="Neuron Integrated Gradients: IG of one unit/channel of a layer w.r.t. the input",
+    paper="Sundararajan et al., ICML 2017; Dhamdhere et al., ICLR 2019",
+)
 class NeuronIntegratedGradients(IntegratedGradients):
     """IG where the explained scalar is a unit or channel of ``layer`` (see
     :class:`~perspicio.methods.gradient.NeuronObjective`); the model runs only up to
@@ -524,12 +621,15 @@ class NeuronIntegratedGradients(IntegratedGradients):
 
     targets_are_classes = False  # targets are the explained channels
 
-    def __init__(self, model: nn.Module, layer: Any = None, *, neuron: Any = None, **options: Any) -> None:
+    def __init__(
+        self, model: nn.Module, layer: Any = None, *, neuron: Any = None, **options: Any
+    ) -> None:
         super().__init__(model, **options)
         self._neuron = NeuronObjective(self.model, layer, neuron)
 
-    def _endpoints(self, x: Tensor, b: Tensor, target: Any, engine: Engine,
-                   per: int = 1) -> tuple[Any, Tensor, Tensor]:
+    def _endpoints(
+        self, x: Tensor, b: Tensor, target: Any, engine: Engine, per: int = 1
+    ) -> tuple[Any, Tensor, Tensor]:
         no_target(self, target)
         obj = self._neuron
         obj.prepare(x, engine)
@@ -542,9 +642,14 @@ class NeuronIntegratedGradients(IntegratedGradients):
         return tgt.scores(pts, rows, engine)
 
 
-@register_method("layer_integrated_gradients", family="path", needs_gradients=True, needs_layer=True,
-                 summary="Layer Integrated Gradients: IG over a layer's output (e.g. an embedding layer)",
-                 paper="Sundararajan et al., ICML 2017; Dhamdhere et al., ICLR 2019")
+@register_method(
+    "layer_integrated_gradients",
+    family="path",
+    needs_gradients=True,
+    needs_layer=True,
+    summary="Layer Integrated Gradients: IG over a layer's output (e.g. an embedding layer)",
+    paper="Sundararajan et al., ICML 2017; Dhamdhere et al., ICLR 2019",
+)
 class LayerIntegratedGradients(_PathBase):
     """IG along the straight path between the layer's outputs at the baseline and at the
     input: the layer output is replaced by ``a(x') + alpha (a(x) - a(x'))`` while the model
@@ -554,8 +659,10 @@ class LayerIntegratedGradients(_PathBase):
     def __init__(self, model: nn.Module, layer: Any = None, **options: Any) -> None:
         super().__init__(model, **options)
         if self.quadrature == "adaptive":
-            raise OptionError("quadrature 'adaptive' is available for integrated_gradients; "
-                              "layer_integrated_gradients takes a fixed rule (e.g. 'gauss_legendre').")
+            raise OptionError(
+                "quadrature 'adaptive' is available for integrated_gradients; "
+                "layer_integrated_gradients takes a fixed rule (e.g. 'gauss_legendre')."
+            )
         self.layer_spec = layer
         self._layer = resolve_layer(self.model, layer) if layer not in (None, "auto") else None
 
@@ -564,7 +671,9 @@ class LayerIntegratedGradients(_PathBase):
 
     shares_forward_across_targets = True
 
-    def _explain(self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1) -> Explanation:
+    def _explain(
+        self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1
+    ) -> Explanation:
         per = targets_per_input
         x = x[::per]  # the rows came as `per` copies of each input (several targets per input)
         n, steps = len(x), self.steps
@@ -588,10 +697,15 @@ class LayerIntegratedGradients(_PathBase):
 
         out = engine.map(endpoints, 2 * n, sample=x[:1], description="endpoints")
         if max(calls) != 1:
-            raise LayerError(f"layer {name!r} runs {max(calls)} times per forward pass; pick a layer called once.")
+            raise LayerError(
+                f"layer {name!r} runs {max(calls)} times per forward pass; pick a layer called once."
+            )
         act = torch.cat(acts)
         ax, ab = act[:n], act[n:]
-        du, bu = ax - ab, ab  # the path, per input (keeps the layer's memory format, hence its rounding)
+        du, bu = (
+            ax - ab,
+            ab,
+        )  # the path, per input (keeps the layer's memory format, hence its rounding)
         if per > 1:
             out = out.repeat_interleave(per, dim=0)
             ax, ab, b = (t.repeat_interleave(per, dim=0) for t in (ax, ab, b))
@@ -623,19 +737,30 @@ class LayerIntegratedGradients(_PathBase):
         if tgt.indices is None:
             extras["target_fn"] = tgt.fn
         return Explanation(
-            attributions=attr, method=self.name, scores=fx, base_value=fb, targets=tgt.indices,
+            attributions=attr,
+            method=self.name,
+            scores=fx,
+            base_value=fb,
+            targets=tgt.indices,
             layer=name,
-            provenance={**self._provenance(),
-                        **_completeness_provenance(attr, fx, fb, method=self.name, steps=self.steps)}, extras=extras,
+            provenance={
+                **self._provenance(),
+                **_completeness_provenance(attr, fx, fb, method=self.name, steps=self.steps),
+            },
+            extras=extras,
         )
 
 
 # ============================================================================ GradientSHAP
 
 
-@register_method("gradient_shap", family="path", needs_gradients=True,
-                 summary="GradientSHAP / Expected Gradients: IG averaged over random baselines and path points",
-                 paper="Lundberg & Lee, NeurIPS 2017; Erion et al., Nature MI 2021")
+@register_method(
+    "gradient_shap",
+    family="path",
+    needs_gradients=True,
+    summary="GradientSHAP / Expected Gradients: IG averaged over random baselines and path points",
+    paper="Lundberg & Lee, NeurIPS 2017; Erion et al., Nature MI 2021",
+)
 class GradientSHAP(Method):
     """Expected Gradients: ``E_{x'~background, a~U(0,1)} [(x - x') * df/dx(x' + a (x - x'))]``,
     estimated with ``samples`` draws per input; with ``noise > 0`` Gaussian noise of that
@@ -647,6 +772,11 @@ class GradientSHAP(Method):
     holds the per-feature ``standard_error`` of the estimate; ``base_value`` is the mean
     model score over the background.
     """
+
+    input_ndim = None
+
+    def _prepare_inputs(self, inputs: Any) -> Any:
+        return gradient_inputs(self, inputs)
 
     def __init__(
         self,
@@ -686,8 +816,15 @@ class GradientSHAP(Method):
                 return t, True
         return make_baseline(spec, x, black=self._black, generator=gen), False
 
-    def _draw(self, n: int, samples: int, n_background: int, x: Tensor, sigma: Tensor,
-              gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _draw(
+        self,
+        n: int,
+        samples: int,
+        n_background: int,
+        x: Tensor,
+        sigma: Tensor,
+        gen: torch.Generator,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Random draws per row ``r = i * samples + s``: background index, path point, input noise."""
         idx = torch.randint(n_background, (n * samples,), generator=gen)
         alpha = torch.rand(n * samples, generator=gen, dtype=torch.float64)
@@ -699,7 +836,9 @@ class GradientSHAP(Method):
 
     shares_forward_across_targets = True
 
-    def _explain(self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1) -> Explanation:
+    def _explain(
+        self, x: Tensor, target: Any, engine: Engine, targets_per_input: int = 1
+    ) -> Explanation:
         per = targets_per_input
         x = x[::per]  # the rows came as `per` copies of each input: draws and forwards are shared
         n, S, m = len(x), self.samples, len(x) * per
@@ -708,13 +847,20 @@ class GradientSHAP(Method):
         bg, shared = self._background(x, gen)
         # f(x) and f(background): one chunked no-grad pass
         both = torch.cat([x, bg])
-        out = engine.map(lambda s, e: engine.forward(both[s:e]), len(both), sample=x[:1], description="endpoints")
+        out = engine.map(
+            lambda s, e: engine.forward(both[s:e]), len(both), sample=x[:1], description="endpoints"
+        )
         out_x, out_bg = out[:n].repeat_interleave(per, dim=0), out[n:]
         tgt = resolve_target(target, out_x, self.labels)
         rows = torch.arange(m, device=x.device)
         fx = row_scores(tgt, out_x, rows).detach()
         if shared:
-            fb = torch.stack([row_scores(tgt, out_bg, torch.full((len(bg),), i, device=x.device)).mean() for i in range(m)])
+            fb = torch.stack(
+                [
+                    row_scores(tgt, out_bg, torch.full((len(bg),), i, device=x.device)).mean()
+                    for i in range(m)
+                ]
+            )
         else:
             fb = row_scores(tgt, out_bg.repeat_interleave(per, dim=0), rows)
         fb = fb.detach()
@@ -749,12 +895,24 @@ class GradientSHAP(Method):
         mean = total / S
         var = (total_sq / S - mean * mean).clamp_min(0) * (S / max(S - 1, 1))
         stderr = (var / S).sqrt()
-        extras: dict[str, Any] = {"standard_error": stderr.detach(), "background": bg if shared else None,
-                                  "baseline": None if shared else bg.repeat_interleave(per, dim=0)}
-        prov = {"samples": S, "noise": self.noise, "seed": self.seed,
-                "mean_standard_error": stderr.reshape(m, -1).mean(1).tolist(),
-                **_completeness_provenance(mean, fx, fb)}
+        extras: dict[str, Any] = {
+            "standard_error": stderr.detach(),
+            "background": bg if shared else None,
+            "baseline": None if shared else bg.repeat_interleave(per, dim=0),
+        }
+        prov = {
+            "samples": S,
+            "noise": self.noise,
+            "seed": self.seed,
+            "mean_standard_error": stderr.reshape(m, -1).mean(1).tolist(),
+            **_completeness_provenance(mean, fx, fb),
+        }
         return Explanation(
-            attributions=mean.detach(), method=self.name, scores=fx, base_value=fb, targets=tgt.indices,
-            provenance=prov, extras=extras,
+            attributions=mean.detach(),
+            method=self.name,
+            scores=fx,
+            base_value=fb,
+            targets=tgt.indices,
+            provenance=prov,
+            extras=extras,
         )
