@@ -18,14 +18,22 @@ from ..core.explanation import Explanation
 from ..core.guard import model_lock
 from ..core.targets import EmbeddingSimilarity
 from ..errors import InputError, ModelError, OptionError
+from .embedding import (
+    EMBEDDING_INPUT_METHODS,
+    EmbeddingModel,
+    embedding_outputs,
+    merge_per_text,
+    reduce_tokens,
+    token_reduction,
+)
 from .inputs import TokenBatch, encode, find_tokenizer, from_mapping, is_text
 from .model import TokenModel, embedding_layer, pack
-from .targets import ZeroShot, ZeroShotHead, embed
+from .targets import ScoreHead, ZeroShot, ZeroShotHead, embed
 
 __all__ = ["BASELINE_TOKENS", "explain_text", "merge_words", "token_baseline", "token_scores"]
 
-#: methods run through the token embeddings (layer Integrated Gradients on the word embedding layer)
-EMBEDDING_METHODS = ("integrated_gradients", "layer_integrated_gradients")
+#: layer Integrated Gradients on the word-embedding layer (or ``layer=``), on the padded batch
+EMBEDDING_METHODS = ("layer_integrated_gradients",)
 #: methods that remove tokens (replaced by the baseline token) through the packed ids
 TOKEN_PERTURBATION_METHODS = (
     "feature_ablation",
@@ -119,24 +127,128 @@ def token_scores(explanation: Explanation, index: int = 0) -> list[tuple[str, fl
     return [(t, float(a[j])) for j, t in enumerate(tokens[index])]
 
 
+def _text_methods() -> list[str]:
+    from ..core.registry import METHODS
+
+    return sorted(
+        {e.name for e in METHODS.entries() if e.family == "attention"}
+        | set(EMBEDDING_METHODS)
+        | set(EMBEDDING_INPUT_METHODS)
+        | set(TOKEN_PERTURBATION_METHODS)
+    )
+
+
+#: why a method that exists for images does not run on text
+_NOT_FOR_TEXT = {
+    "guided_gradcam": "it multiplies by a Grad-CAM map of an image",
+    "neuron_gradient": "it explains a unit of an inner layer, not a target score",
+    "neuron_integrated_gradients": "it explains a unit of an inner layer, not a target score",
+    "deep_shap": "its background would be a set of texts of this text's length; use deeplift with baseline_token",
+    "rise": "its masks are image masks; use feature_ablation, kernel_shap or lime on tokens",
+}
+
+
 def _select_method(method: str) -> Any:
     from ..core.registry import METHODS
 
     entry = METHODS.get(method)
-    if (
-        entry.family == "attention"
-        or entry.name in EMBEDDING_METHODS
-        or entry.name in TOKEN_PERTURBATION_METHODS
-    ):
+    if entry.family == "attention" or entry.name in _text_methods():
         return entry
-    supported = sorted(
-        {e.name for e in METHODS.entries() if e.family == "attention"}
-        | set(EMBEDDING_METHODS)
-        | set(TOKEN_PERTURBATION_METHODS)
-    )
+    why = _NOT_FOR_TEXT.get(entry.name)
     raise OptionError(
-        f"method {entry.name!r} does not take text; methods for text: {', '.join(supported)}."
+        f"method {entry.name!r} does not take text{f' ({why})' if why else ''}; methods for text: "
+        f"{', '.join(_text_methods())}."
     )
+
+
+def _word_embedding_layer(inner: nn.Module, tm: TokenModel, layer: Any) -> tuple[str, nn.Module]:
+    """(name, module) of the word-embedding layer: ``layer`` (a name in the user's model or in the
+    packed-token adapter, or a module), else the model's own (:func:`embedding_layer`)."""
+    from ..core.capture import resolve_layer
+    from ..errors import LayerError
+
+    spec = layer if layer is not None else embedding_layer(inner)
+    try:
+        return resolve_layer(inner, spec)
+    except LayerError:
+        if isinstance(spec, nn.Module):
+            raise
+        name, module = resolve_layer(tm, spec)  # "model.encoder...": a name in the adapter
+        return resolve_layer(inner, module)
+
+
+def _per_text_embeddings(
+    entry: Any,
+    tm: TokenModel,
+    labels: Any,
+    x: Tensor,
+    special: Tensor,
+    target: Any,
+    token_id: int,
+    layer: tuple[str, nn.Module],
+    options: dict[str, Any],
+) -> Explanation:
+    """Gradient, path, noise and propagation methods on the word embeddings, one text at a time:
+    the method runs on :class:`EmbeddingModel` (the model from its word embeddings, this text's
+    mask and token types fixed) with the text's word embeddings as input and, for methods with a
+    baseline, the embeddings of the baseline tokens (special tokens kept) as the baseline."""
+    from ..methods.base import build
+    from ..methods.gradient import check_target_count, slice_target
+
+    if "baseline" in options:
+        raise OptionError(
+            "on text the baseline is the embedding of the baseline tokens: choose them with baseline_token= "
+            "('pad', 'mask', 'unk', a token or an id), not baseline=."
+        )
+    if "reduce" in options:
+        raise OptionError(
+            "on text the embedding dimension is reduced per token (saliency: the L2 norm, see docs/text.md); "
+            "reduce= is for image channels."
+        )
+    name = entry.name
+    how = token_reduction(name, options)
+    cls = entry.cls
+    takes_baseline = "baseline" in cls.option_names()
+    base_takes_baseline = False  # SmoothGrad around a method with a baseline (IG, DeepLIFT, ...)
+    base = options.get("base", "saliency")
+    if name in ("smoothgrad", "smoothgrad_sq", "vargrad") and isinstance(base, str):
+        from ..core.registry import METHODS
+
+        base_takes_baseline = "baseline" in METHODS.get(base).cls.option_names()
+        if "baseline" in (options.get("base_options") or {}):
+            raise OptionError(
+                "on text the baseline is the embedding of the baseline tokens: choose them with baseline_token=, "
+                "not base_options={'baseline': ...}."
+            )
+    if name == "lrp" and options.get("composite") is None and options.get("rule") is None:
+        options = {**options, "composite": "attnlrp"}
+    check_target_count(target, len(x))
+    parts = []
+    for i in range(len(x)):
+        n_real = int((x[i, 1] != 0).sum())
+        xi = x[i : i + 1, :, :n_real]  # the text's own tokens: padding takes no part
+        bi = token_baseline(xi, special[i : i + 1, :n_real], token_id)
+        emb = embedding_outputs(tm, layer, torch.cat([xi, bi]))
+        ex, eb = emb[:1], emb[1:]
+        opts = dict(options)
+        if takes_baseline:
+            opts["baseline"] = eb
+        elif base_takes_baseline:
+            opts["base_options"] = {**(opts.get("base_options") or {}), "baseline": eb}
+        wrapped = EmbeddingModel(tm, xi, layer)
+        e = build(cls, wrapped, labels=labels, **opts)(
+            ex, target=slice_target(target, i, i + 1, len(x))
+        )
+        a = reduce_tokens(e.attributions.detach(), how)
+        row = torch.zeros(len(a), x.shape[-1], dtype=a.dtype, device=a.device)
+        row[:, :n_real] = a
+        parts.append((e, row))
+    e = merge_per_text(parts, x, [int((x[i, 1] != 0).sum()) for i in range(len(x))])
+    extras = dict(e.extras)
+    extras["baseline"] = token_baseline(x, special, token_id)  # the packed baseline tokens
+    extras["embedding_layer"] = layer[0]
+    extras["token_reduction"] = how
+    return e.replace(extras=extras, layer=layer[0])
 
 
 def _per_text(
@@ -165,30 +277,10 @@ def _per_text(
         groups = torch.arange(n_real, device=x.device).expand(x.shape[1], n_real)
         opts = {**options, "baseline": base, "feature_mask": groups}
         e = build(cls, tm, labels=labels, **opts)(xi, target=slice_target(target, i, i + 1, len(x)))
-        a = torch.zeros(1, x.shape[-1], dtype=e.attributions.dtype)
-        a[0, :n_real] = e.attributions[0, 0]
+        a = torch.zeros(len(e.attributions), x.shape[-1], dtype=e.attributions.dtype)
+        a[:, :n_real] = e.attributions[:, 0]
         parts.append((e, a))
-    first = parts[0][0]
-
-    def cat(name: str) -> Any:
-        vals = [getattr(e, name) for e, _ in parts]
-        if any(v is None for v in vals):
-            return None
-        return torch.cat([torch.as_tensor(v).reshape(-1) for v in vals])
-
-    names = (
-        None
-        if first.target_names is None
-        else tuple(n for e, _ in parts for n in (e.target_names or ()))
-    )
-    return first.replace(
-        attributions=torch.cat([a for _, a in parts]),
-        scores=cat("scores"),
-        targets=cat("targets"),
-        base_value=cat("base_value"),
-        target_names=names,
-        inputs=x,
-    )
+    return merge_per_text(parts, x)
 
 
 def explain_text(
@@ -222,7 +314,6 @@ def explain_text(
         **options: the method's options (e.g. ``steps``, ``query``, ``layer`` for ``attention``).
     """
     from ..core.blackbox import unwrap_model
-    from ..core.registry import METHODS
     from ..methods.base import build
 
     if not isinstance(merge_words, bool):
@@ -278,24 +369,48 @@ def explain_text(
                 raise ModelError("a sentence target needs the tokenizer (pass tokenizer=...).")
             other = encode(tok, [target], model=model, max_length=max_length)
             ref = embed(tm, pack(other.tensors(), keys).to(device), select)
-            sim = EmbeddingSimilarity(ref[0])
-            sim.__name__ = f"similarity to {target!r}"  # type: ignore[attr-defined]
-            target = sim
+            if entry.name in EMBEDDING_INPUT_METHODS:  # the similarity inside the output (below)
+                options["output"] = ZeroShotHead(ref, select)
+                labels, target = (f"similarity to {target!r}",), 0
+            else:
+                sim = EmbeddingSimilarity(ref[0])
+                sim.__name__ = f"similarity to {target!r}"  # type: ignore[attr-defined]
+                target = sim
+        if (
+            entry.name in EMBEDDING_INPUT_METHODS
+            and callable(target)
+            and not isinstance(target, Tensor)
+        ):
+            # a callable target becomes part of the output, so DeepLIFT and LRP propagate through
+            # its operations (a cosine similarity is not linear at the output)
+            options["output"] = ScoreHead(target, select)
+            labels, target = (getattr(target, "__name__", "target"),), 0
     if (
         entry.family == "attention"
     ):  # every attention map is kept anyway: one chunk, no memory probe
         options.setdefault("batch_size", len(x))
     cls = entry.cls
     if entry.name in EMBEDDING_METHODS:
-        cls = METHODS.get("layer_integrated_gradients").cls
-        options["layer"] = layer if layer is not None else embedding_layer(inner)
+        options["layer"] = _word_embedding_layer(inner, tm, layer)[1]
         options["baseline"] = token_baseline(x, special, _baseline_id(tok, baseline_token))
-    elif layer is not None:
+    elif layer is not None and entry.name not in EMBEDDING_INPUT_METHODS:
         options["layer"] = layer
     with model_lock(inner):
         if entry.name in TOKEN_PERTURBATION_METHODS:
             e = _per_text(
                 cls, tm, labels, x, special, target, _baseline_id(tok, baseline_token), options
+            )
+        elif entry.name in EMBEDDING_INPUT_METHODS:
+            e = _per_text_embeddings(
+                entry,
+                tm,
+                labels,
+                x,
+                special,
+                target,
+                _baseline_id(tok, baseline_token),
+                _word_embedding_layer(inner, tm, layer),
+                options,
             )
         else:
             e = build(cls, tm, labels=labels, **options)(x, target=target)
@@ -304,17 +419,22 @@ def explain_text(
         attr = attr.sum(dim=-1)  # per token: the sum over the embedding dimensions
     elif attr.ndim == 3:
         attr = attr[:, 0]  # perturbations of the packed ids: the input_ids row
-    mask = x[:, keys.index("attention_mask")] != 0
+    per = len(attr) // len(x)  # several targets per text: rows text-major
+    mask = (x[:, keys.index("attention_mask")] != 0).repeat_interleave(per, dim=0)
     attr = attr * mask
     if batch is not None:
         tokens, word_ids = batch.tokens, batch.word_ids
     else:
-        ids = [x[i, 0][mask[i]].tolist() for i in range(len(x))]
+        ids = [x[i, 0][x[i, keys.index("attention_mask")] != 0].tolist() for i in range(len(x))]
         tokens = tuple(
             tuple(tok.convert_ids_to_tokens(r)) if tok is not None else tuple(str(t) for t in r)
             for r in ids
         )
         word_ids = tuple(tuple([None] * len(r)) for r in ids)
+    if per > 1:
+        tokens = tuple(t for t in tokens for _ in range(per))
+        word_ids = tuple(w for w in word_ids for _ in range(per))
+        special = special.repeat_interleave(per, dim=0)
     extras = {
         **e.extras,
         "tokens": tokens,

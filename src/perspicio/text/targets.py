@@ -12,7 +12,7 @@ from torch import Tensor
 from ..core.outputs import OutputSelector
 from ..errors import TargetError
 
-__all__ = ["ZeroShot", "ZeroShotHead"]
+__all__ = ["ScoreHead", "ZeroShot", "ZeroShotHead"]
 
 
 class ZeroShot:
@@ -61,6 +61,35 @@ class ZeroShotHead:
 
     def __repr__(self) -> str:
         return f"ZeroShotHead({len(self.references)} labels)"
+
+
+class ScoreHead:
+    """``output=`` that computes a callable target inside the model's output: the selected output
+    (N, ...) -> ``fn(output)`` as (N, 1). Methods that propagate through the model's operations
+    (DeepLIFT, LRP) then propagate through the target's operations too, instead of linearising it
+    at the output (a cosine similarity is scale-invariant: its gradient times the embedding sums to
+    0, so LRP's starting relevance would vanish)."""
+
+    __name__ = "score"
+
+    def __init__(self, fn: Any, select: Any = None) -> None:
+        if not callable(fn):
+            raise TargetError(f"ScoreHead needs a callable target; got {fn!r}.")
+        self.fn = fn
+        self.select = OutputSelector(select)
+
+    def __call__(self, raw: Any) -> Tensor:
+        out = self.select(raw)
+        s = self.fn(out)
+        if not isinstance(s, Tensor) or s.shape != (out.shape[0],):
+            got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+            raise TargetError(
+                f"a callable target must return one score per input, shape ({out.shape[0]},); got {got}."
+            )
+        return s[:, None]
+
+    def __repr__(self) -> str:
+        return f"ScoreHead({getattr(self.fn, '__name__', 'callable')})"
 
 
 def embed(model: torch.nn.Module, x: Tensor, select: Any = None) -> Tensor:
