@@ -553,13 +553,14 @@ def _check_regressor_base(trees: _Trees, base: np.ndarray, name: str) -> None:
     """onnxruntime's TreeEnsembleRegressor writes 0, not the base value, for an output that no leaf
     the row reaches carries a weight for. That is a sum of trees only if each output with a non-zero
     base is carried by every leaf of some tree (then every row gets a weight for it)."""
-    for k in np.flatnonzero(base):
-        covered = False
-        for root in trees.roots:
-            tree_leaves = [key for key in trees.leaves if key[0] == root[0]]
-            if tree_leaves and all(k in trees.leaves[key] for key in tree_leaves):
-                covered = True
-                break
+    targets = np.flatnonzero(base)
+    if len(targets) == 0:
+        return
+    per_tree: dict[Any, list[dict[int, float]]] = {}
+    for key, leaf in trees.leaves.items():  # opset-1 keys are (tree id, node id)
+        per_tree.setdefault(key[0], []).append(leaf)
+    for k in targets:
+        covered = any(all(k in leaf for leaf in leaves) for leaves in per_tree.values())
         if not covered:
             raise ModelError(
                 f"{name}: output {k} has base value {base[k]:g} but some rows reach no leaf weighted "
