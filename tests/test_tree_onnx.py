@@ -196,6 +196,35 @@ def test_branch_member_as_onnxruntime(mtt):
     np.testing.assert_array_equal(ens.predict(BOUNDARY), _ort_scores(model, BOUNDARY))
 
 
+def test_two_member_sets_in_order():
+    """Two MEMBER nodes read their sets from membership_values in order (NaN-separated)."""
+    attrs = dict(
+        tree_roots=[0],
+        nodes_featureids=[0, 1],
+        nodes_modes=onnx.numpy_helper.from_array(np.array([6, 6], np.uint8)),
+        nodes_splits=onnx.numpy_helper.from_array(np.zeros(2, np.float32)),
+        nodes_truenodeids=[1, 0],
+        nodes_trueleafs=[0, 1],
+        nodes_falsenodeids=[2, 1],
+        nodes_falseleafs=[1, 1],
+        nodes_missing_value_tracks_true=[0, 1],
+        leaf_targetids=[0, 0, 0],
+        leaf_weights=onnx.numpy_helper.from_array(np.array([1.0, 2.0, 5.0], np.float32)),
+        membership_values=onnx.numpy_helper.from_array(
+            np.array([1.0, 2.0, np.nan, 7.0], np.float32)
+        ),
+        n_targets=1,
+    )
+    model = _graph("TreeEnsemble", attrs, n_features=2, ml_opset=5)
+    ens = read_onnx(model)
+    grid = np.array(
+        [[a, b] for a in (0.0, 1.0, 2.0, 1.5, np.nan) for b in (7.0, 6.0, np.nan)], np.float32
+    )
+    want = [(1 if b in (7.0,) or np.isnan(b) else 2) if a in (1.0, 2.0) else 5 for a, b in grid]
+    np.testing.assert_array_equal(ens.predict(grid)[:, 0], want)
+    np.testing.assert_array_equal(ens.predict(grid), _ort_scores(model, grid))
+
+
 def test_average_two_targets_base_values_and_double_input():
     attrs = dict(
         nodes_treeids=[0, 0, 0, 1, 1, 1],
@@ -469,6 +498,21 @@ def test_unsupported_graphs_and_attributes_are_refused_in_one_line():
         with pytest.raises(ModelError) as exc:
             read_onnx(_graph("TreeEnsembleRegressor", {**DEPTH2, key: value}))
         _one_line(exc, word)
+    # two ensembles in one graph; an integer input
+    a = oh.make_node("TreeEnsembleRegressor", ["X"], ["s1"], domain="ai.onnx.ml", **DEPTH2)
+    b = oh.make_node("TreeEnsembleRegressor", ["X"], ["scores"], domain="ai.onnx.ml", **DEPTH2)
+    g = oh.make_graph(
+        [a, b],
+        "g",
+        [oh.make_tensor_value_info("X", TP.FLOAT, [None, 2])],
+        [oh.make_tensor_value_info("scores", TP.FLOAT, [None, 1])],
+    )
+    with pytest.raises(ModelError) as exc:
+        read_onnx(oh.make_model(g, opset_imports=[oh.make_opsetid("ai.onnx.ml", 3)]))
+    _one_line(exc, "2 tree-ensemble operators")
+    with pytest.raises(ModelError) as exc:
+        read_onnx(_graph("TreeEnsembleRegressor", DEPTH2, dtype=TP.INT64))
+    _one_line(exc, "int64", "float and double")
     # shape-only ops and neutral arithmetic after the ensemble are fine (onnxmltools writes them)
     one = oh.make_tensor("one", TP.FLOAT, [], [1.0])
     mul = oh.make_node("Mul", ["raw", "one"], ["scores"])
