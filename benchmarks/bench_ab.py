@@ -7,7 +7,8 @@ contender. The table gives, per contender, the median over rounds of each tree's
 ratio B / A. One discarded worker per tree runs first: in a trial run the very first worker was
 up to 2.5x slower than all later ones (cold file caches or load; not separated). The calls are those of ``bench_cam.py`` (Grad-CAM, Score-CAM at ``_act_head``, target
 285), ``bench_perturbation.py`` (occlusion window 32 stride 16, KernelSHAP on 50 SLIC superpixels
-with budget 300) and ``bench_metrics.py`` (deletion, 100 steps, two images, Grad-CAM maps).
+with budget 300) and ``bench_metrics.py`` (deletion, 100 steps, two images, Grad-CAM maps), and of the gradient and propagation benchmarks
+(saliency, Integrated Gradients with 32 steps, LRP's default composite; target 285).
 
 Run (e.g. the session-start commit against HEAD)::
 
@@ -53,6 +54,9 @@ calls = {
     "occlusion": lambda: perspicio.explain(zm, x, "occlusion", window=32, stride=16, target=top),
     "kernel_shap": lambda: perspicio.explain(zm, x, "kernel_shap", feature_mask=seg, budget=300, target=top),
     "deletion": lambda: deletion(zm, x2, maps),
+    "saliency": lambda: perspicio.explain(zm, x, "saliency", target=285),
+    "integrated_gradients": lambda: perspicio.explain(zm, x, "integrated_gradients", steps=32, target=285),
+    "lrp": lambda: perspicio.explain(zm, x, "lrp", target=285),
 }
 out = {}
 for name in names:
@@ -66,7 +70,7 @@ for name in names:
 print(json.dumps({"perspicio": perspicio.__file__, "medians": out}))
 """
 
-CONTENDERS = ("gradcam", "scorecam", "occlusion", "kernel_shap", "deletion")
+CONTENDERS = ("gradcam", "scorecam", "occlusion", "kernel_shap", "deletion", "saliency", "integrated_gradients", "lrp")
 
 
 def run_worker(src: str, names: list[str], repeats: int, threads: int) -> dict[str, float]:
