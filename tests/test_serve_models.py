@@ -133,6 +133,8 @@ def test_a_checkpoint_that_is_not_plain_tensors_is_refused(client: TestClient, t
     _, marker = torch_home
     r = client.post("/api/predict", data={"model": "torchvision:resnet34", "sample": "chelsea"})
     assert_error(r, 422, "could not be read as plain tensors", "weights_only=True")
+    assert "<torch hub cache>/checkpoints/resnet34-" in r.json()["error"]
+    assert str(torch_home[0]) not in r.text  # the server's folders stay on the server
     r = client.post("/api/predict", data={"model": "timm:resnet34.tv_in1k", "sample": "chelsea"})
     assert_error(r, 422, "could not be read as plain tensors")
     assert not marker.exists()

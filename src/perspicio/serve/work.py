@@ -105,7 +105,11 @@ class WorkerState:
         if model_id not in self.loaded:
             from ..zoo.sources import resolve_model
 
-            self.loaded[model_id] = resolve_model(self.specs[model_id], device="cpu")
+            try:
+                self.loaded[model_id] = resolve_model(self.specs[model_id], device="cpu")
+            except PerspicioError as exc:  # the message without the server's cache folders
+                exc.args = (hide_cache_paths(str(exc)),)
+                raise
         return self.loaded[model_id]
 
     # ------------------------------------------------------------------ jobs
@@ -402,6 +406,23 @@ class CompareSteps(io.TextIOBase):
             return  # the rest of the plan and the closing line: nothing for the page
         elif line.strip():
             print(line, file=self.stderr)
+
+
+def hide_cache_paths(message: str) -> str:
+    """``message`` with the torch hub and Hugging Face cache folders replaced by their names (a
+    model's loading error names the file it read; the client needs the file, not the folder)."""
+    import torch
+
+    folders = {str(torch.hub.get_dir()): "<torch hub cache>"}
+    try:
+        from huggingface_hub import constants
+
+        folders[str(constants.HF_HUB_CACHE)] = "<Hugging Face cache>"
+    except ImportError:
+        pass
+    for folder, name in sorted(folders.items(), key=lambda kv: -len(kv[0])):
+        message = message.replace(folder, name)
+    return message
 
 
 def one_line(exc: BaseException) -> str:
