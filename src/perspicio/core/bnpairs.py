@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from . import ops
 from .caches import Cache, state_tokens
-
-_AFFINE_FUNCS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
 
 class _PairTracer(TorchFunctionMode):
@@ -33,7 +32,9 @@ class _PairTracer(TorchFunctionMode):
         self.bn_calls: list[tuple[Tensor, Tensor | None]] = []  # (input, running_mean)
         self.bn_count: dict[int, int] = {}
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if isinstance(out, (Tensor, list, tuple)):  # a consumer (not a shape query such as x.dim())
@@ -43,7 +44,7 @@ class _PairTracer(TorchFunctionMode):
                     if isinstance(t, Tensor):
                         self.uses[id(t)] = self.uses.get(id(t), 0) + 1
                         self.keep.append(t)
-        if func in _AFFINE_FUNCS and isinstance(out, Tensor):
+        if ops.has_flag(func, ops.FOLDS_BATCHNORM) and isinstance(out, Tensor):
             w = args[1] if len(args) > 1 else kwargs.get("weight")
             if isinstance(w, nn.Parameter):
                 self.affine_out[id(out)] = w
@@ -59,8 +60,12 @@ class _PairTracer(TorchFunctionMode):
 
 
 #: per model and (input shape, dtype, module set): the mergeable pairs
-_CACHE = Cache("batchnorm pairs", holds="(affine, BatchNorm) module names", key="model (weak), input shape, modules",
-               max_entries=1024)
+_CACHE = Cache(
+    "batchnorm pairs",
+    holds="(affine, BatchNorm) module names",
+    key="model (weak), input shape, modules",
+    max_entries=1024,
+)
 
 
 def find_batchnorm_pairs(model: nn.Module, sample: Tensor) -> list[tuple[str, str]]:
@@ -110,7 +115,6 @@ def folded_affine(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[
     b_old = lin.bias.double() if lin.bias is not None else torch.zeros_like(shift)
     new_w = (w.double() * scale.view((-1,) + (1,) * (w.ndim - 1))).to(w.dtype)
     return new_w.detach(), (b_old * scale + shift).to(w.dtype).detach()
-
 
 
 def fingerprint(tensors: list[Tensor | None]) -> tuple:

@@ -4,7 +4,8 @@ Both operation-level interpreters - the propagation engine (LRP, DeepLIFT) and t
 evaluator of local perturbations - see every torch call of a forward pass (a few hundred, from a
 few dozen distinct functions) and must run in-place spellings out of place: the propagation
 rules need the values before the write, and the incremental evaluator shares cached values
-between batches that must never be overwritten.
+between batches that must never be overwritten. The in-place spellings themselves are a table of
+:mod:`perspicio.core.ops` (``ops.INPLACE``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import torch
-import torch.nn.functional as F
-
+from . import ops
 from .caches import Memo
 
 V = TypeVar("V")
@@ -42,23 +41,11 @@ def signature(func: Any) -> inspect.Signature | None:
     return memoised(_SIGNATURES, func, _compute_signature)
 
 
-#: in-place spellings and the out-of-place function computing the same result
-INPLACE = {
-    "add_": torch.add, "__iadd__": torch.add, "sub_": torch.sub, "__isub__": torch.sub, "mul_": torch.mul,
-    "__imul__": torch.mul, "div_": torch.div, "__itruediv__": torch.div, "neg_": torch.neg,
-    "relu_": torch.relu, "sigmoid_": torch.sigmoid, "tanh_": torch.tanh, "clamp_": torch.clamp,
-    "clip_": torch.clamp, "clamp_min_": torch.clamp_min, "clamp_max_": torch.clamp_max, "exp_": torch.exp,
-    "log_": torch.log, "sqrt_": torch.sqrt, "rsqrt_": torch.rsqrt, "abs_": torch.abs, "square_": torch.square,
-    "reciprocal_": torch.reciprocal, "pow_": torch.pow, "__ipow__": torch.pow,
-    "hardtanh_": F.hardtanh, "elu_": F.elu, "leaky_relu_": F.leaky_relu, "threshold_": F.threshold,
-    "rrelu_": F.rrelu, "celu_": F.celu, "selu_": F.selu,
-}
-
 _INPLACE_FORMS = Memo("in-place forms", holds="out-of-place function of in-place torch calls")
 
 
 def _compute_inplace_form(func: Any) -> tuple[Any, int | None]:
-    mapped = INPLACE.get(getattr(func, "__name__", ""))
+    mapped = ops.INPLACE.get(getattr(func, "__name__", ""))
     pos = None
     if mapped is None:
         sig = signature(func)
@@ -72,6 +59,16 @@ def inplace_form(func: Any) -> tuple[Any, int | None]:
     return memoised(_INPLACE_FORMS, func, _compute_inplace_form)
 
 
+def is_inplace(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Does this call write into its input (an in-place spelling, or ``inplace=True``)?"""
+    mapped, pos = inplace_form(func)
+    if mapped is not None:
+        return True
+    if pos is None:
+        return False
+    return bool(args[pos] if len(args) > pos else kwargs.get("inplace", False))
+
+
 def out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
     """Map an in-place call (``x.add_(y)``, ``F.relu(x, inplace=True)``, ``nn.ReLU6(inplace=True)``
     passing it by position) to its out-of-place form."""
@@ -81,5 +78,5 @@ def out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict
     if "inplace" in kwargs:
         kwargs = {**kwargs, "inplace": False}
     elif pos is not None and len(args) > pos:
-        args = (*args[:pos], False, *args[pos + 1:])
+        args = (*args[:pos], False, *args[pos + 1 :])
     return func, args, kwargs

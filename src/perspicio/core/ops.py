@@ -365,13 +365,186 @@ def elementwise(func: Any) -> bool:
     return kind(func) in ELEMENTWISE_KINDS or func in COPIES
 
 
+# ============================================================================ flags
+
+#: the output is >= 0 whatever the input (LRP reads inputs proven non-negative)
+NONNEGATIVE = "nonnegative"
+#: a linear map with non-negative weights: non-negative inputs give a non-negative output
+KEEPS_SIGN = "keeps_sign"
+#: a structural operation that may write values not taken from its input (fill, assignment)
+WRITES = "writes"
+#: an affine operation that a following eval-mode BatchNorm can be folded into
+FOLDS_BATCHNORM = "folds_batchnorm"
+FLAG_NAMES = (NONNEGATIVE, KEEPS_SIGN, WRITES, FOLDS_BATCHNORM)
+
+#: names of the functions with each flag (looked up on ``torch.Tensor``, ``torch`` and
+#: ``torch.nn.functional``; clamps with a lower bound >= 0 are non-negative too, see
+#: :func:`clamp_bounds`)
+FLAG_FUNCTION_NAMES: dict[str, tuple[str, ...]] = {
+    NONNEGATIVE: ("relu", "relu_", "relu6", "sigmoid", "sigmoid_", "hardsigmoid"),
+    KEEPS_SIGN: (
+        "sum",
+        "mean",
+        "avg_pool1d",
+        "avg_pool2d",
+        "avg_pool3d",
+        "adaptive_avg_pool1d",
+        "adaptive_avg_pool2d",
+        "adaptive_avg_pool3d",
+    ),
+    WRITES: ("masked_fill", "where", "__setitem__", "index_put", "scatter"),
+    FOLDS_BATCHNORM: ("conv1d", "conv2d", "conv3d", "linear"),
+}
+#: owners each flag's names are looked up on (BatchNorm folding knows the functional layers only)
+FLAG_OWNERS = {FOLDS_BATCHNORM: ("F",)}
+
+
+def _build_flags() -> dict[str, set]:
+    import torch
+    import torch.nn.functional as F
+
+    owners = {"Tensor": Tensor, "torch": torch, "F": F}
+    return {
+        flag: set(
+            functions(names, [owners[o] for o in FLAG_OWNERS.get(flag, ("Tensor", "torch", "F"))])
+        )
+        for flag, names in FLAG_FUNCTION_NAMES.items()
+    }
+
+
+#: flag -> the functions that have it (extended only through :func:`register_operation`)
+FLAGS: dict[str, set] = _build_flags()
+
+
+def has_flag(func: Any, flag: str) -> bool:
+    """Does the torch function ``func`` have ``flag`` (one of :data:`FLAG_NAMES`)?"""
+    try:
+        return func in FLAGS[flag]
+    except TypeError:  # an unhashable callable
+        return False
+
+
+#: clamps (the output is the input clamped to bounds read from the call), by name (in-place
+#: spellings too): ``(lower, upper)``, each a fixed value (None: unbounded) or the
+#: ``(position, keyword, default)`` of the argument giving it
+CLAMP_SPECS: dict[str, tuple[Any, Any]] = {
+    "relu": (0.0, None),
+    "relu6": (0.0, 6.0),
+    "hardtanh": ((1, "min_val", -1.0), (2, "max_val", 1.0)),
+    "clamp": ((1, "min", None), (2, "max", None)),
+    "clip": ((1, "min", None), (2, "max", None)),
+    "clamp_min": ((1, "min", None), None),
+    "clamp_max": (None, (1, "max", None)),
+}
+
+
+def _build_clamps() -> dict[Any, tuple[Any, Any]]:
+    import torch
+    import torch.nn.functional as F
+
+    table: dict[Any, tuple[Any, Any]] = {}
+    for name, spec in CLAMP_SPECS.items():
+        for f in functions((name, name + "_"), (Tensor, torch, F)):
+            table[f] = spec
+    return table
+
+
+#: torch function -> its clamp spec (as in :data:`CLAMP_SPECS`)
+CLAMPS: dict[Any, tuple[Any, Any]] = _build_clamps()
+
+
+def _bound(spec: Any, args: tuple, kwargs: dict) -> Any:
+    if not isinstance(spec, tuple):
+        return spec
+    pos, key, default = spec
+    return args[pos] if len(args) > pos else kwargs.get(key, default)
+
+
+def clamp_bounds(func: Any, args: tuple, kwargs: dict) -> tuple[Any, Any] | None:
+    """``(lower, upper)`` bound arguments of a clamp call (ReLU, ReLU6, hardtanh, clamp, clip,
+    clamp_min, clamp_max: None where unbounded, the value as passed otherwise - a number or a
+    tensor); None for any other function."""
+    try:
+        spec = CLAMPS.get(func)
+    except TypeError:  # an unhashable callable
+        return None
+    if spec is None:
+        return None
+    return _bound(spec[0], args, kwargs), _bound(spec[1], args, kwargs)
+
+
+def nonnegative_output(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Is the output of this call >= 0 whatever its input (ReLU, sigmoid, a clamp with a lower
+    bound >= 0, ...)?"""
+    if has_flag(func, NONNEGATIVE):
+        return True
+    bounds = clamp_bounds(func, args, kwargs)
+    if bounds is None:
+        return False
+    low = bounds[0]
+    return isinstance(low, (int, float)) and not isinstance(low, bool) and low >= 0
+
+
+# ============================================================================ in-place spellings
+
+
+def _build_inplace() -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    pairs = {
+        torch.add: "add_ __iadd__",
+        torch.sub: "sub_ __isub__",
+        torch.mul: "mul_ __imul__",
+        torch.div: "div_ __itruediv__",
+        torch.neg: "neg_",
+        torch.relu: "relu_",
+        torch.sigmoid: "sigmoid_",
+        torch.tanh: "tanh_",
+        torch.clamp: "clamp_ clip_",
+        torch.clamp_min: "clamp_min_",
+        torch.clamp_max: "clamp_max_",
+        torch.exp: "exp_",
+        torch.log: "log_",
+        torch.sqrt: "sqrt_",
+        torch.rsqrt: "rsqrt_",
+        torch.abs: "abs_",
+        torch.square: "square_",
+        torch.reciprocal: "reciprocal_",
+        torch.pow: "pow_ __ipow__",
+        F.hardtanh: "hardtanh_",
+        F.elu: "elu_",
+        F.leaky_relu: "leaky_relu_",
+        F.threshold: "threshold_",
+        F.rrelu: "rrelu_",
+        F.celu: "celu_",
+        F.selu: "selu_",
+    }
+    return {name: f for f, names in pairs.items() for name in names.split()}
+
+
+#: in-place spellings (by ``__name__``, whatever the owner) -> the out-of-place function computing
+#: the same result (interpreters run in-place calls out of place: :func:`perspicio.core.calls.out_of_place`)
+INPLACE: dict[str, Any] = _build_inplace()
+
+
+# ============================================================================ registration
+
+
 def register_operation(
-    func: Any, kind_name: str, window_spec: tuple[str, int] | None = None
+    func: Any,
+    kind_name: str,
+    window_spec: tuple[str, int] | None = None,
+    *,
+    flags: Sequence[str] = (),
+    clamp: tuple[Any, Any] | None = None,
 ) -> None:
     """Declare the kind of a torch function that is not in the table (e.g. a new activation), so
     that every interpreter treats it as that kind: the propagation rules, the incremental evaluator
     and the tracers. ``kind_name`` is one of :data:`KIND_NAMES`; ``window_spec`` the geometry of a
-    convolution, pooling or padding (as in :data:`WINDOWS`)."""
+    convolution, pooling or padding (as in :data:`WINDOWS`); ``flags`` any of :data:`FLAG_NAMES`;
+    ``clamp`` the bounds of a clamp (as in :data:`CLAMP_SPECS`: guided backpropagation and
+    deconvnet treat a clamp with lower bound 0 as a rectifier, DeepLIFT uses its fast Rescale)."""
     if kind_name not in KIND_NAMES:
         raise ValueError(
             f"unknown operation kind {kind_name!r}; expected one of: {', '.join(KIND_NAMES)}"
@@ -382,12 +555,29 @@ def register_operation(
         raise ValueError(
             f"unknown window {window_spec!r}; expected ({'|'.join((*WINDOW_NAMES, 'pad'))}, dims)"
         )
+    unknown = [f for f in flags if f not in FLAG_NAMES]
+    if unknown:
+        raise ValueError(f"unknown flags {unknown}; expected any of: {', '.join(FLAG_NAMES)}")
+    if clamp is not None and (
+        len(clamp) != 2
+        or not all(b is None or isinstance(b, (int, float)) or len(b) == 3 for b in clamp)
+    ):
+        raise ValueError(
+            f"clamp must be (lower, upper), each None, a number or (position, keyword, default); got {clamp!r}"
+        )
     KINDS[func] = kind_name
     if window_spec is not None:
         WINDOWS[func] = (str(window_spec[0]), int(window_spec[1]))
+    for flag in flags:
+        FLAGS[flag].add(func)
+    if clamp is not None:
+        CLAMPS[func] = (clamp[0], clamp[1])
 
 
 def unregister_operation(func: Any) -> None:
     """Remove a function added by :func:`register_operation` (a no-op for functions never added)."""
     KINDS.pop(func, None)
     WINDOWS.pop(func, None)
+    for members in FLAGS.values():
+        members.discard(func)
+    CLAMPS.pop(func, None)

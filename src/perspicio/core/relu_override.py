@@ -14,7 +14,9 @@ A rectifier is any call with a lower bound of exactly 0: ``nn.ReLU``/``F.relu``/
 ``min=0`` (with or without ``max``). Other clamps (e.g. ``clamp(min=1e-6)`` for
 numerical safety) keep their normal gradient.
 
-Modules are caught through the functional call they make, so one mechanism
+Which calls are rectifiers is read from the clamp table of :mod:`perspicio.core.ops` (also
+what :func:`~perspicio.core.ops.register_operation` extends), whether a call is in place from
+:mod:`perspicio.core.calls`. Modules are caught through the functional call they make, so one mechanism
 covers ``nn.ReLU`` modules and functional uses alike: a
 :class:`torch.overrides.TorchFunctionMode` is pushed for the duration of a
 ``with`` block and popped in ``finally``; nothing global is patched. TorchScript
@@ -24,14 +26,14 @@ models bypass Python dispatch and are not affected.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from . import ops
+from .calls import is_inplace
 from .options import check_choice
 
 RULES = ("guided", "deconv")
@@ -63,76 +65,17 @@ def _num(v: Any) -> float | None:
     return None
 
 
-def _arg(args: tuple, kwargs: dict, pos: int, name: str, default: Any) -> Any:
-    if len(args) > pos:
-        return args[pos]
-    return kwargs.get(name, default)
-
-
-def _relu(args: tuple, kwargs: dict) -> tuple[float, float | None] | None:
-    return 0.0, None
-
-
-def _relu6(args: tuple, kwargs: dict) -> tuple[float, float | None] | None:
-    return 0.0, 6.0
-
-
-def _hardtanh(args: tuple, kwargs: dict) -> tuple[float, float | None] | None:
-    lo = _num(_arg(args, kwargs, 1, "min_val", -1.0))
-    hi = _num(_arg(args, kwargs, 2, "max_val", 1.0))
-    return (lo, hi) if lo == 0.0 and hi is not None else None
-
-
-def _clamp(args: tuple, kwargs: dict) -> tuple[float, float | None] | None:
-    lo_raw = _arg(args, kwargs, 1, "min", None)
-    hi_raw = _arg(args, kwargs, 2, "max", None)
-    lo = _num(lo_raw)
-    if lo != 0.0:
+def rectifier_bounds(func: Any, args: tuple, kwargs: dict) -> tuple[float, float | None] | None:
+    """``(0, upper)`` of a rectifier call - a clamp of :mod:`perspicio.core.ops` (ReLU, ReLU6,
+    hardtanh, clamp, clip, clamp_min) whose lower bound is exactly 0 and whose upper bound, if any,
+    is a number above it; None for any other call."""
+    bounds = ops.clamp_bounds(func, args, kwargs)
+    if bounds is None or _num(bounds[0]) != 0.0:
         return None
-    if hi_raw is None:
+    if bounds[1] is None:
         return 0.0, None
-    hi = _num(hi_raw)
+    hi = _num(bounds[1])
     return (0.0, hi) if hi is not None and hi > 0 else None
-
-
-def _clamp_min(args: tuple, kwargs: dict) -> tuple[float, float | None] | None:
-    lo = _num(_arg(args, kwargs, 1, "min", None))
-    return (0.0, None) if lo == 0.0 else None
-
-
-def _inplace_kw(args: tuple, kwargs: dict, pos: int) -> bool:
-    return bool(_arg(args, kwargs, pos, "inplace", False))
-
-
-# func -> (bounds parser, in-place?) ; in-place may depend on an `inplace` argument
-_Parser = Callable[[tuple, dict], "tuple[float, float | None] | None"]
-_TABLE: dict[Any, tuple[_Parser, Callable[[tuple, dict], bool]]] = {}
-
-
-def _add(funcs: list[Any], parser: _Parser, inplace: Callable[[tuple, dict], bool]) -> None:
-    for f in funcs:
-        if f is not None:
-            _TABLE[f] = (parser, inplace)
-
-
-def _never(args: tuple, kwargs: dict) -> bool:
-    return False
-
-
-def _always(args: tuple, kwargs: dict) -> bool:
-    return True
-
-
-_add([torch.relu, Tensor.relu], _relu, _never)
-_add([torch.relu_, Tensor.relu_, getattr(F, "relu_", None)], _relu, _always)
-_add([F.relu], _relu, lambda a, k: _inplace_kw(a, k, 1))
-_add([F.relu6], _relu6, lambda a, k: _inplace_kw(a, k, 1))
-_add([F.hardtanh], _hardtanh, lambda a, k: _inplace_kw(a, k, 3))
-_add([getattr(F, "hardtanh_", None)], _hardtanh, _always)
-_add([torch.clamp, torch.clip, Tensor.clamp, Tensor.clip], _clamp, _never)
-_add([torch.clamp_, getattr(torch, "clip_", None), Tensor.clamp_, Tensor.clip_], _clamp, _always)
-_add([torch.clamp_min, Tensor.clamp_min], _clamp_min, _never)
-_add([getattr(torch, "clamp_min_", None), Tensor.clamp_min_], _clamp_min, _always)
 
 
 class RectifierOverride(TorchFunctionMode):
@@ -144,16 +87,17 @@ class RectifierOverride(TorchFunctionMode):
         self.rule = rule
         self.calls = 0
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
-        entry = _TABLE.get(func)
-        if entry is not None and args and isinstance(args[0], Tensor) and args[0].requires_grad:
-            bounds = entry[0](args, kwargs)
+        if args and isinstance(args[0], Tensor) and args[0].requires_grad:
+            bounds = rectifier_bounds(func, args, kwargs)
             if bounds is not None and args[0].is_floating_point():
                 x = args[0]
                 self.calls += 1
                 out = _Rectify.apply(x, bounds[0], bounds[1], self.rule)
-                if entry[1](args, kwargs):  # in-place call: keep its semantics
+                if is_inplace(func, args, kwargs):  # in-place call: keep its semantics
                     x.copy_(out)
                     return x
                 return out

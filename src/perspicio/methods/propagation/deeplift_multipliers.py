@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ...core import ops
 from ...errors import ModelError
 from .deeplift_denormals import add_where_equal
 from .lrp import substitute
@@ -55,33 +56,18 @@ def derivative(fn: Any, x: Tensor) -> Tensor:
 
 
 def clamp_bounds(call: Call) -> tuple[float | None, float | None] | None:
-    """(low, high) of a ReLU / ReLU6 / hardtanh / scalar clamp call (None for other operations).
+    """(low, high) of a ReLU / ReLU6 / hardtanh / scalar clamp call (the clamps of
+    :mod:`perspicio.core.ops`; None for other operations and for bounds that are not numbers).
 
     Their derivative is 1 strictly inside the bounds and 0 elsewhere (autograd's
     convention at the kinks), so it is computed without an autograd call.
     """
-    short = call.name.rsplit(".", 1)[-1].rstrip("_")
-    a, kw = call.args, call.kwargs
-    if short == "relu":
-        return 0.0, None
-    if short == "relu6":
-        return 0.0, 6.0
-    if short == "hardtanh":
-        lo = a[1] if len(a) > 1 else kw.get("min_val", -1.0)
-        hi = a[2] if len(a) > 2 else kw.get("max_val", 1.0)
-    elif short in ("clamp", "clip"):
-        lo = a[1] if len(a) > 1 else kw.get("min")
-        hi = a[2] if len(a) > 2 else kw.get("max")
-    elif short == "clamp_min":
-        lo, hi = (a[1] if len(a) > 1 else kw.get("min")), None
-    elif short == "clamp_max":
-        lo, hi = None, (a[1] if len(a) > 1 else kw.get("max"))
-    else:
-        return None
-    if not all(
-        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in (lo, hi)
+    bounds = ops.clamp_bounds(call.func, call.args, call.kwargs)
+    if bounds is None or not all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in bounds
     ):
         return None
+    lo, hi = bounds
     return (None if lo is None else float(lo)), (None if hi is None else float(hi))
 
 

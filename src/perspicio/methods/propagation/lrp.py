@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...core import kernels
+from ...core import kernels, ops
 from ...core.batching import Engine
 from ...core.explanation import Explanation
 from ...core.registry import register_method
@@ -156,27 +156,10 @@ def merged_batchnorm(call: Call) -> bool:
     return is_identity_batchnorm(rm)
 
 
-_ZERO_PADS = frozenset({F.pad, torch.constant_pad_nd})
-_NONNEG_ACTS = frozenset({"relu", "relu6", "sigmoid", "hardsigmoid"})
-_MOVING = frozenset(
-    {"masked_fill", "where", "__setitem__", "index_put", "scatter"}
-)  # may write new values
-
-
 def nonneg_activation(call: Call) -> bool:
-    """Is the output of this activation non-negative whatever its input (ReLU, ReLU6, sigmoid, ...)?"""
-    short = call.name.rsplit(".", 1)[-1].rstrip("_")
-    if short in _NONNEG_ACTS:
-        return True
-    if short in ("hardtanh", "clamp", "clip", "clamp_min"):
-        key = "min_val" if short == "hardtanh" else "min"
-        low = (
-            call.args[1]
-            if len(call.args) > 1
-            else call.kwargs.get(key, -1.0 if short == "hardtanh" else None)
-        )
-        return isinstance(low, (int, float)) and not isinstance(low, bool) and low >= 0
-    return False
+    """Is the output of this activation non-negative whatever its input (ReLU, ReLU6, sigmoid, a
+    clamp with a lower bound >= 0, ...)? Read from :mod:`perspicio.core.ops`."""
+    return ops.nonnegative_output(call.func, call.args, call.kwargs)
 
 
 def linear_vjp(fn: Any, x: Tensor, s: Tensor) -> Tensor:
@@ -391,7 +374,11 @@ class LRPPropagator(Propagator):
                 else 0.0
             )
             value = 0.0 if value is None else value
-            if short not in _MOVING and isinstance(value, (int, float)) and value >= 0:
+            if (
+                not ops.has_flag(call.func, ops.WRITES)
+                and isinstance(value, (int, float))
+                and value >= 0
+            ):
                 self.nonneg[id(out)] = out
 
     def _nonneg_if(self, src: Tensor, out: Tensor) -> Tensor:
@@ -417,7 +404,7 @@ class LRPPropagator(Propagator):
     def on_struct(self, call: Call) -> Any:
         out = call.run()
         self._track(call, out)
-        if call.func in _ZERO_PADS and isinstance(out, Tensor):
+        if ops.window(call.func) == ("pad", 0) and isinstance(out, Tensor):
             self._track_padding(call, out)
         return out
 
@@ -518,22 +505,7 @@ class LRPPropagator(Propagator):
         out = apply_node(
             _Linear(self, call, lambda t: func(t, *rest, **kw), self.op_label(call.name)), x
         )
-        short = call.name.rsplit(".", 1)[-1]
-        return (
-            self._nonneg_if(x, out)
-            if short
-            in (
-                "sum",
-                "mean",
-                "avg_pool1d",
-                "avg_pool2d",
-                "avg_pool3d",
-                "adaptive_avg_pool1d",
-                "adaptive_avg_pool2d",
-                "adaptive_avg_pool3d",
-            )
-            else out
-        )
+        return self._nonneg_if(x, out) if ops.has_flag(func, ops.KEEPS_SIGN) else out
 
     def on_norm(self, call: Call) -> Any:
         x = call.args[0] if call.args else call.kwargs["input"]
