@@ -200,3 +200,37 @@ def test_guard_restores_training_flags_grads_and_requires_grad() -> None:
     after = ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()])
     assert after == before
     assert model.tied.weight.grad is g
+
+
+def _rollout_layer_by_layer(attn: list[torch.Tensor], residual: float, fusion: str) -> torch.Tensor:
+    """Abnar & Zuidema's rollout one layer at a time (the formula as written before the stack)."""
+    out = None
+    for a in attn:
+        f = {"mean": a.mean(-3), "max": a.amax(-3), "min": a.amin(-3)}[fusion] if a.ndim == 4 else a
+        m = (1 - residual) * f + residual * torch.eye(f.shape[-1], dtype=f.dtype)
+        m = m / m.sum(-1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
+        out = m if out is None else m @ out
+    return out
+
+
+@pytest.mark.parametrize(
+    ("t", "n", "layers", "dtype", "residual", "fusion"),
+    [
+        (17, 1, 6, torch.float32, 0.5, "mean"),
+        (33, 2, 3, torch.float64, 0.3, "max"),
+        (5, 3, 1, torch.float32, 0.0, "min"),
+        (68, 1, 12, torch.float32, 1.0, "mean"),
+    ],
+)
+def test_stacked_rollout_is_bit_identical_to_layer_by_layer(
+    t, n, layers, dtype, residual, fusion
+) -> None:
+    from perspicio.methods.attention import rollout
+
+    g = torch.Generator().manual_seed(t + layers)
+    attn = [torch.randn(n, 4, t, t, generator=g, dtype=dtype).softmax(-1) for _ in range(layers)]
+    want = _rollout_layer_by_layer(attn, residual, fusion)
+    assert torch.equal(rollout(attn, residual=residual, head_fusion=fusion), want)
+    # layers given already fused (N, T, T) beside per-head ones: the same values
+    mixed = [a.mean(-3) if i % 2 else a for i, a in enumerate(attn)] if fusion == "mean" else attn
+    assert torch.equal(rollout(mixed, residual=residual, head_fusion=fusion), want)
