@@ -328,6 +328,7 @@ def _ort_probabilities(path, x):
     return np.asarray(p, dtype=np.float64).reshape(len(x), -1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dt_regressor", "rf2", "rf3", "gb2", "gb3"])
 def test_skl2onnx_models_equal_the_original_and_add_up_to_onnxruntime(kind, tmp_path):
     from skl2onnx import to_onnx
@@ -581,6 +582,7 @@ def _csv(path, x):
     path.write_text(",".join(cols) + "\n" + rows + "\n")
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_a_converted_forest(tmp_path, capsys):
     from skl2onnx import to_onnx
 
