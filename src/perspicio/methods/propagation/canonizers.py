@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ...core import fold, fuse
 from ...core.bnpairs import find_batchnorm_pairs, fingerprint, folded_affine
 from ...core.caches import Cache, CacheInfo, register
+from .operations import Call, op_name
 from .tracing import freeze_index
 
 
@@ -57,10 +58,15 @@ class MergeBatchNorm:
         if self.pairs is None:
             pairs = [(mods[a], mods[b]) for a, b in find_batchnorm_pairs(model, sample)]
         else:
-            pairs = [(mods[a] if isinstance(a, str) else a, mods[b] if isinstance(b, str) else b) for a, b in self.pairs]
+            pairs = [
+                (mods[a] if isinstance(a, str) else a, mods[b] if isinstance(b, str) else b)
+                for a, b in self.pairs
+            ]
         undo: list[Any] = []
         merged: list[tuple[str, str]] = []
-        pairs = [(lin, bn) for lin, bn in pairs if not (bn.training and bn.track_running_stats)]  # batch stats
+        pairs = [
+            (lin, bn) for lin, bn in pairs if not (bn.training and bn.track_running_stats)
+        ]  # batch stats
         keys = _state_keys(pairs)
         try:
             with torch.no_grad():
@@ -78,8 +84,12 @@ class MergeBatchNorm:
 
 
 def _hooks(model: nn.Module) -> tuple:
-    return tuple(ids for m in model.modules()
-                 for ids in (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) if ids)
+    return tuple(
+        ids
+        for m in model.modules()
+        for ids in (tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+        if ids
+    )
 
 
 def model_state(model: nn.Module) -> tuple:
@@ -90,7 +100,9 @@ def model_state(model: nn.Module) -> tuple:
 
 
 @contextmanager
-def propagation_module(model: nn.Module, sample: Tensor, state: tuple) -> Iterator[tuple[nn.Module, int, int]]:
+def propagation_module(
+    model: nn.Module, sample: Tensor, state: tuple
+) -> Iterator[tuple[nn.Module, int, int]]:
     """``(module, BatchNorms folded or merged, convolutions fused)``: the module to propagate
     through: the model's BatchNorm-folded inference twin - with its convolutions fused with
     their activations and zero paddings (:mod:`perspicio.core.fuse`) where it has any
@@ -123,13 +135,21 @@ def propagation_module(model: nn.Module, sample: Tensor, state: tuple) -> Iterat
 
 
 #: per model: its state at the previous propagation call (see propagation_module)
-_LAST_STATE = Cache("propagation last state", holds="model state tokens at the previous LRP/DeepLIFT call",
-                    key="model (weak)", max_entries=4096)
+_LAST_STATE = Cache(
+    "propagation last state",
+    holds="model state tokens at the previous LRP/DeepLIFT call",
+    key="model (weak)",
+    max_entries=4096,
+)
 
 
 #: twins whose tensors are registered as perspicio's own (see :func:`merged_tensor`)
-_OWNED_TWINS = Cache("owned twins", holds="private twins whose tensors are registered as perspicio's own",
-                     key="twin (weak)", tied=True)
+_OWNED_TWINS = Cache(
+    "owned twins",
+    holds="private twins whose tensors are registered as perspicio's own",
+    key="twin (weak)",
+    tied=True,
+)
 
 
 def _own(twin: nn.Module) -> None:
@@ -153,20 +173,29 @@ def is_identity_batchnorm(running_mean: Any) -> bool:
 
 
 #: per affine layer: (state key of the pair, merged weight, merged bias)
-_MERGED = Cache("merged batchnorm weights", holds="weights/biases of layers with their BatchNorm merged",
-                key="layer (weak)", sized=True)
+_MERGED = Cache(
+    "merged batchnorm weights",
+    holds="weights/biases of layers with their BatchNorm merged",
+    key="layer (weak)",
+    sized=True,
+)
 
 
 def _state_keys(pairs: list[tuple[nn.Module, nn.Module]]) -> list[tuple]:
     """Per pair, the fingerprint of the six tensors its merge is computed from (one batched
     norm over all pairs: a per-pair call costs more in overhead than in arithmetic)."""
-    tensors = [t for lin, bn in pairs for t in (lin.weight, lin.bias, bn.weight, bn.bias, bn.running_mean,
-                                                 bn.running_var)]
+    tensors = [
+        t
+        for lin, bn in pairs
+        for t in (lin.weight, lin.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    ]
     fp = fingerprint(tensors)
-    return [fp[6 * i:6 * i + 6] + (bn.eps,) for i, (_, bn) in enumerate(pairs)]
+    return [fp[6 * i : 6 * i + 6] + (bn.eps,) for i, (_, bn) in enumerate(pairs)]
 
 
-def _merged_values(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm, key: tuple) -> tuple[Tensor, Tensor]:
+def _merged_values(
+    lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm, key: tuple
+) -> tuple[Tensor, Tensor]:
     """``(W * s, (b - mean) * s + beta)``, cached while none of the tensors changes (``key``)."""
     hit = _MERGED.get(lin)
     if hit is not None and hit[0] == key:
@@ -196,7 +225,9 @@ class _OwnedTensors:
 
     def add(self, t: Tensor) -> None:
         with self._lock:
-            if len(self.table) >= 4096:  # drop the entries of tensors that are gone (rebuilt twins, old merges)
+            if (
+                len(self.table) >= 4096
+            ):  # drop the entries of tensors that are gone (rebuilt twins, old merges)
                 for ptr in [p for p, ref in self.table.items() if ref() is None]:
                     del self.table[ptr]
             self.table[t.data_ptr()] = weakref.ref(t)
@@ -206,8 +237,16 @@ class _OwnedTensors:
             self.table.clear()
 
     def info(self) -> CacheInfo:
-        return CacheInfo(self.name, "storage pointer -> perspicio's own tensor (weak reference)", "storage pointer",
-                         len(self.table), 0, None, None, "with the tensors")
+        return CacheInfo(
+            self.name,
+            "storage pointer -> perspicio's own tensor (weak reference)",
+            "storage pointer",
+            len(self.table),
+            0,
+            None,
+            None,
+            "with the tensors",
+        )
 
 
 #: storage pointer -> the merged weight/bias tensor perspicio computed and holds (weakly)
@@ -226,21 +265,35 @@ def merged_tensor(t: Tensor) -> Tensor | None:
     """
     ref = _OWNED.table.get(t.data_ptr())
     owned = ref() if ref is not None else None
-    if (owned is None or owned.shape != t.shape or owned.stride() != t.stride() or owned.dtype != t.dtype
-            or owned.device != t.device):  # e.g. a transposed view of a square weight: not the same tensor
+    if (
+        owned is None
+        or owned.shape != t.shape
+        or owned.stride() != t.stride()
+        or owned.dtype != t.dtype
+        or owned.device != t.device
+    ):  # e.g. a transposed view of a square weight: not the same tensor
         return None
     return owned
 
 
 #: per affine layer without a bias: the Parameter that holds its merged bias (it wraps the cached
 #: merged bias), reused across calls instead of a new Parameter per layer and call
-_BIAS_PARAMS = Cache("merged bias parameters", holds="Parameters wrapping merged biases (memory: merged weights)",
-                     key="layer (weak)", tied=True)
+_BIAS_PARAMS = Cache(
+    "merged bias parameters",
+    holds="Parameters wrapping merged biases (memory: merged weights)",
+    key="layer (weak)",
+    tied=True,
+)
 
 
 def _bias_parameter(lin: nn.Module, value: Tensor) -> nn.Parameter:
     p = _BIAS_PARAMS.get(lin)
-    if p is None or p.data_ptr() != value.data_ptr() or p.shape != value.shape or p.dtype != value.dtype:
+    if (
+        p is None
+        or p.data_ptr() != value.data_ptr()
+        or p.shape != value.shape
+        or p.dtype != value.dtype
+    ):
         p = nn.Parameter(value, requires_grad=False)
         _BIAS_PARAMS.put(lin, p)
     return p
@@ -284,9 +337,19 @@ def _merge(lin: nn.Module, bn: nn.modules.batchnorm._BatchNorm, key: tuple) -> A
     return restore
 
 
-def _restore(lin: nn.Module, bn: nn.Module, swaps: list[tuple[Tensor, Tensor]], had_bias: bool, eps: float) -> None:
+def _restore(
+    lin: nn.Module, bn: nn.Module, swaps: list[tuple[Tensor, Tensor]], had_bias: bool, eps: float
+) -> None:
     for t, data in reversed(swaps):
         t.data = data
     if not had_bias:
         lin.bias = None
     bn.eps = eps
+
+
+def merged_batchnorm(call: Call) -> bool:
+    """True for a ``batch_norm`` call of a BatchNorm currently merged by the canonizer."""
+    if not op_name(call.func).endswith("batch_norm"):
+        return False
+    rm = call.args[1] if len(call.args) > 1 else call.kwargs.get("running_mean")
+    return is_identity_batchnorm(rm)

@@ -38,9 +38,8 @@ from torch import Tensor
 from ...core import ops
 from ...errors import ModelError
 from .deeplift_denormals import add_where_equal
-from .lrp import substitute
 from .nodes import sum_to
-from .operations import Call, op_name
+from .operations import Call, op_name, substitute
 
 
 def tiny_step(x: Tensor) -> Tensor:

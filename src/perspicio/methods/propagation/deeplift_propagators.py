@@ -19,6 +19,7 @@ from ...core import kernels
 from ...core.calls import out_of_place
 from ...errors import ModelError
 from .affine import affine_op
+from .canonizers import merged_batchnorm
 from .deeplift_multipliers import (
     BilinearNode,
     DivideNode,
@@ -34,7 +35,6 @@ from .deeplift_multipliers import (
 )
 from .derived import derived, neg, pos
 from .fused import fused_call
-from .lrp import dim_arg, lp_normalize_args, merged_batchnorm, substitute
 from .nodes import apply_node
 from .operations import (
     ACT,
@@ -51,10 +51,13 @@ from .operations import (
     SUM,
     Arith,
     Call,
+    dim_arg,
     iter_tensors,
+    lp_normalize_args,
     op_kind,
     op_name,
     parse_arith,
+    substitute,
 )
 from .tracing import Propagator
 
@@ -459,7 +462,7 @@ class RevealCancelPropagator(DeepLiftPropagator):
                 call.kwargs,
                 reason="no RevealCancel rule for layer norms or F.normalize",
             )
-        from .lrp import norm_linear_part
+        from .lrp_nodes import norm_linear_part
 
         x = call.args[0]
         out = call.run()

@@ -12,8 +12,10 @@ machinery is split by the question each file answers:
                    :func:`safe_div`, :func:`sum_to`)
 ``fused.py``       how are a fused twin's convolution + activation calls seen? (:func:`fused_call`)
 ``affine.py``      what does an affine rule evaluate? (:class:`~.affine.AffineOp` on packed kernels)
-``rules.py``       the LRP rules of affine operations; ``lrp.py`` the LRP propagator (rules of
-                   the other kinds) and method; ``deeplift_*.py`` DeepLIFT's
+``rules.py``       the LRP rules of affine operations; ``lrp_nodes.py`` LRP's rules of the other
+                   kinds (pass-through, proportional, sums, products, softmax); ``lrp.py`` the
+                   LRP propagator (which rule each call gets) and the method;
+                   ``deeplift_*.py`` DeepLIFT's
 =================  ==========================================================================
 
 This module re-exports the names a propagator is written with.

@@ -24,7 +24,7 @@ from ...core.targets import resolve_target, slice_target
 from ...errors import ModelError, OptionError
 from ..base import Method
 from .affine import affine_op
-from .canonizers import model_state, propagation_module
+from .canonizers import merged_batchnorm, model_state, propagation_module
 from .composites import Composite, make_composite
 from .engine import (
     ACT,
@@ -45,248 +45,24 @@ from .engine import (
     iter_tensors,
     op_name,
     propagating,
-    safe_div,
-    sum_to,
 )
+from .lrp_nodes import (
+    AffineRule,
+    LinearRule,
+    PassRule,
+    ProductRule,
+    SoftmaxRule,
+    SumRule,
+    norm_linear_part,
+)
+from .operations import dim_arg, lp_normalize_args, substitute
 from .rules import Flat, RuleContext, ZBox
-
-
-def substitute(obj: Any, mapping: dict[int, Tensor]) -> Any:
-    """Rebuild ``obj`` (args/kwargs, nested lists) with tensors replaced by id."""
-    if isinstance(obj, Tensor):
-        return mapping.get(id(obj), obj)
-    if isinstance(obj, list):
-        return [substitute(o, mapping) for o in obj]
-    if isinstance(obj, tuple):
-        return tuple(substitute(o, mapping) for o in obj)
-    if isinstance(obj, dict):
-        return {k: substitute(v, mapping) for k, v in obj.items()}
-    return obj
-
-
-def dim_arg(call: Call, pos: int = 1, name: str = "dim") -> int:
-    """The ``dim`` argument of a call (keyword or position ``pos``); an error when it is missing."""
-    if name in call.kwargs and call.kwargs[name] is not None:
-        return int(call.kwargs[name])
-    if len(call.args) > pos and call.args[pos] is not None:
-        return int(call.args[pos])
-    raise ModelError(f"{call.name}: softmax without an explicit dim is not supported.")
-
-
-def norm_linear_part(call: Call, x: Tensor) -> Any:
-    """For a normalisation call, the linear map it is when its statistics are frozen (bias excluded)."""
-    name = op_name(call.func).rsplit(".", 1)[-1]
-    a = dict(zip(("input", "p1", "p2", "p3", "p4", "p5", "p6", "p7"), call.args))
-    kw = call.kwargs
-    if name == "batch_norm":
-        rm, rv = a.get("p1", kw.get("running_mean")), a.get("p2", kw.get("running_var"))
-        w = a.get("p3", kw.get("weight"))
-        training = a.get("p5", kw.get("training", False))
-        eps = a.get("p7", kw.get("eps", 1e-5))
-        if training or rm is None:
-            raise ModelError(
-                "batch_norm with batch statistics (training mode) is not an affine map; use eval mode."
-            )
-        scale = torch.rsqrt(rv + eps)
-        if w is not None:
-            scale = scale * w
-        scale = scale.view(1, -1, *([1] * (x.ndim - 2)))
-        return lambda t: t * scale
-    if name == "layer_norm":
-        shape = a.get("p1", kw.get("normalized_shape"))
-        w = a.get("p2", kw.get("weight"))
-        eps = a.get("p4", kw.get("eps", 1e-5))
-        dims = tuple(
-            range(x.ndim - len(tuple(shape) if not isinstance(shape, int) else (shape,)), x.ndim)
-        )
-        inv = torch.rsqrt(x.var(dim=dims, unbiased=False, keepdim=True) + eps)
-
-        def ln(t: Tensor) -> Tensor:
-            out = (t - t.mean(dim=dims, keepdim=True)) * inv
-            return out * w if w is not None else out
-
-        return ln
-    if name == "group_norm":
-        groups = a.get("p1", kw.get("num_groups"))
-        w = a.get("p2", kw.get("weight"))
-        eps = a.get("p4", kw.get("eps", 1e-5))
-        n = x.shape[0]
-        xg = x.reshape(n, groups, -1)
-        inv = torch.rsqrt(xg.var(dim=-1, unbiased=False, keepdim=True) + eps)
-        wshape = (1, -1, *([1] * (x.ndim - 2)))
-
-        def gn(t: Tensor) -> Tensor:
-            tg = t.reshape(n, groups, -1)
-            out = ((tg - tg.mean(dim=-1, keepdim=True)) * inv).reshape(t.shape)
-            return out * w.view(wshape) if w is not None else out
-
-        return gn
-    if name == "rms_norm":
-        shape = a.get("p1", kw.get("normalized_shape"))
-        w = a.get("p2", kw.get("weight"))
-        eps = a.get("p3", kw.get("eps"))
-        eps = torch.finfo(x.dtype).eps if eps is None else eps
-        dims = tuple(
-            range(x.ndim - len(tuple(shape) if not isinstance(shape, int) else (shape,)), x.ndim)
-        )
-        inv = torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
-        return lambda t: t * inv * w if w is not None else t * inv
-    raise ModelError(f"no linear form known for {call.name}.")
-
-
-def lp_normalize_args(call: Call) -> tuple[float, int, float] | None:
-    """``(p, dim, eps)`` of an ``F.normalize`` call (``x / max(||x||_p, eps)`` along ``dim``); None
-    for any other call. A call writing into ``out=`` is refused."""
-    if op_name(call.func) != "torch.nn.functional.normalize":
-        return None
-    bound = dict(zip(("input", "p", "dim", "eps", "out"), call.args))
-    bound.update(call.kwargs)
-    if bound.get("out") is not None:
-        raise ModelError("F.normalize(..., out=...) is not supported on the explained path.")
-    return float(bound.get("p", 2.0)), int(bound.get("dim", 1)), float(bound.get("eps", 1e-12))
-
-
-def merged_batchnorm(call: Call) -> bool:
-    """True for a ``batch_norm`` call of a BatchNorm currently merged by the canonizer."""
-    from .canonizers import is_identity_batchnorm
-
-    if not op_name(call.func).endswith("batch_norm"):
-        return False
-    rm = call.args[1] if len(call.args) > 1 else call.kwargs.get("running_mean")
-    return is_identity_batchnorm(rm)
 
 
 def nonneg_activation(call: Call) -> bool:
     """Is the output of this activation non-negative whatever its input (ReLU, ReLU6, sigmoid, a
     clamp with a lower bound >= 0, ...)? Read from :mod:`perspicio.core.ops`."""
     return ops.nonnegative_output(call.func, call.args, call.kwargs)
-
-
-def linear_vjp(fn: Any, x: Tensor, s: Tensor) -> Tensor:
-    """``J^T s`` of a linear map ``fn`` at ``x`` (by autograd on a detached copy)."""
-    with torch.enable_grad():
-        xi = x.detach().requires_grad_(True)
-        return torch.autograd.grad(fn(xi), xi, s)[0]
-
-
-class _Pass:
-    def __init__(self, prop: LRPPropagator, call: Call, label: str) -> None:
-        self.prop, self.call, self.label = prop, call, label
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.call.run()
-
-    def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor]:
-        return (sum_to(R, ins[0].shape),)  # conserves by construction: nothing to record
-
-
-class _Linear:
-    """Relevance proportional to contributions of a parameter-free linear map: ``x * J^T (R / z)``."""
-
-    def __init__(self, prop: LRPPropagator, call: Call, fn: Any, label: str) -> None:
-        self.prop, self.call, self.fn, self.label = prop, call, fn, label
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.call.run()
-
-    def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor]:
-        x = ins[0]
-        Rx = x * linear_vjp(self.fn, x, safe_div(R, out, self.prop.composite.stabilizer))
-        self.prop.record(self.label, R, (Rx,))
-        return (Rx,)
-
-
-class _Affine:
-    def __init__(
-        self, prop: LRPPropagator, call: Call, op: Any, rule: Any, ctx: RuleContext, label: str
-    ) -> None:
-        self.prop, self.call, self.op, self.rule, self.ctx, self.label = (
-            prop,
-            call,
-            op,
-            rule,
-            ctx,
-            label,
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.call.run()
-
-    def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor]:
-        Rx = self.rule.relevance(self.op, ins[0], out, R, self.ctx)
-        self.prop.record(self.label, R, (Rx,))
-        return (Rx,)
-
-
-class _Sum:
-    """``z = sum_t c_t t (+ constants)``: each variable term gets ``c_t t / z`` of the relevance."""
-
-    def __init__(self, prop: LRPPropagator, call: Call, coefs: list[float], label: str) -> None:
-        self.prop, self.call, self.coefs, self.label = prop, call, coefs, label
-
-    def forward(self, *xs: Tensor) -> Tensor:
-        return self.call.run()
-
-    def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor, ...]:
-        s = safe_div(R, out, self.prop.composite.stabilizer)
-        rel = tuple(
-            sum_to(t * s if c == 1.0 else c * t * s, t.shape) for c, t in zip(self.coefs, ins)
-        )
-        self.prop.record(self.label, R, rel)
-        return rel
-
-
-class _Product:
-    """Bilinear ``z = f(a, b)``: epsilon on the sum inside f, then 50/50 (or all to the non-gate)."""
-
-    def __init__(
-        self,
-        prop: LRPPropagator,
-        call: Call,
-        ids: tuple[int, int],
-        gates: tuple[bool, bool],
-        label: str,
-    ) -> None:
-        self.prop, self.call, self.ids, self.gates, self.label = prop, call, ids, gates, label
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        return self.call.run()
-
-    def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
-        a, b = ins
-        s = safe_div(R, out, self.prop.composite.stabilizer)
-        va, vb = self.ids
-        with torch.enable_grad():
-            ai, bi = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
-            zi = self.call.func(
-                *substitute(self.call.args, {va: ai, vb: bi}),
-                **substitute(self.call.kwargs, {va: ai, vb: bi}),
-            )
-            ga, gb = torch.autograd.grad(zi, (ai, bi), s)
-        if self.prop.composite.attention == "constant" and self.gates[0] != self.gates[1]:
-            Ra = torch.zeros_like(a) if self.gates[0] else a * ga
-            Rb = torch.zeros_like(b) if self.gates[1] else b * gb
-        else:
-            Ra, Rb = 0.5 * a * ga, 0.5 * b * gb
-        self.prop.record(self.label, R, (Ra, Rb))
-        return Ra, Rb
-
-
-class _Softmax:
-    """AttnLRP softmax rule: ``R_x = x (R - s sum(R))`` (zero where x is -inf)."""
-
-    def __init__(self, prop: LRPPropagator, call: Call, dim: int, label: str) -> None:
-        self.prop, self.call, self.dim, self.label = prop, call, dim, label
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.call.run()
-
-    def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor]:
-        x = ins[0]
-        Rx = x * (R - out * R.sum(dim=self.dim, keepdim=True))
-        Rx = torch.where(torch.isfinite(x), Rx, torch.zeros_like(Rx))
-        self.prop.record(self.label, R, (Rx,))
-        return (Rx,)
 
 
 class LRPPropagator(Propagator):
@@ -445,7 +221,7 @@ class LRPPropagator(Propagator):
         rule = self.composite.rule_for(op.name, module, first)
         label = self.label(op.name, op.weight)
         self.rules_used[label] = repr(rule)
-        return apply_node(_Affine(self, call, op, rule, self._context(x, rule), label), x)
+        return apply_node(AffineRule(self, call, op, rule, self._context(x, rule), label), x)
 
     def on_fused(self, call: Call) -> Any:
         """A fused convolution + activation: one node whose backward is the convolution's rule
@@ -472,7 +248,7 @@ class LRPPropagator(Propagator):
             packed is not None and len(call.args) >= 2 and call.args[1] is f.weight
         ):  # run on the packed kernel
             call = Call(call.func, (x, packed, *call.args[2:]), call.kwargs, call.name, call.kind)
-        out = apply_node(_Affine(self, call, op, rule, self._context(x, rule), label), x)
+        out = apply_node(AffineRule(self, call, op, rule, self._context(x, rule), label), x)
         if f.act is not None and nonneg_activation(
             Call(f.act, (x, *f.act_args), f.act_kwargs, op_name(f.act), ACT)
         ):
@@ -485,15 +261,15 @@ class LRPPropagator(Propagator):
         variables = [(c, t) for c, t in terms if self.is_var(t)]
         if len(variables) == 2 and variables[0][1] is variables[1][1]:  # x + x
             variables = [(variables[0][0] + variables[1][0], variables[0][1])]
-        node = _Sum(self, call, [c for c, _ in variables], self.op_label("add"))
+        node = SumRule(self, call, [c for c, _ in variables], self.op_label("add"))
         return apply_node(node, *[t for _, t in variables])
 
     def on_scale(self, call: Call, x: Tensor) -> Any:
-        return apply_node(_Pass(self, call, self.op_label("scale")), x)
+        return apply_node(PassRule(self, call, self.op_label("scale")), x)
 
     def on_activation(self, call: Call) -> Any:
         x = call.args[0]
-        out = apply_node(_Pass(self, call, self.op_label(call.name)), x)
+        out = apply_node(PassRule(self, call, self.op_label(call.name)), x)
         if nonneg_activation(call):
             self.nonneg[id(out)] = out
         return out
@@ -503,7 +279,7 @@ class LRPPropagator(Propagator):
         rest, kw = call.args[1:], call.kwargs
         func = call.func
         out = apply_node(
-            _Linear(self, call, lambda t: func(t, *rest, **kw), self.op_label(call.name)), x
+            LinearRule(self, call, lambda t: func(t, *rest, **kw), self.op_label(call.name)), x
         )
         return self._nonneg_if(x, out) if ops.has_flag(func, ops.KEEPS_SIGN) else out
 
@@ -512,17 +288,17 @@ class LRPPropagator(Propagator):
         if lp_normalize_args(call) is not None:
             # x / ||x||_p with the norm held constant is x times a constant: the identity rule
             # (AttnLRP's rule for 1/std), in every composite - relevance is conserved exactly
-            return apply_node(_Pass(self, call, self.op_label(call.name)), x)
+            return apply_node(PassRule(self, call, self.op_label(call.name)), x)
         if merged_batchnorm(call):
             return x  # merged into the preceding layer: an exact identity
         if self.composite.norm == "identity":
-            return apply_node(_Pass(self, call, self.op_label(call.name)), x)
+            return apply_node(PassRule(self, call, self.op_label(call.name)), x)
         fn = norm_linear_part(call, x.detach())
-        return apply_node(_Linear(self, call, fn, self.op_label(call.name)), x)
+        return apply_node(LinearRule(self, call, fn, self.op_label(call.name)), x)
 
     def on_softmax(self, call: Call) -> Any:
         x = call.args[0] if call.args else call.kwargs["input"]
-        out = apply_node(_Softmax(self, call, dim_arg(call), self.op_label(call.name)), x)
+        out = apply_node(SoftmaxRule(self, call, dim_arg(call), self.op_label(call.name)), x)
         self.gates[id(out)] = out
         return out
 
@@ -539,7 +315,7 @@ class LRPPropagator(Propagator):
                 reason="a product needs exactly two distinct input-dependent operands",
             )
         a, b = variables
-        node = _Product(
+        node = ProductRule(
             self,
             call,
             (id(a), id(b)),

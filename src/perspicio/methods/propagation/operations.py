@@ -37,6 +37,7 @@ from ...core.ops import (  # noqa: F401 - the kinds of the shared table, re-expo
     SOFTMAX,
     STRUCT,
 )
+from ...errors import ModelError
 
 # ============================================================================ operation kinds
 
@@ -174,3 +175,40 @@ def _collect(obj: Any, out: list[Tensor]) -> None:
             out.append(o)
         elif isinstance(o, (list, tuple, dict)):
             _collect(o, out)
+
+
+# ============================================================================ call arguments
+
+
+def substitute(obj: Any, mapping: dict[int, Tensor]) -> Any:
+    """Rebuild ``obj`` (args/kwargs, nested lists) with tensors replaced by id."""
+    if isinstance(obj, Tensor):
+        return mapping.get(id(obj), obj)
+    if isinstance(obj, list):
+        return [substitute(o, mapping) for o in obj]
+    if isinstance(obj, tuple):
+        return tuple(substitute(o, mapping) for o in obj)
+    if isinstance(obj, dict):
+        return {k: substitute(v, mapping) for k, v in obj.items()}
+    return obj
+
+
+def dim_arg(call: Call, pos: int = 1, name: str = "dim") -> int:
+    """The ``dim`` argument of a call (keyword or position ``pos``); an error when it is missing."""
+    if name in call.kwargs and call.kwargs[name] is not None:
+        return int(call.kwargs[name])
+    if len(call.args) > pos and call.args[pos] is not None:
+        return int(call.args[pos])
+    raise ModelError(f"{call.name}: softmax without an explicit dim is not supported.")
+
+
+def lp_normalize_args(call: Call) -> tuple[float, int, float] | None:
+    """``(p, dim, eps)`` of an ``F.normalize`` call (``x / max(||x||_p, eps)`` along ``dim``); None
+    for any other call. A call writing into ``out=`` is refused."""
+    if op_name(call.func) != "torch.nn.functional.normalize":
+        return None
+    bound = dict(zip(("input", "p", "dim", "eps", "out"), call.args))
+    bound.update(call.kwargs)
+    if bound.get("out") is not None:
+        raise ModelError("F.normalize(..., out=...) is not supported on the explained path.")
+    return float(bound.get("p", 2.0)), int(bound.get("dim", 1)), float(bound.get("eps", 1e-12))
