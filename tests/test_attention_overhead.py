@@ -234,3 +234,48 @@ def test_stacked_rollout_is_bit_identical_to_layer_by_layer(
     # layers given already fused (N, T, T) beside per-head ones: the same values
     mixed = [a.mean(-3) if i % 2 else a for i, a in enumerate(attn)] if fusion == "mean" else attn
     assert torch.equal(rollout(mixed, residual=residual, head_fusion=fusion), want)
+
+
+class CountingEncoder(nn.Module):
+    """A tiny token model (ids -> embedding -> attention -> mean) that counts its train() calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.attn = Attention()
+        self.train_calls = 0
+
+    def train(self, mode: bool = True) -> CountingEncoder:
+        self.train_calls += 1
+        return super().train(mode)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.emb(input_ids)).mean(1)
+
+
+def test_token_wrapper_follows_the_model_flag_and_spares_the_eval_walk() -> None:
+    import perspicio
+    from perspicio.text import TokenModel
+
+    enc = CountingEncoder().eval()
+    enc.train_calls = 0
+    tm = TokenModel(enc)
+    assert tm.training is False
+    assert TokenModel(CountingEncoder().train()).training is True
+    x = torch.stack([torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long)], dim=1)
+    e = perspicio.explain(tm, x, method="attention_rollout", target=lambda out: out.sum(1))
+    assert e.attributions.shape == (1, 4)
+    assert enc.train_calls == 0  # an eval-mode model is not walked by model.eval() on every call
+    # a training-mode model is still put in eval mode for the call and restored afterwards
+    enc.train()
+    enc.train_calls = 0
+    seen = []
+    h = enc.attn.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    try:
+        perspicio.explain(
+            TokenModel(enc), x, method="attention_rollout", target=lambda out: out.sum(1)
+        )
+    finally:
+        h.remove()
+    assert seen and not any(seen) and enc.train_calls >= 1
+    assert all(m.training for m in enc.modules())

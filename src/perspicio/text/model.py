@@ -31,6 +31,9 @@ class TokenModel(nn.Module):
         self, model: nn.Module, keys: tuple[str, ...] = ("input_ids", "attention_mask")
     ) -> None:
         super().__init__()
+        # the wrapper's own flag follows the model's (it has no layers of its own): a training-mode
+        # wrapper around an eval-mode model made the guard run model.eval() on every call
+        self.training = model.training
         if "input_ids" not in keys or "attention_mask" not in keys:
             raise ModelError(f"packed keys must include input_ids and attention_mask; got {keys}.")
         self.model = model
