@@ -524,8 +524,8 @@ def principal_map(weighted: Tensor) -> Tensor:
     spatial mean) and projected on its first right-singular vector (computed in float64). An SVD
     gives that vector only up to sign; the sign is chosen so the map correlates positively with
     the centred channel sum ``sum_k weighted_k`` (the un-smoothed map). When that correlation is
-    zero to rounding (e.g. a constant channel sum), the map's entry of largest magnitude (the
-    first, on ties) is made positive.
+    zero to rounding (e.g. a constant channel sum), the map's entry of largest magnitude is made
+    positive (the first in row-major order among entries within 1e-6 of the largest).
     """
     n, k, h, w = weighted.shape
     mat = weighted.permute(0, 2, 3, 1).reshape(n, h * w, k).double()
@@ -536,7 +536,9 @@ def principal_map(weighted: Tensor) -> Tensor:
     ref = ref - ref.mean(dim=1, keepdim=True)
     corr = (proj * ref).sum(dim=1)
     tie = corr.abs() <= 1e-12 * proj.norm(dim=1) * ref.norm(dim=1)
-    peak = proj.gather(1, proj.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    mag = proj.abs()
+    first = (mag >= mag.amax(dim=1, keepdim=True) * (1 - 1e-6)).double().argmax(dim=1, keepdim=True)
+    peak = proj.gather(1, first).squeeze(1)
     sign = torch.where(tie, torch.sign(peak), torch.sign(corr))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     return (proj * sign[:, None]).reshape(n, h, w).to(weighted.dtype)
