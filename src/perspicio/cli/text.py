@@ -75,11 +75,7 @@ def run(
     tgt = _target(target)
     results: dict[str, Any] = {}
     for m in methods:
-        allowed = set(METHODS.get(m).cls.option_names()) | {
-            "steps",
-            "baseline_token",
-            "merge_words",
-        }
+        allowed = set(METHODS.get(m).cls.option_names()) | {"baseline_token", "merge_words"}
         opts = {k: v for k, v in options.items() if k in allowed}
         t0 = time.perf_counter()
         results[m] = explain_text(zm, texts, method=m, target=tgt, **opts)

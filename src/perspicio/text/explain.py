@@ -236,9 +236,15 @@ def _per_text_embeddings(
         elif base_takes_baseline:
             opts["base_options"] = {**(opts.get("base_options") or {}), "baseline": eb}
         wrapped = EmbeddingModel(tm, xi, layer)
-        e = build(cls, wrapped, labels=labels, **opts)(
-            ex, target=slice_target(target, i, i + 1, len(x))
-        )
+        method = build(cls, wrapped, labels=labels, **opts)
+        if name == "lrp" and method.composite.norm == "identity":
+            raise OptionError(
+                f"composite {method.composite.name!r} passes relevance through LayerNorm unchanged "
+                "(norm='identity'), which on a transformer divides by near-zero pre-normalisation sums at the "
+                "residual adds (token relevances of 1e6-1e11 on MiniLM): use composite='attnlrp' (the default "
+                "on text) or pass norm='linear'."
+            )
+        e = method(ex, target=slice_target(target, i, i + 1, len(x)))
         a = reduce_tokens(e.attributions.detach(), how)
         row = torch.zeros(len(a), x.shape[-1], dtype=a.dtype, device=a.device)
         row[:, :n_real] = a
