@@ -460,6 +460,29 @@ def test_bad_files_give_one_line_errors(tmp_path):
     _one_line(exc, "does not exist")
 
 
+def test_corrupted_files_fail_with_model_errors_only():
+    """Every prefix of a converted file and random one-byte corruptions: a ModelError in one line
+    (or a model that still parses), never another exception."""
+    from skl2onnx import to_onnx
+
+    est, x = _sklearn_case("rf3")
+    data = to_onnx(est, x[:1], target_opset=_SKL_OPSET).SerializeToString()
+    rng = np.random.default_rng(0)
+    cases = [data[:n] for n in range(0, len(data), max(1, len(data) // 150))]
+    for _ in range(300):
+        b = bytearray(data)
+        b[rng.integers(len(b))] = rng.integers(256)
+        cases.append(bytes(b))
+    refused = 0
+    for c in cases:
+        try:
+            read_onnx(c)
+        except ModelError as exc:
+            refused += 1
+            assert "\n" not in str(exc)
+    assert refused > len(cases) // 2
+
+
 def _with_nodes(before=(), after=(), attrs=DEPTH2, out_name="scores"):
     """DEPTH2 with extra nodes before (X -> ... -> Xt) and after (scores -> ... -> out)."""
     tree_in = "Xt" if before else "X"

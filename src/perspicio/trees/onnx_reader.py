@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelError
+from ..errors import ModelError, PerspicioError
 from .ensemble import LE, TreeEnsemble, build_ensemble
 
 ML = "ai.onnx.ml"
@@ -582,6 +582,19 @@ def read_onnx(src: Any, *, cover_rows: Any = None) -> TreeEnsemble:
     around the ensemble, non-float inputs) raises :class:`ModelError` in one line.
     """
     model, name = load_proto(src)
+    try:
+        return _read_proto(model, name, cover_rows)
+    except PerspicioError:
+        raise
+    except (UnicodeDecodeError, TypeError, ValueError, KeyError, IndexError, OverflowError) as exc:
+        # a corrupted file can parse as a protobuf with nonsense attributes
+        msg = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ModelError(
+            f"{name}: malformed ONNX tree ensemble ({type(exc).__name__}: {msg})."
+        ) from None
+
+
+def _read_proto(model: Any, name: str, cover_rows: Any) -> TreeEnsemble:
     node = find_tree_node(model)
     if node is None:
         ops = sorted({n.op_type for n in model.graph.node})
