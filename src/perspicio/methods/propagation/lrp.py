@@ -53,7 +53,7 @@ from .lrp_nodes import (
     ProductRule,
     SoftmaxRule,
     SumRule,
-    norm_linear_part,
+    norm_linear_maps,
 )
 from .operations import dim_arg, lp_normalize_args, substitute
 from .rules import Flat, RuleContext, ZBox
@@ -293,8 +293,8 @@ class LRPPropagator(Propagator):
             return x  # merged into the preceding layer: an exact identity
         if self.composite.norm == "identity":
             return apply_node(PassRule(self, call, self.op_label(call.name)), x)
-        fn = norm_linear_part(call, x.detach())
-        return apply_node(LinearRule(self, call, fn, self.op_label(call.name)), x)
+        fn, transpose = norm_linear_maps(call, x.detach())
+        return apply_node(LinearRule(self, call, fn, self.op_label(call.name), transpose), x)
 
     def on_softmax(self, call: Call) -> Any:
         x = call.args[0] if call.args else call.kwargs["input"]

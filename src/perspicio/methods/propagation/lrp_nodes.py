@@ -33,6 +33,15 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only
 
 def norm_linear_part(call: Call, x: Tensor) -> Any:
     """For a normalisation call, the linear map it is when its statistics are frozen (bias excluded)."""
+    return norm_linear_maps(call, x)[0]
+
+
+def norm_linear_maps(call: Call, x: Tensor) -> tuple[Any, Any]:
+    """For a normalisation call, the linear map ``J`` it is when its statistics are frozen (bias
+    excluded) and its transpose ``s -> J^T s`` in closed form: the frozen statistics make ``J`` a
+    per-channel scale (BatchNorm, RMSNorm) or the scaled centring ``diag(w) inv (I - 11^T / n)``
+    (LayerNorm, GroupNorm per group), whose transpose is ``inv (u - mean(u))`` with ``u = w s``
+    (the centring is symmetric, ``inv`` constant per row)."""
     name = op_name(call.func).rsplit(".", 1)[-1]
     a = dict(zip(("input", "p1", "p2", "p3", "p4", "p5", "p6", "p7"), call.args))
     kw = call.kwargs
@@ -49,7 +58,7 @@ def norm_linear_part(call: Call, x: Tensor) -> Any:
         if w is not None:
             scale = scale * w
         scale = scale.view(1, -1, *([1] * (x.ndim - 2)))
-        return lambda t: t * scale
+        return (lambda t: t * scale), (lambda s: s * scale)
     if name == "layer_norm":
         shape = a.get("p1", kw.get("normalized_shape"))
         w = a.get("p2", kw.get("weight"))
@@ -63,7 +72,11 @@ def norm_linear_part(call: Call, x: Tensor) -> Any:
             out = (t - t.mean(dim=dims, keepdim=True)) * inv
             return out * w if w is not None else out
 
-        return ln
+        def ln_t(s: Tensor) -> Tensor:
+            u = (s * w if w is not None else s) * inv
+            return u - u.mean(dim=dims, keepdim=True)
+
+        return ln, ln_t
     if name == "group_norm":
         groups = a.get("p1", kw.get("num_groups"))
         w = a.get("p2", kw.get("weight"))
@@ -78,7 +91,11 @@ def norm_linear_part(call: Call, x: Tensor) -> Any:
             out = ((tg - tg.mean(dim=-1, keepdim=True)) * inv).reshape(t.shape)
             return out * w.view(wshape) if w is not None else out
 
-        return gn
+        def gn_t(s: Tensor) -> Tensor:
+            u = (s * w.view(wshape) if w is not None else s).reshape(n, groups, -1) * inv
+            return (u - u.mean(dim=-1, keepdim=True)).reshape(s.shape)
+
+        return gn, gn_t
     if name == "rms_norm":
         shape = a.get("p1", kw.get("normalized_shape"))
         w = a.get("p2", kw.get("weight"))
@@ -88,7 +105,9 @@ def norm_linear_part(call: Call, x: Tensor) -> Any:
             range(x.ndim - len(tuple(shape) if not isinstance(shape, int) else (shape,)), x.ndim)
         )
         inv = torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
-        return lambda t: t * inv * w if w is not None else t * inv
+        return (lambda t: t * inv * w if w is not None else t * inv), (
+            lambda s: s * inv * w if w is not None else s * inv
+        )
     raise ModelError(f"no linear form known for {call.name}.")
 
 
@@ -113,15 +132,20 @@ class PassRule:
 class LinearRule:
     """Relevance proportional to contributions of a parameter-free linear map: ``x * J^T (R / z)``."""
 
-    def __init__(self, prop: LRPPropagator, call: Call, fn: Any, label: str) -> None:
+    def __init__(
+        self, prop: LRPPropagator, call: Call, fn: Any, label: str, transpose: Any = None
+    ) -> None:
         self.prop, self.call, self.fn, self.label = prop, call, fn, label
+        #: ``s -> J^T s`` in closed form (None: by autograd through ``fn``)
+        self.transpose = transpose
 
     def forward(self, x: Tensor) -> Tensor:
         return self.call.run()
 
     def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor]:
         x = ins[0]
-        Rx = x * linear_vjp(self.fn, x, safe_div(R, out, self.prop.composite.stabilizer))
+        s = safe_div(R, out, self.prop.composite.stabilizer)
+        Rx = x * (self.transpose(s) if self.transpose is not None else linear_vjp(self.fn, x, s))
         self.prop.record(self.label, R, (Rx,))
         return (Rx,)
 
@@ -166,6 +190,36 @@ class SumRule:
         return rel
 
 
+#: ``a @ b`` spellings (``(left, right)`` argument positions) whose transposes are closed-form matmuls
+_MATMUL_ORDER = {
+    torch.matmul: (0, 1),
+    torch.Tensor.matmul: (0, 1),
+    torch.Tensor.__matmul__: (0, 1),
+    torch.Tensor.__rmatmul__: (1, 0),
+    torch.bmm: (0, 1),
+    torch.Tensor.bmm: (0, 1),
+}
+
+
+def product_vjp(
+    call: Call, ids: tuple[int, int], a: Tensor, b: Tensor, s: Tensor
+) -> tuple[Tensor, Tensor] | None:
+    """``(J_a^T s, J_b^T s)`` of a product ``z = f(a, b)`` in closed form from the saved operands,
+    without recomputing the forward: for ``z = L @ R`` (batched, broadcast), ``s @ R^T`` and
+    ``L^T @ s`` summed over broadcast dimensions. ``ids``: ``id`` of the forward's ``a`` and ``b``
+    (``call.args`` holds the forward's tensors). None where no closed form applies (einsum, 1-d
+    operands, extra arguments): the caller uses autograd."""
+    order = _MATMUL_ORDER.get(call.func)
+    if order is None or call.kwargs or len(call.args) != 2 or a.ndim < 2 or b.ndim < 2:
+        return None
+    left, right = id(call.args[order[0]]), id(call.args[order[1]])
+    if (left, right) == ids:
+        return sum_to(s @ b.mT, a.shape), sum_to(a.mT @ s, b.shape)
+    if (right, left) == ids:
+        return sum_to(b.mT @ s, a.shape), sum_to(s @ a.mT, b.shape)
+    return None
+
+
 class ProductRule:
     """Bilinear ``z = f(a, b)``: epsilon on the sum inside f, then 50/50 (or all to the non-gate)."""
 
@@ -185,14 +239,11 @@ class ProductRule:
     def backward(self, ins: list[Tensor], out: Tensor, R: Tensor) -> tuple[Tensor, Tensor]:
         a, b = ins
         s = safe_div(R, out, self.prop.composite.stabilizer)
-        va, vb = self.ids
-        with torch.enable_grad():
-            ai, bi = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
-            zi = self.call.func(
-                *substitute(self.call.args, {va: ai, vb: bi}),
-                **substitute(self.call.kwargs, {va: ai, vb: bi}),
-            )
-            ga, gb = torch.autograd.grad(zi, (ai, bi), s)
+        grads = product_vjp(self.call, self.ids, a, b, s)
+        if grads is not None:
+            ga, gb = grads
+        else:
+            ga, gb = self._autograd_vjp(a, b, s)
         if self.prop.composite.attention == "constant" and self.gates[0] != self.gates[1]:
             Ra = torch.zeros_like(a) if self.gates[0] else a * ga
             Rb = torch.zeros_like(b) if self.gates[1] else b * gb
@@ -200,6 +251,17 @@ class ProductRule:
             Ra, Rb = 0.5 * a * ga, 0.5 * b * gb
         self.prop.record(self.label, R, (Ra, Rb))
         return Ra, Rb
+
+    def _autograd_vjp(self, a: Tensor, b: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """``J_a^T s``, ``J_b^T s`` of the call by autograd through a recomputed forward."""
+        va, vb = self.ids
+        with torch.enable_grad():
+            ai, bi = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+            zi = self.call.func(
+                *substitute(self.call.args, {va: ai, vb: bi}),
+                **substitute(self.call.kwargs, {va: ai, vb: bi}),
+            )
+            return torch.autograd.grad(zi, (ai, bi), s)
 
 
 class SoftmaxRule:
