@@ -440,3 +440,28 @@ def test_ray_engine_equals_local_and_survives_a_killed_worker(digits, image_dir,
     assert killed, "no worker reached the pause point"
     assert res.summary.computed_chunks == res.summary.chunks
     _same_store(tmp_path / "local", tmp_path / "ray2", methods)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlapped_and_inline_local_runs_write_the_same_store(digits, image_dir, tmp_path, monkeypatch, overlap):
+    """The local engine overlaps decoding and writes with compute only when a core is spare; both
+    ways give the same store, and the chosen way is the one that ran."""
+    import perspicio.run.engine as engine
+
+    reference = run(digits, image_dir, methods="gradcam", store=tmp_path / "ref", chunk_size=8)
+    threads_seen: set[str] = set()
+    original = engine.load_chunk
+
+    def spy(*args, **kwargs):
+        import threading
+
+        threads_seen.add(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_spare_core", lambda: overlap)
+    monkeypatch.setattr(engine, "load_chunk", spy)
+    res = run(digits, image_dir, methods="gradcam", store=tmp_path / "s", chunk_size=8)
+    assert res.summary.computed_chunks == reference.summary.computed_chunks
+    _same_store(tmp_path / "ref", tmp_path / "s", ["gradcam"])
+    on_loader = any(name.startswith("perspicio-run-loader") for name in threads_seen)
+    assert on_loader == overlap

@@ -39,7 +39,7 @@ def _target(value: str) -> str | int:
 @model_options
 @click.option("--methods", "--method", "methods", multiple=True, help="Methods (repeat or comma-separate). Default: gradcam.")
 @click.option("--metrics", "--metric", "metrics", multiple=True, help="Metrics per sample (optional; names, a family or 'default').")
-@click.option("--store", "store", required=True, type=click.Path(file_okay=False), help="Store directory (created; resumed when it holds the same run).")
+@click.option("--store", "store", required=True, type=click.Path(file_okay=False), help="Store directory or fsspec URL, e.g. s3://bucket/run (created; resumed when it holds the same run).")
 @click.option("--target", "-t", default="predicted", show_default=True, help="predicted, label, or a class index.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="local: this process; ray: Ray actors.")
 @click.option("--address", default=None, help="Ray cluster address ('auto' joins a running cluster; default: start a local one).")

@@ -154,7 +154,7 @@ def run(
                      {k: tuple(v) for k, v in (manifest.get("shapes") or {}).items()})
     done = st.done_chunks()
     pending = [c for c in range(len(bounds)) if c not in done]
-    summary = Summary(samples=n, chunks=len(bounds), skipped_chunks=len(done), engine=engine, store=str(st.path))
+    summary = Summary(samples=n, chunks=len(bounds), skipped_chunks=len(done), engine=engine, store=st.url)
     bar = Progress(progress, n, sum(bounds[c][1] - bounds[c][0] for c in done))
     t0 = time.perf_counter()
     try:

@@ -384,13 +384,37 @@ class Progress:
             self.bar.stop()
 
 
-def run_local(ctx: RunContext, store: Store, pending: Sequence[int], progress: Progress) -> tuple[int, int]:
-    """Compute ``pending`` chunks here; a writer thread commits each while the next computes."""
+def _spare_core() -> bool:
+    """Whether a core is left over beside torch's threads for decoding and writes: only then do
+    they overlap compute. Without one, a loader and a writer thread beside torch's OpenMP team make
+    the team wait at its barriers for a descheduled thread, which costs more than the overlap gains
+    (docs/benchmarks.md, "Data-set runs")."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
+
+
+def run_local(ctx: RunContext, store: Store, pending: Sequence[int], progress: Progress,
+              overlap: bool | None = None) -> tuple[int, int]:
+    """Compute ``pending`` chunks here. With a spare core (``overlap=None``: :func:`_spare_core`)
+    the next chunk is decoded and the previous one committed by two threads while a chunk computes;
+    otherwise each chunk is read, computed and committed in turn."""
     bounds = chunk_bounds(ctx.n, ctx.config.chunk_size)
     schema = row_schema(ctx.config)
+    if not (_spare_core() if overlap is None else overlap):
+        failed_samples = failed_rows = 0
+        for c in pending:
+            start, stop = bounds[c]
+            res = compute_chunk(ctx, c, start, stop)
+            store.write_chunk(res.chunk, res.start, ctx.n, ctx.config.chunk_size, res.attributions, res.rows, schema)
+            failed_samples += res.failed_samples
+            failed_rows += res.failed_rows
+            progress.advance(stop - start)
+        return failed_samples, failed_rows
     q: queue.Queue[ChunkResult | None] = queue.Queue(maxsize=2)
     failure: list[BaseException] = []
-
     def writer() -> None:
         while True:
             item = q.get()
@@ -456,7 +480,7 @@ def run_ray(ctx: RunContext, store: Store, pending: Sequence[int], progress: Pro
     try:
         n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         ctx_ref = ray.put(ctx)
-        store_path = str(store.path)
+        store_path = store.url
 
         threads = torch.get_num_threads()
 

@@ -178,7 +178,7 @@ def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def write_report(store: str | os.PathLike[str] | Store, out: str | os.PathLike[str] | None = None, *,
                  spray: bool = True, max_classes: int = 10, spray_method: str | None = None,
-                 spray_limit: int = 2000, max_samples_shown: int = 8, seed: int = 0) -> Path:
+                 spray_limit: int = 2000, max_samples_shown: int = 8, seed: int = 0) -> Path | str:
     """Write the HTML report of ``store`` to ``out`` (default ``STORE/report.html``); returns its path."""
     import matplotlib
 
@@ -190,7 +190,7 @@ def write_report(store: str | os.PathLike[str] | Store, out: str | os.PathLike[s
     rows = st.rows()
     if len(rows) == 0:
         raise StoreError(f"the store {str(st.path)!r} has no committed chunks yet: run it first.")
-    out_path = Path(out) if out is not None else st.path / "report.html"
+    out_path: Any = Path(out) if out is not None else st.path / "report.html"
     methods = list(manifest["configuration"]["methods"])
     metrics = list(manifest["configuration"]["metrics"])
     names = manifest.get("class_names") or None
@@ -226,8 +226,7 @@ def write_report(store: str | os.PathLike[str] | Store, out: str | os.PathLike[s
         parts.append("<p class='note'>Most frequent failures: " + "; ".join(f"{_esc(e)} ({c})" for e, c in errs.items()) + "</p>")
     if not done_methods:
         parts.append("<p class='note'>No attributions were stored (every sample failed).</p></body></html>")
-        out_path.write_text("".join(parts), encoding="utf-8")
-        return out_path
+        return _write_html(st, out, out_path, "".join(parts))
 
     stats = _gather(st, done_methods, group, classes, n, chunk)
 
@@ -330,8 +329,18 @@ def write_report(store: str | os.PathLike[str] | Store, out: str | os.PathLike[s
             res = spray_maps(stats.small[sm][members], seed=seed)
             parts.append(_spray_section(res, members, cname(c), stats.border[sm]))
     parts.append("</body></html>")
+    return _write_html(st, out, out_path, "".join(parts))
+
+
+def _write_html(st: Store, out: Any, out_path: Any, html: str) -> Any:
+    """Write the report: to ``out`` (a local file) when given, else next to the store - through
+    the store's file system when it is remote (the path returned is then a URL string)."""
+    if out is None and st.remote:
+        url = f"{st.url.rstrip('/')}/report.html"
+        st.fs.pipe_file(str(out_path), html.encode("utf-8"))
+        return url
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text("".join(parts), encoding="utf-8")
+    out_path.write_text(html, encoding="utf-8")
     return out_path
 
 

@@ -13,6 +13,12 @@ run chunk is exactly one Zarr chunk along the sample axis, so a rewrite replaces
 Parquet file exists. A process killed at any point leaves either a committed chunk or one that
 a re-run recomputes from scratch, so a resumed store equals an uninterrupted one, without
 duplicate rows.
+
+A URL with a scheme other than ``file://`` (``s3://bucket/run``, ``gs://...``, ``memory://...``)
+is a store on a file system that fsspec understands (object storage: no rename). There the
+commit is the chunk's Parquet file written as one object (``pipe_file``: a single PUT, which
+object stores make visible whole or not at all), after the chunk's arrays; the manifest is one
+object too. The protocol's guarantee is the same. ``file://`` URLs are local paths.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import re
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -82,12 +88,55 @@ def _disk_error(exc: OSError, path: Path) -> StoreError:
     return StoreError(f"cannot write the store {str(path)!r}: {exc.strerror or exc}.")
 
 
+def _remote(location: str | os.PathLike[str]) -> tuple[Any, str]:
+    """``(fsspec file system, path in it)`` for a URL with a scheme other than ``file``; else
+    ``(None, local path)``."""
+    text = os.fspath(location)
+    if not isinstance(text, str) or "://" not in text:
+        return None, str(text)
+    scheme, rest = text.split("://", 1)
+    if scheme == "file":
+        return None, rest
+    core = _needs("fsspec.core")
+    try:
+        fs, root = core.url_to_fs(text)
+    except (ImportError, ValueError) as exc:
+        raise OptionError(f"cannot open the store {text!r}: {exc}") from None
+    return fs, root.rstrip("/")
+
+
 class Store:
-    """A run's directory: manifest, attribution arrays and committed row chunks."""
+    """A run's directory: manifest, attribution arrays and committed row chunks.
+
+    ``location`` is a local directory or a URL fsspec understands (module docstring)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.fs, root = _remote(path)
+        #: the location as given (a URL for remote stores; what workers reopen)
+        self.url = os.fspath(path) if self.fs is not None else str(Path(root))
+        self.path = Path(root) if self.fs is None else PurePosixPath(root)
         self._arrays: dict[str, Any] = {}
+
+    @property
+    def remote(self) -> bool:
+        """Whether the store lives on an fsspec file system (object storage) rather than a local path."""
+        return self.fs is not None
+
+    def _write_bytes(self, path: Any, data: bytes) -> None:
+        """Write one file atomically: fsync + rename locally, one object (a single PUT) remotely."""
+        if self.fs is None:
+            _atomic_write(path, data)
+        else:
+            self.fs.pipe_file(str(path), data)
+
+    def _read_bytes(self, path: Any) -> bytes:
+        return path.read_bytes() if self.fs is None else self.fs.cat_file(str(path))
+
+    def _zarr_store(self, read_only: bool) -> Any:
+        if self.fs is None:
+            return str(self.path / "attributions")
+        storage = _needs("zarr.storage")
+        return storage.FsspecStore.from_url(f"{self.url.rstrip('/')}/attributions", read_only=read_only)
 
     # ------------------------------------------------------------------ manifest
 
@@ -96,21 +145,23 @@ class Store:
         return self.path / MANIFEST
 
     def exists(self) -> bool:
+        if self.fs is not None:
+            return bool(self.fs.isfile(str(self.manifest_path)))
         return self.manifest_path.is_file()
 
     def manifest(self) -> dict[str, Any]:
         """The manifest; refuses stores of a newer format and directories that are not stores."""
         try:
-            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            data = json.loads(self._read_bytes(self.manifest_path).decode("utf-8"))
         except FileNotFoundError:
-            raise StoreError(f"{str(self.path)!r} is not a perspicio run store (no {MANIFEST}).") from None
+            raise StoreError(f"{self.url!r} is not a perspicio run store (no {MANIFEST}).") from None
         except (OSError, ValueError) as exc:
             raise StoreError(f"the store manifest {str(self.manifest_path)!r} is unreadable: {exc}.") from None
         fmt = data.get("format")
         if not isinstance(fmt, int):
             raise StoreError(f"{str(self.manifest_path)!r} is not a perspicio run manifest.")
         if fmt > FORMAT:
-            raise StoreError(f"the store {str(self.path)!r} was written by a newer perspicio (store format {fmt}, "
+            raise StoreError(f"the store {self.url!r} was written by a newer perspicio (store format {fmt}, "
                              f"this version reads up to {FORMAT}); upgrade perspicio to read or resume it.")
         return data
 
@@ -120,12 +171,12 @@ class Store:
         The work is the same when every fingerprint (model, data, configuration) matches; a
         different one is refused unless ``overwrite`` (which empties the store first)."""
         manifest = dict(manifest, format=FORMAT)
-        if self.path.exists() and not self.path.is_dir():
-            raise StoreError(f"the store path {str(self.path)!r} is a file, not a directory.")
-        if self.exists() or (self.path.is_dir() and any(self.path.iterdir())):
+        if self._is_file(self.path):
+            raise StoreError(f"the store path {self.url!r} is a file, not a directory.")
+        if self.exists() or self._children():
             if not self.exists():
                 if not overwrite:
-                    raise StoreError(f"{str(self.path)!r} is a non-empty directory that is not a run store; "
+                    raise StoreError(f"{self.url!r} is a non-empty directory that is not a run store; "
                                      "choose another --store or pass --overwrite to empty it.")
             else:
                 old = self.manifest()
@@ -134,17 +185,39 @@ class Store:
                     return old
                 if not overwrite:
                     raise StoreError(
-                        f"the store {str(self.path)!r} holds a different run: the {', '.join(changed)} changed "
+                        f"the store {self.url!r} holds a different run: the {', '.join(changed)} changed "
                         f"since it was written. Pass --overwrite (overwrite=True) to replace it, or use another store.")
             self._clear()
         try:
-            (self.path / "rows").mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+            if self.fs is None:
+                (self.path / "rows").mkdir(parents=True, exist_ok=True)
+            else:
+                self.fs.makedirs(str(self.path / "rows"), exist_ok=True)
+            self._write_bytes(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
         except OSError as exc:
             raise _disk_error(exc, self.path) from None
         return manifest
 
+    def _is_file(self, path: Any) -> bool:
+        if self.fs is None:
+            return path.exists() and not path.is_dir()
+        return bool(self.fs.isfile(str(path)))
+
+    def _children(self, path: Any = None) -> list[str]:
+        """Full paths of the entries of ``path`` (default: the store's root); [] if it does not exist."""
+        path = self.path if path is None else path
+        if self.fs is None:
+            return [str(p) for p in path.iterdir()] if path.is_dir() else []
+        try:
+            return [str(p).rstrip("/") for p in self.fs.ls(str(path), detail=False)]
+        except FileNotFoundError:
+            return []
+
     def _clear(self) -> None:
+        if self.fs is not None:
+            for child in self._children():
+                self.fs.rm(child, recursive=True)
+            return
         for child in self.path.iterdir():
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
@@ -155,7 +228,7 @@ class Store:
         data = self.manifest()
         data.update(fields)
         try:
-            _atomic_write(self.manifest_path, json.dumps(data, indent=1, sort_keys=True).encode())
+            self._write_bytes(self.manifest_path, json.dumps(data, indent=1, sort_keys=True).encode())
         except OSError as exc:
             raise _disk_error(exc, self.path) from None
         return data
@@ -164,10 +237,8 @@ class Store:
 
     def done_chunks(self) -> set[int]:
         """Indices of the committed chunks."""
-        rows = self.path / "rows"
-        if not rows.is_dir():
-            return set()
-        return {int(m.group(1)) for p in rows.iterdir() if (m := _CHUNK_RE.match(p.name))}
+        names = (PurePosixPath(p).name for p in self._children(self.path / "rows"))
+        return {int(m.group(1)) for name in names if (m := _CHUNK_RE.match(name))}
 
     def chunk_path(self, chunk: int) -> Path:
         return self.path / "rows" / f"chunk-{chunk:06d}.parquet"
@@ -177,7 +248,7 @@ class Store:
         if arr is not None:
             return arr
         zarr = _needs("zarr")
-        group = zarr.open_group(str(self.path / "attributions"), mode="a")
+        group = zarr.open_group(store=self._zarr_store(read_only=False), mode="a")
         if method in group.array_keys():
             arr = group[method]
             if tuple(arr.shape) != (n, *shape):
@@ -202,6 +273,11 @@ class Store:
             _pause_for_tests(chunk)
             table = pa.Table.from_pylist(list(rows), schema=schema)
             final = self.chunk_path(chunk)
+            if self.fs is not None:  # one object, written whole: the commit
+                sink = pa.BufferOutputStream()
+                pq.write_table(table, sink)
+                self.fs.pipe_file(str(final), sink.getvalue().to_pybytes())
+                return
             tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
             pq.write_table(table, tmp)
             with open(tmp, "rb+") as f:
@@ -221,7 +297,11 @@ class Store:
         files = sorted(self.chunk_path(c) for c in self.done_chunks())
         if not files:
             return pd.DataFrame()
-        df = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+        if self.fs is None:
+            tables = [pq.read_table(f) for f in files]
+        else:
+            tables = [pq.read_table(self.fs.open(str(f), "rb")) for f in files]
+        df = pd.concat([t.to_pandas() for t in tables], ignore_index=True)
         df = df.sort_values(["index", "method"], kind="stable").reset_index(drop=True)
         if not volatile:
             df = df.drop(columns=[c for c in VOLATILE_COLUMNS if c in df.columns])
@@ -230,7 +310,7 @@ class Store:
     def attributions(self, method: str) -> Any:
         """The (N, *shape) Zarr array of ``method`` (NaN for failed or not yet computed samples)."""
         zarr = _needs("zarr")
-        group = zarr.open_group(str(self.path / "attributions"), mode="r")
+        group = zarr.open_group(store=self._zarr_store(read_only=True), mode="r")
         if method not in group.array_keys():
             raise StoreError(f"the store has no attributions for {method!r}; it has: {', '.join(sorted(group.array_keys()))}.")
         return group[method]
@@ -241,7 +321,7 @@ class Store:
         return {"samples": m["n_samples"], "chunks": m["n_chunks"], "done_chunks": len(done)}
 
     def __repr__(self) -> str:
-        return f"Store({str(self.path)!r})"
+        return f"Store({self.url!r})"
 
 
 def _pause_for_tests(chunk: int) -> None:
