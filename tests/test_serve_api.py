@@ -36,7 +36,7 @@ def client():
             workers=1,
             max_upload_bytes=2 * 2**20,
             max_pixels=4_000_000,
-            time_limit=300,
+            time_limit=900,  # a loaded CI machine; the time-limit test sets its own
             tabular=False,  # the tabular tab has its own tests (test_serve_tabular.py)
             cached_models=False,  # cached torchvision/timm models: test_serve_models.py
         )
@@ -184,6 +184,7 @@ def test_compare_ranks_as_the_python_api(client: TestClient, zoo_model, chelsea_
     assert r.status_code == 202, r.text
     with client.stream("GET", r.json()["events"]) as s:
         data = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    assert data[-1]["type"] == "result", data[-1]
     res = data[-1]["result"]
     # progress per step of the comparison: each method explained, then scored by each metric
     steps = [d for d in data if d["type"] == "progress" and "done" in d]

@@ -70,7 +70,7 @@ def torch_home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(torch_home):
     app = create_app(
-        ServeConfig(workers=1, time_limit=300, tabular=False, text=False, preload=False)
+        ServeConfig(workers=1, time_limit=900, tabular=False, text=False, preload=False)
     )
     with TestClient(app) as c:
         assert app.state.pool.wait_ready(300)

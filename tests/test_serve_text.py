@@ -37,7 +37,7 @@ TEXT = "a wonderful little film"
 @pytest.fixture(scope="module")
 def client():
     app = create_app(
-        ServeConfig(workers=1, time_limit=300, tabular=False, preload=False, max_text_chars=3000)
+        ServeConfig(workers=1, time_limit=900, tabular=False, preload=False, max_text_chars=3000)
     )
     with TestClient(app) as c:
         assert app.state.pool.wait_ready(300)
