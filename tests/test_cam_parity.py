@@ -476,6 +476,7 @@ def test_cams_get_their_target_names_from_method_call(tiny_cnn, tiny_input, meth
     )
 
 
+@pytest.mark.slow  # ~15 s CPU: the tree and linear readers' first use
 def test_tree_and_linear_shap_get_their_target_names_from_method_call() -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.tree import DecisionTreeClassifier
