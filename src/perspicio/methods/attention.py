@@ -55,7 +55,6 @@ from ..core import ops
 from ..core.batching import Engine
 from ..core.capture import token_grid
 from ..core.explanation import Explanation
-from ..core.guard import module_tree
 from ..core.inputs import as_batch
 from ..core.registry import register_method
 from ..core.targets import (
@@ -104,13 +103,14 @@ class AttentionRecord:
 
 def attention_modules(model: nn.Module, spec: Any = None) -> list[tuple[str, nn.Module]]:
     """The attention modules of ``model`` (see the module docstring for ``spec``)."""
-    named = module_tree(model)
+    named = list(model.named_modules())
     if spec is None or spec == "auto":
-        cands = [
-            (n, m)
-            for n, m in named
-            if isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
-        ]
+        kinds: dict[type, bool] = {}  # one name test per class, not per module
+        for _, m in named:
+            t = type(m)
+            if t not in kinds:
+                kinds[t] = issubclass(t, nn.MultiheadAttention) or "attention" in t.__name__.lower()
+        cands = [(n, m) for n, m in named if kinds[type(m)]]
         ids = {id(m) for _, m in cands}
         found = [
             (n, m)
@@ -146,10 +146,22 @@ def attention_modules(model: nn.Module, spec: Any = None) -> list[tuple[str, nn.
 
 
 def _holds_any(module: nn.Module, ids: set[int]) -> bool:
-    """Whether a module below ``module`` (not itself) has its id in ``ids``."""
+    """Whether a module below ``module`` (not itself) has its id in ``ids`` (stops at the first)."""
     if type(module).modules is not nn.Module.modules:  # a module that walks its own way
         return any(id(c) in ids for c in module.modules() if c is not module)
-    return any(id(c) in ids for _, c in module_tree(module)[1:])
+    seen = {id(module)}
+    stack = [c for c in module._modules.values() if c is not None]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        if type(m).named_modules is not nn.Module.named_modules:
+            return any(id(c) in ids for c in module.modules() if c is not module)
+        if id(m) in ids:
+            return True
+        seen.add(id(m))
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return False
 
 
 _find_modules = attention_modules  # the methods' option of the same name shadows it
