@@ -55,4 +55,4 @@ def test_registries_populate_themselves_in_a_fresh_process():
     code = ("from perspicio.core.registry import METHODS, METRICS; "
             "print(len(METHODS.select(None, default=['family:cam'])), 'deletion' in METRICS)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["9", "True"]
+    assert out == ["10", "True"]
