@@ -26,6 +26,9 @@ def test_coinciding_names_maps_equal_up_to_a_factor(tiny_cnn, tiny_input) -> Non
 def test_targets_are_described_with_their_unit(tiny_cnn, tiny_input) -> None:
     e = perspicio.explain(tiny_cnn, tiny_input[:1], method="saliency", target=1)
     probs = tiny_cnn(tiny_input[:1]).softmax(1)[0].detach()
+    # a bare module's output is not known to be a logit; the CLI records the unit it reads
+    assert describe_target(e, probs).startswith(f"target 1 (output {float(e.scores[0]):.4g}")
+    e = e.with_score_unit("logit", [float(probs[1])])
     text = describe_target(e, probs)
     assert (
         f"logit {float(e.scores[0]):.4g}" in text and f"probability {float(probs[1]):.3f}" in text
