@@ -48,7 +48,7 @@ _BEFORE = ("Cast", "Identity")
 #: ops allowed between the ensemble's scores and the graph outputs (shape / container only, or
 #: arithmetic with a neutral constant as onnxmltools writes for LightGBM)
 _AFTER = ("Identity", "Cast", "ZipMap", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
-_NEUTRAL = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
+NEUTRAL_OPERANDS = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
 #: the opset-5 ``TreeEnsemble`` enumerations
 _MODES_V5 = (
     "BRANCH_LEQ",
@@ -203,13 +203,15 @@ def _check_outputs(graph: Any, tensor: str, name: str) -> None:
         for c in consumers.get(t, []):
             op = c.op_type
             ok = op in _AFTER
-            if op in _NEUTRAL and c.domain in ("", "ai.onnx"):
+            if op in NEUTRAL_OPERANDS and c.domain in ("", "ai.onnx"):
                 other = [i for i in c.input if i != t]
                 ok = (
                     len(other) == 1
                     and other[0] in consts
                     and c.input[0] == t
-                    and np.all(np.asarray(consts[other[0]], dtype=np.float64) == _NEUTRAL[op])
+                    and np.all(
+                        np.asarray(consts[other[0]], dtype=np.float64) == NEUTRAL_OPERANDS[op]
+                    )
                 )
             if not ok:
                 raise ModelError(

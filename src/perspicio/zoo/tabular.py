@@ -476,7 +476,7 @@ def load_model_file(path: str | os.PathLike[str], *, trust_pickle: bool = False)
     return read_model(p)
 
 
-_ORT_FLOATS = {"tensor(float)": np.float32, "tensor(double)": np.float64}
+ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64}
 
 
 class OnnxModel:
@@ -527,16 +527,16 @@ class OnnxModel:
                 f"{name} has {len(inputs)} inputs; a tabular model takes one (N, features) input."
             )
         inp = inputs[0]
-        if inp.type not in _ORT_FLOATS or len(inp.shape) != 2:
+        if inp.type not in ORT_FLOAT_TYPES or len(inp.shape) != 2:
             raise ModelError(
                 f"{name}: the input {inp.name!r} is {inp.type} of shape {inp.shape}; a tabular model "
                 "takes a float or double (N, features) tensor."
             )
         self.input_name = inp.name
-        self.input_dtype = _ORT_FLOATS[inp.type]
+        self.input_dtype = ORT_FLOAT_TYPES[inp.type]
         f = inp.shape[1]
         self.n_features: int | None = f if isinstance(f, int) and f > 0 else None
-        floats = [o for o in self.session.get_outputs() if o.type in _ORT_FLOATS]
+        floats = [o for o in self.session.get_outputs() if o.type in ORT_FLOAT_TYPES]
         if not floats:
             raise ModelError(f"{name} has no floating-point tensor output to explain.")
         prob = [o for o in floats if "prob" in o.name.lower()]
