@@ -177,6 +177,19 @@ def _word_embedding_layer(inner: nn.Module, tm: TokenModel, layer: Any) -> tuple
         return resolve_layer(inner, module)
 
 
+#: methods that run the model once per row of one text (saliency, ..., DeepLIFT's two passes):
+#: the rows of one text (its targets) run in chunks of this size without the engine's memory probe
+_ONE_PASS_METHODS = (
+    "saliency",
+    "input_x_gradient",
+    "guided_backprop",
+    "deconvnet",
+    "deeplift",
+    "lrp",
+)
+_ONE_PASS_BATCH = 16
+
+
 def _per_text_embeddings(
     entry: Any,
     tm: TokenModel,
@@ -222,6 +235,9 @@ def _per_text_embeddings(
             )
     if name == "lrp" and options.get("composite") is None and options.get("rule") is None:
         options = {**options, "composite": "attnlrp"}
+    if name in _ONE_PASS_METHODS:
+        # one forward (two for DeepLIFT) per target of one text: no chunking to size, so no memory probe
+        options = {**options, "batch_size": options.get("batch_size") or _ONE_PASS_BATCH}
     check_target_count(target, len(x))
     parts = []
     for i in range(len(x)):
