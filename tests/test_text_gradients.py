@@ -321,3 +321,21 @@ def test_cli_writes_saliency_deeplift_lrp_heatmaps(minilm, tmp_path) -> None:
         assert summary["text1"]["methods"][m]["attributions"] == pytest.approx(
             e.attributions[0].tolist(), abs=1e-6
         )
+
+
+@pytest.mark.parametrize(
+    "method", ["saliency", "deeplift", "lrp", "integrated_gradients", "feature_ablation"]
+)
+def test_several_targets_per_text_equal_single_target_calls(method: str) -> None:
+    tiny = TinyText(nn.Tanh())
+    kw = {"steps": 8} if method == "integrated_gradients" else {}
+    e = perspicio.explain(tiny, IDS, method=method, target=[[0, 1], [0, 1]], **kw)
+    single = [
+        perspicio.explain(tiny, IDS, method=method, target=[c, c], **kw).attributions
+        for c in (0, 1)
+    ]
+    assert torch.equal(e.attributions, torch.stack(single, 1).reshape(4, -1))  # rows text-major
+    assert e.targets.tolist() == [0, 1, 0, 1] and len(e.extras["tokens"]) == 4
+    assert (
+        e.attributions[3, 3:].abs().max().item() == 0.0
+    )  # the second text's padding, per target row
