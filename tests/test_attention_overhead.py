@@ -279,3 +279,29 @@ def test_token_wrapper_follows_the_model_flag_and_spares_the_eval_walk() -> None
         h.remove()
     assert seen and not any(seen) and enc.train_calls >= 1
     assert all(m.training for m in enc.modules())
+
+
+@pytest.mark.parametrize(
+    "model", _models(), ids=["tangled", "hiding-child", "torch-encoder", "leaf"]
+)
+def test_model_tensors_are_the_parameters_and_buffers(model: nn.Module) -> None:
+    from perspicio.core.guard import model_tensors
+
+    model.register_buffer("extra_buffer", torch.zeros(2))
+    want = {id(t) for t in [*model.parameters(), *model.buffers()]}
+    assert {id(t) for t in model_tensors(model)} == want
+
+
+def test_meta_tensors_anywhere_are_refused() -> None:
+    from perspicio.core.inputs import check_model_usable
+    from perspicio.errors import ModelError
+
+    model = Tangled()
+    check_model_usable(model)
+    model.b[2][1].out.register_buffer("stats", torch.empty(3, device="meta"))  # deep, a buffer only
+    with pytest.raises(ModelError, match="meta"):
+        check_model_usable(model)
+    with torch.device("meta"):
+        empty = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(ModelError, match="meta"):
+        check_model_usable(empty)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 #: one re-entrant lock per live model (weak keys: an entry dies with its model; no bytes held)
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
@@ -57,6 +57,7 @@ def model_guard(
 _NAMED_MODULES = nn.Module.named_modules
 _MODULES = nn.Module.modules
 _ROOT_PARAMETERS = ("parameters", "named_parameters", "_named_members")
+_ROOT_BUFFERS = ("buffers", "named_buffers")
 
 
 def module_tree(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -97,6 +98,24 @@ def _modules_and_parameters(model: nn.Module) -> tuple[list[nn.Module], list[nn.
                 held.add(id(p))
                 params.append(p)
     return mods, params
+
+
+def model_tensors(model: nn.Module) -> list[Tensor]:
+    """Every parameter and buffer of ``model``: ``[*model.parameters(), *model.buffers()]`` up to
+    order and repeats, read from the module dicts in one walk (the generators for models that
+    override the traversal). For checks over all of a model's tensors (e.g. the meta device)."""
+    root = type(model)
+    if root.modules is not _MODULES or any(
+        getattr(root, n) is not getattr(nn.Module, n) for n in (*_ROOT_PARAMETERS, *_ROOT_BUFFERS)
+    ):
+        return [*model.parameters(), *model.buffers()]
+    return [
+        t
+        for _, m in module_tree(model)
+        for d in (m._parameters, m._buffers)
+        for t in d.values()
+        if t is not None
+    ]
 
 
 @contextmanager
