@@ -3,8 +3,10 @@
 from .canonizers import MergeBatchNorm, find_batchnorm_pairs
 from .checks import ConservationReport, conservation
 from .composites import PRESETS, Composite, make_composite, single_rule
+from .lrp import LRP, LRPPropagator  # registered before DeepLIFT: the order of the methods table
+
+# isort: split
 from .deeplift import DeepLift, DeepLiftPropagator, DeepShap, RevealCancelPropagator, make_baseline
-from .lrp import LRP, LRPPropagator
 from .rules import LRP0, AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus, make_rule
 
 __all__ = [
