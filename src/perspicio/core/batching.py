@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import OptionError
 from . import incremental
 from .allocator import allocator_tuned
 from .caches import Cache
@@ -109,7 +111,7 @@ class Engine:
     model: nn.Module
     batch_size: int | None = None
     memory_budget: int | None = None
-    progress: bool = False
+    progress: bool | Callable[[int, int, str], None] = False
     forwards: int = 0
     backwards: int = 0
     chunk_sizes: list[int] = field(default_factory=list)
@@ -395,9 +397,41 @@ class _RichBar:
         self.progress.stop()
 
 
-def progress_bar(enabled: bool, total: int, description: str) -> _NoBar | _RichBar:
+class _CallbackBar:
+    """Progress reported to a callable ``fn(done, total, description)`` after every chunk (a web
+    page, a log, a notebook widget)."""
+
+    def __init__(self, fn: Callable[[int, int, str], None], total: int, description: str) -> None:
+        self.fn, self.total, self.description, self.done = fn, total, description, 0
+
+    def __enter__(self) -> Callable[[int], None]:
+        self.fn(0, self.total, self.description)
+
+        def advance(k: int) -> None:
+            self.done += k
+            self.fn(self.done, self.total, self.description)
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def check_progress(progress: Any) -> bool | Callable[[int, int, str], None]:
+    """``progress`` as every method takes it: True/False (a terminal bar) or a callable
+    ``fn(done, total, description)`` called after every chunk of passes."""
+    if isinstance(progress, bool) or callable(progress):
+        return progress
+    raise OptionError(f"progress must be True, False or a callable fn(done, total, description); got {progress!r}.")
+
+
+def progress_bar(enabled: bool | Callable[[int, int, str], None], total: int,
+                 description: str) -> _NoBar | _RichBar | _CallbackBar:
     """A rich progress bar context yielding ``advance(k)``, or a no-op one (also when the output is
-    not a terminal: a transient bar there would only leave a blank line behind)."""
+    not a terminal: a transient bar there would only leave a blank line behind); a callable
+    ``enabled`` receives ``(done, total, description)`` after every chunk instead."""
+    if callable(enabled) and not isinstance(enabled, bool):
+        return _CallbackBar(enabled, total, description)
     if enabled:
         from rich.console import Console
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..core.batching import Engine
+from ..core.batching import Engine, check_progress
 from ..core.blackbox import unwrap_model
 from ..core.explanation import Explanation
 from ..core.guard import model_guard
@@ -48,7 +48,7 @@ class Method(RecordsOptions):
         *,
         batch_size: int | None = None,
         memory_budget: int | None = None,
-        progress: bool = False,
+        progress: bool | Callable[[int, int, str], None] = False,
         labels: Sequence[str] | None = None,
         compile: bool = False,
         output: Any = None,
@@ -77,7 +77,7 @@ class Method(RecordsOptions):
         self.labels = labels if labels is not None else zoo_labels
         self.batch_size = batch_size
         self.memory_budget = memory_budget
-        self.progress = progress
+        self.progress = check_progress(progress)
         if not isinstance(compile, bool):
             raise OptionError(f"compile must be True or False; got {compile!r}.")
         self.compile = compile
