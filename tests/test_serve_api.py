@@ -238,6 +238,28 @@ def test_progress_stream_ends_with_the_result(client: TestClient) -> None:
     assert_error(client.get("/api/jobs/nosuchjob"), 404, "no such job")
 
 
+def test_progress_reports_each_chunk_of_a_methods_passes(client: TestClient) -> None:
+    """Inside one method the page sees its passes advance chunk by chunk (the methods' progress
+    callback), not only 'method k of n'."""
+    import json
+
+    r = client.post("/api/explain", data={"sample": "coffee", "methods": "occlusion", "wait": "false"})
+    assert r.status_code == 202, r.text
+    job = r.json()["job"]
+    events, kind = [], None
+    with client.stream("GET", f"/api/jobs/{job}/events") as s:
+        for line in s.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind == "progress":
+                events.append(json.loads(line[6:]))
+    passes = [e for e in events if "passes_total" in e]
+    assert passes, events
+    assert all(e["method"] == "occlusion" and e["pass_stage"] for e in passes)
+    dones = [e["passes"] for e in passes if e["passes_total"] == passes[-1]["passes_total"]]
+    assert dones == sorted(dones) and dones[-1] == passes[-1]["passes_total"] and len(set(dones)) >= 2
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

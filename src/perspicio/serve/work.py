@@ -249,8 +249,15 @@ class WorkerState:
             if layer is not None and entry.needs_layer:
                 opts["layer"] = layer
             t0 = time.perf_counter()
+
+            def passes(done: int, total: int, description: str, k: int = k, m: str = m) -> None:
+                # every chunk of the method's passes (IG nodes, occlusion windows, KernelSHAP
+                # coalitions) as a progress event of the page
+                progress({"stage": "explain", "method": m, "done": k, "total": len(methods),
+                          "passes": done, "passes_total": total, "pass_stage": description})
+
             try:
-                e = run_explain(zm, x, method=m, target=index, **opts)
+                e = run_explain(zm, x, method=m, target=index, progress=passes, **opts)
             except PerspicioError as exc:
                 first_error = first_error or exc
                 results.append({"method": m, "family": entry.family, "error": one_line(exc)})

@@ -226,7 +226,10 @@ function runJob(path, form, progressEl, cancelBtn = $("cancel")) {
 // one progress event as a line: the method running (k of n), the comparison's step k of n with
 // the last one finished and the plan's estimate, or the stage
 function progressText(p) {
-  if (p.method) return `running ${p.method} (${p.done + 1} of ${p.total})...`;
+  if (p.method) {
+    const passes = p.passes_total ? `: ${p.pass_stage || "passes"} ${p.passes} of ${p.passes_total}` : "";
+    return `running ${p.method} (${p.done + 1} of ${p.total})${passes}...`;
+  }
   if (p.stage === "compare") {
     const est = p.estimate ? ` (estimated ${p.estimate} in all)` : "";
     if (p.total) return `scoring: ${p.done} of ${p.total} steps done - ${p.step}${est}...`;
