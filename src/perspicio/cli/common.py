@@ -62,6 +62,10 @@ def parse_extra(pairs: tuple[str, ...]) -> dict[str, Any]:
         if "=" not in p:
             raise OptionError(f"--option expects key=value; got {p!r}.")
         k, v = p.split("=", 1)
+        flag = v.strip().lower()
+        if flag in ("true", "false", "none"):  # shell users write true/false as often as True/False
+            out[k.strip()] = {"true": True, "false": False, "none": None}[flag]
+            continue
         try:
             out[k.strip()] = ast.literal_eval(v)
         except (ValueError, SyntaxError):

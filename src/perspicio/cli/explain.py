@@ -54,7 +54,10 @@ def register(group: click.Group) -> None:
     help="Class index or name to explain (default: the predicted class).",
 )
 @click.option(
-    "--layer", "-l", default=None, help="Layer for layer methods (dotted name; default: auto)."
+    "--layer",
+    "-l",
+    default=None,
+    help="Layer for layer methods: a dotted name or the Python form (layer4[-1]); CAMs fuse several given as a,b (default: auto).",
 )
 @click.option(
     "--out",
@@ -234,7 +237,12 @@ def explain_cmd(
                 )
             click.echo(
                 f"  {m:<22} {describe_target(e, probs)}  "
-                f"{time.perf_counter() - t0:6.2f} s" + (f"  layer {e.layer}" if e.layer else "")
+                f"{time.perf_counter() - t0:6.2f} s"
+                + (
+                    f"  layer {e.layer if isinstance(e.layer, str) else ','.join(e.layer)}"
+                    if e.layer
+                    else ""
+                )
             )
             exps.append(e)
         for a, b in coinciding(exps):

@@ -9,6 +9,7 @@ from .cam import (
     AblationCAM,
     CAMBase,
     EigenCAM,
+    EigenGradCAM,
     GradCAM,
     GradCAMPlusPlus,
     HiResCAM,
@@ -54,7 +55,7 @@ def get(name: str) -> type[Method]:
 
 
 __all__ = [
-    "CAM", "AblationCAM", "CAMBase", "EigenCAM", "GradCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM",
+    "CAM", "AblationCAM", "CAMBase", "EigenCAM", "EigenGradCAM", "GradCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM",
     "Method", "ScoreCAM", "XGradCAM", "get", "methods_table", "names",
     "Deconvnet", "GradientSHAP", "GuidedBackprop", "GuidedGradCAM", "InputXGradient", "IntegratedGradients",
     "LayerIntegratedGradients", "NeuronGradient", "NeuronIntegratedGradients", "Saliency", "SmoothGrad",
