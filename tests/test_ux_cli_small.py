@@ -69,3 +69,10 @@ def test_a_second_maximize_run_does_not_overwrite_the_first(tmp_path) -> None:
     assert free_stem(tmp_path, "maximize") == "maximize-2"
     (tmp_path / "maximize-2.json").write_text("{}")
     assert free_stem(tmp_path, "maximize") == "maximize-3"
+
+
+def test_option_flags_are_read_in_any_case() -> None:
+    from perspicio.cli.common import parse_extra
+
+    got = parse_extra(("eigen_smooth=true", "aug_smooth=False", "x=NONE", "steps=32", "name=layer4[-1]"))
+    assert got == {"eigen_smooth": True, "aug_smooth": False, "x": None, "steps": 32, "name": "layer4[-1]"}
