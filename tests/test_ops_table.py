@@ -304,3 +304,7 @@ def test_the_flags_cover_what_the_modules_listed_before() -> None:
     assert ops.clamp_bounds(F.relu6, (None,), {}) == (0.0, 6.0)
     assert ops.clamp_bounds(torch.Tensor.clamp_, (None,), {"max": 2.0}) == (None, 2.0)
     assert ops.clamp_bounds(F.gelu, (None,), {}) is None
+    # lrp_nodes.py's matrix products (closed-form transposes)
+    assert ops.matmul_operands(torch.Tensor.__rmatmul__) == (1, 0)
+    assert ops.matmul_operands(torch.bmm) == ops.matmul_operands(torch.matmul) == (0, 1)
+    assert ops.matmul_operands(torch.einsum) is None

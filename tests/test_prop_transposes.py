@@ -33,6 +33,7 @@ def _autograd(func, args, a, b, s):
         (torch.Tensor.matmul, ((3, 4, 5), (5, 2))),
         (torch.bmm, ((3, 4, 5), (3, 5, 2))),
         (torch.Tensor.bmm, ((3, 4, 5), (3, 5, 2))),
+        (torch.mm, ((4, 5), (5, 2))),
     ],
 )
 def test_matmul_transposes_equal_autograd(func, shapes) -> None:

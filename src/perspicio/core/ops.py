@@ -485,6 +485,39 @@ def nonnegative_output(func: Any, args: tuple, kwargs: dict) -> bool:
     return isinstance(low, (int, float)) and not isinstance(low, bool) and low >= 0
 
 
+#: matrix products ``left @ right`` (batched, broadcast) by name: the argument positions of
+#: ``(left, right)`` (LRP transposes them in closed form: ``s @ right^T``, ``left^T @ s``)
+MATMUL_NAMES: dict[str, tuple[int, int]] = {
+    "matmul": (0, 1),
+    "__matmul__": (0, 1),
+    "__rmatmul__": (1, 0),
+    "bmm": (0, 1),
+    "mm": (0, 1),
+}
+
+
+def _build_matmuls() -> dict[Any, tuple[int, int]]:
+    import torch
+
+    return {
+        f: order
+        for name, order in MATMUL_NAMES.items()
+        for f in functions((name,), (Tensor, torch))
+    }
+
+
+#: torch function -> ``(left, right)`` argument positions of a matrix product
+MATMULS: dict[Any, tuple[int, int]] = _build_matmuls()
+
+
+def matmul_operands(func: Any) -> tuple[int, int] | None:
+    """``(left, right)`` argument positions of a matrix product ``left @ right`` (None: not one)."""
+    try:
+        return MATMULS.get(func)
+    except TypeError:  # an unhashable callable
+        return None
+
+
 # ============================================================================ in-place spellings
 
 
@@ -538,13 +571,15 @@ def register_operation(
     *,
     flags: Sequence[str] = (),
     clamp: tuple[Any, Any] | None = None,
+    matmul: tuple[int, int] | None = None,
 ) -> None:
     """Declare the kind of a torch function that is not in the table (e.g. a new activation), so
     that every interpreter treats it as that kind: the propagation rules, the incremental evaluator
     and the tracers. ``kind_name`` is one of :data:`KIND_NAMES`; ``window_spec`` the geometry of a
     convolution, pooling or padding (as in :data:`WINDOWS`); ``flags`` any of :data:`FLAG_NAMES`;
     ``clamp`` the bounds of a clamp (as in :data:`CLAMP_SPECS`: guided backpropagation and
-    deconvnet treat a clamp with lower bound 0 as a rectifier, DeepLIFT uses its fast Rescale)."""
+    deconvnet treat a clamp with lower bound 0 as a rectifier, DeepLIFT uses its fast Rescale);
+    ``matmul`` the ``(left, right)`` argument positions of a matrix product (as in :data:`MATMULS`)."""
     if kind_name not in KIND_NAMES:
         raise ValueError(
             f"unknown operation kind {kind_name!r}; expected one of: {', '.join(KIND_NAMES)}"
@@ -572,6 +607,8 @@ def register_operation(
         FLAGS[flag].add(func)
     if clamp is not None:
         CLAMPS[func] = (clamp[0], clamp[1])
+    if matmul is not None:
+        MATMULS[func] = (int(matmul[0]), int(matmul[1]))
 
 
 def unregister_operation(func: Any) -> None:
@@ -581,3 +618,4 @@ def unregister_operation(func: Any) -> None:
     for members in FLAGS.values():
         members.discard(func)
     CLAMPS.pop(func, None)
+    MATMULS.pop(func, None)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ...core import ops
 from ...errors import ModelError
 from .nodes import safe_div, sum_to
 from .operations import Call, op_name, substitute
@@ -190,17 +191,6 @@ class SumRule:
         return rel
 
 
-#: ``a @ b`` spellings (``(left, right)`` argument positions) whose transposes are closed-form matmuls
-_MATMUL_ORDER = {
-    torch.matmul: (0, 1),
-    torch.Tensor.matmul: (0, 1),
-    torch.Tensor.__matmul__: (0, 1),
-    torch.Tensor.__rmatmul__: (1, 0),
-    torch.bmm: (0, 1),
-    torch.Tensor.bmm: (0, 1),
-}
-
-
 def product_vjp(
     call: Call, ids: tuple[int, int], a: Tensor, b: Tensor, s: Tensor
 ) -> tuple[Tensor, Tensor] | None:
@@ -209,7 +199,7 @@ def product_vjp(
     ``L^T @ s`` summed over broadcast dimensions. ``ids``: ``id`` of the forward's ``a`` and ``b``
     (``call.args`` holds the forward's tensors). None where no closed form applies (einsum, 1-d
     operands, extra arguments): the caller uses autograd."""
-    order = _MATMUL_ORDER.get(call.func)
+    order = ops.matmul_operands(call.func)
     if order is None or call.kwargs or len(call.args) != 2 or a.ndim < 2 or b.ndim < 2:
         return None
     left, right = id(call.args[order[0]]), id(call.args[order[1]])
