@@ -23,13 +23,17 @@ class ZooModel:
 
     ``model`` is in eval mode on the requested device; ``preprocess`` turns images
     into the batch it expects (on the same device); ``labels[i]`` names output ``i``;
-    ``name`` is the bundled name or the source spec it was loaded from.
+    ``name`` is the bundled name or the source spec it was loaded from; ``score_unit`` what its
+    outputs are (``"logit"``).
     """
 
     model: nn.Module
     preprocess: ImagePreprocess
     labels: Sequence[str]
     name: str
+    #: what the model's outputs are (every bundled and torchvision/timm classifier returns logits):
+    #: ``perspicio.explain`` labels the explained scores with it
+    score_unit: str = "logit"
 
     @property
     def num_classes(self) -> int:
