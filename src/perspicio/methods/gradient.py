@@ -293,7 +293,7 @@ class GradientBase(Method):
         if self.rule and calls[0] == 0:
             raise ModelError(
                 f"{self.name} changes the gradient only where it passes a rectifier (ReLU, ReLU6, clamp(min=0), "
-                f"...), and {type(self.model).__name__} ran none for this input (GELU, SiLU, tanh are not "
+                f"...), and {getattr(self.model, 'model_name', None) or type(self.model).__name__} ran none for this input (GELU, SiLU, tanh are not "
                 "rectifiers): the result would be plain saliency. Use saliency or input_x_gradient."
             )
         idx = torch.cat(indices) if len(indices) and sum(len(i) for i in indices) == n else None

@@ -119,6 +119,8 @@ class EmbeddingModel(nn.Module):
         self.ids = ids
         self.layer_name, self._layer = layer
         self.pooling = tm.pooling
+        #: how errors name the model (the user's, not this wrapper)
+        self.model_name = f"{type(tm.model).__name__} (run from its word embeddings)"
 
     def forward(self, embeds: Tensor) -> Any:
         if embeds.ndim != 3 or embeds.shape[1] != self.ids.shape[-1]:
