@@ -617,10 +617,13 @@ def test_cli_end_to_end_on_a_converted_forest(tmp_path, capsys):
     data = tmp_path / "rows.csv"
     _csv(data, x[:30])
     args = ["explain-tabular", "--model", str(model), "--data", str(data), "--no-interactions"]
-    # no covers in the file: the path-dependent default is refused in one line naming --background
-    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    # no covers in the file: without --background the interventional game runs on 100 rows of
+    # --data (here all 30), with a one-line note naming --background
+    assert main([*args, "--rows", "0:2", "--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--background" in err
+    assert "stores no node covers" in err and "--background" in err
+    first = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert first["summary"]["options"]["feature_perturbation"] == "interventional"
     out = tmp_path / "b"
     assert main([*args, "--background", "10", "--rows", "0:6", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())

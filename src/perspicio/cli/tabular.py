@@ -174,6 +174,17 @@ def explain_tabular_cmd(
     cls = METHODS.get(name).cls
     opts: dict[str, Any] = {"feature_names": list(job["feature_names"]), "seed": seed}
     if name == "tree_shap":
+        if bg is None:
+            from ..trees.onnx_reader import has_covers
+            from ..trees.readers import read_model
+
+            if not has_covers(read_model(job["model"])):  # ONNX trees: path-dependent undefined
+                bg = _sample(job["background_pool"], 100, seed)
+                click.echo(
+                    f"note: {Path(model_spec).name} stores no node covers: interventional game with "
+                    f"{len(bg)} background rows (--background to choose them).",
+                    err=True,
+                )
         if bg is not None:
             opts.update(feature_perturbation="interventional", background=bg)
         use_inter = interactions if interactions is not None else len(job["feature_names"]) <= 64
@@ -326,7 +337,7 @@ def _load(
         "X": x,
         "background_pool": x,
         "feature_names": tuple(cols[i] for i in keep),
-        "labels": None,
+        "labels": getattr(model, "labels", None),  # an OnnxModel's ZipMap class labels
         "source": path.name,
     }
 
