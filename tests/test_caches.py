@@ -215,9 +215,7 @@ def test_cache_lru_eviction_weak_keys_and_threads() -> None:
 #: module-level containers that are not caches, with the reason (each is checked not to grow below)
 NOT_CACHES = {
     "perspicio.core.guard._LOCKS": "per-model locks of core/guard.py (weak keys, no bytes; not a cache)",
-    "perspicio.core.relu_override._TABLE": "constant table of ReLU-like functions",
     "perspicio.core.ops.WINDOWS": "the shared table of convolution/pooling/padding geometry (extended only by register_operation)",
-    "perspicio.core.calls.INPLACE": "constant table of in-place spellings",
     "perspicio.core.ops.KINDS": "the shared operation table (extended only by register_operation)",
     "perspicio.methods.propagation.rules.RULES": "constant rule registry",
     "perspicio.methods.propagation.composites.PRESETS": "constant composite registry",
