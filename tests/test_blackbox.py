@@ -45,13 +45,20 @@ def test_fake_onnx_session():
         name = "x"
         type = "tensor(float)"
 
+    class Output:
+        def __init__(self, name, type_):
+            self.name, self.type = name, type_
+
     class Session:
         def get_inputs(self):
             return [Input()]
 
+        def get_outputs(self):
+            return [Output("label", "tensor(int64)"), Output("scores", "tensor(float)")]
+
         def run(self, outputs, feeds):
             a = feeds["x"]
-            assert a.dtype == np.float32
+            assert a.dtype == np.float32 and outputs == ["scores"]  # the label is never explained
             return [a[:, :2] * 3]
 
     bb = BlackBox(Session())
@@ -59,6 +66,26 @@ def test_fake_onnx_session():
     np.testing.assert_allclose(bb(torch.ones(4, 3)).numpy(), np.full((4, 2), 3.0))
     e = perspicio.explain(Session(), np.ones((1, 3)), method="occlusion", target=1)
     np.testing.assert_allclose(e.attributions.numpy(), [[0, 3, 0]])
+
+
+def test_a_converted_classifier_session_explains_its_probabilities_not_its_label():
+    """skl2onnx writes the integer label first; the session wrapper explains the probability
+    tensor, and a ZipMap-only graph is refused with the remedy."""
+    ort = pytest.importorskip("onnxruntime")
+    skl2onnx = pytest.importorskip("skl2onnx")
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    clf = LogisticRegression().fit(x, (x[:, 0] + x[:, 1] > 0).astype(int))
+    plain = skl2onnx.to_onnx(clf, x[:1], options={"zipmap": False})
+    session = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"])
+    bb = BlackBox(session)
+    np.testing.assert_allclose(bb(torch.as_tensor(x[:5])).numpy(), clf.predict_proba(x[:5]), atol=1e-5)
+    zipped = skl2onnx.to_onnx(clf, x[:1])
+    session = ort.InferenceSession(zipped.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(ModelError, match="no floating-point tensor output.*zipmap"):
+        BlackBox(session)
 
 
 def test_validation_errors():

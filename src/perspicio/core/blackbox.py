@@ -53,6 +53,22 @@ def declared_input(obj: Any) -> tuple[int, int] | None:
     return None
 
 
+def _onnx_output(session: Any) -> str:
+    """The output of an ONNX session to explain: a floating-point tensor, preferring one whose
+    name says probabilities. A converted classifier's first output is usually its integer label,
+    which no attribution method can explain; a ZipMap (a sequence of dicts) is not a tensor."""
+    outputs = [(o.name, getattr(o, "type", "")) for o in session.get_outputs()]
+    floats = [n for n, t in outputs if t in ("tensor(float)", "tensor(double)", "tensor(float16)")]
+    if not floats:
+        kinds = ", ".join(f"{n} ({t})" for n, t in outputs)
+        raise ModelError(
+            f"the ONNX session has no floating-point tensor output to explain (outputs: {kinds}); convert "
+            "the model without a ZipMap (skl2onnx: options={'zipmap': False}) or load the file with "
+            "perspicio.zoo.tabular.OnnxModel, which reads the probabilities behind a ZipMap."
+        )
+    return next((n for n in floats if "prob" in n.lower()), floats[0])
+
+
 def _as_callable(obj: Any) -> tuple[Callable[[Any], Any], str, Any]:
     """(function, description, preferred numpy dtype) for a supported black-box object."""
     mod = type(obj).__module__ or ""
@@ -62,7 +78,12 @@ def _as_callable(obj: Any) -> tuple[Callable[[Any], Any], str, Any]:
             raise ModelError(f"an ONNX session must have exactly one input to be used as a model; it has {len(inputs)}.")
         name = inputs[0].name
         dtype = _ONNX_TYPES.get(getattr(inputs[0], "type", ""), np.float32)
-        return (lambda a: obj.run(None, {name: np.asarray(a, dtype=dtype)})[0]), f"ONNX session input {name!r}", dtype
+        output = _onnx_output(obj)
+        return (
+            (lambda a: obj.run([output], {name: np.asarray(a, dtype=dtype)})[0]),
+            f"ONNX session input {name!r}, output {output!r}",
+            dtype,
+        )
     if mod.startswith("xgboost") and type(obj).__name__ == "Booster":
         def xgb_predict(a: np.ndarray) -> Any:
             import xgboost
