@@ -214,6 +214,7 @@ def test_cache_lru_eviction_weak_keys_and_threads() -> None:
 
 #: module-level containers that are not caches, with the reason (each is checked not to grow below)
 NOT_CACHES = {
+    "perspicio.text.explain._NOT_FOR_TEXT": "constant table: why a method does not run on text",
     "perspicio.core.guard._LOCKS": "per-model locks of core/guard.py (weak keys, no bytes; not a cache)",
     "perspicio.core.ops.WINDOWS": "the shared table of convolution/pooling/padding geometry (extended only by register_operation)",
     "perspicio.core.ops.KINDS": "the shared operation table (extended only by register_operation)",

@@ -62,7 +62,6 @@ from ..core.targets import (
     resolve_target,
     row_scores,
     slice_target,
-    target_names,
 )
 from ..core.tokens import Layout, check_extra_tokens, token_map
 from ..errors import InputError, LayerError, ModelError, OptionError
@@ -669,7 +668,6 @@ class _AttentionMethod(Method):
             scores=sc,
             targets=idx,
             raw=raw,
-            target_names=target_names(self.labels, idx),
             extras=extras,
             provenance={"attention_layers": len(attn), "tokens": t, "extra_tokens": extra},
         )
