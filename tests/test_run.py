@@ -465,3 +465,26 @@ def test_overlapped_and_inline_local_runs_write_the_same_store(digits, image_dir
     _same_store(tmp_path / "ref", tmp_path / "s", ["gradcam"])
     on_loader = any(name.startswith("perspicio-run-loader") for name in threads_seen)
     assert on_loader == overlap
+
+
+def test_rows_ignore_an_image_preprocessing_and_gradient_methods_run_on_them(tmp_path):
+    """The CLI attaches an image preprocessing to every torchvision/timm/factory model; a table of
+    feature rows is explained as rows (with integrated gradients, which takes (N, F) rows)."""
+    import pandas as pd
+
+    from perspicio.zoo.preprocess import ImagePreprocess
+    from perspicio.zoo.registry import ZooModel
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).eval()
+    zm = ZooModel(model=mlp, preprocess=ImagePreprocess(), labels=["a", "b", "c"], name="mlp")
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(12, 5)).astype(np.float32)
+    csv = tmp_path / "rows.csv"
+    pd.DataFrame(values, columns=[f"f{i}" for i in range(5)]).to_csv(csv, index=False)
+    res = run(zm, csv, methods="integrated_gradients", store=tmp_path / "s", chunk_size=4,
+              method_options={"integrated_gradients": {"steps": 16}})
+    assert (res.rows()["status"] == "ok").all()
+    want = perspicio.explain(mlp, torch.from_numpy(values), method="integrated_gradients", steps=16).attributions
+    np.testing.assert_allclose(np.asarray(res.attributions("integrated_gradients")[:]), want.numpy(),
+                               rtol=1e-5, atol=1e-7)

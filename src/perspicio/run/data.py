@@ -232,7 +232,9 @@ class Rows(Source):
     def load(self, indices: Sequence[int], preprocess: Callable[[Any], Tensor] | None) -> Chunk:
         rows = self.values[list(indices)]
         x = torch.from_numpy(rows.copy())
-        if preprocess is not None:
+        # an image preprocessing (what the CLI attaches to every torchvision/timm/factory model) does
+        # not apply to feature rows; a preprocessing given for rows does
+        if preprocess is not None and not callable(getattr(preprocess, "to_unit_tensor", None)):
             x = preprocess(x)
         return Chunk(list(indices), x, list(range(len(indices))), [f"row {i}" for i in indices],
                      [None] * len(indices), [_sha(r.tobytes()) for r in rows], [self.labels[i] for i in indices])
