@@ -16,7 +16,12 @@ Interface (for the text package, the vision-transformer code and the figures):
   ``grad=True`` a zero leaf requiring grad is added to each weight tensor in the model's graph
   (``record.leaf``), so ``torch.autograd.grad(score, [r.leaf for r in records])`` gives the total
   derivative d score / d A per layer (through every later layer, their softmaxes included). Hooks and the
-  torch-function mode exist only while the context is entered (removed in ``finally``).
+  torch-function mode exist only while the context is entered (removed in ``finally``). Without
+  ``grad``, a Hugging Face attention module in eager mode and in eval mode returns its weights as
+  the second element of its output (the softmax itself: dropout is the identity in eval mode):
+  they are read from there by a forward hook and no torch-function mode runs inside that module
+  (:func:`returns_weights`); a module that then returns none sets ``capture.missed`` and the
+  caller runs the forward again with ``fast=False``.
 * :func:`attention_modules` ``(model, spec=None) -> list[(name, module)]`` - the attention modules
   (``spec``: None/"auto", a list of names or modules, or a module class); auto = every
   ``nn.MultiheadAttention`` and every module whose class name contains "Attention" and that has
@@ -190,13 +195,26 @@ class _AttentionMode(TorchFunctionMode):
         return out
 
 
+def returns_weights(module: nn.Module) -> bool:
+    """Whether ``module`` is a Hugging Face attention module that returns its attention weights as
+    the second element of its output: eager attention (``config._attn_implementation``) in eval
+    mode, where the returned weights are the softmax itself (dropout is the identity)."""
+    config = getattr(module, "config", None)
+    return getattr(config, "_attn_implementation", None) == "eager" and not module.training
+
+
 class AttentionCapture:
     """Records the attention probabilities of every attention module call (module docstring)."""
 
-    def __init__(self, model: nn.Module, modules: Any = None, *, grad: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, modules: Any = None, *, grad: bool = False, fast: bool = True
+    ) -> None:
         self.modules = _find_modules(model, modules)
         self.grad = grad
+        self.fast = fast and not grad
         self.records: list[AttentionRecord] = []
+        #: names of modules read by the returned-weights path that returned none (rerun with fast=False)
+        self.missed: list[str] = []
         self._stack: list[tuple[str, nn.Module]] = []
         self._mode = _AttentionMode(self)
         self._handles: list[Any] = []
@@ -219,6 +237,18 @@ class AttentionCapture:
 
         return hook
 
+    def _returned(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            if self._stack:  # inside another attention module: that one's mode sees the softmax
+                return
+            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if isinstance(weights, Tensor) and weights.ndim == 4 and weights.is_floating_point():
+                self.records.append(AttentionRecord(name, weights.detach(), weights))
+            else:
+                self.missed.append(name)
+
+        return hook
+
     def _mha(self, name: str) -> Callable:
         def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, out: Any) -> Any:
             return self._multihead(name, module, args, kwargs, out)
@@ -232,6 +262,9 @@ class AttentionCapture:
                     self._handles.append(
                         module.register_forward_hook(self._mha(name), with_kwargs=True)
                     )
+                    continue
+                if self.fast and returns_weights(module):
+                    self._handles.append(module.register_forward_hook(self._returned(name)))
                     continue
                 self._handles.append(module.register_forward_pre_hook(self._pre(name)))
                 self._handles.append(module.register_forward_hook(self._post(name)))
@@ -592,6 +625,11 @@ class _AttentionMethod(Method):
                 self.model, self.attention_modules, grad=self.uses_gradients
             ) as cap:
                 out = engine.forward(xs)
+            if cap.missed:  # a module returned no weights after all: read its softmax instead
+                with AttentionCapture(
+                    self.model, self.attention_modules, grad=self.uses_gradients, fast=False
+                ) as cap:
+                    out = engine.forward(xs)
             if not cap.records:
                 raise ModelError(
                     "no attention module ran during the forward pass (attention modules: "
