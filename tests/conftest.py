@@ -102,11 +102,9 @@ def assert_no_hooks() -> Callable[[nn.Module], None]:
 
 
 @pytest.fixture()
-def hub_dir(tmp_path):
-    """An empty torch hub directory for the duration of one test."""
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        yield tmp_path / "hub"
-    finally:
-        torch.hub.set_dir(old)
+def hub_dir(tmp_path, monkeypatch):
+    """An empty torch hub directory for the duration of one test. torch keeps a directory given to
+    ``torch.hub.set_dir`` for good (``TORCH_HOME`` is then ignored), so the fixture swaps torch's own
+    setting and puts back exactly what was there - usually "not set"."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    yield tmp_path / "hub"

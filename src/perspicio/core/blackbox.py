@@ -53,10 +53,12 @@ def declared_input(obj: Any) -> tuple[int, int] | None:
     return None
 
 
-def _onnx_output(session: Any) -> str:
+def _onnx_output(session: Any) -> str | None:
     """The output of an ONNX session to explain: a floating-point tensor, preferring one whose
     name says probabilities. A converted classifier's first output is usually its integer label,
     which no attribution method can explain; a ZipMap (a sequence of dicts) is not a tensor."""
+    if not callable(getattr(session, "get_outputs", None)):  # a session-like object: its first output
+        return None
     outputs = [(o.name, getattr(o, "type", "")) for o in session.get_outputs()]
     floats = [n for n, t in outputs if t in ("tensor(float)", "tensor(double)", "tensor(float16)")]
     if not floats:
@@ -80,8 +82,8 @@ def _as_callable(obj: Any) -> tuple[Callable[[Any], Any], str, Any]:
         dtype = _ONNX_TYPES.get(getattr(inputs[0], "type", ""), np.float32)
         output = _onnx_output(obj)
         return (
-            (lambda a: obj.run([output], {name: np.asarray(a, dtype=dtype)})[0]),
-            f"ONNX session input {name!r}, output {output!r}",
+            (lambda a: obj.run(None if output is None else [output], {name: np.asarray(a, dtype=dtype)})[0]),
+            f"ONNX session input {name!r}" + (f", output {output!r}" if output else ""),
             dtype,
         )
     if mod.startswith("xgboost") and type(obj).__name__ == "Booster":
