@@ -127,6 +127,19 @@ def out_file_option(ctx: click.Context, param: click.Parameter, value: str | Non
     return value
 
 
+def out_dir_flag(default: str | None = "perspicio-out", help: str = "Output directory (created and test-written before any work).") -> Callable:
+    """The ``--out/-o DIRECTORY`` option of every command that writes files, checked at parse time."""
+    return click.option("--out", "-o", "out_dir", default=default, show_default=default is not None,
+                        type=click.Path(file_okay=False), callback=out_dir_option, help=help)
+
+
+#: the ``--output KEY|INDEX`` option: which tensor of a dict/tuple/ModelOutput to explain
+output_flag = click.option(
+    "--output", "output", default=None, metavar="KEY|INDEX",
+    help="For models that return a dict, tuple or ModelOutput: the key (e.g. logits) or index (e.g. 0) of the tensor to explain.",
+)
+
+
 def output_names(sources: Sequence[str]) -> list[str]:
     """One distinct file-name stem per input: ``a/x.png`` -> ``x``; a later input with the same
     stem (``b/x.png``, ``x.jpg``) -> ``x-2``, ``x-3``, ... (never a name an earlier input got)."""

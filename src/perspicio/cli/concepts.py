@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from ..errors import InputError, OptionError
-from .common import load_model, out_dir_option, parse_target
+from .common import load_model, out_dir_flag, parse_target
 
 
 def register(group: click.Group) -> None:
@@ -28,16 +28,7 @@ def concepts() -> None:
 
 
 def _common(f: Any) -> Any:
-    f = click.option(
-        "--out",
-        "-o",
-        "out_dir",
-        default="perspicio-concepts",
-        show_default=True,
-        type=click.Path(file_okay=False),
-        callback=out_dir_option,
-        help="Output directory.",
-    )(f)
+    f = out_dir_flag("perspicio-concepts", "Output directory.")(f)
     f = click.option(
         "--seed", type=int, default=0, show_default=True, help="Seed (sets, classifiers, crops)."
     )(f)

@@ -10,8 +10,9 @@ import click
 from .common import (
     load_model,
     model_options,
-    out_dir_option,
+    out_dir_flag,
     out_file_option,
+    output_flag,
     parse_output,
     parse_target,
     split_list,
@@ -79,13 +80,7 @@ def _scoped_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict[str, An
     callback=out_file_option,
     help="HTML report; the JSON goes next to it (its directory is checked before any work).",
 )
-@click.option(
-    "--output",
-    "output",
-    default=None,
-    metavar="KEY|INDEX",
-    help="For models that return a dict, tuple or ModelOutput: the key or index of the tensor to explain.",
-)
+@output_flag
 @click.option(
     "--metric-option",
     "metric_opts",
@@ -200,15 +195,7 @@ def benchmark_group() -> None:
     show_default=True,
     help="Bundled model.",
 )
-@click.option(
-    "--out",
-    "-o",
-    "out_dir",
-    default=None,
-    type=click.Path(file_okay=False),
-    callback=out_dir_option,
-    help="Directory for pointing_game.json.",
-)
+@out_dir_flag(None, "Directory for pointing_game.json.")
 @click.option(
     "--size", default=448, show_default=True, help="Grid side in pixels (each cell is half of it)."
 )

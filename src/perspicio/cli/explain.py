@@ -12,7 +12,8 @@ import click
 from .common import (
     load_model,
     model_options,
-    out_dir_option,
+    out_dir_flag,
+    output_flag,
     output_names,
     parse_extra,
     parse_output,
@@ -59,23 +60,8 @@ def register(group: click.Group) -> None:
     default=None,
     help="Layer for layer methods: a dotted name or the Python form (layer4[-1]); CAMs fuse several given as a,b (default: auto).",
 )
-@click.option(
-    "--out",
-    "-o",
-    "out_dir",
-    default="perspicio-out",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    callback=out_dir_option,
-    help="Output directory (created and test-written before any work).",
-)
-@click.option(
-    "--output",
-    "output",
-    default=None,
-    metavar="KEY|INDEX",
-    help="For models that return a dict, tuple or ModelOutput: the key (e.g. logits) or index (e.g. 0) of the tensor to explain.",
-)
+@out_dir_flag()
+@output_flag
 @click.option(
     "--batch-size",
     type=int,

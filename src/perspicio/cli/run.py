@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from .common import load_model, model_options, parse_output, split_list
+from .common import (
+    load_model,
+    model_options,
+    out_file_option,
+    output_flag,
+    parse_output,
+    split_list,
+)
 
 
 def register(group: click.Group) -> None:
@@ -47,7 +54,7 @@ def _target(value: str) -> str | int:
 @click.option("--chunk-size", type=int, default=64, show_default=True, help="Samples per chunk: the unit of commit, resume and retry.")
 @click.option("--batch-size", type=int, default=None, help="Batch size inside methods and metrics (default: from the memory budget).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized methods and metrics.")
-@click.option("--output", "output", default=None, metavar="KEY|INDEX", help="For models returning a dict/tuple: the tensor to explain.")
+@output_flag
 @click.option("--method-option", "method_opts", multiple=True, help="method.key=value (repeatable).")
 @click.option("--metric-option", "metric_opts", multiple=True, help="metric.key=value (repeatable).")
 @click.option("--maps", type=click.Choice(["input", "layer"]), default="input", show_default=True, help="Store maps at the input's resolution, or a layer method's map at its layer's (much smaller).")
@@ -79,7 +86,8 @@ def run_cmd(data: str, model_spec: str, device: str, random_init: bool, methods:
 
 @click.command("report")
 @click.argument("store", type=click.Path(file_okay=False))
-@click.option("--out", "-o", default=None, type=click.Path(dir_okay=False), help="HTML file (default: STORE/report.html).")
+@click.option("--out", "-o", default=None, type=click.Path(dir_okay=False), callback=out_file_option,
+              help="HTML file (default: STORE/report.html; checked before any work).")
 @click.option("--clusters/--no-clusters", default=True, show_default=True, help="SpRAy clusters per class.")
 @click.option("--max-classes", type=int, default=10, show_default=True, help="Classes shown (most frequent first).")
 def report_cmd(store: str, out: str | None, clusters: bool, max_classes: int) -> None:

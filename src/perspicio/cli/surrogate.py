@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from .common import out_dir_option, parse_target
+from .common import out_dir_flag, parse_target
 
 
 def register(group: click.Group) -> None:
@@ -78,15 +78,7 @@ def _common(f: Callable) -> Callable:
             show_default=True,
             help="torch device of a non-bundled model.",
         ),
-        click.option(
-            "--out",
-            "-o",
-            "out_dir",
-            default="perspicio-out",
-            show_default=True,
-            type=click.Path(file_okay=False),
-            callback=out_dir_option,
-        ),
+        out_dir_flag(),
     ]
     for opt in reversed(options):
         f = opt(f)

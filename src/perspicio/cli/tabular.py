@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from .common import out_dir_option, parse_extra, parse_target, split_list
+from .common import out_dir_flag, parse_extra, parse_target, split_list
 
 #: methods that read the model's structure (chosen by default when the model is one they can read)
 STRUCTURED = ("tree_shap", "linear_shap")
@@ -103,15 +103,7 @@ def _tabular_methods() -> list[str]:
 @click.option(
     "--option", "extra", multiple=True, help="Any other method option as key=value (repeatable)."
 )
-@click.option(
-    "--out",
-    "-o",
-    "out_dir",
-    default="perspicio-out",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    callback=out_dir_option,
-)
+@out_dir_flag()
 def explain_tabular_cmd(
     model_spec: str,
     data_spec: str,
