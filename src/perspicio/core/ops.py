@@ -382,16 +382,8 @@ FLAG_NAMES = (NONNEGATIVE, KEEPS_SIGN, WRITES, FOLDS_BATCHNORM)
 #: :func:`clamp_bounds`)
 FLAG_FUNCTION_NAMES: dict[str, tuple[str, ...]] = {
     NONNEGATIVE: ("relu", "relu_", "relu6", "sigmoid", "sigmoid_", "hardsigmoid"),
-    KEEPS_SIGN: (
-        "sum",
-        "mean",
-        "avg_pool1d",
-        "avg_pool2d",
-        "avg_pool3d",
-        "adaptive_avg_pool1d",
-        "adaptive_avg_pool2d",
-        "adaptive_avg_pool3d",
-    ),
+    # sums and averages (the average poolings of REDUCE_F_NAMES) keep the sign of their inputs
+    KEEPS_SIGN: ("sum", "mean", *(n for n in REDUCE_F_NAMES if "avg_pool" in n)),
     WRITES: ("masked_fill", "where", "__setitem__", "index_put", "scatter"),
     FOLDS_BATCHNORM: ("conv1d", "conv2d", "conv3d", "linear"),
 }

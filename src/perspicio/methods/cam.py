@@ -141,7 +141,10 @@ class CAMBase(Method):
     # ----------------------------------------------------------------- override points
     def channel_weights(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
         """Weights (N, K) of the channels; the map is relu(sum_k w_k A_k)."""
-        raise NotImplementedError  # abstract: subclasses override this, weighted_activations() or combine()
+        raise NotImplementedError(
+            f"{type(self).__name__} is a CAM without weights: a CAM overrides channel_weights(), "
+            "weighted_activations() or combine() (docs/architecture.md, 'Add a CAM')."
+        )
 
     def weighted_activations(self, acts: Tensor, grads: Tensor | None, ctx: _Context) -> Tensor:
         """Weighted activations (N, K, h, w) whose channel sum is the map (``w_k A_k`` by default)."""
