@@ -273,17 +273,10 @@ class Store:
             _pause_for_tests(chunk)
             table = pa.Table.from_pylist(list(rows), schema=schema)
             final = self.chunk_path(chunk)
-            if self.fs is not None:  # one object, written whole: the commit
-                sink = pa.BufferOutputStream()
-                pq.write_table(table, sink)
-                self.fs.pipe_file(str(final), sink.getvalue().to_pybytes())
-                return
-            tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-            pq.write_table(table, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            # the commit: an fsync'd rename on disk, one whole object (a single PUT) on an object store
+            self._write_bytes(final, sink.getvalue().to_pybytes())
         except OSError as exc:
             raise _disk_error(exc, self.path) from None
 
