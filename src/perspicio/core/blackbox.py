@@ -53,7 +53,7 @@ def declared_input(obj: Any) -> tuple[int, int] | None:
     return None
 
 
-def _onnx_output(session: Any) -> str | None:
+def onnx_output_name(session: Any, *, zipmap_hint: bool = True) -> str | None:
     """The output of an ONNX session to explain: a floating-point tensor, preferring one whose
     name says probabilities. A converted classifier's first output is usually its integer label,
     which no attribution method can explain; a ZipMap (a sequence of dicts) is not a tensor."""
@@ -63,10 +63,14 @@ def _onnx_output(session: Any) -> str | None:
     floats = [n for n, t in outputs if t in ("tensor(float)", "tensor(double)", "tensor(float16)")]
     if not floats:
         kinds = ", ".join(f"{n} ({t})" for n, t in outputs)
+        hint = (
+            "; convert the model without a ZipMap (skl2onnx: options={'zipmap': False}) or load the "
+            "file with perspicio.zoo.tabular.OnnxModel, which reads the probabilities behind a ZipMap"
+            if zipmap_hint
+            else ""
+        )
         raise ModelError(
-            f"the ONNX session has no floating-point tensor output to explain (outputs: {kinds}); convert "
-            "the model without a ZipMap (skl2onnx: options={'zipmap': False}) or load the file with "
-            "perspicio.zoo.tabular.OnnxModel, which reads the probabilities behind a ZipMap."
+            f"the ONNX model has no floating-point tensor output to explain (outputs: {kinds}){hint}."
         )
     return next((n for n in floats if "prob" in n.lower()), floats[0])
 
@@ -80,7 +84,7 @@ def _as_callable(obj: Any) -> tuple[Callable[[Any], Any], str, Any]:
             raise ModelError(f"an ONNX session must have exactly one input to be used as a model; it has {len(inputs)}.")
         name = inputs[0].name
         dtype = _ONNX_TYPES.get(getattr(inputs[0], "type", ""), np.float32)
-        output = _onnx_output(obj)
+        output = onnx_output_name(obj)
         return (
             (lambda a: obj.run(None if output is None else [output], {name: np.asarray(a, dtype=dtype)})[0]),
             f"ONNX session input {name!r}" + (f", output {output!r}" if output else ""),

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..core.blackbox import onnx_output_name
 from ..errors import ModelError, UnknownNameError, suggest
 
 DATASETS = {"breast_cancer": "classification", "diabetes": "regression"}
@@ -536,12 +537,9 @@ class OnnxModel:
         self.input_dtype = ORT_FLOAT_TYPES[inp.type]
         f = inp.shape[1]
         self.n_features: int | None = f if isinstance(f, int) and f > 0 else None
-        floats = [o for o in self.session.get_outputs() if o.type in ORT_FLOAT_TYPES]
-        if not floats:
-            raise ModelError(f"{name} has no floating-point tensor output to explain.")
-        prob = [o for o in floats if "prob" in o.name.lower()]
-        self.output_name = (prob or floats)[0].name
-        if self.labels is not None and not prob:
+        # the float output, probabilities preferred (the ZipMap's tensor was made an output above)
+        self.output_name = onnx_output_name(self.session, zipmap_hint=False)
+        if self.labels is not None and "prob" not in self.output_name.lower():
             self.labels = None
 
     def __call__(self, rows: Any) -> np.ndarray:
