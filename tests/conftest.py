@@ -8,7 +8,9 @@ Everything is CPU-only, seeded with local generators and works offline.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +110,29 @@ def hub_dir(tmp_path, monkeypatch):
     setting and puts back exactly what was there - usually "not set"."""
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     yield tmp_path / "hub"
+
+
+# ---------------------------------------------------------------- browser tests (Playwright + Chromium)
+
+#: the Debian chromium .ci/run installs (Playwright drives it through executable_path; no download)
+CHROMIUM = os.environ.get("PERSPICIO_CHROMIUM", "/usr/bin/chromium")
+#: the two widths every page is checked at
+BROWSER_SIZES = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
+
+
+def browser_module_setup(artifacts: str):
+    """For a browser test module: Playwright's sync API (skipping the module without Playwright or
+    Chromium, saying how to get them) and the folder its screenshots go to
+    (``$PERSPICIO_ARTIFACTS/<artifacts>``, default ``test-artifacts/<artifacts>``)."""
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install '.[test]')"
+    )
+    if not Path(CHROMIUM).exists():
+        pytest.skip(
+            f"no chromium at {CHROMIUM}: install it with 'apt-get install -y chromium' (or set "
+            "PERSPICIO_CHROMIUM) to run the browser tests",
+            allow_module_level=True,
+        )
+    root = Path(__file__).resolve().parents[1]
+    return sync_api, Path(os.environ.get("PERSPICIO_ARTIFACTS", root / "test-artifacts")) / artifacts
+

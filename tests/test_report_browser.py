@@ -8,30 +8,17 @@ and the completeness tooltips agree with the cells. Screenshots go to ``$PERSPIC
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import BROWSER_SIZES as SIZES  # noqa: E402
+from conftest import CHROMIUM, browser_module_setup  # noqa: E402
 from torch import nn
 
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is not installed (pip install '.[test]')"
-)
-
-CHROMIUM = os.environ.get("PERSPICIO_CHROMIUM", "/usr/bin/chromium")
-if not Path(CHROMIUM).exists():
-    pytest.skip(
-        f"no chromium at {CHROMIUM}: install it with 'apt-get install -y chromium' (or set "
-        "PERSPICIO_CHROMIUM) to run the browser tests",
-        allow_module_level=True,
-    )
+sync_api, ARTIFACTS = browser_module_setup("report")
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = Path(os.environ.get("PERSPICIO_ARTIFACTS", ROOT / "test-artifacts")) / "report"
-SIZES = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
 
 
 class Net(nn.Module):

@@ -22,23 +22,14 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("multipart")
-sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is not installed (pip install '.[test]')"
-)
+from conftest import BROWSER_SIZES as SIZES  # noqa: E402
+from conftest import CHROMIUM, browser_module_setup  # noqa: E402
 
-CHROMIUM = os.environ.get("PERSPICIO_CHROMIUM", "/usr/bin/chromium")
-if not Path(CHROMIUM).exists():  # .ci/run installs it (apt-get install chromium); elsewhere say why
-    pytest.skip(
-        f"no chromium at {CHROMIUM}: install it with 'apt-get install -y chromium' (or set "
-        "PERSPICIO_CHROMIUM) to run the browser tests",
-        allow_module_level=True,
-    )
+sync_api, ARTIFACTS = browser_module_setup("serve")
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = Path(os.environ.get("PERSPICIO_ARTIFACTS", ROOT / "test-artifacts")) / "serve"
-SIZES = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
 
 
 def wait_for(page, expression: str, timeout: float) -> None:
