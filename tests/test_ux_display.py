@@ -357,3 +357,19 @@ def test_repr_html_never_raises(monkeypatch, tiny_cnn, tiny_input) -> None:
     monkeypatch.setattr(core_exp, "_DISPLAY", [Broken()])
     assert e._repr_html_().startswith("<pre>Explanation(method=&#x27;gradcam&#x27;")
     assert "display failed: no display" in comp._repr_html_() and "sparseness" in comp._repr_html_()
+
+
+def test_a_bundled_models_scores_are_logits_on_every_path() -> None:
+    """ZooModel.score_unit reaches the Explanation through Method.__call__: perspicio.explain, a
+    method object built on the bundled model, but not a bare module (its outputs are unknown) or an
+    ``output=`` selection (the explained tensor is the user's)."""
+    import perspicio
+    from perspicio import zoo
+    from perspicio.methods import GradCAM
+
+    zm = zoo.load("efficientnet_lite0")
+    x = zm.preprocess(zoo.sample("chelsea"))
+    assert perspicio.explain(zm, x, method="saliency").score_unit == "logit"
+    assert GradCAM(zm)(x).score_unit == "logit"
+    assert GradCAM(zm.model)(x).score_unit == "output"
+    assert GradCAM(zm, output=lambda out: out[:, :10])(x).score_unit == "output"  # a user's head

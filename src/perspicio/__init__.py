@@ -99,11 +99,7 @@ def explain(
     cls = METHODS.get(method).cls
     if layer is not None:
         options["layer"] = layer
-    e = build(cls, model, **options)(inputs, target=target)
-    unit = getattr(model, "score_unit", None)  # a ZooModel says what its outputs are
-    if isinstance(unit, str) and getattr(cls, "targets_are_classes", True) and options.get("output") is None:
-        e = e.with_score_unit(unit)
-    return e
+    return build(cls, model, **options)(inputs, target=target)
 
 
 def _text_model_input(model: Any, inputs: Any) -> bool:

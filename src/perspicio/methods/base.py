@@ -61,6 +61,9 @@ class Method(RecordsOptions):
                 (``("hidden_states", -1)``) or a callable (``perspicio.detections``); see
                 :mod:`perspicio.core.outputs`.
         """
+        unit = getattr(model, "score_unit", None)  # a ZooModel says what its outputs are ("logit")
+        #: what the explained scores are, recorded in provenance["score_unit"] (None: not known)
+        self.score_unit = unit if isinstance(unit, str) and output is None and self.targets_are_classes else None
         model, zoo_labels = unwrap_model(model)
         if not isinstance(model, nn.Module):
             raise ModelError(f"{self.name} needs a torch nn.Module; got {type(model).__name__}.")
@@ -130,6 +133,8 @@ class Method(RecordsOptions):
         }
         if multi is not None:
             provenance["targets_per_input"] = per_input
+        if self.score_unit is not None:
+            provenance.setdefault("score_unit", self.score_unit)
         names = result.target_names  # the one place class names are given (a method may set better ones)
         if names is None and self.targets_are_classes and isinstance(result.targets, Tensor):
             names = target_names(self.labels, result.targets)
