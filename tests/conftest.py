@@ -136,3 +136,28 @@ def browser_module_setup(artifacts: str):
     root = Path(__file__).resolve().parents[1]
     return sync_api, Path(os.environ.get("PERSPICIO_ARTIFACTS", root / "test-artifacts")) / artifacts
 
+
+def pgc_recorded_maps(ref_cls: type, model: nn.Module, layers: list, x: torch.Tensor, targets: list, **call):
+    """Run a pytorch-grad-cam method (the oracle of the CAM tests): every map its ``get_cam_image``
+    returned (un-normalised, at layer resolution, before its ReLU/scaling), and its final output.
+    Its hooks are released and the model's ``.grad`` cleared afterwards."""
+    import numpy as np
+
+    ref = ref_cls(model, list(layers))
+    recorded: list = []
+    inner = ref.get_cam_image
+
+    def record(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        recorded.append(np.asarray(out, dtype=np.float64))
+        return out
+
+    ref.get_cam_image = record
+    try:
+        full = ref(input_tensor=x, targets=targets, **call)
+    finally:
+        ref.activations_and_grads.release()
+        for p in model.parameters():
+            p.grad = None
+    return recorded, np.asarray(full, dtype=np.float64)
+

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import hook_report
+from conftest import hook_report, pgc_recorded_maps
 from torch import nn
 
 import perspicio
@@ -533,23 +533,9 @@ def oracle(
     its final output)."""
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    ref = ref_cls(model, layers)
-    recorded: list[np.ndarray] = []
-    inner = ref.get_cam_image
-
-    def record(*args, **kwargs):
-        out = inner(*args, **kwargs)
-        recorded.append(np.asarray(out, dtype=np.float64))
-        return out
-
-    ref.get_cam_image = record
-    try:
-        full = ref(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in CLASSES], **call)
-    finally:
-        ref.activations_and_grads.release()
-        for p in model.parameters():
-            p.grad = None
-    return recorded, np.asarray(full, dtype=np.float64)
+    return pgc_recorded_maps(
+        ref_cls, model, layers, x, [ClassifierOutputTarget(c) for c in CLASSES], **call
+    )
 
 
 def centred(a: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ import pytorch_grad_cam as pgc
 import torch
 import torch.nn.functional as F
 from captum.attr import LayerGradCam
+from conftest import pgc_recorded_maps
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
@@ -117,24 +118,9 @@ def bundled(zoo_model, chelsea_batch):
 def reference_maps(ref_cls: type, model: nn.Module, layer: nn.Module, x: torch.Tensor, targets: list) -> tuple:
     """Run a pytorch-grad-cam method; return (its un-normalised maps at layer resolution,
     recorded from ``get_cam_image`` before its ReLU/scaling, and its final output)."""
-    ref = ref_cls(model, [layer])
-    recorded: list[np.ndarray] = []
-    inner = ref.get_cam_image
-
-    def record(*args, **kwargs):
-        out = inner(*args, **kwargs)
-        recorded.append(np.asarray(out, dtype=np.float64))
-        return out
-
-    ref.get_cam_image = record
-    try:
-        full = ref(input_tensor=x, targets=targets)
-    finally:
-        ref.activations_and_grads.release()
-        for p in model.parameters():
-            p.grad = None
+    recorded, full = pgc_recorded_maps(ref_cls, model, [layer], x, targets)
     assert len(recorded) == 1
-    return recorded[0], np.asarray(full, dtype=np.float64)
+    return recorded[0], full
 
 
 def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
