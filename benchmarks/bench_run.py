@@ -152,6 +152,15 @@ def case(
     ]
 
 
+def local_cluster(workers: int) -> None:
+    """Start a local Ray cluster of ``workers`` CPUs, quiet (no dashboard, no worker logs)."""
+    import ray
+
+    ray.init(
+        num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
+
+
 def marginal(
     fn, folder_n: Path, folder_2n: Path, n: int, repeats: int
 ) -> tuple[float, float, float]:
@@ -198,12 +207,7 @@ def ray_scaling(args) -> None:
         local_1 = float(rows[0][3])
         torch.set_num_threads(1)
         for workers in (1, 2):
-            ray.init(
-                num_cpus=workers,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+            local_cluster(workers)
             try:
                 t1, t2, rate = marginal(
                     lambda f, w=workers: one_run(
@@ -314,12 +318,7 @@ def main() -> None:
             )
             ray_rows = [["local engine", f"{args.images / t_local:.0f}", "-"]]
             for workers in (1, 2):
-                ray.init(
-                    num_cpus=workers,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    configure_logging=False,
-                )
+                local_cluster(workers)
                 try:
                     one_run(
                         digits, tmp / "digits", "gradcam", 64, {}, engine="ray", workers=workers
