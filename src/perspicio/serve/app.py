@@ -617,6 +617,40 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
             "predict", {"model": model, "pixels": pixels}, key_of("predict", pixels, model=model)
         )
 
+    async def image_methods_job(
+        kind: str,
+        model: str,
+        methods: str | None,
+        target: str | None,
+        layer: str | None,
+        sample: str | None,
+        file: UploadFile | None,
+        wait: bool,
+        extra: dict[str, Any],
+    ) -> Any:
+        """Checks and runs an ``explain`` or ``compare`` request: model, methods, then the image;
+        blank target and layer mean none. ``extra`` joins the payload (not the cache key)."""
+        check_model(model)
+        names = check_methods(methods)
+        pixels, label = await read_image(file, sample)
+        tgt = target.strip() if target and target.strip() else None
+        lay = layer.strip() if layer and layer.strip() else None
+        payload = {
+            "model": model,
+            "pixels": pixels,
+            "methods": names,
+            "target": tgt,
+            "layer": lay,
+            **extra,
+            "image_label": label,
+        }
+        return await run(
+            kind,
+            payload,
+            key_of(kind, pixels, model=model, methods=names, target=tgt, layer=lay, label=label),
+            wait,
+        )
+
     @app.post("/api/explain", summary="Explain the image with one or more methods")
     async def explain(
         model: FormStr = "efficientnet_lite0",
@@ -630,26 +664,8 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
         """Returns the display image, per method a coloured map (PNG), its raw channel-summed values
         (base64 float32, row-major), its legend, and the CLI line reproducing the view. With
         ``wait=false``: 202 and a job id whose progress streams at ``/api/jobs/{id}/events``."""
-        check_model(model)
-        names = check_methods(methods)
-        pixels, label = await read_image(file, sample)
-        tgt = target.strip() if target and target.strip() else None
-        lay = layer.strip() if layer and layer.strip() else None
-        payload = {
-            "model": model,
-            "pixels": pixels,
-            "methods": names,
-            "target": tgt,
-            "layer": lay,
-            "image_label": label,
-        }
-        return await run(
-            "explain",
-            payload,
-            key_of(
-                "explain", pixels, model=model, methods=names, target=tgt, layer=lay, label=label
-            ),
-            wait,
+        return await image_methods_job(
+            "explain", model, methods, target, layer, sample, file, wait, {}
         )
 
     @app.post(
@@ -665,27 +681,16 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
         file: FormFile = None,
         wait: FormBool = True,
     ) -> Any:
-        check_model(model)
-        names = check_methods(methods)
-        pixels, label = await read_image(file, sample)
-        tgt = target.strip() if target and target.strip() else None
-        lay = layer.strip() if layer and layer.strip() else None
-        payload = {
-            "model": model,
-            "pixels": pixels,
-            "methods": names,
-            "target": tgt,
-            "layer": lay,
-            "metrics": list(TRUST_METRICS),
-            "image_label": label,
-        }
-        return await run(
+        return await image_methods_job(
             "compare",
-            payload,
-            key_of(
-                "compare", pixels, model=model, methods=names, target=tgt, layer=lay, label=label
-            ),
+            model,
+            methods,
+            target,
+            layer,
+            sample,
+            file,
             wait,
+            {"metrics": list(TRUST_METRICS)},
         )
 
     def the_job(job_id: str) -> Job:

@@ -59,15 +59,20 @@ def available_models() -> list[str]:
     return out
 
 
-def check_model(model_id: str) -> str:
-    """``model_id`` if it is an available tabular demo, else an UnknownNameError."""
-    models = available_models()
+def check_listed(model_id: str, models: list[str], kind: str) -> str:
+    """``model_id`` if it is in ``models``, else an UnknownNameError naming the ``kind`` of model
+    (shared by the tabular and text tabs)."""
     if model_id not in models:
         raise UnknownNameError(
-            f"unknown tabular model {model_id!r}; this server has: {', '.join(models) or 'none'}."
+            f"unknown {kind} model {model_id!r}; this server has: {', '.join(models) or 'none'}."
             + suggest(model_id, models)
         )
     return model_id
+
+
+def check_model(model_id: str) -> str:
+    """``model_id`` if it is an available tabular demo, else an UnknownNameError."""
+    return check_listed(model_id, available_models(), "tabular")
 
 
 def fig_png(fig: Any) -> str:

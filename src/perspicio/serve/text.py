@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..errors import InputError, PerspicioError, UnknownNameError, suggest
+from ..errors import InputError, PerspicioError
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -55,13 +55,9 @@ def available_models() -> list[str]:
 
 def check_model(model_id: str) -> str:
     """``model_id`` if it is an available text model, else an UnknownNameError."""
-    models = available_models()
-    if model_id not in models:
-        raise UnknownNameError(
-            f"unknown text model {model_id!r}; this server has: {', '.join(models) or 'none'}."
-            + suggest(model_id, models)
-        )
-    return model_id
+    from .tabular import check_listed
+
+    return check_listed(model_id, available_models(), "text")
 
 
 def text_methods() -> list[Any]:

@@ -68,24 +68,32 @@ def _header(exp: Explanation) -> str:
     )
 
 
-def _score_rows(exp: Explanation, shown: int) -> str:
-    from .plots import target_text
-
+def _score_head(exp: Explanation) -> list[str]:
+    """Column names of the per-row score cells (:func:`_score_cells`)."""
     probs = exp.probabilities
     head = ["row", "target", exp.score_unit] + (
         ["probability"] if probs and exp.score_unit != "probability" else []
     )
     head += ["base value"] if exp.base_value is not None else []
-    rows = []
-    for i in range(shown):
-        row = [str(i), _esc(target_text(exp, i)), f"{float(exp.scores[i]):.4g}"]
-        if probs and exp.score_unit != "probability":
-            row.append(f"{probs[i]:.3f}")
-        if exp.base_value is not None:
-            b = exp.base_value
-            row.append(f"{float(b[i] if getattr(b, 'ndim', 0) else b):.4g}")
-        rows.append(row)
-    return _table(head, rows)
+    return head
+
+
+def _score_cells(exp: Explanation, i: int) -> list[str]:
+    """Row ``i``: index, target, score, probability (when the score is not one), base value."""
+    from .plots import target_text
+
+    probs = exp.probabilities
+    row = [str(i), _esc(target_text(exp, i)), f"{float(exp.scores[i]):.4g}"]
+    if probs and exp.score_unit != "probability":
+        row.append(f"{probs[i]:.3f}")
+    if exp.base_value is not None:
+        b = exp.base_value
+        row.append(f"{float(b[i] if getattr(b, 'ndim', 0) else b):.4g}")
+    return row
+
+
+def _score_rows(exp: Explanation, shown: int) -> str:
+    return _table(_score_head(exp), [_score_cells(exp, i) for i in range(shown)])
 
 
 def _image_html(exp: Explanation) -> str:
@@ -132,26 +140,16 @@ def _text_html(exp: Explanation) -> str:
 def _tabular_html(exp: Explanation) -> str:
     import numpy as np
 
-    from .plots import target_text
     from .shap_plots import beeswarm, feature_table, waterfall
 
     values, names, fvals = feature_table(exp)
     n = len(values)
     shown = min(n, MAX_ROWS)
-    probs = exp.probabilities
-    head = ["row", "target", exp.score_unit] + (
-        ["probability"] if probs and exp.score_unit != "probability" else []
-    )
-    head += ["base value"] if exp.base_value is not None else []
+    head = _score_head(exp)
     head.append(f"top {TOP_FEATURES} features (value: attribution)")
     rows = []
     for i in range(shown):
-        row = [str(i), _esc(target_text(exp, i)), f"{float(exp.scores[i]):.4g}"]
-        if probs and exp.score_unit != "probability":
-            row.append(f"{probs[i]:.3f}")
-        if exp.base_value is not None:
-            b = exp.base_value
-            row.append(f"{float(b[i] if getattr(b, 'ndim', 0) else b):.4g}")
+        row = _score_cells(exp, i)
         top = np.argsort(-np.abs(values[i]), kind="stable")[:TOP_FEATURES]
         row.append(
             ", ".join(
