@@ -252,6 +252,13 @@ def _strs(v: Any) -> list[str]:
     return [s.decode() if isinstance(s, bytes) else str(s) for s in (v or [])]
 
 
+def _check_node_lengths(name: str, n: int, *named: tuple[str, Any]) -> None:
+    """Every per-node attribute (``nodes_<key>``) must have one entry per node."""
+    for k, arr in named:
+        if len(arr) != n:
+            raise ModelError(f"{name}: nodes_{k} has {len(arr)} entries for {n} nodes.")
+
+
 def _pick(a: dict[str, Any], name: str) -> Any:
     """An attribute or its ``_as_tensor`` (double) twin, as a float64 array (or None)."""
     v = a.get(name + "_as_tensor")
@@ -277,7 +284,9 @@ def _parse_v1(a: dict[str, Any], classifier: bool, name: str) -> _Trees:
         hits = np.full(n, np.nan)
     if vals is None:
         vals = np.zeros(n)
-    for k, arr in (
+    _check_node_lengths(
+        name,
+        n,
         ("featureids", feats),
         ("modes", modes),
         ("values", vals),
@@ -285,9 +294,7 @@ def _parse_v1(a: dict[str, Any], classifier: bool, name: str) -> _Trees:
         ("falsenodeids", fal),
         ("nodeids", nids),
         ("missing_value_tracks_true", mtt),
-    ):
-        if len(arr) != n:
-            raise ModelError(f"{name}: nodes_{k} has {len(arr)} entries for {n} nodes.")
+    )
     t = _Trees()
     children: dict[int, set[int]] = {}
     keys: dict[int, list[int]] = {}
@@ -356,7 +363,9 @@ def _parse_v5(a: dict[str, Any], name: str) -> _Trees:
     members = np.asarray(a.get("membership_values", np.zeros(0)), dtype=np.float64).reshape(-1)
     if n == 0:
         raise ModelError(f"{name}: the tree ensemble has no nodes.")
-    for k, arr in (
+    _check_node_lengths(
+        name,
+        n,
         ("featureids", feats),
         ("splits", splits),
         ("truenodeids", tru),
@@ -364,9 +373,7 @@ def _parse_v5(a: dict[str, Any], name: str) -> _Trees:
         ("trueleafs", tleaf),
         ("falseleafs", fleaf),
         ("missing_value_tracks_true", mtt),
-    ):
-        if len(arr) != n:
-            raise ModelError(f"{name}: nodes_{k} has {len(arr)} entries for {n} nodes.")
+    )
     if len(weights) != len(targets):
         raise ModelError(f"{name}: leaf_weights and leaf_targetids have different lengths.")
     if (modes_raw < 0).any() or (modes_raw >= len(_MODES_V5)).any():

@@ -542,20 +542,7 @@ def _sk_names(est: Any) -> tuple[str, ...] | None:
 def _read_sk_single(est: Any) -> TreeEnsemble:
     is_clf = hasattr(est, "classes_")
     vals = _classifier_values(est.tree_) if is_clf else _regressor_values(est.tree_)
-    n_out = vals.shape[1]
-    f = int(est.n_features_in_)
-    return build_ensemble(
-        [_sk_tree(est.tree_, values=vals)],
-        n_features=f,
-        n_outputs=n_out,
-        base_offset=0.0,
-        input_dtype="float32",
-        transform="identity" if is_clf else None,
-        nan_routing=_nan_routing(est, f),
-        source=f"sklearn.{type(est).__name__}",
-        feature_names=_sk_names(est),
-        output_names=tuple(str(c) for c in est.classes_) if is_clf else None,
-    )
+    return _sk_averaged_ensemble(est, [_sk_tree(est.tree_, values=vals)], is_clf)
 
 
 def _read_sk_forest(est: Any) -> TreeEnsemble:
@@ -565,12 +552,17 @@ def _read_sk_forest(est: Any) -> TreeEnsemble:
     for e in est.estimators_:
         vals = _classifier_values(e.tree_) if is_clf else _regressor_values(e.tree_)
         trees.append(_sk_tree(e.tree_, values=vals, scale=scale))
-    n_out = trees[0]["value"].shape[1]
+    return _sk_averaged_ensemble(est, trees, is_clf)
+
+
+def _sk_averaged_ensemble(est: Any, trees: list, is_clf: bool) -> TreeEnsemble:
+    """The ensemble of a scikit-learn tree or forest (leaf values already scaled): no base value,
+    class fractions as given (identity transform) for classifiers."""
     f = int(est.n_features_in_)
     return build_ensemble(
         trees,
         n_features=f,
-        n_outputs=n_out,
+        n_outputs=trees[0]["value"].shape[1],
         base_offset=0.0,
         input_dtype="float32",
         transform="identity" if is_clf else None,

@@ -175,21 +175,7 @@ def tree_shap(
         mb = K.predict_margin(ens, bg)
         if transform:
             bgpat = np.empty((bg.shape[0], len(paths.leaf_node)), np.int64)
-            K._patterns(
-                bg,
-                ni,
-                ens.threshold,
-                ens.cat_bits,
-                ens.tree_start,
-                paths.tree_leaf,
-                paths.leaf_node,
-                paths.node_bit,
-                paths.leaf_d,
-                paths.max_tree_nodes,
-                0,
-                ens.n_trees,
-                bgpat,
-            )
+            _leaf_patterns(ens, paths, ni, bg, 0, ens.n_trees, bgpat)
             phi = np.zeros((n, f, k_out))
             from numpy.polynomial.legendre import leggauss
 
@@ -327,21 +313,7 @@ def _background_histograms(
         for t0, t1 in chunks:
             l0, l1 = int(paths.tree_leaf[t0]), int(paths.tree_leaf[t1])
             pat = np.empty((n_bg, l1 - l0), np.int64)
-            K._patterns(
-                bg,
-                ni,
-                ens.threshold,
-                ens.cat_bits,
-                ens.tree_start,
-                paths.tree_leaf,
-                paths.leaf_node,
-                paths.node_bit,
-                paths.leaf_d,
-                paths.max_tree_nodes,
-                t0,
-                t1,
-                pat,
-            )
+            _leaf_patterns(ens, paths, ni, bg, t0, t1, pat)
             if count_only:
                 reach[l0:l1] = (pat == full[None, l0:l1]).mean(axis=0)
             pos = K._histograms(pat, weights, l0, pos, z_start, zpat, zcnt, count_only)
@@ -350,6 +322,35 @@ def _background_histograms(
             zcnt = np.empty(pos)
     z_start[n_leaves] = pos
     return z_start, zpat, zcnt, reach
+
+
+def _leaf_patterns(
+    ens: TreeEnsemble,
+    paths: Any,
+    ni: np.ndarray,
+    rows: np.ndarray,
+    t0: int,
+    t1: int,
+    out: np.ndarray,
+) -> None:
+    """Fill ``out`` (rows, leaves of trees t0..t1-1) with each row's pattern at each leaf."""
+    from . import _kernels as K
+
+    K._patterns(
+        rows,
+        ni,
+        ens.threshold,
+        ens.cat_bits,
+        ens.tree_start,
+        paths.tree_leaf,
+        paths.leaf_node,
+        paths.node_bit,
+        paths.leaf_d,
+        paths.max_tree_nodes,
+        t0,
+        t1,
+        out,
+    )
 
 
 #: bytes of one chunk's (background rows, leaves) pattern block
