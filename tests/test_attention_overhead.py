@@ -305,3 +305,86 @@ def test_meta_tensors_anywhere_are_refused() -> None:
         empty = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(ModelError, match="meta"):
         check_model_usable(empty)
+
+
+def test_a_guarded_call_walks_its_model_once_and_the_walk_ends_with_it() -> None:
+    """Inside model_guard the module tree is the guard's walk (a nested guard on the same model
+    reuses it; another model is walked anew); after the call a changed model is walked again."""
+    from perspicio.core import guard
+
+    model, other = Tangled(), Tangled()
+    calls = []
+    walk = guard._walk
+
+    def counting(m: nn.Module) -> guard._Walk:
+        calls.append(m)
+        return walk(m)
+
+    guard._walk = counting
+    try:
+        with model_guard(model):
+            first = module_tree(model)
+            with model_guard(model):  # a metric calling a method on the same model
+                assert _same_named(module_tree(model), first)
+            module_tree(model)
+            module_tree(other)
+        assert calls == [model, other]
+        model.extra = nn.Linear(4, 4)
+        with model_guard(model):
+            assert module_tree(model)[-1][0] == "extra"
+        assert calls[-1] is model and len(calls) == 3
+    finally:
+        guard._walk = walk
+    assert not getattr(guard._WALKS, "stack", [])
+
+
+def test_walk_stack_is_unwound_when_the_body_raises() -> None:
+    from perspicio.core import guard
+
+    model = Tangled()
+    with pytest.raises(RuntimeError, match="boom"), model_guard(model):
+        raise RuntimeError("boom")
+    assert not guard._WALKS.stack
+
+
+def test_attention_methods_see_modules_added_between_calls_and_leave_requires_grad() -> None:
+    """The method keeps its attention-module search while the module tree is the same, and searches
+    again when it changes. Gradient-free attention methods do not freeze parameters (nothing is
+    differentiated); transformer attribution does, and every flag is as before after the call."""
+    import perspicio
+
+    model = nn.Sequential(Attention(), nn.Flatten()).eval()
+    x = torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(1))
+    seen: list[bool] = []
+    probe = model[0].qkv.register_forward_pre_hook(lambda m, a: seen.append(m.weight.requires_grad))
+    try:
+        method = perspicio.methods.get("attention_rollout")(model, query=0)
+        method(x, target=lambda out: out.sum(1))
+        assert seen and all(seen)  # the parameter was not frozen for a gradient-free pass
+        assert len(method(x, target=lambda out: out.sum(1)).extras["attention_layers"]) == 1
+        model.insert(1, nn.Sequential(nn.Identity(), Attention()))
+        got = method(x, target=lambda out: out.sum(1))
+        assert got.extras["attention_layers"] == ("0", "1.1")
+        seen.clear()
+        perspicio.explain(model, x, method="transformer_attribution", target=lambda out: out.sum(1), query=0)
+        assert seen and not any(seen)  # frozen while gradients flow
+    finally:
+        probe.remove()
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_callable_target_runs_once_per_gradient_free_chunk() -> None:
+    import perspicio
+
+    model = nn.Sequential(Attention(), nn.Flatten()).eval()
+    x = torch.randn(3, 3, 4, generator=torch.Generator().manual_seed(2))
+    calls: list[int] = []
+
+    def target(out: torch.Tensor) -> torch.Tensor:
+        calls.append(len(out))
+        return out.sum(1)
+
+    e = perspicio.explain(model, x, method="attention", target=target, query=0, batch_size=2)
+    assert calls == [2, 1]
+    assert torch.allclose(e.scores, model(x).sum(1))

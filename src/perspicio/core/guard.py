@@ -18,9 +18,16 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+#: the module trees of the models this thread is inside a guarded call of (innermost last): a method
+#: call walks its model once - the guard's walk serves the input checks and layer searches of the
+#: same call. Lives only for the call; structure does not change inside one (methods add hooks, not
+#: modules).
+_WALKS = threading.local()
 
 #: one re-entrant lock per live model (weak keys: an entry dies with its model; no bytes held)
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
@@ -60,44 +67,66 @@ _ROOT_PARAMETERS = ("parameters", "named_parameters", "_named_members")
 _ROOT_BUFFERS = ("buffers", "named_buffers")
 
 
+class _Walk(NamedTuple):
+    """One traversal of a model: ``named_modules()``, ``modules()`` and ``parameters()`` as lists."""
+
+    named: list[tuple[str, nn.Module]]
+    modules: list[nn.Module]
+    parameters: list[nn.Parameter]
+
+
+def _current(model: nn.Module) -> _Walk:
+    """The walk of ``model``: the guard's inside a guarded call of it, else a new one."""
+    for m, walk in reversed(getattr(_WALKS, "stack", ())):
+        if m is model:
+            return walk
+    return _walk(model)
+
+
 def module_tree(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``list(model.named_modules())``: every module once (the first name it is reached by),
-    pre-order."""
-    out: list[tuple[str, nn.Module]] = []
+    pre-order. Inside a guarded call of ``model`` the guard's walk is reused."""
+    return list(_current(model).named)
+
+
+def _modules_and_parameters(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
+    """``list(model.modules())`` and ``list(model.parameters())`` (every parameter once, in module
+    order)."""
+    walk = _current(model)
+    return walk.modules, walk.parameters
+
+
+def _walk(model: nn.Module) -> _Walk:
+    """Modules, their names and the parameters in one pass over the ``_modules`` / ``_parameters``
+    dicts; the generators when the model or one of its modules overrides the traversal."""
+    root = type(model)
+    if root.modules is not _MODULES or any(
+        getattr(root, n) is not getattr(nn.Module, n) for n in _ROOT_PARAMETERS
+    ):
+        return _Walk(list(model.named_modules()), list(model.modules()), list(model.parameters()))
+    named: list[tuple[str, nn.Module]] = []
+    params: list[nn.Parameter] = []
     seen: set[int] = set()
+    held: set[int] = set()
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         name, m = stack.pop()
         if id(m) in seen:
             continue
         if type(m).named_modules is not _NAMED_MODULES:  # a module that walks its own way
-            return list(model.named_modules())
+            named = list(model.named_modules())
+            return _Walk(named, [m for _, m in named], list(model.parameters()))
         seen.add(id(m))
-        out.append((name, m))
-        prefix = name + "." if name else ""
-        children = [(prefix + k, c) for k, c in m._modules.items() if c is not None]
-        children.reverse()
-        stack.extend(children)
-    return out
-
-
-def _modules_and_parameters(model: nn.Module) -> tuple[list[nn.Module], list[nn.Parameter]]:
-    """``list(model.modules())`` and ``list(model.parameters())`` (every parameter once, in module
-    order)."""
-    root = type(model)
-    if root.modules is not _MODULES or any(
-        getattr(root, n) is not getattr(nn.Module, n) for n in _ROOT_PARAMETERS
-    ):
-        return list(model.modules()), list(model.parameters())
-    mods = [m for _, m in module_tree(model)]
-    params: list[nn.Parameter] = []
-    held: set[int] = set()
-    for m in mods:
+        named.append((name, m))
         for p in m._parameters.values():
             if p is not None and id(p) not in held:
                 held.add(id(p))
                 params.append(p)
-    return mods, params
+        prefix = name + "." if name else ""
+        children = [(prefix + k, c) for k, c in m._modules.items() if c is not None]
+        children.reverse()
+        stack.extend(children)
+    return _Walk(named, [m for _, m in named], params)
 
 
 def model_tensors(model: nn.Module) -> list[Tensor]:
@@ -120,10 +149,15 @@ def model_tensors(model: nn.Module) -> list[Tensor]:
 
 @contextmanager
 def _guarded(model: nn.Module, *, eval_mode: bool, freeze: bool) -> Iterator[None]:
-    mods, params = _modules_and_parameters(model)
+    walk = _current(model)  # a nested call (a metric calling a method) reuses the outer walk
+    mods, params = walk.modules, walk.parameters
     training = [m.training for m in mods]
     requires = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
+    stack = getattr(_WALKS, "stack", None)
+    if stack is None:
+        stack = _WALKS.stack = []
+    stack.append((model, walk))
     try:
         if eval_mode and any(training):
             model.eval()
@@ -135,6 +169,7 @@ def _guarded(model: nn.Module, *, eval_mode: bool, freeze: bool) -> Iterator[Non
         with torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
+        stack.pop()
         for m, flag in zip(mods, training):
             if m.training != flag:
                 m.training = flag

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,9 @@ class ResolvedTarget:
     fn: Callable[[Tensor], Tensor]
     indices: Tensor | None
     description: str
+    #: (output, scores) of the gradient-free output a callable target was resolved on: its scores
+    #: are not computed twice for the same output (:func:`row_scores`)
+    resolved_on: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __call__(self, output: Tensor) -> Tensor:
         return self.fn(output)
@@ -65,6 +68,8 @@ def row_scores(target: ResolvedTarget, output: Tensor, rows: Tensor | None = Non
     if target.indices is not None:
         idx = target.indices.to(output.device)
         return pick(output, idx[rows.to(output.device)] if rows is not None else idx)
+    if target.resolved_on is not None and target.resolved_on[0] is output:
+        return target.resolved_on[1]
     scores = target.fn(output)
     if not isinstance(scores, Tensor) or scores.shape != (output.shape[0],):
         raise TargetError(f"a callable target must return one scalar per row, shape ({output.shape[0]},).")
@@ -351,7 +356,9 @@ def resolve_target(
         if not isinstance(scores, Tensor) or scores.shape != (n,):
             got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
             raise TargetError(f"a callable target must return one scalar per sample, shape ({n},); got {got}.")
-        return ResolvedTarget(fn=checked, indices=None, description=f"callable {name}")
+        # kept only without a graph: a graph held by the target would outlive its chunk
+        kept = (output, scores) if not scores.requires_grad else None
+        return ResolvedTarget(fn=checked, indices=None, description=f"callable {name}", resolved_on=kept)
     target = normalize_target(target)
     if output.ndim != 2:
         raise TargetError(

@@ -60,6 +60,7 @@ from ..core import ops
 from ..core.batching import Engine
 from ..core.capture import token_grid
 from ..core.explanation import Explanation
+from ..core.guard import module_tree
 from ..core.inputs import as_batch
 from ..core.registry import register_method
 from ..core.targets import (
@@ -107,7 +108,7 @@ class AttentionRecord:
 
 def attention_modules(model: nn.Module, spec: Any = None) -> list[tuple[str, nn.Module]]:
     """The attention modules of ``model`` (see the module docstring for ``spec``)."""
-    named = list(model.named_modules())
+    named = module_tree(model)  # the guard's walk inside a method call
     if spec is None or spec == "auto":
         kinds: dict[type, bool] = {}  # one name test per class, not per module
         for _, m in named:
@@ -209,7 +210,10 @@ class AttentionCapture:
     def __init__(
         self, model: nn.Module, modules: Any = None, *, grad: bool = False, fast: bool = True
     ) -> None:
-        self.modules = _find_modules(model, modules)
+        resolved = isinstance(modules, list) and bool(modules) and all(
+            isinstance(m, tuple) and len(m) == 2 and isinstance(m[1], nn.Module) for m in modules
+        )  # (name, module) pairs already found
+        self.modules = modules if resolved else _find_modules(model, modules)
         self.grad = grad
         self.fast = fast and not grad
         self.records: list[AttentionRecord] = []
@@ -545,6 +549,7 @@ class _AttentionMethod(Method):
     input_ndim = None
     #: True when the method needs dA (d target / d attention) per layer
     uses_gradients = False
+    freezes_parameters = False  # the gradient methods below set it with uses_gradients
 
     def __init__(
         self,
@@ -561,7 +566,15 @@ class _AttentionMethod(Method):
         self.query = query
         self.extra_tokens = extra_tokens
         self.attention_modules = attention_modules
-        _find_modules(self.model, attention_modules)  # validates now
+        #: (module tree, its attention modules) of the last call: searched again when the tree differs
+        self._found = (module_tree(self.model), _find_modules(self.model, attention_modules))  # validates now
+
+    def _attention_modules(self) -> list[tuple[str, nn.Module]]:
+        """The attention modules to capture (the last search while the model's modules are the same)."""
+        tree = module_tree(self.model)
+        if tree != self._found[0]:
+            self._found = (tree, _find_modules(self.model, self.attention_modules))
+        return self._found[1]
 
     def _prepare_inputs(self, inputs: Any) -> Any:
         return as_batch(inputs, self.model, ndim=None, keep_integer=True)
@@ -621,14 +634,11 @@ class _AttentionMethod(Method):
 
         def step(start: int, stop: int) -> None:
             xs = x[start:stop]
-            with AttentionCapture(
-                self.model, self.attention_modules, grad=self.uses_gradients
-            ) as cap:
+            found = self._attention_modules()
+            with AttentionCapture(self.model, found, grad=self.uses_gradients) as cap:
                 out = engine.forward(xs)
             if cap.missed:  # a module returned no weights after all: read its softmax instead
-                with AttentionCapture(
-                    self.model, self.attention_modules, grad=self.uses_gradients, fast=False
-                ) as cap:
+                with AttentionCapture(self.model, found, grad=self.uses_gradients, fast=False) as cap:
                     out = engine.forward(xs)
             if not cap.records:
                 raise ModelError(
@@ -640,7 +650,7 @@ class _AttentionMethod(Method):
             tgt = None
             if target is not None or (isinstance(out, Tensor) and out.ndim == 2):
                 tgt = resolve_target(slice_target(target, start, stop, n), out, self.labels)
-                s = row_scores(tgt, out, torch.arange(len(xs), device=out.device))
+                s = row_scores(tgt, out)
                 scores.append(s.detach())
                 if tgt.indices is not None:
                     indices.append(tgt.indices)
@@ -754,7 +764,7 @@ class RawAttention(_AttentionMethod):
     def _pick(self, attn: list[Tensor]) -> Tensor:
         layer = self.layer
         if isinstance(layer, str):
-            names = [name for name, _ in _find_modules(self.model, self.attention_modules)]
+            names = [name for name, _ in self._attention_modules()]
             if layer not in names:
                 from ..errors import suggest
 
@@ -889,6 +899,7 @@ class TransformerAttribution(_AttentionMethod):
     heads, accumulated as ``R <- R + A_bar R`` from ``R = I``."""
 
     uses_gradients = True
+    freezes_parameters = True
 
     def relevance(
         self, attn: list[Tensor], grads: list[Tensor] | None, mask: Tensor, weights: Tensor

@@ -41,6 +41,9 @@ class Method(RecordsOptions):
     #: False for methods whose ``targets`` are not classes of the output (the neuron methods
     #: report the explained channel there): ``__call__`` then gives them no class names
     targets_are_classes: ClassVar[bool] = True
+    #: False for methods that never differentiate (every pass runs without gradients): the guard
+    #: then leaves ``requires_grad`` as it is instead of freezing each parameter for the call
+    freezes_parameters: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -103,22 +106,23 @@ class Method(RecordsOptions):
 
     def __call__(self, inputs: Tensor, target: Any = None) -> Explanation:
         """Explain ``inputs`` (N, C, H, W) for ``target`` (see :func:`perspicio.core.targets.resolve_target`)."""
-        x = self._prepare_inputs(inputs)
-        target = normalize_target(target)  # logits.argmax() (a 0-d tensor), numpy integers
-        # several targets per input ([[3, 5]] or an (N, T) tensor): N*T rows, input-major
-        multi = split_multi_target(target, len(x)) if isinstance(x, Tensor) else None
-        shared: dict[str, int] = {}
-        if multi is not None:
-            target, per_input = multi
-            x = x.repeat_interleave(per_input, dim=0)
-            if self.shares_forward_across_targets:
-                shared["targets_per_input"] = per_input
-        engine = Engine(self.model, batch_size=self.batch_size, memory_budget=self.memory_budget, progress=self.progress,
-                        compile=self.compile, output=self._select)
-        t0 = time.perf_counter()
-        with model_guard(self.model):
+        # the guard is entered first: its walk of the model serves the input checks and layer look-ups
+        with model_guard(self.model, freeze=self.freezes_parameters):
+            x = self._prepare_inputs(inputs)
+            target = normalize_target(target)  # logits.argmax() (a 0-d tensor), numpy integers
+            # several targets per input ([[3, 5]] or an (N, T) tensor): N*T rows, input-major
+            multi = split_multi_target(target, len(x)) if isinstance(x, Tensor) else None
+            shared: dict[str, int] = {}
+            if multi is not None:
+                target, per_input = multi
+                x = x.repeat_interleave(per_input, dim=0)
+                if self.shares_forward_across_targets:
+                    shared["targets_per_input"] = per_input
+            engine = Engine(self.model, batch_size=self.batch_size, memory_budget=self.memory_budget,
+                            progress=self.progress, compile=self.compile, output=self._select)
+            t0 = time.perf_counter()
             result = self._explain(x, target, engine, **shared)
-        elapsed = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
         from .. import __version__
 
         provenance = {
