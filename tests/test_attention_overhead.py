@@ -388,3 +388,26 @@ def test_a_callable_target_runs_once_per_gradient_free_chunk() -> None:
     e = perspicio.explain(model, x, method="attention", target=target, query=0, batch_size=2)
     assert calls == [2, 1]
     assert torch.allclose(e.scores, model(x).sum(1))
+
+
+def test_a_model_moved_to_meta_after_the_method_was_built_is_refused_clearly() -> None:
+    """A method checks every tensor of its model when built; each call re-checks only whether
+    the model moved to the meta device since (its first tensor), and refuses it with the same
+    clear error; other entry points (a fresh walk) still scan every tensor."""
+    import perspicio
+    from perspicio.core.inputs import check_model_usable
+    from perspicio.errors import ModelError
+
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    method = perspicio.methods.get("saliency")(model)
+    x = torch.randn(2, 4)
+    method(x, target=0)
+    model.to("meta")
+    with pytest.raises(ModelError, match="meta"):
+        method(x, target=0)
+    partly = nn.Sequential(nn.Linear(4, 3))
+    partly.register_buffer("stats", torch.empty(3, device="meta"))
+    with pytest.raises(ModelError, match="meta"):
+        perspicio.methods.get("saliency")(partly)  # caught when built
+    with pytest.raises(ModelError, match="meta"), model_guard(partly):
+        check_model_usable(partly)  # no method checked it: the guard's walk scans every tensor

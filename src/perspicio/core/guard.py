@@ -18,7 +18,6 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +51,8 @@ def model_guard(
     Entered on every call of every method, so it touches only what differs: a model already in
     eval mode is not switched (``model.eval()``, which respects overridden ``train`` methods, runs
     only if some module is training), and only flags and gradients that changed are written back.
+    ``freeze=False`` (methods that never differentiate) leaves the parameters alone: neither their
+    ``requires_grad`` nor their gradients are read or written.
     """
     with model_lock(model), _guarded(model, eval_mode=eval_mode, freeze=freeze):
         yield model
@@ -67,12 +68,49 @@ _ROOT_PARAMETERS = ("parameters", "named_parameters", "_named_members")
 _ROOT_BUFFERS = ("buffers", "named_buffers")
 
 
-class _Walk(NamedTuple):
-    """One traversal of a model: ``named_modules()``, ``modules()`` and ``parameters()`` as lists."""
+class _Walk:
+    """One traversal of a model: ``named_modules()`` and ``modules()`` as lists; ``parameters()`` read
+    on first use (a guard that does not freeze never needs them)."""
 
-    named: list[tuple[str, nn.Module]]
-    modules: list[nn.Module]
-    parameters: list[nn.Parameter]
+    __slots__ = ("model", "named", "modules", "generators", "_parameters", "_meta")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        named: list[tuple[str, nn.Module]],
+        generators: bool,
+    ) -> None:
+        self.model = model
+        self.named = named
+        self.modules = [m for _, m in named] if not generators else list(model.modules())
+        #: the model (or one of its modules) overrides the traversal: its generators are the truth
+        self.generators = generators
+        self._parameters: list[nn.Parameter] | None = None
+        self._meta: bool | None = None
+
+    @property
+    def has_meta(self) -> bool:
+        """Whether a parameter or buffer is on the ``meta`` device (shapes without values)."""
+        if self._meta is None:
+            self._meta = any(t.is_meta for t in model_tensors(self.model))
+        return self._meta
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        """``list(model.parameters())``: every parameter once, in module order."""
+        if self._parameters is None:
+            if self.generators:
+                self._parameters = list(self.model.parameters())
+            else:
+                params: list[nn.Parameter] = []
+                held: set[int] = set()
+                for m in self.modules:
+                    for p in m._parameters.values():
+                        if p is not None and id(p) not in held:
+                            held.add(id(p))
+                            params.append(p)
+                self._parameters = params
+        return self._parameters
 
 
 def _current(model: nn.Module) -> _Walk:
@@ -81,6 +119,24 @@ def _current(model: nn.Module) -> _Walk:
         if m is model:
             return walk
     return _walk(model)
+
+
+def walk_has_meta(model: nn.Module) -> bool:
+    """Whether a parameter or buffer of ``model`` is on the ``meta`` device (inside a guarded call:
+    answered once per call, see :func:`checked_before`)."""
+    return _current(model).has_meta
+
+
+def checked_before(model: nn.Module) -> None:
+    """Inside a guarded call of ``model``, whose every tensor was checked off the ``meta`` device
+    before (a method checks its model when built): only a model moved to ``meta`` since - its first
+    tensor there - is refused by the call's checks; the full scan, one access per parameter and
+    buffer, is not repeated on every call."""
+    for m, walk in reversed(getattr(_WALKS, "stack", ())):
+        if m is model:
+            if walk._meta is None:
+                walk._meta = model_device(model).type == "meta"
+            return
 
 
 def module_tree(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -97,36 +153,29 @@ def _modules_and_parameters(model: nn.Module) -> tuple[list[nn.Module], list[nn.
 
 
 def _walk(model: nn.Module) -> _Walk:
-    """Modules, their names and the parameters in one pass over the ``_modules`` / ``_parameters``
-    dicts; the generators when the model or one of its modules overrides the traversal."""
+    """The modules and their names in one pass over the ``_modules`` dicts; the generators when the
+    model or one of its modules overrides the traversal."""
     root = type(model)
     if root.modules is not _MODULES or any(
         getattr(root, n) is not getattr(nn.Module, n) for n in _ROOT_PARAMETERS
     ):
-        return _Walk(list(model.named_modules()), list(model.modules()), list(model.parameters()))
+        return _Walk(model, list(model.named_modules()), generators=True)
     named: list[tuple[str, nn.Module]] = []
-    params: list[nn.Parameter] = []
     seen: set[int] = set()
-    held: set[int] = set()
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         name, m = stack.pop()
         if id(m) in seen:
             continue
         if type(m).named_modules is not _NAMED_MODULES:  # a module that walks its own way
-            named = list(model.named_modules())
-            return _Walk(named, [m for _, m in named], list(model.parameters()))
+            return _Walk(model, list(model.named_modules()), generators=True)
         seen.add(id(m))
         named.append((name, m))
-        for p in m._parameters.values():
-            if p is not None and id(p) not in held:
-                held.add(id(p))
-                params.append(p)
         prefix = name + "." if name else ""
         children = [(prefix + k, c) for k, c in m._modules.items() if c is not None]
         children.reverse()
         stack.extend(children)
-    return _Walk(named, [m for _, m in named], params)
+    return _Walk(model, named, generators=False)
 
 
 def model_tensors(model: nn.Module) -> list[Tensor]:
@@ -150,7 +199,9 @@ def model_tensors(model: nn.Module) -> list[Tensor]:
 @contextmanager
 def _guarded(model: nn.Module, *, eval_mode: bool, freeze: bool) -> Iterator[None]:
     walk = _current(model)  # a nested call (a metric calling a method) reuses the outer walk
-    mods, params = walk.modules, walk.parameters
+    mods = walk.modules
+    # without freezing, parameters are left alone: not read, not written (nothing differentiates)
+    params = walk.parameters if freeze else []
     training = [m.training for m in mods]
     requires = [p.requires_grad for p in params]
     grads = [p.grad for p in params]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, ModelError
-from .guard import model_device, model_dtype, model_tensors
+from .guard import model_device, model_dtype, walk_has_meta
 
 _CONV_NDIM = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}
 
@@ -37,7 +37,7 @@ def expected_channels(model: nn.Module) -> int | None:
 
 def check_model_usable(model: nn.Module) -> None:
     """Refuse models whose weights hold no data (the ``meta`` device) with a clear error."""
-    if not any(t.is_meta for t in model_tensors(model)):
+    if not walk_has_meta(model):
         return
     raise ModelError(
         f"the model ({type(model).__name__}) has parameters on the 'meta' device: they have shapes but no values "

@@ -463,19 +463,22 @@ def rollout(
     ``attn``: per layer (in forward order) attention weights (N, heads, T, T) or already fused
     (N, T, T). Returns (N, T, T): row ``i`` is how much output token ``i`` draws on each input token.
     """
-    fused = [fuse_heads(a, head_fusion) if a.ndim == 4 else a for a in attn]
-    if not fused:
+    if not attn:
         raise ModelError("no attention layer ran.")
-    first = fused[0]
+    first = attn[0]
     if all(
-        f.shape == first.shape and f.dtype == first.dtype and f.device == first.device
-        for f in fused
+        a.shape == first.shape and a.dtype == first.dtype and a.device == first.device
+        for a in attn
     ):
-        # one residual + normalisation for the whole (L, N, T, T) stack: the same element-wise
-        # values as layer by layer, in 6 torch calls instead of 6 per layer
-        mats = list(_with_residual(torch.stack(fused), residual).unbind(0))
+        # one head fusion, residual and normalisation for the whole (L, N, [heads,] T, T) stack:
+        # the same element-wise values as layer by layer, in a few torch calls instead of a few
+        # per layer
+        stacked = torch.stack(list(attn))
+        fused = fuse_heads(stacked, head_fusion) if first.ndim == 4 else stacked
+        mats = list(_with_residual(fused, residual).unbind(0))
     else:
-        mats = [_with_residual(f, residual) for f in fused]
+        fused_layers = [fuse_heads(a, head_fusion) if a.ndim == 4 else a for a in attn]
+        mats = [_with_residual(f, residual) for f in fused_layers]
     out = mats[0]
     for m in mats[1:]:
         out = m @ out
@@ -626,7 +629,6 @@ class _AttentionMethod(Method):
         n = len(x)
         check_target_count(target, n)
         chunks: list[tuple[list[Tensor], list[Tensor] | None]] = []
-        outs: list[Tensor] = []
         scores: list[Tensor] = []
         indices: list[Tensor] = []
         names: list[str] = []
@@ -670,16 +672,17 @@ class _AttentionMethod(Method):
                 got = engine.grad(s.sum(), leaves, len(xs))
                 grads = [g.reshape(r.weights.shape).detach() for g, r in zip(got, cap.records)]
             chunks.append(([r.weights.detach() for r in cap.records], grads))
-            outs.append(out.detach() if isinstance(out, Tensor) else out)
 
         engine.run(step, n, sample=x[:1], grad=self.uses_gradients, description=self.name)
         layers = len(chunks[0][0])
-        attn = [torch.cat([c[0][i] for c in chunks]) for i in range(layers)]
-        grads = (
-            [torch.cat([c[1][i] for c in chunks]) for i in range(layers)]
-            if self.uses_gradients
-            else None
-        )
+
+        def joined(part: int) -> list[Tensor]:  # per layer, the chunks' rows in order
+            if len(chunks) == 1:
+                return chunks[0][part]  # type: ignore[return-value]
+            return [torch.cat([c[part][i] for c in chunks]) for i in range(layers)]
+
+        attn = joined(0)
+        grads = joined(1) if self.uses_gradients else None
         t = attn[-1].shape[-1]
         if any(a.shape[-2] != a.shape[-1] for a in attn):
             raise ModelError(

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..core.batching import Engine, check_progress
 from ..core.blackbox import unwrap_model
 from ..core.explanation import Explanation
-from ..core.guard import model_guard
+from ..core.guard import checked_before, model_guard
 from ..core.inputs import as_batch, check_model_usable
 from ..core.options import RecordsOptions
 from ..core.outputs import OutputSelector
@@ -108,6 +108,7 @@ class Method(RecordsOptions):
         """Explain ``inputs`` (N, C, H, W) for ``target`` (see :func:`perspicio.core.targets.resolve_target`)."""
         # the guard is entered first: its walk of the model serves the input checks and layer look-ups
         with model_guard(self.model, freeze=self.freezes_parameters):
+            checked_before(self.model)  # in __init__
             x = self._prepare_inputs(inputs)
             target = normalize_target(target)  # logits.argmax() (a 0-d tensor), numpy integers
             # several targets per input ([[3, 5]] or an (N, T) tensor): N*T rows, input-major
