@@ -99,6 +99,7 @@ class LRPPropagator(Propagator):
         self.padded: dict[int, tuple[Tensor, Any]] = {}
         self.records: list[tuple[str, Tensor, Tensor]] = []
         self.rules_used: dict[str, str] = {}
+        self._reprs: dict[int, str] = {}
 
     def release(self) -> None:
         self.padded.clear()
@@ -120,6 +121,13 @@ class LRPPropagator(Propagator):
             out_sum = R.sum(dim=tuple(range(1, R.ndim))) if R.ndim > 1 else R
             in_sum = sum(r.sum(dim=tuple(range(1, r.ndim))) if r.ndim > 1 else r for r in rel)
         self.records.append((label, out_sum, in_sum))
+
+    def _describe(self, rule: Any) -> str:
+        """``repr(rule)``, once per rule object and call (the same rule serves many layers)."""
+        text = self._reprs.get(id(rule))
+        if text is None:
+            text = self._reprs[id(rule)] = repr(rule)
+        return text
 
     def op_label(self, name: str) -> str:
         """Label of a parameter-free operation: only ``record_layers`` tables show it, so only then
@@ -220,7 +228,7 @@ class LRPPropagator(Propagator):
             module = current[0] if current is not None else ""
         rule = self.composite.rule_for(op.name, module, first)
         label = self.label(op.name, op.weight)
-        self.rules_used[label] = repr(rule)
+        self.rules_used[label] = self._describe(rule)
         return apply_node(AffineRule(self, call, op, rule, self._context(x, rule), label), x)
 
     def on_fused(self, call: Call) -> Any:
@@ -242,7 +250,7 @@ class LRPPropagator(Propagator):
         conv = Call(F.conv2d, f.conv_args(), {}, "torch.nn.functional.conv2d", AFFINE)
         op = affine_op(conv, self.is_var)
         label = f"{op.name} @ {module or '<model>'}"
-        self.rules_used[label] = repr(rule)
+        self.rules_used[label] = self._describe(rule)
         packed = kernels.packed_kernel(f.weight)
         if (
             packed is not None and len(call.args) >= 2 and call.args[1] is f.weight

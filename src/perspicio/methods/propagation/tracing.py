@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from ...core.caches import Cache
 from ...core.calls import out_of_place
+from ...core.guard import module_tree
 from ...core.ops import METADATA
 from ...errors import ModelError
 from .fused import split_fused
@@ -146,7 +147,7 @@ class Propagator:
             self._module_names, self._param_names = cached
             return
         self._module_names, self._param_names = {}, {}
-        for name, mod in self.model.named_modules():
+        for name, mod in module_tree(self.model):  # inside a method call: the guard's walk
             self._module_names.setdefault(id(mod), (name, mod))
             for p in (*mod._parameters.values(), *mod._buffers.values()):
                 if p is not None:
