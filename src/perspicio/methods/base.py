@@ -44,6 +44,9 @@ class Method(RecordsOptions):
     #: False for methods that never differentiate (every pass runs without gradients): the guard
     #: then leaves ``requires_grad`` as it is instead of freezing each parameter for the call
     freezes_parameters: ClassVar[bool] = True
+    #: True for methods that change the backward pass only at rectifiers (ReLU, ReLU6,
+    #: clamp(min=0)): on a model that runs none they refuse (the result would be plain saliency)
+    needs_rectifiers: ClassVar[bool] = False
 
     def __init__(
         self,

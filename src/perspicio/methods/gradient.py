@@ -396,6 +396,7 @@ class GuidedBackprop(GradientBase):
     ``1[x > 0] * relu(grad)``. Functional calls are overridden as well as modules."""
 
     rule = "guided"
+    needs_rectifiers = True
 
 
 @register_method(
@@ -409,6 +410,7 @@ class Deconvnet(GradientBase):
     """Gradient where every rectifier passes back ``relu(grad)`` regardless of its input."""
 
     rule = "deconv"
+    needs_rectifiers = True
 
 
 @register_method(

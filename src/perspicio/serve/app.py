@@ -857,21 +857,26 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
             )
         return value
 
-    def check_text_methods(methods: str | None) -> list[str]:
+    def check_text_methods(methods: str | None, model: str) -> list[str]:
         from ..core.registry import METHODS
         from .text import text_methods
 
         names = [m.strip() for m in (methods or "").split(",") if m.strip()]
         if not names:
             raise ServeError(422, "choose at least one method.")
-        allowed = [e.name for e in text_methods()]
+        allowed = [e.name for e in text_methods(model)]
         out = []
         for n in names:
             entry = METHODS.get(n)  # UnknownNameError -> 422 with suggestions
             if entry.name not in allowed:
+                why = (
+                    f"it acts only at rectifiers (ReLU) and {model} runs none"
+                    if getattr(entry.cls, "needs_rectifiers", False)
+                    else "it does not take text"
+                )
                 raise ServeError(
                     422,
-                    f"method {entry.name!r} does not take text; methods for text: "
+                    f"method {entry.name!r} cannot explain {model} ({why}); methods for it: "
                     f"{', '.join(allowed)}.",
                 )
             out.append(entry.name)
@@ -890,7 +895,7 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
         from .text import DEFAULT_TEXT_METHODS, MAX_VIEW_TOKENS, TEXT_MODELS, text_methods
 
         ids = text_model_ids()
-        entries = await asyncio.to_thread(text_methods) if ids else []
+        entries = await asyncio.to_thread(text_methods, ids[0]) if ids else []
         families: dict[str, list[dict[str, Any]]] = {}
         for e in entries:
             families.setdefault(e.family, []).append(
@@ -937,7 +942,7 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
 
         check_text_model(model)
         value = check_text(text)
-        names = check_text_methods(methods)
+        names = check_text_methods(methods, model)
         sentence = (target or "").strip() or None
         label_list = split_labels(labels)
         if sentence and label_list:

@@ -31,9 +31,10 @@ from ..errors import InputError, PerspicioError
 
 Progress = Callable[[dict[str, Any]], None]
 
-#: model id -> (description, longest input in tokens)
-TEXT_MODELS: dict[str, tuple[str, int]] = {
-    "minilm": ("MiniLM-L6 sentence encoder (all-MiniLM-L6-v2), 22.7M parameters", 256),
+#: model id -> (description, longest input in tokens, whether it runs rectifiers (ReLU, ...))
+TEXT_MODELS: dict[str, tuple[str, int, bool]] = {
+    # GELU activations only: guided backpropagation and deconvnet would refuse it
+    "minilm": ("MiniLM-L6 sentence encoder (all-MiniLM-L6-v2), 22.7M parameters", 256, False),
 }
 
 #: attention views (matrices, lines view) are drawn for texts up to this many tokens: above it the
@@ -60,20 +61,25 @@ def check_model(model_id: str) -> str:
     return check_listed(model_id, available_models(), "text")
 
 
-def text_methods() -> list[Any]:
-    """Registry entries :func:`perspicio.text.explain_text` accepts, in registry order.
+def text_methods(model_id: str = "minilm") -> list[Any]:
+    """Registry entries :func:`perspicio.text.explain_text` accepts for the text model ``model_id``,
+    in registry order.
 
     Asks the text entry point's own method check for every registered method, so the list follows
-    :mod:`perspicio.text` (no second list kept here)."""
+    :mod:`perspicio.text` (no second list kept here); methods that act only at rectifiers are left
+    out for a model that runs none (they would refuse every request)."""
     from ..core.registry import METHODS
     from ..errors import OptionError
-    from ..text.explain import _select_method
+    from ..text.explain import text_method
 
+    rectifiers = TEXT_MODELS.get(model_id, ("", 0, True))[2]
     out = []
     for entry in METHODS.entries():
         try:
-            _select_method(entry.name)
+            text_method(entry.name)
         except OptionError:
+            continue
+        if getattr(entry.cls, "needs_rectifiers", False) and not rectifiers:
             continue
         out.append(entry)
     return out

@@ -30,7 +30,14 @@ from .inputs import TokenBatch, encode, find_tokenizer, from_mapping, is_text
 from .model import TokenModel, embedding_layer, pack
 from .targets import ScoreHead, ZeroShot, ZeroShotHead, embed
 
-__all__ = ["BASELINE_TOKENS", "explain_text", "merge_words", "token_baseline", "token_scores"]
+__all__ = [
+    "BASELINE_TOKENS",
+    "explain_text",
+    "merge_words",
+    "text_method",
+    "token_baseline",
+    "token_scores",
+]
 
 #: layer Integrated Gradients on the word-embedding layer (or ``layer=``), on the padded batch
 EMBEDDING_METHODS = ("layer_integrated_gradients",)
@@ -148,7 +155,9 @@ _NOT_FOR_TEXT = {
 }
 
 
-def _select_method(method: str) -> Any:
+def text_method(method: str) -> Any:
+    """The registry entry of ``method`` if :func:`explain_text` takes it, else an :class:`OptionError`
+    saying why (and which methods do)."""
     from ..core.registry import METHODS
 
     entry = METHODS.get(method)
@@ -346,7 +355,7 @@ def explain_text(
             "explain_text needs a torch text model; for a black-box callable on strings use a "
             "model-agnostic method (occlusion, lime, kernel_shap) through perspicio.explain."
         )
-    entry = _select_method(method)
+    entry = text_method(method)
     if labels is None:  # Hugging Face classifiers name their classes in the config
         id2label = getattr(getattr(inner, "config", None), "id2label", None)
         if isinstance(id2label, Mapping) and id2label and all(isinstance(k, int) for k in id2label):
