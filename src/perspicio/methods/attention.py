@@ -450,8 +450,8 @@ def fuse_heads(attn: Tensor, how: str = "mean") -> Tensor:
 
 def _with_residual(a: Tensor, residual: float) -> Tensor:
     """Abnar & Zuidema: A~ = (1 - r) A + r I, rows re-normalised to sum to 1."""
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    m = (1 - residual) * a + residual * eye
+    m = (1 - residual) * a
+    m.diagonal(dim1=-2, dim2=-1).add_(residual)  # + residual * I: the same sums, element by element
     return m / m.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
 
 
@@ -615,10 +615,12 @@ class _AttentionMethod(Method):
         if q == "auto":
             pooling = getattr(self.model, "pooling", None)
             q = "mean" if pooling == "mean" or (image and extra == 0) else "cls"
-        w = torch.zeros(n, t, dtype=torch.float64, device=mask.device)
         if q == "mean":
-            w[:, extra:] = mask[:, extra:].double()
+            w = mask.double()  # a new tensor
+            if extra:
+                w[:, :extra] = 0.0
             return w / w.sum(dim=1, keepdim=True).clamp_min(1)
+        w = torch.zeros(n, t, dtype=torch.float64, device=mask.device)
         idx = 0 if q == "cls" else int(q)
         if not -t <= idx < t:
             raise OptionError(f"query={q} is out of range for {t} tokens.")
