@@ -233,3 +233,34 @@ def test_hugging_face_classifier_with_class_names(minilm) -> None:
     assert ig.attributions.sum().item() == pytest.approx(
         (ig.scores - ig.base_value).item(), abs=2e-3
     )
+
+
+def test_a_text_within_the_limit_is_tokenized_once(minilm) -> None:
+    """encode tokenizes once when no text is over the model's limit (the untruncated lengths are
+    the truncated ones), twice otherwise; the batch equals the tokenizer's own truncated call."""
+    from perspicio.text import encode
+
+    tok = minilm.preprocess.tokenizer
+    calls: list[bool] = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, *args, **kwargs):
+            calls.append(bool(kwargs.get("truncation")))
+            return tok(*args, **kwargs)
+
+    texts = ["a short one", "a somewhat longer sentence, with a comma"]
+    batch = encode(Counting(), texts, max_length=256)
+    assert calls == [False]
+    want = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    assert torch.equal(batch.input_ids, want["input_ids"])
+    assert torch.equal(batch.attention_mask, want["attention_mask"])
+    assert batch.dropped == (0, 0)
+    calls.clear()
+    with pytest.warns(UserWarning, match="the last 3 token"):
+        long = encode(Counting(), ["one two three four five six", "short"], max_length=5)
+    assert calls == [False, True]
+    assert long.dropped == (3, 0) and long.input_ids.shape == (2, 5)
+    assert long.tokens[0][-1] == "[SEP]"

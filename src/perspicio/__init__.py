@@ -89,6 +89,8 @@ def explain(
             tensor to explain when the model returns a dict, tuple or ``ModelOutput``: a key, an index
             or a callable (``output=perspicio.detections`` for torchvision detectors).
     """
+    from .core.blackbox import unwrap_model
+    from .core.guard import shared_walk
     from .core.registry import METHODS
     from .methods.base import build
 
@@ -99,7 +101,8 @@ def explain(
     cls = METHODS.get(method).cls
     if layer is not None:
         options["layer"] = layer
-    return build(cls, model, **options)(inputs, target=target)
+    with shared_walk(unwrap_model(model)[0]):  # the method's construction and call walk the model once
+        return build(cls, model, **options)(inputs, target=target)
 
 
 def _text_model_input(model: Any, inputs: Any) -> bool:

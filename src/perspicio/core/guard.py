@@ -18,6 +18,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -92,7 +93,7 @@ class _Walk:
     def has_meta(self) -> bool:
         """Whether a parameter or buffer is on the ``meta`` device (shapes without values)."""
         if self._meta is None:
-            self._meta = any(t.is_meta for t in model_tensors(self.model))
+            self._meta = any(t.is_meta for t in _tensors(self.model, self.modules, self.generators))
         return self._meta
 
     @property
@@ -182,53 +183,63 @@ def model_tensors(model: nn.Module) -> list[Tensor]:
     """Every parameter and buffer of ``model``: ``[*model.parameters(), *model.buffers()]`` up to
     order and repeats, read from the module dicts in one walk (the generators for models that
     override the traversal). For checks over all of a model's tensors (e.g. the meta device)."""
+    walk = _current(model)
+    return _tensors(model, walk.modules, walk.generators)
+
+
+def _tensors(model: nn.Module, modules: list[nn.Module], generators: bool) -> list[Tensor]:
     root = type(model)
-    if root.modules is not _MODULES or any(
-        getattr(root, n) is not getattr(nn.Module, n) for n in (*_ROOT_PARAMETERS, *_ROOT_BUFFERS)
-    ):
+    if generators or any(getattr(root, n) is not getattr(nn.Module, n) for n in _ROOT_BUFFERS):
         return [*model.parameters(), *model.buffers()]
-    return [
-        t
-        for _, m in module_tree(model)
-        for d in (m._parameters, m._buffers)
-        for t in d.values()
-        if t is not None
-    ]
+    return [t for m in modules for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
+
+
+@contextmanager
+def shared_walk(model: Any) -> Iterator[None]:
+    """In the body, the module tree and model checks of ``model`` come from one walk (for a method's
+    constructor: its model check and layer searches; the body must not add or remove modules)."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    stack = getattr(_WALKS, "stack", None)
+    if stack is None:
+        stack = _WALKS.stack = []
+    stack.append((model, _current(model)))
+    try:
+        yield
+    finally:
+        stack.pop()
 
 
 @contextmanager
 def _guarded(model: nn.Module, *, eval_mode: bool, freeze: bool) -> Iterator[None]:
-    walk = _current(model)  # a nested call (a metric calling a method) reuses the outer walk
-    mods = walk.modules
-    # without freezing, parameters are left alone: not read, not written (nothing differentiates)
-    params = walk.parameters if freeze else []
-    training = [m.training for m in mods]
-    requires = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    stack = getattr(_WALKS, "stack", None)
-    if stack is None:
-        stack = _WALKS.stack = []
-    stack.append((model, walk))
-    try:
-        if eval_mode and any(training):
-            model.eval()
-        if freeze:
-            for p, req in zip(params, requires):
-                if req:
-                    p.requires_grad_(False)
-        # gradients must work even when the caller is inside no_grad() or inference_mode()
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        stack.pop()
-        for m, flag in zip(mods, training):
-            if m.training != flag:
-                m.training = flag
-        for p, req, g in zip(params, requires, grads):
-            if p.requires_grad != req:
-                p.requires_grad_(req)
-            if p.grad is not g:
-                p.grad = g
+    with shared_walk(model):  # a nested call (a metric calling a method) reuses the outer walk
+        walk = _current(model)
+        mods = walk.modules
+        # without freezing, parameters are left alone: not read, not written (nothing differentiates)
+        params = walk.parameters if freeze else []
+        training = [m.training for m in mods]
+        requires = [p.requires_grad for p in params]
+        grads = [p.grad for p in params]
+        try:
+            if eval_mode and any(training):
+                model.eval()
+            if freeze:
+                for p, req in zip(params, requires):
+                    if req:
+                        p.requires_grad_(False)
+            # gradients must work even when the caller is inside no_grad() or inference_mode()
+            with torch.inference_mode(False), torch.enable_grad():
+                yield
+        finally:
+            for m, flag in zip(mods, training):
+                if m.training != flag:
+                    m.training = flag
+            for p, req, g in zip(params, requires, grads):
+                if p.requires_grad != req:
+                    p.requires_grad_(req)
+                if p.grad is not g:
+                    p.grad = g
 
 
 def model_device(model: nn.Module) -> torch.device:

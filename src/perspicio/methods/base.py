@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..core.batching import Engine, check_progress
 from ..core.blackbox import unwrap_model
 from ..core.explanation import Explanation
-from ..core.guard import checked_before, model_guard
+from ..core.guard import checked_before, model_guard, shared_walk
 from ..core.inputs import as_batch, check_model_usable
 from ..core.options import RecordsOptions
 from ..core.outputs import OutputSelector
@@ -164,4 +164,5 @@ def build(cls: type[Method], model: Any, **options: Any) -> Method:
             f"method {cls.name!r} has no option {unknown[0]!r}; its options are: {', '.join(allowed)}."
             + suggest(unknown[0], allowed)
         )
-    return cls(model, **options)
+    with shared_walk(unwrap_model(model)[0]):  # the constructors' model check and layer searches walk it once
+        return cls(model, **options)

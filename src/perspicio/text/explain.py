@@ -345,6 +345,7 @@ def explain_text(
         **options: the method's options (e.g. ``steps``, ``query``, ``layer`` for ``attention``).
     """
     from ..core.blackbox import unwrap_model
+    from ..core.guard import shared_walk
     from ..methods.base import build
 
     if not isinstance(merge_words, bool):
@@ -444,7 +445,8 @@ def explain_text(
                 options,
             )
         else:
-            e = build(cls, tm, labels=labels, **options)(x, target=target)
+            with shared_walk(tm):  # the method's construction and call walk the model once
+                e = build(cls, tm, labels=labels, **options)(x, target=target)
     attr = e.attributions
     if attr.ndim == 3 and entry.name in EMBEDDING_METHODS:
         attr = attr.sum(dim=-1)  # per token: the sum over the embedding dimensions

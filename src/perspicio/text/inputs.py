@@ -107,8 +107,20 @@ def encode(
         if not t.strip():
             raise InputError(f"text {i} is empty; there is nothing to explain.")
     limit = _max_length(tokenizer, model, max_length)
-    full = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
-    lengths = [len(ids) for ids in full]
+
+    def tokenized(truncate: bool) -> Any:
+        return tokenizer(
+            list(texts),
+            padding=True,
+            truncation=truncate,
+            max_length=limit if truncate else None,
+            return_tensors="pt",
+            return_special_tokens_mask=True,
+        )
+
+    # untruncated first: the lengths tell what a limit drops; only a text over it is tokenized again
+    enc = tokenized(False)
+    lengths = enc["attention_mask"].sum(1).tolist()
     dropped = tuple(max(0, n - limit) for n in lengths) if limit else tuple(0 for _ in lengths)
     for i, d in enumerate(dropped):
         if d:
@@ -117,14 +129,8 @@ def encode(
                 "were dropped (truncated).",
                 stacklevel=3,
             )
-    enc = tokenizer(
-        list(texts),
-        padding=True,
-        truncation=limit is not None,
-        max_length=limit,
-        return_tensors="pt",
-        return_special_tokens_mask=True,
-    )
+    if any(dropped):
+        enc = tokenized(True)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     if int(mask.sum(1).min()) == 0:
         raise InputError("a text has no tokens after tokenization.")
