@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -138,6 +138,15 @@ def checked_before(model: nn.Module) -> None:
             if walk._meta is None:
                 walk._meta = model_device(model).type == "meta"
             return
+
+
+def model_modules(model: nn.Module) -> Iterable[nn.Module]:
+    """``model.modules()``: inside a guarded call of ``model`` the guard's walk, else the generator
+    (a caller that stops early does not pay for a whole walk)."""
+    for m, walk in reversed(getattr(_WALKS, "stack", ())):
+        if m is model:
+            return walk.modules
+    return model.modules()
 
 
 def module_tree(model: nn.Module) -> list[tuple[str, nn.Module]]:

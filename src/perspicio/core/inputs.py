@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, ModelError
-from .guard import model_device, model_dtype, walk_has_meta
+from .guard import model_device, model_dtype, model_modules, walk_has_meta
 
 _CONV_NDIM = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}
 
@@ -20,7 +20,7 @@ def expected_input(model: nn.Module) -> tuple[int, int] | None:
     declared = getattr(model, "expected_input", None)
     if declared is not None and not callable(declared):
         return declared
-    for m in model.modules():
+    for m in model_modules(model):
         for cls, ndim in _CONV_NDIM.items():
             if isinstance(m, cls):
                 return m.in_channels, ndim

@@ -17,6 +17,14 @@ from typing import Any, ClassVar
 from ..errors import OptionError
 
 
+def _signature(func: Any) -> inspect.Signature:
+    """``inspect.signature`` of a constructor, memoised (read on every construction)."""
+    from .calls import signature
+
+    sig = signature(func)
+    return sig if sig is not None else inspect.signature(func)
+
+
 class RecordsOptions:
     """Mixin: ``self.options`` holds the arguments the outermost constructor was called with."""
 
@@ -33,7 +41,7 @@ class RecordsOptions:
         def wrapped(self: RecordsOptions, *args: Any, **kwargs: Any) -> None:
             init(self, *args, **kwargs)
             if type(self).__init__ is wrapped:  # only the outermost constructor records
-                sig = inspect.signature(init)
+                sig = _signature(init)
                 bound = sig.bind(self, *args, **kwargs)
                 if cls._options_with_defaults:
                     bound.apply_defaults()
@@ -54,7 +62,7 @@ class RecordsOptions:
             init = klass.__dict__.get("__init__")
             if init is None or klass is object or klass is RecordsOptions:
                 continue
-            for p in inspect.signature(inspect.unwrap(init)).parameters.values():
+            for p in _signature(inspect.unwrap(init)).parameters.values():
                 if p.name not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in names:
                     names.append(p.name)
         return names

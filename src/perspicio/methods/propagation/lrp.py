@@ -455,8 +455,13 @@ class LRP(Method):
                     raise ModelError(
                         "the model output does not depend on the input: nothing to propagate."
                     )
-                g = torch.autograd.grad(s.sum(), out, retain_graph=True)[0]
-                R = (out * g).detach()
+                if tgt.indices is not None and len(tgt.indices) == out.shape[0]:  # class scores: R = the score
+                    flat = torch.zeros_like(out.detach()).reshape(out.shape[0], -1)
+                    idx = tgt.indices.to(out.device)[:, None]
+                    R = flat.scatter_(1, idx, s.detach()[:, None]).reshape(out.shape)
+                else:
+                    g = torch.autograd.grad(s.sum(), out, retain_graph=True)[0]
+                    R = (out * g).detach()
                 try:
                     rel = engine.grad((out * R).sum(), [xc], stop - start)[0]
                 except RuntimeError as exc:
