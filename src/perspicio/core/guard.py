@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-#: the module trees of the models this thread is inside a guarded call of (innermost last): a method
-#: call walks its model once - the guard's walk serves the input checks and layer searches of the
-#: same call. Lives only for the call; structure does not change inside one (methods add hooks, not
-#: modules).
+#: the walks of the models this thread is inside a guarded call (or a :func:`shared_walk`) of,
+#: innermost last: a method call walks its model once - the guard's walk serves the input checks and
+#: layer searches of the same call. Lives only for the call; structure does not change inside one
+#: (methods add hooks, not modules).
 _WALKS = threading.local()
 
 #: one re-entrant lock per live model (weak keys: an entry dies with its model; no bytes held)
@@ -114,12 +114,18 @@ class _Walk:
         return self._parameters
 
 
-def _current(model: nn.Module) -> _Walk:
-    """The walk of ``model``: the guard's inside a guarded call of it, else a new one."""
+def _shared(model: nn.Module) -> _Walk | None:
+    """The walk of ``model`` this thread is inside a guarded call (or shared walk) of, else None."""
     for m, walk in reversed(getattr(_WALKS, "stack", ())):
         if m is model:
             return walk
-    return _walk(model)
+    return None
+
+
+def _current(model: nn.Module) -> _Walk:
+    """The walk of ``model``: the guard's inside a guarded call of it, else a new one."""
+    walk = _shared(model)
+    return walk if walk is not None else _walk(model)
 
 
 def walk_has_meta(model: nn.Module) -> bool:
@@ -133,20 +139,16 @@ def checked_before(model: nn.Module) -> None:
     before (a method checks its model when built): only a model moved to ``meta`` since - its first
     tensor there - is refused by the call's checks; the full scan, one access per parameter and
     buffer, is not repeated on every call."""
-    for m, walk in reversed(getattr(_WALKS, "stack", ())):
-        if m is model:
-            if walk._meta is None:
-                walk._meta = model_device(model).type == "meta"
-            return
+    walk = _shared(model)
+    if walk is not None and walk._meta is None:
+        walk._meta = model_device(model).type == "meta"
 
 
 def model_modules(model: nn.Module) -> Iterable[nn.Module]:
     """``model.modules()``: inside a guarded call of ``model`` the guard's walk, else the generator
     (a caller that stops early does not pay for a whole walk)."""
-    for m, walk in reversed(getattr(_WALKS, "stack", ())):
-        if m is model:
-            return walk.modules
-    return model.modules()
+    walk = _shared(model)
+    return walk.modules if walk is not None else model.modules()
 
 
 def module_tree(model: nn.Module) -> list[tuple[str, nn.Module]]:

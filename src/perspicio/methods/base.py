@@ -111,7 +111,7 @@ class Method(RecordsOptions):
         """Explain ``inputs`` (N, C, H, W) for ``target`` (see :func:`perspicio.core.targets.resolve_target`)."""
         # the guard is entered first: its walk of the model serves the input checks and layer look-ups
         with model_guard(self.model, freeze=self.freezes_parameters):
-            checked_before(self.model)  # in __init__
+            checked_before(self.model)  # __init__ scanned every tensor; the call re-checks the device only
             x = self._prepare_inputs(inputs)
             target = normalize_target(target)  # logits.argmax() (a 0-d tensor), numpy integers
             # several targets per input ([[3, 5]] or an (N, T) tensor): N*T rows, input-major
