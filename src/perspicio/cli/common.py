@@ -133,6 +133,11 @@ def out_dir_flag(default: str | None = "perspicio-out", help: str = "Output dire
                         type=click.Path(file_okay=False), callback=out_dir_option, help=help)
 
 
+#: the ``--target/-t`` option of the commands that explain one class per image
+target_flag = click.option(
+    "--target", "-t", default=None, help="Class index or name to explain (default: the predicted class)."
+)
+
 #: the ``--output KEY|INDEX`` option: which tensor of a dict/tuple/ModelOutput to explain
 output_flag = click.option(
     "--output", "output", default=None, metavar="KEY|INDEX",

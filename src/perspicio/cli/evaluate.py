@@ -16,6 +16,7 @@ from .common import (
     parse_output,
     parse_target,
     split_list,
+    target_flag,
 )
 
 DEFAULT_IMAGES = ("chelsea",)
@@ -64,12 +65,7 @@ def _scoped_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict[str, An
     multiple=True,
     help="Metrics: names, a family, 'default' or 'all'. Default: default.",
 )
-@click.option(
-    "--target",
-    "-t",
-    default=None,
-    help="Class index or name to explain (default: the predicted class).",
-)
+@target_flag
 @click.option(
     "--out",
     "-o",

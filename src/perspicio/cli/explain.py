@@ -19,6 +19,7 @@ from .common import (
     parse_output,
     parse_target,
     split_list,
+    target_flag,
 )
 
 DEFAULT_IMAGES = ("chelsea",)
@@ -48,12 +49,7 @@ def register(group: click.Group) -> None:
     multiple=True,
     help="Method name(s); repeat or comma-separate; 'all', or a family as family:NAME (e.g. family:cam). Default: one method of each of six families (gradcam, scorecam, integrated_gradients, lrp, occlusion, kernel_shap).",
 )
-@click.option(
-    "--target",
-    "-t",
-    default=None,
-    help="Class index or name to explain (default: the predicted class).",
-)
+@target_flag
 @click.option(
     "--layer",
     "-l",

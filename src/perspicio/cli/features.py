@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from ..core.jsonable import to_jsonable
-from .common import load_model, out_dir_option, parse_target, split_list
+from .common import load_model, out_dir_option, parse_target, split_list, target_flag
 
 DIGITS = ("digits", "digits_cnn")
 
@@ -338,7 +338,7 @@ def project_cmd(data: str | None, model_spec: str, device: str, random_init: boo
 @features.command("sensitivity")
 @click.argument("image", required=False)
 @_common
-@click.option("--target", "-t", default=None, help="Class index or name (default: the predicted class).")
+@target_flag
 @click.option("--window", type=int, default=None, help="Occluder side in pixels (default: 1/7 of the image).")
 @click.option("--stride", type=int, default=None, help="Occluder stride (default: 1/14 of the image).")
 @click.option("--batch-size", type=int, default=None)

@@ -208,12 +208,16 @@ class AttentionCapture:
     """Records the attention probabilities of every attention module call (module docstring)."""
 
     def __init__(
-        self, model: nn.Module, modules: Any = None, *, grad: bool = False, fast: bool = True
+        self,
+        model: nn.Module,
+        modules: Any = None,
+        *,
+        grad: bool = False,
+        fast: bool = True,
+        found: list[tuple[str, nn.Module]] | None = None,
     ) -> None:
-        resolved = isinstance(modules, list) and bool(modules) and all(
-            isinstance(m, tuple) and len(m) == 2 and isinstance(m[1], nn.Module) for m in modules
-        )  # (name, module) pairs already found
-        self.modules = modules if resolved else _find_modules(model, modules)
+        #: (name, module) of the attention modules: ``found`` (a search already done), else the search
+        self.modules = found if found is not None else _find_modules(model, modules)
         self.grad = grad
         self.fast = fast and not grad
         self.records: list[AttentionRecord] = []
@@ -552,7 +556,11 @@ class _AttentionMethod(Method):
     input_ndim = None
     #: True when the method needs dA (d target / d attention) per layer
     uses_gradients = False
-    freezes_parameters = False  # the gradient methods below set it with uses_gradients
+
+    @property
+    def freezes_parameters(self) -> bool:  # type: ignore[override]
+        """Only the gradient-weighted methods differentiate (the guard then freezes parameters)."""
+        return self.uses_gradients
 
     def __init__(
         self,
@@ -639,10 +647,12 @@ class _AttentionMethod(Method):
         def step(start: int, stop: int) -> None:
             xs = x[start:stop]
             found = self._attention_modules()
-            with AttentionCapture(self.model, found, grad=self.uses_gradients) as cap:
+            with AttentionCapture(self.model, found=found, grad=self.uses_gradients) as cap:
                 out = engine.forward(xs)
             if cap.missed:  # a module returned no weights after all: read its softmax instead
-                with AttentionCapture(self.model, found, grad=self.uses_gradients, fast=False) as cap:
+                with AttentionCapture(
+                    self.model, found=found, grad=self.uses_gradients, fast=False
+                ) as cap:
                     out = engine.forward(xs)
             if not cap.records:
                 raise ModelError(
@@ -904,7 +914,6 @@ class TransformerAttribution(_AttentionMethod):
     heads, accumulated as ``R <- R + A_bar R`` from ``R = I``."""
 
     uses_gradients = True
-    freezes_parameters = True
 
     def relevance(
         self, attn: list[Tensor], grads: list[Tensor] | None, mask: Tensor, weights: Tensor
