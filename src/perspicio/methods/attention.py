@@ -471,8 +471,7 @@ def rollout(
         raise ModelError("no attention layer ran.")
     first = attn[0]
     if all(
-        a.shape == first.shape and a.dtype == first.dtype and a.device == first.device
-        for a in attn
+        a.shape == first.shape and a.dtype == first.dtype and a.device == first.device for a in attn
     ):
         # one head fusion, residual and normalisation for the whole (L, N, [heads,] T, T) stack:
         # the same element-wise values as layer by layer, in a few torch calls instead of a few
@@ -545,9 +544,37 @@ def attention_flow_values(layers: Tensor, queries: Sequence[int], *, scale: int 
 
 
 def _check_query(query: Any) -> None:
-    if query in ("auto", "cls", "mean") or (isinstance(query, int) and not isinstance(query, bool)):
+    if query in ("auto", "cls", "mean", "last") or (
+        isinstance(query, int) and not isinstance(query, bool)
+    ):
         return
-    raise OptionError(f"query must be 'auto', 'cls', 'mean' or a token index; got {query!r}.")
+    raise OptionError(
+        f"query must be 'auto', 'cls', 'mean', 'last' or a token index; got {query!r}."
+    )
+
+
+def is_causal(attn: Sequence[Tensor], mask: Tensor) -> bool:
+    """Whether every layer's attention is causal (a decoder: no real query attends to a later real
+    key): the upper triangle over the real tokens is exactly 0 in every layer and head, and some
+    text has at least two real tokens. A bidirectional softmax is never exactly 0 there."""
+    if int(mask.sum(1).max()) < 2:
+        return False
+    real = mask[:, None, :, None] & mask[:, None, None, :]  # (N, 1, T, T) real query and key
+    upper = torch.ones(mask.shape[1], mask.shape[1], dtype=torch.bool, device=mask.device).triu(1)
+    return all(not bool((a.ne(0) & real & upper).any()) for a in attn)
+
+
+def _pools_by_mean(model: nn.Module) -> bool | None:
+    """What the model states about its pooling: True for the mean of the tokens (``pooling="mean"``,
+    timm ``global_pool`` "avg"/"avgmax"/"max"/"map"), False for a class token (``"cls"``, timm
+    ``"token"``), None when it states nothing."""
+    pooling = getattr(model, "pooling", None)
+    if isinstance(pooling, str):
+        return pooling == "mean"
+    pool = getattr(model, "global_pool", None)
+    if isinstance(pool, str) and pool:
+        return pool != "token"
+    return None
 
 
 class _AttentionMethod(Method):
@@ -577,8 +604,14 @@ class _AttentionMethod(Method):
         self.query = query
         self.extra_tokens = extra_tokens
         self.attention_modules = attention_modules
+        #: names of the attention calls of the last call (call order) and the ones left out
+        self._names: tuple[str, ...] = ()
+        self._skipped: list[str] = []
         #: (module tree, its attention modules) of the last call: searched again when the tree differs
-        self._found = (module_tree(self.model), _find_modules(self.model, attention_modules))  # validates now
+        self._found = (
+            module_tree(self.model),
+            _find_modules(self.model, attention_modules),
+        )  # validates now
 
     def _attention_modules(self) -> list[tuple[str, nn.Module]]:
         """The attention modules to capture (the last search while the model's modules are the same)."""
@@ -617,23 +650,75 @@ class _AttentionMethod(Method):
             return None
         return token_grid(self.model, x, t, extra_tokens=check_extra_tokens(self.extra_tokens))
 
-    def _query_weights(self, mask: Tensor, extra: int, image: bool) -> Tensor:
+    def _query_weights(self, mask: Tensor, extra: int, image: bool, causal: bool = False) -> Tensor:
         n, t = mask.shape
         q = self.query
         if q == "auto":
-            pooling = getattr(self.model, "pooling", None)
-            q = "mean" if pooling == "mean" or (image and extra == 0) else "cls"
+            by_mean = _pools_by_mean(self.model)
+            if causal:  # a decoder: only the last real token has seen the whole text
+                q = "last"
+            elif by_mean is not None:
+                q = "mean" if by_mean else "cls"
+            else:
+                q = "mean" if image and extra == 0 else "cls"
         if q == "mean":
             w = mask.double()  # a new tensor
             if extra:
                 w[:, :extra] = 0.0
             return w / w.sum(dim=1, keepdim=True).clamp_min(1)
         w = torch.zeros(n, t, dtype=torch.float64, device=mask.device)
+        if q == "last":  # each row's last real token (right or left padding)
+            pos = torch.arange(t, device=mask.device).expand(n, t)
+            last = torch.where(mask, pos, torch.full_like(pos, -1)).amax(dim=1).clamp_min(0)
+            w[torch.arange(n, device=mask.device), last] = 1.0
+            return w
         idx = 0 if q == "cls" else int(q)
         if not -t <= idx < t:
             raise OptionError(f"query={q} is out of range for {t} tokens.")
         w[:, idx % t] = 1.0
         return w
+
+    def _check_records(self, records: list[AttentionRecord], rows: int) -> list[AttentionRecord]:
+        """The records the methods use, checked: one (heads, T, T) self-attention map per input over
+        one token sequence. With automatic module search, attention calls whose queries are not
+        their keys (an attention-pooling head such as timm's MAP pool, cross-attention) are left
+        out and named in ``extras["skipped_attention_layers"]``; everything else that is not one
+        global self-attention over the same tokens is refused with what was seen."""
+        auto = self.attention_modules is None or self.attention_modules == "auto"
+        square = [r for r in records if r.weights.shape[-2] == r.weights.shape[-1]]
+        self._skipped = [r.name for r in records if r.weights.shape[-2] != r.weights.shape[-1]]
+        if auto and square and self._skipped:
+            records = square
+        else:
+            self._skipped = []
+        if len(square) != len(records):
+            raise ModelError(
+                "attention methods need self-attention (queries = keys); got shapes "
+                + ", ".join(f"{r.name}: {tuple(r.weights.shape)}" for r in records[:4])
+                + (", ..." if len(records) > 4 else "")
+                + "."
+            )
+        for r in records:
+            if r.weights.shape[0] != rows:
+                raise ModelError(
+                    f"attention module {r.name!r} computed {r.weights.shape[0]} attention maps "
+                    f"{tuple(r.weights.shape[1:])} for {rows} input(s): windowed or grouped attention "
+                    "(Swin's shifted windows, local attention) has no map over the whole token sequence, "
+                    "so raw attention, rollout, flow and transformer attribution are not defined for it. "
+                    "Use a gradient or propagation method (lrp, integrated_gradients) or a CAM on the "
+                    "stage outputs (gradcam reads channels-last maps)."
+                )
+        sizes = sorted({r.weights.shape[-1] for r in records})
+        if len(sizes) > 1:
+            raise ModelError(
+                "the attention layers run over different numbers of tokens ("
+                + ", ".join(f"{r.name}: {r.weights.shape[-1]}" for r in records[:6])
+                + (", ..." if len(records) > 6 else "")
+                + "): token merging or pooling between layers (hierarchical transformers, "
+                "encoder-decoders) has no rollout over one sequence. Pass attention_modules=[...] "
+                "naming the layers of one token sequence."
+            )
+        return records
 
     def _explain(self, x: Tensor, target: Any, engine: Engine) -> Explanation:
         n = len(x)
@@ -660,7 +745,8 @@ class _AttentionMethod(Method):
                     + ", ".join(name for name, _ in cap.modules)
                     + ")."
                 )
-            names[:] = [r.name for r in cap.records]
+            records = self._check_records(cap.records, len(xs))
+            names[:] = [r.name for r in records]
             tgt = None
             if target is not None or (isinstance(out, Tensor) and out.ndim == 2):
                 tgt = resolve_target(slice_target(target, start, stop, n), out, self.labels)
@@ -676,14 +762,14 @@ class _AttentionMethod(Method):
                         f"{self.name} needs a target: the model output {tuple(out.shape)} is not "
                         "(N, classes); pass a callable target (e.g. EmbeddingSimilarity)."
                     )
-                leaves = [r.leaf for r in cap.records]
+                leaves = [r.leaf for r in records]
                 if not s.requires_grad:
                     raise ModelError(
                         "the target score does not depend on the attention weights (no gradient path)."
                     )
                 got = engine.grad(s.sum(), leaves, len(xs))
-                grads = [g.reshape(r.weights.shape).detach() for g, r in zip(got, cap.records)]
-            chunks.append(([r.weights.detach() for r in cap.records], grads))
+                grads = [g.reshape(r.weights.shape).detach() for g, r in zip(got, records)]
+            chunks.append(([r.weights.detach() for r in records], grads))
 
         engine.run(step, n, sample=x[:1], grad=self.uses_gradients, description=self.name)
         layers = len(chunks[0][0])
@@ -706,14 +792,19 @@ class _AttentionMethod(Method):
         layout = self._layout(x, t)
         extra = layout.extra if layout is not None else 0
         mask = self._token_mask(x, t)
-        weights = self._query_weights(mask, extra, image)
+        causal = is_causal(attn, mask)
+        weights = self._query_weights(mask, extra, image, causal)
+        self._names = tuple(names)
         rel, matrix = self.relevance(attn, grads, mask, weights)
         rel = rel.to(attn[-1].dtype) * mask
         extras: dict[str, Any] = {
             "query_weights": weights,
             "token_mask": mask,
             "attention_layers": tuple(names),
+            "causal": causal,
         }
+        if self._skipped:
+            extras["skipped_attention_layers"] = tuple(dict.fromkeys(self._skipped))
         if matrix is not None:
             extras["relevance_matrix"] = matrix
         extras.update(self._extras(attn))
@@ -768,7 +859,6 @@ class RawAttention(_AttentionMethod):
             raise OptionError(f"head must be None (mean of heads) or an integer; got {head!r}.")
         self.layer = layer
         self.head = head
-        self._names: tuple[str, ...] = ()
 
     def relevance(
         self, attn: list[Tensor], grads: list[Tensor] | None, mask: Tensor, weights: Tensor
@@ -779,15 +869,23 @@ class RawAttention(_AttentionMethod):
     def _pick(self, attn: list[Tensor]) -> Tensor:
         layer = self.layer
         if isinstance(layer, str):
-            names = [name for name, _ in self._attention_modules()]
+            # the modules as they ran (call order; a shared module once per call)
+            names = list(self._names) or [name for name, _ in self._attention_modules()]
             if layer not in names:
                 from ..errors import suggest
 
+                known = list(dict.fromkeys(names))
                 raise LayerError(
-                    f"{layer!r} is not an attention module; they are: {', '.join(names)}."
-                    + suggest(layer, names)
+                    f"{layer!r} is not an attention module; they are: {', '.join(known)}."
+                    + suggest(layer, known)
                 )
-            layer = names.index(layer)
+            calls = [i for i, name in enumerate(names) if name == layer]
+            if len(calls) > 1:
+                raise OptionError(
+                    f"attention module {layer!r} runs {len(calls)} times per forward pass (shared "
+                    f"layers); pick one call by its index in call order: layer={calls}."
+                )
+            layer = calls[0]
         if not -len(attn) <= layer < len(attn):
             raise OptionError(
                 f"layer={self.layer} is out of range: {len(attn)} attention layers ran."
