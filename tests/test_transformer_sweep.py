@@ -462,3 +462,26 @@ def test_timm_swin_is_refused_and_its_cam_reads_channels_last() -> None:
         perspicio.explain(m, x, method="attention_rollout")
     e = perspicio.explain(m, x, method="gradcam", target=0)
     assert e.layer == "layers.1.blocks.0" and e.raw.shape == (2, 1, 7, 7)
+
+
+# ---------------------------------------------------------------------------- bad token inputs
+
+
+@pytest.mark.parametrize("method", ["attention_rollout", "integrated_gradients", "lrp"])
+def test_token_ids_beyond_the_model_are_input_errors(method: str) -> None:
+    from perspicio.errors import InputError
+
+    bert, key = _text_model("bert")  # 32 positions
+    ids = torch.randint(5, V, (1, 33), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InputError, match="33 tokens but the model takes at most 32"):
+        perspicio.explain(bert, {"input_ids": ids}, method=method, output=key, target=0)
+    with pytest.raises(InputError, match="vocabulary has 100 tokens"):
+        perspicio.explain(
+            bert, {"input_ids": torch.tensor([[5, 100]])}, method=method, output=key, target=0
+        )
+    # RoBERTa counts positions from padding_idx + 1: 32 positions hold 30 tokens
+    roberta, key = _text_model("roberta")
+    with pytest.raises(InputError, match="31 tokens but the model takes at most 30"):
+        perspicio.explain(roberta, {"input_ids": ids[:, :31]}, method=method, output=key, target=0)
+    e = perspicio.explain(roberta, {"input_ids": ids[:, :30]}, method=method, output=key, target=0)
+    assert e.attributions.shape == (1, 30)

@@ -26,7 +26,7 @@ from .embedding import (
     reduce_tokens,
     token_reduction,
 )
-from .inputs import TokenBatch, encode, find_tokenizer, from_mapping, is_text
+from .inputs import TokenBatch, check_token_ids, encode, find_tokenizer, from_mapping, is_text
 from .model import TokenModel, embedding_layer, pack
 from .targets import ScoreHead, ZeroShot, ZeroShotHead, embed
 
@@ -378,6 +378,7 @@ def explain_text(
             f"text inputs must be a string, a list of strings or a dict of token tensors; got "
             f"{type(inputs).__name__}."
         )
+    check_token_ids(inner, tensors)
     keys = tuple(tensors)
     tm = TokenModel(inner, keys)
     device = next((p.device for p in inner.parameters()), torch.device("cpu"))

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..errors import InputError, ModelError
 
-__all__ = ["TokenBatch", "encode", "find_tokenizer", "is_text"]
+__all__ = ["TokenBatch", "check_token_ids", "encode", "find_tokenizer", "is_text", "position_limit"]
 
 #: tokenizers report this (or larger) as model_max_length when the length is unknown
 _UNKNOWN_LENGTH = 10**9
@@ -87,9 +87,48 @@ def _max_length(tokenizer: Any, model: Any, max_length: int | None) -> int | Non
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and limit < _UNKNOWN_LENGTH:
         return limit
-    config = getattr(getattr(model, "model", model), "config", None)
+    return position_limit(getattr(model, "model", model))
+
+
+def position_limit(model: Any) -> int | None:
+    """The most tokens ``model`` takes: its config's ``max_position_embeddings`` (GPT-2's
+    ``n_positions``), less the positions a RoBERTa-style embedding reserves (positions count from
+    ``padding_idx + 1``); None when the model states none."""
+    config = getattr(model, "config", None)
     pos = getattr(config, "max_position_embeddings", None)
-    return pos if isinstance(pos, int) else None
+    if not isinstance(pos, int) or isinstance(pos, bool):
+        return None
+    modules = model.named_modules() if isinstance(model, torch.nn.Module) else ()
+    for name, m in modules:
+        if (
+            name.endswith("position_embeddings")
+            and isinstance(m, torch.nn.Embedding)
+            and m.num_embeddings == pos
+            and m.padding_idx is not None
+        ):
+            return pos - (m.padding_idx + 1)
+    return pos
+
+
+def check_token_ids(model: Any, tensors: Mapping[str, Tensor]) -> None:
+    """Token ids the model can embed, and no more tokens than it has positions: an
+    :class:`InputError` naming the limit instead of an index error deep inside the model."""
+    ids = tensors["input_ids"]
+    limit = position_limit(model)
+    if limit is not None and ids.shape[-1] > limit:
+        raise InputError(
+            f"input_ids has {ids.shape[-1]} tokens but the model takes at most {limit} "
+            "(config.max_position_embeddings); pass shorter ids, or the text with max_length= "
+            "(texts are truncated with a warning)."
+        )
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if isinstance(vocab, int) and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise InputError(
+            f"input_ids holds ids from {int(ids.min())} to {int(ids.max())}; the model's vocabulary "
+            f"has {vocab} tokens (0 to {vocab - 1})."
+        )
 
 
 def encode(
