@@ -485,3 +485,114 @@ def test_token_ids_beyond_the_model_are_input_errors(method: str) -> None:
         perspicio.explain(roberta, {"input_ids": ids[:, :31]}, method=method, output=key, target=0)
     e = perspicio.explain(roberta, {"input_ids": ids[:, :30]}, method=method, output=key, target=0)
     assert e.attributions.shape == (1, 30)
+
+
+# ---------------------------------------------------------------------------- AttnLRP vs lxt
+
+
+class _ViTFromTokens(nn.Module):
+    """A Hugging Face ViT classifier from its embedding output (class token + patches + position):
+    the transformer blocks, the final LayerNorm, the class token, the classifier."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for layer in self.vit.vit.layers:
+            h = layer(h)
+        return self.vit.classifier(self.vit.vit.layernorm(h)[:, 0])
+
+
+def _lxt_vit(vit: nn.Module, h0: torch.Tensor, cls: int, eps: float) -> torch.Tensor:
+    """The same forward written with lxt's explicit AttnLRP functions (GELU: identity rule)."""
+    lf = pytest.importorskip("lxt.explicit.functional")
+
+    class GeluIdentity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            return torch.nn.functional.gelu(x)
+
+        @staticmethod
+        def backward(ctx, r):  # noqa: ANN001, ANN205
+            return r
+
+    def norm(u, ln):  # noqa: ANN001, ANN202
+        return lf.layer_norm_grad_fn.apply(u, ln.weight, ln.bias, ln.eps, eps)
+
+    def lin(u, layer):  # noqa: ANN001, ANN202
+        return lf.linear_epsilon(u, layer.weight, layer.bias, epsilon=eps)
+
+    x = h0.clone().requires_grad_(True)
+    n, t, d = x.shape
+    heads = vit.config.num_attention_heads
+    h = x
+    for layer in vit.vit.layers:
+        a = norm(h, layer.layernorm_before)
+        sa = layer.attention
+
+        def split(u):  # noqa: ANN001, ANN202
+            return u.view(n, t, heads, d // heads).transpose(1, 2)
+
+        q, k, v = split(lin(a, sa.q_proj)), split(lin(a, sa.k_proj)), split(lin(a, sa.v_proj))
+        s = lf.mul2(lf.matmul(q, k.transpose(-1, -2), epsilon=eps), (d // heads) ** -0.5)
+        ctx = lf.matmul(lf.softmax(s, -1), v, epsilon=eps).transpose(1, 2).reshape(n, t, d)
+        h = lf.add2(lin(ctx, sa.o_proj), h, epsilon=eps)
+        b = GeluIdentity.apply(lin(norm(h, layer.layernorm_after), layer.mlp.fc1))
+        h = lf.add2(lin(b, layer.mlp.fc2), h, epsilon=eps)
+    y = lin(norm(h, vit.vit.layernorm)[:, 0], vit.classifier)[:, cls]
+    y.backward(y.detach())
+    return x.grad
+
+
+def _vit_with_biases() -> nn.Module:
+    vit = _hf_vision("vit").double()
+    with torch.no_grad():  # Hugging Face initialises biases to 0: give the rules some to handle
+        g = torch.Generator().manual_seed(3)
+        for name, p in vit.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return vit
+
+
+def test_attnlrp_on_hf_vit_agrees_with_lxt() -> None:
+    pytest.importorskip("lxt")
+    vit = _vit_with_biases()
+    with torch.no_grad():
+        h0 = vit.vit.embeddings(_pixels()[:1].double())
+    ours = perspicio.explain(
+        _ViTFromTokens(vit).eval(), h0, method="lrp", composite="attnlrp", target=2, epsilon=1e-12
+    ).attributions
+    theirs = _lxt_vit(vit, h0, 2, eps=1e-12)
+    assert float((ours - theirs).abs().max()) <= 1e-7 * float(theirs.abs().max())
+
+
+def test_attnlrp_on_hf_vit_conserves_where_the_rules_promise() -> None:
+    from perspicio.methods.propagation.transformer_rules import relevance_budget
+
+    vit = _hf_vision("vit").double()
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+        h0 = vit.vit.embeddings(_pixels()[:1].double())
+    model = _ViTFromTokens(vit).eval()
+    # CP-LRP (softmax a constant gate): every rule conserves
+    e = perspicio.explain(
+        model,
+        h0,
+        method="lrp",
+        composite="attnlrp",
+        attention="constant",
+        target=2,
+        epsilon=1e-12,
+    )
+    score = float(e.scores[0])
+    assert abs(float(e.attributions.sum()) - score) <= 1e-9 * max(1.0, abs(score))
+    # AttnLRP: the softmaxes keep their Taylor bias terms, and nothing else keeps anything
+    e = perspicio.explain(
+        model, h0, method="lrp", composite="attnlrp", target=2, epsilon=1e-12, record_layers=True
+    )
+    budget = relevance_budget(e)
+    kept = {k for k, v in budget.absorbed.items() if float(v.abs().max()) > 1e-9 * abs(score)}
+    assert kept == {"softmax"} and abs(float(budget.residual[0])) <= 1e-9 * max(1.0, abs(score))
