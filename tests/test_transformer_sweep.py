@@ -596,3 +596,120 @@ def test_attnlrp_on_hf_vit_conserves_where_the_rules_promise() -> None:
     budget = relevance_budget(e)
     kept = {k for k, v in budget.absorbed.items() if float(v.abs().max()) > 1e-9 * abs(score)}
     assert kept == {"softmax"} and abs(float(budget.residual[0])) <= 1e-9 * max(1.0, abs(score))
+
+
+class _GPT2FromEmbeds(nn.Module):
+    """GPT-2's sequence classifier from its token embeddings (the last token's score)."""
+
+    def __init__(self, gpt2: nn.Module) -> None:
+        super().__init__()
+        self.gpt2 = gpt2
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.gpt2.score(self.gpt2.transformer(inputs_embeds=e).last_hidden_state[:, -1])
+
+
+def _lxt_gpt2(gpt2: nn.Module, e: torch.Tensor, cls: int, eps: float) -> torch.Tensor:
+    """GPT-2 written with lxt's explicit functions: Conv1D as linear_epsilon with W^T, the causal
+    mask on the scores, tanh-GELU with the identity rule."""
+    lf = pytest.importorskip("lxt.explicit.functional")
+
+    class GeluIdentity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            return torch.nn.functional.gelu(x, approximate="tanh")
+
+        @staticmethod
+        def backward(ctx, r):  # noqa: ANN001, ANN205
+            return r
+
+    def norm(u, ln):  # noqa: ANN001, ANN202
+        return lf.layer_norm_grad_fn.apply(u, ln.weight, ln.bias, ln.eps, eps)
+
+    def conv(u, c):  # noqa: ANN001, ANN202
+        return lf.linear_epsilon(u, c.weight.T, c.bias, epsilon=eps)
+
+    x = e.clone().requires_grad_(True)
+    n, t, d = x.shape
+    heads = gpt2.config.n_head
+    tr = gpt2.transformer
+    h = lf.add2(x, tr.wpe.weight[:t][None].detach().expand(n, t, d), epsilon=eps)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    for blk in tr.h:
+        qkv = conv(norm(h, blk.ln_1), blk.attn.c_attn)
+        q, k, v = (u.view(n, t, heads, d // heads).transpose(1, 2) for u in qkv.split(d, dim=2))
+        s = lf.mul2(lf.matmul(q, k.transpose(-1, -2), epsilon=eps), (d // heads) ** -0.5)
+        s = s.masked_fill(~causal, torch.finfo(s.dtype).min)
+        ctx = lf.matmul(lf.softmax(s, -1), v, epsilon=eps).transpose(1, 2).reshape(n, t, d)
+        h = lf.add2(conv(ctx, blk.attn.c_proj), h, epsilon=eps)
+        b = GeluIdentity.apply(conv(norm(h, blk.ln_2), blk.mlp.c_fc))
+        h = lf.add2(conv(b, blk.mlp.c_proj), h, epsilon=eps)
+    y = lf.linear_epsilon(norm(h, tr.ln_f)[:, -1], gpt2.score.weight, None, epsilon=eps)[:, cls]
+    y.backward(y.detach())
+    return x.grad
+
+
+def test_attnlrp_on_gpt2_agrees_with_lxt_and_the_text_route() -> None:
+    """GPT-2's Conv1D (torch.addmm) and gelu_new (written out with pow and tanh) get AttnLRP's
+    rules: the affine rule, and the identity rule of one tanh-GELU."""
+    pytest.importorskip("lxt")
+    gpt2, key = _text_model("gpt2")
+    gpt2 = gpt2.double()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for name, p in gpt2.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    ids = torch.randint(5, V, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        e0 = gpt2.transformer.wte(ids)
+    hooks = hook_report(gpt2)
+    ours = perspicio.explain(
+        _GPT2FromEmbeds(gpt2).eval(),
+        e0,
+        method="lrp",
+        composite="attnlrp",
+        target=1,
+        epsilon=1e-12,
+    ).attributions
+    theirs = _lxt_gpt2(gpt2, e0, 1, eps=1e-12)
+    assert float((ours - theirs).abs().max()) <= 1e-7 * float(theirs.abs().max())
+    text = perspicio.explain(
+        gpt2, {"input_ids": ids}, method="lrp", output=key, target=1, epsilon=1e-12
+    )
+    assert text.extras["tokens"][0] == tuple(str(i) for i in ids[0].tolist())
+    assert float((text.attributions[0] - ours[0].sum(-1)).abs().max()) <= 1e-12
+    assert hook_report(gpt2) == hooks
+
+
+def test_hand_written_norms_and_activations_run_as_one_operation() -> None:
+    """ALBERT's gelu_new and Llama's RMSNorm (x * rsqrt(mean(x^2) + eps)) propagate as F.gelu /
+    F.rms_norm: no operation without a rule, and a bias-free model conserves under CP-LRP."""
+    t = transformers
+    albert = _build(
+        t.AlbertForSequenceClassification, t.AlbertConfig(**_SMALL, embedding_size=16, num_labels=3)
+    )
+    llama = _build(
+        t.LlamaForSequenceClassification,
+        t.LlamaConfig(**_SMALL, num_key_value_heads=2, num_labels=3, pad_token_id=0),
+    )
+    ids = torch.randint(5, V, (1, 7), generator=torch.Generator().manual_seed(2))
+    for model in (albert, llama):
+        model = model.double()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or "position_embeddings" in name or "token_type" in name:
+                    p.zero_()
+        e = perspicio.explain(
+            model,
+            {"input_ids": ids},
+            method="lrp",
+            output="logits",
+            target=1,
+            attention="constant",
+            epsilon=1e-12,
+        )
+        score = float(e.scores[0])
+        assert abs(score) > 1e-6
+        assert abs(float(e.attributions.sum()) - score) <= 1e-8 * max(1.0, abs(score))
+        assert not hook_report(model)

@@ -61,6 +61,7 @@ from .operations import (
     op_name,
     parse_arith,
 )
+from .transformer_rules import module_substitute
 
 # ============================================================================ call sites
 
@@ -140,6 +141,8 @@ class Propagator:
         self._module_names: dict[int, tuple[str, nn.Module]] | None = None
         self._param_names: dict[int, str] | None = None
         self.count: dict[str, int] = {}
+        #: > 0 while a module that runs as one substitute function computes its own output
+        self.substituting = 0
 
     def _index_modules(self) -> None:
         cached = _FROZEN_INDEX.get(self.model)
@@ -257,6 +260,18 @@ class Propagator:
             MAXPOOL: self.on_maxpool,
         }[kind]
         return self._checked(call, handler)
+
+    def addmm(self, args: tuple, kwargs: dict) -> Any:
+        """``torch.addmm(b, x, W)`` (Hugging Face's ``Conv1D`` in GPT-2): ``x @ W`` then ``+ b``,
+        each dispatched with its rule (the affine rule with the bias as an added constant)."""
+        names = ("input", "mat1", "mat2")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        beta, alpha = bound.get("beta", 1), bound.get("alpha", 1)
+        if beta != 1 or alpha != 1 or set(bound) - {*names, "beta", "alpha"}:
+            return self.dispatch(torch.addmm, args, kwargs)
+        product = self.dispatch(torch.matmul, (bound["mat1"], bound["mat2"]), {})
+        return self.dispatch(torch.add, (product, bound["input"]), {})
 
     def _checked(self, call: Call, handler: Callable[[Call], Any]) -> Any:
         if call.kind not in self.supported:
@@ -435,7 +450,17 @@ class PropagationMode(TorchFunctionMode):
     ) -> Any:
         if func in METADATA:  # about 4 in 5 calls of a CNN's forward: straight through
             return func(*args, **(kwargs or {}))
+        if self.propagator.substituting:  # inside a module run as one function (its own
+            with torch.no_grad():  # operations only give the output the substitute is checked on)
+                return func(*args, **(kwargs or {}))
+        if func is torch.addmm or func is Tensor.addmm:
+            return self.propagator.addmm(tuple(args), dict(kwargs or {}))
         return self.propagator.dispatch(func, tuple(args), dict(kwargs or {}))
+
+
+def _substituted(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that propagate as one function (:func:`.transformer_rules.module_substitute`)."""
+    return [m for _, m in module_tree(model) if module_substitute(m) is not None]
 
 
 @contextmanager
@@ -460,18 +485,45 @@ def propagating(model: nn.Module, propagator: Propagator) -> Iterator[Propagator
         if stack:
             stack.pop()
 
+    def enter_substitute(mod: nn.Module, args: Any) -> None:
+        propagator.substituting += 1
+
+    def run_substitute(fn: Callable) -> Callable:
+        def hook(mod: nn.Module, args: Any, out: Any) -> Any:
+            propagator.substituting -= 1
+            if propagator.substituting or not args or not isinstance(out, Tensor):
+                return None
+            new = fn(args[0])  # under the mode: the substitute's own rule
+            tol = 1e-4 * float(out.detach().abs().max().clamp_min(1))
+            if new.shape != out.shape or not torch.allclose(
+                new.detach(), out.detach(), rtol=0, atol=tol
+            ):
+                raise ModelError(
+                    f"{propagator.method}: module {type(mod).__name__} was read as one operation "
+                    "(a tanh-GELU or an RMSNorm) but does not compute it; rewrite it with supported "
+                    "operations, or pass gradient_fallback=True."
+                )
+            return new
+
+        return hook
+
     mode = PropagationMode(propagator)
     try:
         for name, mod in model.named_modules() if propagator.track_modules else ():
             if name:
                 handles.append(mod.register_forward_pre_hook(pre(name)))
                 handles.append(mod.register_forward_hook(post, always_call=True))
+        for mod in _substituted(model):
+            fn = module_substitute(mod)
+            handles.append(mod.register_forward_pre_hook(enter_substitute))
+            handles.append(mod.register_forward_hook(run_substitute(fn), always_call=True))
         with mode:
             yield propagator
     finally:
         for h in handles:
             h.remove()
         stack.clear()
+        propagator.substituting = 0
         propagator.release()
         while torch._C._len_torch_function_stack() > depth:  # pragma: no cover - defensive
             torch._C._pop_torch_function_stack()

@@ -37,14 +37,53 @@ softmax conserves (up to epsilon).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ...core.explanation import Explanation
 from ...errors import OptionError
 
-__all__ = ["RelevanceBudget", "relevance_budget", "softmax_bias_relevance"]
+__all__ = [
+    "RelevanceBudget",
+    "module_substitute",
+    "relevance_budget",
+    "softmax_bias_relevance",
+]
+
+#: activation modules written out element by element (``0.5 x (1 + tanh(...))``) that compute the
+#: tanh approximation of GELU: Hugging Face's GPT-2 / ALBERT ``gelu_new`` and its aliases
+_GELU_TANH_MODULES = frozenset(
+    {"NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation", "GELUPytorchTanh"}
+)
+
+
+def module_substitute(module: torch.nn.Module) -> Any:
+    """The one torch function that a hand-written transformer module computes, or None.
+
+    Hugging Face writes some element-wise activations and norms out operation by operation
+    (``gelu_new``: ``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3)))``; Llama's
+    RMSNorm: ``w * x * rsqrt(mean(x**2) + eps)``). Their pieces (a power, a product of two
+    input-dependent tensors, ``rsqrt``) are not the operations AttnLRP has rules for - the paper
+    (and lxt, which patches these modules) treats the whole module as one GELU (identity rule) or
+    one RMSNorm (standard deviation held constant). The propagators run such a module as the
+    function returned here (``F.gelu(x, approximate="tanh")``, ``F.rms_norm(x, (d,), w, eps)``),
+    checked against the module's own output."""
+    name = type(module).__name__
+    if name in _GELU_TANH_MODULES:
+        return lambda x: F.gelu(x, approximate="tanh")
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if (
+        name.endswith("RMSNorm")
+        and isinstance(weight, torch.nn.Parameter)
+        and weight.ndim == 1
+        and isinstance(eps, float)
+    ):
+        return lambda x: F.rms_norm(x, (weight.shape[0],), weight, eps)
+    return None
 
 
 def softmax_bias_relevance(x: Tensor, R: Tensor, dim: int = -1) -> Tensor:
