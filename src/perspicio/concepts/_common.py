@@ -10,18 +10,19 @@ and layer, in chunks, with the forward pass stopped after the layer.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..core.capture import Capture, resolve_layer, run_until
 from ..core.guard import model_device, model_guard
-from ..core.inputs import as_batch
+from ..core.inputs import as_batch, expected_input
 from ..core.options import check_int
 from ..core.targets import ResolvedTarget, resolve_target, slice_target, target_names
 from ..errors import InputError, ModelError, OptionError
@@ -82,18 +83,33 @@ def list_images(folder: Path) -> list[Path]:
     return files
 
 
-def image_set(spec: Any, bundle: Bundle, what: str, *, minimum: int = MIN_SET_SIZE) -> Tensor:
-    """One set of images as a model-input batch (N, C, H, W), at least ``minimum`` images.
+def image_set(
+    spec: Any,
+    bundle: Bundle,
+    what: str,
+    *,
+    minimum: int = MIN_SET_SIZE,
+    ndim: int | None = None,
+) -> Tensor:
+    """One set of images (or any model inputs) as a batch (N, ...), at least ``minimum`` of them.
 
-    ``spec`` is a tensor (model inputs), a folder, or a list of images/paths.
+    ``spec`` is a tensor or numpy array of model inputs, a data loader (or any iterable of batches;
+    a batch that is a tuple/list, such as ``(inputs, labels)``, contributes its first tensor), a
+    list of tensors (single inputs are stacked, batches concatenated), a folder, or a list of
+    images/paths for ``preprocess``. ``ndim`` is the rank of one batch of model inputs when known
+    (the explained inputs'): it decides whether listed tensors are single inputs or batches.
     """
-    if isinstance(spec, Tensor):
-        x = as_batch(spec, bundle.model)
+    if isinstance(spec, (Tensor, np.ndarray)):
+        x = _checked_batch(spec, bundle, what)
+    elif _is_batch_iterable(spec):
+        x = _checked_batch(_collect_batches(spec, what), bundle, what)
+    elif isinstance(spec, Sequence) and spec and all(isinstance(s, Tensor) for s in spec):
+        x = _checked_batch(_join_tensors(list(spec), what, ndim), bundle, what)
     else:
         if not isinstance(spec, (str, os.PathLike, Sequence)) or isinstance(spec, bytes):
             raise InputError(
-                f"{what}: expected a tensor of model inputs, a folder or a list of images; "
-                f"got {type(spec).__name__}."
+                f"{what}: expected a tensor of model inputs, a data loader, a folder or a list of "
+                f"images; got {type(spec).__name__}."
             )
         if bundle.preprocess is None:
             raise OptionError(
@@ -109,10 +125,68 @@ def image_set(spec: Any, bundle: Bundle, what: str, *, minimum: int = MIN_SET_SI
             x = bundle.preprocess(items)
         except InputError as exc:
             raise InputError(f"{what}: {exc}") from exc
-        x = as_batch(x, bundle.model)
+        x = _checked_batch(x, bundle, what)
     if x.shape[0] < minimum:
-        raise InputError(f"{what} has {x.shape[0]} image(s); at least {minimum} are needed.")
+        note = f" (MIN_SET_SIZE = {MIN_SET_SIZE})" if minimum == MIN_SET_SIZE else ""
+        raise InputError(f"{what} has {x.shape[0]} image(s); at least {minimum} are needed{note}.")
     return x
+
+
+def _checked_batch(x: Any, bundle: Bundle, what: str) -> Tensor:
+    """``as_batch`` for inputs of any rank (images, feature rows, ...), errors naming the set; a
+    model that starts with a convolution fixes the rank (an image without its batch dimension is
+    refused here, not deep inside the model)."""
+    exp = expected_input(bundle.model)
+    try:
+        return as_batch(x, bundle.model, ndim=None if exp is None else exp[1])
+    except InputError as exc:
+        raise InputError(f"{what}: {exc}") from None
+
+
+def _is_batch_iterable(spec: Any) -> bool:
+    """A data loader or another iterable of batches (not a list, string, path or mapping)."""
+    if isinstance(spec, (str, bytes, os.PathLike, Sequence, Mapping, Tensor, np.ndarray)):
+        return False
+    return isinstance(spec, Iterable)
+
+
+def _collect_batches(spec: Any, what: str) -> Tensor:
+    parts: list[Tensor] = []
+    for i, batch in enumerate(spec):
+        if isinstance(batch, (tuple, list)) and batch:
+            batch = batch[0]  # (inputs, labels, ...) as a TensorDataset or ImageFolder gives
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(batch)
+        if not isinstance(batch, Tensor):
+            raise InputError(
+                f"{what}: batch {i} of the data loader is a {type(batch).__name__}; expected a tensor "
+                "of model inputs (or a tuple whose first item is one)."
+            )
+        if parts and batch.shape[1:] != parts[0].shape[1:]:
+            raise InputError(
+                f"{what}: batch {i} of the data loader has inputs of shape {tuple(batch.shape[1:])}, "
+                f"batch 0 {tuple(parts[0].shape[1:])}; every input of a set must have the same shape."
+            )
+        parts.append(batch.detach())
+    if not parts:
+        raise InputError(f"{what}: the data loader yielded no batches.")
+    return torch.cat(parts)
+
+
+def _join_tensors(items: list[Tensor], what: str, ndim: int | None) -> Tensor:
+    """Listed tensors: single inputs (one rank below a batch) are stacked, batches concatenated."""
+    ranks = {t.ndim for t in items}
+    (rank,) = ranks if len(ranks) == 1 else (-1,)
+    single = rank == ndim - 1 if ndim is not None else rank in (1, 3)
+    shapes = {tuple(t.shape) if single else tuple(t.shape[1:]) for t in items}
+    if rank < 1 or len(shapes) > 1:
+        raise InputError(
+            f"{what}: the listed tensors have different shapes "
+            f"({', '.join(str(tuple(t.shape)) for t in items[:4])}{', ...' if len(items) > 4 else ''}); "
+            "every input of a set must have the same shape."
+        )
+    parts = [t.detach() for t in items]
+    return torch.stack(parts) if single else torch.cat(parts)
 
 
 def layer_module(model: nn.Module, layer: Any) -> tuple[str, nn.Module]:
@@ -124,15 +198,30 @@ def layer_module(model: nn.Module, layer: Any) -> tuple[str, nn.Module]:
 
 
 def activations(model: nn.Module, module: nn.Module, x: Tensor, *, chunk: int = CHUNK) -> Tensor:
-    """The layer's activations for every row of ``x`` (no gradients; forward stopped after the layer)."""
+    """The layer's activations for every row of ``x`` (no gradients).
+
+    A module the forward pass calls several times (a ResNet block's shared ``relu``) gives the
+    output of its last call - the one the gradients of :func:`activations_and_gradients` are
+    taken at. The forward pass stops after the layer once the first chunk has shown that the
+    module is called only once.
+    """
     device = model_device(model)
     parts = []
+    calls = 0
     with model_guard(model), torch.no_grad():
         for start in range(0, x.shape[0], chunk):
-            with Capture([module], stop_after=module) as cap:
+            with Capture([module], stop_after=module if calls == 1 else None) as cap:
                 run_until(model, _fast_layout(x[start : start + chunk].to(device)), cap)
+            calls = calls or len(cap.outputs[0])
             parts.append(cap.last().detach())
     return torch.cat(parts)
+
+
+def count_calls(model: nn.Module, module: nn.Module, x: Tensor) -> int:
+    """How many times one forward pass of ``x[:1]`` calls ``module`` (a shared ReLU: several)."""
+    with model_guard(model), torch.no_grad(), Capture([module]) as cap:
+        model(_fast_layout(x[:1].to(model_device(model))))
+    return len(cap.outputs[0])
 
 
 def activations_and_gradients(
@@ -154,7 +243,9 @@ def activations_and_gradients(
             with torch.enable_grad(), Capture([module], grad=True) as cap:
                 out = model(xb)
                 act = cap.last()
-                resolved = resolve_target(slice_target(target, start, start + xb.shape[0], x.shape[0]), out, labels)
+                resolved = resolve_target(
+                    slice_target(target, start, start + xb.shape[0], x.shape[0]), out, labels
+                )
                 score = resolved(out)
                 (g,) = torch.autograd.grad(score.sum(), act)
             acts.append(act.detach())

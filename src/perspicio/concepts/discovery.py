@@ -39,6 +39,7 @@ from ._common import (
     activations,
     check_int,
     check_seed,
+    count_calls,
     describe_target,
     image_set,
     layer_module,
@@ -199,22 +200,20 @@ def _check_non_negative(a: Tensor, layer: str) -> None:
         )
 
 
-def project(acts: Tensor, basis: Tensor, *, max_iter: int = 500) -> Tensor:
+def project(acts: Tensor, basis: Tensor) -> Tensor:
     """Concept coefficients of activation rows (R, channels) on a fixed basis (k, channels):
-    non-negative least squares, W fixed (scikit-learn's coordinate descent)."""
-    dec = _nmf_module()
+    ``argmin_{u >= 0} ||a - u W||`` for every row, solved exactly (Lawson-Hanson active set,
+    ``scipy.optimize.nnls``; an all-zero row has all-zero coefficients). An iterative solver
+    stopped at a tolerance (scikit-learn's coordinate descent) left coefficients several percent
+    off on ill-conditioned bases."""
+    from scipy.optimize import nnls
+
     X = acts.detach().double().cpu().clamp_min(0).numpy()
-    H = basis.detach().double().cpu().numpy()
-    U, _, _ = dec.non_negative_factorization(
-        X,
-        H=H,
-        n_components=H.shape[0],
-        update_H=False,
-        solver="cd",
-        max_iter=max_iter,
-        tol=1e-4,
-    )
-    return torch.from_numpy(np.ascontiguousarray(U))
+    Wt = np.ascontiguousarray(basis.detach().double().cpu().numpy().T)  # (channels, k)
+    U = np.zeros((X.shape[0], Wt.shape[1]))
+    for i in np.flatnonzero(X.any(axis=1)):
+        U[i] = nnls(Wt, X[i])[0]
+    return torch.from_numpy(U)
 
 
 def _maps(acts: Tensor, basis: Tensor) -> Tensor:
@@ -230,12 +229,20 @@ def _scores_with_layer(
     x1: Tensor,
     replacement: Tensor,
     target_fn: Callable[[Tensor], Tensor],
+    calls: int = 1,
 ) -> Tensor:
     """Target scores of input ``x1`` (1, ...) repeated, the layer's output replaced by each row of
-    ``replacement`` (R, C, h, w)."""
+    ``replacement`` (R, C, h, w). A module called ``calls`` times per forward pass is replaced at
+    its last call (the one its activations were read from)."""
     reps = replacement.shape[0]
     x = _fast_layout(x1.expand(reps, *x1.shape[1:]))
-    with Capture([module], transform=lambda i, t: replacement.to(t.dtype), store=False):
+    seen = [0]
+
+    def transform(i: int, t: Tensor) -> Tensor | None:
+        seen[0] += 1
+        return replacement.to(t.dtype) if seen[0] == calls else None
+
+    with Capture([module], transform=transform, store=False):
         out = bundle.model(x)
     return target_fn(out)
 
@@ -269,6 +276,7 @@ def _sobol_importance(
     designs: int,
     seed: int,
     chunk: int,
+    calls: int = 1,
 ) -> np.ndarray:
     k = basis.shape[0]
     a_masks, b_masks = sobol_masks(k, designs, seed)
@@ -289,7 +297,9 @@ def _sobol_importance(
             m = all_masks[s : s + chunk]
             rec = torch.einsum("hwk,rk,kc->rchw", u, m, w).float().to(device)
             f.append(
-                _scores_with_layer(bundle, module, x[n : n + 1].to(device), rec, fn).double().cpu()
+                _scores_with_layer(bundle, module, x[n : n + 1].to(device), rec, fn, calls)
+                .double()
+                .cpu()
             )
         f_all = torch.cat(f).numpy()
         f_a, f_b, f_ab = (
@@ -308,6 +318,7 @@ def _gradient_input_importance(
     maps: Tensor,
     basis: Tensor,
     resolved: Any,
+    calls: int = 1,
 ) -> np.ndarray:
     device = model_device(bundle.model)
     w = basis.float().to(device)
@@ -317,7 +328,7 @@ def _gradient_input_importance(
         with torch.enable_grad():
             rec = torch.einsum("khw,kc->chw", u, w)[None]
             score = _scores_with_layer(
-                bundle, module, x[n : n + 1].to(device), rec, _one_row(resolved, n)
+                bundle, module, x[n : n + 1].to(device), rec, _one_row(resolved, n), calls
             )
             (g,) = torch.autograd.grad(score.sum(), u)
         out.append((g * u).sum(dim=(1, 2)).detach().double().cpu().numpy())
@@ -376,7 +387,11 @@ def discover(
             f"concept discovery needs image inputs (N, C, H, W); got shape {tuple(x.shape)}."
         )
     h, w = x.shape[-2:]
-    size = max(8, min(h, w) // 4) if crop_size is None else check_int("crop_size", crop_size, minimum=2)
+    size = (
+        max(8, min(h, w) // 4)
+        if crop_size is None
+        else check_int("crop_size", crop_size, minimum=2)
+    )
     if size > min(h, w):
         raise OptionError(f"crop_size {size} is larger than the images ({h} x {w}).")
     if per * x.shape[0] < k:
@@ -392,6 +407,13 @@ def discover(
             "layer with spatial dimensions (C, h, w). Choose a convolutional layer."
         )
     _check_non_negative(image_acts, layer_name)
+    channels = int(image_acts.shape[1])
+    if k > channels:
+        raise OptionError(
+            f"n_concepts={k} is more than the {channels} channels of layer {layer_name!r}: the "
+            f"factorisation gives at most {channels} concepts there."
+        )
+    calls = count_calls(bundle.model, module, x)
     resolved = _resolve_all(bundle, x, target, chunk)
 
     gen = torch.Generator().manual_seed(seed)
@@ -399,6 +421,11 @@ def discover(
     crop_acts = activations(bundle.model, module, crops, chunk=chunk)
     _check_non_negative(crop_acts, layer_name)
     A = crop_acts.mean(dim=(2, 3)).double().clamp_min(0)
+    if not bool((A > 0).any()):
+        raise LayerError(
+            f"layer {layer_name!r} is zero on every crop of these images (dead units): there is "
+            "nothing to factorise. Choose another layer or other images."
+        )
     t1 = time.perf_counter()
 
     dec = _nmf_module()
@@ -418,10 +445,12 @@ def discover(
 
     with model_guard(bundle.model), torch.no_grad():
         if importance == "sobol":
-            imp = _sobol_importance(bundle, module, x, maps, basis, resolved, designs, seed, chunk)
+            imp = _sobol_importance(
+                bundle, module, x, maps, basis, resolved, designs, seed, chunk, calls
+            )
     if importance == "gradient_input":
         with model_guard(bundle.model):
-            imp = _gradient_input_importance(bundle, module, x, maps, basis, resolved)
+            imp = _gradient_input_importance(bundle, module, x, maps, basis, resolved, calls)
     t3 = time.perf_counter()
 
     order = torch.from_numpy(np.argsort(-imp, kind="stable"))

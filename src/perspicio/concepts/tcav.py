@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InputError, OptionError
+from ..core.capture import resolve_layers
+from ..errors import InputError, LayerError, OptionError
 from ._common import (
     MIN_SET_SIZE,
     activations,
@@ -77,6 +78,21 @@ class TCAVResult:
     set_sizes: dict[str, int]
     options: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    #: directional derivatives of the target score along each CAV, (random sets, inputs) per concept
+    derivatives: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the same for the random-vs-random CAVs (one row per CAV of ``random_cavs``)
+    random_derivatives: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+    @property
+    def concept_magnitudes(self) -> dict[str, np.ndarray]:
+        """Per random set, ``sum(max(S, 0)) / sum(|S|)`` of the directional derivatives S (the
+        magnitude variant of the score: large positive derivatives weigh more than small ones)."""
+        return {c: magnitude_scores(d) for c, d in self.derivatives.items()}
+
+    @property
+    def magnitudes(self) -> dict[str, float]:
+        """Mean over the random sets of :attr:`concept_magnitudes`."""
+        return {c: float(np.mean(m)) for c, m in self.concept_magnitudes.items()}
 
     @property
     def p_values_corrected(self) -> dict[str, float]:
@@ -91,6 +107,7 @@ class TCAVResult:
 
     def to_dict(self) -> dict[str, Any]:
         corrected = self.p_values_corrected
+        magnitudes = self.magnitudes
         return {
             "method": "tcav",
             "layer": self.layer,
@@ -103,6 +120,10 @@ class TCAVResult:
                     "score": self.scores[c],
                     "score_std": float(np.std(self.concept_scores[c])),
                     "scores_per_random_set": self.concept_scores[c].tolist(),
+                    "magnitude": magnitudes.get(c),
+                    "mean_derivative_per_random_set": (
+                        self.derivatives[c].mean(axis=1).tolist() if c in self.derivatives else None
+                    ),
                     "p_value": self.p_values[c],
                     "null_scores": self.null_scores[c].tolist(),
                     "p_value_bonferroni": corrected[c],
@@ -189,13 +210,13 @@ def t_test(a: np.ndarray, b: np.ndarray) -> float:
         return float(stats.ttest_ind(a, b, equal_var=True).pvalue)
 
 
-def _as_sets(spec: Any, bundle: Any, what: str) -> list[Tensor]:
+def _as_sets(spec: Any, bundle: Any, what: str, ndim: int | None = None) -> list[Tensor]:
     """A list of random sets given as a list of tensors/folders/lists."""
     if isinstance(spec, Tensor) or isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence):
         raise OptionError(
             f"{what} must be a list of image sets or a count of sets drawn from random=; got {type(spec).__name__}."
         )
-    return [image_set(s, bundle, f"{what}[{i}]") for i, s in enumerate(spec)]
+    return [image_set(s, bundle, f"{what}[{i}]", ndim=ndim) for i, s in enumerate(spec)]
 
 
 def draw_sets(pool_size: int, n_sets: int, set_size: int, seed: int) -> list[np.ndarray]:
@@ -204,10 +225,25 @@ def draw_sets(pool_size: int, n_sets: int, set_size: int, seed: int) -> list[np.
     return [np.sort(rng.choice(pool_size, size=set_size, replace=False)) for _ in range(n_sets)]
 
 
+def directional_derivatives(gradients: Tensor, vectors: Tensor) -> Tensor:
+    """(N inputs, D) gradients . (K, D) CAVs -> (K, N) directional derivatives (float64): how the
+    target score of each input changes along each CAV at the layer."""
+    g = gradients.reshape(gradients.shape[0], -1).double()
+    return vectors.reshape(vectors.shape[0], -1).double() @ g.T
+
+
 def directional_scores(gradients: Tensor, vectors: Tensor) -> Tensor:
     """(N inputs, D) gradients . (K, D) CAVs -> (K,) fraction of inputs with a positive derivative."""
-    g = gradients.reshape(gradients.shape[0], -1).double()
-    return (g @ vectors.double().T > 0).double().mean(dim=0)
+    return (directional_derivatives(gradients, vectors) > 0).double().mean(dim=1)
+
+
+def magnitude_scores(derivatives: np.ndarray) -> np.ndarray:
+    """(K, N) directional derivatives -> (K,) ``sum(max(S, 0)) / sum(|S|)`` per CAV: the share of the
+    derivatives' total size that is positive (0.5 when every derivative is zero)."""
+    d = np.asarray(derivatives, dtype=np.float64)
+    total = np.abs(d).sum(axis=1)
+    pos = np.clip(d, 0, None).sum(axis=1)
+    return np.where(total > 0, pos / np.where(total > 0, total, 1.0), 0.5)
 
 
 def tcav(
@@ -225,15 +261,19 @@ def tcav(
     test: str = "exchangeable",
     seed: int = 0,
     preprocess: Callable[[Any], Tensor] | None = None,
-) -> TCAVResult:
+) -> Any:
     """TCAV scores, p-values and significance of ``concepts`` for ``target`` at ``layer``.
 
-    ``inputs``: examples of the target class (tensor, folder or list of images). ``concepts``:
-    ``{name: images}``. ``random_sets``: a list of random image sets, or a count of sets of
-    ``set_size`` images (default: the smallest concept set) drawn without replacement from the
-    ``random=`` pool. ``classifier``: ``"logistic"``, ``"sgd"`` or ``fit(X, y, seed) -> w``
-    (:func:`~perspicio.concepts.cav.fit_cav`). ``test``: ``"exchangeable"`` (calibrated) or
-    ``"paper"`` (Kim et al.'s t-test). Seeded: the same call gives the same result.
+    ``inputs``: examples of the target class (tensor, data loader, folder or list of images).
+    ``concepts``: ``{name: images}`` (the same kinds). ``random_sets``: a list of random image
+    sets, or a count of sets of ``set_size`` images (default: the smallest concept set) drawn
+    without replacement from the ``random=`` pool. ``classifier``: ``"logistic"``, ``"sgd"`` or
+    ``fit(X, y, seed) -> w`` (:func:`~perspicio.concepts.cav.fit_cav`). ``test``:
+    ``"exchangeable"`` (calibrated) or ``"paper"`` (Kim et al.'s t-test). Seeded: the same call
+    gives the same result.
+
+    ``layer``: one layer (name or module) gives a :class:`TCAVResult`; a list of layers gives
+    ``{layer name: TCAVResult}``, every layer with the same inputs, concept and random sets.
     """
     t0 = time.perf_counter()
     bundle = unwrap(model, preprocess)
@@ -245,16 +285,36 @@ def tcav(
         raise OptionError(f"alpha must be a number in (0, 1); got {alpha!r}.")
     if not isinstance(concepts, Mapping) or not concepts:
         raise OptionError("concepts must be a non-empty mapping {name: images}.")
-    layer_name, module = layer_module(bundle.model, layer)
+    names = [str(c) for c in concepts]
+    if len(set(names)) != len(names):
+        raise OptionError(f"concept names must be distinct as strings; got {list(concepts)!r}.")
+    several = isinstance(layer, (list, tuple))
+    if several:
+        if not layer:
+            raise LayerError("layer is an empty list; give at least one layer.")
+        layers = resolve_layers(bundle.model, list(layer))
+    else:
+        if isinstance(layer, str) and "," in layer:
+            named = [n for n, _ in resolve_layers(bundle.model, layer)]
+            if len(named) > 1:
+                raise LayerError(
+                    f"layer {layer!r} names several layers; pass them as a list (layer={named!r}) "
+                    "for one TCAV result per layer."
+                )
+        layers = [layer_module(bundle.model, layer)]
     x = image_set(inputs, bundle, "inputs", minimum=1)
-    concept_x = {str(c): image_set(v, bundle, f"concept {c!r}") for c, v in concepts.items()}
+    concept_x = {
+        str(c): image_set(v, bundle, f"concept {c!r}", ndim=x.ndim) for c, v in concepts.items()
+    }
 
     # random sets: explicit sets, or index sets into one pool (each pool image computed once)
+    pool: Tensor | None = None
+    index_sets: list[np.ndarray] = []
     if isinstance(random_sets, int) and not isinstance(random_sets, bool):
         n_sets = check_int("random_sets", random_sets, minimum=2)
         if random is None:
             raise OptionError("random_sets is a count: pass the pool of random images as random=.")
-        pool = image_set(random, bundle, "random pool")
+        pool = image_set(random, bundle, "random pool", ndim=x.ndim)
         size = (
             min(len(v) for v in concept_x.values())
             if set_size is None
@@ -271,41 +331,138 @@ def tcav(
             raise OptionError(
                 "give either random_sets as a list of image sets, or random= (a pool) with a count."
             )
-        random_x = _as_sets(random_sets, bundle, "random_sets")
+        random_x = _as_sets(random_sets, bundle, "random_sets", x.ndim)
         n_sets = len(random_x)
         if n_sets < 2:
             raise OptionError(f"the significance test needs at least 2 random sets; got {n_sets}.")
-    t1 = time.perf_counter()
+    load = time.perf_counter() - t0
 
+    results = {
+        name: _one_layer(
+            bundle,
+            name,
+            module,
+            x,
+            concept_x,
+            random_x,
+            pool,
+            index_sets,
+            target=target,
+            classifier=classifier,
+            alpha=float(alpha),
+            test=test,
+            seed=seed,
+            load=load,
+        )
+        for name, module in layers
+    }
+    return results if several else next(iter(results.values()))
+
+
+def _activations_of(
+    bundle: Any, name: str, module: Any, v: Tensor, what: str, reference: Tensor
+) -> Tensor:
+    """The layer's activations of one set, checked to have the inputs' shape at the layer."""
+    try:
+        a = activations(bundle.model, module, v)
+    except RuntimeError as exc:
+        if tuple(v.shape[1:]) == tuple(reference.shape[1:]):
+            raise
+        raise InputError(
+            f"the model failed on {what}, whose inputs have shape {tuple(v.shape[1:])} while the "
+            f"explained inputs have {tuple(reference.shape[1:])}: give every set at the inputs' size "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    return a
+
+
+def _check_shape(act: Tensor, want: Tensor, what: str, layer: str, v: Tensor, x: Tensor) -> None:
+    if act.shape[1:] == want.shape[1:]:
+        return
+    sizes = (
+        f" (its inputs have shape {tuple(v.shape[1:])}, the explained inputs {tuple(x.shape[1:])}: "
+        "resize them to the same size, or choose a layer after global pooling)"
+        if v.shape[1:] != x.shape[1:]
+        else ""
+    )
+    raise InputError(
+        f"{what} gives activations of shape {tuple(act.shape[1:])} at layer {layer!r}, the explained "
+        f"inputs {tuple(want.shape[1:])}; a CAV needs one shape{sizes}."
+    )
+
+
+def _fit(a: Tensor, r: Tensor, what: str, classifier: Any, seed: int) -> CAV:
+    try:
+        return fit_cav(a, r, classifier=classifier, seed=seed)
+    except OptionError as exc:
+        raise OptionError(f"{what}: {exc}") from None
+
+
+def _one_layer(
+    bundle: Any,
+    layer_name: str,
+    module: Any,
+    x: Tensor,
+    concept_x: dict[str, Tensor],
+    random_x: list[Tensor] | None,
+    pool: Tensor | None,
+    index_sets: list[np.ndarray],
+    *,
+    target: Any,
+    classifier: Any,
+    alpha: float,
+    test: str,
+    seed: int,
+    load: float,
+) -> TCAVResult:
+    t1 = time.perf_counter()
     # activations: once per image
     act_inputs, grads, resolved = activations_and_gradients(
         bundle.model, module, x, target, bundle.labels
     )
-    concept_acts = {c: activations(bundle.model, module, v) for c, v in concept_x.items()}
+    concept_acts = {}
+    for c, v in concept_x.items():
+        what = f"concept {c!r}"
+        concept_acts[c] = _activations_of(bundle, layer_name, module, v, what, x)
+        _check_shape(concept_acts[c], act_inputs, what, layer_name, v, x)
     if random_x is None:
-        pool_acts = activations(bundle.model, module, pool)
+        assert pool is not None
+        pool_acts = _activations_of(bundle, layer_name, module, pool, "the random pool", x)
+        _check_shape(pool_acts, act_inputs, "the random pool", layer_name, pool, x)
         random_acts = [pool_acts[torch.from_numpy(ix)] for ix in index_sets]
     else:
-        random_acts = [activations(bundle.model, module, v) for v in random_x]
+        random_acts = []
+        for i, v in enumerate(random_x):
+            what = f"random_sets[{i}]"
+            random_acts.append(_activations_of(bundle, layer_name, module, v, what, x))
+            _check_shape(random_acts[-1], act_inputs, what, layer_name, v, x)
+    n_sets = len(random_acts)
     t2 = time.perf_counter()
 
     # CAVs and scores
     with small_blas():
         cavs = {
-            c: tuple(fit_cav(a, r, classifier=classifier, seed=seed) for r in random_acts)
+            c: tuple(
+                _fit(a, r, f"concept {c!r} vs random set {i}", classifier, seed)
+                for i, r in enumerate(random_acts)
+            )
             for c, a in concept_acts.items()
         }
         pairs = null_pairs(n_sets, test)
         random_cavs = tuple(
-            fit_cav(random_acts[i], random_acts[j], classifier=classifier, seed=seed)
+            _fit(random_acts[i], random_acts[j], f"random set {i} vs {j}", classifier, seed)
             for i, j in pairs
         )
     t3 = time.perf_counter()
-    concept_scores = {
-        c: directional_scores(grads, torch.stack([v.vector for v in cs])).numpy()
+    derivatives = {
+        c: directional_derivatives(grads, torch.stack([v.vector for v in cs])).numpy()
         for c, cs in cavs.items()
     }
-    pair_scores = directional_scores(grads, torch.stack([v.vector for v in random_cavs])).numpy()
+    random_derivatives = directional_derivatives(
+        grads, torch.stack([v.vector for v in random_cavs])
+    ).numpy()
+    concept_scores = {c: (d > 0).mean(axis=1) for c, d in derivatives.items()}
+    pair_scores = (random_derivatives > 0).mean(axis=1)
     if test == "paper":
         random_scores = pair_scores
         null_scores = {c: pair_scores for c in concept_scores}
@@ -315,7 +472,10 @@ def tcav(
         # under the null the N + 1 sets are exchangeable, and so are their N + 1 mean scores
         with small_blas():
             reverse = {
-                c: tuple(fit_cav(r, a, classifier=classifier, seed=seed) for r in random_acts)
+                c: tuple(
+                    _fit(r, a, f"random set {i} vs concept {c!r}", classifier, seed)
+                    for i, r in enumerate(random_acts)
+                )
                 for c, a in concept_acts.items()
             }
         per_set = pair_scores.reshape(n_sets, n_sets - 1)
@@ -346,7 +506,7 @@ def tcav(
         null_scores=null_scores,
         p_values=p_values,
         significant=significant,
-        alpha=float(alpha),
+        alpha=alpha,
         cavs=cavs,
         random_cavs=random_cavs,
         n_inputs=int(x.shape[0]),
@@ -361,5 +521,7 @@ def tcav(
             "model": bundle.name,
             "random_set_sizes": [int(len(r)) for r in random_acts],
         },
-        timings={"load": t1 - t0, "activations": t2 - t1, "cavs": t3 - t2, "scores": t4 - t3},
+        timings={"load": load, "activations": t2 - t1, "cavs": t3 - t2, "scores": t4 - t3},
+        derivatives=derivatives,
+        random_derivatives=random_derivatives,
     )
