@@ -94,6 +94,8 @@ class Design:
     #: SegmentPresence: features are kept (1) / removed (0) segments of ``image`` ((C, H, W), the
     #: first image) numbered as in ``segments`` ((H, W) ids)
     presence: bool = False
+    #: a label model (:class:`LabelModel`): the names of its classes, in code order
+    label_names: list[str] | None = None
     image: Tensor | None = None
     segments: Tensor | None = None
 
@@ -157,13 +159,111 @@ def setup(
         opts.pop("softmax", False),
         opts.pop("task", "auto"),
     )
+    labeller = _label_model(model, data, opts.get("features"), task)
+    if labeller is not None:
+        if target is not None:
+            raise TargetError(
+                "the model returns class labels, not scores: target= has no score to regress; "
+                "distil its class (no target=)."
+            )
+        model, task = labeller, "class"
     design = prepare(model, data, **opts)
+    if labeller is not None:
+        _relabel(design, labeller)
     tsk = make_task(design, target, task, softmax)
     recorded = {k: options.get(k, default) for k, default in RECORDED}
     recorded["task"] = tsk.kind
     if options.get("test_data") is not None or data is None:
         recorded["holdout"] = None
     return design, tsk, recorded
+
+
+# ----------------------------------------------------------------------------- label models
+
+
+class LabelModel:
+    """A model that returns class labels instead of scores (a scikit-learn classifier without
+    ``predict_proba``, a function returning integers, booleans or strings), called through a
+    vocabulary: each label becomes a code (the order of ``classes``, else of first appearance) and
+    the surrogate imitates the class."""
+
+    def __init__(self, fn: Callable[[Any], Any], classes: Sequence[Any] | None, name: str) -> None:
+        self.fn = fn
+        self.vocab: dict[Any, int] = {}
+        self.fixed = classes is not None
+        for c in classes if classes is not None else ():
+            self.vocab[_label_key(c)] = len(self.vocab)
+        self.__name__ = name
+
+    def __call__(self, a: Any) -> np.ndarray:
+        raw = np.asarray(self.fn(a))
+        if raw.ndim == 2 and raw.shape[1] == 1:
+            raw = raw[:, 0]
+        codes = np.empty(len(raw), dtype=np.float64)
+        for i, v in enumerate(raw.tolist() if raw.ndim == 1 else raw):
+            key = _label_key(v)
+            if key not in self.vocab:
+                if self.fixed:
+                    raise ModelError(
+                        f"the model returned the label {v!r}, which is not one of its classes_."
+                    )
+                self.vocab[key] = len(self.vocab)
+            codes[i] = self.vocab[key]
+        return codes
+
+
+def _label_key(v: Any) -> Any:
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)) or (isinstance(v, float) and float(v).is_integer()):
+        return int(v)
+    return str(v)
+
+
+def _label_model(model: Any, data: Any, features: Any, task: str) -> LabelModel | None:
+    """A :class:`LabelModel` for a model whose outputs are class labels, else None (scores)."""
+    if (
+        isinstance(model, torch.nn.Module)
+        or features is not None
+        or task == "score"
+        or data is None
+    ):
+        return None
+    if hasattr(model, "predict_proba") or not (callable(model) or hasattr(model, "predict")):
+        return None
+    classes = getattr(model, "classes_", None)
+    if hasattr(model, "predict"):
+        if classes is None:  # a regressor
+            return None
+        named = _named_columns(model)  # called with a DataFrame if it was fitted on one
+        fn = model.predict if named is model else named
+        return LabelModel(fn, list(np.asarray(classes).tolist()), f"{type(model).__name__}.predict")
+    try:  # a plain function: what does it return on two rows?
+        table, _ = _as_table(data, "data")
+    except InputError:
+        return None
+    try:
+        raw = np.asarray(model(table[:2]))
+    except Exception:  # the real call reports it with context
+        return None
+    if raw.ndim == 2 and raw.shape[1] == 1:
+        raw = raw[:, 0]
+    if raw.ndim != 1 or raw.dtype.kind not in "biuOSU":
+        return None
+    return LabelModel(model, None, getattr(model, "__name__", type(model).__name__))
+
+
+def _relabel(design: Design, labeller: LabelModel) -> None:
+    """Codes in order of first appearance -> codes in sorted label order (given ``classes_``:
+    theirs); the output is named by the labels."""
+    keys = list(labeller.vocab)
+    if not labeller.fixed:
+        numeric = all(isinstance(k, (bool, int)) for k in keys)
+        keys = sorted(keys, key=(lambda k: (int(k),)) if numeric else (lambda k: (str(k),)))
+    new = np.array([keys.index(k) for k in labeller.vocab], dtype=np.float64)
+    design.out_train = new[design.out_train.astype(np.int64)]
+    design.out_test = new[design.out_test.astype(np.int64)]
+    design.label_names = [str(k) for k in keys]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -371,6 +471,8 @@ def make_task(design: Design, target: Any, task: str, softmax: bool = False) -> 
             )
         n_cls = int(both.max()) + 1
         names = [f"class {i}" for i in range(n_cls)]
+        if design.label_names is not None:
+            names = list(design.label_names)
         return Task("class", None, names, y_tr.astype(np.int64), y_te.astype(np.int64))
     if task == "score":
         raise OptionError(f"task='score' needs target= (which of the {k} outputs to regress).")

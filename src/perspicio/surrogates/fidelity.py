@@ -78,13 +78,16 @@ def agreement(pred: np.ndarray, reference: np.ndarray, level: float = 0.95) -> F
 
 
 def r2(pred: np.ndarray, reference: np.ndarray) -> float:
-    """Coefficient of determination of ``pred`` against ``reference`` (NaN if the reference is constant)."""
+    """Coefficient of determination of ``pred`` against ``reference``. A constant reference has no
+    variance to explain: 1.0 when ``pred`` equals it exactly, else 0.0 (scikit-learn's
+    ``r2_score`` convention, ``force_finite=True``)."""
     pred = np.asarray(pred, dtype=np.float64)
     ref = np.asarray(reference, dtype=np.float64)
     total = float(np.sum((ref - ref.mean()) ** 2))
+    resid = float(np.sum((ref - pred) ** 2))
     if total == 0.0:
-        return math.nan
-    return 1.0 - float(np.sum((ref - pred) ** 2)) / total
+        return 1.0 if resid == 0.0 else 0.0
+    return 1.0 - resid / total
 
 
 def r2_fidelity(
@@ -100,8 +103,8 @@ def r2_fidelity(
     total = ((r - r.mean(1, keepdims=True)) ** 2).sum(1)
     resid = ((r - p) ** 2).sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        boot = np.where(total > 0, 1.0 - resid / np.where(total > 0, total, 1.0), np.nan)
-    boot = boot[np.isfinite(boot)]
+        constant = np.where(resid == 0, 1.0, 0.0)  # as r2(): a constant resample
+        boot = np.where(total > 0, 1.0 - resid / np.where(total > 0, total, 1.0), constant)
     if len(boot) == 0:
         low = high = math.nan
     else:

@@ -204,7 +204,7 @@ def _label(n: dict[str, Any], cut: bool, by_id: dict[int, dict[str, Any]]) -> st
 def curve_figure(points: Sequence[dict[str, Any]], *, title: str = "") -> Any:
     """Fidelity (with its interval) and accuracy on the true labels against the tree depth."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), layout="constrained")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
     d = [p["depth"] for p in points]
     f = [p["fidelity"]["value"] for p in points]
     lo = [p["fidelity"]["low"] for p in points]
@@ -229,7 +229,8 @@ def curve_figure(points: Sequence[dict[str, Any]], *, title: str = "") -> Any:
     ax.set_ylabel(measure)
     ax.set_xticks(d)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    # below the axes: inside, the legend covered the interval band and the leaf counts
+    fig.legend(loc="outside lower center", fontsize=8, ncol=2, frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
     return fig

@@ -371,6 +371,7 @@ def distill_tree(
     *,
     max_depth: int | None = 4,
     min_samples_leaf: int = 1,
+    max_leaf_nodes: int | None = None,
     **options: Unpack[Options],
 ) -> TreeSurrogate:
     """Fit a decision tree that imitates ``model`` and measure how faithfully it does.
@@ -395,6 +396,8 @@ def distill_tree(
         feature_names, class_names: names of the features and of the model's outputs (default:
             from a DataFrame, a bundled model, a scikit-learn ``classes_``, else ``x0``/``class 0``).
         min_samples_leaf: the fewest training rows a leaf may hold.
+        max_leaf_nodes: at most this many leaves (>= 2; best-first growth, scikit-learn's option);
+            None: only ``max_depth`` bounds the tree.
         seed: the split, the neighbours, the tree's tie-breaking and the bootstrap.
         batch_size: rows per model call (default: the core Engine's memory budget).
 
@@ -403,8 +406,13 @@ def distill_tree(
     require_sklearn()
     max_depth = check_depth(max_depth)
     _check_leaf(min_samples_leaf)
-    design, tsk, recorded = setup(model, data, dict(options), ("max_depth", "min_samples_leaf"))
-    recorded.update(max_depth=max_depth, min_samples_leaf=min_samples_leaf)
+    check_int("max_leaf_nodes", max_leaf_nodes, minimum=2, allow_none=True)
+    design, tsk, recorded = setup(
+        model, data, dict(options), ("max_depth", "min_samples_leaf", "max_leaf_nodes")
+    )
+    recorded.update(
+        max_depth=max_depth, min_samples_leaf=min_samples_leaf, max_leaf_nodes=max_leaf_nodes
+    )
     return _fit(design, tsk, max_depth, recorded)
 
 
@@ -441,6 +449,7 @@ def _fit(
     tree = cls(
         max_depth=max_depth,
         min_samples_leaf=options["min_samples_leaf"],
+        max_leaf_nodes=options.get("max_leaf_nodes"),
         random_state=options["seed"],
     )
     tree.fit(design.z_train, tsk.y_train)
