@@ -224,6 +224,36 @@ def test_data_loaders_lists_of_tensors_and_numpy_give_the_same_result() -> None:
         assert r.p_values == ref.p_values
 
 
+def test_image_files_folders_and_pil_images_with_preprocess(tmp_path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        p = tmp_path / f"img{i:02d}.png"
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+
+    def preprocess(items):
+        def one(it):
+            im = it if isinstance(it, Image.Image) else Image.open(it)
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+            return torch.from_numpy(arr).permute(2, 0, 1)
+
+        return torch.stack([one(it) for it in items])
+
+    model = TinyCNN().eval()
+    x = _randn(5, 3, 8, 8, seed=0)
+    kw = dict(layer="act2", target=0, preprocess=preprocess)
+    r1 = tcav(model, x, concepts={"c": paths[:6]}, random_sets=[paths[6:], str(tmp_path)], **kw)
+    pil = [Image.open(p) for p in paths[:6]]
+    r2 = tcav(
+        model, x, concepts={"c": pil}, random_sets=[preprocess(paths[6:]), preprocess(paths)], **kw
+    )
+    assert np.allclose(r1.derivatives["c"], r2.derivatives["c"], rtol=1e-9, atol=1e-15)
+    assert r1.set_sizes == {"c": 6} and r1.options["random_set_sizes"] == [6, 12]
+
+
 def test_sets_of_another_image_size() -> None:
     """At a convolutional layer a concept of 12 x 12 images cannot share a CAV with 8 x 8 inputs (a
     clear error saying so); after global pooling it can, and the CAV is the one of its pooled
@@ -425,6 +455,7 @@ def test_resnet18_several_layers_equal_captum(tmp_path) -> None:
     agree to float32 precision."""
     captum_concept = pytest.importorskip("captum.concept")
     from captum.attr import LayerGradientXActivation
+    from scipy import stats
 
     torchvision = pytest.importorskip("torchvision")
     with torch.random.fork_rng():
@@ -477,4 +508,14 @@ def test_resnet18_several_layers_equal_captum(tmp_path) -> None:
         assert [round(float(p) * len(x)) for p in pairs] == [
             round(s * len(x)) for s in res.random_scores
         ]
+        # the paper's test on Captum's scores: scipy's pooled two-sample t-test, two-sided
+        null = np.round(np.array([float(p) for p in pairs]) * len(x)) / len(x)
+        for c in concepts:
+            theirs = [float(out[f"{cc[c].id}-{r.id}"][layer]["sign_count"][0]) for r in rc]
+            sc = np.round(np.array(theirs) * len(x)) / len(x)
+            if np.ptp(sc) or np.ptp(null):
+                want = stats.ttest_ind(sc, null, equal_var=True).pvalue
+            else:
+                want = float(sc[0] == null[0])
+            assert res.p_values[c] == pytest.approx(want, rel=1e-9, abs=1e-12), (layer, c)
     assert some_fraction  # not only all-or-none scores
