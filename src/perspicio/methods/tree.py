@@ -218,6 +218,14 @@ class TreeSHAP(_StructuredSHAP):
         self.background = background
         self.feature_names = list(feature_names) if feature_names is not None else None
 
+    def _prepare_inputs(self, inputs: Any) -> Tensor:
+        # a DataFrame goes to the ensemble as it is: its category columns are read as the model's
+        # library reads them (codes of the training categories), and its column order is checked
+        self._columns = None
+        if hasattr(inputs, "columns") and hasattr(inputs, "to_numpy"):
+            self._columns = [str(c) for c in inputs.columns]
+        return torch.from_numpy(self._prepare_rows(inputs))
+
     def _prepare_rows(self, inputs: Any) -> np.ndarray:
         if (
             isinstance(inputs, (str, list))

@@ -66,6 +66,16 @@ class TreeEnsemble:
         transform: link from margin to probability (``"logistic"``, ``"softmax"``,
             ``"identity"`` when the margin already is a probability) or None when unknown.
         nan_routing: whether the source library routes NaN inputs (else NaN is an error).
+        inf_routing: whether the source library routes +-Inf inputs (else Inf is an error).
+        category_codes: whether pandas ``category`` columns are read as category *codes* (XGBoost,
+            LightGBM) rather than as their values (scikit-learn).
+        categories: the training categories of the categorical columns, if the model stores them:
+            a tuple with, per column (or, with ``categories_by_order``, per categorical column of
+            the DataFrame in order, as LightGBM's ``pandas_categorical``), None or the categories
+            whose codes are 0, 1, ...
+        categories_by_order: see ``categories``.
+        unknown_category_error: a category not among the training ones is an error (XGBoost)
+            rather than a missing value (LightGBM).
         missing_value: a value the library treats as missing besides NaN (XGBoost ``missing``), or NaN.
         source: description of the model that was read.
         feature_names: column names stored in the model, if any.
@@ -92,6 +102,11 @@ class TreeEnsemble:
     input_dtype: str = "float64"
     transform: str | None = None
     nan_routing: bool = True
+    inf_routing: bool = False
+    category_codes: bool = False
+    categories: tuple[Any, ...] | None = None
+    categories_by_order: bool = False
+    unknown_category_error: bool = False
     missing_value: float = float("nan")
     source: str = ""
     feature_names: tuple[str, ...] | None = None
@@ -124,9 +139,13 @@ class TreeEnsemble:
 
     def prepare(self, x: Any, what: str = "inputs") -> np.ndarray:
         """Rows as a C-contiguous float64 (N, F) array, cast through ``input_dtype`` as the library
-        does, with the library's ``missing`` value turned into NaN; checks columns and NaN support."""
-        if hasattr(x, "to_numpy") and hasattr(x, "columns"):
-            x = x.to_numpy()
+        does, with the library's ``missing`` value turned into NaN; checks columns and NaN support.
+
+        A pandas DataFrame is read column by column: its columns must not be a reordering of the
+        model's feature names, numeric columns (nullable ones too: ``pd.NA`` is NaN) are read as
+        numbers, and ``category`` columns as the library reads them (:meth:`_frame_rows`)."""
+        if hasattr(x, "to_numpy") and hasattr(x, "columns") and hasattr(x, "dtypes"):
+            x = self._frame_rows(x, what)
         elif hasattr(x, "detach"):
             x = x.detach().cpu().numpy()
         try:
@@ -148,12 +167,15 @@ class TreeEnsemble:
                 f"{what} have {a.shape[1]} columns; the model ({self.source}) was trained on "
                 f"{self.n_features} features."
             )
-        a = np.ascontiguousarray(a.astype(self.input_dtype).astype(np.float64))
+        # values beyond float32's range become Inf, as in the library
+        with np.errstate(over="ignore"):
+            a = np.ascontiguousarray(a.astype(self.input_dtype).astype(np.float64))
         if not np.isnan(self.missing_value):
             a[a == self.missing_value] = np.nan
-        if np.isinf(a).any():
+        if not self.inf_routing and np.isinf(a).any():
             raise InputError(
-                f"{what} contain Inf values; tree models route finite values and NaN only."
+                f"{what} contain {int(np.isinf(a).sum())} Inf value(s), but {self.source} does not "
+                "accept them (the library itself refuses them)."
             )
         if not self.nan_routing and np.isnan(a).any():
             raise InputError(
@@ -161,6 +183,81 @@ class TreeEnsemble:
                 "missing values (the library itself refuses them). Impute them first."
             )
         return a
+
+    def _frame_rows(self, df: Any, what: str) -> np.ndarray:
+        """A DataFrame's rows as float64, read the way the model's library reads DataFrames.
+
+        ``category`` columns: XGBoost and LightGBM see category *codes*; when the model stores its
+        training categories (XGBoost 3, LightGBM's ``pandas_categorical``) each value is coded by
+        its position among them (as the libraries re-code a frame whose categories differ from the
+        training ones), otherwise by the frame's own codes; missing values are NaN. scikit-learn
+        sees the values themselves."""
+        cols = [str(c) for c in df.columns]
+        names = self.feature_names
+        if (
+            names is not None
+            and len(cols) == len(names)
+            and cols != list(names)
+            and sorted(cols) == sorted(names)
+        ):
+            raise InputError(
+                f"the columns of the {what} DataFrame are the model's features in another order; "
+                f"{self.source} expects {list(names)[:8]}{' ...' if len(names) > 8 else ''}: "
+                "select them in that order (df[model_feature_names])."
+            )
+        out = np.empty((len(df), len(cols)))
+        n_cat = 0
+        for j in range(len(cols)):
+            col = df.iloc[:, j]
+            if getattr(col.dtype, "name", "") == "category":
+                out[:, j] = self._category_column(col, j, n_cat, cols[j], what)
+                n_cat += 1
+                continue
+            try:
+                out[:, j] = col.to_numpy(dtype=np.float64, na_value=np.nan)
+            except (TypeError, ValueError) as exc:
+                raise InputError(
+                    f"column {cols[j]!r} of the {what} has dtype {col.dtype}, which is not numeric; "
+                    "tree models read numbers (and pandas 'category' columns)."
+                ) from exc
+        return out
+
+    def _category_column(self, col: Any, j: int, n_cat: int, name: str, what: str) -> np.ndarray:
+        if not self.category_codes:  # scikit-learn reads the category values themselves
+            try:
+                return np.asarray(col.astype(object).where(col.notna(), np.nan), dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise InputError(
+                    f"categorical column {name!r} of the {what} has non-numeric categories; "
+                    f"{self.source} reads category values as numbers."
+                ) from exc
+        train = None
+        if self.categories is not None:
+            i = n_cat if self.categories_by_order else j
+            if i < len(self.categories):
+                train = self.categories[i]
+        if train is None:
+            codes = np.asarray(col.cat.codes, dtype=np.float64)
+            codes[codes < 0] = np.nan
+            return codes
+        index = {_category_key(v): k for k, v in enumerate(train)}
+        cats = col.cat.categories
+        lookup = np.full(len(cats), np.nan)
+        for k, v in enumerate(cats):
+            code = index.get(_category_key(v))
+            if (
+                code is None
+                and self.unknown_category_error
+                and (np.asarray(col.cat.codes) == k).any()
+            ):
+                raise InputError(
+                    f"categorical column {name!r} of the {what} holds {v!r}, which is not among the "
+                    f"model's training categories ({list(train)[:8]}{' ...' if len(train) > 8 else ''}); "
+                    f"{self.source} refuses unknown categories."
+                )
+            lookup[k] = np.nan if code is None else code
+        codes = np.asarray(col.cat.codes, dtype=np.int64)
+        return np.where(codes >= 0, lookup[np.maximum(codes, 0)], np.nan)
 
     def predict(self, x: Any) -> np.ndarray:
         """Margin output (N, n_outputs) in float64: base_offset plus the reached leaf values."""
@@ -304,6 +401,15 @@ def build_ensemble(
         n_features=int(n_features),
         **meta,
     ).validate()
+
+
+def _category_key(v: Any) -> Any:
+    """A category value as a dictionary key: numbers by value (10 == 10.0), others as strings."""
+    if isinstance(v, (bool, np.bool_)):
+        return str(v)
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return float(v)
+    return str(v)
 
 
 def bitset(categories: Any) -> np.ndarray:

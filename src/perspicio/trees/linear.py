@@ -64,6 +64,8 @@ def read_linear(model: Any) -> LinearModel:
             return read_linear(model[0])
     except ImportError:  # pragma: no cover - torch is a core dependency
         pass
+    if (type(model).__module__ or "").startswith("xgboost"):
+        return _read_xgb_linear(model)
     coef = getattr(model, "coef_", None)
     if coef is None:
         raise ModelError(
@@ -93,6 +95,50 @@ def read_linear(model: Any) -> LinearModel:
         names,
         tuple(str(n) for n in fnames) if fnames is not None else None,
     )
+
+
+def _read_xgb_linear(model: Any) -> LinearModel:
+    """An XGBoost ``gblinear`` model: weights from its JSON model; the intercept is the margin at
+    x = 0 (the stored bias plus ``base_score`` through the objective's link, which ``intercept_``
+    leaves out)."""
+    import json
+
+    import xgboost
+
+    name = type(model).__name__
+    try:
+        booster = model.get_booster() if hasattr(model, "get_booster") else model
+        doc = json.loads(bytes(booster.save_raw("json")).decode())
+    except Exception as exc:  # noqa: BLE001 - xgboost raises sklearn's NotFittedError
+        raise ModelError(f"the {name} is not fitted (call .fit or .load_model first).") from exc
+    learner = doc["learner"]
+    gb = learner["gradient_booster"]
+    if gb.get("name") != "gblinear":
+        raise ModelError(
+            f"xgboost.{name} uses the {gb.get('name')!r} booster: it is a tree model, explain it "
+            "with method='tree_shap' (linear_shap reads booster='gblinear' models)."
+        )
+    params = learner["learner_model_param"]
+    f = int(params["num_feature"])
+    k = max(int(params.get("num_class", 0) or 0), int(params.get("num_target", 1) or 1), 1)
+    weights = np.asarray(gb["model"]["weights"], dtype=np.float64)
+    if weights.size != (f + 1) * k:
+        raise ModelError(
+            f"xgboost.{name}: {weights.size} gblinear weights for {f} features x {k} outputs."
+        )
+    w = weights[: f * k].reshape(f, k).T.copy()
+    zero = xgboost.DMatrix(np.zeros((1, f), dtype=np.float32), feature_names=booster.feature_names)
+    b = np.asarray(
+        booster.predict(zero, output_margin=True, validate_features=False), dtype=np.float64
+    ).reshape(-1)
+    classes = getattr(model, "classes_", None)
+    names = None
+    if classes is not None:
+        names = tuple(str(c) for c in classes)
+        if k == 1 and len(names) == 2:
+            names = (names[1],)
+    fn = booster.feature_names
+    return LinearModel(w, b, f"xgboost.{name} (gblinear)", names, tuple(fn) if fn else None)
 
 
 def _coalition_vector(cov: np.ndarray, w: np.ndarray, s: np.ndarray) -> np.ndarray:

@@ -30,8 +30,8 @@ from .ensemble import (
 )
 
 SUPPORTED = (
-    "xgboost Booster / XGBClassifier / XGBRegressor (or a .json/.ubj model file)",
-    "lightgbm Booster / LGBMClassifier / LGBMRegressor (or a LightGBM text model file)",
+    "xgboost Booster / XGBClassifier / XGBRegressor / XGBRanker (or a .json/.ubj model file)",
+    "lightgbm Booster / LGBMClassifier / LGBMRegressor / LGBMRanker (or a LightGBM text model file)",
     "sklearn DecisionTreeClassifier/Regressor, ExtraTreeClassifier/Regressor",
     "RandomForestClassifier/Regressor, ExtraTreesClassifier/Regressor",
     "GradientBoostingClassifier/Regressor",
@@ -75,10 +75,11 @@ def read_model(model: Any) -> TreeEnsemble:
             "XGBModel",
             "XGBRFClassifier",
             "XGBRFRegressor",
+            "XGBRanker",
         ):
             return read_xgboost(inner)
     elif mod.startswith("lightgbm"):
-        if name in ("Booster", "LGBMClassifier", "LGBMRegressor", "LGBMModel"):
+        if name in ("Booster", "LGBMClassifier", "LGBMRegressor", "LGBMRanker", "LGBMModel"):
             return read_lightgbm(inner)
     elif mod.startswith("sklearn"):
         reader = _SKLEARN.get(name)
@@ -168,7 +169,15 @@ def read_xgboost(model: Any, source: str | None = None) -> TreeEnsemble:
     early stopping predicts with the rounds up to ``best_iteration`` (``iteration_range``), so only
     those are read; a ``Booster`` (or a model file) predicts with every tree.
     """
-    booster = model.get_booster() if hasattr(model, "get_booster") else model
+    if hasattr(model, "get_booster"):
+        try:
+            booster = model.get_booster()
+        except Exception as exc:  # noqa: BLE001 - xgboost raises sklearn's NotFittedError
+            raise ModelError(
+                f"the {type(model).__name__} is not fitted (call .fit or .load_model first)."
+            ) from exc
+    else:
+        booster = model
     doc = json.loads(bytes(booster.save_raw("json")).decode())
     classes = getattr(model, "classes_", None)
     missing = getattr(model, "missing", np.nan)
@@ -237,8 +246,10 @@ def _xgb_from_json(
         weights = gb.get("weight_drop")
         gb = gb["gbtree"]
     elif kind != "gbtree":
+        hint = " Explain it with method='linear_shap'." if kind == "gblinear" else ""
         raise ModelError(
-            f"{source} uses the {kind!r} booster; only tree boosters (gbtree, dart) are tree models."
+            f"{source} uses the {kind!r} booster; only tree boosters (gbtree, dart) are tree "
+            f"models.{hint}"
         )
     model = gb["model"]
     trees_json = model["trees"]
@@ -333,11 +344,41 @@ def _xgb_from_json(
         input_dtype="float32",
         transform=transform,
         nan_routing=True,
+        inf_routing=False,  # a DMatrix (pred_contribs) refuses Inf unless missing=inf
+        category_codes=True,
+        categories=_xgb_categories(model.get("cats"), n_features),
+        unknown_category_error=True,
         missing_value=missing,
         source=source,
         feature_names=tuple(feature_names) if feature_names else None,
         output_names=names,
     )
+
+
+def _xgb_categories(cats: Any, n_features: int) -> tuple[Any, ...] | None:
+    """The training categories XGBoost 3 stores per column (``model["cats"]["enc"]``): strings as
+    UTF-8 bytes cut at ``offsets``, numbers as ``values``; None for numerical columns."""
+    if not isinstance(cats, dict) or not isinstance(cats.get("enc"), list):
+        return None
+    out: list[Any] = []
+    for enc in cats["enc"][:n_features]:
+        values = enc.get("values") if isinstance(enc, dict) else None
+        if not values:
+            out.append(None)
+            continue
+        offsets = enc.get("offsets")
+        if offsets:
+            raw = bytes(int(v) & 0xFF for v in values)
+            out.append(
+                tuple(
+                    raw[int(a) : int(b)].decode("utf-8", "replace")
+                    for a, b in zip(offsets[:-1], offsets[1:])
+                )
+            )
+        else:
+            out.append(tuple(values))
+    out += [None] * (n_features - len(out))
+    return tuple(out) if any(c is not None for c in out) else None
 
 
 def _parse_floats(s: Any) -> list[float]:
@@ -352,7 +393,15 @@ def _parse_floats(s: Any) -> list[float]:
 
 def read_lightgbm(model: Any, source: str | None = None) -> TreeEnsemble:
     """Read a LightGBM ``Booster`` or scikit-learn wrapper from ``dump_model()``."""
-    booster = model.booster_ if hasattr(model, "booster_") else model
+    if type(model).__name__ != "Booster":
+        try:
+            booster = model.booster_
+        except Exception as exc:  # noqa: BLE001 - lightgbm raises its own NotFittedError
+            raise ModelError(
+                f"the {type(model).__name__} is not fitted (call .fit first)."
+            ) from exc
+    else:
+        booster = model
     source = source or f"lightgbm.{type(model).__name__}"
     dump = booster.dump_model()
     per_iter = int(dump.get("num_tree_per_iteration", 1))
@@ -390,6 +439,7 @@ def read_lightgbm(model: Any, source: str | None = None) -> TreeEnsemble:
     if names is not None and n_out == 1 and len(names) == 2:
         names = (names[1],)
     fnames = dump.get("feature_names")
+    pandas_cats = dump.get("pandas_categorical") or getattr(booster, "pandas_categorical", None)
     return build_ensemble(
         trees,
         n_features=n_features,
@@ -398,6 +448,10 @@ def read_lightgbm(model: Any, source: str | None = None) -> TreeEnsemble:
         input_dtype="float64",
         transform=transform,
         nan_routing=True,
+        inf_routing=True,
+        category_codes=True,
+        categories=tuple(tuple(c) for c in pandas_cats) if pandas_cats else None,
+        categories_by_order=True,
         source=source,
         feature_names=tuple(fnames) if fnames else None,
         output_names=names,
@@ -436,13 +490,15 @@ def _lgb_tree(root: dict[str, Any], source: str) -> dict[str, Any]:
         ):
             arr.append(v)
         if "split_index" not in node:
-            value[i] = float(node.get("leaf_value", 0.0))
+            if node.get("leaf_coeff"):  # linear_tree=True: leaf_const + coeff . x in this leaf
+                raise ModelError(
+                    f"{source} has linear trees (linear_tree=True): its leaves are linear functions "
+                    "of the inputs, not constants, so it is not a sum of piecewise-constant trees and "
+                    "tree_shap cannot explain it exactly. Use a model-agnostic method (kernel_shap)."
+                )
+            value[i] = float(node.get("leaf_const", node.get("leaf_value", 0.0)))
             cover[i] = float(node.get("leaf_count", 0.0))
             continue
-        if node.get("is_linear"):
-            raise ModelError(
-                f"{source} has linear trees (linear_tree=True), which are not piecewise-constant."
-            )
         feature[i] = int(node["split_feature"])
         cover[i] = float(node.get("internal_count", 0.0))
         dt = node.get("decision_type", "<=")
@@ -486,6 +542,15 @@ def _nan_routing(est: Any, n_features: int) -> bool:
     try:
         est.predict(np.full((1, n_features), np.nan))
     except Exception:  # noqa: BLE001 - any refusal means NaN is not routed
+        return False
+    return True
+
+
+def _inf_routing(est: Any, n_features: int) -> bool:
+    """Whether the estimator itself accepts +-Inf inputs (HistGradientBoosting does; trees do not)."""
+    try:
+        est.predict(np.full((1, n_features), np.inf))
+    except Exception:  # noqa: BLE001 - any refusal means Inf is not accepted
         return False
     return True
 
@@ -567,6 +632,7 @@ def _sk_averaged_ensemble(est: Any, trees: list, is_clf: bool) -> TreeEnsemble:
         input_dtype="float32",
         transform="identity" if is_clf else None,
         nan_routing=_nan_routing(est, f),
+        inf_routing=_inf_routing(est, f),
         source=f"sklearn.{type(est).__name__}",
         feature_names=_sk_names(est),
         output_names=tuple(str(c) for c in est.classes_) if is_clf else None,
@@ -600,9 +666,10 @@ def _read_sk_gb(est: Any) -> TreeEnsemble:
         n_outputs=n_out,
         base_offset=0.0,
         input_dtype="float32",
-        transform=("logistic" if n_out == 1 else "softmax") if is_clf else None,
+        transform=_gb_link(est, n_out) if is_clf else None,
         nan_routing=False,
-        source=f"sklearn.{type(est).__name__}",
+        source=f"sklearn.{type(est).__name__}"
+        + (" (exponential loss)" if str(getattr(est, "loss", "")) == "exponential" else ""),
         feature_names=_sk_names(est),
         output_names=_class_names(est, n_out),
     )
@@ -613,6 +680,14 @@ def _read_sk_gb(est: Any) -> TreeEnsemble:
         np.asarray(raw, dtype=np.float64).reshape(-1)[:n_out] - ens.predict(probe)[0]
     )
     return ens
+
+
+def _gb_link(est: Any, n_out: int) -> str | None:
+    """The link of a GradientBoostingClassifier: logistic / softmax, or None for the exponential
+    (AdaBoost) loss, whose probability is sigmoid(2 * margin) - not a link tree_shap implements."""
+    if str(getattr(est, "loss", "log_loss")) == "exponential":
+        return None
+    return "logistic" if n_out == 1 else "softmax"
 
 
 def _class_names(est: Any, n_out: int) -> tuple[str, ...] | None:
@@ -737,6 +812,7 @@ def _read_sk_hgb(est: Any) -> TreeEnsemble:
         input_dtype="float64",
         transform=transform,
         nan_routing=True,
+        inf_routing=_inf_routing(est, f),
         source=f"sklearn.{type(est).__name__} ({loss})",
         feature_names=_sk_names(est),
         output_names=_class_names(est, n_out),
@@ -776,6 +852,7 @@ def _read_sk_iforest(est: Any) -> TreeEnsemble:
         input_dtype="float32",
         transform=None,
         nan_routing=_nan_routing(est, f),
+        inf_routing=_inf_routing(est, f),
         source="sklearn.IsolationForest (mean path length)",
         feature_names=_sk_names(est),
         output_names=("path_length",),
