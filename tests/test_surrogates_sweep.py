@@ -147,8 +147,12 @@ def test_models_that_return_labels_are_distilled_as_classes() -> None:
     def signs(a):  # -1 / +1 labels
         return np.where(a[:, 0] + 0.5 * a[:, 1] > 0, 1, -1)
 
-    s = distill_tree(signs, x, max_depth=2)
+    truth = np.where(x[:, 0] + 0.3 * x[:, 1] > 0, 1, -1)  # true labels in the model's values
+    s = distill_tree(signs, x, max_depth=2, labels=truth)
     assert s.kind == "class" and s.class_names == ("-1", "1")
+    rows = s._design.test_rows
+    assert s.accuracy["model"] == accuracy_score(truth[rows], signs(x[rows]))
+    assert s.accuracy["surrogate"] == accuracy_score(truth[rows], s.predict(x[rows]).astype(int))
     _check_held_out(s, lambda z: (signs(z) > 0).astype(int))
     assert set(s.predict(x)) <= {"-1", "1"}
 

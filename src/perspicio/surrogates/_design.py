@@ -264,6 +264,8 @@ def _relabel(design: Design, labeller: LabelModel) -> None:
     design.out_train = new[design.out_train.astype(np.int64)]
     design.out_test = new[design.out_test.astype(np.int64)]
     design.label_names = [str(k) for k in keys]
+    if design.labels_test is not None:  # true labels are values of the same kind: read as names
+        design.labels_test = np.array([str(_label_key(v)) for v in design.labels_test.tolist()])
 
 
 # ----------------------------------------------------------------------------- validation
