@@ -163,6 +163,25 @@ def test_linear_layer_of_an_mlp_on_feature_rows() -> None:
         assert r.concept_scores["up"][i] == float(want > 0)
 
 
+def test_custom_classifier_may_return_its_intercept() -> None:
+    """A callable classifier returning (weights, intercept): the reported training accuracy is the
+    classifier's own (scikit-learn's score); with weights only, the intercept is taken as 0."""
+    from sklearn.linear_model import LogisticRegression
+
+    a, b = _randn(10, 4, seed=0) + 3, _randn(10, 4, seed=1) + 2.5
+    X, y = torch.cat([a, b]).double().numpy(), np.r_[np.ones(10), np.zeros(10)]
+    ref = LogisticRegression().fit(X, y)
+
+    def fit(X, y, seed):
+        m = LogisticRegression().fit(X, y)
+        return m.coef_[0], m.intercept_[0]
+
+    cav = fit_cav(a, b, classifier=fit)
+    assert cav.accuracy == ref.score(X, y) == 0.75 and cav.intercept == ref.intercept_[0]
+    assert torch.allclose(cav.vector, torch.from_numpy(ref.coef_[0] / np.linalg.norm(ref.coef_[0])))
+    assert fit_cav(a, b, classifier=lambda X, y, s: fit(X, y, s)[0]).accuracy == 0.5
+
+
 # ----------------------------------------------------------------------------- several layers
 
 

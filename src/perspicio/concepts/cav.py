@@ -4,7 +4,8 @@ separates a layer's activations for a concept's images from those for a random s
 The classifier is ``"logistic"`` (L2-regularised logistic regression with scikit-learn's objective,
 C = 1, solved by Newton's method here: deterministic) or ``"sgd"`` (scikit-learn's
 ``SGDClassifier(alpha=0.01, max_iter=1000, tol=1e-3)`` as in the TCAV reference code, seeded),
-or any callable ``fit(X, y, seed) -> weight vector``. The CAV is
+or any callable ``fit(X, y, seed) -> weight vector`` (or ``(weights, intercept)``: the
+intercept only enters the reported training accuracy, taken as 0 when not returned). The CAV is
 the weight vector scaled to unit length and oriented from the random set towards the concept.
 """
 
@@ -75,7 +76,10 @@ def fit_cav(
     classifier = check_classifier(classifier)
     intercept = 0.0
     if callable(classifier):
-        w = np.asarray(classifier(X, y, seed), dtype=np.float64).reshape(-1)
+        fitted = classifier(X, y, seed)
+        if isinstance(fitted, tuple) and len(fitted) == 2 and np.ndim(fitted[1]) == 0:
+            fitted, intercept = fitted[0], float(fitted[1])  # (weights, intercept)
+        w = np.asarray(fitted, dtype=np.float64).reshape(-1)
         if w.shape != (X.shape[1],) or not np.all(np.isfinite(w)):
             raise OptionError(
                 f"the CAV classifier must return a finite weight vector of length {X.shape[1]}; got shape {w.shape}."
