@@ -144,8 +144,10 @@ class TreeEnsemble:
         A pandas DataFrame is read column by column: its columns must not be a reordering of the
         model's feature names, numeric columns (nullable ones too: ``pd.NA`` is NaN) are read as
         numbers, and ``category`` columns as the library reads them (:meth:`_frame_rows`)."""
-        if hasattr(x, "to_numpy") and hasattr(x, "columns") and hasattr(x, "dtypes"):
+        if hasattr(x, "to_numpy") and hasattr(x, "columns") and hasattr(x, "iloc"):
             x = self._frame_rows(x, what)
+        elif hasattr(x, "to_numpy") and hasattr(x, "columns"):  # another DataFrame library
+            x = x.to_numpy()
         elif hasattr(x, "detach"):
             x = x.detach().cpu().numpy()
         try:
