@@ -538,3 +538,50 @@ def test_resnet18_several_layers_equal_captum(tmp_path) -> None:
                 want = float(sc[0] == null[0])
             assert res.p_values[c] == pytest.approx(want, rel=1e-9, abs=1e-12), (layer, c)
     assert some_fraction  # not only all-or-none scores
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def test_tcav_figure_keeps_long_names_apart_and_p_values_above_the_error_bars() -> None:
+    """Six concepts sharing a long prefix: before, every name was cut to the same 'a rather long
+    c...' and a p-value could sit across its error bar; now the names are wrapped and distinct,
+    each p-value is above its bar's error bar and no text leaves the figure or overlaps another."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = TinyCNN().eval()
+    x, pool = _randn(8, 3, 8, 8, seed=0), _randn(60, 3, 8, 8, seed=1)
+    concepts = {
+        f"a rather long concept name number {i}": _randn(6, 3, 8, 8, seed=10 + i) + 0.3 * i
+        for i in range(6)
+    }
+    r = tcav(model, x, layer="act2", concepts=concepts, target=1, random_sets=4, random=pool)
+    fig = r.figure()
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        (ax,) = fig.axes
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        assert [t.replace("\n", " ") for t in ticks] == [*concepts, "random"]
+        w, h = fig.bbox.width, fig.bbox.height
+        boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
+        boxes += [t.get_window_extent(renderer) for t in ax.texts]
+        boxes += [ax.xaxis.label.get_window_extent(renderer), ax.title.get_window_extent(renderer)]
+        for b in boxes:
+            assert b.x0 >= 0 and b.y0 >= 0 and b.x1 <= w and b.y1 <= h
+        overlaps = [
+            (i, j)
+            for i in range(len(boxes))
+            for j in range(i + 1, len(boxes))
+            if boxes[i].overlaps(boxes[j])
+        ]
+        assert overlaps == []
+        to_data = ax.transData.inverted()
+        for i, c in enumerate(concepts):
+            bottom = to_data.transform((0, ax.texts[i].get_window_extent(renderer).y0))[1]
+            assert bottom >= r.scores[c] + np.std(r.concept_scores[c]), c
+    finally:
+        plt.close(fig)

@@ -16,10 +16,21 @@ def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+def _wrap(text: str, width: int = 16, lines: int = 3) -> str:
+    """A long name on up to ``lines`` lines of about ``width`` characters (cut with ... beyond)."""
+    import textwrap
+
+    parts = textwrap.wrap(text, width, break_long_words=True) or [""]
+    if len(parts) > lines:
+        parts = [*parts[: lines - 1], _short(" ".join(parts[lines - 1 :]), width)]
+    return "\n".join(parts)
+
+
 def tcav_figure(result: TCAVResult, *, title: str | None = None) -> Any:
     """Mean TCAV score per concept (error bar: standard deviation over the random sets), the
     random-vs-random baseline, and above each concept ``*`` (significant after Bonferroni) or
-    ``n.s.`` with its p-value."""
+    ``n.s.`` with its p-value. Long concept names are wrapped (not cut to one indistinguishable
+    prefix); the note on the sets sits below the tick labels."""
     import matplotlib.pyplot as plt
 
     names = list(result.concepts)
@@ -27,41 +38,33 @@ def tcav_figure(result: TCAVResult, *, title: str | None = None) -> Any:
     stds = [float(np.std(result.concept_scores[c])) for c in names] + [
         float(np.std(result.random_scores))
     ]
-    labels = [_short(c, 18) for c in names] + ["random"]
+    labels = [_wrap(c) for c in names] + ["random"]
     colors = ["tab:blue" if result.significant[c] else "tab:gray" for c in names] + ["lightgray"]
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(labels) + 1.5), 4.2))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.3 * len(labels) + 1.5), 4.6), layout="constrained")
     pos = np.arange(len(labels))
     ax.bar(pos, means, yerr=stds, color=colors, capsize=5, edgecolor="black", linewidth=0.6)
     ax.axhline(0.5, color="black", linestyle=":", linewidth=0.8)
+    top = 1.0
     for i, c in enumerate(names):
         p = result.p_values[c]
         mark = "*" if result.significant[c] else "n.s."
-        ax.text(
-            i,
-            min(1.02, means[i] + stds[i] + 0.03),
-            f"{mark}\np={p:.2g}",
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax.set_xticks(pos, labels, rotation=20 if len(labels) > 4 else 0)
-    ax.set_ylim(0, 1.22)
+        y = means[i] + stds[i] + 0.03  # above the error bar, never across it
+        top = max(top, y + 0.14)
+        ax.text(i, y, f"{mark}\np={p:.2g}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(pos, labels, rotation=20 if len(labels) > 4 else 0, fontsize=8)
+    ax.set_ylim(0, max(1.22, top))
     ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("TCAV score")
     n_sets = len(result.random_scores)
     ax.set_title(
         title or _short(f"TCAV: target {result.target} at {result.layer}", 60), fontsize=10
     )
-    ax.text(
-        0.0,
-        -0.22 if len(labels) > 4 else -0.16,
+    ax.set_xlabel(
         f"{result.n_inputs} inputs, {n_sets} random sets; bars: mean +- std; "
         f"* p < {result.alpha:g}/{len(names)} (Bonferroni)",
-        transform=ax.transAxes,
         fontsize=7.5,
         color="dimgray",
     )
-    fig.tight_layout()
     return fig
 
 
