@@ -281,3 +281,16 @@ def test_waterfall_and_bar_value_labels_inside_the_axes(plot):
     for t in ax.texts:
         bb = t.get_window_extent(r)
         assert box.x0 <= bb.x0 and bb.x1 <= box.x1, t.get_text()
+
+
+@pytest.mark.parametrize("plot", [sp.waterfall, sp.force])
+def test_row_index_checked_and_negative_counts_from_the_end(plot):
+    e = make_exp(n=5)
+    for bad in (5, -6, 1.0, True):
+        with pytest.raises(OptionError, match="row|integer"):
+            plot(e, bad)
+    def texts(fig):
+        return [t.get_text() for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
+
+    last, same, first = texts(plot(e, -1)), texts(plot(e, 4)), texts(plot(e, 0))
+    assert last == same and last != first

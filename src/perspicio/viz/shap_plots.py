@@ -61,6 +61,17 @@ def feature_table(
     return values, names, fvals
 
 
+def _row_index(index: Any, rows: int) -> int:
+    """``index`` as a row of ``rows`` explained rows (negative counts from the end), checked."""
+    from ..errors import OptionError
+
+    if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+        raise OptionError(f"index must be an integer row number, got {index!r}.")
+    if not -rows <= int(index) < rows:
+        raise OptionError(f"row {index} is out of range for {rows} explained rows.")
+    return int(index) % rows
+
+
 def _base(exp: Explanation, index: int) -> float | None:
     if exp.base_value is None:
         return None
@@ -103,6 +114,7 @@ def waterfall(
     import matplotlib.pyplot as plt
 
     values, names, fvals = feature_table(exp, feature_names)
+    index = _row_index(index, len(values))
     v = values[index]
     base = _base(exp, index)
     start = base if base is not None else 0.0
@@ -418,8 +430,7 @@ def _row(
 ) -> tuple[np.ndarray, list[str], np.ndarray | None, float, float]:
     """(values, names, feature values or None, base, f(x)) of one explained row."""
     values, names, fvals = feature_table(exp, feature_names)
-    if not -len(values) <= index < len(values):
-        raise IndexError(f"row {index} is out of range for {len(values)} explained rows.")
+    index = _row_index(index, len(values))
     v = values[index]
     base = _base(exp, index)
     base = 0.0 if base is None else base
