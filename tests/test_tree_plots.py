@@ -289,6 +289,7 @@ def test_row_index_checked_and_negative_counts_from_the_end(plot):
     for bad in (5, -6, 1.0, True):
         with pytest.raises(OptionError, match="row|integer"):
             plot(e, bad)
+
     def texts(fig):
         return [t.get_text() for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
 
