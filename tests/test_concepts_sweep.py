@@ -10,6 +10,7 @@ import copy
 import itertools
 import random
 import warnings
+from types import SimpleNamespace
 from collections import OrderedDict
 
 import numpy as np
@@ -229,6 +230,8 @@ def test_data_loaders_lists_of_tensors_and_numpy_give_the_same_result() -> None:
         (list(x), list(concept)),  # single inputs, stacked
         ([x[:2], x[2:]], [concept[:3], concept[3:]]),  # batches, concatenated
         (x.numpy(), concept.numpy()),
+        # objects holding their batches as data_iter, as captum.concept.Concept does
+        (SimpleNamespace(data_iter=[x[:2], x[2:]]), SimpleNamespace(data_iter=[concept])),
     ]
     for inputs, c in variants:
         r = tcav(

@@ -93,12 +93,15 @@ def image_set(
 ) -> Tensor:
     """One set of images (or any model inputs) as a batch (N, ...), at least ``minimum`` of them.
 
-    ``spec`` is a tensor or numpy array of model inputs, a data loader (or any iterable of batches;
+    ``spec`` is a tensor or numpy array of model inputs, a data loader (or any iterable of batches,
+    or an object holding one as ``data_iter``, such as a ``captum.concept.Concept``;
     a batch that is a tuple/list, such as ``(inputs, labels)``, contributes its first tensor), a
     list of tensors (single inputs are stacked, batches concatenated), a folder, or a list of
     images/paths for ``preprocess``. ``ndim`` is the rank of one batch of model inputs when known
     (the explained inputs'): it decides whether listed tensors are single inputs or batches.
     """
+    if isinstance(getattr(spec, "data_iter", None), Iterable):
+        spec = spec.data_iter  # a captum.concept.Concept: its batches (a loader or a list)
     if isinstance(spec, (Tensor, np.ndarray)):
         x = _checked_batch(spec, bundle, what)
     elif _is_batch_iterable(spec):
