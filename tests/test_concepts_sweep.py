@@ -10,8 +10,8 @@ import copy
 import itertools
 import random
 import warnings
-from types import SimpleNamespace
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
