@@ -420,6 +420,10 @@ def test_tcav_bad_input_names_the_set() -> None:
     kw = dict(layer="act2", target=0, random_sets=3, random=pool)
     with pytest.raises(InputError, match=f"at least {MIN_SET_SIZE} are needed \\(MIN_SET_SIZE"):
         tcav(model, x, concepts={"tiny": DataLoader(pool[:3], batch_size=2)}, **kw)
+    with pytest.raises(
+        OptionError, match=r"set_size must be an integer >= 5 \(images, MIN_SET_SIZE\)"
+    ):
+        tcav(model, x, concepts={"a": pool[:6]}, set_size=3, **kw)
     with pytest.raises(InputError, match=r"random_sets\[1\] has 4 image"):
         tcav(model, x, layer="act2", concepts={"a": pool[:6]}, random_sets=[pool[:6], pool[:4]])
     with pytest.raises(InputError, match="concept 'n': inputs contain .* NaN"):

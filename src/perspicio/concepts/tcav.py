@@ -318,7 +318,7 @@ def tcav(
         size = (
             min(len(v) for v in concept_x.values())
             if set_size is None
-            else check_int("set_size", set_size, minimum=MIN_SET_SIZE)
+            else check_int("set_size", set_size, minimum=MIN_SET_SIZE, hint="images, MIN_SET_SIZE")
         )
         if size > len(pool):
             raise InputError(
