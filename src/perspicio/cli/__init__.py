@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     except PerspicioError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        # one line even when the message carries a library's multi-line report (e.g. xgboost's
+        # native backtrace after its own message)
+        text = str(exc).strip()
+        click.echo(f"error: {text.splitlines()[0] if text else type(exc).__name__}", err=True)
         return 2
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

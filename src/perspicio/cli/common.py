@@ -161,6 +161,22 @@ def output_names(sources: Sequence[str]) -> list[str]:
     return names
 
 
+def check_family(family: str | None, families: Sequence[str], what: str) -> str | None:
+    """--family of ``perspicio methods``/``metrics``: one of ``families`` (UnknownNameError with
+    suggestions otherwise, instead of an empty table and exit status 0)."""
+    from ..errors import UnknownNameError, suggest
+
+    if family is None:
+        return None
+    value = family.strip().lower()
+    if value not in families:
+        raise UnknownNameError(
+            f"unknown {what} family {family!r}; expected one of: {', '.join(sorted(families))}."
+            + suggest(value, families)
+        )
+    return value
+
+
 def parse_output(value: str | None) -> Any:
     """--output: an integer selects by index ('0', '-1'), anything else is a key ('logits')."""
     if value is None:

@@ -165,8 +165,11 @@ def compare_cmd(
 @click.option("--markdown", is_flag=True, help="Print a Markdown table.")
 def metrics_cmd(family: str | None, markdown: bool) -> None:
     """List the registered evaluation metrics."""
+    from ..core.registry import METRICS
     from ..metrics import metrics_table
+    from .common import check_family
 
+    family = check_family(family, {e.family for e in METRICS.entries()}, "metric")
     click.echo(metrics_table(family=family, markdown=markdown))
 
 

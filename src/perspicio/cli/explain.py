@@ -313,8 +313,11 @@ def coinciding(exps: list[Any]) -> list[tuple[str, str]]:
 @click.option("--markdown", is_flag=True, help="Print a Markdown table (as in the README).")
 def methods_cmd(family: str | None, markdown: bool) -> None:
     """List the registered explanation methods."""
+    from ..core.registry import METHODS
     from ..methods import methods_table
+    from .common import check_family
 
+    family = check_family(family, {e.family for e in METHODS.entries()}, "method")
     click.echo(methods_table(family=family, markdown=markdown))
 
 
@@ -333,7 +336,13 @@ def models_cmd() -> None:
 
 @click.command("layers")
 @click.argument("model_spec", default="efficientnet_lite0")
-@click.option("--size", default=224, show_default=True, help="Input side used to trace shapes.")
+@click.option(
+    "--size",
+    default=224,
+    show_default=True,
+    type=click.IntRange(1, 4096),
+    help="Input side used to trace shapes.",
+)
 @click.option("--all", "show_all", is_flag=True, help="Also list layers without a spatial output.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--random-init", is_flag=True)
@@ -345,7 +354,15 @@ def layers_cmd(model_spec: str, size: int, show_all: bool, device: str, random_i
 
     zm = load_model(model_spec, device, random_init)
     x = torch.zeros(1, 3, size, size, device=device)
-    infos = trace_layers(zm.model, x)
+    try:
+        infos = trace_layers(zm.model, x)
+    except RuntimeError as exc:  # e.g. a kernel larger than the input: torch's message, one line
+        from ..errors import InputError
+
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"the model cannot run on a {size}x{size} input (--size): {first}"
+        ) from exc
     default = auto_layer(zm.model, x)
     for info in infos:
         spatial = is_spatial(info.shape)

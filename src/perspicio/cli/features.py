@@ -171,7 +171,14 @@ def maps_cmd(image: str | None, model_spec: str, device: str, random_init: bool,
     zm = _model(model_spec, device, random_init)
     x, stem = _image(zm, image)
     layer = layer or _default_layer(zm, x)
-    chosen = [int(c) for c in split_list(channels)] or None
+    try:
+        chosen = [int(c) for c in split_list(channels)] or None
+    except ValueError:
+        from ..errors import OptionError
+
+        raise OptionError(
+            f"--channels expects channel indices (e.g. 0,5,7); got {', '.join(channels)!r}."
+        ) from None
     fm = feature_maps(zm, x, layer, channels=chosen, top_k=top_k)
     _write(Path(out_dir), f"{stem}_maps", feature_maps_figure(fm),
            {"layer": fm.layer, "channels": fm.channels, "means": fm.means, "grid": list(fm.maps.shape[1:])})
@@ -218,7 +225,7 @@ def top_cmd(data: str | None, model_spec: str, device: str, random_init: bool, s
 @click.option("--layer", "-l", default=None, help="Maximise a channel of this layer instead of a class.")
 @click.option("--channel", type=int, default=None, help="Channel of --layer.")
 @click.option("--steps", default=256, show_default=True)
-@click.option("--size", default=None, type=int, help="Image side (default: the model's input size).")
+@click.option("--size", default=None, type=click.IntRange(8, 2048), help="Image side (default: the model's input size).")
 @click.option("--param", type=click.Choice(["fourier", "pixel"]), default="fourier", show_default=True)
 @click.option("--lr", default=0.05, show_default=True)
 @click.option("--tv", default=0.0, show_default=True, help="Total-variation weight.")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -69,19 +70,44 @@ def run_cmd(data: str, model_spec: str, device: str, random_init: bool, methods:
     DATA: a folder of images (class sub-folders give the labels), or a CSV/Parquet table of image
     paths and labels (columns path, label) or of tabular features.
     """
+    from ..errors import OptionError
     from ..run import run
     from .evaluate import _scoped_options
 
+    if engine != "ray" and (address is not None or workers is not None):
+        raise OptionError("--address and --workers apply to --engine ray only.")
+    goal = _target(target)
     model = _load(model_spec, device, random_init)
-    result = run(
-        model, data, methods=split_list(methods) or ["gradcam"], metrics=split_list(metrics) or None,
-        store=store, target=_target(target), engine=engine, address=address, workers=workers,
-        chunk_size=chunk_size, seed=seed, batch_size=batch_size, output=parse_output(output),
-        method_options=_scoped_options(method_opts, "--method-option"),
-        metric_options=_scoped_options(metric_opts, "--metric-option"),
-        maps=maps, overwrite=overwrite, progress=not quiet,
-    )
+    labels = getattr(model, "labels", None)
+    if isinstance(goal, int) and labels and goal >= len(labels):
+        raise OptionError(
+            f"--target {goal} is out of range: the model has {len(labels)} classes (0..{len(labels) - 1})."
+        )
+    fresh = "://" not in store and not Path(store).exists()
+    try:
+        result = run(
+            model, data, methods=split_list(methods) or ["gradcam"], metrics=split_list(metrics) or None,
+            store=store, target=goal, engine=engine, address=address, workers=workers,
+            chunk_size=chunk_size, seed=seed, batch_size=batch_size, output=parse_output(output),
+            method_options=_scoped_options(method_opts, "--method-option"),
+            metric_options=_scoped_options(metric_opts, "--metric-option"),
+            maps=maps, overwrite=overwrite, progress=not quiet,
+        )
+    except BaseException:
+        if fresh:
+            _remove_unused_store(Path(store))
+        raise
     click.echo(str(result.summary))
+
+
+def _remove_unused_store(path: Path) -> None:
+    """A store this command created that holds no committed chunk (the run failed before its first
+    one, e.g. on a bad option) is removed, so a failed command leaves nothing behind; a store with
+    committed chunks is kept, since re-running resumes it."""
+    import shutil
+
+    if path.is_dir() and not any(p.is_file() for p in (path / "rows").rglob("*")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @click.command("report")

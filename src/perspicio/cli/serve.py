@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from pathlib import Path
 
@@ -46,6 +47,48 @@ def model_table(specs: tuple[str, ...]) -> dict[str, str]:
     return table
 
 
+def check_model_spec(spec: str) -> None:
+    """Refuse at start a --model the workers could never load (they load it on first use): a file
+    that is not a TorchScript archive - a pickle, a torch.save() checkpoint, a truncated file; only
+    its zip directory is read here, nothing is unpickled - or a name that is no model source."""
+    import zipfile
+
+    from ..errors import ModelError, UnknownNameError
+    from ..zoo import sources
+
+    text = spec.strip()
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_dir():
+            raise ModelError(f"--model '{path}' is a directory; expected a TorchScript model file.")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                entries = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            raise ModelError(
+                f"--model '{path}' is not a TorchScript model file: it is not a zip archive, and "
+                "torch.jit.save always writes one."
+            ) from None
+        if not any(e.endswith("constants.pkl") for e in entries):
+            raise ModelError(
+                f"--model '{path}' is not a TorchScript model file (a torch.save() checkpoint?); "
+                "save it with torch.jit.script(model).save(path)."
+            )
+        return
+    if path.suffix.lower() in sources.TORCHSCRIPT_SUFFIXES:
+        raise ModelError(f"--model '{path}': no such file.")
+    prefix = text.partition(":")[0].lower()
+    if (
+        sources._bundled_key(text) is None
+        and prefix not in ("torchvision", "timm")
+        and not (sources._FACTORY.match(text))
+    ):
+        raise UnknownNameError(
+            f"--model {spec!r} is neither a file nor a model name (a bundled name, "
+            "torchvision:NAME, timm:NAME or package.module:factory)." + sources._suggest_spec(text)
+        )
+
+
 @click.command("serve")
 @click.option(
     "--host",
@@ -53,7 +96,7 @@ def model_table(specs: tuple[str, ...]) -> dict[str, str]:
     show_default=True,
     help="Address to bind. Anything but loopback needs --allow-remote.",
 )
-@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
     "--model",
     "-m",
@@ -151,8 +194,14 @@ def serve_cmd(
             raise OptionError(
                 f"{name} must be {'at least 1' if name == '--workers' else 'non-negative'}; got {value}."
             )
-    if time_limit <= 0 or max_upload_mb <= 0 or max_megapixels <= 0:
-        raise OptionError("--time-limit, --max-upload-mb and --max-megapixels must be positive.")
+    if not all(0 < v < math.inf for v in (time_limit, max_upload_mb, max_megapixels)):  # nan too
+        raise OptionError(
+            "--time-limit, --max-upload-mb and --max-megapixels must be positive finite numbers."
+        )
+    if not 0 <= cache_mb < math.inf:
+        raise OptionError(f"--cache-mb must be a finite number >= 0 (0: off); got {cache_mb}.")
+    for spec in models:
+        check_model_spec(spec)
     config = ServeConfig(
         models=model_table(models),
         workers=workers,

@@ -21,6 +21,13 @@ def surrogate_group() -> None:
     """Distil a model into an interpretable surrogate and measure its fidelity on held-out rows."""
 
 
+def _check_holdout(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """--holdout is a fraction strictly between 0 and 1 (checked even when it is not used)."""
+    if not (0.0 < value < 1.0):  # also refuses nan
+        raise click.BadParameter(f"must be a fraction strictly between 0 and 1; got {value}.")
+    return value
+
+
 def _common(f: Callable) -> Callable:
     options = [
         click.option(
@@ -60,6 +67,7 @@ def _common(f: Callable) -> Callable:
         click.option(
             "--holdout",
             type=float,
+            callback=_check_holdout,
             default=0.25,
             show_default=True,
             help="Fraction of --data held out for the fidelity (ignored with --test-data).",
@@ -156,6 +164,15 @@ def linear_cmd(l1: float, max_features: int | None, **kw: Any) -> None:
     """
     from ..surrogates import distill_linear
 
+    ctx = click.get_current_context()
+    if max_features is not None and (
+        ctx.get_parameter_source("l1") is not click.core.ParameterSource.DEFAULT
+    ):
+        from ..errors import OptionError
+
+        raise OptionError(
+            "give --l1 or --max-features, not both (--max-features chooses the penalty)."
+        )
     model, args, out = _setup(kw)
     s = distill_linear(model, l1=l1, max_features=max_features, **args)
     plt = _pyplot()
@@ -182,7 +199,16 @@ def _pyplot() -> Any:
 def _setup(kw: dict[str, Any]) -> tuple[Any, dict[str, Any], Path]:
     """The model, the keyword arguments of distill_*, and the output directory."""
     from ..errors import OptionError
+    from ..zoo.tabular import DATASETS, MODEL_KINDS
 
+    name, sep, kind = kw["model_spec"].strip().lower().replace("-", "_").partition("/")
+    if sep and name in DATASETS and kind not in MODEL_KINDS:
+        from ..errors import UnknownNameError, suggest
+
+        raise UnknownNameError(
+            f"unknown model kind {kind!r} in --model {kw['model_spec']!r}; the bundled kinds are "
+            f"{', '.join(MODEL_KINDS)}." + suggest(kind, list(MODEL_KINDS))
+        )
     if kw["data_path"] is None and not _is_bundled(kw["model_spec"]):
         raise OptionError(
             f"--data is required for {kw['model_spec']!r} (only bundled tabular models carry data)."
@@ -248,8 +274,16 @@ def _read_table(path: str, label_column: str | None) -> tuple[Any, list[str] | N
             raise InputError(f"{path} is not a numeric .npy array ({exc}).") from None
     if p.suffix.lower() != ".csv":
         raise InputError(f"--data must be a .csv or .npy file; got {p.name}.")
-    with p.open(newline="") as fh:
-        rows = [r for r in csv.reader(fh) if r]
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as fh:
+            rows = [r for r in csv.reader(fh) if r]
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{p.name} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8 CSV."
+        ) from None
+    except csv.Error as exc:
+        raise InputError(f"{p.name} is not a readable CSV file: {exc}.") from None
     if not rows:
         raise InputError(f"{path} is empty.")
     header = None
@@ -272,6 +306,8 @@ def _read_table(path: str, label_column: str | None) -> tuple[Any, list[str] | N
             pass
         rows = [r[:j] + r[j + 1 :] for r in rows]
         header = header[:j] + header[j + 1 :]
+    if not rows:
+        raise InputError(f"{path} has a header row but no data rows.")
     widths = {len(r) for r in rows}
     if len(widths) > 1:
         raise InputError(f"{path}: rows have different numbers of columns ({sorted(widths)}).")

@@ -98,7 +98,11 @@ def _tabular_methods() -> list[str]:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
-    "--max-display", type=int, default=12, show_default=True, help="Features shown in the plots."
+    "--max-display",
+    type=click.IntRange(min=1),
+    default=12,
+    show_default=True,
+    help="Features shown in the plots.",
 )
 @click.option(
     "--option", "extra", multiple=True, help="Any other method option as key=value (repeatable)."
@@ -141,7 +145,11 @@ def explain_tabular_cmd(
     from ..core.registry import METHODS
     from ..errors import OptionError
 
-    job = _load(model_spec, data_spec, drop, trust_pickle, seed)
+    data_given = (
+        click.get_current_context().get_parameter_source("data_spec")
+        is not click.core.ParameterSource.DEFAULT
+    )
+    job = _load(model_spec, data_spec, drop, trust_pickle, seed, data_given=data_given)
     structured = _structured_method(job["model"])
     name = METHODS.get(method).name if method else structured or "kernel_shap"
     allowed = _tabular_methods()
@@ -263,7 +271,12 @@ def _is_demo(job: dict[str, Any]) -> bool:
 
 
 def _load(
-    model_spec: str, data_spec: str, drop: tuple[str, ...], trust_pickle: bool, seed: int
+    model_spec: str,
+    data_spec: str,
+    drop: tuple[str, ...],
+    trust_pickle: bool,
+    seed: int,
+    data_given: bool = False,
 ) -> dict[str, Any]:
     """The model, the rows to explain from, the background pool, feature names and labels."""
     from ..errors import InputError, OptionError
@@ -281,6 +294,13 @@ def _load(
     demo = _demo_spec(spec, data_spec, DATASETS, MODEL_KINDS)
     if demo is not None and not path.is_file():
         dataset, kind = demo
+        given = data_spec.strip().lower().replace("-", "_")
+        if data_given and given != dataset:
+            raise OptionError(
+                f"--model {spec} is the {dataset} demo and carries its own rows; --data "
+                f"{data_spec!r} conflicts with it (a demo on another data set: --model {kind} "
+                f"--data DATASET; your own rows need your own model file)."
+            )
         if drop:
             raise OptionError("--drop applies to a --data file, not to the bundled data sets.")
         require_tabular(xgboost=kind == "xgb", what=f"the {dataset}_{kind} demo")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,12 @@ def _read_file(path: Path) -> TreeEnsemble:
         try:
             booster.load_model(str(path))
         except xgboost.core.XGBoostError as exc:
-            raise ModelError(f"{path.name} is not an XGBoost model: {exc}") from exc
+            # xgboost's message is "[time] source.cc:line: what" followed by a native backtrace
+            text = str(exc).strip()
+            what = re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", text.splitlines()[0] if text else "")
+            raise ModelError(
+                f"{path.name} is not a readable XGBoost model (corrupt or truncated?): {what}"
+            ) from exc
         return read_xgboost(booster, source=f"XGBoost model file {path.name}")
     if suffix in (".txt", ".model", ".lgb", ".lgbm"):
         try:

@@ -414,8 +414,16 @@ def read_table(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str]]:
         return frame.to_numpy(dtype=np.float64, na_value=np.nan), cols
     if suffix not in (".csv", ".tsv", ".txt"):
         raise InputError(f"cannot read {p.name}: expected a .csv or .parquet file.")
-    with p.open(newline="") as fh:
-        rows = list(csv.reader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh, delimiter="\t" if suffix == ".tsv" else ","))
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{p.name} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8 CSV."
+        ) from None
+    except csv.Error as exc:
+        raise InputError(f"{p.name} is not a readable CSV file: {exc}.") from None
     if len(rows) < 2:
         raise InputError(f"{p.name} has no data rows under its header.")
     cols = [c.strip() for c in rows[0]]
