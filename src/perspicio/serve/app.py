@@ -39,6 +39,12 @@ STATIC_FILES = {
     "icon.svg": "image/svg+xml",
 }
 
+#: the fields of /api/explain and /api/compare
+IMAGE_FIELDS = ("model", "methods", "target", "layer", "sample", "file", "wait")
+
+#: the content types of a POST body the API reads (fields of a form)
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
 #: methods ticked when the page opens: fast (one backward pass each), one of them signed
 DEFAULT_METHODS = ("gradcam", "hirescam", "input_x_gradient")
 
@@ -396,6 +402,26 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
             raise ServeError(503, "the worker pool is not running.", {"Retry-After": "5"})
         return p
 
+    async def check_form(request: Request, allowed: Sequence[str]) -> None:
+        """A POST body is a form (a JSON or text body would be read as no fields at all), and every
+        field is one the endpoint takes: a misspelt field (``targte``) is refused, not ignored."""
+        from ..errors import suggest
+
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype and ctype not in FORM_TYPES:
+            raise ServeError(
+                415,
+                f"send the fields as a form ({' or '.join(FORM_TYPES)}), not {ctype}.",
+            )
+        form = await request.form()
+        unknown = sorted(set(form.keys()) - set(allowed))
+        if unknown:
+            raise ServeError(
+                422,
+                f"unknown field {unknown[0]!r}; this endpoint takes: {', '.join(allowed)}."
+                + suggest(unknown[0], list(allowed)),
+            )
+
     def check_model(model: str) -> str:
         if model not in table:
             from ..errors import suggest
@@ -609,8 +635,12 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
 
     @app.post("/api/predict", summary="Top-5 classes with probabilities")
     async def predict(
-        model: FormStr = "efficientnet_lite0", sample: FormStr = None, file: FormFile = None
+        request: Request,
+        model: FormStr = "efficientnet_lite0",
+        sample: FormStr = None,
+        file: FormFile = None,
     ) -> Any:
+        await check_form(request, ("model", "sample", "file"))
         check_model(model)
         pixels, label = await read_image(file, sample)
         return await run(
@@ -653,6 +683,7 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
 
     @app.post("/api/explain", summary="Explain the image with one or more methods")
     async def explain(
+        request: Request,
         model: FormStr = "efficientnet_lite0",
         methods: FormStr = None,
         target: FormStr = None,
@@ -664,6 +695,7 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
         """Returns the display image, per method a coloured map (PNG), its raw channel-summed values
         (base64 float32, row-major), its legend, and the CLI line reproducing the view. With
         ``wait=false``: 202 and a job id whose progress streams at ``/api/jobs/{id}/events``."""
+        await check_form(request, IMAGE_FIELDS)
         return await image_methods_job(
             "explain", model, methods, target, layer, sample, file, wait, {}
         )
@@ -673,6 +705,7 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
         summary="Score the methods with cheap faithfulness metrics, ranked as `perspicio compare`",
     )
     async def compare(
+        request: Request,
         model: FormStr = "efficientnet_lite0",
         methods: FormStr = None,
         target: FormStr = None,
@@ -681,6 +714,7 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
         file: FormFile = None,
         wait: FormBool = True,
     ) -> Any:
+        await check_form(request, IMAGE_FIELDS)
         return await image_methods_job(
             "compare",
             model,
@@ -810,6 +844,7 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
 
     @app.post("/api/tabular/explain", summary="One test row: prediction, attributions and plots")
     async def tabular_explain(
+        request: Request,
         model: FormStr = "breast_cancer_xgb",
         row: FormStr = None,
         wait: FormBool = True,
@@ -818,6 +853,7 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
         force and global beeswarm plots (base64 PNG) and the CLI line. Tree models use
         ``tree_shap``: a request made while a worker still compiles its kernels waits for them
         (progress events say so); the MLP uses ``deeplift``. With ``wait=false``: 202 and a job."""
+        await check_form(request, ("model", "row", "wait"))
         check_tabular(model)
         text = (row or "").strip()
         if not text.lstrip("-").isdigit():
@@ -924,6 +960,7 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
 
     @app.post("/api/text/explain", summary="Explain a sentence: token heatmaps, attention views")
     async def text_explain(
+        request: Request,
         model: FormStr = "minilm",
         text: FormStr = None,
         methods: FormStr = None,
@@ -940,6 +977,9 @@ def create_app(config: ServeConfig | None = None, *, pool: WorkerPool | None = N
         With ``wait=false``: 202 and a job whose progress streams at ``/api/jobs/{id}/events``."""
         from .text import split_labels
 
+        await check_form(
+            request, ("model", "text", "methods", "target", "labels", "merge_words", "wait")
+        )
         check_text_model(model)
         value = check_text(text)
         names = check_text_methods(methods, model)
