@@ -56,6 +56,21 @@ CASES = [
     (["methods", "--family", "cma"], ["Did you mean: cam"]),
     (["metrics", "--family", "faithfulnes"], ["Did you mean: faithfulness"]),
     (["layers", "--size", "0"], ["--size"]),
+    (
+        [
+            "compare",
+            "chelsea",
+            "--methods",
+            "saliency",
+            "--method-option",
+            "saliency.bogus=5",
+            "-o",
+            "{OUT}/r.html",
+        ],
+        ["no option 'bogus'"],
+    ),
+    (["benchmark", "pointing-game", "--threshold", "2", "-o", "{OUT}"], ["--threshold"]),
+    (["benchmark", "pointing-game", "--threshold", "nan", "-o", "{OUT}"], ["--threshold"]),
     (["layers", "--size", "100000"], ["--size"]),
     (
         ["explain-tabular", "--model", "{F}/trunc.json", "--data", "{F}/header.csv", "-o", "{OUT}"],

@@ -28,6 +28,29 @@ def register(group: click.Group) -> None:
     group.add_command(benchmark_group)
 
 
+def _probability_below_one(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not 0.0 <= value < 1.0:  # also refuses nan
+        raise click.BadParameter(f"must be a probability in [0, 1); got {value}.")
+    return value
+
+
+def _check_method_options(options: dict[str, dict[str, Any]]) -> None:
+    """Every --method-option names a method and one of its options (the error the method's
+    constructor would raise, but before any work)."""
+    from ..core.registry import METHODS
+    from ..errors import OptionError, suggest
+
+    for name, opts in options.items():
+        cls = METHODS.get(name).cls  # UnknownNameError with suggestions
+        allowed = cls.option_names()
+        unknown = [k for k in opts if k not in allowed]
+        if unknown:
+            raise OptionError(
+                f"method {cls.name!r} has no option {unknown[0]!r}; its options are: "
+                f"{', '.join(allowed)}." + suggest(unknown[0], allowed)
+            )
+
+
 def _scoped_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict[str, Any]]:
     """'name.key=value' pairs -> {name: {key: value}} (values parsed as Python literals where possible)."""
     import ast
@@ -125,6 +148,8 @@ def compare_cmd(
 
     method_names = resolve_methods(split_list(methods))
     metric_names = resolve_metrics(split_list(metrics) or ["default"])
+    method_options = _scoped_options(method_opts, "--method-option")
+    _check_method_options(method_options)  # before the plan is printed and any work starts
     sources = list(images) or list(DEFAULT_IMAGES)
     pil_images = [load_image(s) for s in sources]  # validate files before any work
     zm = load_model(model_spec, device, random_init)
@@ -135,7 +160,7 @@ def compare_cmd(
         methods=method_names,
         metrics=metric_names,
         target=parse_target(target),
-        method_options=_scoped_options(method_opts, "--method-option"),
+        method_options=method_options,
         metric_options=_scoped_options(metric_opts, "--metric-option"),
         seed=seed,
         batch_size=batch_size,
@@ -215,6 +240,8 @@ def benchmark_group() -> None:
     "--threshold",
     default=0.4,
     show_default=True,
+    type=float,
+    callback=_probability_below_one,
     help="Minimum top-1 probability for a photo to be used.",
 )
 @click.option("--batch-size", type=int, default=None, help="Explanations per chunk.")
