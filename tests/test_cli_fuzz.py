@@ -18,6 +18,7 @@ def f(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("fuzz")
     (d / "latin1.csv").write_bytes("caf\xe9,b\n1,2\n".encode("latin-1"))
     (d / "header.csv").write_text("a,b,c\n")
+    (d / "nocol.csv").write_text("foo,bar\n1,2\n")
     (d / "model.pkl").write_bytes(pickle.dumps({"a": 1}))
     torch.save(torch.nn.Linear(3, 2), d / "full.pt")
     (d / "trunc.json").write_bytes(b'{"learner": {"gradient_booster": ')
@@ -56,6 +57,15 @@ CASES = [
     (["methods", "--family", "cma"], ["Did you mean: cam"]),
     (["metrics", "--family", "faithfulnes"], ["Did you mean: faithfulness"]),
     (["layers", "--size", "0"], ["--size"]),
+    (["explain", "", "--method", "saliency", "-o", "{OUT}"], ["the image path is empty"]),
+    (
+        ["explain", "a cat", "--model", "minilm", "--method", "gradcam", "-o", "{OUT}"],
+        ["does not take text"],
+    ),
+    (
+        ["run", "{F}/nocol.csv", "--store", "{OUT}/st", "--methods", "saliency"],
+        ["no image-path column"],
+    ),
     (
         [
             "compare",

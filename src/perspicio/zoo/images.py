@@ -156,6 +156,8 @@ def _load_path(source: str | os.PathLike, max_pixels: int | None) -> Image.Image
     text = os.fspath(source)
     if isinstance(text, bytes):
         text = os.fsdecode(text)
+    if not text.strip():  # Path("") is the current directory
+        raise InputError("the image path is empty; expected an image file or a sample name")
     if isinstance(source, str) and text in SAMPLES and not os.path.exists(text):
         image = sample(text)
         _check_pixels(image.size, max_pixels, f"sample {text!r}")

@@ -106,9 +106,16 @@ def load_minilm(device: torch.device, *, pretrained: bool = True, make: Callable
     tr = _transformers()
     tokenizer = tr.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if pretrained:
-        encoder = tr.AutoModel.from_pretrained(
-            str(path), local_files_only=True, attn_implementation="eager"
-        )
+        # no "Loading weights" bar on stderr for a local file (the CLI's errors are one line)
+        bars = tr.utils.logging.is_progress_bar_enabled()
+        tr.utils.logging.disable_progress_bar()
+        try:
+            encoder = tr.AutoModel.from_pretrained(
+                str(path), local_files_only=True, attn_implementation="eager"
+            )
+        finally:
+            if bars:
+                tr.utils.logging.enable_progress_bar()
     else:
         config = tr.AutoConfig.from_pretrained(str(path), local_files_only=True)
         config._attn_implementation = "eager"
