@@ -57,6 +57,10 @@ CASES = [
     (["methods", "--family", "cma"], ["Did you mean: cam"]),
     (["metrics", "--family", "faithfulnes"], ["Did you mean: faithfulness"]),
     (["layers", "--size", "0"], ["--size"]),
+    (
+        ["concepts", "discover", "chelsea", "--layer", "_blocks.5", "--top", "0", "-o", "{OUT}"],
+        ["--top"],
+    ),
     (["explain", "", "--method", "saliency", "-o", "{OUT}"], ["the image path is empty"]),
     (
         ["explain", "a cat", "--model", "minilm", "--method", "gradcam", "-o", "{OUT}"],

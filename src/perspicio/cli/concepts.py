@@ -209,7 +209,13 @@ def tcav_cmd(
 @click.option(
     "--designs", default=32, show_default=True, help="Sobol designs per image (a power of two)."
 )
-@click.option("--top", default=8, show_default=True, help="Crops shown per concept.")
+@click.option(
+    "--top",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Crops shown per concept.",
+)
 def discover_cmd(
     images: tuple[str, ...],
     model_spec: str,
