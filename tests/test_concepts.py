@@ -562,6 +562,46 @@ def test_cli_tcav_and_discover(tmp_path) -> None:
     )
 
 
+@pytest.mark.slow
+def test_cli_tcav_several_layers_one_chart_each_equal_to_single_runs(tmp_path) -> None:
+    import json
+
+    from PIL import Image
+
+    from perspicio.cli import main
+
+    rng = np.random.default_rng(1)
+
+    def folder(path, n, shift=0):
+        path.mkdir(parents=True)
+        for i in range(n):
+            arr = np.clip(rng.normal(128 + shift, 60, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(path / f"{i}.png")
+
+    folder(tmp_path / "inputs", 6)
+    folder(tmp_path / "concepts" / "bright", 6, 80)
+    folder(tmp_path / "concepts" / "dark", 6, -80)
+    folder(tmp_path / "random", 20)
+
+    def run(layer, out):
+        args = ["concepts", "tcav", str(tmp_path / "inputs"), "--model", "conftest:TinyCNN"]
+        args += ["--concepts", str(tmp_path / "concepts"), "--random", str(tmp_path / "random")]
+        args += ["--target", "1", "--layer", layer, "--random-sets", "3", "--out", str(out)]
+        return main(args)
+
+    assert run("act1, act2", tmp_path / "both") == 0
+    names = sorted(p.name for p in (tmp_path / "both").iterdir())
+    assert names == ["tcav_act1.json", "tcav_act1.png", "tcav_act2.json", "tcav_act2.png"]
+    for layer in ("act1", "act2"):
+        assert run(layer, tmp_path / layer) == 0
+        one = json.loads((tmp_path / layer / "tcav.json").read_text())
+        both = json.loads((tmp_path / "both" / f"tcav_{layer}.json").read_text())
+        for data in (one, both):
+            data.pop("timings_s")
+        assert both["layer"] == layer and both == one
+    assert run("act1,nope", tmp_path / "bad") == 2
+
+
 # ----------------------------------------------------------------------------- bundled model
 
 

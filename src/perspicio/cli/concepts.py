@@ -9,6 +9,7 @@ class. Both write PNG figures and a JSON file into ``--out``. ``--example`` (tca
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ def _common(f: Any) -> Any:
         "--layer",
         "-l",
         required=True,
-        help="Layer holding the concepts (names: perspicio layers --model ...).",
+        help="Layer holding the concepts (names: perspicio layers --model ...); tcav takes "
+        "several, comma-separated, and writes one chart per layer.",
     )(f)
     f = click.option(
         "--random-init", is_flag=True, help="Random weights instead of pretrained ones."
@@ -148,39 +150,34 @@ def tcav_cmd(
         concept_map = {p.name: str(p) for p in folders}
         random_spec = random_dir
     random_folders = _subfolders(random_spec, "--random") if isinstance(random_spec, str) else []
+    named = [part.strip() for part in layer.split(",") if part.strip()]
     if random_folders:
-        result = tcav(
-            zm,
-            inputs_spec,
-            layer=layer,
-            concepts=concept_map,
-            target=tgt,
-            random_sets=[str(p) for p in random_folders],
-            classifier=classifier,
-            alpha=alpha,
-            seed=seed,
-        )
+        random_options: dict[str, Any] = {"random_sets": [str(p) for p in random_folders]}
     else:
-        result = tcav(
-            zm,
-            inputs_spec,
-            layer=layer,
-            concepts=concept_map,
-            target=tgt,
-            random_sets=random_sets,
-            random=random_spec,
-            set_size=set_size,
-            classifier=classifier,
-            alpha=alpha,
-            seed=seed,
-        )
-    paths = result.save(out_dir, "tcav")
-    for c in result.concepts:
-        mark = "significant" if result.significant[c] else "not significant"
-        click.echo(f"{c}: TCAV {result.scores[c]:.3f} (p={result.p_values[c]:.3g}, {mark})")
-    click.echo(
-        f"random: {float(result.random_scores.mean()):.3f}; wrote {paths[0]} and {paths[1].name}"
+        random_options = {"random_sets": random_sets, "random": random_spec, "set_size": set_size}
+    result = tcav(
+        zm,
+        inputs_spec,
+        layer=named if len(named) > 1 else layer,
+        concepts=concept_map,
+        target=tgt,
+        classifier=classifier,
+        alpha=alpha,
+        seed=seed,
+        **random_options,
     )
+    results = result if isinstance(result, dict) else {None: result}
+    for name, res in results.items():
+        stem = "tcav" if name is None else "tcav_" + re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        paths = res.save(out_dir, stem)
+        if name is not None:
+            click.echo(f"layer {name}:")
+        for c in res.concepts:
+            mark = "significant" if res.significant[c] else "not significant"
+            click.echo(f"{c}: TCAV {res.scores[c]:.3f} (p={res.p_values[c]:.3g}, {mark})")
+        click.echo(
+            f"random: {float(res.random_scores.mean()):.3f}; wrote {paths[0]} and {paths[1].name}"
+        )
 
 
 @concepts.command("discover")
