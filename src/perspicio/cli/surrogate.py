@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -274,16 +273,9 @@ def _read_table(path: str, label_column: str | None) -> tuple[Any, list[str] | N
             raise InputError(f"{path} is not a numeric .npy array ({exc}).") from None
     if p.suffix.lower() != ".csv":
         raise InputError(f"--data must be a .csv or .npy file; got {p.name}.")
-    try:
-        with p.open(newline="", encoding="utf-8-sig") as fh:
-            rows = [r for r in csv.reader(fh) if r]
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"{p.name} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-            "save it as UTF-8 CSV."
-        ) from None
-    except csv.Error as exc:
-        raise InputError(f"{p.name} is not a readable CSV file: {exc}.") from None
+    from ..zoo.tabular import csv_rows
+
+    rows = [r for r in csv_rows(p) if r]
     if not rows:
         raise InputError(f"{path} is empty.")
     header = None

@@ -543,20 +543,12 @@ def _lgb_tree(root: dict[str, Any], source: str) -> dict[str, Any]:
 # ============================================================================ scikit-learn
 
 
-def _nan_routing(est: Any, n_features: int) -> bool:
-    """Whether the estimator itself accepts NaN inputs (newer scikit-learn trees route them)."""
+def _routes(est: Any, n_features: int, value: float) -> bool:
+    """Whether the estimator itself accepts inputs equal to ``value`` (NaN: newer scikit-learn
+    trees route it; +-Inf: HistGradientBoosting does, the classic trees do not)."""
     try:
-        est.predict(np.full((1, n_features), np.nan))
-    except Exception:  # noqa: BLE001 - any refusal means NaN is not routed
-        return False
-    return True
-
-
-def _inf_routing(est: Any, n_features: int) -> bool:
-    """Whether the estimator itself accepts +-Inf inputs (HistGradientBoosting does; trees do not)."""
-    try:
-        est.predict(np.full((1, n_features), np.inf))
-    except Exception:  # noqa: BLE001 - any refusal means Inf is not accepted
+        est.predict(np.full((1, n_features), value))
+    except Exception:  # noqa: BLE001 - any refusal means the value is not accepted
         return False
     return True
 
@@ -637,8 +629,8 @@ def _sk_averaged_ensemble(est: Any, trees: list, is_clf: bool) -> TreeEnsemble:
         base_offset=0.0,
         input_dtype="float32",
         transform="identity" if is_clf else None,
-        nan_routing=_nan_routing(est, f),
-        inf_routing=_inf_routing(est, f),
+        nan_routing=_routes(est, f, np.nan),
+        inf_routing=_routes(est, f, np.inf),
         source=f"sklearn.{type(est).__name__}",
         feature_names=_sk_names(est),
         output_names=tuple(str(c) for c in est.classes_) if is_clf else None,
@@ -818,7 +810,7 @@ def _read_sk_hgb(est: Any) -> TreeEnsemble:
         input_dtype="float64",
         transform=transform,
         nan_routing=True,
-        inf_routing=_inf_routing(est, f),
+        inf_routing=_routes(est, f, np.inf),
         source=f"sklearn.{type(est).__name__} ({loss})",
         feature_names=_sk_names(est),
         output_names=_class_names(est, n_out),
@@ -857,8 +849,8 @@ def _read_sk_iforest(est: Any) -> TreeEnsemble:
         base_offset=0.0,
         input_dtype="float32",
         transform=None,
-        nan_routing=_nan_routing(est, f),
-        inf_routing=_inf_routing(est, f),
+        nan_routing=_routes(est, f, np.nan),
+        inf_routing=_routes(est, f, np.inf),
         source="sklearn.IsolationForest (mean path length)",
         feature_names=_sk_names(est),
         output_names=("path_length",),

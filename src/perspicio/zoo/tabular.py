@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.blackbox import onnx_output_name
-from ..errors import ModelError, UnknownNameError, suggest
+from ..errors import InputError, ModelError, UnknownNameError, suggest
 
 DATASETS = {"breast_cancer": "classification", "diabetes": "regression"}
 MODEL_KINDS = ("mlp", "gbm", "xgb")
@@ -381,13 +381,26 @@ def datasets() -> Sequence[str]:
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".sav")
 
 
+def csv_rows(path: Path, delimiter: str = ",") -> list[list[str]]:
+    """The rows of a UTF-8 (optionally BOM-prefixed) CSV file; an :class:`InputError` for other
+    encodings or malformed CSV, naming the file and the first bad byte."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            return list(csv.reader(fh, delimiter=delimiter))
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path.name} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8 CSV."
+        ) from None
+    except csv.Error as exc:
+        raise InputError(f"{path.name} is not a readable CSV file: {exc}.") from None
+
+
 def read_table(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str]]:
     """Rows (N, C) as float64 and the column names of a CSV (header row; empty/NA cells are NaN)
     or Parquet file (needs pandas and pyarrow). A non-numeric column raises InputError naming it."""
-    import csv
-
-    from ..errors import InputError
-
     p = Path(path)
     if not p.is_file():
         raise InputError(f"data file {str(p)!r} does not exist.")
@@ -414,16 +427,7 @@ def read_table(path: str | os.PathLike[str]) -> tuple[np.ndarray, list[str]]:
         return frame.to_numpy(dtype=np.float64, na_value=np.nan), cols
     if suffix not in (".csv", ".tsv", ".txt"):
         raise InputError(f"cannot read {p.name}: expected a .csv or .parquet file.")
-    try:
-        with p.open(newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh, delimiter="\t" if suffix == ".tsv" else ","))
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"{p.name} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-            "save it as UTF-8 CSV."
-        ) from None
-    except csv.Error as exc:
-        raise InputError(f"{p.name} is not a readable CSV file: {exc}.") from None
+    rows = csv_rows(p, delimiter="\t" if suffix == ".tsv" else ",")
     if len(rows) < 2:
         raise InputError(f"{p.name} has no data rows under its header.")
     cols = [c.strip() for c in rows[0]]
