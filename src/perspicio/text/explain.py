@@ -46,6 +46,7 @@ TOKEN_PERTURBATION_METHODS = (
     "feature_ablation",
     "occlusion",
     "kernel_shap",
+    "shapley_exact",
     "shapley_sampling",
     "lime",
 )
@@ -88,11 +89,17 @@ def _baseline_id(tokenizer: Any, spec: Any) -> int:
 
 
 def merge_words(
-    attributions: Tensor, word_ids: Sequence[Sequence[int | None]], tokens: Sequence[Sequence[str]]
+    attributions: Tensor,
+    word_ids: Sequence[Sequence[int | None]],
+    tokens: Sequence[Sequence[str]],
+    tokenizer: Any = None,
 ) -> tuple[Tensor, tuple[tuple[str, ...], ...]]:
     """Sum the attributions of the sub-word pieces of each word. ``word_ids`` come from a fast
     tokenizer (None for special tokens, which stay words of their own); without them, pieces
-    starting with '##' join the previous token (WordPiece). Returns (N, W) and the word strings."""
+    starting with '##' join the previous token (WordPiece). Returns (N, W) and the word strings:
+    with ``tokenizer``, its ``convert_tokens_to_string`` of the pieces, stripped (WordPiece
+    ``un ##for`` -> ``unfor``, byte-level BPE ``Ġb or ing`` -> ``boring``); without, the pieces
+    joined with WordPiece's ``##`` dropped. Special tokens keep their token string."""
     rows, names = [], []
     for i, (wid, toks) in enumerate(zip(word_ids, tokens)):
         groups: list[list[int]] = []
@@ -110,19 +117,26 @@ def merge_words(
             last = w
         rows.append(torch.stack([attributions[i, g].sum() for g in groups]))
         names.append(
-            tuple(
-                "".join(
-                    toks[j][2:] if k and toks[j].startswith("##") else toks[j]
-                    for k, j in enumerate(g)
-                )
-                for g in groups
-            )
+            tuple(_word_string([toks[j] for j in g], wid[g[0]], tokenizer) for g in groups)
         )
     width = max(len(r) for r in rows)
     out = attributions.new_zeros(len(rows), width)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
     return out, tuple(names)
+
+
+def _word_string(pieces: list[str], word_id: int | None, tokenizer: Any) -> str:
+    """The text of a word from its pieces (see :func:`merge_words`)."""
+    convert = getattr(tokenizer, "convert_tokens_to_string", None)
+    if word_id is not None and callable(convert):
+        try:
+            text = convert(list(pieces))
+        except (TypeError, ValueError, KeyError, AttributeError):
+            text = None
+        if isinstance(text, str) and text.strip():
+            return text.strip()
+    return "".join(p[2:] if k and p.startswith("##") else p for k, p in enumerate(pieces))
 
 
 def token_scores(explanation: Explanation, index: int = 0) -> list[tuple[str, float]]:
@@ -305,8 +319,16 @@ def _per_text(
         n_real = int((xi[0, 1] != 0).sum())
         xi = xi[:, :, :n_real]  # the text's own tokens: padding is not a feature
         base = token_baseline(xi, special[i : i + 1, :n_real], token_id)[0]
-        groups = torch.arange(n_real, device=x.device).expand(x.shape[1], n_real)
-        opts = {**options, "baseline": base, "feature_mask": groups}
+        opts = {**options, "baseline": base}
+        if "feature_mask" in options:
+            raise OptionError(
+                "on text every token position is one feature (merge_words=True sums the pieces of a word "
+                "afterwards); feature_mask= is for tensors and images."
+            )
+        if (
+            cls.name != "occlusion"
+        ):  # occlusion slides a window of tokens (window=, stride=) instead
+            opts["feature_mask"] = torch.arange(n_real, device=x.device).expand(x.shape[1], n_real)
         e = build(cls, tm, labels=labels, **opts)(xi, target=slice_target(target, i, i + 1, len(x)))
         a = torch.zeros(len(e.attributions), x.shape[-1], dtype=e.attributions.dtype)
         a[:, :n_real] = e.attributions[:, 0]
@@ -481,7 +503,7 @@ def explain_text(
         extras["dropped_tokens"] = batch.dropped
     if merge_words:
         extras["pieces"], extras["piece_attributions"] = tokens, attr
-        attr, words = merge_words_fn(attr, word_ids, tokens)
+        attr, words = merge_words_fn(attr, word_ids, tokens, tok)
         extras["tokens"] = words
         extras["token_mask"] = torch.tensor(
             [[j < len(w) for j in range(attr.shape[1])] for w in words]
