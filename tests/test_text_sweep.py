@@ -407,3 +407,47 @@ def test_sentence_targets_batches_equal_single_texts() -> None:
     a = perspicio.explain(minilm, texts, method="input_x_gradient", target="a great movie")
     b = perspicio.explain(minilm, texts, method="input_x_gradient", target=EmbeddingSimilarity(ref))
     assert torch.allclose(a.attributions, b.attributions, atol=1e-6)
+
+
+def test_a_tokenizer_without_a_pad_token_gpt2() -> None:
+    """GPT-2's tokenizer has no pad token: a batch of texts is padded by perspicio (the tokenizer
+    itself raised 'Asking to pad but the tokenizer does not have a padding token'), each text's
+    values equal its own, and merged words follow word_ids with the 'Ġ' marker dropped."""
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    corpus = ["the film was wonderful and the acting was great", "a dull boring movie"] * 5
+    bpe.train_from_iterator(
+        corpus, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"]
+    )
+    model_json = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
+    tok = transformers.GPT2TokenizerFast(vocab=model_json["vocab"], merges=merges)
+    assert tok.pad_token_id is None
+    cfg = transformers.GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        num_labels=3,
+        pad_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    cfg._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.GPT2ForSequenceClassification(cfg).eval()
+    texts = ["the film was wonderful", "a dull movie"]
+    for method in ("saliency", "feature_ablation"):
+        kw = dict(target=1, output="logits", tokenizer=tok, baseline_token=tok.eos_token_id)
+        batch = perspicio.explain(model, texts, method=method, **kw)
+        for i, t in enumerate(texts):
+            one = perspicio.explain(model, t, method=method, **kw)
+            n = one.attributions.shape[1]
+            assert torch.equal(batch.attributions[i, :n], one.attributions[0])
+            assert (batch.attributions[i, n:] == 0).all()
+            assert batch.extras["tokens"][i] == tuple(
+                tok.convert_ids_to_tokens(tok(t)["input_ids"])
+            )
+    e = perspicio.explain(model, texts, method="saliency", merge_words=True, **kw)
+    assert e.extras["tokens"] == (("the", "film", "was", "wonderful"), ("a", "dull", "movie"))

@@ -148,6 +148,8 @@ def encode(
     limit = _max_length(tokenizer, model, max_length)
 
     def tokenized(truncate: bool) -> Any:
+        if getattr(tokenizer, "pad_token_id", 0) is None:
+            return _padded_without_pad_token(tokenizer, list(texts), limit if truncate else None)
         return tokenizer(
             list(texts),
             padding=True,
@@ -196,6 +198,58 @@ def encode(
         token_type_ids=enc.get("token_type_ids"),
         dropped=dropped,
     )
+
+
+class _Padded(dict):
+    """Tokenizer output padded here (the tokenizer has no pad token), with per-text word ids."""
+
+    def __init__(self, tensors: dict[str, Tensor], word_ids: list[list[int | None]]) -> None:
+        super().__init__(tensors)
+        self._word_ids = word_ids
+
+    def word_ids(self, i: int) -> list[int | None]:
+        return self._word_ids[i]
+
+
+def _padded_without_pad_token(tokenizer: Any, texts: list[str], max_length: int | None) -> Any:
+    """Texts tokenized one by one and padded here, for a tokenizer without a pad token (GPT-2):
+    the padded positions get id ``eos_token_id`` (else 0), attention mask 0 and never take part
+    in an explanation (every method masks them or explains each text at its own length)."""
+    encs = [
+        tokenizer(
+            t,
+            truncation=max_length is not None,
+            max_length=max_length,
+            return_special_tokens_mask=True,
+        )
+        for t in texts
+    ]
+    width = max(len(e["input_ids"]) for e in encs)
+    fill = getattr(tokenizer, "eos_token_id", None)
+    fill = 0 if fill is None else int(fill)
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    keys = [
+        k
+        for k in ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask")
+        if k in encs[0]
+    ]
+    pads = {"input_ids": fill, "attention_mask": 0, "token_type_ids": 0, "special_tokens_mask": 1}
+    out: dict[str, Tensor] = {}
+    for k in keys:
+        rows = []
+        for e in encs:
+            row, gap = list(e[k]), [pads[k]] * (width - len(e[k]))
+            rows.append(gap + row if left else row + gap)
+        out[k] = torch.tensor(rows, dtype=torch.long)
+    words = []
+    for e in encs:
+        try:
+            wid = list(e.word_ids())
+        except (ValueError, AttributeError):
+            wid = [None] * len(e["input_ids"])
+        gap = [None] * (width - len(wid))
+        words.append(gap + wid if left else wid + gap)
+    return _Padded(out, words)
 
 
 def from_mapping(inputs: Mapping[str, Any]) -> dict[str, Tensor]:
