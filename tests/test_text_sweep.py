@@ -449,5 +449,9 @@ def test_a_tokenizer_without_a_pad_token_gpt2() -> None:
             assert batch.extras["tokens"][i] == tuple(
                 tok.convert_ids_to_tokens(tok(t)["input_ids"])
             )
+    with pytest.raises(OptionError, match="no pad token.*eos_token_id"):
+        perspicio.explain(
+            model, texts, method="feature_ablation", target=1, output="logits", tokenizer=tok
+        )
     e = perspicio.explain(model, texts, method="saliency", merge_words=True, **kw)
     assert e.extras["tokens"] == (("the", "film", "was", "wonderful"), ("a", "dull", "movie"))

@@ -77,7 +77,11 @@ def _baseline_id(tokenizer: Any, spec: Any) -> int:
         if tid is None:
             if spec.lower() == "pad" and tokenizer is None:
                 return 0
-            raise OptionError(f"baseline_token {spec!r}: the tokenizer has no such token.")
+            raise OptionError(
+                f"baseline_token {spec!r}: the tokenizer has no {spec.lower()} token "
+                f"({BASELINE_TOKENS[spec.lower()]} is None); pass another of 'pad', 'mask', 'unk', a token "
+                "of the vocabulary or a token id (e.g. tokenizer.eos_token_id for GPT-2)."
+            )
         return int(tid)
     if isinstance(spec, str) and tokenizer is not None:
         tid = tokenizer.convert_tokens_to_ids(spec)
