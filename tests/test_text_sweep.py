@@ -455,3 +455,31 @@ def test_a_tokenizer_without_a_pad_token_gpt2() -> None:
         )
     e = perspicio.explain(model, texts, method="saliency", merge_words=True, **kw)
     assert e.extras["tokens"] == (("the", "film", "was", "wonderful"), ("a", "dull", "movie"))
+
+
+def test_sentence_targets_on_per_token_states_are_refused_clearly() -> None:
+    """A sentence or ZeroShot target on (N, L, D) token states failed with a matmul shape error."""
+    from perspicio.errors import TargetError
+    from perspicio.text import ZeroShot
+
+    tok = wordpiece_tokenizer()
+    cfg = transformers.BertConfig(vocab_size=len(tok), **_SMALL)
+    cfg._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.BertModel(cfg).eval()
+    for target in (ZeroShot(["a good film", "a bad movie"]), "a great movie"):
+        for method in ("saliency", "feature_ablation", "attention_rollout"):
+            with pytest.raises(TargetError, match=r"per-token states.*pooler_output"):
+                perspicio.explain(
+                    model,
+                    TEXTS,
+                    method=method,
+                    target=target,
+                    output="last_hidden_state",
+                    tokenizer=tok,
+                )
+        e = perspicio.explain(
+            model, TEXTS, method="saliency", target=target, output="pooler_output", tokenizer=tok
+        )
+        assert e.attributions.shape[0] == 2

@@ -340,6 +340,20 @@ def _per_text(
     return merge_per_text(parts, x)
 
 
+def _check_sentence_embedding(emb: Tensor, select: Any, what: str) -> None:
+    """A sentence target compares one embedding per text: per-token states (N, L, D) are refused
+    (texts of different lengths could not be compared, and the tokens would need a pooling)."""
+    if emb.ndim != 2:
+        from ..errors import TargetError
+
+        raise TargetError(
+            f"{what} compares one embedding per text, but the model's output"
+            f"{f' ({select!r})' if select is not None else ''} is {tuple(emb.shape[1:])} per text - per-token states, "
+            "not a sentence embedding: choose a pooled output (e.g. output='pooler_output'), a callable output= that "
+            "pools the tokens, or a sentence-embedding model (perspicio.zoo.load('minilm'))."
+        )
+
+
 def explain_text(
     model: Any,
     inputs: str | Sequence[str] | Mapping[str, Any],
@@ -417,6 +431,7 @@ def explain_text(
             raise ModelError("a ZeroShot target needs the tokenizer (pass tokenizer=...).")
         lab = encode(tok, list(target.labels), model=model, max_length=max_length)
         refs = embed(tm, pack(lab.tensors(), keys).to(device), select)
+        _check_sentence_embedding(refs, select, "a ZeroShot target")
         options["output"] = ZeroShotHead(refs, select)
         labels = target.labels
         target = target.target
@@ -428,6 +443,7 @@ def explain_text(
                 raise ModelError("a sentence target needs the tokenizer (pass tokenizer=...).")
             other = encode(tok, [target], model=model, max_length=max_length)
             ref = embed(tm, pack(other.tensors(), keys).to(device), select)
+            _check_sentence_embedding(ref, select, f"the sentence target {target!r}")
             if entry.name in EMBEDDING_INPUT_METHODS:  # the similarity inside the output (below)
                 options["output"] = ZeroShotHead(ref, select)
                 labels, target = (f"similarity to {target!r}",), 0
