@@ -403,6 +403,13 @@ def test_sentence_targets_batches_equal_single_texts() -> None:
                     method,
                 )
                 assert (batch.attributions[i, n:] == 0).all()
+    for method in (
+        "feature_ablation",
+        "attention_rollout",
+        "saliency",
+    ):  # named alike by every method
+        e = perspicio.explain(minilm, texts, method=method, target="a great movie")
+        assert e.target_names == ("similarity to 'a great movie'",) * 2, method
     # the sentence target and EmbeddingSimilarity with the same reference embedding agree
     a = perspicio.explain(minilm, texts, method="input_x_gradient", target="a great movie")
     b = perspicio.explain(minilm, texts, method="input_x_gradient", target=EmbeddingSimilarity(ref))

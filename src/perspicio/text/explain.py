@@ -426,6 +426,7 @@ def explain_text(
     special = special.to(device)
 
     select = options.pop("output", None)
+    sentence_name = None  # a sentence target's name, for methods that name no callable target
     if isinstance(target, ZeroShot):
         if tok is None:
             raise ModelError("a ZeroShot target needs the tokenizer (pass tokenizer=...).")
@@ -450,6 +451,7 @@ def explain_text(
             else:
                 sim = EmbeddingSimilarity(ref[0])
                 sim.__name__ = f"similarity to {target!r}"  # type: ignore[attr-defined]
+                sentence_name = sim.__name__
                 target = sim
         if (
             entry.name in EMBEDDING_INPUT_METHODS
@@ -529,7 +531,10 @@ def explain_text(
             [[j < len(w) for j in range(attr.shape[1])] for w in words]
         )
     options_out = {**e.options, "merge_words": merge_words, "baseline_token": baseline_token}
-    return e.replace(attributions=attr, extras=extras, options=options_out)
+    names = e.target_names
+    if names is None and sentence_name is not None:  # every method names a sentence target alike
+        names = (sentence_name,) * len(attr)
+    return e.replace(attributions=attr, extras=extras, options=options_out, target_names=names)
 
 
 merge_words_fn = merge_words
