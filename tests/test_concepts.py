@@ -479,13 +479,11 @@ def test_figures_and_json(tmp_path) -> None:
     assert len(json.loads(paths[2].read_text())["concepts"]) == 2
 
 
-@pytest.mark.slow
-def test_cli_tcav_and_discover(tmp_path) -> None:
+def _concept_folders(root, seed: int) -> None:
+    """PNG folders for the TCAV CLI: 6 inputs, 'bright' and 'dark' concepts, a pool of 20 randoms."""
     from PIL import Image
 
-    from perspicio.cli import main
-
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
 
     def folder(path, n, shift=0):
         path.mkdir(parents=True)
@@ -493,10 +491,17 @@ def test_cli_tcav_and_discover(tmp_path) -> None:
             arr = np.clip(rng.normal(128 + shift, 60, (16, 16, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(path / f"{i}.png")
 
-    folder(tmp_path / "inputs", 6)
-    folder(tmp_path / "concepts" / "bright", 6, 80)
-    folder(tmp_path / "concepts" / "dark", 6, -80)
-    folder(tmp_path / "random", 20)
+    folder(root / "inputs", 6)
+    folder(root / "concepts" / "bright", 6, 80)
+    folder(root / "concepts" / "dark", 6, -80)
+    folder(root / "random", 20)
+
+
+@pytest.mark.slow
+def test_cli_tcav_and_discover(tmp_path) -> None:
+    from perspicio.cli import main
+
+    _concept_folders(tmp_path, seed=0)
     out = tmp_path / "out"
     code = main(
         [
@@ -566,22 +571,9 @@ def test_cli_tcav_and_discover(tmp_path) -> None:
 def test_cli_tcav_several_layers_one_chart_each_equal_to_single_runs(tmp_path) -> None:
     import json
 
-    from PIL import Image
-
     from perspicio.cli import main
 
-    rng = np.random.default_rng(1)
-
-    def folder(path, n, shift=0):
-        path.mkdir(parents=True)
-        for i in range(n):
-            arr = np.clip(rng.normal(128 + shift, 60, (16, 16, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(path / f"{i}.png")
-
-    folder(tmp_path / "inputs", 6)
-    folder(tmp_path / "concepts" / "bright", 6, 80)
-    folder(tmp_path / "concepts" / "dark", 6, -80)
-    folder(tmp_path / "random", 20)
+    _concept_folders(tmp_path, seed=1)
 
     def run(layer, out):
         args = ["concepts", "tcav", str(tmp_path / "inputs"), "--model", "conftest:TinyCNN"]
