@@ -211,8 +211,8 @@ SERVE_CASES = [
     (["--model", "{F}/model.pkl"], "not a zip archive"),
     (["--model", "{F}/full.pt"], "torch.save() checkpoint"),
     (["--model", "{F}/imgs"], "is a directory"),
-    (["--model", "{F}/nonexistent.pt"], "no such file"),
-    (["--model", "nope_model"], "neither a file nor a model name"),
+    (["--model", "{F}/nonexistent.pt"], "model file not found"),
+    (["--model", "nope_model"], "unknown model 'nope_model'"),
 ]
 
 

@@ -38,17 +38,10 @@ def _check_method_options(options: dict[str, dict[str, Any]]) -> None:
     """Every --method-option names a method and one of its options (the error the method's
     constructor would raise, but before any work)."""
     from ..core.registry import METHODS
-    from ..errors import OptionError, suggest
+    from ..methods.base import check_option_names
 
     for name, opts in options.items():
-        cls = METHODS.get(name).cls  # UnknownNameError with suggestions
-        allowed = cls.option_names()
-        unknown = [k for k in opts if k not in allowed]
-        if unknown:
-            raise OptionError(
-                f"method {cls.name!r} has no option {unknown[0]!r}; its options are: "
-                f"{', '.join(allowed)}." + suggest(unknown[0], allowed)
-            )
+        check_option_names(METHODS.get(name).cls, opts)  # UnknownNameError for an unknown method
 
 
 def _scoped_options(pairs: tuple[str, ...], flag: str) -> dict[str, dict[str, Any]]:

@@ -47,48 +47,6 @@ def model_table(specs: tuple[str, ...]) -> dict[str, str]:
     return table
 
 
-def check_model_spec(spec: str) -> None:
-    """Refuse at start a --model the workers could never load (they load it on first use): a file
-    that is not a TorchScript archive - a pickle, a torch.save() checkpoint, a truncated file; only
-    its zip directory is read here, nothing is unpickled - or a name that is no model source."""
-    import zipfile
-
-    from ..errors import ModelError, UnknownNameError
-    from ..zoo import sources
-
-    text = spec.strip()
-    path = Path(text).expanduser()
-    if path.exists():
-        if path.is_dir():
-            raise ModelError(f"--model '{path}' is a directory; expected a TorchScript model file.")
-        try:
-            with zipfile.ZipFile(path) as archive:
-                entries = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
-            raise ModelError(
-                f"--model '{path}' is not a TorchScript model file: it is not a zip archive, and "
-                "torch.jit.save always writes one."
-            ) from None
-        if not any(e.endswith("constants.pkl") for e in entries):
-            raise ModelError(
-                f"--model '{path}' is not a TorchScript model file (a torch.save() checkpoint?); "
-                "save it with torch.jit.script(model).save(path)."
-            )
-        return
-    if path.suffix.lower() in sources.TORCHSCRIPT_SUFFIXES:
-        raise ModelError(f"--model '{path}': no such file.")
-    prefix = text.partition(":")[0].lower()
-    if (
-        sources._bundled_key(text) is None
-        and prefix not in ("torchvision", "timm")
-        and not (sources._FACTORY.match(text))
-    ):
-        raise UnknownNameError(
-            f"--model {spec!r} is neither a file nor a model name (a bundled name, "
-            "torchvision:NAME, timm:NAME or package.module:factory)." + sources._suggest_spec(text)
-        )
-
-
 @click.command("serve")
 @click.option(
     "--host",
@@ -200,8 +158,10 @@ def serve_cmd(
         )
     if not 0 <= cache_mb < math.inf:
         raise OptionError(f"--cache-mb must be a finite number >= 0 (0: off); got {cache_mb}.")
-    for spec in models:
-        check_model_spec(spec)
+    from ..zoo.sources import check_spec
+
+    for spec in models:  # the workers load them on first use: refuse what they never could
+        check_spec(spec)
     config = ServeConfig(
         models=model_table(models),
         workers=workers,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -153,8 +153,8 @@ class Method(RecordsOptions):
         raise NotImplementedError  # abstract: every registered subclass overrides it
 
 
-def build(cls: type[Method], model: Any, **options: Any) -> Method:
-    """Construct ``cls`` with ``options``, turning unknown option names into a clear error."""
+def check_option_names(cls: type[Method], options: Mapping[str, Any]) -> None:
+    """An OptionError (with suggestions) if ``options`` names an option ``cls`` does not take."""
     allowed = cls.option_names()
     unknown = [k for k in options if k not in allowed]
     if unknown:
@@ -164,5 +164,10 @@ def build(cls: type[Method], model: Any, **options: Any) -> Method:
             f"method {cls.name!r} has no option {unknown[0]!r}; its options are: {', '.join(allowed)}."
             + suggest(unknown[0], allowed)
         )
+
+
+def build(cls: type[Method], model: Any, **options: Any) -> Method:
+    """Construct ``cls`` with ``options``, turning unknown option names into a clear error."""
+    check_option_names(cls, options)
     with shared_walk(unwrap_model(model)[0]):  # the constructors' model check and layer searches walk it once
         return cls(model, **options)

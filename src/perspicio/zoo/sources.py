@@ -59,7 +59,7 @@ from .registry import (
     resolve_device,
 )
 
-__all__ = ["TORCHSCRIPT_SUFFIXES", "resolve_model"]
+__all__ = ["TORCHSCRIPT_SUFFIXES", "check_spec", "resolve_model"]
 
 #: Suffixes treated as TorchScript files even when the file does not exist (to give
 #: a "file not found" error instead of "unknown model").
@@ -83,29 +83,58 @@ def resolve_model(
     :class:`ModelError` when a source exists but cannot be loaded, including
     pretrained weights missing from the local cache.
     """
+    text, kind, rest = _classify(spec)
+    dev = resolve_device(device)
+    if kind == "bundled":
+        return load(text, str(dev), pretrained=pretrained)
+    if kind == "torchvision":
+        return _from_torchvision(rest, pretrained, dev, text)
+    if kind == "timm":
+        return _from_timm(rest, pretrained, dev, text)
+    if kind == "file":
+        return _from_torchscript(Path(text).expanduser(), dev, text)
+    module_name, attr_path = rest.split(":")
+    return _from_factory(module_name, attr_path, dev, text)
+
+
+def check_spec(spec: str | os.PathLike[str]) -> None:
+    """Refuse, without loading anything, a ``spec`` :func:`resolve_model` could never load: an
+    unknown name, a missing file, a folder, or a file that is not a TorchScript archive (a pickle,
+    a ``torch.save()`` checkpoint, a truncated file; only its zip directory is read, nothing is
+    unpickled). For servers that load their models on first use."""
+    text, kind, _ = _classify(spec)
+    if kind != "file":
+        return
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise ModelError(f"model file not found: '{path}'")
+    if path.is_dir():
+        raise ModelError(f"'{path}' is a directory; expected a TorchScript model file")
+    why = _why_not_torchscript(path)
+    if why is not None:
+        raise ModelError(f"'{path}' is not a TorchScript model file: {why}")
+
+
+def _classify(spec: Any) -> tuple[str, str, str]:
+    """(stripped text, kind, rest) of a model spec; kind is bundled, torchvision, timm, file or
+    factory (rest: the name after the prefix, or ``module:attr``). Unknown forms raise."""
     if not isinstance(spec, (str, os.PathLike)):
         raise ModelError(f"a model spec must be a string: {_forms()}; got {type(spec).__name__}")
     text = os.fspath(spec)
     text = text.strip() if isinstance(text, str) else os.fsdecode(text).strip()
     if not text:
         raise UnknownNameError(f"empty model spec; expected {_forms()}")
-    dev = resolve_device(device)
-
     if isinstance(spec, str) and _bundled_key(text) is not None:
-        return load(text, str(dev), pretrained=pretrained)
+        return text, "bundled", text
     prefix, _, rest = text.partition(":")
-    if isinstance(spec, str) and prefix.lower() == "torchvision":
-        return _from_torchvision(rest.strip(), pretrained, dev, text)
-    if isinstance(spec, str) and prefix.lower() == "timm":
-        return _from_timm(rest.strip(), pretrained, dev, text)
-
+    if isinstance(spec, str) and prefix.lower() in ("torchvision", "timm"):
+        return text, prefix.lower(), rest.strip()
     path = Path(text).expanduser()
     if not isinstance(spec, str) or path.exists() or path.suffix.lower() in TORCHSCRIPT_SUFFIXES:
-        return _from_torchscript(path, dev, text)
+        return text, "file", text
     match = _FACTORY.match(text)
     if match:
-        return _from_factory(match.group(1), match.group(2), dev, text)
-
+        return text, "factory", f"{match.group(1)}:{match.group(2)}"
     raise UnknownNameError(f"unknown model {text!r}; expected {_forms()}." + _suggest_spec(text))
 
 
@@ -408,21 +437,26 @@ def _from_torchscript(path: Path, dev: torch.device, spec: str) -> ZooModel:
     return _finish(model, dev, spec)
 
 
-def _why_not_torchscript(path: Path, exc: Exception) -> str:
+def _why_not_torchscript(path: Path, exc: Exception | None = None) -> str | None:
+    """Why ``path`` is no TorchScript archive, read from its zip directory only (never unpickled);
+    None if it looks like one. ``exc``: the loader's error, the reason when nothing else explains it."""
     try:
         with zipfile.ZipFile(path) as archive:
             entries = archive.namelist()
     except (zipfile.BadZipFile, OSError):
         return "it is not a zip archive, and torch.jit.save always writes one"
-    if any(e.endswith("data.pkl") for e in entries) and not any(
-        e.endswith("constants.pkl") for e in entries
-    ):
-        return (
-            "it looks like a torch.save() checkpoint (a state dict or pickled module), which "
-            "cannot be loaded without its architecture; save it with torch.jit.script(model)"
-            ".save(path), or point to a factory that builds the model: "
-            "'package.module:factory'"
-        )
+    if not any(e.endswith("constants.pkl") for e in entries):
+        if any(e.endswith("data.pkl") for e in entries):
+            return (
+                "it looks like a torch.save() checkpoint (a state dict or pickled module), which "
+                "cannot be loaded without its architecture; save it with torch.jit.script(model)"
+                ".save(path), or point to a factory that builds the model: "
+                "'package.module:factory'"
+            )
+        if exc is None:
+            return "it is a zip archive without TorchScript's constants"
+    if exc is None:
+        return None
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
