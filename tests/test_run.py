@@ -488,3 +488,25 @@ def test_rows_ignore_an_image_preprocessing_and_gradient_methods_run_on_them(tmp
     want = perspicio.explain(mlp, torch.from_numpy(values), method="integrated_gradients", steps=16).attributions
     np.testing.assert_allclose(np.asarray(res.attributions("integrated_gradients")[:]), want.numpy(),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_rows_an_image_model_cannot_take_and_targets_past_its_classes_are_refused_before_any_work(tmp_path):
+    """Refused by run() itself (not only the CLI), before the store exists; a rows model with the
+    same image preprocessing is accepted (the test above)."""
+    import pandas as pd
+
+    from perspicio.zoo.preprocess import ImagePreprocess
+    from perspicio.zoo.registry import ZooModel
+
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 3)).eval()
+    zm = ZooModel(model=cnn, preprocess=ImagePreprocess(), labels=["a", "b", "c"], name="cnn")
+    csv = tmp_path / "rows.csv"
+    pd.DataFrame(np.zeros((4, 5)), columns=[f"f{i}" for i in range(5)]).to_csv(csv, index=False)
+    with pytest.raises(InputError, match="no image-path column.*cannot take the columns as feature rows"):
+        run(zm, csv, methods="saliency", store=tmp_path / "s")
+    assert not (tmp_path / "s").exists() and cnn[0].weight.requires_grad and not cnn.training
+    with pytest.raises(OptionError, match="target 3 is out of range: the model has 3 classes"):
+        run(zm, torch.zeros(2, 3, 8, 8), methods="saliency", store=tmp_path / "t", target=3)
+    assert not (tmp_path / "t").exists()

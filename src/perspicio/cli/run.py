@@ -78,12 +78,6 @@ def run_cmd(data: str, model_spec: str, device: str, random_init: bool, methods:
         raise OptionError("--address and --workers apply to --engine ray only.")
     goal = _target(target)
     model = _load(model_spec, device, random_init)
-    labels = getattr(model, "labels", None)
-    if isinstance(goal, int) and labels and goal >= len(labels):
-        raise OptionError(
-            f"--target {goal} is out of range: the model has {len(labels)} classes (0..{len(labels) - 1})."
-        )
-    _check_table_matches_model(data, model)
     fresh = "://" not in store and not Path(store).exists()
     try:
         result = run(
@@ -99,26 +93,6 @@ def run_cmd(data: str, model_spec: str, device: str, random_init: bool, methods:
             _remove_unused_store(Path(store))
         raise
     click.echo(str(result.summary))
-
-
-def _check_table_matches_model(data: str, model: Any) -> None:
-    """A table without an image-path column is read as tabular features: refuse it for an image
-    classifier here (it failed deep inside the model's first convolution)."""
-    from ..zoo.preprocess import ImagePreprocess
-
-    if Path(data).suffix.lower() not in (".csv", ".parquet", ".pq") or not isinstance(
-        getattr(model, "preprocess", None), ImagePreprocess
-    ):
-        return
-    from ..errors import InputError
-    from ..run.data import PATH_COLUMNS, read_table
-
-    columns = [str(c) for c in read_table(data).columns]
-    if not any(c.lower() in PATH_COLUMNS for c in columns):
-        raise InputError(
-            f"{Path(data).name} has no image-path column ({', '.join(PATH_COLUMNS)}), so its "
-            f"columns ({', '.join(columns[:8])}) would be tabular features, but the model takes images."
-        )
 
 
 def _remove_unused_store(path: Path) -> None:

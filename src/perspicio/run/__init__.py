@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.options import check_choice, check_int
-from ..errors import ModelError, OptionError
+from ..errors import InputError, ModelError, OptionError
 from .data import Source, as_source
 from .engine import (
     TARGETS,
@@ -76,6 +76,28 @@ def _model_parts(model: Any, preprocess: Callable[[Any], Any] | None) -> tuple[A
     return module, labels, preprocess
 
 
+def _check_rows_fit(module: Any, source: Source, preprocess: Any) -> None:
+    """Feature rows (a table without an image-path column) are tried on the model once before any
+    work: a model that cannot take them (an image classifier) is an InputError here, instead of the
+    same failure inside the model for every sample."""
+    import torch
+
+    from ..core.guard import model_guard
+    from .data import PATH_COLUMNS, Rows
+
+    if not isinstance(source, Rows):
+        return
+    x = source.load([0], preprocess).x
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    try:
+        with model_guard(module, freeze=False), torch.no_grad():
+            module(x.to(device))
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises, the rows do not fit it
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{source.describe()}: no image-path column ({', '.join(PATH_COLUMNS)}), and the "
+                         f"model cannot take the columns as feature rows ({first}).") from None
+
+
 def run(
     model: Any,
     data: Any,
@@ -132,6 +154,10 @@ def run(
     known = getattr(source, "labels", None)  # a Dataset's labels are only known item by item
     if target == "label" and known is not None and all(y is None for y in known):
         raise OptionError("target='label' but the data has no labels (class sub-folders, a label column, or labels=).")
+    if isinstance(target, int) and class_names and target >= len(class_names):
+        raise OptionError(f"target {target} is out of range: the model has {len(class_names)} classes "
+                          f"(0..{len(class_names) - 1}).")
+    _check_rows_fit(module, source, prep)
     config = RunConfig(
         methods=_named_options("method", method_names, method_options),
         metrics=_named_options("metric", metric_names, metric_options),
