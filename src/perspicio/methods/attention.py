@@ -608,10 +608,7 @@ class _AttentionMethod(Method):
         self._names: tuple[str, ...] = ()
         self._skipped: list[str] = []
         #: (module tree, its attention modules) of the last call: searched again when the tree differs
-        self._found = (
-            module_tree(self.model),
-            _find_modules(self.model, attention_modules),
-        )  # validates now
+        self._found = (module_tree(self.model), _find_modules(self.model, attention_modules))  # validates now
 
     def _attention_modules(self) -> list[tuple[str, nn.Module]]:
         """The attention modules to capture (the last search while the model's modules are the same)."""

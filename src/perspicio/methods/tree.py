@@ -12,7 +12,7 @@ the values add up to, and no hook in ``BlackBox`` is needed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -82,13 +82,17 @@ class _StructuredSHAP(Method):
             )
         return names
 
+    #: whether ``_prepare_rows`` takes a DataFrame as it is (tree ensembles read category columns
+    #: and check the column order as the model's library does); else it gets the frame's values
+    reads_frames: ClassVar[bool] = False
+
     def _prepare_inputs(self, inputs: Any) -> Tensor:
         self._columns = None
         if hasattr(inputs, "columns") and hasattr(inputs, "to_numpy"):
             self._columns = [str(c) for c in inputs.columns]
-            inputs = inputs.to_numpy(dtype=np.float64, na_value=np.nan)
-        rows = self._prepare_rows(inputs)
-        return torch.from_numpy(rows)
+            if not self.reads_frames:
+                inputs = inputs.to_numpy(dtype=np.float64, na_value=np.nan)
+        return torch.from_numpy(self._prepare_rows(inputs))
 
     def _prepare_rows(self, inputs: Any) -> np.ndarray:
         raise NotImplementedError  # abstract
@@ -167,6 +171,8 @@ class TreeSHAP(_StructuredSHAP):
     ``base_value + attributions.sum(1) == scores`` to float64 rounding.
     """
 
+    reads_frames = True
+
     def __init__(
         self,
         model: Any,
@@ -217,14 +223,6 @@ class TreeSHAP(_StructuredSHAP):
         self.interactions = interactions
         self.background = background
         self.feature_names = list(feature_names) if feature_names is not None else None
-
-    def _prepare_inputs(self, inputs: Any) -> Tensor:
-        # a DataFrame goes to the ensemble as it is: its category columns are read as the model's
-        # library reads them (codes of the training categories), and its column order is checked
-        self._columns = None
-        if hasattr(inputs, "columns") and hasattr(inputs, "to_numpy"):
-            self._columns = [str(c) for c in inputs.columns]
-        return torch.from_numpy(self._prepare_rows(inputs))
 
     def _prepare_rows(self, inputs: Any) -> np.ndarray:
         if (

@@ -329,9 +329,7 @@ def _per_text(
                 "on text every token position is one feature (merge_words=True sums the pieces of a word "
                 "afterwards); feature_mask= is for tensors and images."
             )
-        if (
-            cls.name != "occlusion"
-        ):  # occlusion slides a window of tokens (window=, stride=) instead
+        if cls.name != "occlusion":  # occlusion slides a window of tokens (window=, stride=) instead
             opts["feature_mask"] = torch.arange(n_real, device=x.device).expand(x.shape[1], n_real)
         e = build(cls, tm, labels=labels, **opts)(xi, target=slice_target(target, i, i + 1, len(x)))
         a = torch.zeros(len(e.attributions), x.shape[-1], dtype=e.attributions.dtype)
